@@ -1,0 +1,2854 @@
+"""oncall-pager: a small, auditable on-call pager for a small team, built on Twilio.
+
+What it does
+    Customers call the *pager number*, press 1 and leave a voicemail. The on-call engineer is
+    paged at once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
+    archived in the store); until somebody acknowledges, the pager phones the on-call engineer
+    and then the rest of the team. Team members run it by SMS to the *control number*
+    (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK). Messages from anybody else are ignored.
+
+How data flows
+    call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
+         -> open_page (pages/<id>.json + jobs/<id>.json) -> Worker: deliver (MMS, e-mail,
+            archive, each retried on its own) and escalate (calls, then the team) until ACK.
+    SMS  -> /msgcontrol/entry -> parse_command -> Pager.<command> -> TwiML reply.
+
+Store layout (a local directory, or an S3 bucket with an optional prefix)
+    oncall_config.json                      the operational config (the predecessor's schema)
+    sessions/<member id>.json               pending TAKE confirmations
+    pages/<RecordingSid or CallSid>.json    one page: caller, who was paged, ack, channels
+    jobs/<page id>.json, jobs/msg-*.json    the durable queue: pages with pending work, messages
+    counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
+    recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
+    audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
+    outbox/...                              dry-run mode only: what would have been sent
+
+Every state change is a conditional write (S3 If-Match / If-None-Match; the directory store
+has the same semantics under a lock) followed by one audit entry.
+
+Run it
+    oncall-pager serve -c config.ini        (see README.md; `make run` for the local default)
+
+Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
+helpers, configuration, store, domain, channels, worker, web, command line. Each section uses
+only what stands above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import email.message
+import email.utils
+import fcntl
+import getpass
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from configparser import ConfigParser
+from configparser import Error as ConfigParserError
+from pathlib import Path
+from typing import Any
+
+VERSION = "0.1.0"
+log = logging.getLogger("oncall_pager")
+
+
+# ==============================================================================================
+# Errors and small helpers
+# ==============================================================================================
+
+
+class ConfigError(Exception):
+    """A config file or document is invalid; `problems` holds one precise line per fault."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class StoreConflict(Exception):
+    """A conditional write lost: the object changed (or appeared) since it was read."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or answered with a server error."""
+
+
+class UsageError(Exception):
+    """A command-line mistake, printed as one line on stderr."""
+
+
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+MAX_BODY = 64 * 1024
+DAY = 24 * 3600
+
+
+def is_e164(value: object) -> bool:
+    return isinstance(value, str) and E164.fullmatch(value) is not None
+
+
+def iso_time(ts: float) -> str:
+    """`2026-11-26T23:05:55.123Z`: the audit log's time format."""
+    moment = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def file_stamp(ts: float) -> str:
+    """`2026-11-26_230555`: the recordings' file-name stamp (UTC)."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d_%H%M%S")
+
+
+def sortable_stamp(ts: float) -> str:
+    """`20261126T230555.123456Z`: sorts in time order inside a folder."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def short_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def to_json(doc: object) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def first_name(member: dict) -> str:
+    return str(member.get("name", "")).split(" ")[0] or str(member.get("id"))
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Capped exponential backoff: base, 2*base, 4*base, ... never above cap."""
+    return min(cap, base * (2 ** max(0, attempts - 1)))
+
+
+# ==============================================================================================
+# Configuration: config.ini (AppConfig) and the operational JSON (validation with field paths)
+# ==============================================================================================
+
+
+@dataclasses.dataclass
+class AppConfig:
+    """The host's config.ini. Relative `file:` paths are resolved against the file's folder."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    threads: int = 8
+    store_url: str = "file:var"
+    config_key: str = "oncall_config.json"
+    s3_endpoint_url: str = ""
+    region: str = ""
+    cache_file: str = ""
+    init_from: str = ""
+    account_sid: str = ""
+    auth_token: str = ""
+    mode: str = "live"
+    api_base_url: str = "https://api.twilio.com"
+    validate_signatures: bool = True
+    poll_interval: float = 5.0
+    retry_base: float = 5.0
+    retry_cap: float = 300.0
+    claim_timeout: float = 60.0
+    smtp_timeout: float = 20.0
+    http_timeout: float = 10.0
+    worker_threads: int = 4
+    log_level: str = "INFO"
+    base_dir: Path = Path(".")
+
+    @property
+    def dry_run(self) -> bool:
+        return self.mode == "dry-run"
+
+    def url(self, path: str) -> str:
+        """An absolute URL for Twilio to call back, built from public_url."""
+        return self.public_url.rstrip("/") + path
+
+
+# (section, key, field, kind) for every config.ini setting; kind is how the text is parsed.
+APP_SETTINGS = [
+    ("server", "host", "host", str),
+    ("server", "port", "port", int),
+    ("server", "public_url", "public_url", str),
+    ("server", "threads", "threads", int),
+    ("store", "url", "store_url", str),
+    ("store", "config_key", "config_key", str),
+    ("store", "s3_endpoint_url", "s3_endpoint_url", str),
+    ("store", "region", "region", str),
+    ("store", "cache_file", "cache_file", str),
+    ("store", "init_from", "init_from", str),
+    ("twilio", "account_sid", "account_sid", str),
+    ("twilio", "auth_token", "auth_token", str),
+    ("twilio", "mode", "mode", str),
+    ("twilio", "api_base_url", "api_base_url", str),
+    ("twilio", "validate_signatures", "validate_signatures", bool),
+    ("worker", "poll_interval", "poll_interval", float),
+    ("worker", "retry_base", "retry_base", float),
+    ("worker", "retry_cap", "retry_cap", float),
+    ("worker", "claim_timeout", "claim_timeout", float),
+    ("worker", "smtp_timeout", "smtp_timeout", float),
+    ("worker", "http_timeout", "http_timeout", float),
+    ("worker", "threads", "worker_threads", int),
+    ("log", "level", "log_level", str),
+]
+
+
+def parse_setting(text: str, kind: type) -> object:
+    """Parse one config.ini value; ValueError names what was expected."""
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise ValueError("is not true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("is not a whole number") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("is not a number") from None
+    return text.strip()
+
+
+def load_app_config(path: str | Path, environ: dict[str, str] | None = None) -> AppConfig:
+    """Read config.ini; every problem is reported at once, each naming `[section] key`."""
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    parser = ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except (ConfigParserError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: not an ini file: {str(e).splitlines()[0]}"]) from None
+    cfg = AppConfig(base_dir=path.resolve().parent)
+    problems = []
+    for section, key, field, kind in APP_SETTINGS:
+        if not parser.has_option(section, key):
+            continue
+        text = parser.get(section, key)
+        if text.strip() == "" and kind is not str:
+            continue
+        try:
+            setattr(cfg, field, parse_setting(text, kind))
+        except ValueError as e:
+            problems.append(f"{path}: [{section}] {key} {text!r} {e}")
+    cfg.account_sid = environ.get("TWILIO_ACCOUNT_SID") or cfg.account_sid
+    cfg.auth_token = environ.get("TWILIO_AUTH_TOKEN") or cfg.auth_token
+    problems += [f"{path}: {p}" for p in check_app_config(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_app_config(cfg: AppConfig) -> list[str]:
+    """Cross-field rules of config.ini."""
+    problems = []
+    if cfg.mode not in ("live", "dry-run"):
+        problems.append(f"[twilio] mode {cfg.mode!r} is not 'live' or 'dry-run'")
+    if not cfg.validate_signatures and not cfg.dry_run:
+        problems.append("[twilio] validate_signatures = false is refused unless mode = dry-run")
+    if not re.fullmatch(r"AC[0-9a-fA-F]{32}", cfg.account_sid or ""):
+        problems.append("[twilio] account_sid is missing or not an AC... sid "
+                        "(or set TWILIO_ACCOUNT_SID)")
+    if not cfg.auth_token:
+        problems.append("[twilio] auth_token is missing (or set TWILIO_AUTH_TOKEN)")
+    if not cfg.store_url.startswith(("file:", "s3://")) or cfg.store_url in ("file:", "s3://"):
+        problems.append(f"[store] url {cfg.store_url!r} is not file:PATH or s3://BUCKET[/PREFIX]")
+    if not cfg.config_key or cfg.config_key.startswith("/"):
+        problems.append(f"[store] config_key {cfg.config_key!r} is not a relative key")
+    for name in ("public_url", "api_base_url"):
+        value = getattr(cfg, name)
+        if urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+            problems.append(f"[{'server' if name == 'public_url' else 'twilio'}] {name} "
+                            f"{value!r} is not an http(s) URL")
+    if not 0 < cfg.port < 65536:
+        problems.append(f"[server] port {cfg.port} is not between 1 and 65535")
+    for name in ("threads", "worker_threads"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"threads setting {name} must be at least 1")
+    for name in ("poll_interval", "retry_base", "retry_cap", "claim_timeout", "smtp_timeout",
+                 "http_timeout"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"[worker] {name} must be a positive number of seconds")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append(f"[log] level {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    return problems
+
+
+def resolve_path(cfg: AppConfig, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else cfg.base_dir / path
+
+
+ESCALATION_DEFAULTS = {"ack_timeout": 300, "call_attempts": 2, "escalate_to": None,
+                       "max_outbound_per_hour": 60}
+
+
+def check_oncall_config(doc: object) -> tuple[list[str], list[str]]:
+    """Validate the operational config. Returns (errors, warnings), each naming a field path.
+
+    The schema is the predecessor's, so files it wrote load unchanged; unknown keys are kept.
+    The copy of the on-call member in `oncall_user` may disagree with the member's record (the
+    predecessor's own README does): that is a warning, and the member's record wins.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    if not isinstance(doc, dict):
+        return ["the operational config is not a JSON object"], []
+    users = doc.get("available_users", {}).get("users") if isinstance(
+        doc.get("available_users"), dict) else None
+    if not isinstance(users, dict) or not users:
+        errors.append("available_users.users is missing or has no members")
+        users = {}
+    for key, member in users.items():
+        where = f"available_users.users.{key}"
+        if not isinstance(member, dict):
+            errors.append(f"{where} is not an object")
+            continue
+        if member.get("id") != key:
+            errors.append(f"{where}.id {member.get('id')!r} does not match its key {key!r}")
+        if not isinstance(member.get("name"), str) or not member["name"].strip():
+            errors.append(f"{where}.name is missing or empty")
+        if not is_e164(member.get("phone")):
+            errors.append(f"{where}.phone {member.get('phone')!r} is not an E.164 number "
+                          "(+ and 7 to 15 digits)")
+    phones: dict[str, str] = {}
+    for key, member in users.items():
+        if isinstance(member, dict) and is_e164(member.get("phone")):
+            if member["phone"] in phones:
+                errors.append(f"available_users.users.{key}.phone {member['phone']} is also "
+                              f"{phones[member['phone']]}'s phone")
+            phones[member["phone"]] = key
+    current = doc.get("current_config")
+    if not isinstance(current, dict):
+        errors.append("current_config is missing or not an object")
+        return errors, warnings
+    for field in ("from_phone", "pager_phone"):
+        if not is_e164(current.get(field)):
+            errors.append(f"current_config.{field} {current.get(field)!r} is not an E.164 number")
+    if "last_modified_time" in current and not isinstance(
+            current["last_modified_time"], (int, float)):
+        errors.append("current_config.last_modified_time is not a number")
+    oncall = current.get("oncall_user")
+    if not isinstance(oncall, dict):
+        errors.append("current_config.oncall_user is missing or not an object")
+    elif oncall.get("id") not in users:
+        errors.append(f"current_config.oncall_user.id {oncall.get('id')!r} "
+                      "is not an available user")
+    else:
+        member = users[oncall["id"]]
+        for field in ("name", "phone"):
+            if isinstance(member, dict) and oncall.get(field) != member.get(field):
+                warnings.append(f"current_config.oncall_user.{field} {oncall.get(field)!r} "
+                                f"differs from available_users.users.{oncall['id']}.{field} "
+                                f"{member.get(field)!r}; the member's record is used")
+    if "session_lifetime" in current and not positive_number(current["session_lifetime"]):
+        errors.append(f"current_config.session_lifetime {current['session_lifetime']!r} "
+                      "is not a positive number of seconds")
+    if "team_name" in current and not isinstance(current["team_name"], str):
+        errors.append("current_config.team_name is not a string")
+    errors += check_mail_settings(current.get("mail_settings"))
+    errors += check_escalation(current.get("escalation", {}), users)
+    return errors, warnings
+
+
+def positive_number(value: object) -> bool:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def check_mail_settings(mail: object) -> list[str]:
+    where = "current_config.mail_settings"
+    if not isinstance(mail, dict):
+        return [f"{where} is missing or not an object"]
+    errors = []
+    for field in ("from_email", "to_email"):
+        if not isinstance(mail.get(field), str) or not EMAIL.fullmatch(mail[field]):
+            errors.append(f"{where}.{field} {mail.get(field)!r} is not an e-mail address")
+    if not isinstance(mail.get("mail_server"), str) or not mail["mail_server"].strip():
+        errors.append(f"{where}.mail_server is missing or empty")
+    port = mail.get("mail_port")
+    if not positive_number(port) or not 0 < int(port) < 65536:
+        errors.append(f"{where}.mail_port {port!r} is not a port number")
+    if not isinstance(mail.get("mail_use_tls", False), bool):
+        errors.append(f"{where}.mail_use_tls {mail.get('mail_use_tls')!r} is not true or false")
+    for field in ("mail_username", "mail_password"):
+        if mail.get(field) is not None and not isinstance(mail[field], str):
+            errors.append(f"{where}.{field} is not a string")
+    return errors
+
+
+def check_escalation(escalation: object, users: dict) -> list[str]:
+    where = "current_config.escalation"
+    if not isinstance(escalation, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    for field in ("ack_timeout", "call_attempts", "max_outbound_per_hour"):
+        if field not in escalation:
+            continue
+        value = escalation[field]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if field == "ack_timeout":
+            ok = ok and value > 0
+        else:
+            ok = ok and value >= 0 and value == int(value)
+        if not ok:
+            errors.append(f"{where}.{field} {value!r} is not a valid number")
+    escalate_to = escalation.get("escalate_to")
+    if escalate_to is not None:
+        if not isinstance(escalate_to, list):
+            errors.append(f"{where}.escalate_to is not a list of member ids")
+        else:
+            for i, member_id in enumerate(escalate_to):
+                if member_id not in users:
+                    errors.append(f"{where}.escalate_to[{i}] {member_id!r} "
+                                  "is not an available user")
+    return errors
+
+
+def parse_oncall_config(data: bytes) -> dict:
+    """Bytes from the store to a validated document, or ConfigError with field paths."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"the operational config is not valid JSON: {e}"]) from None
+    errors, _ = check_oncall_config(doc)
+    if errors:
+        raise ConfigError(errors)
+    return doc
+
+
+# Reading the operational config: pure functions over the validated document.
+
+
+def members(doc: dict) -> dict[str, dict]:
+    return doc["available_users"]["users"]
+
+
+def member_by_phone(doc: dict, phone: str) -> dict | None:
+    for member in members(doc).values():
+        if member.get("phone") == phone:
+            return member
+    return None
+
+
+def oncall_member(doc: dict) -> dict:
+    """Who is on call: decided by oncall_user.id; the member's own record wins over the copy."""
+    return members(doc)[doc["current_config"]["oncall_user"]["id"]]
+
+
+def session_lifetime(doc: dict) -> int:
+    return int(doc["current_config"].get("session_lifetime", 300))
+
+
+def team_name(doc: dict) -> str:
+    return doc["current_config"].get("team_name") or ""
+
+
+def escalation_settings(doc: dict) -> dict:
+    """The escalation block with defaults filled in; escalate_to defaults to every other member."""
+    settings = dict(ESCALATION_DEFAULTS)
+    settings.update(doc["current_config"].get("escalation", {}))
+    if settings["escalate_to"] is None:
+        oncall_id = oncall_member(doc)["id"]
+        settings["escalate_to"] = [m for m in sorted(members(doc)) if m != oncall_id]
+    return settings
+
+
+# ==============================================================================================
+# Store: one small interface, a local directory and S3 behind it
+# ==============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    data: bytes
+    etag: str
+
+
+UNCHANGED = Blob(b"", "unchanged")  # what get(..., unless_etag=E) returns when the ETag is E
+
+
+class Store:
+    """What the rest of the module knows of storage: keys are relative paths like
+    `pages/RE123.json`. `put` with `if_match` or `if_absent` is conditional and raises
+    StoreConflict when it loses; every other failure to reach the store is StoreUnavailable.
+    """
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad store key {key!r}")
+    return key
+
+
+class DirectoryStore(Store):
+    """A local directory. Writes go to a temp file that is renamed into place, so a reader never
+    sees a partial object. Conditional writes hold an exclusive `flock` on `.lock`, so two
+    processes (or threads) on one box cannot both win. The ETag is the content's SHA-256 (file
+    metadata alone could repeat after a quick rewrite); `unless_etag` reads are answered from
+    `stat` when the file has not been replaced since this process last hashed it.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._seen: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._seen_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"file:{self.root}/"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @staticmethod
+    def _signature(st: os.stat_result) -> tuple[int, int, int]:
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _etag(self, key: str, st: os.stat_result, data: bytes) -> str:
+        etag = hashlib.sha256(data).hexdigest()[:32]
+        with self._seen_lock:
+            self._seen[key] = (self._signature(st), etag)
+        return etag
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+        path = self._path(key)
+        try:
+            if unless_etag is not None:
+                st = os.stat(path)
+                with self._seen_lock:
+                    seen = self._seen.get(key)
+                if seen == (self._signature(st), unless_etag):
+                    return UNCHANGED
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreUnavailable(f"{path}: {e.strerror}") from None
+        etag = self._etag(key, st, data)
+        if etag == unless_etag:
+            return UNCHANGED
+        return Blob(data, etag)
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if if_match is None and not if_absent:
+                return self._replace(key, path, data)
+            with self._locked():
+                current = self.get(key)
+                if if_absent and current is not None:
+                    raise StoreConflict(f"{key} exists already")
+                if if_match is not None and (current is None or current.etag != if_match):
+                    raise StoreConflict(f"{key} changed since it was read")
+                return self._replace(key, path, data)
+        except OSError as e:
+            raise StoreUnavailable(f"{path}: {e.strerror}") from None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _replace(self, key: str, path: Path, data: bytes) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self._etag(key, os.stat(path), data)
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        keys = []
+        try:
+            for dirpath, dirnames, filenames in os.walk(folder):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    if name.startswith("."):
+                        continue
+                    key = Path(dirpath, name).relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+        except OSError as e:
+            raise StoreUnavailable(f"{folder}: {e.strerror}") from None
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+
+class S3Store(Store):
+    """An S3 bucket (or an S3-compatible store through `endpoint_url`), all keys under
+    `prefix/`. One boto3 client per process, shared by the threads (boto3 clients are
+    thread-safe; building one costs about 17 ms). Conditional writes are S3's own
+    `If-Match` / `If-None-Match: *` on PutObject; reads with `unless_etag` are conditional GETs.
+    """
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str = "", region: str = "",
+                 timeout: float = 10.0, pool: int = 16):
+        import boto3
+        import botocore.config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        config = botocore.config.Config(
+            connect_timeout=min(timeout, 5.0), read_timeout=timeout,
+            retries={"max_attempts": 2, "mode": "standard"}, max_pool_connections=pool)
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _call(self, operation: str, **params: Any) -> Any:
+        """One S3 call; errors become StoreConflict, None (missing), UNCHANGED or
+        StoreUnavailable, so callers never see a botocore exception."""
+        import botocore.exceptions
+
+        try:
+            return getattr(self.client, operation)(Bucket=self.bucket, **params)
+        except botocore.exceptions.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if code in ("304", "NotModified") or status == 304:
+                return UNCHANGED
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                    409, 412):
+                raise StoreConflict(f"{params.get('Key')}: {code}") from None
+            raise StoreUnavailable(f"S3 {operation}: {code or status}") from None
+        except (botocore.exceptions.BotoCoreError, OSError) as e:
+            raise StoreUnavailable(f"S3 {operation}: {type(e).__name__}") from None
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+        params: dict[str, Any] = {"Key": self.prefix + check_key(key)}
+        if unless_etag is not None:
+            params["IfNoneMatch"] = f'"{unless_etag}"'
+        answer = self._call("get_object", **params)
+        if answer is None or answer is UNCHANGED:
+            return answer
+        try:
+            data = answer["Body"].read()
+        except Exception as e:  # a connection dropped mid-body is still "unreachable"
+            raise StoreUnavailable(f"S3 get_object body: {type(e).__name__}") from None
+        return Blob(data, answer["ETag"].strip('"'))
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        params: dict[str, Any] = {"Key": self.prefix + check_key(key), "Body": data}
+        if if_match is not None:
+            params["IfMatch"] = f'"{if_match}"'
+        if if_absent:
+            params["IfNoneMatch"] = "*"
+        answer = self._call("put_object", **params)
+        return str(answer["ETag"]).strip('"')
+
+    def list(self, prefix: str) -> list[str]:
+        keys = []
+        token = None
+        while True:
+            params: dict[str, Any] = {"Prefix": self.prefix + prefix}
+            if token:
+                params["ContinuationToken"] = token
+            answer = self._call("list_objects_v2", **params) or {}
+            keys += [item["Key"][len(self.prefix):] for item in answer.get("Contents", [])]
+            token = answer.get("NextContinuationToken")
+            if not token:
+                return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", Key=self.prefix + check_key(key))
+
+
+def open_store(cfg: AppConfig) -> Store:
+    if cfg.store_url.startswith("file:"):
+        return DirectoryStore(resolve_path(cfg, cfg.store_url[len("file:"):]))
+    bucket, _, prefix = cfg.store_url[len("s3://"):].partition("/")
+    return S3Store(bucket, prefix, cfg.s3_endpoint_url, cfg.region, cfg.http_timeout,
+                   pool=cfg.threads + cfg.worker_threads + 2)
+
+
+def read_json(store: Store, key: str) -> tuple[dict, str] | None:
+    """A JSON object and its ETag, or None when the key is missing or not a JSON object."""
+    blob = store.get(key)
+    if blob is None:
+        return None
+    try:
+        doc = json.loads(blob.data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.error("event=store.bad_json key=%s", key)
+        return None
+    return (doc, blob.etag) if isinstance(doc, dict) else None
+
+
+def update_json(store: Store, key: str, change: Callable[[dict | None], dict | None],
+                tries: int = 8) -> dict | None:
+    """Read-modify-write with a conditional write, retried when another writer got there first.
+    `change` gets the current document (None when missing) and returns the new one, or None to
+    write nothing. Returns what was written (or None)."""
+    for _ in range(tries):
+        current = read_json(store, key)
+        doc, etag = current if current else (None, None)
+        new = change(copy.deepcopy(doc))
+        if new is None:
+            return None
+        try:
+            if etag is None:
+                store.put(key, to_json(new), if_absent=True)
+            else:
+                store.put(key, to_json(new), if_match=etag)
+            return new
+        except StoreConflict:
+            time.sleep(0.01 * (1 + secrets.randbelow(10)))
+    raise StoreConflict(f"{key}: too many concurrent writers")
+
+
+# ==============================================================================================
+# Domain: the audit log, the operational config, TAKE sessions, pages, the team commands
+# ==============================================================================================
+
+
+AUDIT_EVENTS = (
+    "config.initialised",    # init put the first operational config into an empty store
+    "config.changed",        # a write that did not change who is on call
+    "oncall.changed",        # exactly one per write that changes who is on call
+    "session.started",       # TAKE: a pending confirmation was stored
+    "session.cancelled",     # X
+    "page.opened",           # a voicemail or a missed call opened a page
+    "page.delivered",        # one channel of a page (or a message job) succeeded
+    "page.delivery_failed",  # one attempt of a channel failed (it is retried) or gave up
+    "page.acknowledged",     # ACK by SMS or 1 on a page call
+    "page.escalated",        # an escalation step: a call to the on-call engineer or the team
+    "page.closed",           # no acknowledgement within a day
+    "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
+    "recording.refused",     # a recording callback named a URL outside our Twilio account
+)
+
+
+class AuditLog:
+    """Append-only: one new object per event under audit/YYYY/MM/DD/, nothing is rewritten.
+    When the store is unreachable the entry is kept in memory and written by `flush` (the
+    worker calls it), so an outage delays the audit log but does not lose it.
+    """
+
+    def __init__(self, store: Store, instance: str):
+        self.store = store
+        self.instance = instance
+        self._pending: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def record(self, event: str, actor: str, details: dict | None = None) -> None:
+        if event not in AUDIT_EVENTS:
+            raise ValueError(f"unknown audit event {event!r}")
+        now = time.time()
+        entry = {"time": iso_time(now), "event": event, "actor": actor,
+                 "instance": self.instance, "details": details or {}}
+        day = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y/%m/%d")
+        key = f"audit/{day}/{sortable_stamp(now)}-{uuid.uuid4().hex}.json"
+        log.info("event=audit audit_event=%s actor=%s", event, actor)
+        try:
+            self.store.put(key, to_json(entry), if_absent=True)
+        except StoreUnavailable:
+            log.warning("event=audit.deferred audit_event=%s", event)
+            with self._lock:
+                self._pending.append((key, to_json(entry)))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for i, (key, data) in enumerate(pending):
+            try:
+                self.store.put(key, data, if_absent=True)
+            except StoreConflict:
+                pass
+            except StoreUnavailable:
+                with self._lock:
+                    self._pending[:0] = pending[i:]
+                return
+
+    def entries(self, limit: int | None = None, since: float | None = None) -> list[dict]:
+        """Entries oldest first; `since` (epoch seconds) skips whole days before it."""
+        keys = self.store.list("audit/")
+        if since is not None:
+            first_day = dt.datetime.fromtimestamp(since, dt.UTC).strftime("%Y/%m/%d")
+            keys = [k for k in keys if k[len("audit/"):len("audit/") + 10] >= first_day]
+        if limit is not None:
+            keys = keys[-limit:] if limit > 0 else []
+        found = []
+        for key in keys:
+            item = read_json(self.store, key)
+            if item and (since is None or item[0].get("time", "") >= iso_time(since)):
+                found.append(item[0])
+        return found
+
+
+class NoConfig(Exception):
+    """The store holds no operational config yet (see `oncall-pager init`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    doc: dict
+    etag: str
+    stale: bool = False  # served from the last good copy because the store is unreachable
+
+
+class TeamConfig:
+    """The operational config, read through a cache keyed by its ETag: a webhook costs one
+    conditional read (a 304 from S3, a `stat` on the directory store), never a full download.
+    While the store is unreachable (or holds an invalid document) the last good copy answers,
+    kept in memory and, when `cache_file` is set, on local disk across restarts.
+    `write` is the one function that changes the config: validate, conditional write, audit.
+    """
+
+    def __init__(self, store: Store, key: str, audit: AuditLog, cache_file: Path | None):
+        self.store = store
+        self.key = key
+        self.audit = audit
+        self.cache_file = cache_file
+        self._current: Snapshot | None = None
+        self._lock = threading.Lock()
+        self.reachable = True
+        self.problem = ""
+
+    def read(self) -> Snapshot:
+        current = self._current
+        try:
+            blob = self.store.get(self.key, unless_etag=current.etag if current else None)
+        except StoreUnavailable as e:
+            self._note(False, f"store unreachable: {e}")
+            return self._last_good()
+        if blob is UNCHANGED and current is not None:
+            self._note(True, "")
+            return current
+        if blob is None:
+            self._note(True, "no operational config in the store")
+            raise NoConfig(f"{self.store.describe()} holds no {self.key}")
+        try:
+            doc = parse_oncall_config(blob.data)
+        except ConfigError as e:
+            self._note(True, f"invalid operational config: {e.problems[0]}")
+            log.error("event=config.invalid etag=%s problem=%r", blob.etag, e.problems[0])
+            return self._last_good()
+        self._note(True, "")
+        return self._remember(Snapshot(doc, blob.etag))
+
+    def _note(self, reachable: bool, problem: str) -> None:
+        if reachable != self.reachable:
+            log.warning("event=store.%s store=%s", "back" if reachable else "unreachable",
+                        self.store.describe())
+        self.reachable, self.problem = reachable, problem
+
+    def _remember(self, snapshot: Snapshot) -> Snapshot:
+        with self._lock:
+            self._current = snapshot
+        if self.cache_file is not None:
+            with contextlib.suppress(OSError):
+                tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
+                tmp.write_bytes(to_json({"etag": snapshot.etag, "doc": snapshot.doc}))
+                os.replace(tmp, self.cache_file)
+        return snapshot
+
+    def _last_good(self) -> Snapshot:
+        if self._current is None and self.cache_file is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError, ConfigError):
+                saved = json.loads(self.cache_file.read_bytes())
+                parse_oncall_config(to_json(saved["doc"]))
+                self._current = Snapshot(saved["doc"], saved["etag"])
+                log.warning("event=config.from_cache file=%s", self.cache_file)
+        if self._current is None:
+            raise StoreUnavailable(self.problem or "store unreachable")
+        return dataclasses.replace(self._current, stale=True)
+
+    def write(self, doc: dict, *, base: Snapshot, actor: str,
+              details: dict | None = None) -> Snapshot:
+        """Validate, stamp, write conditionally over `base` (the snapshot the change was made
+        from), audit. StoreConflict when the config changed since `base` was read; ConfigError
+        (nothing written) when the result is invalid."""
+        doc = copy.deepcopy(doc)
+        current = doc.get("current_config")
+        if isinstance(current, dict):
+            current["last_modified_time"] = int(time.time())
+            current["last_modified_user_id"] = actor
+        errors, _ = check_oncall_config(doc)
+        if errors:
+            raise ConfigError(errors)
+        doc["current_config"]["oncall_user"] = dict(oncall_member(doc))
+        etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
+        snapshot = self._remember(Snapshot(doc, etag))
+        old_oncall, new_oncall = oncall_member(base.doc)["id"], oncall_member(doc)["id"]
+        if old_oncall != new_oncall:
+            self.audit.record("oncall.changed", actor,
+                              {"from": old_oncall, "to": new_oncall, **(details or {})})
+        else:
+            self.audit.record("config.changed", actor, {"oncall": new_oncall, **(details or {})})
+        return snapshot
+
+    def initialise(self, doc: dict, actor: str) -> Snapshot:
+        """Put a first config into an empty store; StoreConflict if one is there already."""
+        errors, _ = check_oncall_config(doc)
+        if errors:
+            raise ConfigError(errors)
+        etag = self.store.put(self.key, to_json(doc), if_absent=True)
+        self.audit.record("config.initialised", actor, {"oncall": oncall_member(doc)["id"]})
+        return self._remember(Snapshot(doc, etag))
+
+
+# The team commands: the first word decides, case-insensitive, punctuation around it ignored.
+COMMAND_WORDS = {
+    "WHO": "who", "TAKE": "take", "C": "confirm", "CONFIRM": "confirm", "X": "cancel",
+    "CANCEL": "cancel", "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help",
+    "LOOK": "look",
+}
+PUNCTUATION = ".,;:!?'\"()[]{}<>-_*#/\\"
+
+
+def parse_command(body: str) -> tuple[str | None, list[str]]:
+    """(command, arguments); command is None for anything we do not recognise.
+    "please take" is not TAKE and "mistake" is not either: only the whole first word counts."""
+    words = [w.strip(PUNCTUATION) for w in (body or "").split()]
+    words = [w for w in words if w]
+    if not words:
+        return None, []
+    return COMMAND_WORDS.get(words[0].upper()), words[1:]
+
+
+HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
+             "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
+             "HALP (this list).")
+LOOK_TEXT = ("You are in a maze of twisty little passages, all alike. "
+             "There is a pager here. It is ringing.")
+STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing changed. "
+                   "Try again in a minute.")
+HELP_REPEAT_SECONDS = 300
+RECENT_PAGES = 50
+
+
+class ReplyLimiter:
+    """At most one help reply per number in a window, so an auto-responder ("I'm driving")
+    cannot ping-pong with the pager. Answers to real commands are never limited. In memory:
+    with two instances a number may get the help text once from each."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, number: str, now: float) -> bool:
+        with self._lock:
+            last = self._last.get(number)
+            if last is not None and now - last < self.window:
+                return False
+            self._last[number] = now
+            self._last.move_to_end(number)
+            while len(self._last) > 10000:
+                self._last.popitem(last=False)
+            return True
+
+
+def caller_text(page: dict) -> str:
+    """`NAME <NUMBER>`: the caller-ID name, else the city and state, as Twilio gave them."""
+    caller = page.get("caller", {})
+    who = caller.get("name") or ", ".join(
+        x for x in (caller.get("city"), caller.get("state")) if x) or "unknown caller"
+    return f"{who} <{caller.get('number') or 'unknown number'}>"
+
+
+def page_summary(page: dict) -> str:
+    what = (f"voicemail ({page.get('duration', 0)} sec)" if page.get("kind") == "voicemail"
+            else "missed call")
+    return f"{what} from {caller_text(page)}"
+
+
+def recording_key(page: dict, extension: str) -> str:
+    return f"recordings/{file_stamp(page['opened'])}_{page['id']}{extension}"
+
+
+def add_delivery(page: dict, channel: str) -> None:
+    """Queue one more channel on a page (once: a channel that exists is left alone)."""
+    page["deliveries"].setdefault(channel, {"state": "pending", "attempts": 0,
+                                            "next_try": time.time(), "claimed_until": 0,
+                                            "last_error": ""})
+
+
+def page_state(page: dict, doc: dict | None) -> str:
+    if page.get("state") == "acknowledged":
+        member = members(doc).get(page.get("acked_by"), {}) if doc else {}
+        return f"acknowledged by {member.get('name', page.get('acked_by'))}"
+    return str(page.get("state", "open"))
+
+
+class Pager:
+    """The domain: every state change of the pager goes through one method here. It knows the
+    store only through the Store interface, and sends nothing itself: outbound messages are
+    durable jobs in the store, carried out by the Worker (`wake` nudges it)."""
+
+    def __init__(self, cfg: AppConfig, store: Store, instance: str | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.audit = AuditLog(store, self.instance)
+        cache = resolve_path(cfg, cfg.cache_file) if cfg.cache_file else None
+        self.team = TeamConfig(store, cfg.config_key, self.audit, cache)
+        self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
+        self.wake: Callable[[], None] = lambda: None
+
+    # --- team: WHO, TAKE, C, X ----------------------------------------------------------------
+
+    def who(self, doc: dict) -> str:
+        oncall = oncall_member(doc)
+        current = doc["current_config"]
+        text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>."
+        changed_by = members(doc).get(current.get("last_modified_user_id"), {})
+        if current.get("last_modified_time"):
+            text += (f" Changed {short_time(current['last_modified_time'])} by "
+                     f"{changed_by.get('name', current.get('last_modified_user_id'))}.")
+        return text
+
+    def take(self, snap: Snapshot, member: dict) -> str:
+        doc = snap.doc
+        if oncall_member(doc)["id"] == member["id"]:
+            return f"You are already on call, {first_name(member)}. Nothing changes."
+        lifetime = session_lifetime(doc)
+        now = time.time()
+        session = {"member": member["id"], "created": now, "expires": now + lifetime,
+                   "config_etag": snap.etag}
+        self.store.put(f"sessions/{member['id']}.json", to_json(session))
+        self.audit.record("session.started", member["id"], {"expires": iso_time(now + lifetime)})
+        return (f"{member['name']} to be made on-call engineer, reply C to confirm or X to "
+                f"cancel (within {lifetime} seconds).")
+
+    def confirm(self, snap: Snapshot, member: dict) -> str:
+        """C: make the member on call if the config is still the one his TAKE was shown.
+        A TAKE confirms what its sender saw: if anybody changed the config in between, the
+        write is refused and he is told to look again. Two members confirming at once: the
+        conditional write lets exactly one win."""
+        key = f"sessions/{member['id']}.json"
+        session = read_json(self.store, key)
+        lifetime = session_lifetime(snap.doc)
+        no_take = f"No pending TAKE. Send TAKE again and reply C within {lifetime} seconds."
+        if session is None or session[0].get("expires", 0) < time.time():
+            return no_take
+        session_doc = session[0]
+        if session_doc.get("config_etag") != snap.etag:
+            self.store.delete(key)
+            return self._changed_under(snap.doc, member)
+        previous = oncall_member(snap.doc)
+        doc = copy.deepcopy(snap.doc)
+        doc["current_config"]["oncall_user"] = dict(member)
+        try:
+            new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"})
+        except StoreConflict:
+            self.store.delete(key)
+            return self._changed_under(self.team.read().doc, member)
+        self.store.delete(key)
+        if previous["id"] != member["id"]:
+            self.send_message(previous["phone"], f"{member['name']} has taken on-call from you.",
+                              purpose="handoff")
+        pager_phone = new.doc["current_config"]["pager_phone"]
+        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} has been "
+                f"told. Leave a message at {pager_phone} to test delivery.")
+
+    def _changed_under(self, doc: dict, member: dict) -> str:
+        oncall = oncall_member(doc)
+        if oncall["id"] == member["id"]:
+            return f"You are already on call, {first_name(member)}. Nothing changes."
+        return (f"The on-call config changed since your TAKE (on call now: {oncall['name']}). "
+                "Nothing changed; send TAKE again to try again.")
+
+    def cancel(self, doc: dict, member: dict) -> str:
+        key = f"sessions/{member['id']}.json"
+        if read_json(self.store, key) is not None:
+            self.store.delete(key)
+            self.audit.record("session.cancelled", member["id"])
+        oncall = oncall_member(doc)
+        return f"Okay, {first_name(member)}, nothing changes: {first_name(oncall)} remains on call."
+
+    # --- messages: durable jobs the worker sends ---------------------------------------------
+
+    def send_message(self, to: str, body: str, purpose: str, page_id: str | None = None) -> None:
+        """Queue one SMS as a durable job (jobs/msg-*.json); the worker sends it with retries."""
+        now = time.time()
+        job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "page": page_id,
+               "attempts": 0, "next_try": now, "claimed_until": 0, "created": now}
+        self.store.put(f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json",
+                       to_json(job), if_absent=True)
+        self.wake()
+
+    # --- pages ---------------------------------------------------------------------------------
+
+    def open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
+                  recording_url: str = "", duration: int = 0) -> tuple[dict, bool]:
+        """Open a page (voicemail or missed call) and queue its work. Idempotent: the id comes
+        from the RecordingSid (or CallSid), so Twilio's retried callback finds the same page.
+        Returns (page, created)."""
+        existing = read_json(self.store, f"pages/{page_id}.json")
+        if existing is not None:
+            return existing[0], False
+        snap = self.team.read()
+        oncall = oncall_member(snap.doc)
+        now = time.time()
+        number = self._page_number(page_id, now)
+        channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
+        page = {
+            "id": page_id, "number": number, "kind": kind, "opened": now,
+            "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
+            "duration": duration, "oncall": dict(oncall), "paged": [oncall["id"]],
+            "state": "open", "acked_by": None, "acked_at": None,
+            "deliveries": {},
+            "escalation": {"next_due": now + escalation_settings(snap.doc)["ack_timeout"],
+                           "step": 0, "claimed_until": 0},
+        }
+        for channel in channels:
+            add_delivery(page, channel)
+        try:
+            self.store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+        except StoreConflict:
+            return read_json(self.store, f"pages/{page_id}.json")[0], False
+        self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+        self.audit.record("page.opened", "twilio", {
+            "page": page_id, "number": number, "kind": kind, "caller": caller,
+            "duration": duration, "oncall": oncall["id"]})
+        self.wake()
+        return page, True
+
+    def _page_number(self, page_id: str, now: float) -> int:
+        """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
+        the recent pages for STATUS and ACK without listing the whole pages/ folder."""
+        chosen: list[int] = []
+
+        def allocate(doc: dict | None) -> dict | None:
+            doc = doc or {"next": 1, "recent": []}
+            for item in doc["recent"]:
+                if item["id"] == page_id:
+                    chosen[:] = [item["number"]]
+                    return None
+            chosen[:] = [doc["next"]]
+            doc["recent"] = (doc["recent"] + [{"number": doc["next"], "id": page_id,
+                                               "opened": now}])[-RECENT_PAGES:]
+            doc["next"] += 1
+            return doc
+
+        update_json(self.store, "counters/pages.json", allocate)
+        return chosen[0]
+
+    def recent_pages(self, limit: int = RECENT_PAGES) -> list[dict]:
+        """The most recent pages, newest first."""
+        counter = read_json(self.store, "counters/pages.json")
+        found = []
+        for item in reversed((counter[0] if counter else {}).get("recent", [])[-limit:]):
+            page = read_json(self.store, f"pages/{item['id']}.json")
+            if page is not None:
+                found.append(page[0])
+        return found
+
+    def page_by_number(self, number: int) -> dict | None:
+        for page in self.recent_pages():
+            if page.get("number") == number:
+                return page
+        return None
+
+    def acknowledge(self, page_id: str, member: dict, via: str) -> tuple[bool, dict]:
+        """Mark a page acknowledged (once: a conditional write), tell the others who were
+        paged, and let the escalation stop. Returns (this call acknowledged it, the page)."""
+        written = update_json(self.store, f"pages/{page_id}.json", lambda page: None if (
+            page is None or page.get("state") != "open") else {
+            **page, "state": "acknowledged", "acked_by": member["id"], "acked_at": time.time()})
+        if written is None:
+            current = read_json(self.store, f"pages/{page_id}.json")
+            return False, current[0] if current else {}
+        self.audit.record("page.acknowledged", member["id"],
+                          {"page": page_id, "number": written["number"], "via": via})
+        doc = self.team.read().doc
+        for other_id in written.get("paged", []):
+            other = members(doc).get(other_id)
+            if other and other_id != member["id"]:
+                self.send_message(other["phone"], f"Page {written['number']} acknowledged by "
+                                  f"{member['name']}.", purpose="ack_notice", page_id=page_id)
+        return True, written
+
+    def mms_failed(self, page_id: str, status: str) -> bool:
+        """Twilio could not deliver the MMS: fall back to a plain SMS with the link (once)."""
+        def fall_back(page: dict | None) -> dict | None:
+            if page is None or "sms_fallback" in page["deliveries"]:
+                return None
+            page["deliveries"]["mms"]["state"] = "failed"
+            add_delivery(page, "sms_fallback")
+            return page
+
+        page = update_json(self.store, f"pages/{page_id}.json", fall_back)
+        if page is None:
+            return False
+        self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+        self.audit.record("page.delivery_failed", "twilio", {
+            "page": page_id, "number": page["number"], "channel": "mms", "status": status,
+            "final": True, "fallback": "sms_fallback"})
+        self.wake()
+        return True
+
+    def call_unanswered(self, page_id: str, step: int) -> None:
+        """A page call to the on-call engineer ended busy / no-answer / failed: it counts as
+        an attempt at once, so the next step is due now instead of after ack_timeout."""
+        def hurry(page: dict | None) -> dict | None:
+            escalation = (page or {}).get("escalation", {})
+            if (not page or page.get("state") != "open" or escalation.get("step") != step + 1
+                    or escalation.get("last_kind") != "oncall"
+                    or escalation["next_due"] <= time.time()):
+                return None
+            escalation["next_due"] = time.time()
+            return page
+
+        if update_json(self.store, f"pages/{page_id}.json", hurry) is not None:
+            self.wake()
+
+    def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
+        if args and args[0].isdigit():
+            page = self.page_by_number(int(args[0]))
+            if page is None:
+                return f"There is no recent page {args[0]}."
+            targets = [page]
+        else:
+            targets = [p for p in self.recent_pages()
+                       if p.get("state") == "open" and member["id"] in p.get("paged", [])]
+            if not targets:
+                return "No open pages for you. Nothing to acknowledge."
+        lines = []
+        for page in targets:
+            done, current = self.acknowledge(page["id"], member, via="sms")
+            if done:
+                lines.append(f"Page {page['number']} acknowledged: {page_summary(page)}.")
+            else:
+                lines.append(f"Page {page['number']} was already {page_state(current, doc)}.")
+        return " ".join(lines) + f" Thanks, {first_name(member)}."
+
+    def status(self, doc: dict) -> str:
+        pages = self.recent_pages(limit=5)
+        if not pages:
+            return "No open pages."
+        open_count = sum(1 for p in pages if p.get("state") == "open")
+        lines = [f"{open_count} open." if open_count else "No open pages."]
+        for page in pages:
+            lines.append(f"#{page['number']} {short_time(page['opened'])} {page_summary(page)}: "
+                         f"{page_state(page, doc)}.")
+        return "\n".join(lines)
+
+    # --- one SMS from the control number -------------------------------------------------------
+
+    def handle_sms(self, sender: str, body: str) -> str | None:
+        """The reply to one team SMS, or None for no reply (strangers, limited help)."""
+        snap = self.team.read()
+        member = member_by_phone(snap.doc, sender)
+        if member is None:
+            log.info("event=sms.stranger from=%s", sender)
+            return None
+        command, args = parse_command(body)
+        log.info("event=sms.command member=%s command=%s", member["id"], command)
+        if command is None:
+            return HELP_TEXT if self.help_limiter.allow(sender, time.time()) else None
+        if snap.stale and command in ("take", "confirm", "cancel", "ack"):
+            return STORE_DOWN_TEXT
+        try:
+            if command == "who":
+                return self.who(snap.doc)
+            if command == "take":
+                return self.take(snap, member)
+            if command == "confirm":
+                return self.confirm(snap, member)
+            if command == "cancel":
+                return self.cancel(snap.doc, member)
+            if command == "ack":
+                return self.ack_command(snap.doc, member, args)
+            if command == "status":
+                return self.status(snap.doc)
+            if command == "look":
+                return LOOK_TEXT
+            return HELP_TEXT
+        except StoreUnavailable:
+            return STORE_DOWN_TEXT
+
+
+# ==============================================================================================
+# Channels: Twilio (live and dry-run behind one interface), e-mail, the recording fetch
+# ==============================================================================================
+
+
+class DeliveryError(Exception):
+    """One attempt at a channel failed. `permanent` when retrying cannot help (Twilio said the
+    request itself is wrong), so the channel gives up and falls back instead."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Telephony:
+    """Outbound SMS/MMS and calls. `LiveTelephony` talks to Twilio's REST API; `DryRun`
+    writes what it would send into the store's outbox/ (so `make run` shows the whole flow)."""
+
+    def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                 status_callback: str = "") -> str:
+        raise NotImplementedError
+
+    def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+        raise NotImplementedError
+
+
+class LiveTelephony(Telephony):
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+
+    def _client(self) -> Any:
+        """A client per send: sends are rare, and this keeps threads from sharing a session."""
+        from twilio.http.http_client import TwilioHttpClient
+        from twilio.rest import Client
+
+        client = Client(self.cfg.account_sid, self.cfg.auth_token,
+                        http_client=TwilioHttpClient(timeout=self.cfg.http_timeout))
+        client.api.base_url = self.cfg.api_base_url.rstrip("/")
+        return client
+
+    def _send(self, what: Callable[[Any], Any]) -> str:
+        from twilio.base.exceptions import TwilioException, TwilioRestException
+
+        try:
+            return str(what(self._client()).sid)
+        except TwilioRestException as e:
+            permanent = 400 <= e.status < 500 and e.status not in (401, 403, 408, 429)
+            raise DeliveryError(f"twilio {e.status} code={e.code}", permanent) from None
+        except (TwilioException, OSError) as e:
+            raise DeliveryError(f"twilio unreachable: {type(e).__name__}") from None
+        except Exception as e:  # requests' own errors: connection refused, timeouts
+            raise DeliveryError(f"twilio request failed: {type(e).__name__}") from None
+
+    def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                 status_callback: str = "") -> str:
+        params: dict[str, Any] = {"to": to, "from_": from_, "body": body}
+        if media_url:
+            params["media_url"] = [media_url]
+        if status_callback:
+            params["status_callback"] = status_callback
+        return self._send(lambda client: client.messages.create(**params))
+
+    def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+        return self._send(lambda client: client.calls.create(
+            to=to, from_=from_, url=url, method="POST", status_callback=status_callback,
+            status_callback_method="POST", status_callback_event=["completed"]))
+
+
+class DryRunTelephony(Telephony):
+    def __init__(self, store: Store):
+        self.store = store
+
+    def _write(self, kind: str, record: dict) -> str:
+        sid = ("DRYSM" if kind != "call" else "DRYCA") + uuid.uuid4().hex[:27]
+        record = {"sid": sid, "kind": kind, "time": iso_time(time.time()), **record}
+        self.store.put(f"outbox/{sortable_stamp(time.time())}-{kind}-{sid}.json",
+                       to_json(record), if_absent=True)
+        return sid
+
+    def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                 status_callback: str = "") -> str:
+        return self._write("mms" if media_url else "sms", {
+            "to": to, "from": from_, "body": body, "media_url": media_url,
+            "status_callback": status_callback})
+
+    def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+        return self._write("call", {"to": to, "from": from_, "url": url,
+                                    "status_callback": status_callback})
+
+
+def build_email(mail: dict, subject: str, body: str,
+                attachment: tuple[str, bytes] | None) -> email.message.EmailMessage:
+    message = email.message.EmailMessage()
+    message["From"] = mail["from_email"]
+    message["To"] = mail["to_email"]
+    message["Subject"] = subject
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    message["Message-ID"] = email.utils.make_msgid(domain="oncall-pager")
+    message.set_content(body)
+    if attachment:
+        message.add_attachment(attachment[1], maintype="audio", subtype="mpeg",
+                               filename=attachment[0])
+    return message
+
+
+def send_email(mail: dict, message: email.message.EmailMessage, timeout: float) -> None:
+    """Send through smtplib: port 465 is implicit TLS, `mail_use_tls` is STARTTLS, and a login
+    happens only when a username is set. Any failure is a DeliveryError (retried)."""
+    host, port = mail["mail_server"], int(mail["mail_port"])
+    try:
+        if port == 465:
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout,
+                                                  context=ssl.create_default_context())
+        else:
+            smtp = smtplib.SMTP(host, port, timeout=timeout)
+        with smtp:
+            if port != 465 and mail.get("mail_use_tls"):
+                smtp.starttls(context=ssl.create_default_context())
+            if mail.get("mail_username"):
+                smtp.login(mail["mail_username"], mail.get("mail_password") or "")
+            smtp.send_message(message)
+    except smtplib.SMTPAuthenticationError as e:
+        raise DeliveryError(f"smtp authentication refused ({e.smtp_code})") from None
+    except (smtplib.SMTPException, OSError) as e:
+        raise DeliveryError(f"smtp {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def recording_url_allowed(cfg: AppConfig, url: str) -> bool:
+    """Only recordings of our own account on the configured Twilio API host are fetched; the
+    predecessor fetched (and e-mailed, and stored) whatever URL a request named."""
+    prefix = f"{cfg.api_base_url.rstrip('/')}/2010-04-01/Accounts/{cfg.account_sid}/Recordings/"
+    return url.startswith(prefix) and re.fullmatch(r"RE[0-9a-zA-Z]{32}", url[len(prefix):]) \
+        is not None
+
+
+# A few frames of a silent MPEG-1 Layer III stream: the "recording" of dry-run mode.
+SAMPLE_MP3 = (b"\xff\xfb\x90\x64" + bytes(413)) * 40
+MAX_RECORDING = 32 * 1024 * 1024
+
+
+def fetch_recording(cfg: AppConfig, url: str) -> bytes:
+    """The mp3 of a recording, with the account's basic auth (accounts may require it)."""
+    if not recording_url_allowed(cfg, url):
+        raise DeliveryError(f"recording URL not allowed: {url[:100]}", permanent=True)
+    if cfg.dry_run:
+        return SAMPLE_MP3
+    token = base64.b64encode(f"{cfg.account_sid}:{cfg.auth_token}".encode()).decode()
+    request = urllib.request.Request(url + ".mp3", headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=cfg.http_timeout) as answer:
+            data = answer.read(MAX_RECORDING + 1)
+    except urllib.error.HTTPError as e:
+        raise DeliveryError(f"recording fetch {e.code}", permanent=e.code == 404) from None
+    except (OSError, ValueError) as e:
+        raise DeliveryError(f"recording fetch failed: {type(e).__name__}") from None
+    if len(data) > MAX_RECORDING:
+        raise DeliveryError("recording larger than 32 MiB", permanent=True)
+    return data
+
+
+# ==============================================================================================
+# Worker: the durable delivery and escalation queue
+# ==============================================================================================
+
+
+class OutboundCapped(Exception):
+    """The hourly budget of outbound SMS and calls is spent."""
+
+
+def escalation_targets(step: int, call_attempts: int, oncall_id: str,
+                       escalate_to: list[str]) -> tuple[str, list[str]]:
+    """Who escalation step `step` (0, 1, ...) reaches: `call_attempts` calls to the on-call
+    engineer, then the team (SMS and a call each), then around again."""
+    team = [m for m in escalate_to if m != oncall_id]
+    cycle = call_attempts + (1 if team else 0)
+    if cycle == 0 or step % cycle < call_attempts:
+        return "oncall", [oncall_id]
+    return "team", team
+
+
+class Worker:
+    """Carries out what the Pager queued in the store, so nothing slow runs inside a webhook.
+
+    Each scan lists jobs/ and looks at every job: a page with pending deliveries or an open
+    escalation, or a single message. A step is *claimed* with a conditional write before it
+    runs (a claim expires after `claim_timeout`, covering an instance killed mid-step), so two
+    instances sharing a bucket never both run it. Deliveries are at least once: a claim that
+    expires is retried. Escalation steps are at most once: the claim itself advances the step,
+    so a crash can skip one call but never doubles it, and the next step follows anyway.
+    Each channel has its own attempts and capped exponential backoff, and runs in its own
+    thread from a small pool, so a dead SMTP server does not delay the MMS.
+    """
+
+    def __init__(self, pager: Pager, telephony: Telephony):
+        self.pager = pager
+        self.cfg = pager.cfg
+        self.store = pager.store
+        self.telephony = telephony
+        self.queue_depth = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="deliver")
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._recordings: OrderedDict[str, bytes] = OrderedDict()
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        pager.wake = self.wake
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            next_due = time.time() + self.cfg.poll_interval
+            try:
+                next_due = min(next_due, self.scan())
+            except StoreUnavailable as e:
+                log.warning("event=worker.store_unavailable error=%r", str(e))
+            except Exception:
+                log.exception("event=worker.error")
+            self.pager.audit.flush()
+            self._wake.wait(max(0.01, next_due - time.time()))
+            self._wake.clear()
+
+    def scan(self) -> float:
+        """Look at every job once; claim and start what is due. Returns when to look again."""
+        now = time.time()
+        next_due = now + self.cfg.poll_interval
+        keys = self.store.list("jobs/")
+        self.queue_depth = len(keys)
+        for key in keys:
+            name = key[len("jobs/"):].removesuffix(".json")
+            due = self._consider_message(key, now) if name.startswith("msg-") else \
+                self._consider_page(name, now)
+            if due is not None:
+                next_due = min(next_due, due)
+        return next_due
+
+    def _submit(self, task: str, work: Callable[[], None]) -> None:
+        with self._lock:
+            self._inflight.add(task)
+
+        def run() -> None:
+            try:
+                work()
+            except Exception:
+                log.exception("event=worker.task_error task=%s", task)
+            finally:
+                with self._lock:
+                    self._inflight.discard(task)
+                self.wake()
+
+        try:
+            self._pool.submit(run)
+        except RuntimeError:  # the pool is shutting down; the claim expires and is retried
+            with self._lock:
+                self._inflight.discard(task)
+
+    def _busy(self, task: str) -> bool:
+        with self._lock:
+            return task in self._inflight
+
+    # --- single messages (handoff, acknowledgement notices) ------------------------------------
+
+    def _consider_message(self, key: str, now: float) -> float | None:
+        if self._busy(key):
+            return None
+        item = read_json(self.store, key)
+        if item is None:
+            return None
+        job, etag = item
+        wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
+        if wait_until > now:
+            return wait_until
+        job["claimed_until"] = now + self.cfg.claim_timeout
+        job["attempts"] = job.get("attempts", 0) + 1
+        try:
+            etag = self.store.put(key, to_json(job), if_match=etag)
+        except StoreConflict:
+            return None
+        self._submit(key, lambda: self._send_message(key, job, etag))
+        return None
+
+    def _send_message(self, key: str, job: dict, etag: str) -> None:
+        details = {"channel": "sms", "purpose": job.get("purpose"), "page": job.get("page"),
+                   "to": job["to"], "attempt": job["attempts"]}
+        try:
+            doc = self.pager.team.read().doc
+            self._spend_outbound(doc, details)
+            sid = self.telephony.send_sms(job["to"], doc["current_config"]["from_phone"],
+                                          job["body"])
+        except OutboundCapped:
+            self.store.delete(key)
+            return
+        except (DeliveryError, StoreUnavailable) as e:
+            self.pager.audit.record("page.delivery_failed", "worker", {**details, "error": str(e)})
+            if isinstance(e, DeliveryError) and e.permanent:
+                self.store.delete(key)
+                return
+            job.update(claimed_until=0, next_try=time.time() + backoff(
+                job["attempts"], self.cfg.retry_base, self.cfg.retry_cap))
+            with contextlib.suppress(StoreConflict, StoreUnavailable):
+                self.store.put(key, to_json(job), if_match=etag)
+            return
+        self.store.delete(key)
+        self.pager.audit.record("page.delivered", "worker", {**details, "sid": sid})
+
+    # --- pages: deliveries, escalation, closing ------------------------------------------------
+
+    def _consider_page(self, page_id: str, now: float) -> float | None:
+        key = f"pages/{page_id}.json"
+        item = read_json(self.store, key)
+        if item is None:
+            self.store.delete(f"jobs/{page_id}.json")
+            return None
+        page = item[0]
+        if page.get("state") == "open" and now - page["opened"] >= DAY:
+            self._close(page_id)
+            return now
+        next_due: float | None = None
+        for channel, delivery in page.get("deliveries", {}).items():
+            if delivery["state"] != "pending" or self._busy(f"{page_id}/{channel}"):
+                continue
+            due = max(delivery["next_try"], delivery["claimed_until"])
+            if due <= now:
+                self._claim_delivery(page_id, channel, now)
+            else:
+                next_due = min(next_due or due, due)
+        if page.get("state") == "open":
+            due = page["escalation"]["next_due"]
+            if due <= now and not self._busy(f"{page_id}/escalate"):
+                self._claim_escalation(page_id, now)
+            else:
+                next_due = min(next_due or due, due)
+        elif not any(d["state"] == "pending" for d in page.get("deliveries", {}).values()):
+            self.store.delete(f"jobs/{page_id}.json")
+        return next_due
+
+    def _claim_delivery(self, page_id: str, channel: str, now: float) -> None:
+        def claim(page: dict | None) -> dict | None:
+            delivery = (page or {}).get("deliveries", {}).get(channel)
+            if not delivery or delivery["state"] != "pending" or max(
+                    delivery["next_try"], delivery["claimed_until"]) > now:
+                return None
+            delivery["claimed_until"] = now + self.cfg.claim_timeout
+            delivery["attempts"] += 1
+            return page
+
+        try:
+            page = update_json(self.store, f"pages/{page_id}.json", claim, tries=1)
+        except StoreConflict:
+            return
+        if page is not None:
+            self._submit(f"{page_id}/{channel}", lambda: self._deliver(page, channel))
+
+    def _deliver(self, page: dict, channel: str) -> None:
+        attempt = page["deliveries"][channel]["attempts"]
+        details: dict[str, Any] = {"page": page["id"], "number": page["number"],
+                                   "channel": channel, "attempt": attempt}
+        try:
+            doc = self.pager.team.read().doc
+            details.update(DELIVER[channel](self, page, doc, details))
+        except OutboundCapped:
+            self._finish(page["id"], channel, "capped", details)
+        except (DeliveryError, StoreUnavailable) as e:
+            permanent = isinstance(e, DeliveryError) and e.permanent
+            details.update(error=str(e), final=permanent)
+            self.pager.audit.record("page.delivery_failed", "worker", details)
+            self._finish(page["id"], channel, "failed" if permanent else "retry", details)
+        else:
+            self.pager.audit.record("page.delivered", "worker", details)
+            self._finish(page["id"], channel, "sent", details)
+
+    def _finish(self, page_id: str, channel: str, outcome: str, details: dict) -> None:
+        """Record a delivery's outcome on the page. A permanently failed MMS falls back to SMS."""
+        def record(page: dict | None) -> dict | None:
+            if page is None:
+                return None
+            delivery = page["deliveries"][channel]
+            delivery["claimed_until"] = 0
+            delivery["last_error"] = details.get("error", "")
+            if outcome == "retry" and page["state"] == "closed" and channel != "closing_email":
+                delivery["state"] = "abandoned"
+            elif outcome == "retry":
+                delivery["next_try"] = time.time() + backoff(
+                    delivery["attempts"], self.cfg.retry_base, self.cfg.retry_cap)
+            else:
+                delivery["state"] = outcome
+            if channel == "mms" and outcome == "failed":
+                add_delivery(page, "sms_fallback")
+            return page
+
+        with contextlib.suppress(StoreUnavailable):
+            update_json(self.store, f"pages/{page_id}.json", record)
+            return
+        log.error("event=worker.finish_unrecorded page=%s channel=%s outcome=%s",
+                  page_id, channel, outcome)
+
+    def _spend_outbound(self, doc: dict, details: dict) -> None:
+        """Take one from the hourly budget of outbound SMS and calls (counters/outbound.json,
+        shared by all instances), or raise OutboundCapped after auditing why."""
+        limit = escalation_settings(doc)["max_outbound_per_hour"]
+        verdict: list[bool] = []
+
+        def spend(counter: dict | None) -> dict | None:
+            now = time.time()
+            sent = [t for t in (counter or {}).get("sent", []) if t > now - 3600]
+            verdict[:] = [len(sent) < limit]
+            return {"sent": sent + [now]} if verdict[0] else None
+
+        update_json(self.store, "counters/outbound.json", spend)
+        if not verdict[0]:
+            self.pager.audit.record("outbound.capped", "worker", {
+                **details, "limit_per_hour": limit,
+                "reason": "hourly budget of outbound SMS and calls spent; only e-mail runs"})
+            raise OutboundCapped()
+
+    def _recording(self, page: dict) -> bytes:
+        """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
+        page_id = page["id"]
+        with self._lock:
+            fetch_lock = self._fetch_locks.setdefault(page_id, threading.Lock())
+        with fetch_lock:
+            with self._lock:
+                if page_id in self._recordings:
+                    return self._recordings[page_id]
+            archived = self.store.get(recording_key(page, ".mp3"))
+            data = archived.data if archived else fetch_recording(self.cfg, page["recording_url"])
+            with self._lock:
+                self._recordings[page_id] = data
+                while len(self._recordings) > 8:
+                    old, _ = self._recordings.popitem(last=False)
+                    self._fetch_locks.pop(old, None)
+            return data
+
+    def _deliver_mms(self, page: dict, doc: dict, details: dict) -> dict:
+        self._spend_outbound(doc, details)
+        sid = self.telephony.send_sms(
+            page["oncall"]["phone"], doc["current_config"]["from_phone"],
+            f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
+            "Reply ACK to acknowledge.",
+            media_url=page["recording_url"] + ".mp3",
+            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}"))
+        return {"to": page["oncall"]["phone"], "sid": sid}
+
+    def _deliver_sms(self, page: dict, doc: dict, details: dict) -> dict:
+        self._spend_outbound(doc, details)
+        if page["kind"] == "voicemail":
+            body = (f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}: "
+                    f"{page['recording_url']}.mp3 Reply ACK to acknowledge.")
+        else:
+            body = (f"Missed call to the pager from {caller_text(page)}: no message was left. "
+                    "Reply ACK to acknowledge.")
+        sid = self.telephony.send_sms(page["oncall"]["phone"],
+                                      doc["current_config"]["from_phone"], body)
+        return {"to": page["oncall"]["phone"], "sid": sid}
+
+    def _deliver_email(self, page: dict, doc: dict, details: dict) -> dict:
+        mail = doc["current_config"]["mail_settings"]
+        if page["kind"] == "voicemail":
+            subject = f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}"
+            attachment = (f"{page['id']}.mp3", self._recording(page))
+        else:
+            subject = f"Missed call to the pager from {caller_text(page)}"
+            attachment = None
+        body = (f"Page {page['number']}: {page_summary(page)}.\n"
+                f"Opened {short_time(page['opened'])}; on call: {page['oncall']['name']}.\n"
+                f"Call SID: {page['call_sid']}\n")
+        message = build_email(mail, subject, body, attachment)
+        self._send_email(message, doc)
+        return {"to": mail["to_email"]}
+
+    def _deliver_closing_email(self, page: dict, doc: dict, details: dict) -> dict:
+        mail = doc["current_config"]["mail_settings"]
+        message = build_email(
+            mail, f"Page {page['number']} closed unacknowledged",
+            f"Page {page['number']} ({page_summary(page)}) was opened "
+            f"{short_time(page['opened'])} and nobody acknowledged it within a day. "
+            "The pager has stopped calling.\n", None)
+        self._send_email(message, doc)
+        return {"to": mail["to_email"]}
+
+    def _send_email(self, message: email.message.EmailMessage, doc: dict) -> None:
+        if self.cfg.dry_run:
+            self.store.put(f"outbox/{sortable_stamp(time.time())}-email-"
+                           f"{uuid.uuid4().hex[:12]}.eml", bytes(message))
+            return
+        send_email(doc["current_config"]["mail_settings"], message, self.cfg.smtp_timeout)
+
+    def _deliver_archive(self, page: dict, doc: dict, details: dict) -> dict:
+        data = self._recording(page)
+        self.store.put(recording_key(page, ".mp3"), data)
+        self.store.put(recording_key(page, ".json"), to_json({
+            "page": page["id"], "number": page["number"], "recording_sid": page["id"],
+            "recording_url": page["recording_url"], "duration": page["duration"],
+            "caller": page["caller"], "call_sid": page["call_sid"],
+            "time": iso_time(page["opened"]), "bytes": len(data)}))
+        return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
+
+    def _claim_escalation(self, page_id: str, now: float) -> None:
+        """Claim the next escalation step: the claim advances the step and its due time, so
+        no instance can run it twice."""
+        doc = self.pager.team.read().doc
+        settings = escalation_settings(doc)
+        plan: list[Any] = []
+
+        def claim(page: dict | None) -> dict | None:
+            if not page or page.get("state") != "open" or page["escalation"]["next_due"] > now:
+                return None
+            step = page["escalation"]["step"]
+            kind, targets = escalation_targets(step, int(settings["call_attempts"]),
+                                               oncall_member(doc)["id"], settings["escalate_to"])
+            page["escalation"].update(step=step + 1, last_kind=kind,
+                                      next_due=now + settings["ack_timeout"])
+            page["paged"] = page["paged"] + [t for t in targets if t not in page["paged"]]
+            plan[:] = [step, kind, targets]
+            return page
+
+        try:
+            page = update_json(self.store, f"pages/{page_id}.json", claim, tries=1)
+        except StoreConflict:
+            return
+        if page is not None:
+            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
+
+    def _escalate(self, page: dict, step: int, kind: str, targets: list[str]) -> None:
+        doc = self.pager.team.read().doc
+        results = {}
+        for member_id in targets:
+            member = members(doc).get(member_id)
+            if member is None:
+                continue
+            details = {"page": page["id"], "number": page["number"], "step": step,
+                       "kind": kind, "member": member_id}
+            try:
+                if kind == "team":
+                    self._spend_outbound(doc, {**details, "channel": "sms"})
+                    self.telephony.send_sms(
+                        member["phone"], doc["current_config"]["from_phone"],
+                        f"Escalated page {page['number']}: {page_summary(page)}, not "
+                        f"acknowledged yet. Reply ACK {page['number']} to acknowledge.")
+                self._spend_outbound(doc, {**details, "channel": "call"})
+                results[member_id] = self.telephony.place_call(
+                    member["phone"], doc["current_config"]["pager_phone"],
+                    self.cfg.url(f"/oncall/answer?page={page['id']}"),
+                    self.cfg.url(f"/oncall/callstatus?page={page['id']}&step={step}"))
+            except OutboundCapped:
+                results[member_id] = "capped"
+            except DeliveryError as e:
+                results[member_id] = f"failed: {e}"
+        self.pager.audit.record("page.escalated", "worker", {
+            "page": page["id"], "number": page["number"], "step": step, "kind": kind,
+            "results": results})
+
+    def _close(self, page_id: str) -> None:
+        def close(page: dict | None) -> dict | None:
+            if not page or page.get("state") != "open":
+                return None
+            page.update(state="closed", closed_at=time.time())
+            for delivery in page["deliveries"].values():
+                if delivery["state"] == "pending":
+                    delivery["state"] = "abandoned"
+            add_delivery(page, "closing_email")
+            return page
+
+        with contextlib.suppress(StoreConflict):
+            page = update_json(self.store, f"pages/{page_id}.json", close, tries=1)
+            if page is not None:
+                self.pager.audit.record("page.closed", "worker", {
+                    "page": page_id, "number": page["number"],
+                    "reason": "not acknowledged within a day"})
+
+
+DELIVER: dict[str, Callable[[Worker, dict, dict, dict], dict]] = {
+    "mms": Worker._deliver_mms,
+    "sms": Worker._deliver_sms,
+    "sms_fallback": Worker._deliver_sms,
+    "email": Worker._deliver_email,
+    "archive": Worker._deliver_archive,
+    "closing_email": Worker._deliver_closing_email,
+}
+
+
+# ==============================================================================================
+# Web: request parsing, the signature gate, the router, one short handler per webhook
+# ==============================================================================================
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    form: dict[str, str]
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    body: str
+    content_type: str = "text/xml"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: tuple = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+class FormFields(dict):
+    """Posted fields as name -> list of values. `getall` lets Twilio's RequestValidator sign
+    repeated fields exactly as received."""
+
+    def getall(self, name: str) -> list[str]:
+        return self[name]
+
+
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+               405: "Method Not Allowed", 413: "Content Too Large", 500: "Internal Server Error",
+               503: "Service Unavailable"}
+
+
+def read_body(environ: dict) -> bytes:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HTTPError(400, "bad Content-Length") from None
+    if length > MAX_BODY:
+        raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+    if length <= 0:
+        return b""
+    body = environ["wsgi.input"].read(length)
+    if len(body) > MAX_BODY:
+        raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+    return body
+
+
+def parse_fields(text: str) -> FormFields:
+    """Form or query fields. Blank values are kept: Twilio signs them too."""
+    fields = FormFields()
+    try:
+        for name, value in urllib.parse.parse_qsl(text, keep_blank_values=True,
+                                                  max_num_fields=500, errors="strict"):
+            fields.setdefault(name, []).append(value)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "malformed form encoding or too many fields") from None
+    return fields
+
+
+def signed_url(cfg: AppConfig, environ: dict) -> str:
+    """The URL Twilio signed: public_url (not the Host header, which differs behind nginx)
+    plus the path and query exactly as requested."""
+    raw = environ.get("REQUEST_URI") or urllib.parse.quote(environ.get("PATH_INFO", "")) + (
+        "?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+    if "://" in raw.split("?")[0]:
+        parts = urllib.parse.urlsplit(raw)
+        raw = parts.path + ("?" + parts.query if parts.query else "")
+    return cfg.public_url.rstrip("/") + raw
+
+
+def twiml(response: Any) -> Response:
+    return Response(200, str(response))
+
+
+def say_and_hang_up(text: str) -> Response:
+    from twilio.twiml.voice_response import VoiceResponse
+
+    voice = VoiceResponse()
+    voice.say(text)
+    voice.hangup()
+    return twiml(voice)
+
+
+def empty_messaging() -> Response:
+    from twilio.twiml.messaging_response import MessagingResponse
+
+    return twiml(MessagingResponse())
+
+
+def message_reply(text: str | None) -> Response:
+    from twilio.twiml.messaging_response import MessagingResponse
+
+    reply = MessagingResponse()
+    if text:
+        reply.message(text)
+    return twiml(reply)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    methods: tuple[str, ...]
+    handler: Callable[[WebApp, Request], Response]
+    required: tuple[str, ...] = ()
+    signed: bool = True
+
+
+class WebApp:
+    """The WSGI application. Every request goes: route (404/405) -> size (413) -> parse (400)
+    -> signature (403) -> required fields (400) -> handler. Nothing a handler raises reaches
+    the caller as a traceback: store outages are 503, anything else a logged 500."""
+
+    def __init__(self, cfg: AppConfig, pager: Pager, worker: Worker | None = None):
+        from twilio.request_validator import RequestValidator
+
+        self.cfg = cfg
+        self.pager = pager
+        self.worker = worker
+        self.validator = RequestValidator(cfg.auth_token)
+        self._replies: OrderedDict[str, Response] = OrderedDict()
+        self._replies_lock = threading.Lock()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        try:
+            response = self.dispatch(environ, method, path)
+        except HTTPError as e:
+            response = Response(e.status, e.message + "\n", "text/plain; charset=utf-8",
+                                e.headers)
+        except StoreUnavailable:
+            response = Response(503, "store unavailable\n", "text/plain; charset=utf-8")
+        except Exception:
+            log.exception("event=request.error method=%s path=%s", method, path)
+            response = Response(500, "internal error\n", "text/plain; charset=utf-8")
+        body = response.body.encode("utf-8")
+        headers = [("Content-Type", response.content_type), ("Content-Length", str(len(body))),
+                   *response.headers]
+        start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
+                       headers)
+        log.info("event=request method=%s path=%s status=%d ms=%.1f", method,
+                 path[:80], response.status, (time.perf_counter() - started) * 1000)
+        return [body]
+
+    def dispatch(self, environ: dict, method: str, path: str) -> Response:
+        route = ROUTES.get(path)
+        if route is None:
+            raise HTTPError(404, "not found")
+        if method not in route.methods:
+            raise HTTPError(405, "method not allowed", (("Allow", ", ".join(route.methods)),))
+        body = read_body(environ)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if route.signed:
+            if text is None:
+                raise HTTPError(400, "request body is not UTF-8")
+            fields = parse_fields(text)
+            self.check_signature(environ, fields)
+        else:
+            fields = FormFields()
+        query = {k: v[0] for k, v in parse_fields(environ.get("QUERY_STRING", "")).items()}
+        form = {k: v[0] for k, v in fields.items()}
+        missing = [name for name in route.required if not form.get(name)]
+        if missing:
+            raise HTTPError(400, f"missing field: {', '.join(missing)}")
+        return route.handler(self, Request(method, path, query, form))
+
+    def check_signature(self, environ: dict, fields: FormFields) -> None:
+        from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_algorithm
+
+        if not self.cfg.validate_signatures:
+            return
+        signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
+        settings = environ.get("HTTP_" + SIGNATURE_SETTINGS_HEADER.upper().replace("-", "_"))
+        if not signature or not self.validator.validate(
+                signed_url(self.cfg, environ), fields, signature,
+                get_signature_algorithm(settings) if settings else None):
+            log.warning("event=signature.rejected path=%s", environ.get("PATH_INFO", "")[:80])
+            raise HTTPError(403, "invalid or missing X-Twilio-Signature")
+
+    # --- the customer's call -------------------------------------------------------------------
+
+    def public_answer(self, request: Request) -> Response:
+        from twilio.twiml.voice_response import VoiceResponse
+
+        retry = request.query.get("retry") == "1"
+        voice = VoiceResponse()
+        gather = voice.gather(num_digits=1, action=self.cfg.url("/public/keypress"),
+                              method="POST", timeout=6)
+        if not retry:
+            team = self.pager_team_name()
+            gather.say(f"You have reached the {team} on-call pager." if team
+                       else "You have reached the on-call pager.")
+        gather.say("Press 1 to leave a message for the on-call engineer.")
+        if retry:
+            voice.say("Goodbye.")
+            voice.hangup()
+        else:
+            voice.redirect(self.cfg.url("/public/answer?retry=1"), method="POST")
+        return twiml(voice)
+
+    def pager_team_name(self) -> str:
+        try:
+            return team_name(self.pager.team.read().doc)
+        except (NoConfig, StoreUnavailable):
+            return ""
+
+    def caller_query(self, request: Request) -> str:
+        """The caller's details, carried in the callback URLs: Twilio's recording callback
+        does not repeat them. Fields Twilio left out are simply absent."""
+        form = request.form
+        details = {"caller": form.get("From", "") or request.query.get("caller", ""),
+                   "name": form.get("CallerName", "") or request.query.get("name", ""),
+                   "city": form.get("FromCity", "") or request.query.get("city", ""),
+                   "state": form.get("FromState", "") or request.query.get("state", ""),
+                   "call": form.get("CallSid", "")}
+        return urllib.parse.urlencode({k: v for k, v in details.items() if v})
+
+    def record_prompt(self, request: Request, voice: Any, again: bool) -> None:
+        query = self.caller_query(request)
+        voice.record(action=self.cfg.url("/public/afterrec?" + query
+                                         + ("&second=1" if again else "")),
+                     method="POST", max_length=300, finish_on_key="#", play_beep=True,
+                     recording_status_callback=self.cfg.url("/public/recordingcb?" + query),
+                     recording_status_callback_method="POST",
+                     recording_status_callback_event="completed absent")
+
+    def public_keypress(self, request: Request) -> Response:
+        from twilio.twiml.voice_response import VoiceResponse
+
+        if request.form.get("Digits") != "1":
+            return say_and_hang_up("Goodbye.")
+        voice = VoiceResponse()
+        voice.say("Please leave your message after the tone. When you are done, hang up or "
+                  "press the pound key.")
+        self.record_prompt(request, voice, again=False)
+        return twiml(voice)
+
+    def public_afterrec(self, request: Request) -> Response:
+        from twilio.twiml.voice_response import VoiceResponse
+
+        duration = request.form.get("RecordingDuration", "0")
+        seconds = int(duration) if duration.isdigit() else 0
+        if seconds > 0 and request.form.get("RecordingUrl"):
+            team = self.pager_team_name()
+            who = f"the {team} on-call engineer" if team else "the on-call engineer"
+            return say_and_hang_up(f"I'm going to deliver your {seconds} second message to "
+                                   f"{who} now. Goodbye.")
+        if request.query.get("second") == "1":
+            return say_and_hang_up("I still did not hear a message. Goodbye.")
+        voice = VoiceResponse()
+        voice.say("I did not hear a message. Please try again after the tone.")
+        self.record_prompt(request, voice, again=True)
+        return twiml(voice)
+
+    def public_recordingcb(self, request: Request) -> Response:
+        form, query = request.form, request.query
+        caller = {k: query[q] for k, q in (("number", "caller"), ("name", "name"),
+                                           ("city", "city"), ("state", "state")) if q in query}
+        call_sid = form["CallSid"]
+        status = form["RecordingStatus"]
+        if status == "completed":
+            url = form.get("RecordingUrl", "")
+            sid = form.get("RecordingSid", "")
+            if not recording_url_allowed(self.cfg, url) or not re.fullmatch(
+                    r"RE[0-9a-zA-Z]{32}", sid) or not url.endswith(sid):
+                self.pager.audit.record("recording.refused", "twilio", {
+                    "recording_url": url[:200], "recording_sid": sid[:40], "call_sid": call_sid})
+                raise HTTPError(400, "recording URL is not one of this account's recordings")
+            duration = form.get("RecordingDuration", "0")
+            self.pager.open_page(sid, "voicemail", caller, call_sid, url,
+                                 int(duration) if duration.isdigit() else 0)
+        elif status in ("absent", "failed"):
+            if not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
+                raise HTTPError(400, "CallSid is not a call sid")
+            self.pager.open_page(call_sid, "missed", caller, call_sid)
+        return empty_messaging()
+
+    def public_mmsstatuscb(self, request: Request) -> Response:
+        status = request.form["MessageStatus"]
+        page_id = request.query.get("page", "")
+        log.info("event=mms.status page=%s status=%s", page_id[:40], status)
+        if status in ("failed", "undelivered") and re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}",
+                                                                page_id):
+            self.pager.mms_failed(page_id, status)
+        return empty_messaging()
+
+    # --- the team's SMS ------------------------------------------------------------------------
+
+    def msgcontrol_entry(self, request: Request) -> Response:
+        """A Twilio retry of the same MessageSid gets the first answer again, not a second
+        execution (remembered in memory for the last 1000 messages)."""
+        sid = request.form.get("MessageSid", "")
+        if sid:
+            with self._replies_lock:
+                if sid in self._replies:
+                    return self._replies[sid]
+        try:
+            reply = self.pager.handle_sms(request.form["From"], request.form.get("Body", ""))
+        except NoConfig:
+            log.error("event=sms.no_config")
+            reply = None
+        response = message_reply(reply)
+        if sid:
+            with self._replies_lock:
+                self._replies[sid] = response
+                while len(self._replies) > 1000:
+                    self._replies.popitem(last=False)
+        return response
+
+    def wrongnumber_sms(self, request: Request) -> Response:
+        if request.form.get("CallSid"):
+            return self.wrongnumber_voice(request)
+        try:
+            snap = self.pager.team.read()
+        except NoConfig:
+            return empty_messaging()
+        if member_by_phone(snap.doc, request.form.get("From", "")) is None:
+            return empty_messaging()
+        return message_reply("This is a voice-only number, text "
+                             f"{snap.doc['current_config']['from_phone']} instead.")
+
+    def wrongnumber_voice(self, request: Request) -> Response:
+        return say_and_hang_up("This number does not accept calls.")
+
+    # --- page calls ----------------------------------------------------------------------------
+
+    def page_for(self, request: Request) -> dict | None:
+        page_id = request.query.get("page", "")
+        if not re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}", page_id):
+            return None
+        found = read_json(self.pager.store, f"pages/{page_id}.json")
+        return found[0] if found else None
+
+    def oncall_answer(self, request: Request) -> Response:
+        from twilio.twiml.voice_response import VoiceResponse
+
+        page = self.page_for(request)
+        if page is None:
+            return say_and_hang_up("This page no longer exists. Goodbye.")
+        if page["state"] != "open":
+            return say_and_hang_up(f"Page {page['number']} is {page['state']} already. "
+                                   "Goodbye.")
+        voice = VoiceResponse()
+        gather = voice.gather(num_digits=1, method="POST", timeout=8,
+                              action=self.cfg.url(f"/oncall/keypress?page={page['id']}"))
+        what = (f"a {page['duration']} second voicemail" if page["kind"] == "voicemail"
+                else "a missed call")
+        team = self.pager_team_name()
+        gather.say(f"This is the {team} pager. " if team else "This is the on-call pager. ")
+        gather.say(f"Page {page['number']}: {what} from {caller_text(page)}. "
+                   "Press 1 to acknowledge. Press 2 to hear the message.")
+        voice.say("Not acknowledged. Goodbye.")
+        voice.hangup()
+        return twiml(voice)
+
+    def oncall_keypress(self, request: Request) -> Response:
+        from twilio.twiml.voice_response import VoiceResponse
+
+        page = self.page_for(request)
+        if page is None:
+            return say_and_hang_up("This page no longer exists. Goodbye.")
+        digits = request.form.get("Digits", "")
+        if digits == "1":
+            member = member_by_phone(self.pager.team.read().doc, request.form.get("To", ""))
+            if member is None:
+                return twiml(VoiceResponse())
+            done, current = self.pager.acknowledge(page["id"], member, via="call")
+            if done:
+                return say_and_hang_up(f"Page {page['number']} acknowledged. Thank you, "
+                                       f"{first_name(member)}. Goodbye.")
+            return say_and_hang_up(f"Page {page['number']} was already "
+                                   f"{page_state(current, None)}. Goodbye.")
+        voice = VoiceResponse()
+        if digits == "2" and page["kind"] == "voicemail":
+            voice.play(page["recording_url"] + ".mp3")
+        elif digits == "2":
+            voice.say("There is no recording: the caller did not leave a message.")
+        voice.redirect(self.cfg.url(f"/oncall/answer?page={page['id']}"), method="POST")
+        return twiml(voice)
+
+    def oncall_callstatus(self, request: Request) -> Response:
+        page = self.page_for(request)
+        status = request.form["CallStatus"]
+        step = request.query.get("step", "")
+        log.info("event=call.status page=%s status=%s", (page or {}).get("id"), status)
+        if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
+            self.pager.call_unanswered(page["id"], int(step))
+        return empty_messaging()
+
+    # --- monitoring ----------------------------------------------------------------------------
+
+    def healthz(self, request: Request) -> Response:
+        try:
+            config = "stale" if self.pager.team.read().stale else "loaded"
+        except NoConfig:
+            config = "missing"
+        except StoreUnavailable:
+            config = "unavailable"
+        healthy = self.pager.team.reachable and config == "loaded"
+        body = {"status": "ok" if healthy else "unhealthy",
+                "store": "reachable" if self.pager.team.reachable else "unreachable",
+                "config": config, "problem": self.pager.team.problem,
+                "queue_depth": self.worker.queue_depth if self.worker else 0,
+                "version": VERSION}
+        return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
+
+
+ROUTES: dict[str, Route] = {
+    "/public/answer": Route(("POST",), WebApp.public_answer, ("CallSid",)),
+    "/public/keypress": Route(("POST",), WebApp.public_keypress, ("CallSid",)),
+    "/public/afterrec": Route(("POST",), WebApp.public_afterrec, ("CallSid",)),
+    "/public/recordingcb": Route(("POST",), WebApp.public_recordingcb,
+                                 ("CallSid", "RecordingStatus")),
+    "/public/mmsstatuscb": Route(("POST",), WebApp.public_mmsstatuscb,
+                                 ("MessageSid", "MessageStatus")),
+    "/msgcontrol/entry": Route(("POST",), WebApp.msgcontrol_entry, ("From",)),
+    "/wrongnumber/sms": Route(("POST",), WebApp.wrongnumber_sms),
+    "/wrongnumber/voice": Route(("POST",), WebApp.wrongnumber_voice),
+    "/oncall/answer": Route(("POST",), WebApp.oncall_answer, ("CallSid",)),
+    "/oncall/keypress": Route(("POST",), WebApp.oncall_keypress, ("CallSid",)),
+    "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
+    "/healthz": Route(("GET",), WebApp.healthz, signed=False),
+}
+
+
+# ==============================================================================================
+# Command line: serve, check, init, sms, call, config, audit, pages
+# ==============================================================================================
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s level=%(levelname)s %(message)s")
+
+
+def build_pager(cfg: AppConfig) -> Pager:
+    return Pager(cfg, open_store(cfg))
+
+
+def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
+    """serve's embedded default: an empty store gets `init_from` (the example config)."""
+    if not cfg.init_from:
+        return
+    try:
+        pager.team.read()
+    except NoConfig:
+        doc = load_json_file(resolve_path(cfg, cfg.init_from))
+        with contextlib.suppress(StoreConflict):
+            pager.team.initialise(doc, actor="serve")
+            log.info("event=config.initialised from=%s", cfg.init_from)
+    except StoreUnavailable:
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import waitress
+
+    cfg = load_app_config(args.config)
+    setup_logging(cfg.log_level)
+    pager = build_pager(cfg)
+    initialise_if_empty(cfg, pager)
+    try:
+        pager.team.read()
+    except (NoConfig, StoreUnavailable) as e:
+        log.error("event=serve.degraded problem=%r", str(e))
+    telephony = DryRunTelephony(pager.store) if cfg.dry_run else LiveTelephony(cfg)
+    worker = Worker(pager, telephony)
+    server = waitress.create_server(
+        WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
+        max_request_body_size=MAX_BODY, ident="oncall-pager")
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.start()
+    log.info("event=serve.started host=%s port=%s store=%s mode=%s version=%s", cfg.host,
+             server.effective_port, pager.store.describe(), cfg.mode, VERSION)
+    try:
+        server.run()
+    finally:
+        worker.stop()
+        server.close()
+        log.info("event=serve.stopped")
+    return 0
+
+
+def load_json_file(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"{path}: not valid JSON: {e}"]) from None
+    errors, _ = check_oncall_config(doc)
+    if errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    return doc
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when both configs are valid (warnings are printed), 1 with a line per error."""
+    cfg = load_app_config(args.config)
+    warnings = []
+    mode = os.stat(args.config).st_mode
+    if mode & 0o044 and (cfg.auth_token or "auth_token" in Path(args.config).read_text()):
+        warnings.append(f"{args.config} holds secrets and is readable by others "
+                        f"(mode {mode & 0o777:o}; chmod 600 it)")
+    store = open_store(cfg)
+    try:
+        blob = store.get(cfg.config_key)
+    except StoreUnavailable as e:
+        raise ConfigError([f"store {store.describe()} is unreachable: {e}"]) from None
+    if blob is None:
+        raise ConfigError([f"store {store.describe()} holds no {cfg.config_key} "
+                           "(put one there with: oncall-pager init)"])
+    try:
+        doc = json.loads(blob.data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError([f"{cfg.config_key}: not valid JSON: {e}"]) from None
+    errors, more = check_oncall_config(doc)
+    for line in warnings + more:
+        print(f"warning: {line}", file=sys.stderr)
+    if errors:
+        raise ConfigError(errors)
+    print(f"ok: {args.config} and {store.describe()}{cfg.config_key} are valid "
+          f"({len(members(doc))} members, on call: {oncall_member(doc)['id']})")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    source = args.file or (str(resolve_path(cfg, cfg.init_from)) if cfg.init_from else "")
+    if not source:
+        raise UsageError("init needs a JSON file (or [store] init_from in config.ini)")
+    doc = load_json_file(Path(source))
+    pager = build_pager(cfg)
+    try:
+        pager.team.initialise(doc, actor=operator(args))
+    except StoreConflict:
+        raise UsageError(f"{pager.store.describe()} already holds {cfg.config_key}; refusing "
+                         "to overwrite it (use oncall-pager config edit)") from None
+    print(f"initialised {pager.store.describe()}{cfg.config_key} from {source}")
+    return 0
+
+
+def operator(args: argparse.Namespace) -> str:
+    return getattr(args, "as_member", None) or getpass.getuser()
+
+
+def post_webhook(cfg: AppConfig, base_url: str, path: str,
+                 params: dict[str, str]) -> tuple[int, str]:
+    """Post a form the way Twilio does: signed over public_url + path (with its query)."""
+    from twilio.request_validator import RequestValidator
+
+    signature = RequestValidator(cfg.auth_token).compute_signature(cfg.url(path), params)
+    request = urllib.request.Request(
+        base_url.rstrip("/") + path, data=urllib.parse.urlencode(params).encode(),
+        headers={"X-Twilio-Signature": signature,
+                 "Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise UsageError(f"cannot reach {base_url}: {getattr(e, 'reason', e)}") from None
+
+
+def server_url(cfg: AppConfig, url: str | None) -> str:
+    return url or f"http://{cfg.host}:{cfg.port}"
+
+
+def twiml_messages(body: str) -> list[str]:
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return []
+    return [(m.text or "").strip() for m in root.iter("Message")]
+
+
+def cmd_sms(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": cfg.account_sid,
+              "From": args.sender, "Body": args.body, "NumMedia": "0"}
+    status, body = post_webhook(cfg, server_url(cfg, args.url), "/msgcontrol/entry", params)
+    if status != 200:
+        raise UsageError(f"the pager answered {status}: {body.strip()[:200]}")
+    replies = twiml_messages(body)
+    print("\n".join(replies) if replies else "(no reply)")
+    return 0
+
+
+def local_path(cfg: AppConfig, url: str) -> str:
+    """A callback URL the app gave Twilio, as a path for post_webhook."""
+    return url[len(cfg.public_url.rstrip("/")):] if url.startswith(cfg.public_url) else url
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Walk the voicemail flow as Twilio would, printing each TwiML step."""
+    import xml.etree.ElementTree as ElementTree
+
+    cfg = load_app_config(args.config)
+    base = server_url(cfg, args.url)
+    call = {"CallSid": "CA" + uuid.uuid4().hex, "AccountSid": cfg.account_sid,
+            "From": args.sender, "To": "", "CallStatus": "in-progress", "Direction": "inbound"}
+
+    def step(title: str, path: str, params: dict[str, str]) -> str:
+        status, body = post_webhook(cfg, base, path, params)
+        print(f"--- {title}: POST {path} -> {status}\n{body.strip()}")
+        if status != 200:
+            raise UsageError(f"the pager answered {status} to {path}")
+        return body
+
+    step("the call comes in", "/public/answer", call)
+    body = step(f"caller presses {args.digits}", "/public/keypress",
+                {**call, "Digits": args.digits})
+    record = ElementTree.fromstring(body).find("Record")
+    if record is None:
+        print("--- the pager hung up; no recording")
+        return 0
+    sid = "RE" + uuid.uuid4().hex
+    recording = {"RecordingSid": sid, "RecordingDuration": str(args.seconds),
+                 "RecordingUrl": f"{cfg.api_base_url.rstrip('/')}/2010-04-01/Accounts/"
+                                 f"{cfg.account_sid}/Recordings/{sid}"}
+    step("the caller hangs up after the message", local_path(cfg, record.get("action", "")),
+         {**call, **recording, "Digits": "hangup"})
+    step("Twilio reports the recording", local_path(
+        cfg, record.get("recordingStatusCallback", "")), {
+        **recording, "CallSid": call["CallSid"], "AccountSid": cfg.account_sid,
+        "RecordingStatus": "completed", "RecordingChannels": "1",
+        "RecordingSource": "RecordVerb"})
+    if cfg.dry_run:
+        print(f"--- dry-run: the page's MMS and e-mail go to outbox/, the recording to "
+              f"recordings/ in {cfg.store_url}")
+    return 0
+
+
+# `config set` keys: name -> (path in the document, parser of the command-line value)
+def parse_bool_value(text: str) -> bool:
+    return bool(parse_setting(text, bool))
+
+
+SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
+    "from_phone": (("from_phone",), str),
+    "pager_phone": (("pager_phone",), str),
+    "session_lifetime": (("session_lifetime",), int),
+    "team_name": (("team_name",), str),
+    "oncall": (("oncall_user",), lambda v: {"id": v}),
+    "mail.from_email": (("mail_settings", "from_email"), str),
+    "mail.to_email": (("mail_settings", "to_email"), str),
+    "mail.mail_server": (("mail_settings", "mail_server"), str),
+    "mail.mail_port": (("mail_settings", "mail_port"), int),
+    "mail.mail_use_tls": (("mail_settings", "mail_use_tls"), parse_bool_value),
+    "mail.mail_username": (("mail_settings", "mail_username"), str),
+    "mail.mail_password": (("mail_settings", "mail_password"), str),
+    "escalation.ack_timeout": (("escalation", "ack_timeout"), float),
+    "escalation.call_attempts": (("escalation", "call_attempts"), int),
+    "escalation.escalate_to": (("escalation", "escalate_to"),
+                               lambda v: [m.strip() for m in v.split(",") if m.strip()]),
+    "escalation.max_outbound_per_hour": (("escalation", "max_outbound_per_hour"), int),
+}
+
+
+def masked(doc: dict) -> dict:
+    shown = copy.deepcopy(doc)
+    mail = shown.get("current_config", {}).get("mail_settings", {})
+    if mail.get("mail_password"):
+        mail["mail_password"] = "********"
+    return shown
+
+
+def change_config(pager: Pager, args: argparse.Namespace,
+                  change: Callable[[dict], str]) -> int:
+    """Read, change a copy, write conditionally over what was read (validated, audited)."""
+    snap = pager.team.read()
+    if snap.stale:
+        raise StoreUnavailable(pager.team.problem)
+    doc = copy.deepcopy(snap.doc)
+    what = change(doc)
+    try:
+        pager.team.write(doc, base=snap, actor=operator(args), details={"via": "cli",
+                                                                          "change": what})
+    except StoreConflict:
+        raise UsageError("the config changed in the store while this change was made; "
+                         "nothing was written, run the command again") from None
+    print(what)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    if args.action == "show":
+        print(json.dumps(masked(pager.team.read().doc), indent=2, sort_keys=True))
+        return 0
+    if args.action == "user-add":
+        def add(doc: dict) -> str:
+            if args.id in members(doc):
+                raise UsageError(f"member {args.id!r} exists already")
+            members(doc)[args.id] = {"id": args.id, "name": args.name, "phone": args.phone}
+            return f"added member {args.id} ({args.name} <{args.phone}>)"
+        return change_config(pager, args, add)
+    if args.action == "user-remove":
+        def remove(doc: dict) -> str:
+            if args.id not in members(doc):
+                raise UsageError(f"there is no member {args.id!r}")
+            if oncall_member(doc)["id"] == args.id:
+                raise UsageError(f"{args.id} is on call; make somebody else on call first "
+                                 "(TAKE, or config set oncall ID), then remove")
+            del members(doc)[args.id]
+            escalation = doc["current_config"].get("escalation", {})
+            if args.id in (escalation.get("escalate_to") or []):
+                escalation["escalate_to"].remove(args.id)
+            return f"removed member {args.id}"
+        return change_config(pager, args, remove)
+    if args.action == "set":
+        if args.key not in SETTABLE:
+            raise UsageError(f"unknown key {args.key!r}; settable: {', '.join(SETTABLE)}")
+        path, parse = SETTABLE[args.key]
+
+        def set_value(doc: dict) -> str:
+            try:
+                value = parse(args.value)
+            except ValueError:
+                raise UsageError(f"{args.key}: {args.value!r} is not a valid value") from None
+            target = doc["current_config"]
+            for name in path[:-1]:
+                target = target.setdefault(name, {})
+            target[path[-1]] = value
+            shown = "********" if args.key == "mail.mail_password" else args.value
+            return f"set {args.key} = {shown}"
+        return change_config(pager, args, set_value)
+    if args.action == "edit":
+        return config_edit(pager, args)
+    return config_history(pager, args)
+
+
+def config_edit(pager: Pager, args: argparse.Namespace) -> int:
+    """$EDITOR on the JSON; validated and written conditionally, or nothing is written."""
+    snap = pager.team.read()
+    if snap.stale:
+        raise StoreUnavailable(pager.team.problem)
+    fd, name = tempfile.mkstemp(prefix="oncall_config.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(snap.doc, f, indent=2, sort_keys=True)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    if subprocess.call([*shlex.split(editor), name]) != 0:
+        raise UsageError(f"the editor failed; nothing was written (your edit: {name})")
+    try:
+        doc = json.loads(Path(name).read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"not valid JSON ({e}); nothing was written (your edit: {name})"
+                         ) from None
+    if doc == snap.doc:
+        os.unlink(name)
+        print("no change")
+        return 0
+    try:
+        pager.team.write(doc, base=snap, actor=operator(args), details={"via": "cli edit"})
+    except ConfigError as e:
+        raise ConfigError([*e.problems, f"nothing was written (your edit: {name})"]) from None
+    except StoreConflict:
+        raise UsageError("the config changed in the store while you edited it; nothing was "
+                         f"written (your edit: {name})") from None
+    os.unlink(name)
+    print("config written")
+    return 0
+
+
+def config_history(pager: Pager, args: argparse.Namespace) -> int:
+    """Previous versions when the bucket keeps them; otherwise the audit log's config events."""
+    store = pager.store
+    if isinstance(store, S3Store):
+        answer = store._call("list_object_versions", Prefix=store.prefix + pager.team.key) or {}
+        versions = [v for v in answer.get("Versions", [])
+                    if v["Key"] == store.prefix + pager.team.key]
+        if len(versions) > 1 or (versions and versions[0].get("VersionId") not in (None,
+                                                                                    "null")):
+            for v in versions:
+                print(f"{v['LastModified']:%Y-%m-%d %H:%M:%S}  {v['VersionId']}  "
+                      f"{v['Size']} bytes{'  (current)' if v.get('IsLatest') else ''}")
+            return 0
+    events = [e for e in pager.audit.entries() if e.get("event") in (
+        "config.initialised", "config.changed", "oncall.changed")]
+    if not events:
+        print("no config changes recorded")
+    for e in events:
+        print(f"{e['time']}  {e['event']:<18} {e['actor']:<12} {json.dumps(e['details'])}")
+    return 0
+
+
+def parse_since(text: str) -> float:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not a date like 2026-11-26") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    since = parse_since(args.since) if args.since else None
+    entries = build_pager(cfg).audit.entries(limit=args.n, since=since)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    for e in entries:
+        details = " ".join(f"{k}={json.dumps(v)}" for k, v in e.get("details", {}).items())
+        print(f"{e.get('time', '')}  {e.get('event', ''):<20} {e.get('actor', ''):<10} {details}")
+    return 0
+
+
+def cmd_pages(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    pages = []
+    for key in pager.store.list("pages/"):
+        found = read_json(pager.store, key)
+        if found and (not args.open or found[0].get("state") == "open"):
+            pages.append(found[0])
+    pages.sort(key=lambda p: p.get("opened", 0))
+    if args.json:
+        print(json.dumps(pages, indent=1))
+        return 0
+    if not pages:
+        print("no open pages" if args.open else "no pages")
+    for p in pages:
+        deliveries = ",".join(f"{c}:{d['state']}" for c, d in p.get("deliveries", {}).items())
+        print(f"#{p.get('number')}  {short_time(p.get('opened', 0))}  "
+              f"{p.get('state', ''):<12} {page_summary(p)}  oncall={p['oncall']['id']}  "
+              f"acked_by={p.get('acked_by') or '-'}  {deliveries}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oncall-pager", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=VERSION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", default="config.ini", help="config.ini to use")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("serve", cmd_serve, "run the app (waitress) and the delivery worker")
+    command("check", cmd_check, "validate config.ini and the operational config")
+    init = command("init", cmd_init, "put an operational config into an empty store")
+    init.add_argument("file", nargs="?", help="the JSON (default: [store] init_from)")
+    init.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    sms = command("sms", cmd_sms, "send a signed SMS webhook to the pager, print the reply")
+    sms.add_argument("sender", metavar="FROM")
+    sms.add_argument("body", metavar="BODY")
+    sms.add_argument("--url", help="the running pager (default: http://HOST:PORT)")
+    call = command("call", cmd_call, "walk the voicemail flow as Twilio would")
+    call.add_argument("sender", metavar="FROM")
+    call.add_argument("--digits", default="1", help="the key the caller presses (default 1)")
+    call.add_argument("--seconds", type=int, default=12, help="length of the message")
+    call.add_argument("--url", help="the running pager (default: http://HOST:PORT)")
+    config = command("config", cmd_config, "show or change the operational config safely")
+    config.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("show", help="print it (secrets masked)")
+    add = actions.add_parser("user-add", help="add a member")
+    add.add_argument("id")
+    add.add_argument("name")
+    add.add_argument("phone")
+    remove = actions.add_parser("user-remove", help="remove a member (not the one on call)")
+    remove.add_argument("id")
+    setter = actions.add_parser("set", help="set one setting: " + ", ".join(SETTABLE))
+    setter.add_argument("key")
+    setter.add_argument("value")
+    actions.add_parser("edit", help="edit the JSON in $EDITOR")
+    actions.add_parser("history", help="previous versions, or the audit log's config events")
+    audit = command("audit", cmd_audit, "read the audit log")
+    audit.add_argument("-n", type=int, default=None, help="only the last N entries")
+    audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")
+    audit.add_argument("--json", action="store_true")
+    pages = command("pages", cmd_pages, "list the pages")
+    pages.add_argument("--open", action="store_true", help="only open pages")
+    pages.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except (UsageError, NoConfig) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NoConfig) else 2
+    except StoreUnavailable as e:
+        print(f"error: store unreachable: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
