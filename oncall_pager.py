@@ -708,6 +708,8 @@ class S3Store(Store):
         if if_absent:
             params["IfNoneMatch"] = "*"
         answer = self._call("put_object", **params)
+        if answer is None:  # S3 answers If-Match on a missing object with 404
+            raise StoreConflict(f"{key} does not exist")
         return str(answer["ETag"]).strip('"')
 
     def list(self, prefix: str) -> list[str]:

@@ -1,0 +1,830 @@
+"""Tests of oncall-pager, written to read like the spec: one behaviour per test.
+
+Real components: S3 is moto's ThreadedMotoServer over HTTP, e-mail goes to an aiosmtpd server,
+the app runs under waitress on a loopback port (in this process, or as an `oncall-pager serve`
+subprocess where a restart or a kill -9 is the point), and Twilio's REST API is `TwilioFake`
+below, held to Twilio's own OpenAPI description. Every webhook is signed with
+twilio.request_validator.RequestValidator. Nothing leaves the loopback interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email
+import email.policy
+import http.server
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import waitress
+from aiosmtpd.controller import Controller
+from twilio.request_validator import RequestValidator
+
+import oncall_pager as op
+
+HERE = Path(__file__).resolve().parent
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "test-auth-token-" + "7" * 16
+ALICE, BOB, CAROL = "+19195551001", "+19195551002", "+19195551003"
+STRANGER = "+19195550000"
+FROM_PHONE, PAGER_PHONE = "+19195559876", "+18002255288"
+CALLER = "+15551230000"
+
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+os.environ.pop("TWILIO_ACCOUNT_SID", None)
+os.environ.pop("TWILIO_AUTH_TOKEN", None)
+
+
+def team_doc(smtp_port: int = 25, **current: Any) -> dict:
+    """Alice on call, Bob and Carol members; mail goes to the test SMTP server."""
+    doc = {
+        "available_users": {"users": {
+            "alice": {"id": "alice", "name": "Alice McAlister", "phone": ALICE},
+            "bob": {"id": "bob", "name": "Bob Roberts", "phone": BOB},
+            "carol": {"id": "carol", "name": "Carol Cruz", "phone": CAROL}}},
+        "current_config": {
+            "from_phone": FROM_PHONE, "pager_phone": PAGER_PHONE,
+            "last_modified_time": 1611602242, "last_modified_user_id": "alice",
+            "oncall_user": {"id": "alice", "name": "Alice McAlister", "phone": ALICE},
+            "session_lifetime": 300,
+            "mail_settings": {
+                "from_email": "oncall@example.com", "to_email": "sre@example.com",
+                "mail_server": "127.0.0.1", "mail_port": smtp_port, "mail_use_tls": False}}}
+    doc["current_config"].update(current)
+    return doc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> Any:
+    """Poll until predicate() is truthy; returns its value, or fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(every)
+
+
+# ----------------------------------------------------------------------------------------------
+# S3: moto's ThreadedMotoServer over HTTP
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    name = "pager-" + uuid.uuid4().hex[:12]
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+class S3Counter:
+    """Counts the HTTP requests a store's boto3 client sends (by operation)."""
+
+    def __init__(self, store: op.S3Store):
+        self.operations: list[str] = []
+        store.client.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, request: Any, **kwargs: Any) -> None:
+        self.operations.append(f"{request.method} {urllib.parse.urlsplit(request.url).path}")
+
+    def reset(self) -> None:
+        self.operations.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# E-mail: a real aiosmtpd server
+# ----------------------------------------------------------------------------------------------
+
+
+class SMTPSink:
+    """An SMTP server on loopback that keeps what it receives; stop() and start() again on the
+    same port to play an outage."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[email.message.EmailMessage] = []
+        self.controller: Controller | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(email.message_from_bytes(envelope.content,
+                                                      policy=email.policy.default))
+        return "250 OK"
+
+    def start(self) -> None:
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller:
+            self.controller.stop()
+            self.controller = None
+
+
+@pytest.fixture
+def smtp() -> Iterator[SMTPSink]:
+    sink = SMTPSink()
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files and a pager under waitress
+# ----------------------------------------------------------------------------------------------
+
+
+def write_config(folder: Path, store_url: str, *, port: int | None = None, mode: str = "live",
+                 api_base_url: str = "http://127.0.0.1:9", s3_endpoint_url: str = "",
+                 public_url: str | None = None, extra: str = "") -> Path:
+    """A config.ini with short timeouts, so tests wait seconds, not minutes."""
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.ini"
+    path.write_text(f"""
+[server]
+host = 127.0.0.1
+port = {port}
+public_url = {public_url or f"http://127.0.0.1:{port}"}
+threads = 4
+
+[store]
+url = {store_url}
+s3_endpoint_url = {s3_endpoint_url}
+region = us-east-1
+cache_file = config.cache.json
+
+[twilio]
+account_sid = {ACCOUNT_SID}
+auth_token = {AUTH_TOKEN}
+mode = {mode}
+api_base_url = {api_base_url}
+
+[worker]
+poll_interval = 0.2
+retry_base = 0.2
+retry_cap = 1
+claim_timeout = 3
+smtp_timeout = 3
+http_timeout = 3
+threads = 4
+
+[log]
+level = INFO
+{extra}
+""")
+    path.chmod(0o600)
+    return path
+
+
+def put_team(store: op.Store, doc: dict | None = None) -> None:
+    store.put("oncall_config.json", op.to_json(doc or team_doc()))
+
+
+class RunningPager:
+    """The app and its worker under a real waitress server on a loopback port, in this process
+    (fast to start and to restart; the store holds all state, as in production)."""
+
+    def __init__(self, config: Path):
+        self.config_path = config
+        self.cfg = op.load_app_config(config)
+        self.pager = op.build_pager(self.cfg)
+        op.initialise_if_empty(self.cfg, self.pager)
+        telephony = (op.DryRunTelephony(self.pager.store) if self.cfg.dry_run
+                     else op.LiveTelephony(self.cfg))
+        self.worker = op.Worker(self.pager, telephony)
+        self.app = op.WebApp(self.cfg, self.pager, self.worker)
+        self.server = waitress.create_server(self.app, host=self.cfg.host, port=self.cfg.port,
+                                             threads=4, max_request_body_size=op.MAX_BODY)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.worker.start()
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.effective_port}"
+
+    @property
+    def store(self) -> op.Store:
+        return self.pager.store
+
+    def stop(self) -> None:
+        self.server.close()
+        self.worker.stop()
+        self.thread.join(5)
+
+    def post(self, path: str, params: dict[str, str], **kwargs: Any) -> tuple[int, str]:
+        return signed_post(self.base_url, self.cfg.public_url, path, params, **kwargs)
+
+    def sms(self, sender: str, body: str) -> str:
+        """Send a team SMS as Twilio would; the reply's text ('' when there is none)."""
+        status, text = self.post("/msgcontrol/entry", sms_params(sender, body))
+        assert status == 200, text
+        return reply_text(text)
+
+
+@pytest.fixture
+def start_pager() -> Iterator[Callable[[Path], RunningPager]]:
+    running: list[RunningPager] = []
+
+    def start(config: Path) -> RunningPager:
+        pager = RunningPager(config)
+        running.append(pager)
+        return pager
+
+    yield start
+    for pager in running:
+        with contextlib.suppress(Exception):
+            pager.stop()
+
+
+def sms_params(sender: str, body: str) -> dict[str, str]:
+    return {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID, "From": sender,
+            "To": FROM_PHONE, "Body": body, "NumMedia": "0", "FromCity": "", "FromState": "NC"}
+
+
+def sign(public_url: str, path: str, params: dict[str, str]) -> str:
+    return RequestValidator(AUTH_TOKEN).compute_signature(public_url.rstrip("/") + path, params)
+
+
+def http(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None,
+         timeout: float = 10) -> tuple[int, str, dict[str, str]]:
+    request = urllib.request.Request(url, data=body if method != "GET" else None,
+                                     method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read().decode("utf-8", "replace"), dict(answer.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace"), dict(e.headers)
+
+
+def signed_post(base_url: str, public_url: str, path: str, params: dict[str, str],
+                signature: str | None = None, headers: dict[str, str] | None = None
+                ) -> tuple[int, str]:
+    """POST a form as Twilio does: signed over public_url + path (with its query)."""
+    sig = sign(public_url, path, params) if signature is None else signature
+    all_headers = {"Content-Type": "application/x-www-form-urlencoded",
+                   **({"X-Twilio-Signature": sig} if sig else {}), **(headers or {})}
+    status, text, _ = http("POST", base_url + path, urllib.parse.urlencode(params).encode(),
+                           all_headers)
+    return status, text
+
+
+def reply_text(twiml: str) -> str:
+    return "\n".join(op.twiml_messages(twiml))
+
+
+def audit_events(store: op.Store, event: str | None = None) -> list[dict]:
+    entries = op.AuditLog(store, "test").entries()
+    return [e for e in entries if event is None or e["event"] == event]
+
+
+def oncall_id(store: op.Store) -> str:
+    return json.loads(store.get("oncall_config.json").data)["current_config"]["oncall_user"]["id"]
+
+
+# ==============================================================================================
+# Foundation: stores, configs, the gate, bad input, serve
+# ==============================================================================================
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> op.Store:
+    """Each store contract test runs against both stores (S3 over HTTP to moto)."""
+    if request.param == "file":
+        return op.DirectoryStore(tmp_path / "store")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    name = request.getfixturevalue("bucket")
+    return op.S3Store(name, "team/pager", endpoint, "us-east-1")
+
+
+def test_store_get_put_list_delete(store: op.Store) -> None:
+    assert store.get("pages/RE1.json") is None
+    etag = store.put("pages/RE1.json", b'{"a": 1}')
+    store.put("pages/RE2.json", b"{}")
+    store.put("audit/2026/11/26/x.json", b"{}")
+    blob = store.get("pages/RE1.json")
+    assert blob == op.Blob(b'{"a": 1}', etag)
+    assert store.list("pages/") == ["pages/RE1.json", "pages/RE2.json"]
+    assert store.list("audit/2026/") == ["audit/2026/11/26/x.json"]
+    store.delete("pages/RE1.json")
+    assert store.get("pages/RE1.json") is None
+    assert store.list("pages/") == ["pages/RE2.json"]
+
+
+def test_store_conditional_writes(store: op.Store) -> None:
+    first = store.put("k.json", b"one", if_absent=True)
+    with pytest.raises(op.StoreConflict):
+        store.put("k.json", b"two", if_absent=True)
+    second = store.put("k.json", b"two", if_match=first)
+    with pytest.raises(op.StoreConflict):
+        store.put("k.json", b"three", if_match=first)
+    with pytest.raises(op.StoreConflict):
+        store.put("missing.json", b"x", if_match=first)
+    assert store.get("k.json") == op.Blob(b"two", second)
+    assert store.get("k.json", unless_etag=second) is op.UNCHANGED
+    assert store.get("k.json", unless_etag=first) == op.Blob(b"two", second)
+
+
+def test_store_two_writers_racing_exactly_one_wins(store: op.Store) -> None:
+    etag = store.put("race.json", b"start")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        barrier.wait()
+        try:
+            store.put("race.json", f"writer {n}".encode(), if_match=etag)
+            outcomes.append(f"won {n}")
+        except op.StoreConflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(outcomes) == 8 and len(winners) == 1
+    assert store.get("race.json").data.decode() == "writer " + winners[0].split()[1]
+
+
+def test_directory_store_two_processes_racing_exactly_one_wins(tmp_path: Path) -> None:
+    store = op.DirectoryStore(tmp_path)
+    etag = store.put("race.json", b"start")
+    script = (f"import sys, oncall_pager as op\n"
+              f"s = op.DirectoryStore(__import__('pathlib').Path({str(tmp_path)!r}))\n"
+              f"try:\n    s.put('race.json', sys.argv[1].encode(), if_match={etag!r})\n"
+              f"    print('won')\nexcept op.StoreConflict:\n    print('conflict')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"p{n}"], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True) for n in range(4)]
+    results = [p.communicate(timeout=30)[0].strip() for p in procs]
+    assert sorted(results) == ["conflict"] * 3 + ["won"]
+
+
+def test_directory_store_reader_never_sees_a_partial_object(tmp_path: Path) -> None:
+    store = op.DirectoryStore(tmp_path)
+    versions = [bytes([65 + n]) * 400_000 for n in range(6)]
+    store.put("big.bin", versions[0])
+    stop = threading.Event()
+    seen: list[bytes] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(store.get("big.bin").data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for data in versions[1:] * 3:
+        store.put("big.bin", data)
+    stop.set()
+    thread.join(10)
+    assert seen and all(data in versions for data in seen)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".big.bin")]
+
+
+def test_s3_store_keys_live_under_the_prefix(s3_endpoint: str, bucket: str) -> None:
+    store = op.S3Store(bucket, "team/pager", s3_endpoint, "us-east-1")
+    store.put("oncall_config.json", b"{}")
+    keys = [o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["team/pager/oncall_config.json"]
+
+
+def test_s3_store_unreachable_is_one_clear_error() -> None:
+    store = op.S3Store("nobucket", "", f"http://127.0.0.1:{free_port()}", "us-east-1",
+                       timeout=1)
+    with pytest.raises(op.StoreUnavailable):
+        store.get("oncall_config.json")
+    with pytest.raises(op.StoreUnavailable):
+        store.put("x.json", b"{}", if_absent=True)
+
+
+# --- the operational config ---------------------------------------------------------------------
+
+PREDECESSOR_README_EXAMPLE = """{
+  "available_users": {"users": {
+      "alice": {"id": "alice", "name": "Alice McAlister", "phone": "+19195551001"},
+      "bob":   {"id": "bob",   "name": "Bob Roberts",     "phone": "+19195551002"}}},
+  "current_config": {
+    "from_phone": "+19195559876",
+    "pager_phone": "+18002255288",
+    "last_modified_time": 1611602242,
+    "last_modified_user_id": "alice",
+    "oncall_user": {"id": "alice", "name": "Alice McAlister", "phone": "+9195551001"},
+    "session_lifetime": 300,
+    "mail_settings": {
+      "from_email": "oncall@example.com", "to_email": "sre@example.com",
+      "mail_server": "smtp.example.com", "mail_port": 25, "mail_use_tls": true,
+      "mail_username": "oncall_pager_smtp", "mail_password": "..."}}}"""
+
+
+def test_predecessor_readme_example_loads_with_a_warning_and_the_member_record_wins() -> None:
+    doc = op.parse_oncall_config(PREDECESSOR_README_EXAMPLE.encode())
+    errors, warnings = op.check_oncall_config(doc)
+    assert errors == []
+    assert warnings == ["current_config.oncall_user.phone '+9195551001' differs from "
+                        "available_users.users.alice.phone '+19195551001'; "
+                        "the member's record is used"]
+    assert op.oncall_member(doc)["phone"] == "+19195551001"
+
+
+def edited(change: Callable[[dict], None]) -> dict:
+    doc = team_doc()
+    change(doc)
+    return doc
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["current_config"]["oncall_user"].update(id="dave"),
+     "current_config.oncall_user.id 'dave' is not an available user"),
+    (lambda d: d["available_users"]["users"]["bob"].update(phone="9195551002"),
+     "available_users.users.bob.phone '9195551002' is not an E.164 number"),
+    (lambda d: d["available_users"]["users"]["bob"].update(phone="+1234"),
+     "available_users.users.bob.phone '+1234' is not an E.164 number"),
+    (lambda d: d["available_users"]["users"]["bob"].update(id="robert"),
+     "available_users.users.bob.id 'robert' does not match its key 'bob'"),
+    (lambda d: d["available_users"]["users"]["bob"].update(name=""),
+     "available_users.users.bob.name is missing or empty"),
+    (lambda d: d["current_config"].update(from_phone="+1 919 555 9876"),
+     "current_config.from_phone '+1 919 555 9876' is not an E.164 number"),
+    (lambda d: d["current_config"].pop("pager_phone"),
+     "current_config.pager_phone None is not an E.164 number"),
+    (lambda d: d["current_config"].update(session_lifetime=-5),
+     "current_config.session_lifetime -5 is not a positive number of seconds"),
+    (lambda d: d["current_config"]["mail_settings"].update(mail_port="smtp"),
+     "current_config.mail_settings.mail_port 'smtp' is not a port number"),
+    (lambda d: d["current_config"]["mail_settings"].update(to_email="sre"),
+     "current_config.mail_settings.to_email 'sre' is not an e-mail address"),
+    (lambda d: d["current_config"]["mail_settings"].update(mail_use_tls="yes"),
+     "current_config.mail_settings.mail_use_tls 'yes' is not true or false"),
+    (lambda d: d["current_config"].update(escalation={"escalate_to": ["bob", "zed"]}),
+     "current_config.escalation.escalate_to[1] 'zed' is not an available user"),
+    (lambda d: d["current_config"].update(escalation={"ack_timeout": 0}),
+     "current_config.escalation.ack_timeout 0 is not a valid number"),
+    (lambda d: d["current_config"].update(team_name=7),
+     "current_config.team_name is not a string"),
+    (lambda d: d.pop("current_config"), "current_config is missing or not an object"),
+    (lambda d: d["available_users"]["users"].clear(),
+     "available_users.users is missing or has no members"),
+    (lambda d: d["available_users"]["users"]["carol"].update(phone=BOB),
+     "available_users.users.carol.phone +19195551002 is also bob's phone"),
+])
+def test_config_error_names_the_field_path(change: Callable[[dict], None], expected: str
+                                           ) -> None:
+    errors, _ = op.check_oncall_config(edited(change))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_config_invalid_json_is_reported_not_raised_as_a_traceback() -> None:
+    with pytest.raises(op.ConfigError) as caught:
+        op.parse_oncall_config(b'{"available_users": ')
+    assert caught.value.problems[0].startswith("the operational config is not valid JSON")
+
+
+def test_config_optional_keys_have_defaults() -> None:
+    doc = team_doc()
+    assert op.escalation_settings(doc) == {"ack_timeout": 300, "call_attempts": 2,
+                                           "escalate_to": ["bob", "carol"],
+                                           "max_outbound_per_hour": 60}
+    assert op.team_name(doc) == "" and op.session_lifetime(doc) == 300
+
+
+def test_validation_does_not_rely_on_assert() -> None:
+    """python -O removes asserts: validation must still refuse a bad config."""
+    code = ("import oncall_pager as op, json, sys\n"
+            "d = json.loads(sys.argv[1]); d['current_config']['oncall_user']['id'] = 'x'\n"
+            "print(op.check_oncall_config(d)[0])")
+    out = subprocess.run([sys.executable, "-O", "-c", code, json.dumps(team_doc())], cwd=HERE,
+                         capture_output=True, text=True, timeout=30).stdout
+    assert "current_config.oncall_user.id 'x' is not an available user" in out
+
+
+# --- config.ini ------------------------------------------------------------------------------
+
+
+def test_app_config_reads_every_key_and_resolves_relative_paths(tmp_path: Path) -> None:
+    cfg = op.load_app_config(write_config(tmp_path / "etc", "file:var", port=8123))
+    assert cfg.port == 8123 and cfg.poll_interval == 0.2 and cfg.validate_signatures
+    assert op.resolve_path(cfg, "var") == (tmp_path / "etc" / "var").resolve()
+    store = op.open_store(cfg)
+    assert isinstance(store, op.DirectoryStore)
+    assert store.root == (tmp_path / "etc" / "var").resolve()
+
+
+def test_app_config_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "file:var")
+    env = {"TWILIO_ACCOUNT_SID": "AC" + "f" * 32, "TWILIO_AUTH_TOKEN": "from-env"}
+    cfg = op.load_app_config(path, env)
+    assert (cfg.account_sid, cfg.auth_token) == ("AC" + "f" * 32, "from-env")
+    assert op.load_app_config(path, {}).auth_token == AUTH_TOKEN
+
+
+def test_app_config_errors_name_section_and_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "ftp://x", extra="")
+    text = path.read_text().replace("port = ", "port = eighty").replace(
+        "mode = live", "mode = live\nvalidate_signatures = false")
+    path.write_text(text)
+    with pytest.raises(op.ConfigError) as caught:
+        op.load_app_config(path)
+    problems = "\n".join(caught.value.problems)
+    assert "[server] port 'eighty" in problems
+    assert "[store] url 'ftp://x' is not file:PATH or s3://BUCKET[/PREFIX]" in problems
+    assert "validate_signatures = false is refused unless mode = dry-run" in problems
+
+
+# --- the web surface: router, gate, bad input ----------------------------------------------------
+
+
+@pytest.fixture
+def file_pager(tmp_path: Path, start_pager: Callable[[Path], RunningPager],
+               smtp: SMTPSink) -> RunningPager:
+    """A pager on the directory store (dry-run telephony), team config in place."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port))
+    return start_pager(write_config(tmp_path, "file:var", mode="dry-run"))
+
+
+def test_healthz_answers_json(file_pager: RunningPager) -> None:
+    status, body, headers = http("GET", file_pager.base_url + "/healthz")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    health = json.loads(body)
+    assert health["store"] == "reachable" and health["version"] == op.VERSION
+    assert health["queue_depth"] == 0
+
+
+def test_unknown_path_is_404_and_wrong_method_405_with_allow(file_pager: RunningPager) -> None:
+    assert http("POST", file_pager.base_url + "/nope", b"x=1")[0] == 404
+    status, _, headers = http("GET", file_pager.base_url + "/msgcontrol/entry")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, _, headers = http("POST", file_pager.base_url + "/healthz", b"")
+    assert status == 405 and headers["Allow"] == "GET"
+
+
+def test_body_over_64_kib_is_413_and_changes_nothing(file_pager: RunningPager) -> None:
+    params = sms_params(BOB, "TAKE " + "x" * 70_000)
+    status, _ = file_pager.post("/msgcontrol/entry", params)
+    assert status == 413
+    assert file_pager.store.list("sessions/") == []
+
+
+def test_missing_required_field_is_400(file_pager: RunningPager) -> None:
+    status, text = file_pager.post("/msgcontrol/entry", {"Body": "WHO"})
+    assert status == 400 and "From" in text
+
+
+def test_signature_valid_invalid_and_missing(file_pager: RunningPager) -> None:
+    params = sms_params(BOB, "TAKE")
+    assert file_pager.post("/msgcontrol/entry", params, signature="bm9wZQ==")[0] == 403
+    assert file_pager.post("/msgcontrol/entry", params, signature="")[0] == 403
+    forged = dict(params, From=CAROL)  # signed for Bob, then tampered with
+    assert file_pager.post("/msgcontrol/entry", forged, signature=sign(
+        file_pager.cfg.public_url, "/msgcontrol/entry", params))[0] == 403
+    assert file_pager.store.list("sessions/") == []
+    status, text = file_pager.post("/msgcontrol/entry", params)
+    assert status == 200 and "reply C to confirm" in reply_text(text)
+
+
+def test_signature_covers_the_query_string(file_pager: RunningPager) -> None:
+    params = {"CallSid": "CA" + "1" * 32, "From": CALLER, "AccountSid": ACCOUNT_SID}
+    path = "/public/answer?retry=1"
+    assert file_pager.post(path, params)[0] == 200
+    wrong = sign(file_pager.cfg.public_url, "/public/answer", params)
+    assert file_pager.post(path, params, signature=wrong)[0] == 403
+
+
+def test_signature_checked_against_public_url_not_the_host_header(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    """Behind nginx the Host differs: Twilio signed https://pager.example.com/..."""
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    pager = start_pager(write_config(tmp_path, "file:var", mode="dry-run",
+                                     public_url="https://pager.example.com"))
+    params = sms_params(BOB, "WHO")
+    status, text = signed_post(pager.base_url, "https://pager.example.com", "/msgcontrol/entry",
+                               params, headers={"Host": "internal:8080"})
+    assert status == 200 and "Alice McAlister" in reply_text(text)
+    local = sign(pager.base_url, "/msgcontrol/entry", params)
+    assert pager.post("/msgcontrol/entry", params, signature=local)[0] == 403
+
+
+def test_blank_fields_are_signed_too(file_pager: RunningPager) -> None:
+    params = dict(sms_params(BOB, "WHO"), CalledCity="", FromZip="")
+    status, text = file_pager.post("/msgcontrol/entry", params)
+    assert status == 200 and "Current on-call engineer" in reply_text(text)
+
+
+@pytest.mark.parametrize("body", [
+    b"\xff\xfe\x00garbage", b"From=%ZZ%&Body=%", b"&&&===&&&", b"a=1&" * 2000,
+    b"From=%2B19195551002&Body=%FF%FE", b"",
+])
+def test_garbage_bodies_never_give_a_500(file_pager: RunningPager, body: bytes) -> None:
+    for signature in ("", "bm9wZQ==", sign(file_pager.cfg.public_url, "/msgcontrol/entry", {})):
+        status, text, _ = http("POST", file_pager.base_url + "/msgcontrol/entry", body, {
+            "X-Twilio-Signature": signature,
+            "Content-Type": "application/x-www-form-urlencoded"})
+        assert status in (400, 403), (status, text)
+        assert "Traceback" not in text
+    assert file_pager.store.list("sessions/") == []
+
+
+# --- the command line: serve, check, init -----------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 60, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "oncall_pager.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+class ServeProcess:
+    """`oncall-pager serve` as its own process: for SIGTERM, restarts and kill -9."""
+
+    def __init__(self, config: Path):
+        self.config = config
+        self.cfg = op.load_app_config(config)
+        self.log = config.parent / f"serve-{uuid.uuid4().hex[:6]}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "oncall_pager.py"), "serve", "-c", str(config)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.cfg.port}"
+
+    def wait_healthy(self, timeout: float = 10, expect: int = 200) -> dict:
+        def answered() -> dict | None:
+            with contextlib.suppress(OSError):
+                status, body, _ = http("GET", self.base_url + "/healthz", timeout=1)
+                if status == expect:
+                    return json.loads(body)
+            assert self.process.poll() is None, self.log.read_text()
+            return None
+        return wait_until(answered, timeout)
+
+    def sms(self, sender: str, body: str) -> str:
+        status, text = signed_post(self.base_url, self.cfg.public_url, "/msgcontrol/entry",
+                                   sms_params(sender, body))
+        assert status == 200, text
+        return reply_text(text)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(10)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[[Path], ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def start(config: Path) -> ServeProcess:
+        process = ServeProcess(config)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.kill()
+
+
+def test_serve_answers_healthz_within_2_s_and_exits_cleanly_on_sigterm(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    started = time.monotonic()
+    server = serve_process(write_config(tmp_path, "file:var", mode="dry-run"))
+    assert server.wait_healthy(timeout=10)["store"] == "reachable"
+    assert time.monotonic() - started < 2.0 + 1.0  # 2 s target, 1 s of slack for a busy CI box
+    assert server.terminate() == 0
+    assert "event=serve.stopped" in server.log.read_text()
+
+
+def test_serve_starts_when_s3_is_unreachable_and_healthz_says_503(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = serve_process(write_config(tmp_path, "s3://nobucket", s3_endpoint_url=dead))
+    health = server.wait_healthy(expect=503)
+    assert health["store"] == "unreachable"
+    assert server.terminate() == 0
+
+
+def test_while_s3_is_down_webhooks_answer_from_the_last_good_copy_and_writes_say_so(
+        tmp_path: Path, s3_endpoint: str, bucket: str,
+        start_pager: Callable[[Path], RunningPager]) -> None:
+    config = write_config(tmp_path, f"s3://{bucket}", s3_endpoint_url=s3_endpoint)
+    put_team(op.S3Store(bucket, "", s3_endpoint))
+    pager = start_pager(config)
+    assert "Alice McAlister" in pager.sms(BOB, "WHO")
+    pager.stop()
+    # the same pager restarts against a dead endpoint: the local cache file answers
+    dead = config.read_text().replace(s3_endpoint, f"http://127.0.0.1:{free_port()}")
+    config.write_text(dead)
+    pager = start_pager(config)
+    assert "Alice McAlister" in pager.sms(BOB, "WHO")
+    assert pager.sms(BOB, "TAKE") == op.STORE_DOWN_TEXT
+    status, body, _ = http("GET", pager.base_url + "/healthz")
+    assert status == 503 and json.loads(body)["config"] == "stale"
+
+
+def test_check_names_every_error_and_exits_1(tmp_path: Path) -> None:
+    store = op.DirectoryStore(tmp_path / "var")
+    doc = team_doc()
+    doc["current_config"]["oncall_user"]["id"] = "carla"
+    doc["available_users"]["users"]["bob"]["phone"] = "919-555-1002"
+    store.put("oncall_config.json", op.to_json(doc))
+    result = run_cli("check", "-c", str(write_config(tmp_path, "file:var")))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: available_users.users.bob.phone '919-555-1002' is not an E.164 number "
+        "(+ and 7 to 15 digits)",
+        "error: current_config.oncall_user.id 'carla' is not an available user"]
+
+
+def test_check_warnings_alone_exit_0(tmp_path: Path) -> None:
+    store = op.DirectoryStore(tmp_path / "var")
+    store.put("oncall_config.json", PREDECESSOR_README_EXAMPLE.encode())
+    config = write_config(tmp_path, "file:var")
+    config.chmod(0o644)
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: current_config.oncall_user.phone '+9195551001' differs" in result.stderr
+    assert "holds secrets and is readable by others" in result.stderr
+    assert result.stdout.startswith("ok:")
+
+
+def test_check_reports_a_bad_config_ini_and_a_missing_store_config(tmp_path: Path) -> None:
+    result = run_cli("check", "-c", str(tmp_path / "nope.ini"))
+    assert result.returncode == 1 and "cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("check", "-c", str(write_config(tmp_path, "file:var")))
+    assert result.returncode == 1
+    assert "holds no oncall_config.json (put one there with: oncall-pager init)" in result.stderr
+
+
+def test_init_puts_a_validated_config_into_an_empty_store_and_refuses_to_overwrite(
+        tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
+    config = write_config(tmp_path, f"s3://{bucket}/pfx", s3_endpoint_url=s3_endpoint)
+    source = tmp_path / "team.json"
+    bad = team_doc()
+    bad["current_config"]["from_phone"] = "nope"
+    source.write_text(json.dumps(bad))
+    result = run_cli("init", "-c", str(config), str(source))
+    assert result.returncode == 1 and "current_config.from_phone 'nope'" in result.stderr
+    source.write_text(json.dumps(team_doc()))
+    result = run_cli("init", "-c", str(config), str(source))
+    assert result.returncode == 0, result.stderr
+    store = op.S3Store(bucket, "pfx", s3_endpoint)
+    assert json.loads(store.get("oncall_config.json").data) == team_doc()
+    assert [e["event"] for e in audit_events(store)] == ["config.initialised"]
+    again = run_cli("init", "-c", str(config), str(source))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_cli_help_everywhere() -> None:
+    for command in ("serve", "check", "init", "sms", "call", "config", "audit", "pages"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: oncall-pager" in result.stdout
+
+
+def test_oncall_pager_imports_no_web_framework() -> None:
+    source = (HERE / "oncall_pager.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(flask|werkzeug|django|fastapi|bottle)\b",
+                         source, re.M)
