@@ -1089,9 +1089,9 @@ class Pager:
 
     def confirm(self, snap: Snapshot, member: dict) -> str:
         """C: make the member on call if the config is still the one his TAKE was shown.
-        A TAKE confirms what its sender saw: if anybody changed the config in between, the
-        write is refused and he is told to look again. Two members confirming at once: the
-        conditional write lets exactly one win."""
+        A session is bound to that config version (its ETag): once the config changes, by this
+        confirmation or by anything else, the session is spent, so a confirmed session needs
+        no delete. Two members confirming at once: the conditional write lets one win."""
         key = f"sessions/{member['id']}.json"
         session = read_json(self.store, key)
         lifetime = session_lifetime(snap.doc)
@@ -1110,7 +1110,6 @@ class Pager:
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
-        self.store.delete(key)
         if previous["id"] != member["id"]:
             self.send_message(previous["phone"], f"{member['name']} has taken on-call from you.",
                               purpose="handoff")
@@ -2111,15 +2110,11 @@ class WebApp:
         return route.handler(self, Request(method, path, query, form))
 
     def check_signature(self, environ: dict, fields: FormFields) -> None:
-        from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, get_signature_algorithm
-
         if not self.cfg.validate_signatures:
             return
         signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-        settings = environ.get("HTTP_" + SIGNATURE_SETTINGS_HEADER.upper().replace("-", "_"))
-        if not signature or not self.validator.validate(
-                signed_url(self.cfg, environ), fields, signature,
-                get_signature_algorithm(settings) if settings else None):
+        if not signature or not self.validator.validate(signed_url(self.cfg, environ), fields,
+                                                        signature):
             log.warning("event=signature.rejected path=%s", environ.get("PATH_INFO", "")[:80])
             raise HTTPError(403, "invalid or missing X-Twilio-Signature")
 

@@ -127,7 +127,10 @@ class S3Counter:
         store.client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request: Any, **kwargs: Any) -> None:
-        self.operations.append(f"{request.method} {urllib.parse.urlsplit(request.url).path}")
+        """Only requests made while answering a webhook (waitress threads), not the worker's."""
+        if threading.current_thread().name.startswith("waitress"):
+            self.operations.append(
+                f"{request.method} {urllib.parse.urlsplit(request.url).path}")
 
     def reset(self) -> None:
         self.operations.clear()
@@ -828,3 +831,746 @@ def test_oncall_pager_imports_no_web_framework() -> None:
     source = (HERE / "oncall_pager.py").read_text()
     assert not re.search(r"^\s*(import|from)\s+(flask|werkzeug|django|fastapi|bottle)\b",
                          source, re.M)
+
+
+# ==============================================================================================
+# Team control by SMS
+# ==============================================================================================
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("WHO", ("who", [])), ("who", ("who", [])), (" Who? ", ("who", [])),
+    ("Take", ("take", [])), ("TAKE!", ("take", [])), ("c", ("confirm", [])),
+    ("X.", ("cancel", [])), ("ack 3", ("ack", ["3"])), ("Status", ("status", [])),
+    ("halp", ("help", [])), ("HELP me", ("help", ["me"])), ("look", ("look", [])),
+    ("please take", (None, ["take"])), ("mistake", (None, [])), ("whoops", (None, [])),
+    ("Take-over", (None, [])), ("", (None, [])), ("   ", (None, [])), ("...", (None, [])),
+])
+def test_parse_command_first_whole_word_decides(body: str, expected: tuple) -> None:
+    assert op.parse_command(body) == expected
+
+
+@pytest.fixture
+def twilio() -> Iterator[TwilioFake]:
+    fake = TwilioFake(ACCOUNT_SID, AUTH_TOKEN, HERE / "twilio_api_v2010_subset.json")
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def s3_setup(tmp_path: Path, s3_endpoint: str, bucket: str, twilio: TwilioFake,
+             smtp: SMTPSink) -> Callable[..., Path]:
+    """Writes the team config to a fresh bucket; returns a maker of config.ini files for
+    pagers (live mode, Twilio API = the fake) sharing that bucket."""
+    put_team(op.S3Store(bucket, "", s3_endpoint), team_doc(smtp.port))
+
+    def make(name: str = "a", **kwargs: Any) -> Path:
+        return write_config(tmp_path / name, f"s3://{bucket}", s3_endpoint_url=s3_endpoint,
+                            api_base_url=twilio.base_url, **kwargs)
+    return make
+
+
+@pytest.fixture
+def s3_pager(s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager]
+             ) -> RunningPager:
+    return start_pager(s3_setup())
+
+
+def set_team(store: op.Store, **current: Any) -> None:
+    """Change the stored team config directly (as an operator would)."""
+    doc = json.loads(store.get("oncall_config.json").data)
+    doc["current_config"].update(current)
+    store.put("oncall_config.json", op.to_json(doc))
+
+
+def messages_to(twilio: TwilioFake, number: str) -> list[str]:
+    return [m.params["Body"][0] for m in twilio.messages() if m.params["To"] == [number]]
+
+
+def test_who_names_the_oncall_engineer_and_when_it_changed(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(BOB, "WHO") == ("Current on-call engineer: Alice McAlister "
+                                        "<+19195551001>. Changed 2021-01-25 19:17 UTC by "
+                                        "Alice McAlister.")
+
+
+def test_take_then_c_makes_bob_oncall_and_tells_alice(s3_pager: RunningPager,
+                                                      twilio: TwilioFake) -> None:
+    assert s3_pager.sms(BOB, "TAKE") == ("Bob Roberts to be made on-call engineer, reply C to "
+                                         "confirm or X to cancel (within 300 seconds).")
+    assert oncall_id(s3_pager.store) == "alice"
+    assert s3_pager.sms(BOB, "C") == ("Okay, Bob, you are now on call. Alice McAlister has been "
+                                      "told. Leave a message at +18002255288 to test delivery.")
+    doc = json.loads(s3_pager.store.get("oncall_config.json").data)
+    assert doc["current_config"]["oncall_user"] == {"id": "bob", "name": "Bob Roberts",
+                                                    "phone": BOB}
+    assert doc["current_config"]["last_modified_user_id"] == "bob"
+    assert abs(doc["current_config"]["last_modified_time"] - time.time()) < 5
+    changed = audit_events(s3_pager.store, "oncall.changed")
+    assert len(changed) == 1 and changed[0]["details"]["from"] == "alice"
+    assert changed[0]["actor"] == "bob"
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, ALICE) == ["Bob Roberts has taken on-call from you."]
+    assert twilio.messages()[0].params["From"] == [FROM_PHONE]
+    assert "Current on-call engineer: Bob Roberts" in s3_pager.sms(CAROL, "who")
+    assert s3_pager.sms(BOB, "C") == "You are already on call, Bob. Nothing changes."
+
+
+def test_take_when_already_on_call_changes_nothing(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(ALICE, "take") == "You are already on call, Alice. Nothing changes."
+    assert s3_pager.store.list("sessions/") == []
+
+
+def test_x_cancels_a_pending_take(s3_pager: RunningPager) -> None:
+    s3_pager.sms(BOB, "TAKE")
+    assert s3_pager.sms(BOB, "X") == "Okay, Bob, nothing changes: Alice remains on call."
+    assert s3_pager.sms(BOB, "C") == ("No pending TAKE. Send TAKE again and reply C within "
+                                      "300 seconds.")
+    assert oncall_id(s3_pager.store) == "alice"
+    assert [e["event"] for e in audit_events(s3_pager.store)] == ["session.started",
+                                                                  "session.cancelled"]
+
+
+def test_c_without_take_says_no_pending_take_with_the_lifetime(s3_pager: RunningPager) -> None:
+    set_team(s3_pager.store, session_lifetime=120)
+    assert s3_pager.sms(CAROL, "C") == ("No pending TAKE. Send TAKE again and reply C within "
+                                        "120 seconds.")
+
+
+def test_take_expires_after_session_lifetime(s3_pager: RunningPager) -> None:
+    set_team(s3_pager.store, session_lifetime=1)
+    assert "(within 1 seconds)" in s3_pager.sms(BOB, "TAKE")
+    time.sleep(1.3)
+    assert s3_pager.sms(BOB, "C").startswith("No pending TAKE.")
+    assert oncall_id(s3_pager.store) == "alice"
+
+
+def test_take_survives_a_restart_of_the_server(s3_setup: Callable[..., Path],
+                                               start_pager: Callable[[Path], RunningPager]
+                                               ) -> None:
+    config = s3_setup()
+    first = start_pager(config)
+    first.sms(BOB, "TAKE")
+    first.stop()
+    second = start_pager(config)
+    assert second.sms(BOB, "C").startswith("Okay, Bob, you are now on call.")
+    assert oncall_id(second.store) == "bob"
+
+
+def test_take_works_across_two_instances_on_one_bucket(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager]) -> None:
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    one.sms(BOB, "TAKE")
+    assert two.sms(BOB, "C").startswith("Okay, Bob, you are now on call.")
+    assert "Bob Roberts" in one.sms(ALICE, "WHO")
+
+
+def test_two_members_confirming_at_once_one_wins_and_the_other_is_told(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    one.sms(BOB, "TAKE")
+    two.sms(CAROL, "TAKE")
+    replies: dict[str, str] = {}
+    barrier = threading.Barrier(2)
+
+    def confirm(pager: RunningPager, number: str) -> None:
+        barrier.wait()
+        replies[number] = pager.sms(number, "C")
+
+    threads = [threading.Thread(target=confirm, args=(one, BOB)),
+               threading.Thread(target=confirm, args=(two, CAROL))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    winner = oncall_id(one.store)
+    loser = {"bob": CAROL, "carol": BOB}[winner]
+    winner_phone = {"bob": BOB, "carol": CAROL}[winner]
+    assert replies[winner_phone].startswith("Okay,")
+    assert replies[loser].startswith("The on-call config changed since your TAKE (on call now: ")
+    assert replies[loser].endswith("Nothing changed; send TAKE again to try again.")
+    assert len(audit_events(one.store, "oncall.changed")) == 1
+    assert op.check_oncall_config(json.loads(one.store.get("oncall_config.json").data))[0] == []
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    time.sleep(0.3)
+    assert len(messages_to(twilio, ALICE)) == 1
+
+
+def test_strangers_get_an_empty_response_and_change_nothing(s3_pager: RunningPager,
+                                                            twilio: TwilioFake) -> None:
+    for body in ("TAKE", "C", "WHO", "HALP", "ACK", "hello"):
+        status, text = s3_pager.post("/msgcontrol/entry", sms_params(STRANGER, body))
+        assert status == 200
+        assert text == '<?xml version="1.0" encoding="UTF-8"?><Response />'
+    assert s3_pager.store.list("sessions/") == [] and audit_events(s3_pager.store) == []
+    assert oncall_id(s3_pager.store) == "alice" and twilio.messages() == []
+
+
+def test_help_for_unrecognised_text_at_most_once_in_5_minutes(s3_pager: RunningPager) -> None:
+    """An auto-responder cannot ping-pong with the pager; real commands are always answered."""
+    assert s3_pager.sms(BOB, "I'm driving, I'll get back to you").startswith("Commands: WHO")
+    assert s3_pager.sms(BOB, "I'm driving, I'll get back to you") == ""
+    assert s3_pager.sms(BOB, "please take") == ""
+    assert s3_pager.sms(BOB, "HALP").startswith("Commands: WHO")
+    assert s3_pager.sms(BOB, "HALP").startswith("Commands: WHO")
+    assert s3_pager.sms(BOB, "who").startswith("Current on-call engineer")
+    assert s3_pager.sms(CAROL, "mistake").startswith("Commands: WHO")
+
+
+def test_help_halp_and_look(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(BOB, "HELP") == op.HELP_TEXT
+    assert s3_pager.sms(CAROL, "halp") == op.HELP_TEXT
+    assert "maze of twisty little passages" in s3_pager.sms(BOB, "LOOK")
+
+
+def test_ack_and_status_before_any_page(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(ALICE, "STATUS") == "No open pages."
+    assert s3_pager.sms(ALICE, "ACK") == "No open pages for you. Nothing to acknowledge."
+
+
+def test_a_twilio_retry_of_the_same_message_is_handled_once(s3_pager: RunningPager) -> None:
+    params = sms_params(BOB, "TAKE")
+    first = s3_pager.post("/msgcontrol/entry", params)
+    again = s3_pager.post("/msgcontrol/entry", params)
+    assert first == again and first[0] == 200
+    assert len(audit_events(s3_pager.store, "session.started")) == 1
+
+
+def test_wrongnumber_sms_hints_members_ignores_strangers_and_answers_voice(
+        s3_pager: RunningPager) -> None:
+    status, text = s3_pager.post("/wrongnumber/sms", sms_params(BOB, "WHO"))
+    assert reply_text(text) == "This is a voice-only number, text +19195559876 instead."
+    status, text = s3_pager.post("/wrongnumber/sms", sms_params(STRANGER, "WHO"))
+    assert status == 200 and reply_text(text) == "" and "<Response />" in text
+    voice = {"CallSid": "CA" + "2" * 32, "From": STRANGER, "To": PAGER_PHONE,
+             "AccountSid": ACCOUNT_SID, "CallStatus": "ringing"}
+    status, text = s3_pager.post("/wrongnumber/sms", voice)
+    assert "<Say>This number does not accept calls.</Say><Hangup />" in text
+
+
+def test_wrongnumber_voice_says_so_and_hangs_up(s3_pager: RunningPager) -> None:
+    status, text = s3_pager.post("/wrongnumber/voice", {"CallSid": "CA" + "3" * 32,
+                                                        "From": STRANGER})
+    assert status == 200
+    assert text.endswith("<Response><Say>This number does not accept calls.</Say><Hangup />"
+                         "</Response>")
+
+
+def test_who_costs_at_most_one_s3_request_and_c_five(s3_pager: RunningPager) -> None:
+    counter = S3Counter(s3_pager.pager.store)
+    s3_pager.sms(BOB, "WHO")
+    counter.reset()
+    s3_pager.sms(BOB, "WHO")
+    assert len(counter.operations) == 1 and counter.operations[0].startswith("GET")
+    s3_pager.sms(BOB, "TAKE")
+    counter.reset()
+    s3_pager.sms(BOB, "C")
+    # config GET (a 304), session GET, config PUT (If-Match), audit PUT, handoff job PUT
+    assert [o.split()[0] for o in counter.operations] == ["GET", "GET", "PUT", "PUT", "PUT"]
+
+
+def test_sms_command_line_drives_a_running_pager(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    config = write_config(tmp_path, "file:var", mode="dry-run", extra=(
+        "[store]\ninit_from = team.json\n").replace("[store]\n", ""))
+    (tmp_path / "team.json").write_text(json.dumps(team_doc()))
+    config.write_text(config.read_text().replace("cache_file = config.cache.json",
+                                                 "cache_file = config.cache.json\n"
+                                                 "init_from = team.json"))
+    server = serve_process(config)
+    server.wait_healthy()
+    take = run_cli("sms", BOB, "TAKE", "-c", str(config))
+    assert take.returncode == 0 and "reply C to confirm" in take.stdout
+    confirm = run_cli("sms", BOB, "C", "-c", str(config))
+    assert confirm.stdout.startswith("Okay, Bob, you are now on call.")
+    who = run_cli("sms", BOB, "WHO", "-c", str(config))
+    assert who.stdout.startswith("Current on-call engineer: Bob Roberts <+19195551002>.")
+    stranger = run_cli("sms", STRANGER, "WHO", "-c", str(config))
+    assert stranger.stdout.strip() == "(no reply)"
+    outbox = wait_until(lambda: op.DirectoryStore(tmp_path / "var").list("outbox/"), 5)
+    sent = json.loads(op.DirectoryStore(tmp_path / "var").get(outbox[0]).data)
+    assert (sent["to"], sent["body"]) == (ALICE, "Bob Roberts has taken on-call from you.")
+
+
+# ==============================================================================================
+# The customer voicemail line and durable delivery
+# ==============================================================================================
+
+RECORDING = b"ID3" + bytes(range(256)) * 64  # stands in for an mp3; compared byte for byte
+
+
+def call_params(**extra: str) -> dict[str, str]:
+    return {"CallSid": "CA" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID, "From": CALLER,
+            "To": PAGER_PHONE, "CallStatus": "in-progress", "Direction": "inbound",
+            "CallerName": "ACME CORP", "FromCity": "RALEIGH", "FromState": "NC", **extra}
+
+
+def record_callback_path(twiml: str) -> tuple[str, str]:
+    """(recordingStatusCallback path, action path) of the <Record> in a TwiML answer."""
+    found = re.search(r'<Record action="([^"]+)".*recordingStatusCallback="([^"]+)"', twiml)
+    assert found, twiml
+    base = "http://127.0.0.1"
+    action, callback = (u.replace("&amp;", "&") for u in found.groups())
+    return (callback[callback.index("/", len(base)):], action[action.index("/", len(base)):])
+
+
+def leave_voicemail(pager: RunningPager, twilio: TwilioFake, seconds: int = 12,
+                    data: bytes = RECORDING, call: dict | None = None) -> tuple[dict, str]:
+    """Walk the call as Twilio would, up to the recording callback. Returns the callback's
+    form and its path (so a test can post it again)."""
+    call = call or call_params()
+    status, text = pager.post("/public/keypress", {**call, "Digits": "1"})
+    assert status == 200
+    callback_path, _ = record_callback_path(text)
+    sid = "RE" + uuid.uuid4().hex
+    twilio.add_recording(sid, data)
+    form = {"AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
+            "RecordingUrl": twilio.recording_url(sid), "RecordingStatus": "completed",
+            "RecordingDuration": str(seconds), "RecordingChannels": "1",
+            "RecordingSource": "RecordVerb", "RecordingStartTime": "Fri, 27 Nov 2026 03:00:00 "
+            "+0000"}
+    status, text = pager.post(callback_path, form)
+    assert status == 200, text
+    return form, callback_path
+
+
+def test_answer_asks_for_1_then_once_more_then_goodbye(s3_pager: RunningPager) -> None:
+    set_team(s3_pager.store, team_name="Example SRE")
+    status, text = s3_pager.post("/public/answer", call_params())
+    assert status == 200 and 'numDigits="1"' in text
+    assert "<Say>You have reached the Example SRE on-call pager.</Say>" in text
+    assert "<Say>Press 1 to leave a message for the on-call engineer.</Say>" in text
+    assert "/public/answer?retry=1</Redirect>" in text
+    status, text = s3_pager.post("/public/answer?retry=1", call_params())
+    assert "Press 1 to leave a message" in text and text.endswith(
+        "<Say>Goodbye.</Say><Hangup /></Response>")
+
+
+def test_keypress_1_records_with_the_callers_details_in_the_callback_query(
+        s3_pager: RunningPager) -> None:
+    call = call_params()
+    status, text = s3_pager.post("/public/keypress", {**call, "Digits": "1"})
+    assert status == 200 and 'maxLength="300"' in text
+    callback, action = record_callback_path(text)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)
+    assert query == {"caller": [CALLER], "name": ["ACME CORP"], "city": ["RALEIGH"],
+                     "state": ["NC"], "call": [call["CallSid"]]}
+    assert callback.startswith("/public/recordingcb?") and action.startswith("/public/afterrec?")
+    assert f'recordingStatusCallback="{s3_pager.cfg.public_url}/public/recordingcb?' in text
+
+
+def test_keypress_works_without_caller_name_or_city(s3_pager: RunningPager) -> None:
+    """Twilio sends CallerName only with caller-ID lookup; the predecessor answered 400."""
+    call = {"CallSid": "CA" + uuid.uuid4().hex, "From": CALLER, "Digits": "1"}
+    status, text = s3_pager.post("/public/keypress", call)
+    assert status == 200 and "<Record " in text
+    callback, _ = record_callback_path(text)
+    assert "name=" not in callback and "city=" not in callback
+
+
+def test_keypress_other_key_says_goodbye(s3_pager: RunningPager) -> None:
+    status, text = s3_pager.post("/public/keypress", {**call_params(), "Digits": "7"})
+    assert text.endswith("<Response><Say>Goodbye.</Say><Hangup /></Response>")
+
+
+def test_afterrec_tells_the_length_and_gives_an_empty_recording_a_second_chance(
+        s3_pager: RunningPager) -> None:
+    call = call_params()
+    done = {**call, "RecordingUrl": "https://api.twilio.com/x", "RecordingDuration": "14",
+            "RecordingSid": "RE" + "4" * 32}
+    status, text = s3_pager.post("/public/afterrec", done)
+    assert "I'm going to deliver your 14 second message to the on-call engineer now." in text
+    status, text = s3_pager.post("/public/afterrec?caller=%2B15551230000",
+                                 {**call, "RecordingDuration": "0"})
+    assert "<Say>I did not hear a message. Please try again after the tone.</Say>" in text
+    assert "second=1" in text and "<Record " in text
+    status, text = s3_pager.post("/public/afterrec?second=1", {**call, "RecordingDuration": "0"})
+    assert text.endswith("<Say>I still did not hear a message. Goodbye.</Say><Hangup />"
+                         "</Response>")
+
+
+def test_voicemail_reaches_oncall_by_mms_email_and_archive(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    form, _ = leave_voicemail(s3_pager, twilio, seconds=12)
+    sid = form["RecordingSid"]
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    assert wait_until(lambda: smtp.messages, 5)
+    store = s3_pager.store
+    wait_until(lambda: len(store.list("recordings/")) == 2, 5)
+    (mms,) = twilio.messages()
+    assert mms.params["To"] == [ALICE] and mms.params["From"] == [FROM_PHONE]
+    assert mms.params["MediaUrl"] == [twilio.recording_url(sid) + ".mp3"]
+    assert mms.params["Body"] == ["On-call voicemail (12 sec) from ACME CORP <+15551230000>. "
+                                  "Reply ACK to acknowledge."]
+    assert mms.params["StatusCallback"][0].startswith(
+        s3_pager.cfg.public_url + "/public/mmsstatuscb?page=" + sid)
+    (mail,) = smtp.messages
+    assert mail["To"] == "sre@example.com" and mail["From"] == "oncall@example.com"
+    assert mail["Subject"] == "On-call voicemail (12 sec) from ACME CORP <+15551230000>"
+    (attachment,) = list(mail.iter_attachments())
+    assert attachment.get_content() == RECORDING
+    mp3_key, json_key = sorted(store.list("recordings/"), key=lambda k: k.endswith(".json"))
+    assert re.fullmatch(rf"recordings/\d{{4}}-\d\d-\d\d_\d{{6}}_{sid}\.mp3", mp3_key)
+    assert store.get(mp3_key).data == RECORDING
+    meta = json.loads(store.get(json_key).data)
+    assert meta["caller"] == {"number": CALLER, "name": "ACME CORP", "city": "RALEIGH",
+                              "state": "NC"}
+    assert (meta["duration"], meta["call_sid"], meta["page"]) == (12, form["CallSid"], sid)
+    fetches = [r for r in twilio.requests if "/Recordings/" in r.path]
+    assert len(fetches) == 1, "the recording is fetched from Twilio once"
+    delivered = wait_until(lambda: {e["details"]["channel"] for e in audit_events(
+        store, "page.delivered")} == {"mms", "email", "archive"}, 5)
+    assert delivered
+    assert [e["details"]["page"] for e in audit_events(store, "page.opened")] == [sid]
+
+
+def test_recording_callback_answers_at_once_while_delivery_still_runs(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    twilio.delay = 1.5
+    started = time.monotonic()
+    leave_voicemail(s3_pager, twilio)
+    assert time.monotonic() - started < 1.0
+    assert twilio.messages() == []
+    assert twilio.wait_for(lambda: twilio.messages(), 10)
+
+
+def test_the_same_callback_twice_pages_once(s3_pager: RunningPager, twilio: TwilioFake,
+                                            smtp: SMTPSink) -> None:
+    form, path = leave_voicemail(s3_pager, twilio)
+    assert s3_pager.post(path, form)[0] == 200
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    wait_until(lambda: smtp.messages, 5)
+    time.sleep(0.8)
+    assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
+    assert len(audit_events(s3_pager.store, "page.opened")) == 1
+
+
+def test_smtp_down_delays_only_the_email(s3_pager: RunningPager, twilio: TwilioFake,
+                                         smtp: SMTPSink) -> None:
+    smtp.stop()
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 3), "the MMS is not held up by SMTP"
+    wait_until(lambda: audit_events(s3_pager.store, "page.delivery_failed"), 5)
+    failed = audit_events(s3_pager.store, "page.delivery_failed")
+    assert {e["details"]["channel"] for e in failed} == {"email"}
+    assert smtp.messages == []
+    smtp.start()
+    wait_until(lambda: smtp.messages, 10)
+    time.sleep(0.5)
+    assert len(smtp.messages) == 1 and len(twilio.messages()) == 1
+
+
+def test_twilio_failing_twice_still_delivers_the_mms_once(s3_pager: RunningPager,
+                                                          twilio: TwilioFake) -> None:
+    twilio.fail_next(2, status=500)
+    leave_voicemail(s3_pager, twilio, data=RECORDING)
+    assert twilio.wait_for(lambda: twilio.messages(), 10)
+    time.sleep(0.5)
+    assert len(twilio.messages()) == 1
+    failures = [e["details"] for e in audit_events(s3_pager.store, "page.delivery_failed")]
+    assert len(failures) == 2 and all(not f["final"] for f in failures)
+
+
+def test_undelivered_mms_falls_back_to_an_sms_with_the_link(s3_pager: RunningPager,
+                                                            twilio: TwilioFake) -> None:
+    form, _ = leave_voicemail(s3_pager, twilio)
+    (mms,) = twilio.wait_for(lambda: twilio.messages(), 5) and twilio.messages()
+    callback = mms.params["StatusCallback"][0]
+    status_form = {"MessageSid": "SM" + uuid.uuid4().hex, "MessageStatus": "undelivered",
+                   "AccountSid": ACCOUNT_SID, "To": ALICE, "From": FROM_PHONE,
+                   "ErrorCode": "30008"}
+    for _ in range(2):  # Twilio may post the status more than once
+        assert twilio.post_callback(callback, status_form)[0] == 200
+    assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
+    time.sleep(0.5)
+    sms = twilio.messages()[1]
+    assert "MediaUrl" not in sms.params and sms.params["To"] == [ALICE]
+    assert sms.params["Body"] == [f"On-call voicemail (12 sec) from ACME CORP <+15551230000>: "
+                                  f"{form['RecordingUrl']}.mp3 Reply ACK to acknowledge."]
+    assert len(twilio.messages()) == 2
+
+
+def test_a_recording_url_outside_our_account_is_refused_and_audited(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    call = call_params()
+    _, text = s3_pager.post("/public/keypress", {**call, "Digits": "1"})
+    callback, _ = record_callback_path(text)
+    for url in ("http://169.254.169.254/latest/meta-data/RE" + "1" * 32,
+                twilio.base_url + "/2010-04-01/Accounts/AC" + "9" * 32 + "/Recordings/RE"
+                + "1" * 32,
+                twilio.recording_url("RE" + "1" * 32) + "/../../x"):
+        status, _ = s3_pager.post(callback, {
+            "CallSid": call["CallSid"], "RecordingSid": "RE" + "1" * 32, "RecordingUrl": url,
+            "RecordingStatus": "completed", "RecordingDuration": "5",
+            "AccountSid": ACCOUNT_SID})
+        assert status == 400
+    assert len(audit_events(s3_pager.store, "recording.refused")) == 3
+    assert s3_pager.store.list("pages/") == [] and twilio.requests == []
+
+
+@pytest.mark.parametrize("status", ["absent", "failed"])
+def test_an_absent_recording_sends_a_missed_call_sms(s3_pager: RunningPager, twilio: TwilioFake,
+                                                     smtp: SMTPSink, status: str) -> None:
+    call = call_params(CallerName="")
+    _, text = s3_pager.post("/public/keypress", {**call, "Digits": "1"})
+    callback, _ = record_callback_path(text)
+    answer = s3_pager.post(callback, {"CallSid": call["CallSid"], "RecordingStatus": status,
+                                      "AccountSid": ACCOUNT_SID, "RecordingSid": "RE" + "5" * 32,
+                                      "RecordingDuration": "0"})
+    assert answer[0] == 200
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    (sms,) = twilio.messages()
+    assert sms.params["To"] == [ALICE] and "MediaUrl" not in sms.params
+    assert sms.params["Body"] == ["Missed call to the pager from RALEIGH, NC <+15551230000>: "
+                                  "no message was left. Reply ACK to acknowledge."]
+    (opened,) = audit_events(s3_pager.store, "page.opened")
+    assert opened["details"]["kind"] == "missed"
+
+
+def test_delivery_survives_kill_9_and_a_restart(
+        s3_setup: Callable[..., Path], serve_process: Callable[[Path], ServeProcess],
+        twilio: TwilioFake, smtp: SMTPSink) -> None:
+    config = s3_setup()
+    twilio.fail_next(1000)
+    smtp.stop()
+    server = serve_process(config)
+    server.wait_healthy()
+    runner = RunningPager.__new__(RunningPager)
+    runner.cfg, runner.base_url = server.cfg, server.base_url
+    leave_voicemail(runner, twilio)
+    twilio.wait_for(lambda: twilio.requests, 5)
+    server.kill()
+    twilio.fail_next(0)
+    smtp.start()
+    requests_before = len(twilio.messages())
+    assert requests_before == 0
+    restarted = serve_process(config)
+    restarted.wait_healthy()
+    assert twilio.wait_for(lambda: twilio.messages(), 10)
+    wait_until(lambda: smtp.messages, 10)
+    time.sleep(1.0)
+    assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
+
+
+def test_two_instances_sharing_a_bucket_deliver_once(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, smtp: SMTPSink) -> None:
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    form, path = leave_voicemail(one, twilio)
+    assert two.post(path, form)[0] == 200  # Twilio's retry reached the fallback instance
+    for _ in range(3):
+        leave_voicemail(two if _ % 2 else one, twilio)
+    assert twilio.wait_for(lambda: len(twilio.messages()) >= 4, 10)
+    wait_until(lambda: len(smtp.messages) >= 4, 10)
+    time.sleep(1.0)
+    assert len(twilio.messages()) == 4 and len(smtp.messages) == 4
+    assert len(one.store.list("recordings/")) == 8
+
+
+def test_call_command_line_walks_the_flow_into_outbox_and_recordings(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    server = serve_process(config)
+    server.wait_healthy()
+    result = run_cli("call", CALLER, "-c", str(config), "--seconds", "9")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("-> 200") == 4
+    assert "I'm going to deliver your 9 second message" in result.stdout
+    store = op.DirectoryStore(tmp_path / "var")
+    wait_until(lambda: len(store.list("recordings/")) == 2 and len(store.list("outbox/")) == 2)
+    kinds = sorted(key.split("-")[1] for key in store.list("outbox/"))
+    assert kinds == ["email", "mms"]
+    mp3 = [k for k in store.list("recordings/") if k.endswith(".mp3")][0]
+    assert store.get(mp3).data == op.SAMPLE_MP3
+
+
+# ==============================================================================================
+# Acknowledge and escalate
+# ==============================================================================================
+
+
+def escalation(store: op.Store, **settings: Any) -> None:
+    set_team(store, escalation=settings)
+
+
+def calls_to(twilio: TwilioFake, number: str) -> list[FakeRequest]:
+    return [c for c in twilio.calls() if c.params["To"] == [number]]
+
+
+def page_of(store: op.Store, page_id: str) -> dict:
+    return json.loads(store.get(f"pages/{page_id}.json").data)
+
+
+def test_no_ack_phones_the_oncall_engineer_with_a_signed_page_call(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=1, call_attempts=2, escalate_to=[])
+    opened = time.monotonic()
+    form, _ = leave_voicemail(s3_pager, twilio, seconds=21)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    assert time.monotonic() - opened >= 0.9
+    (call,) = calls_to(twilio, ALICE)
+    page_url = call.params["Url"][0]
+    assert page_url == f"{s3_pager.cfg.public_url}/oncall/answer?page={form['RecordingSid']}"
+    assert call.params["From"] == [PAGER_PHONE]
+    # Twilio fetches the page call's TwiML, signed like every webhook
+    status, text = twilio.post_callback(page_url, {"CallSid": "CA" + uuid.uuid4().hex,
+                                                   "To": ALICE, "From": PAGER_PHONE,
+                                                   "AccountSid": ACCOUNT_SID})
+    assert status == 200
+    assert "Page 1: a 21 second voicemail from ACME CORP &lt;+15551230000&gt;." in text
+    assert "Press 1 to acknowledge. Press 2 to hear the message." in text
+    assert http("POST", s3_pager.base_url + "/oncall/answer?page=" + form["RecordingSid"],
+                b"CallSid=CA1")[0] == 403
+
+
+def test_ack_by_sms_stops_the_calls(s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=1, call_attempts=2)
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    assert s3_pager.sms(ALICE, "ack").startswith("Page 1 acknowledged: voicemail (12 sec) from "
+                                                 "ACME CORP <+15551230000>. Thanks, Alice.")
+    time.sleep(2.5)
+    assert twilio.calls() == []
+    assert s3_pager.sms(ALICE, "ACK") == "No open pages for you. Nothing to acknowledge."
+    assert s3_pager.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice McAlister."
+                                            " Thanks, Alice.")
+    (acked,) = audit_events(s3_pager.store, "page.acknowledged")
+    assert acked["actor"] == "alice" and acked["details"]["via"] == "sms"
+
+
+def test_after_the_calls_the_team_is_texted_and_phoned_and_told_of_the_ack(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=0.6, call_attempts=1)
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, BOB) and calls_to(twilio, CAROL), 8)
+    assert len(calls_to(twilio, ALICE)) == 1
+    assert messages_to(twilio, BOB) == ["Escalated page 1: voicemail (12 sec) from ACME CORP "
+                                        "<+15551230000>, not acknowledged yet. Reply ACK 1 to "
+                                        "acknowledge."]
+    assert s3_pager.sms(BOB, "ACK 1").startswith("Page 1 acknowledged")
+    assert twilio.wait_for(lambda: "Page 1 acknowledged by Bob Roberts." in messages_to(
+        twilio, ALICE) and "Page 1 acknowledged by Bob Roberts." in messages_to(twilio, CAROL), 5)
+    calls = len(twilio.calls())
+    time.sleep(1.5)
+    assert len(twilio.calls()) == calls
+    assert s3_pager.sms(CAROL, "status").startswith("No open pages.\n#1 ")
+    assert "acknowledged by Bob Roberts." in s3_pager.sms(CAROL, "status")
+    escalated = audit_events(s3_pager.store, "page.escalated")
+    assert [e["details"]["kind"] for e in escalated[:2]] == ["oncall", "team"]
+
+
+def test_escalate_to_limits_who_is_reached(s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=0.5, call_attempts=1, escalate_to=["carol"])
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, CAROL), 8)
+    assert messages_to(twilio, CAROL) and calls_to(twilio, BOB) == []
+    assert messages_to(twilio, BOB) == []
+
+
+def test_pressing_1_on_the_page_call_acknowledges(s3_pager: RunningPager,
+                                                  twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=0.5, call_attempts=3)
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    page_id = form["RecordingSid"]
+    keypress = f"{s3_pager.cfg.public_url}/oncall/keypress?page={page_id}"
+    call = {"CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+            "AccountSid": ACCOUNT_SID}
+    status, text = twilio.post_callback(keypress, {**call, "Digits": "2"})
+    assert f"<Play>{form['RecordingUrl']}.mp3</Play>" in text
+    status, text = twilio.post_callback(keypress, {**call, "Digits": "1"})
+    assert "<Say>Page 1 acknowledged. Thank you, Alice. Goodbye.</Say>" in text
+    assert page_of(s3_pager.store, page_id)["acked_by"] == "alice"
+    status, text = twilio.post_callback(keypress, {**call, "Digits": "1"})
+    assert "Page 1 was already acknowledged by alice. Goodbye." in text
+    calls = len(twilio.calls())
+    time.sleep(1.2)
+    assert len(twilio.calls()) == calls
+
+
+def test_a_busy_or_unanswered_call_counts_as_an_attempt_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=2, call_attempts=3)
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 6)
+    first = calls_to(twilio, ALICE)[0]
+    twilio.post_callback(first.params["StatusCallback"][0], {
+        "CallSid": "CA" + uuid.uuid4().hex, "CallStatus": "busy", "AccountSid": ACCOUNT_SID})
+    hurried = time.monotonic()
+    assert twilio.wait_for(lambda: len(calls_to(twilio, ALICE)) == 2, 3)
+    assert time.monotonic() - hurried < 1.5
+
+
+def test_a_restart_mid_escalation_continues_where_it_stopped(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    config = s3_setup()
+    first = start_pager(config)
+    escalation(first.store, ack_timeout=0.8, call_attempts=1, escalate_to=["bob"])
+    form, _ = leave_voicemail(first, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    first.stop()
+    assert page_of(first.store, form["RecordingSid"])["escalation"]["step"] == 1
+    start_pager(config)
+    assert twilio.wait_for(lambda: calls_to(twilio, BOB), 5)
+    assert len(calls_to(twilio, ALICE)) == 1
+
+
+def test_two_instances_place_each_call_exactly_once(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    escalation(one.store, ack_timeout=0.4, call_attempts=2, escalate_to=["bob"])
+    form, _ = leave_voicemail(one, twilio)
+    assert twilio.wait_for(lambda: len(twilio.calls()) >= 6, 10)
+    one.sms(ALICE, "ACK")
+    time.sleep(1.0)
+    steps = [urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["StatusCallback"][0]).query)[
+        "step"][0] for c in twilio.calls()]
+    assert len(steps) == len(set(steps)), f"a step was called twice: {steps}"
+    final = page_of(one.store, form["RecordingSid"])["escalation"]["step"]
+    assert len(steps) == final
+
+
+def test_the_cost_guard_stops_sms_and_calls_but_keeps_email(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    escalation(s3_pager.store, ack_timeout=0.4, call_attempts=1, max_outbound_per_hour=2)
+    leave_voicemail(s3_pager, twilio)
+    wait_until(lambda: audit_events(s3_pager.store, "outbound.capped"), 8)
+    time.sleep(1.0)
+    assert len(twilio.messages()) + len(twilio.calls()) == 2
+    leave_voicemail(s3_pager, twilio)
+    wait_until(lambda: len(smtp.messages) == 2, 5)
+    assert len(twilio.messages()) + len(twilio.calls()) == 2
+    capped = audit_events(s3_pager.store, "outbound.capped")[0]["details"]
+    assert capped["limit_per_hour"] == 2 and "only e-mail runs" in capped["reason"]
+
+
+def test_missed_call_pages_escalate_too(s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=0.5, call_attempts=1)
+    call = call_params()
+    _, text = s3_pager.post("/public/keypress", {**call, "Digits": "1"})
+    callback, _ = record_callback_path(text)
+    s3_pager.post(callback, {"CallSid": call["CallSid"], "RecordingStatus": "absent",
+                             "AccountSid": ACCOUNT_SID})
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    page = twilio.calls()[0].params["Url"][0]
+    status, text = twilio.post_callback(page, {"CallSid": "CA" + uuid.uuid4().hex,
+                                               "To": ALICE, "AccountSid": ACCOUNT_SID})
+    assert "Page 1: a missed call from ACME CORP &lt;+15551230000&gt;." in text
+
+
+def test_a_page_unacknowledged_for_a_day_closes_with_a_final_email(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    form, _ = leave_voicemail(s3_pager, twilio)
+    wait_until(lambda: smtp.messages, 5)
+    key = f"pages/{form['RecordingSid']}.json"
+    op.update_json(s3_pager.store, key, lambda p: {**p, "opened": p["opened"] - op.DAY - 5})
+    s3_pager.worker.wake()
+    wait_until(lambda: audit_events(s3_pager.store, "page.closed"), 5)
+    wait_until(lambda: len(smtp.messages) == 2, 5)
+    assert smtp.messages[1]["Subject"] == "Page 1 closed unacknowledged"
+    assert page_of(s3_pager.store, form["RecordingSid"])["state"] == "closed"
+    wait_until(lambda: s3_pager.store.list("jobs/") == [], 5)
