@@ -13,6 +13,8 @@ import base64
 import contextlib
 import email
 import email.policy
+import email.utils
+import http
 import http.server
 import json
 import os
@@ -29,15 +31,20 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 import pytest
+import requests
 import waitress
 from aiosmtpd.controller import Controller
+from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
+from twilio.rest import Client
 
 import oncall_pager as op
 
@@ -240,10 +247,14 @@ class RunningPager:
         self.app = op.WebApp(self.cfg, self.pager, self.worker)
         self.server = waitress.create_server(self.app, host=self.cfg.host, port=self.cfg.port,
                                              threads=4, max_request_body_size=op.MAX_BODY)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.worker.start()
         self.thread.start()
         self.base_url = f"http://127.0.0.1:{self.server.effective_port}"
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # stop() closes the sockets under the loop
+            self.server.run()
 
     @property
     def store(self) -> op.Store:
@@ -288,7 +299,7 @@ def sign(public_url: str, path: str, params: dict[str, str]) -> str:
     return RequestValidator(AUTH_TOKEN).compute_signature(public_url.rstrip("/") + path, params)
 
 
-def http(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None,
+def http_request(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None,
          timeout: float = 10) -> tuple[int, str, dict[str, str]]:
     request = urllib.request.Request(url, data=body if method != "GET" else None,
                                      method=method, headers=headers or {})
@@ -306,7 +317,7 @@ def signed_post(base_url: str, public_url: str, path: str, params: dict[str, str
     sig = sign(public_url, path, params) if signature is None else signature
     all_headers = {"Content-Type": "application/x-www-form-urlencoded",
                    **({"X-Twilio-Signature": sig} if sig else {}), **(headers or {})}
-    status, text, _ = http("POST", base_url + path, urllib.parse.urlencode(params).encode(),
+    status, text, _ = http_request("POST", base_url + path, urllib.parse.urlencode(params).encode(),
                            all_headers)
     return status, text
 
@@ -322,6 +333,739 @@ def audit_events(store: op.Store, event: str | None = None) -> list[dict]:
 
 def oncall_id(store: op.Store) -> str:
     return json.loads(store.get("oncall_config.json").data)["current_config"]["oncall_user"]["id"]
+
+
+# ==============================================================================================
+# The local fake of Twilio's REST API (held to Twilio's OpenAPI description)
+# ==============================================================================================
+
+# --- The OpenAPI subset ---------------------------------------------------------------------
+
+TWILIO_SUBSET_FILE_NAME = "twilio_api_v2010_subset.json"
+# Where the full description sits relative to the repo folder (a sibling `shared/` folder).
+TWILIO_FULL_SPEC_RELATIVE_PATH = "../shared/twilio/twilio_api_v2010.json"
+
+MESSAGES_PATH = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
+CALLS_PATH = "/2010-04-01/Accounts/{AccountSid}/Calls.json"
+RECORDING_PATH = "/2010-04-01/Accounts/{AccountSid}/Recordings/{Sid}.json"
+SUBSET_OPERATIONS = ((MESSAGES_PATH, "post"), (CALLS_PATH, "post"), (RECORDING_PATH, "get"))
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+_SCHEMA_REF_PREFIX = "#/components/schemas/"
+_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+# The licence of github.com/twilio/twilio-oai, which the subset is a portion of: MIT asks that
+# this notice travel with every copy, so it is written into the subset file itself.
+TWILIO_OAI_LICENSE = """MIT License
+
+Copyright (C) 2023, Twilio, Inc. <help@twilio.com>
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+"""
+
+
+def extract_subset(full: dict[str, Any]) -> dict[str, Any]:
+    """Cut the pager's three operations and every schema they reference out of Twilio's spec.
+
+    The full description is 1.8 MB and lives outside the repo; the subset is small enough to
+    commit, so the fake works in any clone. Keys are kept as in the source so the subset can be
+    compared with a fresh extraction.
+    """
+    paths = {path: _path_item_subset(full["paths"][path], method)
+             for path, method in SUBSET_OPERATIONS}
+    all_schemas = full["components"]["schemas"]
+    names = _referenced_schema_names(paths, all_schemas)
+    return {
+        "x-subset-of": _subset_note(),
+        "openapi": full["openapi"],
+        "info": full["info"],
+        "servers": full["servers"],
+        "security": full["security"],
+        "components": {
+            "securitySchemes": full["components"]["securitySchemes"],
+            "schemas": {name: all_schemas[name] for name in sorted(names)},
+        },
+        "paths": paths,
+    }
+
+
+def subset_json_text(subset: dict[str, Any]) -> str:
+    """Serialise the subset the one deterministic way, so regenerating it gives no diff."""
+    return json.dumps(subset, sort_keys=True, indent=1) + "\n"
+
+
+def _subset_note() -> dict[str, Any]:
+    """Say where the subset comes from and under which licence, inside the file itself."""
+    return {
+        "source": "twilio_api_v2010.json, Twilio's OpenAPI description of its REST API, from "
+                  "github.com/twilio/twilio-oai (spec/json/twilio_api_v2010.json, commit "
+                  f"d50069b), kept beside the repo as {TWILIO_FULL_SPEC_RELATIVE_PATH}",
+        "license": "MIT, Copyright (C) 2023, Twilio, Inc.; full text in license_text. The "
+                   "info.license block is copied unchanged from the source file.",
+        "license_text": TWILIO_OAI_LICENSE,
+        "operations": [f"{method.upper()} {path}" for path, method in SUBSET_OPERATIONS],
+        "made_by": "extract_subset() in the project's tests",
+    }
+
+
+def _path_item_subset(item: dict[str, Any], method: str) -> dict[str, Any]:
+    """Keep one operation of a path item, plus the path-level fields (servers, x-twilio...)."""
+    kept = {key: value for key, value in item.items() if key not in _HTTP_METHODS}
+    kept[method] = item[method]
+    return kept
+
+
+def _schema_refs(node: Any) -> set[str]:
+    """Names of the components.schemas entries that `node` points at with `$ref`, at any depth.
+
+    Any other kind of `$ref` would dangle in the subset, so it stops the extraction loudly.
+    """
+    if isinstance(node, list):
+        return set().union(*(_schema_refs(item) for item in node))
+    if not isinstance(node, dict):
+        return set()
+    found = set().union(*(_schema_refs(value) for value in node.values()))
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        if not ref.startswith(_SCHEMA_REF_PREFIX):
+            raise ValueError(f"extract_subset only copies component schemas, not {ref}")
+        found.add(ref.removeprefix(_SCHEMA_REF_PREFIX))
+    return found
+
+
+def _referenced_schema_names(root: Any, schemas: dict[str, Any]) -> set[str]:
+    """Every schema `root` needs, following references from schema to schema."""
+    names: set[str] = set()
+    pending = _schema_refs(root)
+    while pending:
+        name = pending.pop()
+        names.add(name)
+        pending |= _schema_refs(schemas[name]) - names
+    return names
+
+
+# --- Reading the schemas --------------------------------------------------------------------
+
+def resolve_schema(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Follow `$ref` until a real schema: properties such as status point at enum schemas."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].removeprefix(_SCHEMA_REF_PREFIX)]
+    return schema
+
+
+def form_schema(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The form schema of a POST operation: the parameters Twilio accepts, and which are needed."""
+    body = spec["paths"][path]["post"]["requestBody"]
+    return body["content"][_FORM_CONTENT_TYPE]["schema"]
+
+
+def _has_json_type(value: Any, json_type: str) -> bool:
+    """Whether a decoded JSON value has the OpenAPI type (bool is not a number in JSON)."""
+    if isinstance(value, bool):
+        return json_type == "boolean"
+    python_types: dict[str, tuple[type, ...]] = {
+        "string": (str,), "integer": (int,), "number": (int, float),
+        "object": (dict,), "array": (list,), "boolean": (bool,),
+    }
+    return isinstance(value, python_types[json_type])
+
+
+def _value_mismatches(name: str, value: Any, schema: dict[str, Any]) -> list[str]:
+    """How one property of an answer breaks its (resolved) schema; empty when it fits."""
+    if value is None:
+        return [] if schema.get("nullable") else [f"{name} is null but not nullable"]
+    json_type = schema.get("type")
+    if json_type and not _has_json_type(value, json_type):
+        return [f"{name} should be {json_type}, is {type(value).__name__}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{name}={value!r} is not one of {schema['enum']}"]
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return [f"{name}={value!r} does not match {schema['pattern']}"]
+    return []
+
+
+def schema_mismatches(resource: dict[str, Any], schema: dict[str, Any],
+                      spec: dict[str, Any]) -> list[str]:
+    """How a JSON answer breaks an object schema: missing, extra or mistyped properties.
+
+    The fake runs this on every answer it builds, so an answer the official client could
+    misread (say num_media as a number) fails the test that caused it instead of passing quietly.
+    """
+    properties = schema["properties"]
+    problems = [f"{name} is not in the schema" for name in resource if name not in properties]
+    for name, prop in properties.items():
+        if name not in resource:
+            problems.append(f"{name} is missing")
+        else:
+            problems += _value_mismatches(name, resource[name], resolve_schema(prop, spec))
+    return problems
+
+
+# --- Twilio's errors and rules --------------------------------------------------------------
+
+class TwilioError(Exception):
+    """An answer in Twilio's JSON error shape, raised anywhere while handling a request."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        """Keep the HTTP status, Twilio's error code and the human message."""
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        """Twilio's error document; the official client reads code and message from it."""
+        return {"code": self.code, "message": self.message,
+                "more_info": f"https://www.twilio.com/docs/errors/{self.code}",
+                "status": self.status}
+
+
+class PresenceRule(NamedTuple):
+    """At least one of `names` must be sent, else Twilio answers 400 with `code`."""
+
+    names: tuple[str, ...]
+    code: int
+    message: str
+
+
+# Twilio's own "needs one of" rules, with the codes from Twilio's error dictionary. The spec
+# states them only as the x-twilio "conditional" extension; a test checks they still agree.
+MESSAGE_RULES = (
+    PresenceRule(("To",), 21604, "A 'To' phone number is required."),
+    PresenceRule(("From", "MessagingServiceSid"), 21603, "A 'From' phone number is required."),
+    PresenceRule(("Body", "MediaUrl", "ContentSid"), 21602, "Message body is required."),
+)
+CALL_RULES = (
+    PresenceRule(("To",), 21201, "No 'To' number is specified"),
+    PresenceRule(("From",), 21213, "No 'From' number is specified"),
+    PresenceRule(("Url", "Twiml", "ApplicationSid"), 21205, "Url parameter is required."),
+)
+# Real Twilio ignores unknown parameters with warning 20001; the fake refuses them so that a
+# misspelt parameter fails a test instead of being dropped silently in production.
+CODE_UNKNOWN_PARAMETER = 20001
+# The fake does not model Twilio's per-parameter codes for bad values; 21200 is Twilio's
+# generic code for a bad request to the Calls resource, used here for any value the schema bars.
+CODE_BAD_PARAMETER = 21200
+CODE_INVALID_TO = 21211
+CODE_INVALID_FROM = 21212
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
+def check_presence(params: dict[str, list[str]], rules: tuple[PresenceRule, ...]) -> None:
+    """Apply Twilio's "needs one of" rules, the first that fails giving the answer."""
+    for rule in rules:
+        if not any(name in params for name in rule.names):
+            raise TwilioError(400, rule.code, rule.message)
+
+
+def check_form(params: dict[str, list[str]], schema: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Hold a form to the operation's schema: known names, required ones, repeats, values."""
+    properties = schema["properties"]
+    for name, values in params.items():
+        if name not in properties:
+            raise TwilioError(400, CODE_UNKNOWN_PARAMETER, f"Unknown parameter: {name}")
+        _check_form_values(name, values, resolve_schema(properties[name], spec), spec)
+    for name in schema.get("required", []):
+        if name not in params:
+            raise TwilioError(400, CODE_BAD_PARAMETER, f"Missing required parameter {name}")
+
+
+def _check_form_values(name: str, values: list[str], schema: dict[str, Any],
+                       spec: dict[str, Any]) -> None:
+    """Only `array` parameters may repeat; every value must fit the (item) schema."""
+    if schema.get("type") == "array":
+        schema = resolve_schema(schema["items"], spec)
+    elif len(values) > 1:
+        raise TwilioError(400, CODE_BAD_PARAMETER, f"Parameter {name} may be sent only once")
+    for value in values:
+        problem = _form_value_problem(value, schema)
+        if problem:
+            raise TwilioError(400, CODE_BAD_PARAMETER, f"Invalid {name} {value!r}: {problem}")
+
+
+def _form_value_problem(value: str, schema: dict[str, Any]) -> str | None:
+    """Why a form value (always text on the wire) breaks its schema, or None if it fits."""
+    if "enum" in schema and value not in [str(item) for item in schema["enum"]]:
+        return f"must be one of {schema['enum']}"
+    json_type = schema.get("type")
+    if json_type == "integer" and not re.fullmatch(r"-?[0-9]+", value):
+        return "must be an integer"
+    if json_type == "number" and not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value):
+        return "must be a number"
+    if json_type == "boolean" and value not in ("true", "false"):
+        return "must be true or false"
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return f"must match {schema['pattern']}"
+    return None
+
+
+def check_phone(params: dict[str, list[str]], name: str, code: int) -> None:
+    """Twilio wants E.164 numbers: '+', then 7 to 15 digits, the first not 0."""
+    for value in params.get(name, []):
+        if not _E164.fullmatch(value):
+            message = f"The '{name}' number {value} is not a valid phone number."
+            raise TwilioError(400, code, message)
+
+
+# --- Small helpers --------------------------------------------------------------------------
+
+API_VERSION = "2010-04-01"
+_ROUTES = (
+    ("messages", re.compile(r"/2010-04-01/Accounts/(?P<account>[^/]+)/Messages\.json")),
+    ("calls", re.compile(r"/2010-04-01/Accounts/(?P<account>[^/]+)/Calls\.json")),
+    ("recording", re.compile(
+        r"/2010-04-01/Accounts/(?P<account>[^/]+)/Recordings/(?P<sid>[^/.]+)(?P<ext>\.[a-z0-9]+)?")),
+)
+_ROUTE_METHODS = {"messages": "POST", "calls": "POST", "recording": "GET"}
+# Twilio serves a recording without extension as WAV.
+_RECORDING_TYPES = {".mp3": "audio/mpeg", ".wav": "audio/x-wav", "": "audio/x-wav"}
+_CALL_SUBRESOURCES = (
+    ("notifications", "Notifications"), ("recordings", "Recordings"), ("payments", "Payments"),
+    ("events", "Events"), ("siprec", "Siprec"), ("streams", "Streams"),
+    ("transcriptions", "Transcriptions"),
+    ("user_defined_message_subscriptions", "UserDefinedMessageSubscriptions"),
+    ("user_defined_messages", "UserDefinedMessages"),
+)
+
+
+def new_sid(prefix: str) -> str:
+    """A Twilio-shaped SID: two letters and 32 hex digits, e.g. SM..., CA..., RE..."""
+    return prefix + secrets.token_hex(16)
+
+
+def _rfc2822_now() -> str:
+    """Now as Twilio writes dates; in UTC because the client drops the offset when parsing."""
+    return email.utils.format_datetime(datetime.now(UTC).replace(microsecond=0))
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    """The one value of a non-repeating form field, or None when it was not sent."""
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def _json_answer(status: int, document: dict[str, Any]) -> tuple[int, str, bytes]:
+    """An answer triple (status, content type, body) carrying JSON."""
+    return status, "application/json", json.dumps(document).encode()
+
+
+@dataclass(frozen=True)
+class FakeRequest:
+    """One request the fake answered, kept so tests can check what the app really sent."""
+
+    method: str
+    path: str
+    params: dict[str, list[str]]
+    time: float
+    status: int  # 0 when the fake was down() and dropped the connection
+
+    def param(self, name: str) -> str | None:
+        """The single value of a parameter, or None: most Twilio parameters appear once."""
+        return _first(self.params, name)
+
+
+class _Route(NamedTuple):
+    """What a request path names: which resource, for which account, which recording."""
+
+    kind: str
+    account: str
+    sid: str
+    ext: str
+
+
+def _match_route(path: str) -> _Route:
+    """Map a path onto one of the three served resources, else Twilio's 404."""
+    for kind, pattern in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            return _Route(kind, match["account"], match.groupdict().get("sid") or "",
+                          match.groupdict().get("ext") or "")
+    raise TwilioError(404, 20404, f"The requested resource {path} was not found")
+
+
+# --- The HTTP server ------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    """Hands every request to the TwilioFake that owns the server."""
+
+    server: _Server
+
+    def do_GET(self) -> None:
+        """Recordings are fetched with GET."""
+        self.server.fake.answer(self)
+
+    def do_POST(self) -> None:
+        """Messages and calls are created with POST."""
+        self.server.fake.answer(self)
+
+    def do_PUT(self) -> None:
+        """Answered (405 on known paths) so that a wrong method is reported like Twilio does."""
+        self.server.fake.answer(self)
+
+    def do_DELETE(self) -> None:
+        """Answered (405 on known paths) so that a wrong method is reported like Twilio does."""
+        self.server.fake.answer(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output clean: http.server would print a line per request to stderr."""
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading server on a free loopback port that knows its fake."""
+
+    daemon_threads = True
+
+    def __init__(self, fake: TwilioFake) -> None:
+        """Bind 127.0.0.1 on a port the OS picks, so parallel tests never collide."""
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.fake = fake
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client hung up (e.g. its timeout fired during `delay`).
+
+        Any other exception is a bug in the fake and is printed as usual.
+        """
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class TwilioFake:
+    """The fake Twilio REST API: three operations, basic auth, fault injection, a request log."""
+
+    def __init__(self, account_sid: str, auth_token: str, subset_path: str | Path) -> None:
+        """Load the OpenAPI subset; nothing listens until start()."""
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.spec: dict[str, Any] = json.loads(Path(subset_path).read_text(encoding="utf-8"))
+        self.delay = 0.0  # seconds slept before answering each request
+        self._lock = threading.Lock()
+        self._requests: list[FakeRequest] = []
+        self._recordings: dict[str, bytes] = {}
+        self._failures_left = 0
+        self._failure_status = 500
+        self._down = False
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # Life cycle
+
+    def start(self) -> None:
+        """Listen on 127.0.0.1 and serve from a daemon thread, so a stuck test cannot hang exit."""
+        if self._server is not None:
+            raise RuntimeError("TwilioFake is already started")
+        self._server = _Server(self)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name="twilio-fake", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and free the port; safe to call twice."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    @property
+    def base_url(self) -> str:
+        """Where the fake listens, like http://127.0.0.1:PORT (for client.api.base_url)."""
+        if self._server is None:
+            raise RuntimeError("start() the TwilioFake before asking for its base_url")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # Test controls
+
+    def add_recording(self, sid: str, data: bytes) -> None:
+        """Make a recording's audio available at recording_url(sid) + '.mp3' (or '.wav')."""
+        if not re.fullmatch(r"RE[0-9a-fA-F]{32}", sid):
+            raise ValueError(f"{sid!r} is not a recording SID; make one with new_sid('RE')")
+        with self._lock:
+            self._recordings[sid] = data
+
+    def recording_url(self, sid: str) -> str:
+        """The RecordingUrl Twilio would send in a webhook: absolute and without extension."""
+        return f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Recordings/{sid}"
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        """Make the next n API requests fail with `status` and a Twilio JSON error."""
+        with self._lock:
+            self._failures_left = n
+            self._failure_status = status
+
+    def down(self) -> None:
+        """Drop every connection without an answer, as an unreachable Twilio would look."""
+        self._down = True
+
+    def up(self) -> None:
+        """Answer again after down()."""
+        self._down = False
+
+    # What happened
+
+    @property
+    def requests(self) -> list[FakeRequest]:
+        """A copy of every request so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def messages(self) -> list[FakeRequest]:
+        """The message requests Twilio would have accepted (201)."""
+        return [r for r in self.requests if r.status == 201 and r.path.endswith("/Messages.json")]
+
+    def calls(self) -> list[FakeRequest]:
+        """The call requests Twilio would have accepted (201)."""
+        return [r for r in self.requests if r.status == 201 and r.path.endswith("/Calls.json")]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Poll `predicate` every 20 ms until it holds or `timeout` seconds pass.
+
+        The app sends from its own threads, so tests wait for an effect rather than sleep.
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def post_callback(self, url: str, params: dict[str, str]) -> tuple[int, str]:
+        """POST a status-callback webhook to the app, signed as Twilio signs it.
+
+        The signature is RequestValidator(auth_token).compute_signature(url, params) in the
+        X-Twilio-Signature header; the answer's status and body are returned, errors included.
+        """
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        request = urllib.request.Request(
+            url, data=urllib.parse.urlencode(params).encode(), method="POST",
+            headers={"X-Twilio-Signature": signature, "Content-Type": _FORM_CONTENT_TYPE})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=5) as response:
+                return response.status, response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode("utf-8", "replace")
+
+    # Answering (runs on the server's threads)
+
+    def answer(self, handler: _Handler) -> None:
+        """Answer one HTTP request: read it, apply faults, dispatch, log it, reply."""
+        path, _, query = handler.path.partition("?")
+        params = _request_params(handler, query)
+        if self._down:
+            handler.close_connection = True
+            self._log(handler.command, path, params, 0)
+            return
+        if self.delay:
+            time.sleep(self.delay)
+        try:
+            status, content_type, body = self._dispatch(handler, path, params)
+        except TwilioError as error:
+            status, content_type, body = _json_answer(error.status, error.body())
+        except Exception as error:  # a bug in the fake must reach the test as a 500, not hang it
+            status, content_type, body = _json_answer(
+                500, TwilioError(500, 20500, f"twilio fake bug: {error!r}").body())
+        self._log(handler.command, path, params, status)
+        _send(handler, status, content_type, body)
+
+    def _dispatch(self, handler: _Handler, path: str,
+                  params: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        """Check auth, path, method and account in Twilio's order, then serve the resource."""
+        self._check_auth(handler.headers.get("Authorization"))
+        route = _match_route(path)
+        if handler.command != _ROUTE_METHODS[route.kind]:
+            raise TwilioError(405, 20004, "Method not allowed")
+        if route.account != self.account_sid:
+            raise TwilioError(404, 20404, f"The requested resource {path} was not found")
+        self._maybe_fail()
+        if route.kind == "messages":
+            return _json_answer(201, self._create_message(params))
+        if route.kind == "calls":
+            return _json_answer(201, self._create_call(params))
+        return self._fetch_recording(route.sid, route.ext)
+
+    def _check_auth(self, header: str | None) -> None:
+        """Twilio wants HTTP basic auth with the account SID and auth token."""
+        pair = f"{self.account_sid}:{self.auth_token}".encode()
+        if header != "Basic " + base64.b64encode(pair).decode():
+            raise TwilioError(401, 20003, "Authenticate")
+
+    def _maybe_fail(self) -> None:
+        """Spend one injected failure, if any are left (see fail_next)."""
+        with self._lock:
+            if self._failures_left <= 0:
+                return
+            self._failures_left -= 1
+            status = self._failure_status
+        # Twilio's codes for these are 20000 + status: 20429, 20500, 20503...
+        raise TwilioError(status, 20000 + status, http.HTTPStatus(status).phrase)
+
+    def _log(self, method: str, path: str, params: dict[str, list[str]], status: int) -> None:
+        """Keep the request for the test; done before replying, so the app never outruns it."""
+        with self._lock:
+            self._requests.append(FakeRequest(method, path, params, time.time(), status))
+
+    def _account_path(self) -> str:
+        """The URI prefix of every resource of the account, as Twilio writes `uri` fields."""
+        return f"/2010-04-01/Accounts/{self.account_sid}"
+
+    def _resource(self, schema_name: str, known: dict[str, Any]) -> dict[str, Any]:
+        """Every property the response schema lists: known values, null for the rest.
+
+        The result is checked against the schema, so the fake never answers what Twilio can't.
+        """
+        schema = self.spec["components"]["schemas"][schema_name]
+        resource = {name: known.get(name) for name in schema["properties"]}
+        problems = schema_mismatches(resource, schema, self.spec)
+        problems += [f"{name} is not in the schema" for name in known if name not in resource]
+        if problems:
+            raise RuntimeError(f"answer does not fit {schema_name}: {problems}")
+        return resource
+
+    def _create_message(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """Validate a Messages.json form like Twilio, and describe the queued message."""
+        check_presence(params, MESSAGE_RULES)
+        check_form(params, form_schema(self.spec, MESSAGES_PATH), self.spec)
+        check_phone(params, "To", CODE_INVALID_TO)
+        check_phone(params, "From", CODE_INVALID_FROM)
+        sid, now = new_sid("SM"), _rfc2822_now()
+        uri = f"{self._account_path()}/Messages/{sid}"
+        return self._resource("api.v2010.account.message", {
+            "account_sid": self.account_sid, "api_version": API_VERSION,
+            "body": _first(params, "Body") or "", "date_created": now, "date_updated": now,
+            "direction": "outbound-api", "from": _first(params, "From"),
+            "messaging_service_sid": _first(params, "MessagingServiceSid"),
+            "num_media": str(len(params.get("MediaUrl", []))), "num_segments": "1",
+            "sid": sid, "status": "queued", "subresource_uris": {"media": f"{uri}/Media.json"},
+            "to": _first(params, "To"), "uri": f"{uri}.json",
+        })
+
+    def _create_call(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """Validate a Calls.json form like Twilio, and describe the queued call."""
+        check_presence(params, CALL_RULES)
+        check_form(params, form_schema(self.spec, CALLS_PATH), self.spec)
+        check_phone(params, "To", CODE_INVALID_TO)
+        check_phone(params, "From", CODE_INVALID_FROM)
+        sid, now = new_sid("CA"), _rfc2822_now()
+        uri = f"{self._account_path()}/Calls/{sid}"
+        return self._resource("api.v2010.account.call", {
+            "account_sid": self.account_sid, "api_version": API_VERSION,
+            "date_created": now, "date_updated": now, "direction": "outbound-api",
+            "from": _first(params, "From"), "from_formatted": _first(params, "From"),
+            "price_unit": "USD", "queue_time": "0", "sid": sid, "status": "queued",
+            "subresource_uris": {key: f"{uri}/{name}.json" for key, name in _CALL_SUBRESOURCES},
+            "to": _first(params, "To"), "to_formatted": _first(params, "To"),
+            "uri": f"{uri}.json",
+        })
+
+    def _fetch_recording(self, sid: str, ext: str) -> tuple[int, str, bytes]:
+        """Serve a registered recording: audio for .mp3/.wav (or none), metadata for .json."""
+        with self._lock:
+            data = self._recordings.get(sid)
+        if data is None or (ext != ".json" and ext not in _RECORDING_TYPES):
+            raise TwilioError(404, 20404, f"The requested resource Recordings/{sid}{ext} "
+                                          "was not found")
+        if ext == ".json":
+            return _json_answer(200, self._recording_resource(sid))
+        return 200, _RECORDING_TYPES[ext], data
+
+    def _recording_resource(self, sid: str) -> dict[str, Any]:
+        """Describe a registered recording as a completed one, shaped by Twilio's schema."""
+        now, uri = _rfc2822_now(), f"{self._account_path()}/Recordings/{sid}"
+        return self._resource("api.v2010.account.recording", {
+            "account_sid": self.account_sid, "api_version": API_VERSION, "channels": 1,
+            "date_created": now, "date_updated": now, "start_time": now,
+            "media_url": self.recording_url(sid), "price_unit": "USD", "sid": sid,
+            "source": "RecordVerb", "status": "completed", "uri": f"{uri}.json",
+            "subresource_uris": {"add_on_results": f"{uri}/AddOnResults.json",
+                                 "transcriptions": f"{uri}/Transcriptions.json"},
+        })
+
+
+def _request_params(handler: _Handler, query: str) -> dict[str, list[str]]:
+    """The parameters of a request: the form body of a POST, else the query string.
+
+    A body that is not form-encoded is read and dropped, so it looks like a form missing
+    everything, which is how Twilio treats a JSON body.
+    """
+    length = int(handler.headers.get("Content-Length") or 0)
+    body = handler.rfile.read(length) if length > 0 else b""
+    if handler.command != "POST":
+        return urllib.parse.parse_qs(query, keep_blank_values=True)
+    content_type = handler.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type != _FORM_CONTENT_TYPE:
+        return {}
+    return urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
+
+def _send(handler: _Handler, status: int, content_type: str, body: bytes) -> None:
+    """Write one complete HTTP answer."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+# --- Fixtures -------------------------------------------------------------------------------
+
+FAKE_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+FAKE_AUTH_TOKEN = "fedcba9876543210" * 2
+
+
+def fake_client(fake: TwilioFake, account_sid: str | None = None,
+                auth_token: str | None = None) -> Client:
+    """The official twilio client, sent to the fake instead of api.twilio.com.
+
+    Messages, calls and recordings all go through the `api` domain, whose base_url is the only
+    place the host is written; credentials can be overridden to test refusals.
+    """
+    client = Client(account_sid or fake.account_sid, auth_token or fake.auth_token)
+    client.api.base_url = fake.base_url
+    return client
+
+
+@pytest.fixture(name="twilio_repo_dir")
+def fixture_twilio_repo_dir() -> Path:
+    """The repo folder, which holds the committed subset; the test module sits at its root."""
+    return Path(__file__).resolve().parent
+
+
+@pytest.fixture(name="twilio_fake")
+def fixture_twilio_fake(twilio_repo_dir: Path) -> Iterator[TwilioFake]:
+    """A started TwilioFake for one test, stopped afterwards whatever happens."""
+    fake = TwilioFake(FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, twilio_repo_dir / TWILIO_SUBSET_FILE_NAME)
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(name="twilio_client")
+def fixture_twilio_client(twilio_fake: TwilioFake) -> Client:
+    """The official client, with the fake's credentials, talking to the fake."""
+    return fake_client(twilio_fake)
 
 
 # ==============================================================================================
@@ -586,7 +1330,7 @@ def file_pager(tmp_path: Path, start_pager: Callable[[Path], RunningPager],
 
 
 def test_healthz_answers_json(file_pager: RunningPager) -> None:
-    status, body, headers = http("GET", file_pager.base_url + "/healthz")
+    status, body, headers = http_request("GET", file_pager.base_url + "/healthz")
     assert status == 200 and headers["Content-Type"] == "application/json"
     health = json.loads(body)
     assert health["store"] == "reachable" and health["version"] == op.VERSION
@@ -594,10 +1338,10 @@ def test_healthz_answers_json(file_pager: RunningPager) -> None:
 
 
 def test_unknown_path_is_404_and_wrong_method_405_with_allow(file_pager: RunningPager) -> None:
-    assert http("POST", file_pager.base_url + "/nope", b"x=1")[0] == 404
-    status, _, headers = http("GET", file_pager.base_url + "/msgcontrol/entry")
+    assert http_request("POST", file_pager.base_url + "/nope", b"x=1")[0] == 404
+    status, _, headers = http_request("GET", file_pager.base_url + "/msgcontrol/entry")
     assert status == 405 and headers["Allow"] == "POST"
-    status, _, headers = http("POST", file_pager.base_url + "/healthz", b"")
+    status, _, headers = http_request("POST", file_pager.base_url + "/healthz", b"")
     assert status == 405 and headers["Allow"] == "GET"
 
 
@@ -659,7 +1403,7 @@ def test_blank_fields_are_signed_too(file_pager: RunningPager) -> None:
 ])
 def test_garbage_bodies_never_give_a_500(file_pager: RunningPager, body: bytes) -> None:
     for signature in ("", "bm9wZQ==", sign(file_pager.cfg.public_url, "/msgcontrol/entry", {})):
-        status, text, _ = http("POST", file_pager.base_url + "/msgcontrol/entry", body, {
+        status, text, _ = http_request("POST", file_pager.base_url + "/msgcontrol/entry", body, {
             "X-Twilio-Signature": signature,
             "Content-Type": "application/x-www-form-urlencoded"})
         assert status in (400, 403), (status, text)
@@ -692,7 +1436,7 @@ class ServeProcess:
     def wait_healthy(self, timeout: float = 10, expect: int = 200) -> dict:
         def answered() -> dict | None:
             with contextlib.suppress(OSError):
-                status, body, _ = http("GET", self.base_url + "/healthz", timeout=1)
+                status, body, _ = http_request("GET", self.base_url + "/healthz", timeout=1)
                 if status == expect:
                     return json.loads(body)
             assert self.process.poll() is None, self.log.read_text()
@@ -763,7 +1507,7 @@ def test_while_s3_is_down_webhooks_answer_from_the_last_good_copy_and_writes_say
     pager = start_pager(config)
     assert "Alice McAlister" in pager.sms(BOB, "WHO")
     assert pager.sms(BOB, "TAKE") == op.STORE_DOWN_TEXT
-    status, body, _ = http("GET", pager.base_url + "/healthz")
+    status, body, _ = http_request("GET", pager.base_url + "/healthz")
     assert status == 503 and json.loads(body)["config"] == "stale"
 
 
@@ -1421,7 +2165,7 @@ def test_no_ack_phones_the_oncall_engineer_with_a_signed_page_call(
     assert status == 200
     assert "Page 1: a 21 second voicemail from ACME CORP &lt;+15551230000&gt;." in text
     assert "Press 1 to acknowledge. Press 2 to hear the message." in text
-    assert http("POST", s3_pager.base_url + "/oncall/answer?page=" + form["RecordingSid"],
+    assert http_request("POST", s3_pager.base_url + "/oncall/answer?page=" + form["RecordingSid"],
                 b"CallSid=CA1")[0] == 403
 
 
@@ -1521,7 +2265,8 @@ def test_a_restart_mid_escalation_continues_where_it_stopped(
 def test_two_instances_place_each_call_exactly_once(
         s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
         twilio: TwilioFake) -> None:
-    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    one = start_pager(s3_setup("one"))
+    start_pager(s3_setup("two"))
     escalation(one.store, ack_timeout=0.4, call_attempts=2, escalate_to=["bob"])
     form, _ = leave_voicemail(one, twilio)
     assert twilio.wait_for(lambda: len(twilio.calls()) >= 6, 10)
@@ -1574,3 +2319,276 @@ def test_a_page_unacknowledged_for_a_day_closes_with_a_final_email(
     assert smtp.messages[1]["Subject"] == "Page 1 closed unacknowledged"
     assert page_of(s3_pager.store, form["RecordingSid"])["state"] == "closed"
     wait_until(lambda: s3_pager.store.list("jobs/") == [], 5)
+
+
+# ==============================================================================================
+# The Twilio fake itself: it must refuse what Twilio refuses
+# ==============================================================================================
+
+TO = "+15005550006"
+FROM = "+15005550001"
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def raw_create(client: Client, path: str, data: dict[str, Any]) -> dict[str, Any]:
+    """POST any form through the official client's own error handling (unknown names too)."""
+    uri = path.replace("/2010-04-01/", "").replace("{AccountSid}", client.account_sid)
+    return client.api.v2010.create("POST", uri, data=data)
+
+
+def fetch(url: str, auth: tuple[str, str] | None) -> tuple[int, str, bytes]:
+    """GET with urllib, optionally with basic auth; returns status, content type and body."""
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def snake(name: str) -> str:
+    """MessagingServiceSid -> messaging_service_sid, as the spec's x-twilio extension writes it."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+# The official client works against the fake
+
+
+def test_message_without_media(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    message = twilio_client.messages.create(to=TO, from_=FROM, body="disk full",
+                                            status_callback=HOOK)
+    assert re.fullmatch(r"SM[0-9a-f]{32}", message.sid)
+    assert (message.status, message.num_media, message.body) == ("queued", "0", "disk full")
+    assert isinstance(message.date_created, datetime)
+    [sent] = twilio_fake.messages()
+    assert sent.params == {"To": [TO], "From": [FROM], "Body": ["disk full"],
+                           "StatusCallback": [HOOK]}
+
+
+def test_message_with_media(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    media = ["https://example.com/a.png", "https://example.com/b.png"]
+    message = twilio_client.messages.create(to=TO, from_=FROM, body="graph", media_url=media,
+                                            status_callback=HOOK)
+    assert message.num_media == "2"
+    assert message.subresource_uris["media"].endswith(f"/Messages/{message.sid}/Media.json")
+    assert twilio_fake.messages()[0].params["MediaUrl"] == media
+
+
+def test_call(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    events = ["initiated", "ringing", "answered", "completed"]
+    call = twilio_client.calls.create(to=TO, from_=FROM, url="http://127.0.0.1:9/twiml",
+                                      status_callback=HOOK, status_callback_event=events,
+                                      status_callback_method="POST")
+    assert re.fullmatch(r"CA[0-9a-f]{32}", call.sid)
+    # The 9.13 client names the caller `_from` on calls but `from_` on messages.
+    assert (call.status, call.to, call._from) == ("queued", TO, FROM)
+    [placed] = twilio_fake.calls()
+    assert placed.params["StatusCallbackEvent"] == events
+    assert placed.param("StatusCallbackMethod") == "POST"
+
+
+def test_recording_metadata_through_the_client(twilio_fake: TwilioFake,
+                                                twilio_client: Client) -> None:
+    sid = new_sid("RE")
+    twilio_fake.add_recording(sid, b"ID3 audio")
+    recording = twilio_client.recordings(sid).fetch()
+    assert (recording.sid, recording.status) == (sid, "completed")
+    assert recording.media_url == twilio_fake.recording_url(sid)
+
+
+# The fake refuses what Twilio refuses
+
+
+def test_unknown_parameter(twilio_client: Client) -> None:
+    with pytest.raises(TwilioRestException) as caught:
+        raw_create(twilio_client, MESSAGES_PATH,
+                   {"To": TO, "From": FROM, "Body": "x", "Bodyy": "typo"})
+    assert (caught.value.status, caught.value.code) == (400, 20001)
+    assert "Bodyy" in caught.value.msg
+
+
+def test_missing_to(twilio_client: Client) -> None:
+    with pytest.raises(TwilioRestException) as caught:
+        raw_create(twilio_client, MESSAGES_PATH, {"From": FROM, "Body": "x"})
+    assert (caught.value.status, caught.value.code) == (400, 21604)
+
+
+@pytest.mark.parametrize(("path", "data", "code"), [
+    (MESSAGES_PATH, {"To": TO, "Body": "x"}, 21603),
+    (MESSAGES_PATH, {"To": TO, "From": FROM}, 21602),
+    (CALLS_PATH, {"To": TO, "From": FROM}, 21205),
+    (CALLS_PATH, {"To": TO, "Url": HOOK}, 21213),
+    (MESSAGES_PATH, {"To": "5550006", "From": FROM, "Body": "x"}, 21211),
+    (MESSAGES_PATH, {"To": TO, "From": "+1 500 555", "Body": "x"}, 21212),
+    (MESSAGES_PATH, {"To": [TO, TO], "From": FROM, "Body": "x"}, 21200),
+    (CALLS_PATH, {"To": TO, "From": FROM, "Url": HOOK, "StatusCallbackMethod": "PUT"}, 21200),
+    (CALLS_PATH, {"To": TO, "From": FROM, "Url": HOOK, "Timeout": "soon"}, 21200),
+    (MESSAGES_PATH, {"To": TO, "MessagingServiceSid": "MG1", "Body": "x"}, 21200),
+])
+def test_twilio_rules(twilio_client: Client, path: str, data: dict[str, Any], code: int) -> None:
+    with pytest.raises(TwilioRestException) as caught:
+        raw_create(twilio_client, path, data)
+    assert (caught.value.status, caught.value.code) == (400, code)
+
+
+def test_json_body_is_not_a_form(twilio_fake: TwilioFake) -> None:
+    response = requests.post(f"{twilio_fake.base_url}/2010-04-01/Accounts/"
+                             f"{twilio_fake.account_sid}/Messages.json",
+                             json={"To": TO, "From": FROM, "Body": "x"},
+                             auth=(twilio_fake.account_sid, twilio_fake.auth_token), timeout=5)
+    assert (response.status_code, response.json()["code"]) == (400, 21604)
+
+
+def test_bad_auth(twilio_fake: TwilioFake) -> None:
+    client = fake_client(twilio_fake, auth_token="wrong")
+    with pytest.raises(TwilioRestException) as caught:
+        client.messages.create(to=TO, from_=FROM, body="x")
+    assert (caught.value.status, caught.value.code) == (401, 20003)
+    assert twilio_fake.messages() == []
+
+
+def test_other_account_unknown_path_and_wrong_method(twilio_fake: TwilioFake) -> None:
+    auth = (twilio_fake.account_sid, twilio_fake.auth_token)
+    base = f"{twilio_fake.base_url}/2010-04-01/Accounts"
+    other = new_sid("AC")
+    assert fetch(f"{base}/{other}/Recordings/{new_sid('RE')}.mp3", auth)[0] == 404
+    assert fetch(f"{base}/{twilio_fake.account_sid}/Queues.json", auth)[0] == 404
+    status, content_type, body = fetch(f"{base}/{twilio_fake.account_sid}/Messages.json", auth)
+    assert (status, content_type, json.loads(body)["code"]) == (405, "application/json", 20004)
+
+
+# Fault injection
+
+
+def test_fail_next_two(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    twilio_fake.fail_next(2)
+    for _ in range(2):
+        with pytest.raises(TwilioRestException) as caught:
+            twilio_client.messages.create(to=TO, from_=FROM, body="x")
+        assert (caught.value.status, caught.value.code) == (500, 20500)
+    assert twilio_client.messages.create(to=TO, from_=FROM, body="x").sid
+    assert [r.status for r in twilio_fake.requests] == [500, 500, 201]
+    assert len(twilio_fake.messages()) == 1
+
+
+def test_fail_next_with_status(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    twilio_fake.fail_next(1, status=503)
+    with pytest.raises(TwilioRestException) as caught:
+        twilio_client.calls.create(to=TO, from_=FROM, url=HOOK)
+    assert (caught.value.status, caught.value.code) == (503, 20503)
+
+
+def test_delay(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    twilio_fake.delay = 0.2
+    started = time.monotonic()
+    twilio_client.messages.create(to=TO, from_=FROM, body="x")
+    assert time.monotonic() - started >= 0.2
+
+
+def test_down_and_up(twilio_fake: TwilioFake, twilio_client: Client) -> None:
+    twilio_fake.down()
+    with pytest.raises(requests.ConnectionError):
+        twilio_client.messages.create(to=TO, from_=FROM, body="x")
+    twilio_fake.up()
+    assert twilio_client.messages.create(to=TO, from_=FROM, body="x").sid
+    assert [r.status for r in twilio_fake.requests] == [0, 201]
+
+
+# Recordings
+
+
+def test_recording_bytes_round_trip(twilio_fake: TwilioFake) -> None:
+    sid = new_sid("RE")
+    twilio_fake.add_recording(sid, b"\xff\xfb audio")
+    url = twilio_fake.recording_url(sid)
+    assert "." not in url.rsplit("/", 1)[1]
+    auth = (twilio_fake.account_sid, twilio_fake.auth_token)
+    assert fetch(url + ".mp3", auth) == (200, "audio/mpeg", b"\xff\xfb audio")
+    assert fetch(url + ".wav", auth)[:2] == (200, "audio/x-wav")
+    assert fetch(twilio_fake.recording_url(new_sid("RE")) + ".mp3", auth)[0] == 404
+    status, content_type, body = fetch(url + ".mp3", None)
+    assert (status, content_type) == (401, "application/json")
+    assert json.loads(body) == {"code": 20003, "message": "Authenticate",
+                                "more_info": "https://www.twilio.com/docs/errors/20003",
+                                "status": 401}
+
+
+# Webhooks and waiting
+
+
+@pytest.fixture(name="hook_server")
+def fixture_hook_server() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """A tiny app stand-in that records each signed POST it receives and answers 204."""
+    received: list[tuple[str, dict[str, str]]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            received.append((self.headers["X-Twilio-Signature"],
+                             dict(urllib.parse.parse_qsl(body))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/twilio/status", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_post_callback_is_signed(twilio_fake: TwilioFake,
+                                 hook_server: tuple[str, list[Any]]) -> None:
+    url, received = hook_server
+    params = {"MessageSid": new_sid("SM"), "MessageStatus": "delivered"}
+    assert twilio_fake.post_callback(url, params) == (204, "")
+    [(signature, got)] = received
+    assert got == params
+    assert RequestValidator(twilio_fake.auth_token).validate(url, params, signature)
+
+
+def test_wait_for(twilio_fake: TwilioFake) -> None:
+    flag = threading.Event()
+    threading.Timer(0.05, flag.set).start()
+    assert twilio_fake.wait_for(flag.is_set, timeout=2)
+    started = time.monotonic()
+    assert not twilio_fake.wait_for(lambda: False, timeout=0.1)
+    assert 0.1 <= time.monotonic() - started < 1
+
+
+# The fake stays held to Twilio's description
+
+
+def test_subset_is_current(twilio_repo_dir: Path) -> None:
+    full_path = twilio_repo_dir / TWILIO_FULL_SPEC_RELATIVE_PATH
+    if not full_path.exists():
+        pytest.skip(f"Twilio's full OpenAPI description {TWILIO_FULL_SPEC_RELATIVE_PATH} "
+                    "is not on this machine")
+    committed = json.loads((twilio_repo_dir / TWILIO_SUBSET_FILE_NAME).read_text("utf-8"))
+    assert committed == extract_subset(json.loads(full_path.read_text("utf-8")))
+
+
+def test_presence_rules_match_the_spec(twilio_fake: TwilioFake) -> None:
+    for path, rules in ((MESSAGES_PATH, MESSAGE_RULES), (CALLS_PATH, CALL_RULES)):
+        operation = twilio_fake.spec["paths"][path]["post"]
+        single = [rule.names[0] for rule in rules if len(rule.names) == 1]
+        several = [[snake(name) for name in rule.names] for rule in rules
+                   if len(rule.names) > 1]
+        assert single == form_schema(twilio_fake.spec, path)["required"]
+        assert several == operation["x-twilio"]["conditional"]
+
+
+def test_schema_check_catches_a_wrong_type(twilio_fake: TwilioFake) -> None:
+    """The fake's self-check must not be vacuous: a number where Twilio sends text is caught."""
+    schema = twilio_fake.spec["components"]["schemas"]["api.v2010.account.message"]
+    resource = {name: None for name in schema["properties"]}
+    resource |= {"direction": "outbound-api", "status": "queued", "num_media": 0}
+    assert schema_mismatches(resource, schema, twilio_fake.spec) == [
+        "num_media should be string, is int"]
