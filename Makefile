@@ -26,9 +26,11 @@ var:
 run: $(STAMP) | var
 	$(BIN)/oncall-pager serve -c config.ini.example
 
+# ruff runs quietly here (it prints only problems), so on success pytest's summary line
+# stays the last line of the output, where CI looks for it.
 test: $(STAMP)
 	$(BIN)/python -m pytest
-	$(BIN)/ruff check .
+	@$(BIN)/ruff check --quiet .
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

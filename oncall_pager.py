@@ -164,6 +164,7 @@ class AppConfig:
     s3_endpoint_url: str = ""
     region: str = ""
     cache_file: str = ""
+    spool_dir: str = "spool"
     init_from: str = ""
     account_sid: str = ""
     auth_token: str = ""
@@ -200,6 +201,7 @@ APP_SETTINGS = [
     ("store", "s3_endpoint_url", "s3_endpoint_url", str),
     ("store", "region", "region", str),
     ("store", "cache_file", "cache_file", str),
+    ("store", "spool_dir", "spool_dir", str),
     ("store", "init_from", "init_from", str),
     ("twilio", "account_sid", "account_sid", str),
     ("twilio", "auth_token", "auth_token", str),
@@ -1059,6 +1061,9 @@ class Pager:
         self.audit = AuditLog(store, self.instance)
         cache = resolve_path(cfg, cfg.cache_file) if cfg.cache_file else None
         self.team = TeamConfig(store, cfg.config_key, self.audit, cache)
+        # Pages that arrive while S3 is unreachable wait here, on local disk (see open_page).
+        self.spool = (DirectoryStore(resolve_path(cfg, cfg.spool_dir))
+                      if isinstance(store, S3Store) and cfg.spool_dir else None)
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
         self.wake: Callable[[], None] = lambda: None
 
@@ -1149,14 +1154,27 @@ class Pager:
                   recording_url: str = "", duration: int = 0) -> tuple[dict, bool]:
         """Open a page (voicemail or missed call) and queue its work. Idempotent: the id comes
         from the RecordingSid (or CallSid), so Twilio's retried callback finds the same page.
-        Returns (page, created)."""
-        existing = read_json(self.store, f"pages/{page_id}.json")
+        While S3 is unreachable the page goes to the local spool instead: the worker delivers
+        it from there and moves it into the store when S3 is back. Returns (page, created)."""
+        try:
+            return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
+                                   duration)
+        except StoreUnavailable:
+            if self.spool is None:
+                raise
+            log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
+            return self._open_page(self.spool, page_id, kind, caller, call_sid, recording_url,
+                                   duration)
+
+    def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
+                   recording_url: str, duration: int) -> tuple[dict, bool]:
+        existing = read_json(store, f"pages/{page_id}.json")
         if existing is not None:
             return existing[0], False
         snap = self.team.read()
         oncall = oncall_member(snap.doc)
         now = time.time()
-        number = self._page_number(page_id, now)
+        number = self._page_number(page_id, now) if store is self.store else 0
         channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
         page = {
             "id": page_id, "number": number, "kind": kind, "opened": now,
@@ -1170,10 +1188,10 @@ class Pager:
         for channel in channels:
             add_delivery(page, channel)
         try:
-            self.store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+            store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:
-            return read_json(self.store, f"pages/{page_id}.json")[0], False
-        self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+            return read_json(store, f"pages/{page_id}.json")[0], False
+        store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
         self.audit.record("page.opened", "twilio", {
             "page": page_id, "number": number, "kind": kind, "caller": caller,
             "duration": duration, "oncall": oncall["id"]})
@@ -1572,18 +1590,55 @@ class Worker:
             self._wake.clear()
 
     def scan(self) -> float:
-        """Look at every job once; claim and start what is due. Returns when to look again."""
+        """Look at every job once; claim and start what is due. Returns when to look again.
+        Pages spooled locally while the store was unreachable are worked on from the spool
+        (so they are delivered during the outage) and moved into the store once it is back."""
         now = time.time()
         next_due = now + self.cfg.poll_interval
+        spool = self.pager.spool
+        depth = 0
+        if spool is not None:
+            for key in spool.list("jobs/"):
+                depth += 1
+                page_id = key[len("jobs/"):].removesuffix(".json")
+                due = self._consider_page(spool, page_id, now)
+                next_due = min(next_due, due if due is not None else next_due)
+                self._move_into_store(page_id)
         keys = self.store.list("jobs/")
-        self.queue_depth = len(keys)
+        self.queue_depth = depth + len(keys)
         for key in keys:
             name = key[len("jobs/"):].removesuffix(".json")
             due = self._consider_message(key, now) if name.startswith("msg-") else \
-                self._consider_page(name, now)
+                self._consider_page(self.store, name, now)
             if due is not None:
                 next_due = min(next_due, due)
         return next_due
+
+    def _move_into_store(self, page_id: str) -> None:
+        """A spooled page goes into the store (with its page number) once the store answers
+        and none of its channels is running here; from then on it is an ordinary page."""
+        spool = self.pager.spool
+        if spool is None or any(task.startswith(page_id + "/") for task in self._tasks()):
+            return
+        found = read_json(spool, f"pages/{page_id}.json")
+        if found is None:
+            spool.delete(f"jobs/{page_id}.json")
+            return
+        page = found[0]
+        try:
+            page["number"] = self.pager._page_number(page_id, page["opened"])
+            with contextlib.suppress(StoreConflict):  # another instance stored it first
+                self.store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+            self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+        except StoreUnavailable:
+            return
+        spool.delete(f"pages/{page_id}.json")
+        spool.delete(f"jobs/{page_id}.json")
+        log.info("event=page.unspooled page=%s number=%s", page_id, page["number"])
+
+    def _tasks(self) -> list[str]:
+        with self._lock:
+            return list(self._inflight)
 
     def _submit(self, task: str, work: Callable[[], None]) -> None:
         with self._lock:
@@ -1656,15 +1711,15 @@ class Worker:
 
     # --- pages: deliveries, escalation, closing ------------------------------------------------
 
-    def _consider_page(self, page_id: str, now: float) -> float | None:
+    def _consider_page(self, store: Store, page_id: str, now: float) -> float | None:
         key = f"pages/{page_id}.json"
-        item = read_json(self.store, key)
+        item = read_json(store, key)
         if item is None:
-            self.store.delete(f"jobs/{page_id}.json")
+            store.delete(f"jobs/{page_id}.json")
             return None
         page = item[0]
         if page.get("state") == "open" and now - page["opened"] >= DAY:
-            self._close(page_id)
+            self._close(store, page_id)
             return now
         next_due: float | None = None
         for channel, delivery in page.get("deliveries", {}).items():
@@ -1672,20 +1727,22 @@ class Worker:
                 continue
             due = max(delivery["next_try"], delivery["claimed_until"])
             if due <= now:
-                self._claim_delivery(page_id, channel, now)
+                self._claim_delivery(store, page_id, channel, now)
             else:
                 next_due = min(next_due or due, due)
         if page.get("state") == "open":
             due = page["escalation"]["next_due"]
-            if due <= now and not self._busy(f"{page_id}/escalate"):
-                self._claim_escalation(page_id, now)
+            if store is not self.store:  # spooled: escalation waits until it is in the store
+                pass
+            elif due <= now and not self._busy(f"{page_id}/escalate"):
+                self._claim_escalation(store, page_id, now)
             else:
                 next_due = min(next_due or due, due)
         elif not any(d["state"] == "pending" for d in page.get("deliveries", {}).values()):
-            self.store.delete(f"jobs/{page_id}.json")
+            store.delete(f"jobs/{page_id}.json")
         return next_due
 
-    def _claim_delivery(self, page_id: str, channel: str, now: float) -> None:
+    def _claim_delivery(self, store: Store, page_id: str, channel: str, now: float) -> None:
         def claim(page: dict | None) -> dict | None:
             delivery = (page or {}).get("deliveries", {}).get(channel)
             if not delivery or delivery["state"] != "pending" or max(
@@ -1696,13 +1753,13 @@ class Worker:
             return page
 
         try:
-            page = update_json(self.store, f"pages/{page_id}.json", claim, tries=1)
+            page = update_json(store, f"pages/{page_id}.json", claim, tries=1)
         except StoreConflict:
             return
         if page is not None:
-            self._submit(f"{page_id}/{channel}", lambda: self._deliver(page, channel))
+            self._submit(f"{page_id}/{channel}", lambda: self._deliver(store, page, channel))
 
-    def _deliver(self, page: dict, channel: str) -> None:
+    def _deliver(self, store: Store, page: dict, channel: str) -> None:
         attempt = page["deliveries"][channel]["attempts"]
         details: dict[str, Any] = {"page": page["id"], "number": page["number"],
                                    "channel": channel, "attempt": attempt}
@@ -1710,17 +1767,18 @@ class Worker:
             doc = self.pager.team.read().doc
             details.update(DELIVER[channel](self, page, doc, details))
         except OutboundCapped:
-            self._finish(page["id"], channel, "capped", details)
+            self._finish(store, page["id"], channel, "capped", details)
         except (DeliveryError, StoreUnavailable) as e:
             permanent = isinstance(e, DeliveryError) and e.permanent
             details.update(error=str(e), final=permanent)
             self.pager.audit.record("page.delivery_failed", "worker", details)
-            self._finish(page["id"], channel, "failed" if permanent else "retry", details)
+            self._finish(store, page["id"], channel, "failed" if permanent else "retry", details)
         else:
             self.pager.audit.record("page.delivered", "worker", details)
-            self._finish(page["id"], channel, "sent", details)
+            self._finish(store, page["id"], channel, "sent", details)
 
-    def _finish(self, page_id: str, channel: str, outcome: str, details: dict) -> None:
+    def _finish(self, store: Store, page_id: str, channel: str, outcome: str,
+                details: dict) -> None:
         """Record a delivery's outcome on the page. A permanently failed MMS falls back to SMS."""
         def record(page: dict | None) -> dict | None:
             if page is None:
@@ -1740,7 +1798,7 @@ class Worker:
             return page
 
         with contextlib.suppress(StoreUnavailable):
-            update_json(self.store, f"pages/{page_id}.json", record)
+            update_json(store, f"pages/{page_id}.json", record)
             return
         log.error("event=worker.finish_unrecorded page=%s channel=%s outcome=%s",
                   page_id, channel, outcome)
@@ -1757,7 +1815,12 @@ class Worker:
             verdict[:] = [len(sent) < limit]
             return {"sent": sent + [now]} if verdict[0] else None
 
-        update_json(self.store, "counters/outbound.json", spend)
+        try:
+            update_json(self.store, "counters/outbound.json", spend)
+        except StoreUnavailable:
+            # The budget is a cost control, not a safety one: a page must get through.
+            log.warning("event=outbound.uncounted reason=store_unavailable")
+            return
         if not verdict[0]:
             self.pager.audit.record("outbound.capped", "worker", {
                 **details, "limit_per_hour": limit,
@@ -1773,7 +1836,10 @@ class Worker:
             with self._lock:
                 if page_id in self._recordings:
                     return self._recordings[page_id]
-            archived = self.store.get(recording_key(page, ".mp3"))
+            try:
+                archived = self.store.get(recording_key(page, ".mp3"))
+            except StoreUnavailable:
+                archived = None
             data = archived.data if archived else fetch_recording(self.cfg, page["recording_url"])
             with self._lock:
                 self._recordings[page_id] = data
@@ -1846,7 +1912,7 @@ class Worker:
             "time": iso_time(page["opened"]), "bytes": len(data)}))
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
 
-    def _claim_escalation(self, page_id: str, now: float) -> None:
+    def _claim_escalation(self, store: Store, page_id: str, now: float) -> None:
         """Claim the next escalation step: the claim advances the step and its due time, so
         no instance can run it twice."""
         doc = self.pager.team.read().doc
@@ -1866,7 +1932,7 @@ class Worker:
             return page
 
         try:
-            page = update_json(self.store, f"pages/{page_id}.json", claim, tries=1)
+            page = update_json(store, f"pages/{page_id}.json", claim, tries=1)
         except StoreConflict:
             return
         if page is not None:
@@ -1901,7 +1967,7 @@ class Worker:
             "page": page["id"], "number": page["number"], "step": step, "kind": kind,
             "results": results})
 
-    def _close(self, page_id: str) -> None:
+    def _close(self, store: Store, page_id: str) -> None:
         def close(page: dict | None) -> dict | None:
             if not page or page.get("state") != "open":
                 return None
@@ -1913,7 +1979,7 @@ class Worker:
             return page
 
         with contextlib.suppress(StoreConflict):
-            page = update_json(self.store, f"pages/{page_id}.json", close, tries=1)
+            page = update_json(store, f"pages/{page_id}.json", close, tries=1)
             if page is not None:
                 self.pager.audit.record("page.closed", "worker", {
                     "page": page_id, "number": page["number"],
@@ -2807,18 +2873,27 @@ def build_parser() -> argparse.ArgumentParser:
     config = command("config", cmd_config, "show or change the operational config safely")
     config.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
     actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("show", help="print it (secrets masked)")
-    add = actions.add_parser("user-add", help="add a member")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        # -c may also follow the action (`config show -c FILE`)
+        sub.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config.ini to use")
+        sub.add_argument("--as", dest="as_member", default=argparse.SUPPRESS,
+                         help="operator recorded in the audit log")
+        return sub
+
+    action("show", "print it (secrets masked)")
+    add = action("user-add", "add a member")
     add.add_argument("id")
     add.add_argument("name")
     add.add_argument("phone")
-    remove = actions.add_parser("user-remove", help="remove a member (not the one on call)")
+    remove = action("user-remove", "remove a member (not the one on call)")
     remove.add_argument("id")
-    setter = actions.add_parser("set", help="set one setting: " + ", ".join(SETTABLE))
+    setter = action("set", "set one setting: " + ", ".join(SETTABLE))
     setter.add_argument("key")
     setter.add_argument("value")
-    actions.add_parser("edit", help="edit the JSON in $EDITOR")
-    actions.add_parser("history", help="previous versions, or the audit log's config events")
+    action("edit", "edit the JSON in $EDITOR")
+    action("history", "previous versions, or the audit log's config events")
     audit = command("audit", cmd_audit, "read the audit log")
     audit.add_argument("-n", type=int, default=None, help="only the last N entries")
     audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")

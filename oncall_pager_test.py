@@ -2592,3 +2592,64 @@ def test_schema_check_catches_a_wrong_type(twilio_fake: TwilioFake) -> None:
     resource |= {"direction": "outbound-api", "status": "queued", "num_media": 0}
     assert schema_mismatches(resource, schema, twilio_fake.spec) == [
         "num_media should be string, is int"]
+
+
+# ==============================================================================================
+# Faults: the store, Twilio and SMTP failing under a page
+# ==============================================================================================
+
+
+@pytest.fixture
+def own_s3() -> Iterator[Callable[[], Any]]:
+    """A moto endpoint of this test's own on a fixed port, which the test can stop and start
+    again (moto keeps its buckets in this process, so they survive the restart)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    servers: list[Any] = []
+
+    def start() -> str:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    def stop() -> None:
+        servers.pop().stop()
+
+    start.stop = stop  # type: ignore[attr-defined]
+    yield start
+    while servers:
+        servers.pop().stop()
+
+
+def test_s3_down_while_a_page_arrives_still_pages_and_archives_when_back(
+        tmp_path: Path, own_s3: Any, twilio: TwilioFake, smtp: SMTPSink,
+        start_pager: Callable[[Path], RunningPager]) -> None:
+    endpoint = own_s3()
+    name = "outage-" + uuid.uuid4().hex[:8]
+    s3_client(endpoint).create_bucket(Bucket=name)
+    store = op.S3Store(name, "", endpoint)
+    put_team(store, team_doc(smtp.port))
+    pager = start_pager(write_config(tmp_path, f"s3://{name}", s3_endpoint_url=endpoint,
+                                     api_base_url=twilio.base_url))
+    assert "Alice" in pager.sms(BOB, "WHO")
+    own_s3.stop()
+    stopped = time.monotonic()
+    form, _ = leave_voicemail(pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5), "MMS during the outage"
+    wait_until(lambda: smtp.messages, 5)
+    assert time.monotonic() - stopped < 10
+    assert pager.sms(BOB, "TAKE") == op.STORE_DOWN_TEXT
+    time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+    own_s3()
+    wait_until(lambda: len(store.list("recordings/")) == 2, 15)
+    sid = form["RecordingSid"]
+    assert store.get(next(k for k in store.list("recordings/") if k.endswith(".mp3"))
+                     ).data == RECORDING
+    page = wait_until(lambda: store.get(f"pages/{sid}.json"), 5)
+    assert json.loads(page.data)["number"] == 1
+    wait_until(lambda: audit_events(store, "page.opened"), 5)
+    time.sleep(0.5)
+    assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
+    assert "Page 1 acknowledged" in pager.sms(ALICE, "ACK")
