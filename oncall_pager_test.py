@@ -15,6 +15,7 @@ import email
 import email.policy
 import email.utils
 import http
+import http.client
 import http.server
 import json
 import os
@@ -156,6 +157,16 @@ class SMTPSink:
         self.port = free_port()
         self.messages: list[email.message.EmailMessage] = []
         self.controller: Controller | None = None
+        self.password: str | None = None  # when set, AUTH is required and must match
+        self.logins: list[bool] = []
+
+    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                     auth_data: Any) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        ok = getattr(auth_data, "password", b"").decode() == self.password
+        self.logins.append(ok)
+        return AuthResult(success=ok, handled=False)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(email.message_from_bytes(envelope.content,
@@ -163,7 +174,9 @@ class SMTPSink:
         return "250 OK"
 
     def start(self) -> None:
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        auth = ({"authenticator": self.authenticate, "auth_required": True,
+                 "auth_require_tls": False} if self.password is not None else {})
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **auth)
         self.controller.start()
 
     def stop(self) -> None:
@@ -2653,3 +2666,110 @@ def test_s3_down_while_a_page_arrives_still_pages_and_archives_when_back(
     time.sleep(0.5)
     assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
     assert "Page 1 acknowledged" in pager.sms(ALICE, "ACK")
+
+
+def test_a_slow_twilio_api_does_not_slow_webhook_answers(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    config = s3_setup()
+    config.write_text(config.read_text().replace("http_timeout = 3", "http_timeout = 8"))
+    pager = start_pager(config)
+    twilio.delay = 5.0
+    for body in ("TAKE", "C", "WHO"):
+        started = time.monotonic()
+        pager.sms(BOB, body)
+        assert time.monotonic() - started < 1.0, body
+    started = time.monotonic()
+    leave_voicemail(pager, twilio)
+    assert time.monotonic() - started < 1.0
+    assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 15)
+
+
+def test_smtp_refusing_auth_is_audited_and_retried(s3_pager: RunningPager, twilio: TwilioFake,
+                                                   smtp: SMTPSink) -> None:
+    smtp.stop()
+    smtp.password = "right"
+    smtp.start()
+    doc = json.loads(s3_pager.store.get("oncall_config.json").data)
+    doc["current_config"]["mail_settings"].update(mail_username="pager", mail_password="wrong")
+    s3_pager.store.put("oncall_config.json", op.to_json(doc))
+    leave_voicemail(s3_pager, twilio)
+    failures = wait_until(lambda: len(audit_events(s3_pager.store, "page.delivery_failed")) >= 2
+                          and audit_events(s3_pager.store, "page.delivery_failed"), 10)
+    assert failures[0]["details"]["error"] == "smtp authentication refused (535)"
+    assert [f["details"]["attempt"] for f in failures[:2]] == [1, 2]
+    assert "wrong" not in json.dumps(failures)
+    doc["current_config"]["mail_settings"]["mail_password"] = "right"
+    s3_pager.store.put("oncall_config.json", op.to_json(doc))
+    wait_until(lambda: smtp.messages, 10)
+    assert smtp.logins[-1] is True
+
+
+# ==============================================================================================
+# Abuse: fuzzing every route; load: concurrent conversations on two instances
+# ==============================================================================================
+
+FIELD_NAMES = ["From", "To", "Body", "CallSid", "MessageSid", "Digits", "RecordingSid",
+               "RecordingUrl", "RecordingStatus", "RecordingDuration", "MessageStatus",
+               "CallStatus", "AccountSid", "CallerName", "x", ""]
+
+
+def store_state(store: op.DirectoryStore) -> dict[str, bytes]:
+    return {key: store.get(key).data for key in store.list("")}
+
+
+def test_fuzz_every_route_never_500_and_nothing_changes_without_a_valid_signature(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    pager = start_pager(write_config(tmp_path, "file:var", mode="dry-run"))
+    paths = [*op.ROUTES, "/", "/public", "/oncall/answer/x", "/%ff", "/healthz/"]
+    values = st.one_of(st.text(max_size=40), st.sampled_from(
+        [BOB, ALICE, STRANGER, "TAKE", "C", "ACK", "1", "completed", "absent", "undelivered",
+         "busy", "CA" + "1" * 32, "RE" + "2" * 32, "http://169.254.169.254/x"]))
+    fields = st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=10)),
+                             values, max_size=8)
+
+    @settings(max_examples=250, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(method=st.one_of(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+                            st.from_regex(r"[A-Z]{1,8}", fullmatch=True)),
+           path=st.sampled_from(paths),
+           query=st.one_of(st.just(""), st.sampled_from(["page=RE" + "2" * 32, "retry=1",
+                                                         "step=0&page=x"]),
+                           st.text(alphabet="abc=&%+1", max_size=12)),
+           form=fields, raw=st.one_of(st.none(), st.binary(max_size=300)),
+           signing=st.sampled_from(["none", "garbage", "valid", "valid-other-url"]),
+           header=st.dictionaries(st.sampled_from(["Content-Type", "X-Forwarded-Host", "Host",
+                                                   "Transfer-Encoding", "X-Twilio-Signature"]),
+                                  st.text(alphabet="abcdefgh/=;-", max_size=20), max_size=2))
+    def probe(method: str, path: str, query: str, form: dict, raw: bytes | None, signing: str,
+              header: dict) -> None:
+        target = path + ("?" + query if query else "")
+        body = raw if raw is not None else urllib.parse.urlencode(form).encode()
+        headers = {k: v for k, v in header.items()
+                   if k not in ("Host", "Transfer-Encoding") or signing == "none"}
+        valid = signing == "valid" and raw is None and path != "/%ff"
+        if signing != "none":
+            url = target if signing.startswith("valid") else "/elsewhere"
+            headers["X-Twilio-Signature"] = sign(pager.cfg.public_url, url if signing == "valid"
+                                                 else "/other", form) if signing.startswith(
+                "valid") else "Z2FyYmFnZQ=="
+        before = store_state(store)
+        connection = http.client.HTTPConnection("127.0.0.1", pager.server.effective_port,
+                                                timeout=10)
+        try:
+            connection.request(method, target, body=body, headers=headers)
+            answer = connection.getresponse()
+            status, text = answer.status, answer.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        assert status != 500 and "Traceback" not in text, (status, text)
+        if not valid:
+            pager.worker.scan()
+            assert store_state(store) == before, (method, target, form, signing)
+
+    probe()
