@@ -2773,3 +2773,56 @@ def test_fuzz_every_route_never_500_and_nothing_changes_without_a_valid_signatur
             assert store_state(store) == before, (method, target, form, signing)
 
     probe()
+
+
+def test_load_20_conversations_on_two_instances_lose_no_update(
+        tmp_path: Path, s3_endpoint: str, bucket: str, twilio: TwilioFake, smtp: SMTPSink,
+        start_pager: Callable[[Path], RunningPager]) -> None:
+    """20 members at once run TAKE / C / WHO / ACK against two instances sharing one bucket
+    for a bounded time: every reply is well-formed, the final config is the last audited
+    change, and the audit log holds exactly one oncall.changed per successful confirmation."""
+    doc = team_doc(smtp.port)
+    phones = {f"m{n:02d}": f"+1919555{2000 + n:04d}" for n in range(20)}
+    doc["available_users"]["users"].update(
+        {mid: {"id": mid, "name": f"Member {mid}", "phone": phone}
+         for mid, phone in phones.items()})
+    store = op.S3Store(bucket, "", s3_endpoint)
+    put_team(store, doc)
+    pagers = [start_pager(write_config(tmp_path / name, f"s3://{bucket}",
+                                       s3_endpoint_url=s3_endpoint,
+                                       api_base_url=twilio.base_url)) for name in ("a", "b")]
+    replies: list[tuple[str, str]] = []
+    problems: list[str] = []
+    deadline = time.monotonic() + 6
+    patterns = [r"Current on-call engineer: .+", r"Member m\d\d to be made on-call .+",
+                r"Okay, Member, you are now on call\. .+", r"You are already on call, .+",
+                r"The on-call config changed since your TAKE .+", r"No pending TAKE\. .+",
+                r"No open pages for you\. Nothing to acknowledge\."]
+
+    def conversation(member: str, phone: str) -> None:
+        rng = secrets.SystemRandom()
+        while time.monotonic() < deadline:
+            for body in ("TAKE", "C", "WHO", "ACK"):
+                pager = rng.choice(pagers)
+                status, text = pager.post("/msgcontrol/entry", sms_params(phone, body))
+                reply = reply_text(text)
+                if status != 200 or not any(re.fullmatch(p, reply, re.S) for p in patterns):
+                    problems.append(f"{member} {body}: {status} {text[:200]}")
+                replies.append((member, reply))
+
+    threads = [threading.Thread(target=conversation, args=item) for item in phones.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not problems, problems[:5]
+    confirmed = [m for m, r in replies if r.startswith("Okay, Member, you are now on call.")]
+    changes = audit_events(store, "oncall.changed")
+    assert len(confirmed) >= 5 and len(changes) == len(confirmed)
+    assert [e["time"] for e in changes] == sorted(e["time"] for e in changes)
+    final = json.loads(store.get("oncall_config.json").data)
+    assert op.check_oncall_config(final)[0] == []
+    assert final["current_config"]["oncall_user"]["id"] == changes[-1]["details"]["to"]
+    assert final["current_config"]["last_modified_user_id"] == changes[-1]["actor"]
+    for before, after in zip(changes, changes[1:], strict=False):
+        assert after["details"]["from"] == before["details"]["to"], "a lost update"
