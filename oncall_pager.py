@@ -163,7 +163,7 @@ class AppConfig:
     config_key: str = "oncall_config.json"
     s3_endpoint_url: str = ""
     region: str = ""
-    cache_file: str = ""
+    cache_file: str = "oncall_config.cache.json"
     spool_dir: str = "spool"
     init_from: str = ""
     account_sid: str = ""
@@ -1059,7 +1059,10 @@ class Pager:
         self.store = store
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self.audit = AuditLog(store, self.instance)
-        cache = resolve_path(cfg, cfg.cache_file) if cfg.cache_file else None
+        # The last good config on local disk matters only for S3: a local directory store
+        # that cannot be read cannot be backed up by a file beside it either.
+        cache = (resolve_path(cfg, cfg.cache_file)
+                 if cfg.cache_file and isinstance(store, S3Store) else None)
         self.team = TeamConfig(store, cfg.config_key, self.audit, cache)
         # Pages that arrive while S3 is unreachable wait here, on local disk (see open_page).
         self.spool = (DirectoryStore(resolve_path(cfg, cfg.spool_dir))
@@ -2852,7 +2855,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("-c", "--config", default="config.ini", help="config.ini to use")
+        sub.add_argument("-c", "--config", default=None, help="config.ini to use (default: "
+                         "$ONCALL_PAGER_CONFIG, else ./config.ini, else ./config.ini.example)")
         sub.set_defaults(handler=handler)
         return sub
 
@@ -2904,8 +2908,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_config() -> str:
+    """$ONCALL_PAGER_CONFIG, else ./config.ini; in a checkout without one, the example (the
+    embedded default that `make run` serves), so `oncall-pager sms ...` talks to it."""
+    if os.environ.get("ONCALL_PAGER_CONFIG"):
+        return os.environ["ONCALL_PAGER_CONFIG"]
+    if not os.path.exists("config.ini") and os.path.exists("config.ini.example"):
+        print("note: no config.ini here, using config.ini.example", file=sys.stderr)
+        return "config.ini.example"
+    return "config.ini"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is None:
+        args.config = default_config()
     try:
         return args.handler(args)
     except ConfigError as e:
