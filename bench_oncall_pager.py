@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -656,6 +657,7 @@ class Lab:
         self.keep_tmp = False
         stack.callback(self._remove_tmp)
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)   # moto logs every request
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         stack.callback(self.moto.stop)

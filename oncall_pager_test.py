@@ -2826,3 +2826,45 @@ def test_load_20_conversations_on_two_instances_lose_no_update(
     assert final["current_config"]["last_modified_user_id"] == changes[-1]["actor"]
     for before, after in zip(changes, changes[1:], strict=False):
         assert after["details"]["from"] == before["details"]["to"], "a lost update"
+
+
+def test_kill_9_at_random_points_loses_nothing_and_never_repeats_a_call(
+        s3_setup: Callable[..., Path], serve_process: Callable[[Path], ServeProcess],
+        twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Deliveries are at least once (an MMS in flight at the kill may go out again: at most
+    twice); escalation steps are at most once (no step is ever called twice)."""
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    escalation(store, ack_timeout=0.5, call_attempts=2, escalate_to=["bob"])
+    rng = secrets.SystemRandom()
+    pages = []
+    server = serve_process(config)
+    for _ in range(3):
+        server.wait_healthy()
+        client = RunningPager.__new__(RunningPager)
+        client.cfg, client.base_url = server.cfg, server.base_url
+        form, _ = leave_voicemail(client, twilio)
+        pages.append(form["RecordingSid"])
+        time.sleep(rng.uniform(0.0, 1.5))
+        server.kill()
+        server = serve_process(config)
+    server.wait_healthy()
+
+    def delivered() -> bool:
+        mms = [m.params["MediaUrl"][0] for m in twilio.messages() if "MediaUrl" in m.params]
+        mails = [a.get_filename() for m in smtp.messages for a in m.iter_attachments()]
+        return all(any(p in u for u in mms) for p in pages) and all(
+            f"{p}.mp3" in mails for p in pages)
+
+    wait_until(delivered, 20)
+    time.sleep(1.0)
+    for page_id in pages:
+        mms = [m for m in twilio.messages() if page_id in m.params.get("MediaUrl", [""])[0]]
+        mails = [m for m in smtp.messages
+                 if f"{page_id}.mp3" in [a.get_filename() for a in m.iter_attachments()]]
+        assert 1 <= len(mms) <= 2 and 1 <= len(mails) <= 2, (page_id, len(mms), len(mails))
+        steps = [c.params["StatusCallback"][0].rsplit("step=", 1)[1] for c in twilio.calls()
+                 if f"page={page_id}" in c.params["Url"][0]]
+        assert len(steps) == len(set(steps)), f"a call was repeated: {steps}"
+    archived = store.list("recordings/")
+    assert all(any(p in key for key in archived) for p in pages)
