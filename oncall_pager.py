@@ -49,6 +49,7 @@ import getpass
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -289,11 +290,13 @@ def check_app_config(cfg: AppConfig) -> list[str]:
         problems.append(f"[store] url {cfg.store_url!r} is not file:PATH or s3://BUCKET[/PREFIX]")
     if not cfg.config_key or cfg.config_key.startswith("/"):
         problems.append(f"[store] config_key {cfg.config_key!r} is not a relative key")
-    for name in ("public_url", "api_base_url"):
+    for section, name in (("server", "public_url"), ("twilio", "api_base_url"),
+                          ("store", "s3_endpoint_url")):
         value = getattr(cfg, name)
-        if urllib.parse.urlsplit(value).scheme not in ("http", "https"):
-            problems.append(f"[{'server' if name == 'public_url' else 'twilio'}] {name} "
-                            f"{value!r} is not an http(s) URL")
+        parts = urllib.parse.urlsplit(value)
+        if (value or name != "s3_endpoint_url") and (
+                parts.scheme not in ("http", "https") or not parts.netloc):
+            problems.append(f"[{section}] {name} {value!r} is not an http(s) URL")
     if not 0 < cfg.port < 65536:
         problems.append(f"[server] port {cfg.port} is not between 1 and 65535")
     for name in ("threads", "worker_threads"):
@@ -319,6 +322,16 @@ ESCALATION_DEFAULTS = {"ack_timeout": 300, "call_attempts": 2, "escalate_to": No
 
 def check_oncall_config(doc: object) -> tuple[list[str], list[str]]:
     """Validate the operational config. Returns (errors, warnings), each naming a field path.
+    A validator must not crash on what it validates: a value of a type no rule expected is
+    one more error, never an exception."""
+    try:
+        return check_document(doc)
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
+        return [f"the operational config has a value of an unexpected type ({e})"], []
+
+
+def check_document(doc: object) -> tuple[list[str], list[str]]:
+    """The rules of check_oncall_config.
 
     The schema is the predecessor's, so files it wrote load unchanged; unknown keys are kept.
     The copy of the on-call member in `oncall_user` may disagree with the member's record (the
@@ -365,7 +378,7 @@ def check_oncall_config(doc: object) -> tuple[list[str], list[str]]:
     oncall = current.get("oncall_user")
     if not isinstance(oncall, dict):
         errors.append("current_config.oncall_user is missing or not an object")
-    elif oncall.get("id") not in users:
+    elif not isinstance(oncall.get("id"), str) or oncall["id"] not in users:
         errors.append(f"current_config.oncall_user.id {oncall.get('id')!r} "
                       "is not an available user")
     else:
@@ -386,9 +399,10 @@ def check_oncall_config(doc: object) -> tuple[list[str], list[str]]:
 
 
 def positive_number(value: object) -> bool:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdecimal() and value.isascii():
         value = int(value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def check_mail_settings(mail: object) -> list[str]:
@@ -421,7 +435,8 @@ def check_escalation(escalation: object, users: dict) -> list[str]:
         if field not in escalation:
             continue
         value = escalation[field]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
         if field == "ack_timeout":
             ok = ok and value > 0
         else:
@@ -434,7 +449,7 @@ def check_escalation(escalation: object, users: dict) -> list[str]:
             errors.append(f"{where}.escalate_to is not a list of member ids")
         else:
             for i, member_id in enumerate(escalate_to):
-                if member_id not in users:
+                if not isinstance(member_id, str) or member_id not in users:
                     errors.append(f"{where}.escalate_to[{i}] {member_id!r} "
                                   "is not an available user")
     return errors
@@ -1118,12 +1133,16 @@ class Pager:
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
-        if previous["id"] != member["id"]:
+        told = f"{previous['name']} has been told."
+        try:
             self.send_message(previous["phone"], f"{member['name']} has taken on-call from you.",
                               purpose="handoff")
+        except StoreUnavailable:
+            log.error("event=handoff.unsent to=%s", previous["id"])
+            told = f"{previous['name']} could not be told (the store is unreachable): tell them."
         pager_phone = new.doc["current_config"]["pager_phone"]
-        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} has been "
-                f"told. Leave a message at {pager_phone} to test delivery.")
+        return (f"Okay, {first_name(member)}, you are now on call. {told} "
+                f"Leave a message at {pager_phone} to test delivery.")
 
     def _changed_under(self, doc: dict, member: dict) -> str:
         oncall = oncall_member(doc)
@@ -1173,7 +1192,7 @@ class Pager:
                    recording_url: str, duration: int) -> tuple[dict, bool]:
         existing = read_json(store, f"pages/{page_id}.json")
         if existing is not None:
-            return existing[0], False
+            return self._requeue(store, existing[0]), False
         snap = self.team.read()
         oncall = oncall_member(snap.doc)
         now = time.time()
@@ -1192,14 +1211,22 @@ class Pager:
             add_delivery(page, channel)
         try:
             store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
-        except StoreConflict:
-            return read_json(store, f"pages/{page_id}.json")[0], False
+        except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
+            return self._requeue(store, read_json(store, f"pages/{page_id}.json")[0]), False
         store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
         self.audit.record("page.opened", "twilio", {
             "page": page_id, "number": number, "kind": kind, "caller": caller,
             "duration": duration, "oncall": oncall["id"]})
         self.wake()
         return page, True
+
+    def _requeue(self, store: Store, page: dict) -> dict:
+        """A page seen again (Twilio's retry) gets its job back if it still has work: the
+        first attempt may have stored the page and then failed before queuing it."""
+        pending = any(d["state"] == "pending" for d in page.get("deliveries", {}).values())
+        if page.get("state") == "open" or pending:
+            store.put(f"jobs/{page['id']}.json", to_json({"page": page["id"]}))
+        return page
 
     def _page_number(self, page_id: str, now: float) -> int:
         """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
@@ -1253,7 +1280,8 @@ class Pager:
             other = members(doc).get(other_id)
             if other and other_id != member["id"]:
                 self.send_message(other["phone"], f"Page {written['number']} acknowledged by "
-                                  f"{member['name']}.", purpose="ack_notice", page_id=page_id)
+                                  f"{first_name(member)}.", purpose="ack_notice",
+                                  page_id=page_id)
         return True, written
 
     def mms_failed(self, page_id: str, status: str) -> bool:
@@ -1291,7 +1319,7 @@ class Pager:
             self.wake()
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
-        if args and args[0].isdigit():
+        if args and args[0].isdecimal() and args[0].isascii():
             page = self.page_by_number(int(args[0]))
             if page is None:
                 return f"There is no recent page {args[0]}."
@@ -1496,6 +1524,21 @@ SAMPLE_MP3 = (b"\xff\xfb\x90\x64" + bytes(413)) * 40
 MAX_RECORDING = 32 * 1024 * 1024
 
 
+class CredentialsStayHome(urllib.request.HTTPRedirectHandler):
+    """Twilio may redirect a recording to a pre-signed URL on another host: follow it without
+    the account's credentials, and never from https down to http."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if old.scheme == "https" and new.scheme != "https":
+            raise DeliveryError("recording redirected from https to http", permanent=True)
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is not None and new.netloc != old.netloc:
+            follow.remove_header("Authorization")
+        return follow
+
+
 def fetch_recording(cfg: AppConfig, url: str) -> bytes:
     """The mp3 of a recording, with the account's basic auth (accounts may require it)."""
     if not recording_url_allowed(cfg, url):
@@ -1504,8 +1547,9 @@ def fetch_recording(cfg: AppConfig, url: str) -> bytes:
         return SAMPLE_MP3
     token = base64.b64encode(f"{cfg.account_sid}:{cfg.auth_token}".encode()).decode()
     request = urllib.request.Request(url + ".mp3", headers={"Authorization": f"Basic {token}"})
+    opener = urllib.request.build_opener(CredentialsStayHome)
     try:
-        with urllib.request.urlopen(request, timeout=cfg.http_timeout) as answer:
+        with opener.open(request, timeout=cfg.http_timeout) as answer:
             data = answer.read(MAX_RECORDING + 1)
     except urllib.error.HTTPError as e:
         raise DeliveryError(f"recording fetch {e.code}", permanent=e.code == 404) from None
@@ -1560,6 +1604,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="deliver")
         self._inflight: set[str] = set()
+        self._finished: set[str] = set()  # message jobs sent whose delete is still owed
         self._lock = threading.Lock()
         self._recordings: OrderedDict[str, bytes] = OrderedDict()
         self._fetch_locks: dict[str, threading.Lock] = {}
@@ -1611,8 +1656,12 @@ class Worker:
         self.queue_depth = depth + len(keys)
         for key in keys:
             name = key[len("jobs/"):].removesuffix(".json")
-            due = self._consider_message(key, now) if name.startswith("msg-") else \
-                self._consider_page(self.store, name, now)
+            try:
+                due = self._consider_message(key, now) if name.startswith("msg-") else \
+                    self._consider_page(self.store, name, now)
+            except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
+                log.error("event=worker.job_skipped job=%s error=%r", key, str(e)[:200])
+                continue
             if due is not None:
                 next_due = min(next_due, due)
         return next_due
@@ -1628,12 +1677,21 @@ class Worker:
             spool.delete(f"jobs/{page_id}.json")
             return
         page = found[0]
+        def merge(stored: dict | None) -> dict | None:
+            """The page reached the store too (before the outage began, or through another
+            instance): keep what the spool already delivered, so it is not sent again."""
+            if stored is None:
+                return page
+            for channel, delivery in page["deliveries"].items():
+                if delivery["state"] != "pending":
+                    stored["deliveries"][channel] = delivery
+            return stored
+
         try:
             page["number"] = self.pager._page_number(page_id, page["opened"])
-            with contextlib.suppress(StoreConflict):  # another instance stored it first
-                self.store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+            update_json(self.store, f"pages/{page_id}.json", merge)
             self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreConflict):
             return
         spool.delete(f"pages/{page_id}.json")
         spool.delete(f"jobs/{page_id}.json")
@@ -1672,6 +1730,11 @@ class Worker:
     def _consider_message(self, key: str, now: float) -> float | None:
         if self._busy(key):
             return None
+        with self._lock:
+            finished = key in self._finished
+        if finished:
+            self._forget_job(key)
+            return None
         item = read_json(self.store, key)
         if item is None:
             return None
@@ -1693,24 +1756,34 @@ class Worker:
                    "to": job["to"], "attempt": job["attempts"]}
         try:
             doc = self.pager.team.read().doc
-            self._spend_outbound(doc, details)
-            sid = self.telephony.send_sms(job["to"], doc["current_config"]["from_phone"],
-                                          job["body"])
+            sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
+                job["to"], doc["current_config"]["from_phone"], job["body"]))
         except OutboundCapped:
-            self.store.delete(key)
+            self._forget_job(key)
             return
         except (DeliveryError, StoreUnavailable) as e:
             self.pager.audit.record("page.delivery_failed", "worker", {**details, "error": str(e)})
             if isinstance(e, DeliveryError) and e.permanent:
-                self.store.delete(key)
+                self._forget_job(key)
                 return
             job.update(claimed_until=0, next_try=time.time() + backoff(
                 job["attempts"], self.cfg.retry_base, self.cfg.retry_cap))
             with contextlib.suppress(StoreConflict, StoreUnavailable):
                 self.store.put(key, to_json(job), if_match=etag)
             return
-        self.store.delete(key)
+        self._forget_job(key)
         self.pager.audit.record("page.delivered", "worker", {**details, "sid": sid})
+
+    def _forget_job(self, key: str) -> None:
+        """Delete a finished message job; if the store cannot be reached, remember it here
+        so this instance does not send it again (the next scan deletes it)."""
+        try:
+            self.store.delete(key)
+            with self._lock:
+                self._finished.discard(key)
+        except StoreUnavailable:
+            with self._lock:
+                self._finished.add(key)
 
     # --- pages: deliveries, escalation, closing ------------------------------------------------
 
@@ -1800,35 +1873,58 @@ class Worker:
                 add_delivery(page, "sms_fallback")
             return page
 
-        with contextlib.suppress(StoreUnavailable):
+        with contextlib.suppress(StoreUnavailable, StoreConflict):
             update_json(store, f"pages/{page_id}.json", record)
             return
         log.error("event=worker.finish_unrecorded page=%s channel=%s outcome=%s",
                   page_id, channel, outcome)
 
-    def _spend_outbound(self, doc: dict, details: dict) -> None:
+    def _spend_outbound(self, doc: dict, details: dict) -> float | None:
         """Take one from the hourly budget of outbound SMS and calls (counters/outbound.json,
-        shared by all instances), or raise OutboundCapped after auditing why."""
+        shared by all instances), or raise OutboundCapped after auditing why. Returns the
+        stamp spent (None when the store could not count), for `_refund_outbound`."""
         limit = escalation_settings(doc)["max_outbound_per_hour"]
         verdict: list[bool] = []
+        stamp = time.time()
 
         def spend(counter: dict | None) -> dict | None:
-            now = time.time()
-            sent = [t for t in (counter or {}).get("sent", []) if t > now - 3600]
+            sent = [t for t in (counter or {}).get("sent", []) if t > stamp - 3600]
             verdict[:] = [len(sent) < limit]
-            return {"sent": sent + [now]} if verdict[0] else None
+            return {"sent": sent + [stamp]} if verdict[0] else None
 
         try:
             update_json(self.store, "counters/outbound.json", spend)
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreConflict):
             # The budget is a cost control, not a safety one: a page must get through.
             log.warning("event=outbound.uncounted reason=store_unavailable")
-            return
+            return None
         if not verdict[0]:
             self.pager.audit.record("outbound.capped", "worker", {
                 **details, "limit_per_hour": limit,
                 "reason": "hourly budget of outbound SMS and calls spent; only e-mail runs"})
             raise OutboundCapped()
+        return stamp
+
+    def _refund_outbound(self, stamp: float | None) -> None:
+        """An attempt Twilio refused does not use up the budget (an outage would otherwise
+        spend it on retries and cap the next page)."""
+        if stamp is None:
+            return
+        with contextlib.suppress(StoreUnavailable, StoreConflict):
+            update_json(self.store, "counters/outbound.json", lambda counter: {
+                "sent": [t for t in (counter or {}).get("sent", []) if t != stamp]})
+
+    def _outbound(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
+        """One escalation SMS or call, within the budget; returns its sid or what happened."""
+        try:
+            stamp = self._spend_outbound(doc, details)
+        except OutboundCapped:
+            return "capped"
+        try:
+            return send()
+        except DeliveryError as e:
+            self._refund_outbound(stamp)
+            return f"failed: {e}"
 
     def _recording(self, page: dict) -> bytes:
         """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
@@ -1851,26 +1947,34 @@ class Worker:
                     self._fetch_locks.pop(old, None)
             return data
 
+    def _send_within_budget(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
+        """A page's SMS/MMS: spend from the budget (OutboundCapped when spent), refund it when
+        Twilio refuses, and let the DeliveryError through for the retry."""
+        stamp = self._spend_outbound(doc, details)
+        try:
+            return send()
+        except DeliveryError:
+            self._refund_outbound(stamp)
+            raise
+
     def _deliver_mms(self, page: dict, doc: dict, details: dict) -> dict:
-        self._spend_outbound(doc, details)
-        sid = self.telephony.send_sms(
+        sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
             page["oncall"]["phone"], doc["current_config"]["from_phone"],
             f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
             "Reply ACK to acknowledge.",
             media_url=page["recording_url"] + ".mp3",
-            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}"))
+            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}")))
         return {"to": page["oncall"]["phone"], "sid": sid}
 
     def _deliver_sms(self, page: dict, doc: dict, details: dict) -> dict:
-        self._spend_outbound(doc, details)
         if page["kind"] == "voicemail":
             body = (f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}: "
                     f"{page['recording_url']}.mp3 Reply ACK to acknowledge.")
         else:
             body = (f"Missed call to the pager from {caller_text(page)}: no message was left. "
                     "Reply ACK to acknowledge.")
-        sid = self.telephony.send_sms(page["oncall"]["phone"],
-                                      doc["current_config"]["from_phone"], body)
+        sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
+            page["oncall"]["phone"], doc["current_config"]["from_phone"], body))
         return {"to": page["oncall"]["phone"], "sid": sid}
 
     def _deliver_email(self, page: dict, doc: dict, details: dict) -> dict:
@@ -1942,30 +2046,39 @@ class Worker:
             self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
 
     def _escalate(self, page: dict, step: int, kind: str, targets: list[str]) -> None:
+        """Text (team steps) and phone each target. The SMS and the call are separate: a
+        number that refuses SMS (STOP) still gets the call. Before each target the page is
+        read again, so nobody is called after somebody acknowledged."""
         doc = self.pager.team.read().doc
-        results = {}
+        current_config = doc["current_config"]
+        results: dict[str, Any] = {}
         for member_id in targets:
             member = members(doc).get(member_id)
-            if member is None:
+            current = read_json(self.store, f"pages/{page['id']}.json")
+            if member is None or (current and current[0].get("state") != "open"):
                 continue
             details = {"page": page["id"], "number": page["number"], "step": step,
                        "kind": kind, "member": member_id}
-            try:
-                if kind == "team":
-                    self._spend_outbound(doc, {**details, "channel": "sms"})
-                    self.telephony.send_sms(
-                        member["phone"], doc["current_config"]["from_phone"],
-                        f"Escalated page {page['number']}: {page_summary(page)}, not "
-                        f"acknowledged yet. Reply ACK {page['number']} to acknowledge.")
-                self._spend_outbound(doc, {**details, "channel": "call"})
-                results[member_id] = self.telephony.place_call(
-                    member["phone"], doc["current_config"]["pager_phone"],
+            phone = member["phone"]
+
+            def text(phone: str = phone) -> str:
+                return self.telephony.send_sms(
+                    phone, current_config["from_phone"],
+                    f"Escalated page {page['number']}: {page_summary(page)}, not "
+                    f"acknowledged yet. Reply ACK {page['number']} to acknowledge.")
+
+            def call(phone: str = phone) -> str:
+                return self.telephony.place_call(
+                    phone, current_config["pager_phone"],
                     self.cfg.url(f"/oncall/answer?page={page['id']}"),
                     self.cfg.url(f"/oncall/callstatus?page={page['id']}&step={step}"))
-            except OutboundCapped:
-                results[member_id] = "capped"
-            except DeliveryError as e:
-                results[member_id] = f"failed: {e}"
+
+            if kind == "team":
+                results[member_id] = {
+                    "sms": self._outbound(doc, {**details, "channel": "sms"}, text),
+                    "call": self._outbound(doc, {**details, "channel": "call"}, call)}
+            else:
+                results[member_id] = self._outbound(doc, {**details, "channel": "call"}, call)
         self.pager.audit.record("page.escalated", "worker", {
             "page": page["id"], "number": page["number"], "step": step, "kind": kind,
             "results": results})
@@ -2160,17 +2273,17 @@ class WebApp:
         if method not in route.methods:
             raise HTTPError(405, "method not allowed", (("Allow", ", ".join(route.methods)),))
         body = read_body(environ)
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
+        fields = FormFields()
         if route.signed:
-            if text is None:
-                raise HTTPError(400, "request body is not UTF-8")
-            fields = parse_fields(text)
+            malformed = None
+            try:
+                fields = parse_fields(body.decode("utf-8"))
+            except (UnicodeDecodeError, HTTPError) as e:
+                malformed = e  # the signature is checked first: unsigned garbage is a 403
             self.check_signature(environ, fields)
-        else:
-            fields = FormFields()
+            if malformed is not None:
+                raise HTTPError(400, "malformed form body (not UTF-8, bad encoding or too "
+                                "many fields)")
         query = {k: v[0] for k, v in parse_fields(environ.get("QUERY_STRING", "")).items()}
         form = {k: v[0] for k, v in fields.items()}
         missing = [name for name in route.required if not form.get(name)]
@@ -2273,8 +2386,12 @@ class WebApp:
             sid = form.get("RecordingSid", "")
             if not recording_url_allowed(self.cfg, url) or not re.fullmatch(
                     r"RE[0-9a-zA-Z]{32}", sid) or not url.endswith(sid):
+                # Never fetched. The request is signed, so a customer really called (say the
+                # API host changed under us): page a missed call rather than nobody.
                 self.pager.audit.record("recording.refused", "twilio", {
                     "recording_url": url[:200], "recording_sid": sid[:40], "call_sid": call_sid})
+                if re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
+                    self.pager.open_page(call_sid, "missed", caller, call_sid)
                 raise HTTPError(400, "recording URL is not one of this account's recordings")
             duration = form.get("RecordingDuration", "0")
             self.pager.open_page(sid, "voicemail", caller, call_sid, url,

@@ -2063,7 +2063,13 @@ def test_a_recording_url_outside_our_account_is_refused_and_audited(
             "AccountSid": ACCOUNT_SID})
         assert status == 400
     assert len(audit_events(s3_pager.store, "recording.refused")) == 3
-    assert s3_pager.store.list("pages/") == [] and twilio.requests == []
+    # never fetched; the caller is paged as a missed call (once: the page is the call's)
+    assert s3_pager.store.list("pages/") == [f"pages/{call['CallSid']}.json"]
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    time.sleep(0.3)
+    assert [r for r in twilio.requests if "/Recordings/" in r.path] == []
+    (sms,) = twilio.messages()
+    assert sms.params["Body"][0].startswith("Missed call to the pager from ACME CORP")
 
 
 @pytest.mark.parametrize("status", ["absent", "failed"])
@@ -2207,8 +2213,8 @@ def test_after_the_calls_the_team_is_texted_and_phoned_and_told_of_the_ack(
                                         "<+15551230000>, not acknowledged yet. Reply ACK 1 to "
                                         "acknowledge."]
     assert s3_pager.sms(BOB, "ACK 1").startswith("Page 1 acknowledged")
-    assert twilio.wait_for(lambda: "Page 1 acknowledged by Bob Roberts." in messages_to(
-        twilio, ALICE) and "Page 1 acknowledged by Bob Roberts." in messages_to(twilio, CAROL), 5)
+    assert twilio.wait_for(lambda: "Page 1 acknowledged by Bob." in messages_to(
+        twilio, ALICE) and "Page 1 acknowledged by Bob." in messages_to(twilio, CAROL), 5)
     calls = len(twilio.calls())
     time.sleep(1.5)
     assert len(twilio.calls()) == calls
@@ -2868,3 +2874,112 @@ def test_kill_9_at_random_points_loses_nothing_and_never_repeats_a_call(
         assert len(steps) == len(set(steps)), f"a call was repeated: {steps}"
     archived = store.list("recordings/")
     assert all(any(p in key for key in archived) for p in pages)
+
+
+# ==============================================================================================
+# Regressions found in review
+# ==============================================================================================
+
+
+def test_a_page_stored_without_its_job_is_requeued_by_twilios_retry(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """A write that landed but whose answer was lost must not leave a page nobody works on."""
+    form, path = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    sid = "RE" + uuid.uuid4().hex
+    twilio.add_recording(sid, RECORDING)
+    orphan = dict(page_of(s3_pager.store, form["RecordingSid"]), id=sid, number=2)
+    for delivery in orphan["deliveries"].values():
+        delivery.update(state="pending", attempts=0, claimed_until=0)
+    orphan["recording_url"] = twilio.recording_url(sid)
+    s3_pager.store.put(f"pages/{sid}.json", op.to_json(orphan))
+    assert s3_pager.post(path, {**form, "RecordingSid": sid,
+                                "RecordingUrl": twilio.recording_url(sid)})[0] == 200
+    assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
+
+
+def test_a_member_who_refuses_sms_is_still_phoned_when_the_page_escalates(
+        tmp_path: Path) -> None:
+    class RefusesSMS(op.Telephony):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                     status_callback: str = "") -> str:
+            raise op.DeliveryError("twilio 400 code=21610", permanent=True)
+
+        def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+            self.calls.append(to)
+            return "CA" + "0" * 32
+
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    page, _ = pager.open_page("RE" + "7" * 32, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
+                              "https://api.twilio.com/x", 10)
+    telephony = RefusesSMS()
+    worker = op.Worker(pager, telephony)
+    worker._escalate(page, 2, "team", ["bob", "carol"])
+    assert telephony.calls == [BOB, CAROL]
+    (escalated,) = audit_events(store, "page.escalated")
+    assert escalated["details"]["results"]["bob"]["sms"] == "failed: twilio 400 code=21610"
+
+
+@pytest.mark.parametrize("value", [["alice"], {"id": 1}, 1e999, float("nan")])
+def test_values_of_unexpected_types_are_errors_not_crashes(value: Any) -> None:
+    doc = team_doc()
+    doc["current_config"]["oncall_user"]["id"] = value
+    doc["current_config"]["escalation"] = {"ack_timeout": value, "escalate_to": [value]}
+    doc["current_config"]["mail_settings"]["mail_port"] = value
+    errors, _ = op.check_oncall_config(doc)
+    assert errors and all(isinstance(e, str) for e in errors)
+    with pytest.raises(op.ConfigError):
+        op.parse_oncall_config(json.dumps(doc).replace("Infinity", "1e999").encode())
+
+
+def test_ack_with_a_superscript_digit_is_not_a_500(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(ALICE, "ACK ²") == "No open pages for you. Nothing to acknowledge."
+
+
+def test_unsigned_garbage_is_403_before_any_parsing(file_pager: RunningPager) -> None:
+    for body in (b"\xff\xfe", b"a=%FF", b"a=1&" * 1000):
+        status, _, _ = http_request("POST", file_pager.base_url + "/msgcontrol/entry", body,
+                                    {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 403
+
+
+def test_the_recording_fetch_drops_credentials_on_a_redirect_to_another_host(
+        tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append((self.headers["Host"], self.headers.get("Authorization")))
+            if self.path.endswith(".mp3") and "Recordings" in self.path:
+                self.send_response(307)
+                self.send_header("Location", f"http://127.0.0.2:{cdn.server_port}/signed.mp3")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(RECORDING)))
+            self.end_headers()
+            self.wfile.write(RECORDING)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    cdn = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    for server in (api, cdn):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = op.load_app_config(write_config(tmp_path, "file:var",
+                                              api_base_url=f"http://127.0.0.1:{api.server_port}"))
+        url = f"{cfg.api_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Recordings/RE{'3' * 32}"
+        assert op.fetch_recording(cfg, url) == RECORDING
+    finally:
+        api.shutdown()
+        cdn.shutdown()
+    assert seen[0][1] == "Basic " + base64.b64encode(
+        f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
+    assert seen[1] == (f"127.0.0.2:{cdn.server_port}", None)
