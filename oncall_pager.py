@@ -486,6 +486,14 @@ def oncall_member(doc: dict) -> dict:
     return members(doc)[doc["current_config"]["oncall_user"]["id"]]
 
 
+def oncall_id_of(doc: object) -> str | None:
+    """Who a document says is on call, even when it is not a valid config (an edit that
+    repairs a broken config still audits the change of who is on call)."""
+    current = doc.get("current_config") if isinstance(doc, dict) else None
+    oncall = current.get("oncall_user") if isinstance(current, dict) else None
+    return oncall.get("id") if isinstance(oncall, dict) else None
+
+
 def session_lifetime(doc: dict) -> int:
     return int(doc["current_config"].get("session_lifetime", 300))
 
@@ -902,7 +910,7 @@ class TeamConfig:
         try:
             blob = self.store.get(self.key, unless_etag=current.etag if current else None)
         except StoreUnavailable as e:
-            self._note(False, f"store unreachable: {e}")
+            self._note(False, str(e))
             return self._last_good()
         if blob is UNCHANGED and current is not None:
             self._note(True, "")
@@ -942,6 +950,8 @@ class TeamConfig:
                 parse_oncall_config(to_json(saved["doc"]))
                 self._current = Snapshot(saved["doc"], saved["etag"])
                 log.warning("event=config.from_cache file=%s", self.cache_file)
+        if self._current is None and self.reachable:
+            raise ConfigError([self.problem])  # reachable, but the stored config is invalid
         if self._current is None:
             raise StoreUnavailable(self.problem or "store unreachable")
         return dataclasses.replace(self._current, stale=True)
@@ -962,7 +972,7 @@ class TeamConfig:
         doc["current_config"]["oncall_user"] = dict(oncall_member(doc))
         etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
         snapshot = self._remember(Snapshot(doc, etag))
-        old_oncall, new_oncall = oncall_member(base.doc)["id"], oncall_member(doc)["id"]
+        old_oncall, new_oncall = oncall_id_of(base.doc), oncall_member(doc)["id"]
         if old_oncall != new_oncall:
             self.audit.record("oncall.changed", actor,
                               {"from": old_oncall, "to": new_oncall, **(details or {})})
@@ -2254,6 +2264,9 @@ class WebApp:
                                 e.headers)
         except StoreUnavailable:
             response = Response(503, "store unavailable\n", "text/plain; charset=utf-8")
+        except (ConfigError, NoConfig):
+            response = Response(503, "no valid operational config\n",
+                                "text/plain; charset=utf-8")
         except Exception:
             log.exception("event=request.error method=%s path=%s", method, path)
             response = Response(500, "internal error\n", "text/plain; charset=utf-8")
@@ -2521,6 +2534,8 @@ class WebApp:
             config = "stale" if self.pager.team.read().stale else "loaded"
         except NoConfig:
             config = "missing"
+        except ConfigError:
+            config = "invalid"
         except StoreUnavailable:
             config = "unavailable"
         healthy = self.pager.team.reachable and config == "loaded"
@@ -2631,7 +2646,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     warnings = []
     mode = os.stat(args.config).st_mode
-    if mode & 0o044 and (cfg.auth_token or "auth_token" in Path(args.config).read_text()):
+    own = ConfigParser(interpolation=None)
+    own.read(args.config, encoding="utf-8")
+    if mode & 0o044 and own.get("twilio", "auth_token", fallback="").strip():
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
     store = open_store(cfg)
@@ -2867,13 +2884,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def config_edit(pager: Pager, args: argparse.Namespace) -> int:
-    """$EDITOR on the JSON; validated and written conditionally, or nothing is written."""
-    snap = pager.team.read()
-    if snap.stale:
-        raise StoreUnavailable(pager.team.problem)
+    """$EDITOR on the JSON as stored (so an invalid config can be repaired here too);
+    validated and written conditionally over what was read, or nothing is written."""
+    blob = pager.store.get(pager.team.key)
+    if blob is None:
+        raise NoConfig(f"{pager.store.describe()} holds no {pager.team.key} "
+                       "(put one there with: oncall-pager init)")
+    try:
+        stored: object = json.loads(blob.data)
+        text = json.dumps(stored, indent=2, sort_keys=True)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        stored, text = None, blob.data.decode("utf-8", "replace")
+    snap = Snapshot(stored if isinstance(stored, dict) else {}, blob.etag)
     fd, name = tempfile.mkstemp(prefix="oncall_config.", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(snap.doc, f, indent=2, sort_keys=True)
+        f.write(text)
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     if subprocess.call([*shlex.split(editor), name]) != 0:
         raise UsageError(f"the editor failed; nothing was written (your edit: {name})")
@@ -3040,6 +3065,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is None:
         args.config = default_config()
+    if args.command != "serve":
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
     try:
         return args.handler(args)
     except ConfigError as e:
