@@ -280,9 +280,10 @@ class RunningPager:
         return self.pager.store
 
     def stop(self) -> None:
+        """Closes the sockets at once; waitress's loop thread notices within its 1 s select
+        timeout and ends on its own (not waited for: nothing depends on it)."""
         self.server.close()
         self.worker.stop()
-        self.thread.join(5)
 
     def post(self, path: str, params: dict[str, str], **kwargs: Any) -> tuple[int, str]:
         return signed_post(self.base_url, self.cfg.public_url, path, params, **kwargs)
