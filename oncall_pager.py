@@ -45,8 +45,10 @@ import datetime as dt
 import email.message
 import email.utils
 import fcntl
+import functools
 import getpass
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -1200,9 +1202,8 @@ class Pager:
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
                    recording_url: str, duration: int) -> tuple[dict, bool]:
-        existing = read_json(store, f"pages/{page_id}.json")
-        if existing is not None:
-            return self._requeue(store, existing[0]), False
+        """No read first: the page's conditional create (If-None-Match) is what detects
+        Twilio's retry, and the page number is looked up by id, so a retry reuses it."""
         snap = self.team.read()
         oncall = oncall_member(snap.doc)
         now = time.time()
@@ -2221,7 +2222,10 @@ def empty_messaging() -> Response:
     return twiml(MessagingResponse())
 
 
+@functools.lru_cache(maxsize=256)
 def message_reply(text: str | None) -> Response:
+    """Replies repeat (WHO between changes, HALP): building TwiML costs more than the rest of
+    a WHO, so the rendered ones are kept. Response is not mutated after this."""
     from twilio.twiml.messaging_response import MessagingResponse
 
     reply = MessagingResponse()
@@ -2308,8 +2312,11 @@ class WebApp:
         if not self.cfg.validate_signatures:
             return
         signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-        if not signature or not self.validator.validate(signed_url(self.cfg, environ), fields,
-                                                        signature):
+        url = signed_url(self.cfg, environ)
+        if signature and hmac.compare_digest(
+                self.validator.compute_signature(url, fields).encode(), signature.encode()):
+            return  # the common case, one HMAC; validate() below also tries the port variants
+        if not signature or not self.validator.validate(url, fields, signature):
             log.warning("event=signature.rejected path=%s", environ.get("PATH_INFO", "")[:80])
             raise HTTPError(403, "invalid or missing X-Twilio-Signature")
 
@@ -2605,7 +2612,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pager.team.read()
     except (NoConfig, StoreUnavailable) as e:
         log.error("event=serve.degraded problem=%r", str(e))
-    telephony = DryRunTelephony(pager.store) if cfg.dry_run else LiveTelephony(cfg)
+    if cfg.dry_run:
+        telephony: Telephony = DryRunTelephony(pager.store)
+    else:
+        import twilio.rest  # noqa: F401 (imported now rather than on the first page: ~0.2 s)
+
+        telephony = LiveTelephony(cfg)
     worker = Worker(pager, telephony)
     server = waitress.create_server(
         WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
