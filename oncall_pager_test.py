@@ -3591,3 +3591,24 @@ def test_the_recording_fetch_drops_credentials_on_a_redirect_to_another_host(
     assert seen[0][1] == "Basic " + base64.b64encode(
         f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
     assert seen[1] == (f"127.0.0.2:{cdn.server_port}", None)
+
+
+def test_parse_fields_agrees_with_the_standard_librarys_parse_qsl() -> None:
+    """parse_fields is written out for speed; it must read forms exactly as parse_qsl does."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=500, deadline=None, database=None)
+    @given(st.text(alphabet="ab%2F+=&;xé ", max_size=30))
+    def agrees(text: str) -> None:
+        try:
+            expected = sorted(urllib.parse.parse_qsl(text, keep_blank_values=True,
+                                                     errors="strict"))
+        except UnicodeDecodeError:
+            with pytest.raises(op.HTTPError):
+                op.parse_fields(text)
+            return
+        got = sorted((k, v) for k, values in op.parse_fields(text).items() for v in values)
+        assert got == expected
+
+    agrees()
