@@ -1372,7 +1372,7 @@ class Pager:
             log.info("event=sms.stranger from=%s", sender)
             return None
         command, args = parse_command(body)
-        log.info("event=sms.command member=%s command=%s", member["id"], command)
+        log.debug("event=sms.command member=%s command=%s", member["id"], command)
         if command is None:
             return HELP_TEXT if self.help_limiter.allow(sender, time.time()) else None
         if snap.stale and command in ("take", "confirm", "cancel", "ack"):
