@@ -6,7 +6,7 @@ Reproduce
     python bench_oncall_pager.py --quick        # smoke check: 1 repeat, 1 s runs
     python bench_oncall_pager.py --repeat 5 --duration 5 --json /tmp/bench.json
 
-It needs the test extras (`pip install -e '.[test]'`): moto[server] plays S3, aiosmtpd takes the
+It needs the test extras (`pip install -e '.[test]'`): moto's ThreadedMotoServer plays S3, aiosmtpd takes the
 e-mail, and `TwilioFake` from oncall_pager_test.py plays Twilio's REST API. Nothing leaves the
 loopback interface. The table goes to stdout (Markdown, ready for the README), progress to
 stderr, and every figure with its samples to a JSON file (--json, default bench_results.json).

@@ -1841,12 +1841,19 @@ class Worker:
             delivery["attempts"] += 1
             return page
 
+        self._claim(store, page_id, channel, claim, lambda page: self._deliver(store, page,
+                                                                               channel))
+
+    def _claim(self, store: Store, page_id: str, task: str,
+               claim: Callable[[dict | None], dict | None], run: Callable[[dict], None]) -> None:
+        """Claim a step of a page with one conditional write, then run it in the pool. A lost
+        race means another instance claimed it: that is the point, nothing to do here."""
         try:
             page = update_json(store, f"pages/{page_id}.json", claim, tries=1)
         except StoreConflict:
             return
         if page is not None:
-            self._submit(f"{page_id}/{channel}", lambda: self._deliver(store, page, channel))
+            self._submit(f"{page_id}/{task}", lambda: run(page))
 
     def _deliver(self, store: Store, page: dict, channel: str) -> None:
         attempt = page["deliveries"][channel]["attempts"]
@@ -2051,12 +2058,7 @@ class Worker:
             plan[:] = [step, kind, targets]
             return page
 
-        try:
-            page = update_json(store, f"pages/{page_id}.json", claim, tries=1)
-        except StoreConflict:
-            return
-        if page is not None:
-            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
+        self._claim(store, page_id, "escalate", claim, lambda page: self._escalate(page, *plan))
 
     def _escalate(self, page: dict, step: int, kind: str, targets: list[str]) -> None:
         """Text (team steps) and phone each target. The SMS and the call are separate: a
