@@ -6,10 +6,11 @@ Reproduce
     python bench_oncall_pager.py --quick        # smoke check: 1 repeat, 1 s runs
     python bench_oncall_pager.py --repeat 5 --duration 5 --json /tmp/bench.json
 
-It needs the test extras (`pip install -e '.[test]'`): moto's ThreadedMotoServer plays S3, aiosmtpd takes the
-e-mail, and `TwilioFake` from oncall_pager_test.py plays Twilio's REST API. Nothing leaves the
-loopback interface. The table goes to stdout (Markdown, ready for the README), progress to
-stderr, and every figure with its samples to a JSON file (--json, default bench_results.json).
+It needs the test extras (`pip install -e '.[test]'`): moto's ThreadedMotoServer plays S3,
+aiosmtpd takes the e-mail, and `TwilioFake` from oncall_pager_test.py plays Twilio's REST API.
+Nothing leaves the loopback interface. The table goes to stdout (Markdown, ready for the
+README), progress to stderr, and every figure with its samples to a JSON file (--json, default
+bench_results.json).
 
 What is measured (each figure is the median of --repeat runs)
  1. Requests/s and p50/p99 latency of a signed SMS `WHO` to /msgcontrol/entry, served by
