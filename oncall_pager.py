@@ -102,6 +102,11 @@ class StoreUnavailable(Exception):
     """The store could not be reached or answered with a server error."""
 
 
+class StoreUncertain(StoreUnavailable):
+    """The store failed after it said a page exists: answer 503 so Twilio retries, and do not
+    spool it (a spooled copy would page a second time)."""
+
+
 class UsageError(Exception):
     """A command-line mistake, printed as one line on stderr."""
 
@@ -1195,8 +1200,8 @@ class Pager:
         try:
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
                                    duration)
-        except StoreUnavailable:
-            if self.spool is None:
+        except StoreUnavailable as e:
+            if self.spool is None or isinstance(e, StoreUncertain):
                 raise
             log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
             return self._open_page(self.spool, page_id, kind, caller, call_sid, recording_url,
@@ -1225,7 +1230,13 @@ class Pager:
         try:
             store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
-            return self._requeue(store, read_json(store, f"pages/{page_id}.json")[0]), False
+            try:
+                existing = read_json(store, f"pages/{page_id}.json")
+                if existing is None:
+                    raise StoreUnavailable(f"pages/{page_id}.json exists but cannot be read")
+                return self._requeue(store, existing[0]), False
+            except StoreUnavailable as e:
+                raise StoreUncertain(str(e)) from None
         store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
         self.audit.record("page.opened", "twilio", {
             "page": page_id, "number": number, "kind": kind, "caller": caller,
@@ -1306,10 +1317,19 @@ class Pager:
             add_delivery(page, "sms_fallback")
             return page
 
-        page = update_json(self.store, f"pages/{page_id}.json", fall_back)
+        store = self.store
+        try:
+            page = update_json(store, f"pages/{page_id}.json", fall_back)
+        except StoreUnavailable:
+            if self.spool is None:
+                raise
+            page = None
+        if page is None and self.spool is not None:  # sent from the spool during an outage
+            store = self.spool
+            page = update_json(store, f"pages/{page_id}.json", fall_back)
         if page is None:
             return False
-        self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+        store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
         self.audit.record("page.delivery_failed", "twilio", {
             "page": page_id, "number": page["number"], "channel": "mms", "status": status,
             "final": True, "fallback": "sms_fallback"})
@@ -1659,12 +1679,19 @@ class Worker:
         spool = self.pager.spool
         depth = 0
         if spool is not None:
-            for key in spool.list("jobs/"):
-                depth += 1
+            spooled = spool.list("jobs/")
+            depth += len(spooled)
+            for key in spooled:
                 page_id = key[len("jobs/"):].removesuffix(".json")
-                due = self._consider_page(spool, page_id, now)
+                try:
+                    due = self._consider_page(spool, page_id, now)
+                except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
+                    log.error("event=worker.job_skipped job=spool/%s error=%r", key, str(e)[:200])
+                    continue
                 next_due = min(next_due, due if due is not None else next_due)
-                self._move_into_store(page_id)
+            for key in spooled:
+                if not self._move_into_store(key[len("jobs/"):].removesuffix(".json")):
+                    break  # the store is still unreachable: try again next scan
         keys = self.store.list("jobs/")
         self.queue_depth = depth + len(keys)
         for key in keys:
@@ -1679,16 +1706,17 @@ class Worker:
                 next_due = min(next_due, due)
         return next_due
 
-    def _move_into_store(self, page_id: str) -> None:
+    def _move_into_store(self, page_id: str) -> bool:
         """A spooled page goes into the store (with its page number) once the store answers
-        and none of its channels is running here; from then on it is an ordinary page."""
+        and none of its channels is running here; from then on it is an ordinary page.
+        Returns False while the store is unreachable."""
         spool = self.pager.spool
         if spool is None or any(task.startswith(page_id + "/") for task in self._tasks()):
-            return
+            return True
         found = read_json(spool, f"pages/{page_id}.json")
         if found is None:
             spool.delete(f"jobs/{page_id}.json")
-            return
+            return True
         page = found[0]
         def merge(stored: dict | None) -> dict | None:
             """The page reached the store too (before the outage began, or through another
@@ -1696,7 +1724,7 @@ class Worker:
             if stored is None:
                 return page
             for channel, delivery in page["deliveries"].items():
-                if delivery["state"] != "pending":
+                if delivery["state"] != "pending" or channel not in stored["deliveries"]:
                     stored["deliveries"][channel] = delivery
             return stored
 
@@ -1704,11 +1732,14 @@ class Worker:
             page["number"] = self.pager._page_number(page_id, page["opened"])
             update_json(self.store, f"pages/{page_id}.json", merge)
             self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
-        except (StoreUnavailable, StoreConflict):
-            return
+        except StoreConflict:
+            return True
+        except StoreUnavailable:
+            return False
         spool.delete(f"pages/{page_id}.json")
         spool.delete(f"jobs/{page_id}.json")
         log.info("event=page.unspooled page=%s number=%s", page_id, page["number"])
+        return True
 
     def _tasks(self) -> list[str]:
         with self._lock:
@@ -1856,6 +1887,10 @@ class Worker:
             self._submit(f"{page_id}/{task}", lambda: run(page))
 
     def _deliver(self, store: Store, page: dict, channel: str) -> None:
+        if time.time() > page["deliveries"][channel]["claimed_until"]:
+            # waited in the pool past its claim: another instance may have taken it over
+            log.warning("event=worker.claim_expired page=%s channel=%s", page["id"], channel)
+            return
         attempt = page["deliveries"][channel]["attempts"]
         details: dict[str, Any] = {"page": page["id"], "number": page["number"],
                                    "channel": channel, "attempt": attempt}
@@ -2069,7 +2104,10 @@ class Worker:
         results: dict[str, Any] = {}
         for member_id in targets:
             member = members(doc).get(member_id)
-            current = read_json(self.store, f"pages/{page['id']}.json")
+            try:
+                current = read_json(self.store, f"pages/{page['id']}.json")
+            except StoreUnavailable:
+                current = None  # call anyway: a page call says so if it was acknowledged
             if member is None or (current and current[0].get("state") != "open"):
                 continue
             details = {"page": page["id"], "number": page["number"], "step": step,

@@ -3613,3 +3613,119 @@ def test_parse_fields_agrees_with_the_standard_librarys_parse_qsl() -> None:
         assert got == expected
 
     agrees()
+
+
+class FlakyStore(op.Store):
+    """A directory store whose operations fail (StoreUnavailable) while `fail(op, key)` says
+    so: for the moments between two requests that a real outage makes possible."""
+
+    def __init__(self, inner: op.Store):
+        self.inner = inner
+        self.fail: Callable[[str, str], bool] = lambda operation, key: False
+
+    def _check(self, operation: str, key: str) -> None:
+        if self.fail(operation, key):
+            raise op.StoreUnavailable(f"flaky {operation} {key}")
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+        self._check("get", key)
+        return self.inner.get(key, unless_etag=unless_etag)
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        self._check("put", key)
+        return self.inner.put(key, data, if_match=if_match, if_absent=if_absent)
+
+    def list(self, prefix: str) -> list[str]:
+        self._check("list", prefix)
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self._check("delete", key)
+        self.inner.delete(key)
+
+    def describe(self) -> str:
+        return "flaky"
+
+
+PAGE_ID = "RE" + "7" * 32
+PAGE_URL = "https://api.twilio.com/2010-04-01/Accounts/x/Recordings/" + PAGE_ID
+
+
+@pytest.fixture
+def flaky(tmp_path: Path) -> tuple[FlakyStore, op.Pager]:
+    store = FlakyStore(op.DirectoryStore(tmp_path / "var"))
+    put_team(store)
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    pager.spool = op.DirectoryStore(tmp_path / "spool")
+    return store, pager
+
+
+def open_test_page(pager: op.Pager) -> tuple[dict, bool]:
+    return pager.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32, PAGE_URL,
+                           10)
+
+
+def test_a_retry_that_finds_the_page_is_never_spooled_twice(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    store, pager = flaky
+    assert open_test_page(pager)[1]
+    store.fail = lambda operation, key: operation == "get" and key == f"pages/{PAGE_ID}.json"
+    with pytest.raises(op.StoreUnavailable):  # 503: Twilio retries later
+        open_test_page(pager)
+    store.fail = lambda operation, key: False
+    assert pager.spool.list("jobs/") == [] and len(audit_events(store, "page.opened")) == 1
+
+
+def test_moving_a_spooled_page_keeps_a_fallback_only_the_spool_has(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    store, pager = flaky
+    store.fail = lambda operation, key: operation == "put" and key.startswith("jobs/")
+    open_test_page(pager)  # the page reached the store, its job did not: spooled as well
+    store.fail = lambda operation, key: False
+    spooled, _ = op.read_json(pager.spool, f"pages/{PAGE_ID}.json")
+    spooled["deliveries"]["mms"]["state"] = "failed"
+    op.add_delivery(spooled, "sms_fallback")
+    pager.spool.put(f"pages/{PAGE_ID}.json", op.to_json(spooled))
+    worker = op.Worker(pager, op.Telephony())
+    assert worker._move_into_store(PAGE_ID)
+    worker.stop()
+    stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
+    assert stored["deliveries"]["mms"]["state"] == "failed"
+    assert stored["deliveries"]["sms_fallback"]["state"] == "pending"
+
+
+def test_an_undelivered_mms_of_a_spooled_page_still_falls_back(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    store, pager = flaky
+    pager.team.read()
+    store.fail = lambda operation, key: True
+    open_test_page(pager)
+    store.fail = lambda operation, key: False  # back, but the page is not moved yet
+    assert pager.mms_failed(PAGE_ID, "undelivered") is True
+    spooled, _ = op.read_json(pager.spool, f"pages/{PAGE_ID}.json")
+    assert "sms_fallback" in spooled["deliveries"]
+
+
+def test_a_store_blip_mid_escalation_does_not_skip_the_rest_of_the_team(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    store, pager = flaky
+    page, _ = open_test_page(pager)
+    calls: list[str] = []
+
+    class Telephony(op.Telephony):
+        def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                     status_callback: str = "") -> str:
+            return "SM" + "0" * 32
+
+        def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+            calls.append(to)
+            store.fail = lambda operation, key: operation == "get" and key.startswith("pages/")
+            return "CA" + "0" * 32
+
+    worker = op.Worker(pager, Telephony())
+    worker._escalate(page, 2, "team", ["bob", "carol"])
+    worker.stop()
+    store.fail = lambda operation, key: False
+    assert calls == [BOB, CAROL]
+    assert len(audit_events(store, "page.escalated")) == 1
