@@ -1214,7 +1214,7 @@ class Pager:
         snap = self.team.read()
         oncall = oncall_member(snap.doc)
         now = time.time()
-        number = self._page_number(page_id, now) if store is self.store else 0
+        number = self.page_number(page_id, now) if store is self.store else 0
         channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
         page = {
             "id": page_id, "number": number, "kind": kind, "opened": now,
@@ -1252,7 +1252,7 @@ class Pager:
             store.put(f"jobs/{page['id']}.json", to_json({"page": page["id"]}))
         return page
 
-    def _page_number(self, page_id: str, now: float) -> int:
+    def page_number(self, page_id: str, now: float) -> int:
         """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
         the recent pages for STATUS and ACK without listing the whole pages/ folder."""
         chosen: list[int] = []
@@ -1271,6 +1271,14 @@ class Pager:
 
         update_json(self.store, "counters/pages.json", allocate)
         return chosen[0]
+
+    def page(self, page_id: str) -> dict | None:
+        """One page by id (as the page-call URLs carry it), or None; never a path outside
+        pages/, whatever the id."""
+        if not re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}", page_id):
+            return None
+        found = read_json(self.store, f"pages/{page_id}.json")
+        return found[0] if found else None
 
     def recent_pages(self, limit: int = RECENT_PAGES) -> list[dict]:
         """The most recent pages, newest first."""
@@ -1729,7 +1737,7 @@ class Worker:
             return stored
 
         try:
-            page["number"] = self.pager._page_number(page_id, page["opened"])
+            page["number"] = self.pager.page_number(page_id, page["opened"])
             update_json(self.store, f"pages/{page_id}.json", merge)
             self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
         except StoreConflict:
@@ -2525,11 +2533,7 @@ class WebApp:
     # --- page calls ----------------------------------------------------------------------------
 
     def page_for(self, request: Request) -> dict | None:
-        page_id = request.query.get("page", "")
-        if not re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}", page_id):
-            return None
-        found = read_json(self.pager.store, f"pages/{page_id}.json")
-        return found[0] if found else None
+        return self.pager.page(request.query.get("page", ""))
 
     def oncall_answer(self, request: Request) -> Response:
         from twilio.twiml.voice_response import VoiceResponse
