@@ -180,7 +180,7 @@ class AppConfig:
     mode: str = "live"
     api_base_url: str = "https://api.twilio.com"
     validate_signatures: bool = True
-    poll_interval: float = 5.0
+    poll_interval: float = 60.0
     retry_base: float = 5.0
     retry_cap: float = 300.0
     claim_timeout: float = 60.0
@@ -550,6 +550,11 @@ class Store:
     def list(self, prefix: str) -> list[str]:
         raise NotImplementedError
 
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        """Every key under `prefix` with its ETag and when it last changed (epoch seconds), in
+        one listing: a scan sees which objects changed without reading any of them."""
+        raise NotImplementedError
+
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
@@ -672,6 +677,27 @@ class DirectoryStore(Store):
             raise StoreUnavailable(f"{folder}: {e.strerror}") from None
         return sorted(keys)
 
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        """ETags from what this process hashed already; a file replaced since is read again."""
+        found = {}
+        for key in self.list(prefix):
+            path = os.path.join(self._root, key)
+            try:
+                st = os.stat(path)
+                with self._seen_lock:
+                    seen = self._seen.get(key)
+                if seen is None or seen[0] != self._signature(st):
+                    with open(path, "rb") as f:
+                        etag = self._etag(key, os.fstat(f.fileno()), f.read())
+                else:
+                    etag = seen[1]
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreUnavailable(f"{path}: {e.strerror}") from None
+            found[key] = (etag, st.st_mtime)
+        return found
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
@@ -747,17 +773,23 @@ class S3Store(Store):
         return str(answer["ETag"]).strip('"')
 
     def list(self, prefix: str) -> list[str]:
-        keys = []
+        return sorted(self.versions(prefix))
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        """One LIST request per 1,000 keys; S3 lists each key's ETag and LastModified."""
+        found = {}
         token = None
         while True:
             params: dict[str, Any] = {"Prefix": self.prefix + prefix}
             if token:
                 params["ContinuationToken"] = token
             answer = self._call("list_objects_v2", **params) or {}
-            keys += [item["Key"][len(self.prefix):] for item in answer.get("Contents", [])]
+            for item in answer.get("Contents", []):
+                found[item["Key"][len(self.prefix):]] = (
+                    str(item["ETag"]).strip('"'), item["LastModified"].timestamp())
             token = answer.get("NextContinuationToken")
             if not token:
-                return sorted(keys)
+                return found
 
     def delete(self, key: str) -> None:
         self._call("delete_object", Key=self.prefix + check_key(key))
@@ -771,39 +803,81 @@ def open_store(cfg: AppConfig) -> Store:
                    pool=cfg.threads + cfg.worker_threads + 2)
 
 
+def json_object(data: bytes) -> dict | None:
+    """A stored JSON object, or None when the bytes are not one."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def read_json(store: Store, key: str) -> tuple[dict, str] | None:
     """A JSON object and its ETag, or None when the key is missing or not a JSON object."""
     blob = store.get(key)
     if blob is None:
         return None
-    try:
-        doc = json.loads(blob.data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    doc = json_object(blob.data)
+    if doc is None:
         log.error("event=store.bad_json key=%s", key)
         return None
-    return (doc, blob.etag) if isinstance(doc, dict) else None
+    return doc, blob.etag
 
 
 def update_json(store: Store, key: str, change: Callable[[dict | None], dict | None],
-                tries: int = 8) -> dict | None:
+                tries: int = 8, known: tuple[dict, str] | None = None) -> tuple[dict, str] | None:
     """Read-modify-write with a conditional write, retried when another writer got there first.
     `change` gets the current document (None when missing) and returns the new one, or None to
-    write nothing. Returns what was written (or None)."""
-    for _ in range(tries):
-        current = read_json(store, key)
-        doc, etag = current if current else (None, None)
-        new = change(copy.deepcopy(doc))
+    write nothing. Returns what was written and its ETag (or None).
+
+    `known` is a copy (document, ETag) believed current, such as the one this instance wrote
+    last: the first try changes it and writes over its ETag without reading, so the common
+    case costs one request and only a conflict costs a read. A `change` that finds nothing to
+    do in the copy writes nothing, so a copy may be used only where a stale one errs safely."""
+    for attempt in range(tries):
+        if attempt == 0 and known is not None:
+            doc, etag = copy.deepcopy(known[0]), known[1]
+        else:
+            if attempt:
+                time.sleep(0.005 * secrets.randbelow(10))
+            current = read_json(store, key)
+            doc, etag = current if current else (None, None)
+        new = change(doc)
         if new is None:
             return None
         try:
             if etag is None:
-                store.put(key, to_json(new), if_absent=True)
+                etag = store.put(key, to_json(new), if_absent=True)
             else:
-                store.put(key, to_json(new), if_match=etag)
-            return new
+                etag = store.put(key, to_json(new), if_match=etag)
+            return new, etag
         except StoreConflict:
-            time.sleep(0.01 * (1 + secrets.randbelow(10)))
+            continue
     raise StoreConflict(f"{key}: too many concurrent writers")
+
+
+# Threads for independent store requests sent at once (see in_parallel); made on first use.
+IO_POOL = ThreadPoolExecutor(16, thread_name_prefix="io")
+
+
+def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any]:
+    """Independent store requests at once, so they cost the slowest round trip, not the sum.
+    Every call runs to its end; then the first exception, if any, is raised."""
+    futures = [pool.submit(call) for call in calls[1:]]
+    results: list[Any] = []
+    failure: BaseException | None = None
+    try:
+        results.append(calls[0]())
+    except BaseException as e:  # noqa: B036 (re-raised below, once the others finished)
+        failure = e
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as e:  # noqa: B036
+            failure = failure or e
+    if failure is not None:
+        raise failure
+    return results
 
 
 # ==============================================================================================
@@ -830,31 +904,54 @@ AUDIT_EVENTS = (
 
 class AuditLog:
     """Append-only: one new object per event under audit/YYYY/MM/DD/, nothing is rewritten.
-    When the store is unreachable the entry is kept in memory and written by `flush` (the
-    worker calls it), so an outage delays the audit log but does not lose it.
+    An entry can be built apart from writing it (`entry`), so that a state change carries its
+    own entry in the object it changes (a page's `audit_due`, the config's `last_change`) and
+    whoever finds that object after a stop writes the entry again at the same key: a stop
+    between a change and its entry loses neither. Writing an entry that is there already does
+    nothing. When the store is unreachable the entry waits in memory for `flush` (the worker
+    calls it), so an outage delays the audit log but does not lose it.
     """
 
     def __init__(self, store: Store, instance: str):
         self.store = store
         self.instance = instance
         self._pending: list[tuple[str, bytes]] = []
+        self._written: OrderedDict[str, None] = OrderedDict()  # keys this process wrote
         self._lock = threading.Lock()
 
-    def record(self, event: str, actor: str, details: dict | None = None) -> None:
+    def entry(self, event: str, actor: str, details: dict | None = None) -> tuple[str, dict]:
+        """A new entry and the key it is to be written at."""
         if event not in AUDIT_EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         now = time.time()
         entry = {"time": iso_time(now), "event": event, "actor": actor,
                  "instance": self.instance, "details": details or {}}
         day = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y/%m/%d")
-        key = f"audit/{day}/{sortable_stamp(now)}-{uuid.uuid4().hex}.json"
-        log.info("event=audit audit_event=%s actor=%s", event, actor)
+        return f"audit/{day}/{sortable_stamp(now)}-{uuid.uuid4().hex}.json", entry
+
+    def record(self, event: str, actor: str, details: dict | None = None) -> None:
+        self.write(*self.entry(event, actor, details))
+
+    def write(self, key: str, entry: dict) -> None:
+        log.info("event=audit audit_event=%s actor=%s", entry["event"], entry["actor"])
         try:
             self.store.put(key, to_json(entry), if_absent=True)
+        except StoreConflict:
+            pass  # written before, by this write's first try or by the instance that stopped
         except StoreUnavailable:
-            log.warning("event=audit.deferred audit_event=%s", event)
+            log.warning("event=audit.deferred audit_event=%s", entry["event"])
             with self._lock:
                 self._pending.append((key, to_json(entry)))
+            return
+        with self._lock:
+            self._written[key] = None
+            while len(self._written) > 10000:
+                self._written.popitem(last=False)
+
+    def written(self, key: str) -> bool:
+        """Whether this process has seen the entry at `key` land in the store."""
+        with self._lock:
+            return key in self._written
 
     def flush(self) -> None:
         with self._lock:
@@ -910,12 +1007,19 @@ class TeamConfig:
         self.audit = audit
         self.cache_file = cache_file
         self._current: Snapshot | None = None
+        self._checked = -math.inf  # time.monotonic() of the last read the store answered
         self._lock = threading.Lock()
         self.reachable = True
         self.problem = ""
 
-    def read(self) -> Snapshot:
+    def read(self, max_age: float = 0.0) -> Snapshot:
+        """The config, checked with the store unless it was checked less than `max_age`
+        seconds ago (the page path allows a few seconds, see PAGE_CONFIG_MAX_AGE)."""
         current = self._current
+        if (current is not None and not current.stale
+                and time.monotonic() - self._checked < max_age):
+            return current
+        checked = time.monotonic()
         try:
             blob = self.store.get(self.key, unless_etag=current.etag if current else None)
         except StoreUnavailable as e:
@@ -923,6 +1027,7 @@ class TeamConfig:
             return self._last_good()
         if blob is UNCHANGED and current is not None:
             self._note(True, "")
+            self._checked = checked
             return current
         if blob is None:
             self._note(True, "no operational config in the store")
@@ -934,6 +1039,7 @@ class TeamConfig:
             log.error("event=config.invalid etag=%s problem=%r", blob.etag, e.problems[0])
             return self._last_good()
         self._note(True, "")
+        self._checked = checked
         return self._remember(Snapshot(doc, blob.etag))
 
     def _note(self, reachable: bool, problem: str) -> None:
@@ -965,29 +1071,51 @@ class TeamConfig:
             raise StoreUnavailable(self.problem or "store unreachable")
         return dataclasses.replace(self._current, stale=True)
 
-    def write(self, doc: dict, *, base: Snapshot, actor: str,
-              details: dict | None = None) -> Snapshot:
+    def write(self, doc: dict, *, base: Snapshot, actor: str, details: dict | None = None,
+              after: Callable[[], Any] | None = None) -> Snapshot:
         """Validate, stamp, write conditionally over `base` (the snapshot the change was made
         from), audit. StoreConflict when the config changed since `base` was read; ConfigError
-        (nothing written) when the result is invalid."""
+        (nothing written) when the result is invalid.
+
+        The audit entry travels in the document (`current_config.last_change`) and is written
+        after it, together with `after` (another write that follows the change, such as the
+        handoff SMS): a stop between the two loses no entry, `reconcile` writes it at start."""
         doc = copy.deepcopy(doc)
         current = doc.get("current_config")
         if isinstance(current, dict):
             current["last_modified_time"] = int(time.time())
             current["last_modified_user_id"] = actor
+            current.pop("last_change", None)
         errors, _ = check_oncall_config(doc)
         if errors:
             raise ConfigError(errors)
         doc["current_config"]["oncall_user"] = dict(oncall_member(doc))
-        etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
-        snapshot = self._remember(Snapshot(doc, etag))
         old_oncall, new_oncall = oncall_id_of(base.doc), oncall_member(doc)["id"]
         if old_oncall != new_oncall:
-            self.audit.record("oncall.changed", actor,
-                              {"from": old_oncall, "to": new_oncall, **(details or {})})
+            key, entry = self.audit.entry("oncall.changed", actor, {
+                "from": old_oncall, "to": new_oncall, **(details or {})})
         else:
-            self.audit.record("config.changed", actor, {"oncall": new_oncall, **(details or {})})
+            key, entry = self.audit.entry("config.changed", actor, {
+                "oncall": new_oncall, **(details or {})})
+        doc["current_config"]["last_change"] = {"key": key, "entry": entry}
+        etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
+        snapshot = self._remember(Snapshot(doc, etag))
+        self._checked = time.monotonic()
+        calls: list[Callable[[], Any]] = [lambda: self.audit.write(key, entry)]
+        if after is not None:
+            calls.append(after)
+        in_parallel(IO_POOL, *calls)
         return snapshot
+
+    def reconcile(self) -> None:
+        """At start: the audit entry of the config's last change, in case a stop came between
+        the change and its entry (writing one that is there costs one refused request)."""
+        last = self.read().doc["current_config"].get("last_change")
+        if isinstance(last, dict) and isinstance(last.get("entry"), dict) and \
+                str(last.get("key", "")).startswith("audit/"):
+            with contextlib.suppress(ValueError, KeyError, StoreUnavailable):
+                check_key(last["key"])
+                self.audit.write(last["key"], last["entry"])
 
     def initialise(self, doc: dict, actor: str) -> Snapshot:
         """Put a first config into an empty store; StoreConflict if one is there already."""
@@ -1069,11 +1197,19 @@ def recording_key(page: dict, extension: str) -> str:
     return f"recordings/{file_stamp(page['opened'])}_{page['id']}{extension}"
 
 
-def add_delivery(page: dict, channel: str) -> None:
-    """Queue one more channel on a page (once: a channel that exists is left alone)."""
-    page["deliveries"].setdefault(channel, {"state": "pending", "attempts": 0,
-                                            "next_try": time.time(), "claimed_until": 0,
-                                            "last_error": ""})
+def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: str) -> None:
+    """Queue one more channel on a page (once: a channel that exists is left alone). With
+    `claimed_until` the channel is claimed by the instance that adds it, which sends it at
+    once: the write that queues it is also its claim."""
+    page["deliveries"].setdefault(channel, {
+        "state": "pending", "attempts": 1 if claimed_until else 0, "next_try": time.time(),
+        "claimed_until": claimed_until, "last_error": "", **extra})
+
+
+def has_work(page: dict) -> bool:
+    """Open (escalation may be due) or a channel still to send: the worker keeps an eye on it."""
+    return page.get("state") == "open" or any(
+        d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
 def page_state(page: dict, doc: dict | None) -> str:
@@ -1083,10 +1219,86 @@ def page_state(page: dict, doc: dict | None) -> str:
     return str(page.get("state", "open"))
 
 
+def settle_audit(page: dict, audit: AuditLog) -> None:
+    """Drop from a page's `audit_due` the entries known to be in the store (done as part of
+    a write the page gets anyway, never a write of its own)."""
+    page["audit_due"] = [due for due in page.get("audit_due", []) if not audit.written(due["key"])]
+
+
+# How old the config may be on the page path (seconds): a page opened within this time of a
+# TAKE on another instance still goes to the previous engineer; every write to the config is
+# conditional, so nothing is written over a stale copy.
+PAGE_CONFIG_MAX_AGE = 10.0
+PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
+
+
+class PageBook:
+    """This instance's copies of the pages it has seen, each with the ETag it was read or
+    written with. A page write starts from the copy (If-Match its ETag), so it costs one
+    request unless another instance changed the page meanwhile; the worker plans from the
+    copies, so a scan reads only pages whose ETag in the listing changed. Pages with nothing
+    left to do keep only their ETag (and the last few their copy)."""
+
+    def __init__(self) -> None:
+        self._working: dict[str, tuple[dict, str]] = {}
+        self._quiet: OrderedDict[str, tuple[dict, str]] = OrderedDict()
+        self._quiet_etags: dict[str, str] = {}
+        self._since: dict[str, float] = {}  # time.monotonic() each page was last put here
+        self._lock = threading.Lock()
+
+    def get(self, page_id: str) -> tuple[dict, str] | None:
+        with self._lock:
+            return self._working.get(page_id) or self._quiet.get(page_id)
+
+    def etag(self, page_id: str) -> str | None:
+        with self._lock:
+            known = self._working.get(page_id)
+            return known[1] if known else self._quiet_etags.get(page_id)
+
+    def put(self, page: dict, etag: str) -> None:
+        page_id = page["id"]
+        with self._lock:
+            self._since[page_id] = time.monotonic()
+            if has_work(page):
+                self._working[page_id] = (page, etag)
+                self._quiet.pop(page_id, None)
+                self._quiet_etags.pop(page_id, None)
+                return
+            self._working.pop(page_id, None)
+            self._quiet[page_id] = (page, etag)
+            self._quiet.move_to_end(page_id)
+            self._quiet_etags[page_id] = etag
+            while len(self._quiet) > 200:
+                self._quiet.popitem(last=False)
+
+    def note_quiet(self, page_id: str, etag: str) -> None:
+        """A page known to have nothing to do, without reading it (old and unchanged)."""
+        with self._lock:
+            if page_id not in self._working:
+                self._quiet_etags[page_id] = etag
+                self._since[page_id] = time.monotonic()
+
+    def keep_only(self, page_ids: set[str], listed_at: float) -> None:
+        """Forget pages that are no longer in the store: those missing from a listing that
+        began after they were last put here."""
+        with self._lock:
+            gone = [p for p, since in self._since.items()
+                    if p not in page_ids and since < listed_at]
+            for page_id in gone:
+                for known in (self._working, self._quiet, self._quiet_etags, self._since):
+                    known.pop(page_id, None)
+
+    def working(self) -> list[tuple[dict, str]]:
+        with self._lock:
+            return list(self._working.values())
+
+
 class Pager:
     """The domain: every state change of the pager goes through one method here. It knows the
     store only through the Store interface, and sends nothing itself: outbound messages are
-    durable jobs in the store, carried out by the Worker (`wake` nudges it)."""
+    durable (a page's deliveries, or a message job), and the Worker sends them. A change that
+    queues something marks it claimed by this instance and hands it to the worker at once
+    (`start_work`, `start_message`), so nothing waits for a scan."""
 
     def __init__(self, cfg: AppConfig, store: Store, instance: str | None = None):
         self.cfg = cfg
@@ -1101,8 +1313,18 @@ class Pager:
         # Pages that arrive while S3 is unreachable wait here, on local disk (see open_page).
         self.spool = (DirectoryStore(resolve_path(cfg, cfg.spool_dir))
                       if isinstance(store, S3Store) and cfg.spool_dir else None)
+        self.book = PageBook()
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
+        self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
+        self._counter_lock = threading.Lock()
+        # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
+        self.start_work: Callable[[Store, dict, str, list[str]], None] | None = None
+        self.start_message: Callable[[str, dict, str], None] | None = None
         self.wake: Callable[[], None] = lambda: None
+
+    def claim_until(self) -> float:
+        """The claim a change takes on what it queues: only when a worker here will send it."""
+        return time.time() + self.cfg.claim_timeout if self.start_work is not None else 0.0
 
     # --- team: WHO, TAKE, C, X ----------------------------------------------------------------
 
@@ -1133,7 +1355,8 @@ class Pager:
         """C: make the member on call if the config is still the one his TAKE was shown.
         A session is bound to that config version (its ETag): once the config changes, by this
         confirmation or by anything else, the session is spent, so a confirmed session needs
-        no delete. Two members confirming at once: the conditional write lets one win."""
+        no delete. Two members confirming at once: the conditional write lets one win. The
+        audit entry and the handoff SMS to the previous engineer are written together."""
         key = f"sessions/{member['id']}.json"
         session = read_json(self.store, key)
         lifetime = session_lifetime(snap.doc)
@@ -1147,20 +1370,26 @@ class Pager:
         previous = oncall_member(snap.doc)
         doc = copy.deepcopy(snap.doc)
         doc["current_config"]["oncall_user"] = dict(member)
+        told = [f"{previous['name']} has been told."]
+
+        def tell_previous() -> None:
+            try:
+                self.send_message(previous["phone"],
+                                  f"{member['name']} has taken on-call from you.",
+                                  purpose="handoff")
+            except StoreUnavailable:
+                log.error("event=handoff.unsent to=%s", previous["id"])
+                told[0] = (f"{previous['name']} could not be told (the store is unreachable): "
+                           "tell them.")
+
         try:
-            new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"})
+            new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
+                                  after=tell_previous)
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
-        told = f"{previous['name']} has been told."
-        try:
-            self.send_message(previous["phone"], f"{member['name']} has taken on-call from you.",
-                              purpose="handoff")
-        except StoreUnavailable:
-            log.error("event=handoff.unsent to=%s", previous["id"])
-            told = f"{previous['name']} could not be told (the store is unreachable): tell them."
         pager_phone = new.doc["current_config"]["pager_phone"]
-        return (f"Okay, {first_name(member)}, you are now on call. {told} "
+        return (f"Okay, {first_name(member)}, you are now on call. {told[0]} "
                 f"Leave a message at {pager_phone} to test delivery.")
 
     def _changed_under(self, doc: dict, member: dict) -> str:
@@ -1181,22 +1410,28 @@ class Pager:
     # --- messages: durable jobs the worker sends ---------------------------------------------
 
     def send_message(self, to: str, body: str, purpose: str, page_id: str | None = None) -> None:
-        """Queue one SMS as a durable job (jobs/msg-*.json); the worker sends it with retries."""
+        """Queue one SMS as a durable job (jobs/msg-*.json), claimed by this instance's worker,
+        which sends it at once and retries it; another instance's worker takes it over if
+        this one stops."""
         now = time.time()
+        claimed_until = self.claim_until()
         job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "page": page_id,
-               "attempts": 0, "next_try": now, "claimed_until": 0, "created": now}
-        self.store.put(f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json",
-                       to_json(job), if_absent=True)
-        self.wake()
+               "attempts": 1 if claimed_until else 0, "next_try": now,
+               "claimed_until": claimed_until, "created": now}
+        key = f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json"
+        etag = self.store.put(key, to_json(job), if_absent=True)
+        if self.start_message is not None:
+            self.start_message(key, job, etag)
 
     # --- pages ---------------------------------------------------------------------------------
 
     def open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
                   recording_url: str = "", duration: int = 0) -> tuple[dict, bool]:
-        """Open a page (voicemail or missed call) and queue its work. Idempotent: the id comes
-        from the RecordingSid (or CallSid), so Twilio's retried callback finds the same page.
-        While S3 is unreachable the page goes to the local spool instead: the worker delivers
-        it from there and moves it into the store when S3 is back. Returns (page, created)."""
+        """Open a page (voicemail or missed call) and start its deliveries. Idempotent: the id
+        comes from the RecordingSid (or CallSid), so Twilio's retried callback finds the same
+        page. While S3 is unreachable the page goes to the local spool instead: the worker
+        delivers it from there and moves it into the store when S3 is back.
+        Returns (page, created)."""
         try:
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
                                    duration)
@@ -1209,15 +1444,16 @@ class Pager:
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
                    recording_url: str, duration: int) -> tuple[dict, bool]:
-        """No read first: the page's conditional create (If-None-Match) is what detects
-        Twilio's retry, and the page number is looked up by id, so a retry reuses it."""
-        snap = self.team.read()
+        """The page path: the config (from memory if checked within PAGE_CONFIG_MAX_AGE), then
+        one conditional create, which is the page, its queue entry, the claim of its first
+        deliveries by this instance and its `page.opened` entry at once. The worker sends the
+        MMS as soon as this returns; the audit entry, the page number and the archive follow
+        off this path. No read first: the create's If-None-Match detects Twilio's retry."""
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
         oncall = oncall_member(snap.doc)
         now = time.time()
-        number = self.page_number(page_id, now) if store is self.store else 0
-        channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
         page = {
-            "id": page_id, "number": number, "kind": kind, "opened": now,
+            "id": page_id, "number": None, "kind": kind, "opened": now,
             "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
             "duration": duration, "oncall": dict(oncall), "paged": [oncall["id"]],
             "state": "open", "acked_by": None, "acked_at": None,
@@ -1225,36 +1461,76 @@ class Pager:
             "escalation": {"next_due": now + escalation_settings(snap.doc)["ack_timeout"],
                            "step": 0, "claimed_until": 0},
         }
+        claimed_until = self.claim_until()
+        channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
         for channel in channels:
-            add_delivery(page, channel)
+            add_delivery(page, channel, claimed_until)
+        key, entry = self.audit.entry("page.opened", "twilio", {
+            "page": page_id, "kind": kind, "caller": caller, "duration": duration,
+            "oncall": oncall["id"]})
+        page["audit_due"] = [{"key": key, "entry": entry}]
         try:
-            store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+            etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
             try:
                 existing = read_json(store, f"pages/{page_id}.json")
-                if existing is None:
-                    raise StoreUnavailable(f"pages/{page_id}.json exists but cannot be read")
-                return self._requeue(store, existing[0]), False
             except StoreUnavailable as e:
                 raise StoreUncertain(str(e)) from None
-        store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
-        self.audit.record("page.opened", "twilio", {
-            "page": page_id, "number": number, "kind": kind, "caller": caller,
-            "duration": duration, "oncall": oncall["id"]})
-        self.wake()
+            if existing is None:
+                raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
+            return existing[0], False
+        if store is self.store:
+            self.book.put(page, etag)
+        if self.start_work is not None and claimed_until:
+            self.start_work(store, page, etag, channels)
+        else:
+            self.audit.write(key, entry)
         return page, True
 
-    def _requeue(self, store: Store, page: dict) -> dict:
-        """A page seen again (Twilio's retry) gets its job back if it still has work: the
-        first attempt may have stored the page and then failed before queuing it."""
-        pending = any(d["state"] == "pending" for d in page.get("deliveries", {}).values())
-        if page.get("state") == "open" or pending:
-            store.put(f"jobs/{page['id']}.json", to_json({"page": page["id"]}))
-        return page
+    def write_page(self, store: Store, page_id: str, change: Callable[[dict | None], dict | None],
+                   tries: int = 8, from_copy: bool = True) -> tuple[dict, str] | None:
+        """Every change to a page goes through here: a conditional write that starts from the
+        book's copy (`from_copy`; see update_json for when a copy may be used), settles the
+        page's audit entries known written, and keeps the book up to date."""
+        def changed(page: dict | None) -> dict | None:
+            new = change(page)
+            if new is not None:
+                settle_audit(new, self.audit)
+            return new
 
-    def page_number(self, page_id: str, now: float) -> int:
+        known = self.book.get(page_id) if from_copy and store is self.store else None
+        written = update_json(store, f"pages/{page_id}.json", changed, tries, known)
+        if written is not None and store is self.store:
+            self.book.put(*written)
+        return written
+
+    def read_page(self, page_id: str) -> tuple[dict, str] | None:
+        """A page as the store has it now: a conditional read when the book has a copy (an
+        unchanged page costs a 304), a plain one otherwise."""
+        key = f"pages/{page_id}.json"
+        known = self.book.get(page_id)
+        if known is not None:
+            blob = self.store.get(key, unless_etag=known[1])
+            if blob is UNCHANGED:
+                return known
+        found = read_json(self.store, key)
+        if found is not None:
+            self.book.put(*found)
+        return found
+
+    def page(self, page_id: str) -> dict | None:
+        """One page by id (as the page-call URLs carry it), or None; never a path outside
+        pages/, whatever the id."""
+        if not PAGE_ID.fullmatch(page_id):
+            return None
+        found = self.read_page(page_id)
+        return found[0] if found else None
+
+    def page_number(self, page_id: str, opened: float) -> int:
         """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
-        the recent pages for STATUS and ACK without listing the whole pages/ folder."""
+        the recent pages for STATUS and ACK without listing the whole pages/ folder. Asked
+        again for the same page, it gives the same number. The counter as this instance last
+        wrote it is the starting copy, so allocating costs one write."""
         chosen: list[int] = []
 
         def allocate(doc: dict | None) -> dict | None:
@@ -1265,83 +1541,122 @@ class Pager:
                     return None
             chosen[:] = [doc["next"]]
             doc["recent"] = (doc["recent"] + [{"number": doc["next"], "id": page_id,
-                                               "opened": now}])[-RECENT_PAGES:]
+                                               "opened": opened}])[-RECENT_PAGES:]
             doc["next"] += 1
             return doc
 
-        update_json(self.store, "counters/pages.json", allocate)
+        with self._counter_lock:
+            written = update_json(self.store, "counters/pages.json", allocate,
+                                  known=self._counter)
+            if written is not None:
+                self._counter = written
         return chosen[0]
 
-    def page(self, page_id: str) -> dict | None:
-        """One page by id (as the page-call URLs carry it), or None; never a path outside
-        pages/, whatever the id."""
-        if not re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}", page_id):
-            return None
-        found = read_json(self.store, f"pages/{page_id}.json")
-        return found[0] if found else None
+    def recent_ids(self) -> list[str]:
+        """The ids of the most recent pages, newest first (a 304 when nothing was opened)."""
+        with self._counter_lock:
+            known = self._counter
+        blob = self.store.get("counters/pages.json", unless_etag=known[1] if known else None)
+        if blob is not UNCHANGED or known is None:
+            doc = json_object(blob.data) if blob is not None else None
+            known = (doc, blob.etag) if doc is not None and blob is not None else None
+            with self._counter_lock:
+                self._counter = known
+        return [item["id"] for item in reversed((known[0] if known else {}).get("recent", []))]
 
-    def recent_pages(self, limit: int = RECENT_PAGES) -> list[dict]:
-        """The most recent pages, newest first."""
-        counter = read_json(self.store, "counters/pages.json")
+    def recent_pages(self, limit: int = RECENT_PAGES, fresh: bool = True) -> list[dict]:
+        """The most recent pages, newest first: as the store has them now, or with
+        fresh=False from the book's copies where it has them (for ACK, which checks with its
+        conditional write)."""
         found = []
-        for item in reversed((counter[0] if counter else {}).get("recent", [])[-limit:]):
-            page = read_json(self.store, f"pages/{item['id']}.json")
+        for page_id in self.recent_ids()[:limit]:
+            known = None if fresh else self.book.get(page_id)
+            page = known or self.read_page(page_id)
             if page is not None:
                 found.append(page[0])
         return found
 
     def page_by_number(self, number: int) -> dict | None:
-        for page in self.recent_pages():
+        for page in self.recent_pages(fresh=False):
             if page.get("number") == number:
                 return page
         return None
 
     def acknowledge(self, page_id: str, member: dict, via: str) -> tuple[bool, dict]:
-        """Mark a page acknowledged (once: a conditional write), tell the others who were
-        paged, and let the escalation stop. Returns (this call acknowledged it, the page)."""
-        written = update_json(self.store, f"pages/{page_id}.json", lambda page: None if (
-            page is None or page.get("state") != "open") else {
-            **page, "state": "acknowledged", "acked_by": member["id"], "acked_at": time.time()})
+        """Mark a page acknowledged (once: a conditional write) and queue the notice to the
+        others who were paged in the same write, so the escalation stops and nobody is left
+        out. Returns (this call acknowledged it, the page)."""
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        known = self.book.get(page_id) or self.read_page(page_id)
+        if known is None:
+            return False, {}
+        # A page acknowledged in the moment before its number was written gets it here.
+        number = known[0].get("number") or self.page_number(page_id, known[0]["opened"])
+        claimed_until = self.claim_until()
+        notices: list[str] = []
+
+        def ack(page: dict | None) -> dict | None:
+            if page is None or page.get("state") != "open":
+                return None
+            page.update(state="acknowledged", acked_by=member["id"], acked_at=time.time(),
+                        number=page.get("number") or number)
+            notices.clear()
+            for other_id in page.get("paged", []):
+                other = members(doc).get(other_id)
+                if other and other_id != member["id"]:
+                    add_delivery(page, f"notice:{other_id}", claimed_until, to=other["phone"],
+                                 body=f"Page {page['number']} acknowledged by "
+                                      f"{first_name(member)}.")
+                    notices.append(f"notice:{other_id}")
+            key, entry = self.audit.entry("page.acknowledged", member["id"], {
+                "page": page_id, "number": page.get("number"), "via": via})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        written = self.write_page(self.store, page_id, ack)
         if written is None:
-            current = read_json(self.store, f"pages/{page_id}.json")
+            current = self.read_page(page_id)
             return False, current[0] if current else {}
-        self.audit.record("page.acknowledged", member["id"],
-                          {"page": page_id, "number": written["number"], "via": via})
-        doc = self.team.read().doc
-        for other_id in written.get("paged", []):
-            other = members(doc).get(other_id)
-            if other and other_id != member["id"]:
-                self.send_message(other["phone"], f"Page {written['number']} acknowledged by "
-                                  f"{first_name(member)}.", purpose="ack_notice",
-                                  page_id=page_id)
-        return True, written
+        page, etag = written
+        due = page["audit_due"][-1]
+        self.audit.write(due["key"], due["entry"])
+        if notices and self.start_work is not None and claimed_until:
+            self.start_work(self.store, page, etag, notices)
+        self.wake()
+        return True, page
 
     def mms_failed(self, page_id: str, status: str) -> bool:
         """Twilio could not deliver the MMS: fall back to a plain SMS with the link (once)."""
         def fall_back(page: dict | None) -> dict | None:
-            if page is None or "sms_fallback" in page["deliveries"]:
+            if page is None or "sms_fallback" in page["deliveries"] or \
+                    "mms" not in page["deliveries"]:
                 return None
             page["deliveries"]["mms"]["state"] = "failed"
-            add_delivery(page, "sms_fallback")
+            add_delivery(page, "sms_fallback", claimed_until)
+            key, entry = self.audit.entry("page.delivery_failed", "twilio", {
+                "page": page_id, "number": page.get("number"), "deliveries": {"mms": {
+                    "status": status, "final": True, "fallback": "sms_fallback"}}})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
+        claimed_until = self.claim_until()
         store = self.store
         try:
-            page = update_json(store, f"pages/{page_id}.json", fall_back)
+            written = self.write_page(store, page_id, fall_back, from_copy=False)
         except StoreUnavailable:
             if self.spool is None:
                 raise
-            page = None
-        if page is None and self.spool is not None:  # sent from the spool during an outage
+            written = None
+        if written is None and self.spool is not None:  # sent from the spool during an outage
             store = self.spool
-            page = update_json(store, f"pages/{page_id}.json", fall_back)
-        if page is None:
+            written = self.write_page(store, page_id, fall_back)
+        if written is None:
             return False
-        store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
-        self.audit.record("page.delivery_failed", "twilio", {
-            "page": page_id, "number": page["number"], "channel": "mms", "status": status,
-            "final": True, "fallback": "sms_fallback"})
-        self.wake()
+        page, etag = written
+        due = page["audit_due"][-1]
+        self.audit.write(due["key"], due["entry"])
+        if self.start_work is not None and claimed_until:
+            self.start_work(store, page, etag, ["sms_fallback"])
         return True
 
     def call_unanswered(self, page_id: str, step: int) -> None:
@@ -1356,7 +1671,7 @@ class Pager:
             escalation["next_due"] = time.time()
             return page
 
-        if update_json(self.store, f"pages/{page_id}.json", hurry) is not None:
+        if self.write_page(self.store, page_id, hurry, from_copy=False) is not None:
             self.wake()
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
@@ -1366,15 +1681,20 @@ class Pager:
                 return f"There is no recent page {args[0]}."
             targets = [page]
         else:
-            targets = [p for p in self.recent_pages()
-                       if p.get("state") == "open" and member["id"] in p.get("paged", [])]
+            targets = []
+            for page in self.recent_pages(fresh=False):
+                if page.get("state") == "open" and member["id"] not in page.get("paged", []):
+                    # the book's copy may predate an escalation that reached this member
+                    page = (self.read_page(page["id"]) or ({}, ""))[0]
+                if page.get("state") == "open" and member["id"] in page.get("paged", []):
+                    targets.append(page)
             if not targets:
                 return "No open pages for you. Nothing to acknowledge."
         lines = []
         for page in targets:
             done, current = self.acknowledge(page["id"], member, via="sms")
             if done:
-                lines.append(f"Page {page['number']} acknowledged: {page_summary(page)}.")
+                lines.append(f"Page {current['number']} acknowledged: {page_summary(page)}.")
             else:
                 lines.append(f"Page {page['number']} was already {page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
@@ -1621,17 +1941,57 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
     return "team", team
 
 
+JOBS_LISTING_EVERY = 10   # jobs/ is listed on every 10th listing of pages/ (and at start)
+QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
+RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
+MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
+
+
+class Batch:
+    """The deliveries of one page claimed by one write. Their outcomes are recorded together
+    (one audit entry per outcome, one page write) unless the others take longer than
+    RECORD_LINGER after the first one finished, so a slow SMTP server does not hold back the
+    record of a sent MMS."""
+
+    def __init__(self, channels: list[str]):
+        self.running = set(channels)
+        self.done: dict[str, tuple[str, dict]] = {}
+        self.waiting = False
+        self.cond = threading.Condition()
+
+    def finish(self, channel: str, outcome: str | None, details: dict) -> dict:
+        """Note one outcome; returns the outcomes this caller is to record ({} if none)."""
+        with self.cond:
+            self.running.discard(channel)
+            if outcome is not None:
+                self.done[channel] = (outcome, details)
+            self.cond.notify_all()
+            if self.running and self.waiting:
+                return {}  # the one waiting records this one too
+            if self.running:
+                self.waiting = True
+                self.cond.wait_for(lambda: not self.running, timeout=RECORD_LINGER)
+                self.waiting = False
+            ready, self.done = self.done, {}
+            return ready
+
+
 class Worker:
     """Carries out what the Pager queued in the store, so nothing slow runs inside a webhook.
 
-    Each scan lists jobs/ and looks at every job: a page with pending deliveries or an open
-    escalation, or a single message. A step is *claimed* with a conditional write before it
-    runs (a claim expires after `claim_timeout`, covering an instance killed mid-step), so two
-    instances sharing a bucket never both run it. Deliveries are at least once: a claim that
-    expires is retried. Escalation steps are at most once: the claim itself advances the step,
-    so a crash can skip one call but never doubles it, and the next step follows anyway.
-    Each channel has its own attempts and capped exponential backoff, and runs in its own
-    thread from a small pool, so a dead SMTP server does not delay the MMS.
+    A page is its own queue entry: each delivery and the escalation carry their due time and
+    their claim. What this instance queues it has claimed already and starts at once
+    (`start_work`, `start_message`); the rest it finds by listing pages/ every
+    `poll_interval` seconds (jobs/, the single messages, on every tenth listing): the listing
+    carries each page's ETag, so only pages that changed are read, and due work is planned
+    from the PageBook's copies in between, with no request. A step is *claimed* with one
+    conditional write over the copy (a claim expires after `claim_timeout`, covering an
+    instance killed mid-step), so two instances sharing a bucket never both run it.
+    Deliveries are at least once: a claim that expires is retried. Escalation steps are at
+    most once: the claim itself advances the step, so a crash can skip one call but never
+    doubles it, and the next step follows anyway. Each channel has its own attempts and
+    capped exponential backoff, and runs in its own thread from a small pool, so a dead SMTP
+    server does not delay the MMS.
     """
 
     def __init__(self, pager: Pager, telephony: Telephony):
@@ -1645,10 +2005,17 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="deliver")
         self._inflight: set[str] = set()
-        self._finished: set[str] = set()  # message jobs sent whose delete is still owed
         self._lock = threading.Lock()
         self._recordings: OrderedDict[str, bytes] = OrderedDict()
-        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._numbers: OrderedDict[str, int] = OrderedDict()
+        self._page_locks: dict[str, threading.Lock] = {}
+        self._messages: dict[str, tuple[dict, str, float]] = {}  # key -> (job, ETag, since)
+        self._finished: set[str] = set()  # message jobs sent whose delete is still owed
+        self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
+        self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
+        self._listings = 0
+        pager.start_work = self.start_work
+        pager.start_message = self.start_message
         pager.wake = self.wake
 
     def start(self) -> None:
@@ -1678,41 +2045,77 @@ class Worker:
             self._wake.wait(max(0.01, next_due - time.time()))
             self._wake.clear()
 
+    # --- the scan: find what is due, claim it, start it --------------------------------------
+
     def scan(self) -> float:
-        """Look at every job once; claim and start what is due. Returns when to look again.
-        Pages spooled locally while the store was unreachable are worked on from the spool
-        (so they are delivered during the outage) and moved into the store once it is back."""
+        """Claim and start what is due; returns when to look again. Pages spooled locally
+        while the store was unreachable are worked on from the spool (so they are delivered
+        during the outage) and moved into the store once it is back."""
         now = time.time()
-        next_due = now + self.cfg.poll_interval
-        spool = self.pager.spool
-        depth = 0
-        if spool is not None:
-            spooled = spool.list("jobs/")
-            depth += len(spooled)
-            for key in spooled:
-                page_id = key[len("jobs/"):].removesuffix(".json")
-                try:
-                    due = self._consider_page(spool, page_id, now)
-                except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
-                    log.error("event=worker.job_skipped job=spool/%s error=%r", key, str(e)[:200])
-                    continue
-                next_due = min(next_due, due if due is not None else next_due)
-            for key in spooled:
-                if not self._move_into_store(key[len("jobs/"):].removesuffix(".json")):
-                    break  # the store is still unreachable: try again next scan
-        keys = self.store.list("jobs/")
-        self.queue_depth = depth + len(keys)
-        for key in keys:
-            name = key[len("jobs/"):].removesuffix(".json")
+        if time.monotonic() >= self._next_listing:
+            self._next_listing = time.monotonic() + self.cfg.poll_interval
+            self._listings += 1
             try:
-                due = self._consider_message(key, now) if name.startswith("msg-") else \
-                    self._consider_page(self.store, name, now)
-            except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
-                log.error("event=worker.job_skipped job=%s error=%r", key, str(e)[:200])
-                continue
-            if due is not None:
-                next_due = min(next_due, due)
+                self._list_pages()
+                if self._listings % JOBS_LISTING_EVERY == 1:
+                    self._list_messages()
+            except StoreUnavailable as e:
+                log.warning("event=worker.listing_failed error=%r", str(e))
+        next_due = now + max(0.0, self._next_listing - time.monotonic())
+        depth = 0
+        spool = self.pager.spool
+        if spool is not None:
+            spooled = spool.list("pages/")
+            for key in spooled:
+                found = read_json(spool, key)
+                if found is not None and has_work(found[0]):
+                    depth += 1
+                    next_due = min(next_due, self._look_at(spool, *found, now))
+            for key in spooled:
+                if not self._move_into_store(key[len("pages/"):].removesuffix(".json")):
+                    break  # the store is still unreachable: try again next scan
+        for page, etag in self.pager.book.working():
+            depth += 1
+            next_due = min(next_due, self._look_at(self.store, page, etag, now))
+        with self._lock:
+            messages = list(self._messages.items())
+        for key, (job, etag, _) in messages:
+            depth += 1
+            next_due = min(next_due, self._consider_message(key, job, etag, now))
+        self.queue_depth = depth
         return next_due
+
+    def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
+        try:
+            due = self._consider_page(store, page, etag, now)
+        except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
+            log.error("event=worker.page_skipped page=%s error=%r", page.get("id"), str(e)[:200])
+            return now + self.cfg.poll_interval
+        return now + self.cfg.poll_interval if due is None else due
+
+    def _list_pages(self) -> None:
+        """One listing of pages/: read the pages whose ETag is not the book's. A page seen for
+        the first time (another instance's, or any page after a restart) gets its due audit
+        entries written again, in case its writer stopped before writing them."""
+        listed_at = time.monotonic()
+        now = time.time()
+        seen = set()
+        for key, (etag, modified) in self.store.versions("pages/").items():
+            page_id = key[len("pages/"):].removesuffix(".json")
+            seen.add(page_id)
+            known = self.pager.book.etag(page_id)
+            if known == etag:
+                continue
+            if known is None and modified < now - QUIET_AFTER:
+                self.pager.book.note_quiet(page_id, etag)
+                continue
+            found = read_json(self.store, key)
+            if found is None:
+                continue
+            self.pager.book.put(*found)
+            if known is None and found[0].get("audit_due"):
+                self._submit(f"{page_id}/audit", lambda page=found[0]: self._write_due(page))
+        self.pager.book.keep_only(seen, listed_at)
 
     def _move_into_store(self, page_id: str) -> bool:
         """A spooled page goes into the store (with its page number) once the store answers
@@ -1723,9 +2126,9 @@ class Worker:
             return True
         found = read_json(spool, f"pages/{page_id}.json")
         if found is None:
-            spool.delete(f"jobs/{page_id}.json")
             return True
         page = found[0]
+
         def merge(stored: dict | None) -> dict | None:
             """The page reached the store too (before the outage began, or through another
             instance): keep what the spool already delivered, so it is not sent again."""
@@ -1738,14 +2141,12 @@ class Worker:
 
         try:
             page["number"] = self.pager.page_number(page_id, page["opened"])
-            update_json(self.store, f"pages/{page_id}.json", merge)
-            self.store.put(f"jobs/{page_id}.json", to_json({"page": page_id}))
+            self.pager.write_page(self.store, page_id, merge, from_copy=False)
         except StoreConflict:
             return True
         except StoreUnavailable:
             return False
         spool.delete(f"pages/{page_id}.json")
-        spool.delete(f"jobs/{page_id}.json")
         log.info("event=page.unspooled page=%s number=%s", page_id, page["number"])
         return True
 
@@ -1777,54 +2178,91 @@ class Worker:
         with self._lock:
             return task in self._inflight
 
-    # --- single messages (handoff, acknowledgement notices) ------------------------------------
+    # --- single messages (the handoff SMS) ---------------------------------------------------
 
-    def _consider_message(self, key: str, now: float) -> float | None:
+    def start_message(self, key: str, job: dict, etag: str) -> None:
+        """A message job this instance just queued (and claimed): send it now."""
+        with self._lock:
+            self._messages[key] = (job, etag, time.monotonic())
+        if job.get("claimed_until", 0) > time.time():
+            self._submit(key, lambda: self._send_message(key, job, etag))
+
+    def _list_messages(self) -> None:
+        """Message jobs queued by instances that stopped before sending them. A job of the
+        first release's kind (jobs/<page id>.json) is not needed: its page is its own entry."""
+        listed_at = time.monotonic()
+        keys = self.store.list("jobs/")
+        for key in keys:
+            if not key.startswith("jobs/msg-"):
+                self.store.delete(key)
+                continue
+            with self._lock:
+                known = key in self._messages
+            if not known:
+                found = read_json(self.store, key)
+                if found is not None:
+                    with self._lock:
+                        self._messages[key] = (*found, time.monotonic())
+        with self._lock:
+            for key in [k for k, v in self._messages.items()
+                        if k not in keys and v[2] < listed_at and k not in self._inflight]:
+                del self._messages[key]
+
+    def _consider_message(self, key: str, job: dict, etag: str, now: float) -> float:
+        later = now + self.cfg.poll_interval
         if self._busy(key):
-            return None
+            return later
         with self._lock:
             finished = key in self._finished
         if finished:
             self._forget_job(key)
-            return None
-        item = read_json(self.store, key)
-        if item is None:
-            return None
-        job, etag = item
+            return later
         wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
         if wait_until > now:
             return wait_until
-        job["claimed_until"] = now + self.cfg.claim_timeout
-        job["attempts"] = job.get("attempts", 0) + 1
+        job = {**job, "claimed_until": now + self.cfg.claim_timeout,
+               "attempts": job.get("attempts", 0) + 1}
         try:
             etag = self.store.put(key, to_json(job), if_match=etag)
-        except StoreConflict:
-            return None
+        except (StoreConflict, StoreUnavailable):
+            found = read_json(self.store, key)  # changed elsewhere: look again at what it is
+            with self._lock:
+                if found is None:
+                    self._messages.pop(key, None)
+                else:
+                    self._messages[key] = (*found, time.monotonic())
+            return later
+        with self._lock:
+            self._messages[key] = (job, etag, time.monotonic())
         self._submit(key, lambda: self._send_message(key, job, etag))
-        return None
+        return later
 
     def _send_message(self, key: str, job: dict, etag: str) -> None:
-        details = {"channel": "sms", "purpose": job.get("purpose"), "page": job.get("page"),
-                   "to": job["to"], "attempt": job["attempts"]}
+        sms = {"to": job["to"], "attempt": job["attempts"]}
+        details = {"purpose": job.get("purpose"), "page": job.get("page"),
+                   "deliveries": {"sms": sms}}
         try:
-            doc = self.pager.team.read().doc
-            sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
+            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+            sms["sid"] = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
                 job["to"], doc["current_config"]["from_phone"], job["body"]))
         except OutboundCapped:
             self._forget_job(key)
             return
         except (DeliveryError, StoreUnavailable) as e:
-            self.pager.audit.record("page.delivery_failed", "worker", {**details, "error": str(e)})
+            sms["error"] = str(e)
+            self.pager.audit.record("page.delivery_failed", "worker", details)
             if isinstance(e, DeliveryError) and e.permanent:
                 self._forget_job(key)
                 return
-            job.update(claimed_until=0, next_try=time.time() + backoff(
-                job["attempts"], self.cfg.retry_base, self.cfg.retry_cap))
+            job = {**job, "claimed_until": 0, "next_try": time.time() + backoff(
+                job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
             with contextlib.suppress(StoreConflict, StoreUnavailable):
-                self.store.put(key, to_json(job), if_match=etag)
+                etag = self.store.put(key, to_json(job), if_match=etag)
+                with self._lock:
+                    self._messages[key] = (job, etag, time.monotonic())
             return
+        self.pager.audit.record("page.delivered", "worker", details)
         self._forget_job(key)
-        self.pager.audit.record("page.delivered", "worker", {**details, "sid": sid})
 
     def _forget_job(self, key: str) -> None:
         """Delete a finished message job; if the store cannot be reached, remember it here
@@ -1833,119 +2271,203 @@ class Worker:
             self.store.delete(key)
             with self._lock:
                 self._finished.discard(key)
+                self._messages.pop(key, None)
         except StoreUnavailable:
             with self._lock:
                 self._finished.add(key)
 
-    # --- pages: deliveries, escalation, closing ------------------------------------------------
+    # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
-    def _consider_page(self, store: Store, page_id: str, now: float) -> float | None:
-        key = f"pages/{page_id}.json"
-        item = read_json(store, key)
-        if item is None:
-            store.delete(f"jobs/{page_id}.json")
-            return None
-        page = item[0]
+    def start_work(self, store: Store, page: dict, etag: str, channels: list[str]) -> None:
+        """Run the deliveries a write of this instance claimed, at once; the first
+        notification first, then the page's audit entries still to write, then the rest."""
+        batch = Batch(channels)
+        for channel in sorted(channels, key=lambda c: c not in ("mms", "sms")):
+            self._submit(f"{page['id']}/{channel}",
+                         lambda c=channel: self._deliver(store, page, c, batch))
+            if channel in ("mms", "sms") and page.get("audit_due"):
+                self._submit(f"{page['id']}/audit", lambda: self._write_due(page))
+
+    def _write_due(self, page: dict) -> None:
+        for due in page.get("audit_due", []):
+            if not self.pager.audit.written(due["key"]):
+                self.pager.audit.write(due["key"], due["entry"])
+
+    def _consider_page(self, store: Store, page: dict, etag: str, now: float) -> float | None:
+        """Claim what is due on one page (from its copy: no request unless something is due)
+        and return when its next step is due."""
+        page_id = page["id"]
         if page.get("state") == "open" and now - page["opened"] >= DAY:
             self._close(store, page_id)
-            return now
+            return None
+        channels: list[str] = []
         next_due: float | None = None
         for channel, delivery in page.get("deliveries", {}).items():
             if delivery["state"] != "pending" or self._busy(f"{page_id}/{channel}"):
                 continue
             due = max(delivery["next_try"], delivery["claimed_until"])
             if due <= now:
-                self._claim_delivery(store, page_id, channel, now)
+                channels.append(channel)
             else:
                 next_due = min(next_due or due, due)
-        if page.get("state") == "open":
+        escalate = False
+        if page.get("state") == "open" and store is self.store:  # spooled: escalation waits
             due = page["escalation"]["next_due"]
-            if store is not self.store:  # spooled: escalation waits until it is in the store
-                pass
-            elif due <= now and not self._busy(f"{page_id}/escalate"):
-                self._claim_escalation(store, page_id, now)
+            if due <= now and not self._busy(f"{page_id}/escalate"):
+                escalate = True
             else:
                 next_due = min(next_due or due, due)
-        elif not any(d["state"] == "pending" for d in page.get("deliveries", {}).values()):
-            store.delete(f"jobs/{page_id}.json")
+        if channels or escalate:
+            self._claim(store, page_id, channels, escalate, now)
         return next_due
 
-    def _claim_delivery(self, store: Store, page_id: str, channel: str, now: float) -> None:
+    def _claim(self, store: Store, page_id: str, channels: list[str], escalate: bool,
+               now: float) -> None:
+        """Claim the due deliveries and the due escalation step of a page with one conditional
+        write, then run them. The escalation claim advances the step and its due time, so no
+        instance can run it twice. A lost race means another instance claimed it: that is the
+        point, nothing to do here."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        settings = escalation_settings(doc)
+        claimed: list[str] = []
+        plan: list[Any] = []
+
         def claim(page: dict | None) -> dict | None:
-            delivery = (page or {}).get("deliveries", {}).get(channel)
-            if not delivery or delivery["state"] != "pending" or max(
-                    delivery["next_try"], delivery["claimed_until"]) > now:
+            claimed.clear()
+            plan.clear()
+            if page is None:
                 return None
-            delivery["claimed_until"] = now + self.cfg.claim_timeout
-            delivery["attempts"] += 1
-            return page
+            for channel in channels:
+                delivery = page["deliveries"].get(channel)
+                if delivery and delivery["state"] == "pending" and max(
+                        delivery["next_try"], delivery["claimed_until"]) <= now:
+                    delivery["claimed_until"] = now + self.cfg.claim_timeout
+                    delivery["attempts"] += 1
+                    claimed.append(channel)
+            if escalate and page.get("state") == "open" and \
+                    page["escalation"]["next_due"] <= now:
+                step = page["escalation"]["step"]
+                kind, targets = escalation_targets(
+                    step, int(settings["call_attempts"]), oncall_member(doc)["id"],
+                    settings["escalate_to"])
+                page["escalation"].update(step=step + 1, last_kind=kind,
+                                          next_due=now + settings["ack_timeout"])
+                page["paged"] = page["paged"] + [t for t in targets if t not in page["paged"]]
+                plan[:] = [step, kind, targets]
+            return page if claimed or plan else None
 
-        self._claim(store, page_id, channel, claim, lambda page: self._deliver(store, page,
-                                                                               channel))
-
-    def _claim(self, store: Store, page_id: str, task: str,
-               claim: Callable[[dict | None], dict | None], run: Callable[[dict], None]) -> None:
-        """Claim a step of a page with one conditional write, then run it in the pool. A lost
-        race means another instance claimed it: that is the point, nothing to do here."""
         try:
-            page = update_json(store, f"pages/{page_id}.json", claim, tries=1)
+            written = self.pager.write_page(store, page_id, claim, tries=2)
         except StoreConflict:
             return
-        if page is not None:
-            self._submit(f"{page_id}/{task}", lambda: run(page))
+        if written is None:
+            return
+        page, etag = written
+        if claimed:
+            self.start_work(store, page, etag, claimed)
+        if plan:
+            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
 
-    def _deliver(self, store: Store, page: dict, channel: str) -> None:
-        if time.time() > page["deliveries"][channel]["claimed_until"]:
+    def _deliver(self, store: Store, page: dict, channel: str, batch: Batch) -> None:
+        delivery = page["deliveries"][channel]
+        details: dict[str, Any] = {"attempt": delivery["attempts"]}
+        if time.time() > delivery["claimed_until"]:
             # waited in the pool past its claim: another instance may have taken it over
             log.warning("event=worker.claim_expired page=%s channel=%s", page["id"], channel)
-            return
-        attempt = page["deliveries"][channel]["attempts"]
-        details: dict[str, Any] = {"page": page["id"], "number": page["number"],
-                                   "channel": channel, "attempt": attempt}
-        try:
-            doc = self.pager.team.read().doc
-            details.update(DELIVER[channel](self, page, doc, details))
-        except OutboundCapped:
-            self._finish(store, page["id"], channel, "capped", details)
-        except (DeliveryError, StoreUnavailable) as e:
-            permanent = isinstance(e, DeliveryError) and e.permanent
-            details.update(error=str(e), final=permanent)
-            self.pager.audit.record("page.delivery_failed", "worker", details)
-            self._finish(store, page["id"], channel, "failed" if permanent else "retry", details)
+            outcome: str | None = None
         else:
-            self.pager.audit.record("page.delivered", "worker", details)
-            self._finish(store, page["id"], channel, "sent", details)
+            try:
+                doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+                details.update(DELIVER[channel.split(":")[0]](self, store, page, channel, doc))
+                outcome = "sent"
+            except OutboundCapped:
+                outcome = "capped"
+            except (DeliveryError, StoreUnavailable) as e:
+                permanent = isinstance(e, DeliveryError) and e.permanent
+                details.update(error=str(e), final=permanent)
+                outcome = "failed" if permanent else "retry"
+            except Exception as e:  # a bug or a surprise: audited, retried a few times
+                log.exception("event=worker.delivery_error page=%s channel=%s", page["id"],
+                              channel)
+                final = delivery["attempts"] >= MAX_UNEXPECTED
+                details.update(error=f"unexpected {type(e).__name__}: {str(e)[:200]}",
+                               final=final)
+                outcome = "failed" if final else "retry"
+        ready = batch.finish(channel, outcome, details)
+        if ready:
+            self._record(store, page["id"], ready)
 
-    def _finish(self, store: Store, page_id: str, channel: str, outcome: str,
-                details: dict) -> None:
-        """Record a delivery's outcome on the page. A permanently failed MMS falls back to SMS."""
+    def _record(self, store: Store, page_id: str, outcomes: dict[str, tuple[str, dict]]
+                ) -> None:
+        """Audit a batch of outcomes (one entry per kind of outcome), then write them on the
+        page with its number. The entry comes first: a stop between the two sends the channel
+        again and audits that too, so the log never misses a delivery the page records. An
+        outcome whose claim was taken over meanwhile (another attempt) is not recorded. A
+        permanently failed MMS falls back to SMS."""
+        number = self._numbers.get(page_id)
+        for event, kinds in (("page.delivered", ("sent",)),
+                             ("page.delivery_failed", ("failed", "retry"))):
+            group = {c: d for c, (o, d) in outcomes.items() if o in kinds}
+            if group:
+                self.pager.audit.record(event, "worker", {"page": page_id, "number": number,
+                                                          "deliveries": group})
+
         def record(page: dict | None) -> dict | None:
             if page is None:
                 return None
-            delivery = page["deliveries"][channel]
-            delivery["claimed_until"] = 0
-            delivery["last_error"] = details.get("error", "")
-            if outcome == "retry" and page["state"] == "closed" and channel != "closing_email":
-                delivery["state"] = "abandoned"
-            elif outcome == "retry":
-                delivery["next_try"] = time.time() + backoff(
-                    delivery["attempts"], self.cfg.retry_base, self.cfg.retry_cap)
-            else:
-                delivery["state"] = outcome
-            if channel == "mms" and outcome == "failed":
-                add_delivery(page, "sms_fallback")
+            if number and not page.get("number"):
+                page["number"] = number
+            for channel, (outcome, details) in outcomes.items():
+                delivery = page["deliveries"].get(channel)
+                if delivery is None or delivery["attempts"] != details["attempt"]:
+                    continue
+                delivery["claimed_until"] = 0
+                delivery["last_error"] = details.get("error", "")
+                if outcome == "retry" and page["state"] == "closed" and \
+                        channel != "closing_email":
+                    delivery["state"] = "abandoned"
+                elif outcome == "retry":
+                    delivery["next_try"] = time.time() + backoff(
+                        delivery["attempts"], self.cfg.retry_base, self.cfg.retry_cap)
+                else:
+                    delivery["state"] = outcome
+                if channel == "mms" and outcome == "failed":
+                    add_delivery(page, "sms_fallback")
             return page
 
-        with contextlib.suppress(StoreUnavailable, StoreConflict):
-            update_json(store, f"pages/{page_id}.json", record)
-            return
-        log.error("event=worker.finish_unrecorded page=%s channel=%s outcome=%s",
-                  page_id, channel, outcome)
+        try:
+            self.pager.write_page(store, page_id, record)
+        except (StoreUnavailable, StoreConflict):
+            log.error("event=worker.finish_unrecorded page=%s channels=%s", page_id,
+                      ",".join(outcomes))
+
+    def _number(self, store: Store, page: dict) -> int | str:
+        """The page's number, allocated once per page (the e-mail and the archive both need
+        it); a page spooled during an outage gets its number when it moves into the store."""
+        if page.get("number"):
+            return page["number"]
+        if store is not self.store:
+            return "?"
+        with self._lock:
+            lock = self._page_locks.setdefault(page["id"], threading.Lock())
+        with lock:
+            with self._lock:
+                number = self._numbers.get(page["id"])
+            if number is None:
+                number = self.pager.page_number(page["id"], page["opened"])
+                with self._lock:
+                    self._numbers[page["id"]] = number
+                    while len(self._numbers) > 100:
+                        old, _ = self._numbers.popitem(last=False)
+                        self._page_locks.pop(old, None)
+        return number
 
     def _spend_outbound(self, doc: dict, details: dict) -> float | None:
         """Take one from the hourly budget of outbound SMS and calls (counters/outbound.json,
         shared by all instances), or raise OutboundCapped after auditing why. Returns the
-        stamp spent (None when the store could not count), for `_refund_outbound`."""
+        stamp spent (None when the store could not count), for `_refund_outbound`. The
+        counter as last seen here is the starting copy; a verdict of "spent" is checked
+        against the store before it is believed."""
         limit = escalation_settings(doc)["max_outbound_per_hour"]
         verdict: list[bool] = []
         stamp = time.time()
@@ -1956,7 +2478,12 @@ class Worker:
             return {"sent": sent + [stamp]} if verdict[0] else None
 
         try:
-            update_json(self.store, "counters/outbound.json", spend)
+            for known in (self._outbound, None):
+                written = update_json(self.store, "counters/outbound.json", spend, known=known)
+                if written is not None:
+                    self._outbound = written
+                if verdict[0] or known is None:
+                    break
         except (StoreUnavailable, StoreConflict):
             # The budget is a cost control, not a safety one: a page must get through.
             log.warning("event=outbound.uncounted reason=store_unavailable")
@@ -1974,13 +2501,17 @@ class Worker:
         if stamp is None:
             return
         with contextlib.suppress(StoreUnavailable, StoreConflict):
-            update_json(self.store, "counters/outbound.json", lambda counter: {
-                "sent": [t for t in (counter or {}).get("sent", []) if t != stamp]})
+            written = update_json(self.store, "counters/outbound.json", lambda counter: {
+                "sent": [t for t in (counter or {}).get("sent", []) if t != stamp]},
+                known=self._outbound)
+            self._outbound = written
 
-    def _outbound(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
-        """One escalation SMS or call, within the budget; returns its sid or what happened."""
+    def _outbound_call(self, doc: dict, details: dict, send: Callable[[], str],
+                       capped: bool = True) -> str:
+        """One escalation SMS or call (within the budget unless `capped` is False); returns
+        its sid or what happened."""
         try:
-            stamp = self._spend_outbound(doc, details)
+            stamp = self._spend_outbound(doc, details) if capped else None
         except OutboundCapped:
             return "capped"
         try:
@@ -1989,30 +2520,10 @@ class Worker:
             self._refund_outbound(stamp)
             return f"failed: {e}"
 
-    def _recording(self, page: dict) -> bytes:
-        """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
-        page_id = page["id"]
-        with self._lock:
-            fetch_lock = self._fetch_locks.setdefault(page_id, threading.Lock())
-        with fetch_lock:
-            with self._lock:
-                if page_id in self._recordings:
-                    return self._recordings[page_id]
-            try:
-                archived = self.store.get(recording_key(page, ".mp3"))
-            except StoreUnavailable:
-                archived = None
-            data = archived.data if archived else fetch_recording(self.cfg, page["recording_url"])
-            with self._lock:
-                self._recordings[page_id] = data
-                while len(self._recordings) > 8:
-                    old, _ = self._recordings.popitem(last=False)
-                    self._fetch_locks.pop(old, None)
-            return data
-
     def _send_within_budget(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
-        """A page's SMS/MMS: spend from the budget (OutboundCapped when spent), refund it when
-        Twilio refuses, and let the DeliveryError through for the retry."""
+        """An SMS that is not a page's first notification: spend from the budget
+        (OutboundCapped when spent), refund it when Twilio refuses, and let the DeliveryError
+        through for the retry."""
         stamp = self._spend_outbound(doc, details)
         try:
             return send()
@@ -2020,27 +2531,56 @@ class Worker:
             self._refund_outbound(stamp)
             raise
 
-    def _deliver_mms(self, page: dict, doc: dict, details: dict) -> dict:
-        sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
+    def _recording(self, page: dict) -> bytes:
+        """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
+        page_id = page["id"]
+        with self._lock:
+            fetch_lock = self._page_locks.setdefault(page_id + "/recording", threading.Lock())
+        with fetch_lock:
+            with self._lock:
+                if page_id in self._recordings:
+                    return self._recordings[page_id]
+            data = fetch_recording(self.cfg, page["recording_url"])
+            with self._lock:
+                self._recordings[page_id] = data
+                while len(self._recordings) > 8:
+                    old, _ = self._recordings.popitem(last=False)
+                    self._page_locks.pop(old + "/recording", None)
+            return data
+
+    # The channels. The first notification of a page (its MMS or SMS, and the SMS that
+    # replaces an undelivered MMS) is never held back by the hourly budget: junk calls must
+    # not be able to silence a real page. Notices and escalation are within the budget.
+
+    def _deliver_mms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        sid = self.telephony.send_sms(
             page["oncall"]["phone"], doc["current_config"]["from_phone"],
             f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
             "Reply ACK to acknowledge.",
             media_url=page["recording_url"] + ".mp3",
-            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}")))
+            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}"))
         return {"to": page["oncall"]["phone"], "sid": sid}
 
-    def _deliver_sms(self, page: dict, doc: dict, details: dict) -> dict:
+    def _deliver_sms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         if page["kind"] == "voicemail":
             body = (f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}: "
                     f"{page['recording_url']}.mp3 Reply ACK to acknowledge.")
         else:
             body = (f"Missed call to the pager from {caller_text(page)}: no message was left. "
                     "Reply ACK to acknowledge.")
-        sid = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
-            page["oncall"]["phone"], doc["current_config"]["from_phone"], body))
+        sid = self.telephony.send_sms(page["oncall"]["phone"],
+                                      doc["current_config"]["from_phone"], body)
         return {"to": page["oncall"]["phone"], "sid": sid}
 
-    def _deliver_email(self, page: dict, doc: dict, details: dict) -> dict:
+    def _deliver_notice(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        delivery = page["deliveries"][channel]
+        sid = self._send_within_budget(doc, {"page": page["id"], "channel": channel},
+                                       lambda: self.telephony.send_sms(
+                                           delivery["to"], doc["current_config"]["from_phone"],
+                                           delivery["body"]))
+        return {"to": delivery["to"], "sid": sid}
+
+    def _deliver_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
         if page["kind"] == "voicemail":
             subject = f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}"
@@ -2048,18 +2588,19 @@ class Worker:
         else:
             subject = f"Missed call to the pager from {caller_text(page)}"
             attachment = None
-        body = (f"Page {page['number']}: {page_summary(page)}.\n"
+        body = (f"Page {self._number(store, page)}: {page_summary(page)}.\n"
                 f"Opened {short_time(page['opened'])}; on call: {page['oncall']['name']}.\n"
                 f"Call SID: {page['call_sid']}\n")
         message = build_email(mail, subject, body, attachment)
         self._send_email(message, doc)
         return {"to": mail["to_email"]}
 
-    def _deliver_closing_email(self, page: dict, doc: dict, details: dict) -> dict:
+    def _deliver_closing_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
+        number = self._number(store, page)
         message = build_email(
-            mail, f"Page {page['number']} closed unacknowledged",
-            f"Page {page['number']} ({page_summary(page)}) was opened "
+            mail, f"Page {number} closed unacknowledged",
+            f"Page {number} ({page_summary(page)}) was opened "
             f"{short_time(page['opened'])} and nobody acknowledged it within a day. "
             "The pager has stopped calling.\n", None)
         self._send_email(message, doc)
@@ -2072,48 +2613,30 @@ class Worker:
             return
         send_email(doc["current_config"]["mail_settings"], message, self.cfg.smtp_timeout)
 
-    def _deliver_archive(self, page: dict, doc: dict, details: dict) -> dict:
+    def _deliver_archive(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        """The mp3 and its metadata, written at once (independent writes)."""
         data = self._recording(page)
-        self.store.put(recording_key(page, ".mp3"), data)
-        self.store.put(recording_key(page, ".json"), to_json({
-            "page": page["id"], "number": page["number"], "recording_sid": page["id"],
-            "recording_url": page["recording_url"], "duration": page["duration"],
-            "caller": page["caller"], "call_sid": page["call_sid"],
-            "time": iso_time(page["opened"]), "bytes": len(data)}))
+        metadata = to_json({
+            "page": page["id"], "number": self._number(store, page),
+            "recording_sid": page["id"], "recording_url": page["recording_url"],
+            "duration": page["duration"], "caller": page["caller"],
+            "call_sid": page["call_sid"], "time": iso_time(page["opened"]), "bytes": len(data)})
+        in_parallel(IO_POOL, lambda: self.store.put(recording_key(page, ".mp3"), data),
+                    lambda: self.store.put(recording_key(page, ".json"), metadata))
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
-
-    def _claim_escalation(self, store: Store, page_id: str, now: float) -> None:
-        """Claim the next escalation step: the claim advances the step and its due time, so
-        no instance can run it twice."""
-        doc = self.pager.team.read().doc
-        settings = escalation_settings(doc)
-        plan: list[Any] = []
-
-        def claim(page: dict | None) -> dict | None:
-            if not page or page.get("state") != "open" or page["escalation"]["next_due"] > now:
-                return None
-            step = page["escalation"]["step"]
-            kind, targets = escalation_targets(step, int(settings["call_attempts"]),
-                                               oncall_member(doc)["id"], settings["escalate_to"])
-            page["escalation"].update(step=step + 1, last_kind=kind,
-                                      next_due=now + settings["ack_timeout"])
-            page["paged"] = page["paged"] + [t for t in targets if t not in page["paged"]]
-            plan[:] = [step, kind, targets]
-            return page
-
-        self._claim(store, page_id, "escalate", claim, lambda page: self._escalate(page, *plan))
 
     def _escalate(self, page: dict, step: int, kind: str, targets: list[str]) -> None:
         """Text (team steps) and phone each target. The SMS and the call are separate: a
         number that refuses SMS (STOP) still gets the call. Before each target the page is
-        read again, so nobody is called after somebody acknowledged."""
-        doc = self.pager.team.read().doc
+        read again (a 304 while unchanged), so nobody is called after somebody acknowledged.
+        The first call to the on-call engineer is never held back by the budget."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         current_config = doc["current_config"]
         results: dict[str, Any] = {}
         for member_id in targets:
             member = members(doc).get(member_id)
             try:
-                current = read_json(self.store, f"pages/{page['id']}.json")
+                current = self.pager.read_page(page["id"])
             except StoreUnavailable:
                 current = None  # call anyway: a page call says so if it was acknowledged
             if member is None or (current and current[0].get("state") != "open"):
@@ -2136,15 +2659,20 @@ class Worker:
 
             if kind == "team":
                 results[member_id] = {
-                    "sms": self._outbound(doc, {**details, "channel": "sms"}, text),
-                    "call": self._outbound(doc, {**details, "channel": "call"}, call)}
+                    "sms": self._outbound_call(doc, {**details, "channel": "sms"}, text),
+                    "call": self._outbound_call(doc, {**details, "channel": "call"}, call)}
             else:
-                results[member_id] = self._outbound(doc, {**details, "channel": "call"}, call)
+                results[member_id] = self._outbound_call(
+                    doc, {**details, "channel": "call"}, call, capped=step > 0)
         self.pager.audit.record("page.escalated", "worker", {
             "page": page["id"], "number": page["number"], "step": step, "kind": kind,
             "results": results})
 
     def _close(self, store: Store, page_id: str) -> None:
+        """No acknowledgement within a day: stop escalating, abandon what is pending, and
+        e-mail the team once (claimed by this write, sent at once)."""
+        claimed_until = time.time() + self.cfg.claim_timeout
+
         def close(page: dict | None) -> dict | None:
             if not page or page.get("state") != "open":
                 return None
@@ -2152,21 +2680,25 @@ class Worker:
             for delivery in page["deliveries"].values():
                 if delivery["state"] == "pending":
                     delivery["state"] = "abandoned"
-            add_delivery(page, "closing_email")
+            add_delivery(page, "closing_email", claimed_until)
+            key, entry = self.pager.audit.entry("page.closed", "worker", {
+                "page": page_id, "number": page.get("number"),
+                "reason": "not acknowledged within a day"})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
         with contextlib.suppress(StoreConflict):
-            page = update_json(store, f"pages/{page_id}.json", close, tries=1)
-            if page is not None:
-                self.pager.audit.record("page.closed", "worker", {
-                    "page": page_id, "number": page["number"],
-                    "reason": "not acknowledged within a day"})
+            written = self.pager.write_page(store, page_id, close, tries=2)
+            if written is not None:
+                self._write_due(written[0])
+                self.start_work(store, *written, ["closing_email"])
 
 
-DELIVER: dict[str, Callable[[Worker, dict, dict, dict], dict]] = {
+DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "mms": Worker._deliver_mms,
     "sms": Worker._deliver_sms,
     "sms_fallback": Worker._deliver_sms,
+    "notice": Worker._deliver_notice,
     "email": Worker._deliver_email,
     "archive": Worker._deliver_archive,
     "closing_email": Worker._deliver_closing_email,
@@ -2676,6 +3208,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         telephony = LiveTelephony(cfg)
     worker = Worker(pager, telephony)
+    with contextlib.suppress(NoConfig, ConfigError, StoreUnavailable):
+        pager.team.reconcile()
     server = waitress.create_server(
         WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
         max_request_body_size=MAX_BODY, ident="oncall-pager")
