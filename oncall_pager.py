@@ -860,6 +860,12 @@ def update_json(store: Store, key: str, change: Callable[[dict | None], dict | N
 IO_POOL = ThreadPoolExecutor(16, thread_name_prefix="io")
 
 
+def put_once(store: Store, key: str, doc: dict) -> None:
+    """Create an object unless it exists: a second try (or a restart) never makes two."""
+    with contextlib.suppress(StoreConflict):
+        store.put(key, to_json(doc), if_absent=True)
+
+
 def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any]:
     """Independent store requests at once, so they cost the slowest round trip, not the sum.
     Every call runs to its end; then the first exception, if any, is raised."""
@@ -937,7 +943,7 @@ class AuditLog:
         try:
             self.store.put(key, to_json(entry), if_absent=True)
         except StoreConflict:
-            pass  # written before, by this write's first try or by the instance that stopped
+            pass  # written before: by this write's first try, or by an instance that stopped
         except StoreUnavailable:
             log.warning("event=audit.deferred audit_event=%s", entry["event"])
             with self._lock:
@@ -1072,14 +1078,15 @@ class TeamConfig:
         return dataclasses.replace(self._current, stale=True)
 
     def write(self, doc: dict, *, base: Snapshot, actor: str, details: dict | None = None,
-              after: Callable[[], Any] | None = None) -> Snapshot:
+              message: tuple[str, dict] | None = None) -> Snapshot:
         """Validate, stamp, write conditionally over `base` (the snapshot the change was made
         from), audit. StoreConflict when the config changed since `base` was read; ConfigError
         (nothing written) when the result is invalid.
 
-        The audit entry travels in the document (`current_config.last_change`) and is written
-        after it, together with `after` (another write that follows the change, such as the
-        handoff SMS): a stop between the two loses no entry, `reconcile` writes it at start."""
+        The audit entry travels in the document (`current_config.last_change`), and so does
+        `message` (a message job that follows from the change: the handoff SMS); both are
+        written after the document, at once. A stop in between loses neither: `reconcile`
+        writes them at the next start (each at its own key, so never twice)."""
         doc = copy.deepcopy(doc)
         current = doc.get("current_config")
         if isinstance(current, dict):
@@ -1097,25 +1104,38 @@ class TeamConfig:
         else:
             key, entry = self.audit.entry("config.changed", actor, {
                 "oncall": new_oncall, **(details or {})})
-        doc["current_config"]["last_change"] = {"key": key, "entry": entry}
+        last_change: dict[str, Any] = {"key": key, "entry": entry, "time": time.time()}
+        if message is not None:
+            last_change["message"] = {"key": message[0], "job": message[1]}
+        doc["current_config"]["last_change"] = last_change
         etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
         snapshot = self._remember(Snapshot(doc, etag))
         self._checked = time.monotonic()
-        calls: list[Callable[[], Any]] = [lambda: self.audit.write(key, entry)]
-        if after is not None:
-            calls.append(after)
-        in_parallel(IO_POOL, *calls)
+        def queue_message() -> None:
+            try:
+                put_once(self.store, *message)
+            except StoreUnavailable:  # the worker writes it when it marks it sent
+                log.error("event=message.unqueued key=%s", message[0])
+
+        in_parallel(IO_POOL, lambda: self.audit.write(key, entry),
+                    *([queue_message] if message else []))
         return snapshot
 
     def reconcile(self) -> None:
-        """At start: the audit entry of the config's last change, in case a stop came between
-        the change and its entry (writing one that is there costs one refused request)."""
+        """At start: the audit entry and the message job of the config's last change, in case
+        a stop came between the change and them (each that is there costs a refused request).
+        A message is queued again only within a day of the change: a sent job is kept that
+        long, so its key still refuses a second one."""
         last = self.read().doc["current_config"].get("last_change")
-        if isinstance(last, dict) and isinstance(last.get("entry"), dict) and \
-                str(last.get("key", "")).startswith("audit/"):
-            with contextlib.suppress(ValueError, KeyError, StoreUnavailable):
-                check_key(last["key"])
-                self.audit.write(last["key"], last["entry"])
+        if not isinstance(last, dict):
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError, StoreUnavailable):
+            if str(last["key"]).startswith("audit/") and isinstance(last["entry"], dict):
+                self.audit.write(check_key(last["key"]), last["entry"])
+            message = last.get("message")
+            if isinstance(message, dict) and time.time() - float(last["time"]) < DAY and \
+                    str(message["key"]).startswith("jobs/msg-"):
+                put_once(self.store, check_key(message["key"]), message["job"])
 
     def initialise(self, doc: dict, actor: str) -> Snapshot:
         """Put a first config into an empty store; StoreConflict if one is there already."""
@@ -1319,7 +1339,7 @@ class Pager:
         self._counter_lock = threading.Lock()
         # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
         self.start_work: Callable[[Store, dict, str, list[str]], None] | None = None
-        self.start_message: Callable[[str, dict, str], None] | None = None
+        self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
 
     def claim_until(self) -> float:
@@ -1370,27 +1390,19 @@ class Pager:
         previous = oncall_member(snap.doc)
         doc = copy.deepcopy(snap.doc)
         doc["current_config"]["oncall_user"] = dict(member)
-        told = [f"{previous['name']} has been told."]
-
-        def tell_previous() -> None:
-            try:
-                self.send_message(previous["phone"],
-                                  f"{member['name']} has taken on-call from you.",
-                                  purpose="handoff")
-            except StoreUnavailable:
-                log.error("event=handoff.unsent to=%s", previous["id"])
-                told[0] = (f"{previous['name']} could not be told (the store is unreachable): "
-                           "tell them.")
-
+        handoff = self.message_job(previous["phone"],
+                                   f"{member['name']} has taken on-call from you.", "handoff")
         try:
             new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
-                                  after=tell_previous)
+                                  message=handoff)
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
+        if self.start_message is not None:
+            self.start_message(*handoff)
         pager_phone = new.doc["current_config"]["pager_phone"]
-        return (f"Okay, {first_name(member)}, you are now on call. {told[0]} "
-                f"Leave a message at {pager_phone} to test delivery.")
+        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} has been "
+                f"told. Leave a message at {pager_phone} to test delivery.")
 
     def _changed_under(self, doc: dict, member: dict) -> str:
         oncall = oncall_member(doc)
@@ -1407,21 +1419,18 @@ class Pager:
         oncall = oncall_member(doc)
         return f"Okay, {first_name(member)}, nothing changes: {first_name(oncall)} remains on call."
 
-    # --- messages: durable jobs the worker sends ---------------------------------------------
+    # --- messages: durable jobs the worker sends (the handoff SMS) --------------------------
 
-    def send_message(self, to: str, body: str, purpose: str, page_id: str | None = None) -> None:
-        """Queue one SMS as a durable job (jobs/msg-*.json), claimed by this instance's worker,
-        which sends it at once and retries it; another instance's worker takes it over if
-        this one stops."""
+    def message_job(self, to: str, body: str, purpose: str) -> tuple[str, dict]:
+        """One SMS as a durable job (jobs/msg-*.json) and its key, claimed by this instance's
+        worker, which sends it as soon as it is written and retries it; another instance's
+        worker takes it over if this one stops. A sent job is kept a day, marked sent."""
         now = time.time()
         claimed_until = self.claim_until()
-        job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "page": page_id,
+        job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "state": "pending",
                "attempts": 1 if claimed_until else 0, "next_try": now,
                "claimed_until": claimed_until, "created": now}
-        key = f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json"
-        etag = self.store.put(key, to_json(job), if_absent=True)
-        if self.start_message is not None:
-            self.start_message(key, job, etag)
+        return f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json", job
 
     # --- pages ---------------------------------------------------------------------------------
 
@@ -2009,8 +2018,7 @@ class Worker:
         self._recordings: OrderedDict[str, bytes] = OrderedDict()
         self._numbers: OrderedDict[str, int] = OrderedDict()
         self._page_locks: dict[str, threading.Lock] = {}
-        self._messages: dict[str, tuple[dict, str, float]] = {}  # key -> (job, ETag, since)
-        self._finished: set[str] = set()  # message jobs sent whose delete is still owed
+        self._messages: dict[str, tuple[dict, str | None, float]] = {}  # key: job, ETag, since
         self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
@@ -2080,7 +2088,7 @@ class Worker:
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
-            depth += 1
+            depth += job.get("state") == "pending"
             next_due = min(next_due, self._consider_message(key, job, etag, now))
         self.queue_depth = depth
         return next_due
@@ -2180,42 +2188,39 @@ class Worker:
 
     # --- single messages (the handoff SMS) ---------------------------------------------------
 
-    def start_message(self, key: str, job: dict, etag: str) -> None:
+    def start_message(self, key: str, job: dict) -> None:
         """A message job this instance just queued (and claimed): send it now."""
         with self._lock:
-            self._messages[key] = (job, etag, time.monotonic())
+            self._messages[key] = (job, None, time.monotonic())
         if job.get("claimed_until", 0) > time.time():
-            self._submit(key, lambda: self._send_message(key, job, etag))
+            self._submit(key, lambda: self._send_message(key, job))
 
     def _list_messages(self) -> None:
-        """Message jobs queued by instances that stopped before sending them. A job of the
-        first release's kind (jobs/<page id>.json) is not needed: its page is its own entry."""
+        """Message jobs queued by instances that stopped before sending them. Jobs unchanged
+        for a day are deleted (sent ones are kept that long, see TeamConfig.reconcile). A job
+        of the first release's kind (jobs/<page id>.json) is not needed: a page is its own
+        queue entry now."""
         listed_at = time.monotonic()
-        keys = self.store.list("jobs/")
-        for key in keys:
-            if not key.startswith("jobs/msg-"):
+        versions = self.store.versions("jobs/")
+        for key, (etag, modified) in versions.items():
+            if not key.startswith("jobs/msg-") or modified < time.time() - DAY:
                 self.store.delete(key)
                 continue
             with self._lock:
-                known = key in self._messages
-            if not known:
+                known = self._messages.get(key)
+            if known is None or (known[1] is not None and known[1] != etag):
                 found = read_json(self.store, key)
                 if found is not None:
                     with self._lock:
                         self._messages[key] = (*found, time.monotonic())
         with self._lock:
             for key in [k for k, v in self._messages.items()
-                        if k not in keys and v[2] < listed_at and k not in self._inflight]:
+                        if k not in versions and v[2] < listed_at and k not in self._inflight]:
                 del self._messages[key]
 
-    def _consider_message(self, key: str, job: dict, etag: str, now: float) -> float:
+    def _consider_message(self, key: str, job: dict, etag: str | None, now: float) -> float:
         later = now + self.cfg.poll_interval
-        if self._busy(key):
-            return later
-        with self._lock:
-            finished = key in self._finished
-        if finished:
-            self._forget_job(key)
+        if job.get("state") != "pending" or self._busy(key):
             return later
         wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
         if wait_until > now:
@@ -2223,58 +2228,49 @@ class Worker:
         job = {**job, "claimed_until": now + self.cfg.claim_timeout,
                "attempts": job.get("attempts", 0) + 1}
         try:
+            if etag is None:
+                raise StoreConflict(key)  # written here, ETag unknown: read it first
             etag = self.store.put(key, to_json(job), if_match=etag)
         except (StoreConflict, StoreUnavailable):
             found = read_json(self.store, key)  # changed elsewhere: look again at what it is
             with self._lock:
-                if found is None:
-                    self._messages.pop(key, None)
-                else:
-                    self._messages[key] = (*found, time.monotonic())
-            return later
+                self._messages[key] = ((*found, time.monotonic()) if found else
+                                       ({**job, "state": "gone"}, None, time.monotonic()))
+            return now
         with self._lock:
             self._messages[key] = (job, etag, time.monotonic())
-        self._submit(key, lambda: self._send_message(key, job, etag))
+        self._submit(key, lambda: self._send_message(key, job))
         return later
 
-    def _send_message(self, key: str, job: dict, etag: str) -> None:
+    def _send_message(self, key: str, job: dict) -> None:
+        """Send one message job and write what happened to it: sent (kept a day), failed for
+        good, or due again after a backoff. These writes need no If-Match: only the claim
+        decides who sends."""
         sms = {"to": job["to"], "attempt": job["attempts"]}
-        details = {"purpose": job.get("purpose"), "page": job.get("page"),
-                   "deliveries": {"sms": sms}}
+        details = {"purpose": job.get("purpose"), "deliveries": {"sms": sms}}
         try:
             doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
             sms["sid"] = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
                 job["to"], doc["current_config"]["from_phone"], job["body"]))
         except OutboundCapped:
-            self._forget_job(key)
-            return
+            job = {**job, "state": "capped"}
         except (DeliveryError, StoreUnavailable) as e:
             sms["error"] = str(e)
             self.pager.audit.record("page.delivery_failed", "worker", details)
             if isinstance(e, DeliveryError) and e.permanent:
-                self._forget_job(key)
-                return
-            job = {**job, "claimed_until": 0, "next_try": time.time() + backoff(
-                job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
-            with contextlib.suppress(StoreConflict, StoreUnavailable):
-                etag = self.store.put(key, to_json(job), if_match=etag)
-                with self._lock:
-                    self._messages[key] = (job, etag, time.monotonic())
-            return
-        self.pager.audit.record("page.delivered", "worker", details)
-        self._forget_job(key)
-
-    def _forget_job(self, key: str) -> None:
-        """Delete a finished message job; if the store cannot be reached, remember it here
-        so this instance does not send it again (the next scan deletes it)."""
+                job = {**job, "state": "failed"}
+            else:
+                job = {**job, "claimed_until": 0, "next_try": time.time() + backoff(
+                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
+        else:
+            self.pager.audit.record("page.delivered", "worker", details)
+            job = {**job, "state": "sent", "sid": sms["sid"]}
+        with self._lock:
+            self._messages[key] = (job, None, time.monotonic())
         try:
-            self.store.delete(key)
-            with self._lock:
-                self._finished.discard(key)
-                self._messages.pop(key, None)
-        except StoreUnavailable:
-            with self._lock:
-                self._finished.add(key)
+            self.store.put(key, to_json(job))
+        except StoreUnavailable:  # kept in memory: this instance does not send it again
+            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
 
     # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
@@ -2353,7 +2349,11 @@ class Worker:
                 page["escalation"].update(step=step + 1, last_kind=kind,
                                           next_due=now + settings["ack_timeout"])
                 page["paged"] = page["paged"] + [t for t in targets if t not in page["paged"]]
-                plan[:] = [step, kind, targets]
+                key, entry = self.pager.audit.entry("page.escalated", "worker", {
+                    "page": page_id, "number": page.get("number"), "step": step, "kind": kind,
+                    "targets": targets})
+                page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+                plan[:] = [step, kind, targets, key, entry]
             return page if claimed or plan else None
 
         try:
@@ -2625,13 +2625,17 @@ class Worker:
                     lambda: self.store.put(recording_key(page, ".json"), metadata))
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
 
-    def _escalate(self, page: dict, step: int, kind: str, targets: list[str]) -> None:
+    def _escalate(self, page: dict, step: int, kind: str, targets: list[str],
+                  audit_key: str, entry: dict) -> None:
         """Text (team steps) and phone each target. The SMS and the call are separate: a
         number that refuses SMS (STOP) still gets the call. Before each target the page is
         read again (a 304 while unchanged), so nobody is called after somebody acknowledged.
-        The first call to the on-call engineer is never held back by the budget."""
+        The first call to the on-call engineer is never held back by the budget. The step's
+        audit entry, planned in the claim, is written with the results (or, after a stop, as
+        planned by whoever finds the page next)."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         current_config = doc["current_config"]
+        page = {**page, "number": self._number(self.store, page)}
         results: dict[str, Any] = {}
         for member_id in targets:
             member = members(doc).get(member_id)
@@ -2664,9 +2668,8 @@ class Worker:
             else:
                 results[member_id] = self._outbound_call(
                     doc, {**details, "channel": "call"}, call, capped=step > 0)
-        self.pager.audit.record("page.escalated", "worker", {
-            "page": page["id"], "number": page["number"], "step": step, "kind": kind,
-            "results": results})
+        entry = {**entry, "details": {**entry["details"], "results": results}}
+        self.pager.audit.write(audit_key, entry)
 
     def _close(self, store: Store, page_id: str) -> None:
         """No acknowledgement within a day: stop escalating, abandon what is pending, and
@@ -3587,7 +3590,7 @@ def cmd_pages(args: argparse.Namespace) -> int:
         print("no open pages" if args.open else "no pages")
     for p in pages:
         deliveries = ",".join(f"{c}:{d['state']}" for c, d in p.get("deliveries", {}).items())
-        print(f"#{p.get('number')}  {short_time(p.get('opened', 0))}  "
+        print(f"#{p.get('number') or '-'}  {short_time(p.get('opened', 0))}  "
               f"{p.get('state', ''):<12} {page_summary(p)}  oncall={p['oncall']['id']}  "
               f"acked_by={p.get('acked_by') or '-'}  {deliveries}")
     return 0

@@ -141,8 +141,9 @@ class S3Counter:
         store.client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request: Any, **kwargs: Any) -> None:
-        """Only requests made while answering a webhook (waitress threads), not the worker's."""
-        if threading.current_thread().name.startswith("waitress"):
+        """Only requests made while answering a webhook (waitress threads, and the threads
+        that send a webhook's independent writes at once), not the worker's."""
+        if threading.current_thread().name.startswith(("waitress", "io")):
             self.operations.append(
                 f"{request.method} {urllib.parse.urlsplit(request.url).path}")
 
@@ -350,6 +351,11 @@ def reply_text(twiml: str) -> str:
 def audit_events(store: op.Store, event: str | None = None) -> list[dict]:
     entries = op.AuditLog(store, "test").entries()
     return [e for e in entries if event is None or e["event"] == event]
+
+
+def channels(entries: list[dict]) -> set[str]:
+    """The channels that audit entries of deliveries speak of."""
+    return {channel for e in entries for channel in e["details"]["deliveries"]}
 
 
 def oncall_id(store: op.Store) -> str:
@@ -1668,6 +1674,10 @@ def stamped(doc: dict, written: dict, actor: str) -> dict:
     doc = copy.deepcopy(doc)
     doc["current_config"]["last_modified_user_id"] = actor
     doc["current_config"]["last_modified_time"] = written["current_config"]["last_modified_time"]
+    # the write carries its own audit entry (see test_config_writes_carry_their_audit_entry)
+    last_change = written["current_config"]["last_change"]
+    assert last_change["key"].startswith("audit/") and last_change["entry"]["actor"] == actor
+    doc["current_config"]["last_change"] = last_change
     return doc
 
 
@@ -2080,8 +2090,9 @@ def test_pages_lists_every_page_open_only_the_open_ones_and_json_the_records(cli
     assert (result.returncode, result.stderr) == (0, "")
     acked_line = (f"#1  {op.short_time(voicemail['opened'])}  acknowledged voicemail (12 sec) "
                   f"from ACME CORP <{CALLER}>  oncall=alice  acked_by=bob  "
-                  "archive:pending,email:pending,mms:pending")
-    open_line = (f"#2  {op.short_time(missed['opened'])}  open         missed call from "
+                  "archive:pending,email:pending,mms:pending,notice:alice:pending")
+    # numbers are given by the worker (none runs here) or by the acknowledgement
+    open_line = (f"#-  {op.short_time(missed['opened'])}  open         missed call from "
                  f"RALEIGH, NC <{STRANGER}>  oncall=alice  acked_by=-  email:pending,sms:pending")
     assert result.stdout.splitlines() == [acked_line, open_line]
     assert (only_open.returncode, only_open.stdout.splitlines()) == (0, [open_line])
@@ -2423,7 +2434,8 @@ def test_wrongnumber_voice_says_so_and_hangs_up(s3_pager: RunningPager) -> None:
                          "</Response>")
 
 
-def test_who_costs_at_most_one_s3_request_and_c_five(s3_pager: RunningPager) -> None:
+def test_who_costs_at_most_one_s3_request_and_c_five_four_in_sequence(
+        s3_pager: RunningPager) -> None:
     counter = S3Counter(s3_pager.pager.store)
     s3_pager.sms(BOB, "WHO")
     counter.reset()
@@ -2432,8 +2444,10 @@ def test_who_costs_at_most_one_s3_request_and_c_five(s3_pager: RunningPager) -> 
     s3_pager.sms(BOB, "TAKE")
     counter.reset()
     s3_pager.sms(BOB, "C")
-    # config GET (a 304), session GET, config PUT (If-Match), audit PUT, handoff job PUT
-    assert [o.split()[0] for o in counter.operations] == ["GET", "GET", "PUT", "PUT", "PUT"]
+    # config GET (a 304), session GET, config PUT (If-Match), then at once: the audit entry
+    # and the handoff job
+    assert [o.split()[0] for o in counter.operations[:3]] == ["GET", "GET", "PUT"]
+    assert sorted(o.split()[1].split("/")[2] for o in counter.operations[3:]) == ["audit", "jobs"]
 
 
 def test_sms_command_line_drives_a_running_pager(
@@ -2585,8 +2599,8 @@ def test_voicemail_reaches_oncall_by_mms_email_and_archive(
     assert (meta["duration"], meta["call_sid"], meta["page"]) == (12, form["CallSid"], sid)
     fetches = [r for r in twilio.requests if "/Recordings/" in r.path]
     assert len(fetches) == 1, "the recording is fetched from Twilio once"
-    delivered = wait_until(lambda: {e["details"]["channel"] for e in audit_events(
-        store, "page.delivered")} == {"mms", "email", "archive"}, 5)
+    delivered = wait_until(lambda: channels(audit_events(
+        store, "page.delivered")) == {"mms", "email", "archive"}, 5)
     assert delivered
     assert [e["details"]["page"] for e in audit_events(store, "page.opened")] == [sid]
 
@@ -2619,7 +2633,7 @@ def test_smtp_down_delays_only_the_email(s3_pager: RunningPager, twilio: TwilioF
     assert twilio.wait_for(lambda: twilio.messages(), 3), "the MMS is not held up by SMTP"
     wait_until(lambda: audit_events(s3_pager.store, "page.delivery_failed"), 5)
     failed = audit_events(s3_pager.store, "page.delivery_failed")
-    assert {e["details"]["channel"] for e in failed} == {"email"}
+    assert channels(failed) == {"email"}
     assert smtp.messages == []
     smtp.start()
     wait_until(lambda: smtp.messages, 10)
@@ -2634,7 +2648,9 @@ def test_twilio_failing_twice_still_delivers_the_mms_once(s3_pager: RunningPager
     assert twilio.wait_for(lambda: twilio.messages(), 10)
     time.sleep(0.5)
     assert len(twilio.messages()) == 1
-    failures = [e["details"] for e in audit_events(s3_pager.store, "page.delivery_failed")]
+    # the two failures hit the MMS or the recording fetch (they run at once): each retried
+    failures = [d for e in audit_events(s3_pager.store, "page.delivery_failed")
+                for d in e["details"]["deliveries"].values()]
     assert len(failures) == 2 and all(not f["final"] for f in failures)
 
 
@@ -2907,16 +2923,21 @@ def test_two_instances_place_each_call_exactly_once(
     assert len(steps) == final
 
 
-def test_the_cost_guard_stops_sms_and_calls_but_keeps_email(
+def test_the_cost_guard_stops_escalation_but_never_a_pages_first_text_or_first_call(
         s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     escalation(s3_pager.store, ack_timeout=0.4, call_attempts=1, max_outbound_per_hour=2)
     leave_voicemail(s3_pager, twilio)
     wait_until(lambda: audit_events(s3_pager.store, "outbound.capped"), 8)
     time.sleep(1.0)
-    assert len(twilio.messages()) + len(twilio.calls()) == 2
+    # the MMS and the first call to Alice are free; the team step spends the budget of 2
+    assert [m.params["To"][0] for m in twilio.messages()] == [ALICE, BOB]
+    assert [c.params["To"][0] for c in twilio.calls()] == [ALICE, BOB]
     leave_voicemail(s3_pager, twilio)
     wait_until(lambda: len(smtp.messages) == 2, 5)
-    assert len(twilio.messages()) + len(twilio.calls()) == 2
+    assert twilio.wait_for(lambda: len(calls_to(twilio, ALICE)) == 2, 5)
+    time.sleep(0.5)
+    assert [m.params["To"][0] for m in twilio.messages()] == [ALICE, BOB, ALICE]
+    assert (len(calls_to(twilio, BOB)), len(calls_to(twilio, CAROL))) == (1, 0)
     capped = audit_events(s3_pager.store, "outbound.capped")[0]["details"]
     assert capped["limit_per_hour"] == 2 and "only e-mail runs" in capped["reason"]
 
@@ -2946,7 +2967,7 @@ def test_a_page_unacknowledged_for_a_day_closes_with_a_final_email(
     wait_until(lambda: len(smtp.messages) == 2, 5)
     assert smtp.messages[1]["Subject"] == "Page 1 closed unacknowledged"
     assert page_of(s3_pager.store, form["RecordingSid"])["state"] == "closed"
-    wait_until(lambda: s3_pager.store.list("jobs/") == [], 5)
+    wait_until(lambda: not op.has_work(page_of(s3_pager.store, form["RecordingSid"])), 5)
 
 
 # ==============================================================================================
@@ -3311,8 +3332,9 @@ def test_smtp_refusing_auth_is_audited_and_retried(s3_pager: RunningPager, twili
     leave_voicemail(s3_pager, twilio)
     failures = wait_until(lambda: len(audit_events(s3_pager.store, "page.delivery_failed")) >= 2
                           and audit_events(s3_pager.store, "page.delivery_failed"), 10)
-    assert failures[0]["details"]["error"] == "smtp authentication refused (535)"
-    assert [f["details"]["attempt"] for f in failures[:2]] == [1, 2]
+    email = [f["details"]["deliveries"]["email"] for f in failures[:2]]
+    assert email[0]["error"] == "smtp authentication refused (535)"
+    assert [e["attempt"] for e in email] == [1, 2]
     assert "wrong" not in json.dumps(failures)
     doc["current_config"]["mail_settings"]["mail_password"] = "right"
     s3_pager.store.put("oncall_config.json", op.to_json(doc))
@@ -3485,14 +3507,256 @@ def test_kill_9_at_random_points_loses_nothing_and_never_repeats_a_call(
     assert all(any(p in key for key in archived) for p in pages)
 
 
+# ----------------------------------------------------------------------------------------------
+# Crash points (SPEC section 13): stop before and after every store write of every flow
+# ----------------------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """The process stops here. A BaseException, so no `except Exception` in the app catches
+    it, just as nothing catches a kill -9."""
+
+
+class CrashingStore(op.DirectoryStore):
+    """A directory store that stops "the process" at its Nth write (put or delete), just
+    before or just after the write; from then on every request of that process fails with
+    Crash, so nothing it still has in flight reaches the store."""
+
+    def __init__(self, root: Path, crash_at: int | None = None, after: bool = False):
+        super().__init__(root)
+        self.crash_at, self.after = crash_at, after
+        self.writes = 0
+        self.dead = False
+        self._count_lock = threading.Lock()
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise Crash()
+
+    def _write(self, write: Callable[[], Any]) -> Any:
+        self._alive()
+        with self._count_lock:
+            self.writes += 1
+            now = self.writes == self.crash_at
+        if now and not self.after:
+            self.dead = True
+            raise Crash()
+        result = write()
+        if now:
+            self.dead = True
+            raise Crash()
+        return result
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+        self._alive()
+        return super().get(key, unless_etag=unless_etag)
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        return self._write(lambda: super(CrashingStore, self).put(
+            key, data, if_match=if_match, if_absent=if_absent))
+
+    def delete(self, key: str) -> None:
+        self._write(lambda: super(CrashingStore, self).delete(key))
+
+    def list(self, prefix: str) -> list[str]:
+        self._alive()
+        return super().list(prefix)
+
+
+class FakeTime:
+    """The module's clock, moved by the test: escalation and claim timeouts pass at once."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+class Outside:
+    """What the world outside the process saw, across restarts: Twilio's requests and the
+    e-mails (dry-run mode writes them to outbox/, a store write like any other)."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+
+
+class WorldTelephony(op.Telephony):
+    def __init__(self, store: CrashingStore, outside: Outside):
+        self.store, self.outside = store, outside
+
+    def _send(self, record: dict[str, str]) -> str:
+        self.store._alive()  # a stopped process sends nothing
+        with self.outside.lock:
+            self.outside.sent.append(record)
+        return ("CA" if record["kind"] == "call" else "SM") + uuid.uuid4().hex
+
+    def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                 status_callback: str = "") -> str:
+        return self._send({"kind": "mms" if media_url else "sms", "to": to, "body": body})
+
+    def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+        return self._send({"kind": "call", "to": to, "step": status_callback.rsplit("=", 1)[1]})
+
+
+CRASH_SID = "RE" + "c" * 32
+CRASH_ACK_TIMEOUT = 100.0
+
+
+class Process:
+    """One run of the pager (Pager and Worker on a CrashingStore), driven step by step: the
+    worker's scans are called here, and `settle` waits until its pool is idle."""
+
+    def __init__(self, folder: Path, clock: FakeTime, outside: Outside,
+                 crash_at: int | None = None, after: bool = False):
+        self.cfg = op.load_app_config(folder / "config.ini")
+        self.clock = clock
+        self.store = CrashingStore(folder / "var", crash_at, after)
+        self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
+        self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
+        with contextlib.suppress(Crash):
+            self.pager.team.reconcile()  # as `serve` does at start
+
+    def settle(self) -> None:
+        for _ in range(20):
+            self.worker.scan()
+            deadline = time.monotonic() + 5
+            while self.worker._tasks() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if self.store.dead:
+                raise Crash()
+            due = [p for p, _ in self.pager.book.working()
+                   if any(d["state"] == "pending" and max(d["next_try"], d["claimed_until"])
+                          <= self.clock.now for d in p["deliveries"].values())]
+            if not due and not self.worker._tasks():
+                return
+
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        self.settle()
+
+    def stop(self) -> None:
+        self.worker._stop.set()
+        self.worker._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def page_flow(process: Process) -> None:
+    """A voicemail: delivered, escalated twice (a call to Alice, then Bob texted and phoned),
+    acknowledged by Alice's SMS, Bob told. Run again after a restart, it is Twilio retrying
+    the callback and Alice sending ACK again."""
+    process.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                            f"{process.cfg.api_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/"
+                            f"Recordings/{CRASH_SID}", 12)
+    process.settle()
+    process.advance(CRASH_ACK_TIMEOUT)
+    process.advance(CRASH_ACK_TIMEOUT)
+    process.pager.handle_sms(ALICE, "ACK")
+    process.settle()
+
+
+def team_flow(process: Process) -> None:
+    """Bob takes on-call (TAKE, C: Alice is told), Carol starts a TAKE and cancels it (X).
+    Run again after a restart, it is the members sending their commands again."""
+    for sender, body in ((BOB, "TAKE"), (BOB, "C"), (CAROL, "TAKE"), (CAROL, "X")):
+        process.pager.handle_sms(sender, body)
+    process.settle()
+
+
+def check_page_flow(store: op.Store, outside: Outside) -> None:
+    (page,) = [json.loads(store.get(k).data) for k in store.list("pages/")]
+    assert (page["state"], page["acked_by"]) == ("acknowledged", "alice")
+    sent = outside.sent
+    assert any(s["kind"] == "mms" and s["to"] == ALICE for s in sent), "the MMS never went"
+    assert store.list("outbox/"), "the e-mail never went"
+    assert len(store.list("recordings/")) == 2, "the recording was not archived"
+    assert any(s["kind"] == "sms" and s["to"] == BOB and "acknowledged by Alice" in s["body"]
+               for s in sent), "Bob was never told of the acknowledgement"
+    calls = [(s["step"], s["to"]) for s in sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+    # a stop between claiming a step and its call skips that call (steps are at most once);
+    # the next step follows all the same
+    assert calls, "no escalation call at all"
+    events = audit_events(store)
+    assert [e["details"]["page"] for e in events if e["event"] == "page.opened"] == [CRASH_SID]
+    assert channels([e for e in events if e["event"] == "page.delivered"
+                     and e["details"].get("page") == CRASH_SID]) >= {"mms", "email", "archive"}
+    assert len([e for e in events if e["event"] == "page.acknowledged"]) == 1
+    escalated = {e["details"]["step"] for e in events if e["event"] == "page.escalated"}
+    assert {int(step) for step, _ in calls} <= escalated, "a call the audit log does not tell"
+
+
+def check_team_flow(store: op.Store, outside: Outside) -> None:
+    assert oncall_id(store) == "bob"
+    events = audit_events(store)
+    changed = [e["details"] for e in events if e["event"] == "oncall.changed"]
+    assert [(c["from"], c["to"]) for c in changed] == [("alice", "bob")], changed
+    assert any(s["kind"] == "sms" and s["to"] == ALICE and "taken on-call" in s["body"]
+               for s in outside.sent), "Alice was never told of the handoff"
+
+
+@pytest.mark.parametrize("flow, check", [(page_flow, check_page_flow),
+                                         (team_flow, check_team_flow)],
+                         ids=["page", "team"])
+def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: Callable[[Process], None],
+        check: Callable[[op.Store, Outside], None]) -> None:
+    """Every store write of the flow, once stopped just before and once just after it: the
+    process is restarted on the same store (after its claims expired), the flow's inputs come
+    again (Twilio retries, members resend), and the invariants hold."""
+    clock = FakeTime()
+    monkeypatch.setattr(op, "time", clock)
+    monkeypatch.setattr(op, "RECORD_LINGER", 0.05)
+    doc = team_doc(escalation={"ack_timeout": CRASH_ACK_TIMEOUT, "call_attempts": 1,
+                               "escalate_to": ["bob"]})
+
+    def fresh(name: str) -> Path:
+        folder = tmp_path / name
+        write_config(folder, "file:var", mode="dry-run",
+                     api_base_url="https://api.twilio.com")
+        put_team(op.DirectoryStore(folder / "var"), doc)
+        return folder
+
+    folder, outside = fresh("count"), Outside()
+    counting = Process(folder, clock, outside)
+    flow(counting)
+    counting.stop()
+    check(counting.store, outside)
+    writes = counting.store.writes
+    assert writes > 5
+    for crash_at in range(1, writes + 1):
+        for after in (False, True):
+            folder, outside = fresh(f"crash-{crash_at}-{'after' if after else 'before'}"), \
+                Outside()
+            first = Process(folder, clock, outside, crash_at, after)
+            with contextlib.suppress(Crash):
+                flow(first)
+            first.stop()
+            clock.now += 3600  # the restart comes after every claim of the first run expired
+            second = Process(folder, clock, outside)
+            flow(second)
+            second.advance(CRASH_ACK_TIMEOUT)
+            second.stop()
+            try:
+                check(second.store, outside)
+            except AssertionError as e:
+                raise AssertionError(f"stopped {'after' if after else 'before'} write "
+                                     f"{crash_at} of {writes}: {e}") from None
+
+
 # ==============================================================================================
 # Regressions found in review
 # ==============================================================================================
 
 
-def test_a_page_stored_without_its_job_is_requeued_by_twilios_retry(
+def test_a_page_whose_creator_stopped_before_sending_is_delivered_by_the_listing(
         s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
-    """A write that landed but whose answer was lost must not leave a page nobody works on."""
+    """A page stored by an instance that stopped at once (its claims expired) is found by the
+    next listing of pages/ and sent; Twilio's retry of its callback changes nothing."""
     form, path = leave_voicemail(s3_pager, twilio)
     assert twilio.wait_for(lambda: twilio.messages(), 5)
     sid = "RE" + uuid.uuid4().hex
@@ -3528,7 +3792,8 @@ def test_a_member_who_refuses_sms_is_still_phoned_when_the_page_escalates(
                               "https://api.twilio.com/x", 10)
     telephony = RefusesSMS()
     worker = op.Worker(pager, telephony)
-    worker._escalate(page, 2, "team", ["bob", "carol"])
+    worker._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
+        "page.escalated", "worker", {"page": PAGE_ID, "step": 2}))
     assert telephony.calls == [BOB, CAROL]
     (escalated,) = audit_events(store, "page.escalated")
     assert escalated["details"]["results"]["bob"]["sms"] == "failed: twilio 400 code=21610"
@@ -3622,6 +3887,8 @@ class FlakyStore(op.Store):
     def __init__(self, inner: op.Store):
         self.inner = inner
         self.fail: Callable[[str, str], bool] = lambda operation, key: False
+        # a write that lands but whose answer is lost
+        self.lose_answer: Callable[[str], bool] = lambda key: False
 
     def _check(self, operation: str, key: str) -> None:
         if self.fail(operation, key):
@@ -3634,11 +3901,18 @@ class FlakyStore(op.Store):
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
             if_absent: bool = False) -> str:
         self._check("put", key)
-        return self.inner.put(key, data, if_match=if_match, if_absent=if_absent)
+        etag = self.inner.put(key, data, if_match=if_match, if_absent=if_absent)
+        if self.lose_answer(key):
+            raise op.StoreUnavailable(f"flaky answer to put {key}")
+        return etag
 
     def list(self, prefix: str) -> list[str]:
         self._check("list", prefix)
         return self.inner.list(prefix)
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        self._check("list", prefix)
+        return self.inner.versions(prefix)
 
     def delete(self, key: str) -> None:
         self._check("delete", key)
@@ -3674,15 +3948,15 @@ def test_a_retry_that_finds_the_page_is_never_spooled_twice(
     with pytest.raises(op.StoreUnavailable):  # 503: Twilio retries later
         open_test_page(pager)
     store.fail = lambda operation, key: False
-    assert pager.spool.list("jobs/") == [] and len(audit_events(store, "page.opened")) == 1
+    assert pager.spool.list("pages/") == [] and len(audit_events(store, "page.opened")) == 1
 
 
 def test_moving_a_spooled_page_keeps_a_fallback_only_the_spool_has(
         flaky: tuple[FlakyStore, op.Pager]) -> None:
     store, pager = flaky
-    store.fail = lambda operation, key: operation == "put" and key.startswith("jobs/")
-    open_test_page(pager)  # the page reached the store, its job did not: spooled as well
-    store.fail = lambda operation, key: False
+    store.lose_answer = lambda key: key.startswith("pages/")
+    open_test_page(pager)  # the page reached the store, the answer did not: spooled as well
+    store.lose_answer = lambda key: False
     spooled, _ = op.read_json(pager.spool, f"pages/{PAGE_ID}.json")
     spooled["deliveries"]["mms"]["state"] = "failed"
     op.add_delivery(spooled, "sms_fallback")
@@ -3724,7 +3998,8 @@ def test_a_store_blip_mid_escalation_does_not_skip_the_rest_of_the_team(
             return "CA" + "0" * 32
 
     worker = op.Worker(pager, Telephony())
-    worker._escalate(page, 2, "team", ["bob", "carol"])
+    worker._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
+        "page.escalated", "worker", {"page": PAGE_ID, "step": 2}))
     worker.stop()
     store.fail = lambda operation, key: False
     assert calls == [BOB, CAROL]
