@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark of oncall-pager: the targets of SPEC section 10, measured in one run on loopback.
+"""Benchmark of oncall-pager: the targets of SPEC sections 10 and 13, measured in one run.
 
 Reproduce
     make bench                                  # .venv/bin/python bench_oncall_pager.py
-    python bench_oncall_pager.py --quick        # smoke check: 1 repeat, 1 s runs
+    python bench_oncall_pager.py --quick        # smoke check: short runs, no failover
     python bench_oncall_pager.py --repeat 5 --duration 5 --json /tmp/bench.json
+    python bench_oncall_pager.py --only 13 --s3-rtt-ms 30   # section 13 at one RTT
 
 It needs the test extras (`pip install -e '.[test]'`): moto's ThreadedMotoServer plays S3,
 aiosmtpd takes the e-mail, and `TwilioFake` from oncall_pager_test.py plays Twilio's REST API.
 Nothing leaves the loopback interface. The table goes to stdout (Markdown, ready for the
 README), progress to stderr, and every figure with its samples to a JSON file (--json, default
-bench_results.json).
+bench_results.json). A full run takes about ten minutes, most of it the idle window and the
+failover.
 
-What is measured (each figure is the median of --repeat runs)
+Section 10, on loopback (each figure is the median of --repeat runs)
  1. Requests/s and p50/p99 latency of a signed SMS `WHO` to /msgcontrol/entry, served by
     `oncall_pager.py serve` as a subprocess under waitress, on the file store, on S3 (moto's
     ThreadedMotoServer in this process) and, as the reference, of a trivial WSGI app (a fixed
@@ -22,6 +24,25 @@ What is measured (each figure is the median of --repeat runs)
  3. /public/recordingcb latency, and the time from the callback to the MMS at the Twilio fake.
  4. Resident memory of `serve` after the load, and the time from start to the first 200 from
     /healthz.
+
+Section 13, S3 at a simulated round-trip time (at each of --rtts, default 0, 30 and 80 ms)
+ 5. The same proxy delays every S3 request by the RTT before forwarding it, and keeps when
+    each request arrived and when its answer went back. Per RTT, each part on a fresh bucket:
+    - the page path: --rtt-callbacks recording callbacks one at a time, pages left open; the
+      callback's answer time, the time until its MMS POST arrives at the Twilio fake (the
+      fake's arrival, stamped before it does anything else), the S3 requests that ran one
+      after another in between (the longest chain of non-overlapping requests), and whether
+      the time to the MMS stays flat as open pages pile up (first half against second half);
+    - one page's life: the S3 requests from the callback through MMS, e-mail, archive and an
+      `ACK` by SMS until the endpoint is quiet, listed one by one;
+    - WHO / TAKE / C: the answer time of each (--commands rounds), with the S3 requests
+      made before the answer.
+    Once, at the first non-zero RTT, with the program's default [worker] settings:
+    - the idle cost: S3 requests over --idle-seconds after start-up, scaled to an hour;
+    - a failover (skip with --no-failover): two instances on one bucket, Twilio hangs, the
+      instance that took the callback is killed with SIGKILL once it has answered and its
+      MMS POST hangs at Twilio, Twilio recovers, and the other instance must send the MMS.
+    The report puts the SPEC's figures for the predecessor and the first release beside them.
 
 Method, so the figures can be trusted
  - Load generator: --clients processes (multiprocessing, spawn), each with one keep-alive
@@ -38,9 +59,15 @@ Method, so the figures can be trusted
  - The throughput runs log at WARNING, to a file, so that writing one log line per request is
    not what is measured; the file-store WHO is also run at INFO (the production setting, still
    logging to a file) and reported in its own row. The worker polls once an hour
-   ([worker] poll_interval = 3600): it wakes only when the app queues work.
+   ([worker] poll_interval = 3600): it wakes only when the app queues work. Only the idle and
+   failover figures run with the program's defaults, because the defaults are what they judge.
  - All servers of part 1 run side by side and their runs are interleaved, so a slow moment of
    the machine hits the WHO runs and the trivial runs alike.
+ - The proxy answers with TCP_NODELAY (otherwise each GET would wait 40 ms for a delayed ACK)
+   and adds nothing measurable at RTT 0; the report gives moto's own time per request. Times of
+   the proxy and of the Twilio fake are taken on this process's monotonic clock.
+ - A section-13 part the app fails (an error answer, a crash, a timeout) becomes a FAIL row
+   saying why, and the other parts still run.
 """
 
 from __future__ import annotations
@@ -49,6 +76,7 @@ import argparse
 import contextlib
 import dataclasses
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -383,20 +411,22 @@ def run_load(recipe: WhoRequests, pid: int, clients: int, expect: bytes,
 
 
 # ==============================================================================================
-# S3: moto, and a counting reverse proxy in front of it
+# S3: moto, and a counting (and delaying) reverse proxy in front of it
 # ==============================================================================================
 
 
 @dataclasses.dataclass
 class S3Request:
-    """One request that reached the S3 endpoint, as the proxy saw it."""
+    """One request that reached the S3 endpoint, as the proxy saw it. Times are this process's
+    time.monotonic(), so they compare with the benchmark's own stamps and the Twilio fake's."""
 
-    time: float
+    start: float                 # arrived at the proxy (before the simulated RTT)
     method: str
     key: str
     query: str
     conditional: str
     status: int = 0
+    end: float = 0.0             # its answer was written back; 0 while in flight
 
     def describe(self) -> str:
         params = urllib.parse.parse_qs(self.query)
@@ -404,7 +434,8 @@ class S3Request:
             what = f"LIST {params.get('prefix', [''])[0]}"
         else:
             what = f"{self.method} {self.key}"
-        return f"{what}{f' ({self.conditional})' if self.conditional else ''} -> {self.status}"
+        status = self.status or "(no answer yet)"
+        return f"{what}{f' ({self.conditional})' if self.conditional else ''} -> {status}"
 
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -412,9 +443,13 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
-    """Forwards one request to moto and records it (on arrival, before forwarding)."""
+    """Records one request on arrival, waits the simulated RTT, forwards it to moto, and
+    records when the answer went back."""
 
     protocol_version = "HTTP/1.1"   # keep-alive, as boto3 expects
+    # The head and the body of an answer are two writes: with Nagle's algorithm on, the body
+    # waits for the client's delayed ACK of the head, 40 ms on Linux, on every GET.
+    disable_nagle_algorithm = True
     server: _ProxyServer
 
     def do_GET(self) -> None:
@@ -433,17 +468,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.forward()
 
     def forward(self) -> None:
+        proxy = self.server.proxy
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         path, _, query = self.path.partition("?")
         key = urllib.parse.unquote(path).split("/", 2)[-1]   # path style: /BUCKET/KEY
         conditional = ", ".join(f"{name} {self.headers[name]}"
                                 for name in ("If-Match", "If-None-Match") if name in self.headers)
-        record = self.server.proxy.add(S3Request(time.monotonic(), self.command, key, query,
-                                                 conditional))
+        record = proxy.add(S3Request(time.monotonic(), self.command, key, query, conditional))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=15)
         try:
+            if proxy.rtt:
+                time.sleep(proxy.rtt)   # the whole round trip, paid once per request
             upstream.request(self.command, self.path, body=body, headers=headers)
             answer = upstream.getresponse()
             data = answer.read()
@@ -459,8 +496,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
         finally:
             upstream.close()
+            proxy.done(record)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the proxy's records are the log."""
@@ -474,16 +513,31 @@ class _ProxyServer(ThreadingHTTPServer):
         self.proxy = proxy
         self.upstream = upstream
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet when the client hung up (the failover run kills a server mid-request)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class CountingProxy:
     """A reverse proxy on loopback in front of moto that keeps every request it forwards, so
-    the S3 requests of one webhook can be counted at the endpoint, whoever sends them."""
+    the S3 requests of one webhook can be counted at the endpoint, whoever sends them.
+
+    With `rtt` set it also plays a distant bucket: each request waits `rtt` seconds before it
+    is forwarded, so a request costs one round trip and requests sent in parallel overlap as
+    they would on a real network. (It does not simulate connection set-up: boto3 keeps its
+    connections alive, and a real TCP+TLS handshake would cost more round trips once per
+    connection.) Each record has its start and end, so the benchmark can tell which requests
+    ran one after another."""
 
     def __init__(self, upstream_url: str):
         parts = urllib.parse.urlsplit(upstream_url)
         self._server = _ProxyServer(self, (parts.hostname or "127.0.0.1", parts.port or 80))
         self._lock = threading.Lock()
         self._records: list[S3Request] = []
+        self._in_flight = 0
+        self._last_activity = 0.0
+        self.rtt = 0.0   # seconds
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-proxy",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -502,7 +556,15 @@ class CountingProxy:
     def add(self, record: S3Request) -> S3Request:
         with self._lock:
             self._records.append(record)
+            self._in_flight += 1
+            self._last_activity = record.start
         return record
+
+    def done(self, record: S3Request) -> None:
+        with self._lock:
+            record.end = time.monotonic()
+            self._in_flight -= 1
+            self._last_activity = record.end
 
     def mark(self) -> int:
         with self._lock:
@@ -512,14 +574,15 @@ class CountingProxy:
         with self._lock:
             return list(self._records[mark:])
 
-    def wait_quiet(self, quiet: float = 0.3, timeout: float = 15.0) -> None:
-        """Wait until no request has arrived for `quiet` seconds (the worker is done)."""
-        def is_quiet() -> bool:
-            with self._lock:
-                last = self._records[-1].time if self._records else 0.0
-            return time.monotonic() - last >= quiet
+    def is_quiet(self, quiet: float) -> bool:
+        """Nothing in flight and nothing started or answered for `quiet` seconds."""
+        with self._lock:
+            return (self._in_flight == 0
+                    and time.monotonic() - self._last_activity >= quiet)
 
-        wait_until("the S3 endpoint to go quiet", is_quiet, timeout)
+    def wait_quiet(self, quiet: float = 0.3, timeout: float = 15.0) -> None:
+        """Wait until the endpoint has been idle for `quiet` seconds (the worker is done)."""
+        wait_until("the S3 endpoint to go quiet", lambda: self.is_quiet(quiet), timeout)
 
 
 # ==============================================================================================
@@ -550,12 +613,80 @@ class TestKit:
         return self.module.team_doc(smtp_port)
 
 
+@dataclasses.dataclass
+class TwilioArrival:
+    """One request to the Twilio fake, stamped when it arrived (time.monotonic())."""
+
+    time: float
+    method: str
+    path: str
+    params: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    status: int = 0   # 0 while the fake has not answered it yet
+
+    def is_mms_of(self, recording_sid: str) -> bool:
+        return (self.path.endswith("/Messages.json") and self.status == 201
+                and any(recording_sid in url for url in self.params.get("MediaUrl", [])))
+
+
+class TwilioArrivals:
+    """When each request *arrived* at the Twilio fake. The fake's own log is stamped after it
+    has slept its `delay` and validated the request against the OpenAPI subset; the section-13
+    figures want the moment the app's POST reached Twilio, on the same clock as the proxy's
+    records. So the fake's answer() and _log() are wrapped (this instance only): answer()
+    stamps the arrival, _log() completes the record with the parameters and the status."""
+
+    def __init__(self, fake: Any):
+        self._lock = threading.Lock()
+        self._records: list[TwilioArrival] = []
+        self._current = threading.local()   # the fake answers each request on its own thread
+        answer, log = fake.answer, fake._log
+
+        def stamped_answer(handler: Any) -> None:
+            record = TwilioArrival(time.monotonic(), handler.command,
+                                   handler.path.partition("?")[0])
+            with self._lock:
+                self._records.append(record)
+            self._current.record = record
+            answer(handler)
+
+        def completing_log(method: str, path: str, params: dict[str, list[str]],
+                           status: int) -> None:
+            record = getattr(self._current, "record", None)
+            if record is not None:
+                record.params, record.status = params, status
+            log(method, path, params, status)
+
+        fake.answer, fake._log = stamped_answer, completing_log
+
+    def since(self, moment: float) -> list[TwilioArrival]:
+        with self._lock:
+            return [r for r in self._records if r.time >= moment]
+
+    def mms_of(self, recording_sid: str) -> TwilioArrival | None:
+        """The first accepted MMS that carries this recording, or None."""
+        with self._lock:
+            return next((r for r in self._records if r.is_mms_of(recording_sid)), None)
+
+
 def write_config(folder: Path, kit: TestKit, *, port: int, store_url: str, api_base_url: str,
-                 s3_endpoint_url: str = "", log_level: str = "WARNING") -> Path:
+                 s3_endpoint_url: str = "", log_level: str = "WARNING",
+                 default_worker: bool = False) -> Path:
     """A config.ini in the format of the tests' write_config; the worker wakes only when the
-    app queues work (poll_interval = 3600), so it does not disturb the measurements."""
+    app queues work (poll_interval = 3600), so it does not disturb the measurements. With
+    `default_worker` the [worker] section is left out, so the program's own defaults (poll
+    interval, claim timeout) are what is measured: the idle cost and the failover."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.ini"
+    worker = "" if default_worker else """[worker]
+poll_interval = 3600
+retry_base = 1
+retry_cap = 5
+claim_timeout = 30
+smtp_timeout = 5
+http_timeout = 5
+threads = 4
+
+"""
     path.write_text(f"""[server]
 host = 127.0.0.1
 port = {port}
@@ -574,16 +705,7 @@ auth_token = {kit.auth_token}
 mode = live
 api_base_url = {api_base_url}
 
-[worker]
-poll_interval = 3600
-retry_base = 1
-retry_cap = 5
-claim_timeout = 30
-smtp_timeout = 5
-http_timeout = 5
-threads = 4
-
-[log]
+{worker}[log]
 level = {log_level}
 """)
     path.chmod(0o600)
@@ -657,6 +779,12 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
+    def kill(self) -> None:
+        """SIGKILL, as a crashed host or the OOM killer would: no shutdown code runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -696,6 +824,7 @@ class Lab:
                                                TWILIO_SUBSET)
         self.fake.start()
         stack.callback(self.fake.stop)
+        self.arrivals = TwilioArrivals(self.fake)
         self.smtp = self.kit.module.SMTPSink()   # an aiosmtpd Controller on a loopback port
         self.smtp.start()
         stack.callback(self.smtp.stop)
@@ -736,13 +865,13 @@ class Lab:
     # --- servers ---------------------------------------------------------------------------------
 
     def config(self, name: str, store_url: str, *, log_level: str = "WARNING",
-               s3_endpoint_url: str = "") -> Path:
+               s3_endpoint_url: str = "", default_worker: bool = False) -> Path:
         if store_url.startswith("s3://") and not s3_endpoint_url:
             s3_endpoint_url = self.moto_url
         folder = self.tmp / name / f"run-{uuid.uuid4().hex[:6]}"
         return write_config(folder, self.kit, port=free_port(), store_url=store_url,
                             api_base_url=self.fake.base_url, s3_endpoint_url=s3_endpoint_url,
-                            log_level=log_level)
+                            log_level=log_level, default_worker=default_worker)
 
     def start(self, server: Server) -> Server:
         self._servers.append(server)
@@ -801,6 +930,9 @@ class Figure:
     ok: bool | None = None       # None: a reference figure, no target
     samples: list[float] = dataclasses.field(default_factory=list)
     detail: str = ""
+    section: str = "10"          # the SPEC section whose target it is
+    predecessor: str = ""        # the SPEC's figures for comparison (section 13's table)
+    first_release: str = ""
 
     @property
     def verdict(self) -> str:
@@ -840,19 +972,33 @@ class Report:
         return figure
 
     def markdown(self) -> str:
-        lines = ["| figure | value | target | verdict |", "|---|---|---|---|"]
-        lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} |" for f in self.figures]
+        lines: list[str] = []
+        ten = [f for f in self.figures if f.section == "10"]
+        thirteen = [f for f in self.figures if f.section == "13"]
+        if ten:
+            lines += ["Section 10 (loopback, no simulated RTT):", "",
+                      "| figure | value | target | verdict |", "|---|---|---|---|"]
+            lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} |" for f in ten]
+        if thirteen:
+            lines += [""] if lines else []
+            lines += ["Section 13 (S3 behind a proxy that delays each request by the RTT):", "",
+                      "| figure | value | target | verdict | predecessor | first release |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} | "
+                      f"{f.predecessor or '—'} | {f.first_release or '—'} |" for f in thirteen]
         m = self.machine
         lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']} on "
-                      f"{m['platform']}; {m['pinning']}.",
-                  f"Generator: {self.generator}.",
-                  f"Medians of {self.settings['repeat']} runs of {self.settings['duration']:g} s "
-                  f"each (after a {WARMUP:g} s warm-up); full run took {self.elapsed_s:.0f} s."]
+                      f"{m['platform']}; {m['pinning']}."]
+        if ten:
+            lines += [f"Generator: {self.generator}.",
+                      f"Section 10: medians of {self.settings['repeat']} runs of "
+                      f"{self.settings['duration']:g} s each (after a {WARMUP:g} s warm-up)."]
+        lines.append(f"Full run took {self.elapsed_s:.0f} s.")
         if self.s3_operations:
-            lines += ["", "S3 requests per webhook, as seen at the endpoint (first run):"]
+            lines += ["", "S3 requests as seen at the endpoint (first run of each):"]
             for name, runs in self.s3_operations.items():
                 ops = runs[0] if runs else []
-                lines.append(f"- {name} ({len(ops)}): " + ("; ".join(ops) or "none"))
+                lines.append(f"- {name} ({len(ops)}): {grouped(ops)}")
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
@@ -863,6 +1009,13 @@ class Report:
             row["verdict"] = figure.verdict
             row["shown"] = figure.shown()
         return finite(doc)
+
+
+def grouped(ops: Sequence[str]) -> str:
+    """Requests in order, a run of identical ones written once with ×N (idle polls)."""
+    return "; ".join(op_ if n == 1 else f"{op_} ×{n}"
+                     for op_, n in ((k, len(list(g))) for k, g in itertools.groupby(ops))
+                     ) or "none"
 
 
 def finite(value: Any) -> Any:
@@ -1128,13 +1281,456 @@ def measure_starts(lab: Lab, report: Report, settings: argparse.Namespace, store
 
 
 # ==============================================================================================
+# 5. Section 13: S3 at a simulated RTT (the page path, one page's life, the team commands), the
+#    cost at rest, and a failover between two instances
+# ==============================================================================================
+
+SETTLE = 0.5               # s of silence at the S3 endpoint (plus 2 RTT) that means "done"
+LIFE_QUIET = 2.0           # s of silence that ends one page's life
+MMS_WAIT = 30.0            # s a callback may take to reach the MMS before the part fails
+FAILOVER_WAIT = 300.0      # s the surviving instance gets to send the MMS
+HANG = 3600.0              # s the Twilio fake sits on requests while the first instance dies
+KILL_WAIT = 2.0            # s after its answer that the first instance gets to reach Twilio
+
+# SPEC section 13's table: (predecessor, first release); a dict holds the figure per RTT (ms).
+SPEC13: dict[str, tuple[str | dict[float, str], str | dict[float, str]]] = {
+    "chain": ("2", "17"),
+    "to_mms": ({30: "141 ms", 80: "256 ms"}, {30: "983 ms", 80: "2,530 ms"}),
+    "answered": ({30: "676 ms", 80: "1,250 ms"}, {30: "299 ms", 80: "609 ms"}),
+    "life": ("10 (no worker, no ACK)", "49 (5 of them LIST)"),
+    "WHO": ({30: "196 ms"}, {30: "51 ms"}),
+    "TAKE": ({30: "80 ms"}, {30: "148 ms"}),
+    "C": ({30: "206 ms"}, {30: "243 ms"}),
+    "idle": ("0", "720 LIST ($2.59 a month)"),
+    "startup": ("6 GETs", ""),
+    "failover": ("—", "poll + claim_timeout"),
+}
+
+# The targets in ms as (RTT multiple, constant), from the same table.
+COMMAND_TARGETS = {"WHO": (1, 30), "TAKE": (3, 40), "C": (5, 60)}
+COMMANDS = {"WHO": "Current on-call engineer", "TAKE": "reply C to confirm",
+            "C": "you are now on call"}
+
+
+def before(name: str, rtt_ms: float | None = None) -> dict[str, str]:
+    """The predecessor's and the first release's figure for one row, as Figure fields."""
+    shown = []
+    for value in SPEC13[name]:
+        if isinstance(value, dict):
+            value = value.get(rtt_ms, "") if rtt_ms is not None else ""
+        shown.append(value)
+    return {"predecessor": shown[0], "first_release": shown[1]}
+
+
+def settle(rtt_ms: float) -> float:
+    """Seconds of silence at the endpoint after which the app's background work is taken as
+    done: a gap between two dependent requests is much shorter, even at a long RTT."""
+    return SETTLE + 2 * rtt_ms / 1000
+
+
+def longest_chain(requests: Sequence[S3Request]) -> list[S3Request]:
+    """The most requests of `requests` that ran one after another (no two overlap in time):
+    greedy by end time, which is optimal for interval scheduling. Requests sent in parallel
+    count once; requests that waited for each other count each, whatever made them wait."""
+    chain: list[S3Request] = []
+    last_end = -math.inf
+    for request in sorted(requests, key=lambda r: r.end):
+        if request.start >= last_end:
+            chain.append(request)
+            last_end = request.end
+    return chain
+
+
+def rtt_pager(lab: Lab, name: str, *, default_worker: bool = False,
+              store_url: str = "") -> Server:
+    """A pager (started, not yet healthy) on a fresh bucket or on `store_url`, talking to S3
+    through the delaying proxy."""
+    config = lab.config(name, store_url or lab.s3_store(), s3_endpoint_url=lab.proxy.url,
+                        default_worker=default_worker)
+    return lab.pager(name, config)
+
+
+def attempt(report: Report, what: str, part: Callable[[], None]) -> None:
+    """Run one part of section 13. If the app fails it (an error answer, a crash, a timeout),
+    the report says so in a FAIL row and the next part still runs: the app may be half-way
+    through a redesign, and one broken flow should not hide the other figures."""
+    try:
+        part()
+    except (BenchError, OSError) as e:   # OSError: the app refused or dropped a connection
+        note(f"{what}: could not measure: {e}")
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        report.add(Figure(what, math.nan, "", section="13", ok=False,
+                          detail=f"(not measured: {first_line})"))
+        report.notes.append(f"{what} could not be measured: {e}")
+
+
+def timeline(requests: Sequence[S3Request], origin: float,
+             marked: Sequence[S3Request] = ()) -> list[str]:
+    """Requests with their start and end in ms after `origin`, for the report; those in
+    `marked` get a star."""
+    return [f"{'*' if any(r is m for m in marked) else ''}{(r.start - origin) * 1000:.0f}–"
+            f"{(r.end - origin) * 1000:.0f} ms {r.describe()}"
+            for r in sorted(requests, key=lambda r: r.start)]
+
+
+def measure_page_path(lab: Lab, report: Report, settings: argparse.Namespace,
+                      rtt_ms: float) -> None:
+    """Recording callbacks one at a time on one pager (each with a new RecordingSid; the pages
+    stay open, their escalation is minutes away), each sent when the previous page's
+    deliveries are done. Per callback: how long until it was answered, how long until its
+    MMS POST arrived at the Twilio fake, and how many S3 requests ran one after another in
+    that window (the requests that started after the callback was sent and were answered
+    before the MMS POST arrived). The first and second half of the callbacks are compared:
+    the second half runs with more pages open, and the time to the MMS must not grow by more
+    than half an RTT plus 10 ms of noise (one read per open page, even in parallel, would
+    cost a whole RTT)."""
+    kit, fake, proxy, arrivals = lab.kit, lab.fake, lab.proxy, lab.arrivals
+    quiet = settle(rtt_ms)
+    server = rtt_pager(lab, f"path-{rtt_ms:g}")
+    answered: list[float] = []
+    to_mms: list[float] = []
+    chains: list[float] = []
+    windows: list[float] = []
+    try:
+        server.wait_healthy()
+        proxy.wait_quiet(quiet)
+        for i in range(settings.rtt_callbacks):
+            sid = "RE" + secrets.token_hex(16)
+            fake.add_recording(sid, op.SAMPLE_MP3)
+            mark = proxy.mark()
+            sent = time.monotonic()
+            status, body, seconds = signed_post(kit, server.port, RECORDINGCB_PATH,
+                                                recording_fields(kit, fake, sid))
+            if status != 200:
+                raise BenchError(f"recording callback {i + 1}: {status} {body[:300]!r}\n"
+                                 f"{server.log_tail()}")
+            answered.append(seconds * 1000)
+            mms = wait_until(f"the MMS of callback {i + 1}", lambda s=sid: arrivals.mms_of(s),
+                             MMS_WAIT, every=0.005)
+            to_mms.append((mms.time - sent) * 1000)
+            proxy.wait_quiet(quiet, timeout=60)
+            window = [r for r in proxy.since(mark) if r.start >= sent and 0 < r.end <= mms.time]
+            chain = longest_chain(window)
+            chains.append(len(chain))
+            windows.append(len(window))
+            if i in (0, settings.rtt_callbacks - 1):
+                which = "first callback" if i == 0 else f"callback {i + 1}"
+                report.s3_operations[
+                    f"callback → MMS POST ({(mms.time - sent) * 1000:.0f} ms), RTT {rtt_ms:g} "
+                    f"ms, {which}; * = the {len(chain)} one after another"] = [
+                    timeline(window, sent, marked=chain)]
+    finally:
+        lab.stop(server)
+    n = len(to_mms)
+    first, second = to_mms[:n // 2], to_mms[n // 2:]
+    note(f"RTT {rtt_ms:g} ms: {n} callbacks, answered p50 {percentile(answered, 50):.0f} ms, "
+         f"to MMS p50 {percentile(to_mms, 50):.0f} ms (halves {percentile(first, 50):.0f} / "
+         f"{percentile(second, 50):.0f} ms), chain median {median(chains):g}")
+    report.runs[f"page path RTT {rtt_ms:g}"] = [{"answered_ms": answered, "to_mms_ms": to_mms,
+                                                "chain": chains, "window_requests": windows}]
+    value = median(chains)
+    report.add(Figure(
+        f"S3 requests one after another, callback → MMS POST, RTT {rtt_ms:g} ms", value,
+        "requests", samples=chains, section="13", target="≤ 2", ok=value <= 2,
+        detail=f"(median of {n}; max {max(chains):g}, first callback {chains[0]:g}; "
+               f"S3 requests in the window: median {median(windows):g})", **before("chain")))
+    limit = 2 * rtt_ms + 60
+    value = percentile(to_mms, 50)
+    report.add(Figure(
+        f"Callback → MMS POST p50, RTT {rtt_ms:g} ms", value, "ms", samples=to_mms,
+        section="13", target=f"≤ 2×RTT + 60 = {limit:g} ms", ok=value <= limit,
+        detail=f"(p90 {percentile(to_mms, 90):.0f} ms, max {max(to_mms):.0f} ms)",
+        **before("to_mms", rtt_ms)))
+    growth = percentile(second, 50) - percentile(first, 50)
+    allowed = rtt_ms / 2 + 10
+    report.add(Figure(
+        f"… flat in open pages: p50 of callbacks {n // 2 + 1}–{n} minus p50 of 1–{n // 2}, "
+        f"RTT {rtt_ms:g} ms", growth, "ms", samples=[percentile(first, 50),
+                                                      percentile(second, 50)],
+        section="13", target=f"≤ RTT/2 + 10 = {allowed:g} ms", ok=growth <= allowed,
+        detail=f"({percentile(first, 50):.0f} ms with 0–{n // 2 - 1} pages open → "
+               f"{percentile(second, 50):.0f} ms with {n // 2}–{n - 1} open)"))
+    value = percentile(answered, 50)
+    report.add(Figure(
+        f"Callback answered p50, RTT {rtt_ms:g} ms", value, "ms", samples=answered,
+        section="13", target=f"≤ 2×RTT + 60 = {limit:g} ms", ok=value <= limit,
+        detail=f"(p90 {percentile(answered, 90):.0f} ms, max {max(answered):.0f} ms)",
+        **before("answered", rtt_ms)))
+
+
+def measure_page_life(lab: Lab, report: Report, rtt_ms: float) -> None:
+    """Every S3 request of one page on a fresh pager: the callback, the MMS, the e-mail and
+    the archive (each waited for, where a user would see it), then `ACK` by SMS from Alice,
+    the engineer on call who was paged, until the S3 endpoint has been quiet for LIFE_QUIET
+    seconds. The worker polls hourly here, so a poll does not land in the count (the cost of
+    polling is the idle figure)."""
+    kit, fake, proxy, arrivals = lab.kit, lab.fake, lab.proxy, lab.arrivals
+    quiet = settle(rtt_ms)
+    store_url = lab.s3_store()
+    bucket = store_url.removeprefix("s3://")
+    server = rtt_pager(lab, f"life-{rtt_ms:g}", store_url=store_url)
+
+    def archived(sid: str) -> bool:
+        keys = [o["Key"] for o in lab.s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        return all(any(sid in k and k.endswith(ext) for k in keys) for ext in (".mp3", ".json"))
+
+    try:
+        server.wait_healthy()
+        proxy.wait_quiet(quiet)
+        mails = len(lab.smtp.messages)
+        sid = "RE" + secrets.token_hex(16)
+        fake.add_recording(sid, op.SAMPLE_MP3)
+        mark = proxy.mark()
+        opened = time.monotonic()
+        status, body, _ = signed_post(kit, server.port, RECORDINGCB_PATH,
+                                      recording_fields(kit, fake, sid))
+        if status != 200:
+            raise BenchError(f"recording callback: {status} {body[:300]!r}\n"
+                             f"{server.log_tail()}")
+        wait_until("the MMS", lambda: arrivals.mms_of(sid), MMS_WAIT)
+        wait_until("the e-mail", lambda: len(lab.smtp.messages) > mails, MMS_WAIT)
+        wait_until("the archive (.mp3 and .json)", lambda: archived(sid), MMS_WAIT, every=0.1)
+        proxy.wait_quiet(quiet, timeout=60)
+        status, reply, ack_seconds = signed_post(
+            kit, server.port, "/msgcontrol/entry",
+            sms_fields(kit.alice, kit.from_phone, "ACK", kit.account_sid))
+        if status != 200 or "acknowledged" not in reply:
+            raise BenchError(f"ACK: {status} {reply[:300]!r}\n{server.log_tail()}")
+        proxy.wait_quiet(LIFE_QUIET, timeout=60)
+        requests = proxy.since(mark)
+        lifetime = max((r.end for r in requests), default=opened) - opened
+    finally:
+        lab.stop(server)
+    kinds: dict[str, int] = {}
+    for r in requests:
+        kind = "LIST" if r.describe().startswith("LIST") else r.method
+        kinds[kind] = kinds.get(kind, 0) + 1
+    report.s3_operations[f"one page's life, RTT {rtt_ms:g} ms"] = [
+        [r.describe() for r in sorted(requests, key=lambda r: r.start)]]
+    report.add(Figure(
+        f"S3 requests in one page's life (callback, MMS, e-mail, archive, ACK), "
+        f"RTT {rtt_ms:g} ms", len(requests), "requests", samples=[len(requests)],
+        section="13", target="≤ 15", ok=len(requests) <= 15,
+        detail="(" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+               + f"; ACK answered in {ack_seconds * 1000:.0f} ms; last S3 request done "
+               f"{lifetime:.1f} s after the callback was sent)", **before("life")))
+
+
+def measure_commands(lab: Lab, report: Report, settings: argparse.Namespace,
+                     rtt_ms: float) -> None:
+    """Rounds of WHO (from Alice), TAKE and C (from a member who is not on call: Bob and
+    Carol take turns, so every C really changes who is on call and writes the config), each
+    signed SMS sent once the S3 endpoint is quiet, timed from sending to the reply."""
+    kit, proxy = lab.kit, lab.proxy
+    quiet = settle(rtt_ms)
+    server = rtt_pager(lab, f"commands-{rtt_ms:g}")
+    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    counts: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    try:
+        server.wait_healthy()
+        for i in range(settings.commands):
+            taker = (kit.bob, kit.carol)[i % 2]
+            for name, sender in (("WHO", kit.alice), ("TAKE", taker), ("C", taker)):
+                proxy.wait_quiet(quiet, timeout=60)
+                mark = proxy.mark()
+                status, reply, seconds = signed_post(
+                    kit, server.port, "/msgcontrol/entry",
+                    sms_fields(sender, kit.from_phone, name, kit.account_sid))
+                answered = time.monotonic()
+                if status != 200 or COMMANDS[name] not in reply:
+                    raise BenchError(f"{name} (round {i + 1}): {status} {reply[:300]!r}\n"
+                                     f"{server.log_tail()}")
+                seen = [r for r in proxy.since(mark) if r.start <= answered]
+                times[name].append(seconds * 1000)
+                counts[name].append(len(seen))
+                key = f"{name} at RTT {rtt_ms:g} ms (second round)"
+                if i == min(1, settings.commands - 1) and rtt_ms == settings.rtts[-1]:
+                    report.s3_operations[key] = [[r.describe() for r in seen]]
+        proxy.wait_quiet(quiet, timeout=60)
+    finally:
+        lab.stop(server)
+    report.runs[f"commands RTT {rtt_ms:g}"] = [{"answered_ms": times, "s3_requests": counts}]
+    for name, (per_rtt, constant) in COMMAND_TARGETS.items():
+        limit = per_rtt * rtt_ms + constant
+        value = percentile(times[name], 50)
+        rule = f"{per_rtt}×RTT" if per_rtt > 1 else "RTT"
+        report.add(Figure(
+            f"{name} answered p50, RTT {rtt_ms:g} ms", value, "ms", samples=times[name],
+            section="13", target=f"≤ {rule} + {constant} = {limit:g} ms", ok=value <= limit,
+            detail=f"(p90 {percentile(times[name], 90):.0f} ms; S3 requests before the "
+                   f"answer: median {median(counts[name]):g}, max {max(counts[name]):g})",
+            **before(name, rtt_ms)))
+    note(f"RTT {rtt_ms:g} ms: WHO / TAKE / C p50 " + " / ".join(
+        f"{percentile(times[n], 50):.0f}" for n in COMMANDS) + " ms")
+
+
+def measure_idle(lab: Lab, report: Report, settings: argparse.Namespace,
+                 rtt_ms: float) -> None:
+    """One pager with the program's default worker settings (no [worker] section) on a fresh
+    bucket: its start-up requests (from the start until the endpoint is quiet for a second),
+    then every request over --idle-seconds, scaled to an hour."""
+    proxy = lab.proxy
+    boot = proxy.mark()
+    server = rtt_pager(lab, "idle", default_worker=True)
+    try:
+        server.wait_healthy()
+        try:
+            proxy.wait_quiet(1.0, timeout=30)
+        except BenchError:
+            report.notes.append("Idle: the S3 endpoint was never quiet for 1 s within 30 s of "
+                                "the start; the idle window starts 30 s after the start.")
+        startup = proxy.since(boot)
+        mark = proxy.mark()
+        note(f"idle: {len(startup)} start-up requests; counting for {settings.idle_seconds:g} s")
+        time.sleep(settings.idle_seconds)
+        idle = proxy.since(mark)
+        if server.proc.poll() is not None:
+            raise BenchError(f"the idle pager exited with {server.proc.returncode}:\n"
+                             f"{server.log_tail()}")
+    finally:
+        lab.stop(server)
+    per_hour = len(idle) * 3600 / settings.idle_seconds
+    report.s3_operations[f"start-up, one instance, default settings, RTT {rtt_ms:g} ms"] = [
+        [r.describe() for r in startup]]
+    report.s3_operations[f"idle for {settings.idle_seconds:g} s after start-up (sorted)"] = [
+        sorted(r.describe() for r in idle)]
+    report.add(Figure(
+        f"S3 requests per hour while idle, one instance, default worker settings, "
+        f"RTT {rtt_ms:g} ms", per_hour, "requests", samples=[len(idle)], section="13",
+        target="≤ 72", ok=per_hour <= 72,
+        detail=f"({len(idle)} in {settings.idle_seconds:g} s, scaled: one request is "
+               f"{3600 / settings.idle_seconds:g}/h; "
+               f"{sum(r.describe().startswith('LIST') for r in idle)} of them LIST)",
+        **before("idle")))
+    report.add(Figure(
+        "… S3 requests at start-up (until quiet for 1 s), same instance", len(startup),
+        "requests", samples=[len(startup)], section="13", **before("startup")))
+
+
+def measure_failover(lab: Lab, report: Report, rtt_ms: float) -> None:
+    """Two pagers on one bucket with the default worker settings. Twilio hangs (the fake
+    sits on every request for an hour), the callback goes to instance A, and once A has
+    answered 200 and its MMS POST hangs at Twilio (or KILL_WAIT seconds after the answer, if
+    it never gets there) A is killed with SIGKILL: it dies holding the page's first claim,
+    mid-delivery. Then Twilio answers again at once (A's hung request stays hung: the fake
+    never logs it as sent). The figure is the time from the kill until instance B's MMS for
+    that recording arrives at the fake."""
+    kit, fake, arrivals = lab.kit, lab.fake, lab.arrivals
+    store_url = lab.s3_store()
+    a = rtt_pager(lab, "failover-a", default_worker=True, store_url=store_url)
+    b = rtt_pager(lab, "failover-b", default_worker=True, store_url=store_url)
+    try:
+        a.wait_healthy()
+        b.wait_healthy()
+        with contextlib.suppress(BenchError):
+            lab.proxy.wait_quiet(1.0, timeout=20)
+        sid = "RE" + secrets.token_hex(16)
+        fake.add_recording(sid, op.SAMPLE_MP3)
+        fake.delay = HANG
+        try:
+            sent = time.monotonic()
+            status, body, seconds = signed_post(kit, a.port, RECORDINGCB_PATH,
+                                                recording_fields(kit, fake, sid))
+            if status != 200:
+                raise BenchError(f"recording callback to A: {status} {body[:300]!r}\n"
+                                 f"{a.log_tail()}")
+            with contextlib.suppress(BenchError):
+                wait_until("A's MMS POST", lambda: [
+                    r for r in arrivals.since(sent) if r.path.endswith("/Messages.json")],
+                    KILL_WAIT, every=0.002)
+            killed = time.monotonic()
+            a.kill()
+        finally:
+            fake.delay = 0.0
+        in_flight = bool([r for r in arrivals.since(sent) if r.path.endswith("/Messages.json")])
+        how = (f"killed {(killed - sent) * 1000:.0f} ms after the callback was sent, "
+               + ("its MMS POST hanging at Twilio" if in_flight else
+                  f"its MMS POST not at Twilio {KILL_WAIT:g} s after the answer"))
+        note(f"failover: A {how}; waiting up to {FAILOVER_WAIT:g} s for B")
+        try:
+            mms = wait_until("B's MMS", lambda: arrivals.mms_of(sid), FAILOVER_WAIT, every=0.05)
+            value = mms.time - killed
+        except BenchError:
+            value = math.inf
+            report.notes.append(f"Failover: no MMS from B within {FAILOVER_WAIT:g} s. "
+                                f"B's log:\n{b.log_tail()}")
+    finally:
+        fake.delay = 0.0
+        lab.stop(a)
+        lab.stop(b)
+    report.add(Figure(
+        f"An instance dies after opening a page: the other sends the MMS within "
+        f"(default worker settings, RTT {rtt_ms:g} ms)", value, "s", samples=[value],
+        section="13", target="≤ 90 s", ok=value <= 90,
+        detail=f"(from SIGKILL of A; A answered the callback in {seconds * 1000:.0f} ms and "
+               f"was {how})", **before("failover")))
+
+
+def measure_section_13(lab: Lab, report: Report, settings: argparse.Namespace) -> None:
+    """The per-RTT figures at each of --rtts, then the idle cost and the failover once, at
+    the first non-zero RTT (neither depends on it)."""
+    proxy = lab.proxy
+    try:
+        for rtt_ms in settings.rtts:
+            proxy.rtt = rtt_ms / 1000
+            mark = proxy.mark()
+            note(f"section 13 at RTT {rtt_ms:g} ms: page path, one page's life, commands")
+            attempt(report, f"Page path, RTT {rtt_ms:g} ms",
+                    lambda r=rtt_ms: measure_page_path(lab, report, settings, r))
+            attempt(report, f"One page's life, RTT {rtt_ms:g} ms",
+                    lambda r=rtt_ms: measure_page_life(lab, report, r))
+            attempt(report, f"WHO / TAKE / C, RTT {rtt_ms:g} ms",
+                    lambda r=rtt_ms: measure_commands(lab, report, settings, r))
+            service = [(r.end - r.start) * 1000 - rtt_ms for r in proxy.since(mark) if r.end]
+            report.notes.append(
+                f"At RTT {rtt_ms:g} ms, moto took {percentile(service, 50):.1f} ms (p50; p90 "
+                f"{percentile(service, 90):.1f} ms) on top of the RTT to answer each of the "
+                f"{len(service)} S3 requests: part of every S3 time above, as a real bucket's "
+                "own service time would be.")
+        once = next((r for r in settings.rtts if r > 0), settings.rtts[0])
+        proxy.rtt = once / 1000
+        note(f"section 13 at RTT {once:g} ms: idle for {settings.idle_seconds:g} s")
+        attempt(report, "Idle cost", lambda: measure_idle(lab, report, settings, once))
+        if settings.failover:
+            note(f"section 13 at RTT {once:g} ms: failover (up to {FAILOVER_WAIT:g} s)")
+            attempt(report, "Failover", lambda: measure_failover(lab, report, once))
+        else:
+            report.notes.append("The failover figure was skipped (--no-failover or --quick).")
+    finally:
+        proxy.rtt = 0.0
+    report.notes += [
+        "Section 13: every S3 request waits the RTT at the proxy before it is forwarded to "
+        "moto, so each costs one round trip and parallel requests overlap (connection set-up "
+        "is not simulated: boto3 keeps its connections). Times are taken at the proxy and at "
+        "the Twilio fake on this process's clock: 'callback → MMS POST' ends when the POST "
+        "arrives at the fake.",
+        "'One after another' is the longest chain of non-overlapping S3 requests (by the "
+        "proxy's start and end times) among those that started after the callback was sent "
+        "and were answered before the MMS POST arrived (interval scheduling, greedy by end).",
+        "Section 13 pagers run with [worker] poll_interval = 3600 (the worker wakes when the "
+        "app queues work) except the idle and the failover runs, which have no [worker] "
+        "section: the program's defaults. Each part runs on a fresh bucket with Alice on call.",
+    ]
+
+
+# ==============================================================================================
 # Command line
 # ==============================================================================================
 
 
+def parse_rtts(text: str) -> list[float]:
+    try:
+        rtts = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of milliseconds") from None
+    if not rtts or min(rtts) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more RTTs ≥ 0, like 0,30,80")
+    return rtts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark oncall-pager against the targets of SPEC section 10.")
+        description="Benchmark oncall-pager against the targets of SPEC sections 10 and 13.")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--duration", type=float, default=3.0,
                         help="seconds counted per throughput run, after a 0.5 s warm-up")
@@ -1142,19 +1738,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--callbacks", type=int, default=50,
                         help="recording callbacks per run of part 3")
     parser.add_argument("--starts", type=int, default=5, help="starts timed per store")
+    parser.add_argument("--rtts", type=parse_rtts, default=parse_rtts("0,30,80"),
+                        metavar="MS,MS,...",
+                        help="simulated S3 round-trip times of section 13 (default 0,30,80)")
+    parser.add_argument("--s3-rtt-ms", type=float, metavar="N",
+                        help="run section 13 at this one RTT only (overrides --rtts)")
+    parser.add_argument("--rtt-callbacks", type=int, default=20,
+                        help="recording callbacks per RTT, one at a time, pages left open")
+    parser.add_argument("--commands", type=int, default=10,
+                        help="rounds of WHO, TAKE and C per RTT")
+    parser.add_argument("--idle-seconds", type=float, default=180.0,
+                        help="seconds of idle S3 traffic counted (scaled to an hour)")
+    parser.add_argument("--no-failover", dest="failover", action="store_false",
+                        help="skip the failover figure (it takes up to ~90 s)")
+    parser.add_argument("--only", choices=("10", "13"),
+                        help="measure only the figures of this SPEC section")
     parser.add_argument("--json", type=Path, default=Path("bench_results.json"),
                         help="where to write the results as JSON")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 1 repeat, 1 s runs, 20 callbacks, 2 starts")
+                        help="smoke check: 1 repeat, 1 s runs, 20 callbacks, 2 starts; "
+                             "6 callbacks and 3 command rounds per RTT, 30 s idle, no failover")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (configs, stores, server logs)")
     parser.add_argument("--serve-trivial", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeat, args.duration, args.callbacks, args.starts = 1, 1.0, 20, 2
-    if min(args.repeat, args.clients, args.callbacks, args.starts) < 1 or args.duration <= 0:
-        parser.error("--repeat, --clients, --callbacks, --starts and --duration must be positive")
+    if args.quick:   # smaller defaults; what was given on the command line stays
+        for name, value in (("repeat", 1), ("duration", 1.0), ("callbacks", 20), ("starts", 2),
+                            ("rtt_callbacks", 6), ("commands", 3), ("idle_seconds", 30.0),
+                            ("failover", False)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    if args.s3_rtt_ms is not None:
+        if args.s3_rtt_ms < 0:
+            parser.error("--s3-rtt-ms must be 0 or more")
+        args.rtts = [args.s3_rtt_ms]
+    if (min(args.repeat, args.clients, args.callbacks, args.starts, args.commands) < 1
+            or args.duration <= 0 or args.idle_seconds <= 0):
+        parser.error("--repeat, --clients, --callbacks, --starts, --commands, --duration and "
+                     "--idle-seconds must be positive")
+    if args.rtt_callbacks < 2:
+        parser.error("--rtt-callbacks must be 2 or more (its halves are compared)")
     return args
 
 
@@ -1172,24 +1796,29 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                        "keep-alive connection each, minimal HTTP/1.1 client on a raw socket, "
                        f"closed loop, {BODIES_PER_CLIENT} pre-signed WHO bodies per process"))
         note(f"temporary folder {lab.tmp}; {report.machine['pinning']}")
-        note("1/4 throughput: WHO (file, S3, file at INFO) and the trivial app")
-        measure_throughput(lab, report, args)
-        note("2/4 S3 requests per webhook")
-        measure_store_requests(lab, report, args)
-        note("3/4 recording callbacks")
-        for store in ("file store", "S3"):
-            measure_recording_callbacks(lab, report, args, store)
-        note("4/4 start to /healthz")
-        for store in ("file store", "S3"):
-            measure_starts(lab, report, args, store)
-        report.notes += [
-            "Throughput runs log at WARNING to a file, so that one log line per request is not "
-            "what is measured; the INFO rows are the production setting (also to a file).",
-            "Each WHO has its own MessageSid (the app's reply cache would otherwise answer "
-            "repeats); the trivial app gets the same bytes.",
-            "The S3 rows run against moto in the benchmark's own process, on the generator's "
-            "CPU: they measure the app plus moto on loopback, not AWS.",
-        ]
+        if args.only != "13":
+            note("1/5 throughput: WHO (file, S3, file at INFO) and the trivial app")
+            measure_throughput(lab, report, args)
+            note("2/5 S3 requests per webhook")
+            measure_store_requests(lab, report, args)
+            note("3/5 recording callbacks")
+            for store in ("file store", "S3"):
+                measure_recording_callbacks(lab, report, args, store)
+            note("4/5 start to /healthz")
+            for store in ("file store", "S3"):
+                measure_starts(lab, report, args, store)
+            report.notes += [
+                "Throughput runs log at WARNING to a file, so that one log line per request is "
+                "not what is measured; the INFO rows are the production setting (also to a "
+                "file).",
+                "Each WHO has its own MessageSid (the app's reply cache would otherwise answer "
+                "repeats); the trivial app gets the same bytes.",
+                "The S3 rows run against moto in the benchmark's own process, on the "
+                "generator's CPU: they measure the app plus moto on loopback, not AWS.",
+            ]
+        if args.only != "10":
+            note(f"5/5 section 13 at RTT {', '.join(f'{r:g}' for r in args.rtts)} ms")
+            measure_section_13(lab, report, args)
     report.elapsed_s = time.monotonic() - began
     return report
 
