@@ -155,6 +155,36 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempts - 1)))
 
 
+# C0 and C1 controls (CR and LF among them), DEL, the Unicode line and paragraph separators and
+# the bidirectional overrides: what can end a header or a log line, or make text read backwards.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
+
+
+def clean_text(value: str) -> str:
+    """Caller-supplied text (CallerName, FromCity, an SMS Body ...) as it may travel on: every
+    run of control characters becomes one space. Applied where the text enters the program,
+    so no e-mail header, SMS, TwiML or log line downstream can be split by it. A space, not
+    nothing: "+1919555\\x001002" must not turn into a member's phone number."""
+    return CONTROL_CHARACTERS.sub(" ", value).strip() if value else value
+
+
+PLAIN_LOG_VALUE = re.compile(r"[\w./:@+\-,%]{1,200}", re.ASCII)
+
+
+def log_value(value: object, limit: int = 200) -> str:
+    """A value from a request, fit for a key=value log line: plain values as they are,
+    anything else quoted with its quotes, backslashes and non-printable characters escaped,
+    so that `GET /x%0a2026-11-27 ... event=audit` can neither start a new line nor add a
+    key to this one."""
+    text = str(value)
+    if PLAIN_LOG_VALUE.fullmatch(text):
+        return text
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 # ==============================================================================================
 # Configuration: config.ini (AppConfig) and the operational JSON (validation with field paths)
 # ==============================================================================================
@@ -1397,7 +1427,7 @@ class Pager:
         snap = self.team.read()
         member = member_by_phone(snap.doc, sender)
         if member is None:
-            log.info("event=sms.stranger from=%s", sender)
+            log.info("event=sms.stranger from=%s", log_value(sender, 40))
             return None
         command, args = parse_command(body)
         log.debug("event=sms.command member=%s command=%s", member["id"], command)
@@ -2333,15 +2363,16 @@ class WebApp:
             response = Response(503, "no valid operational config\n",
                                 "text/plain; charset=utf-8")
         except Exception:
-            log.exception("event=request.error method=%s path=%s", method, path)
+            log.exception("event=request.error method=%s path=%s", log_value(method),
+                          log_value(path, 80))
             response = Response(500, "internal error\n", "text/plain; charset=utf-8")
         body = response.body.encode("utf-8")
         headers = [("Content-Type", response.content_type), ("Content-Length", str(len(body))),
                    *response.headers]
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
                        headers)
-        log.info("event=request method=%s path=%s status=%d ms=%.1f", method,
-                 path[:80], response.status, (time.perf_counter() - started) * 1000)
+        log.info("event=request method=%s path=%s status=%d ms=%.1f", log_value(method),
+                 log_value(path, 80), response.status, (time.perf_counter() - started) * 1000)
         return [body]
 
     def dispatch(self, environ: dict, method: str, path: str) -> Response:
@@ -2378,7 +2409,8 @@ class WebApp:
                 self.validator.compute_signature(url, fields).encode(), signature.encode()):
             return  # the common case, one HMAC; validate() below also tries the port variants
         if not signature or not self.validator.validate(url, fields, signature):
-            log.warning("event=signature.rejected path=%s", environ.get("PATH_INFO", "")[:80])
+            log.warning("event=signature.rejected path=%s",
+                        log_value(environ.get("PATH_INFO", ""), 80))
             raise HTTPError(403, "invalid or missing X-Twilio-Signature")
 
     # --- the customer's call -------------------------------------------------------------------
@@ -2410,13 +2442,15 @@ class WebApp:
 
     def caller_query(self, request: Request) -> str:
         """The caller's details, carried in the callback URLs: Twilio's recording callback
-        does not repeat them. Fields Twilio left out are simply absent."""
+        does not repeat them. Fields Twilio left out are simply absent. Caller-ID names come
+        from the phone network, not from Twilio: cleaned here, before they travel on."""
         form = request.form
         details = {"caller": form.get("From", "") or request.query.get("caller", ""),
                    "name": form.get("CallerName", "") or request.query.get("name", ""),
                    "city": form.get("FromCity", "") or request.query.get("city", ""),
                    "state": form.get("FromState", "") or request.query.get("state", ""),
                    "call": form.get("CallSid", "")}
+        details = {k: clean_text(v) for k, v in details.items()}
         return urllib.parse.urlencode({k: v for k, v in details.items() if v})
 
     def record_prompt(self, request: Request, voice: Any, again: bool) -> None:
@@ -2458,8 +2492,9 @@ class WebApp:
 
     def public_recordingcb(self, request: Request) -> Response:
         form, query = request.form, request.query
-        caller = {k: query[q] for k, q in (("number", "caller"), ("name", "name"),
-                                           ("city", "city"), ("state", "state")) if q in query}
+        caller = {k: clean_text(query[q]) for k, q in (
+            ("number", "caller"), ("name", "name"), ("city", "city"), ("state", "state"))
+            if q in query}
         call_sid = form["CallSid"]
         status = form["RecordingStatus"]
         if status == "completed":
@@ -2486,7 +2521,7 @@ class WebApp:
     def public_mmsstatuscb(self, request: Request) -> Response:
         status = request.form["MessageStatus"]
         page_id = request.query.get("page", "")
-        log.info("event=mms.status page=%s status=%s", page_id[:40], status)
+        log.info("event=mms.status page=%s status=%s", log_value(page_id, 40), log_value(status))
         if status in ("failed", "undelivered") and re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}",
                                                                 page_id):
             self.pager.mms_failed(page_id, status)
@@ -2503,7 +2538,8 @@ class WebApp:
                 if sid in self._replies:
                     return self._replies[sid]
         try:
-            reply = self.pager.handle_sms(request.form["From"], request.form.get("Body", ""))
+            reply = self.pager.handle_sms(clean_text(request.form["From"]),
+                                          clean_text(request.form.get("Body", "")))
         except NoConfig:
             log.error("event=sms.no_config")
             reply = None
@@ -2586,7 +2622,8 @@ class WebApp:
         page = self.page_for(request)
         status = request.form["CallStatus"]
         step = request.query.get("step", "")
-        log.info("event=call.status page=%s status=%s", (page or {}).get("id"), status)
+        log.info("event=call.status page=%s status=%s", (page or {}).get("id"),
+                 log_value(status))
         if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
             self.pager.call_unanswered(page["id"], int(step))
         return empty_messaging()
@@ -2634,9 +2671,21 @@ ROUTES: dict[str, Route] = {
 # ==============================================================================================
 
 
+class OneLineFormatter(logging.Formatter):
+    """The last guard against a forged log line: whatever a message holds, it stays one line
+    (control characters escaped), for values that were not passed through log_value. A
+    traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = CONTROL_CHARACTERS.sub(
+            lambda m: m.group().encode("unicode_escape").decode("ascii"), record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s level=%(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s level=%(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def build_pager(cfg: AppConfig) -> Pager:

@@ -20,6 +20,7 @@ import http
 import http.client
 import http.server
 import json
+import logging
 import os
 import re
 import secrets
@@ -3729,3 +3730,49 @@ def test_a_store_blip_mid_escalation_does_not_skip_the_rest_of_the_team(
     store.fail = lambda operation, key: False
     assert calls == [BOB, CAROL]
     assert len(audit_events(store, "page.escalated")) == 1
+
+
+# ==============================================================================================
+# Hardening: the findings of the security review (spec section 14)
+# ==============================================================================================
+
+
+def test_a_caller_name_with_a_line_break_cannot_add_an_email_header(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Caller-ID names come from the phone network: "\\r\\nBcc: ..." must not reach a header."""
+    call = call_params(CallerName="ACME\r\nBcc: thief@example.net", FromCity="RALEIGH\n")
+    leave_voicemail(s3_pager, twilio, call=call)
+    (mail,) = wait_until(lambda: smtp.messages, 5)
+    assert mail["Bcc"] is None and "thief" not in str(mail["To"])
+    assert mail["Subject"].strip() == ("On-call voicemail (12 sec) from ACME Bcc: "
+                                       "thief@example.net <+15551230000>")  # folded: long
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    (mms,) = twilio.messages()
+    assert mms.params["Body"][0].startswith("On-call voicemail (12 sec) from ACME Bcc: thief")
+
+
+FORGED = "2026-11-27 03:00:00,000 level=INFO event=audit audit_event=oncall.changed actor=mallory"
+
+
+def test_a_request_cannot_forge_a_log_line(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    server = serve_process(write_config(tmp_path, "file:var", mode="dry-run"))
+    server.wait_healthy()
+    connection = http.client.HTTPConnection("127.0.0.1", server.cfg.port, timeout=5)
+    connection.request("GET", "/x%0a" + urllib.parse.quote(FORGED))
+    assert connection.getresponse().status == 404
+    connection.close()
+    assert server.terminate() == 0
+    (logged,) = [line for line in server.log.read_text().splitlines() if "03:00:00" in line]
+    assert re.match(r"\d{4}-\d\d-\d\d [\d:,]{12} level=INFO event=request method=GET "
+                    r'path="/x\\n2026-11-27 03:00:00,000 level=INFO event=audit .*\.\.\." '
+                    r"status=404 ms=", logged), logged
+
+
+def test_a_log_message_is_one_line_whatever_it_holds() -> None:
+    """The formatter of `serve` is the last guard, for a value logged without log_value."""
+    record = logging.LogRecord("oncall_pager", logging.INFO, __file__, 1,
+                               "event=sms.stranger from=%s", ("+1\r\n" + FORGED,), None)
+    line = op.OneLineFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "INFO event=sms.stranger from=+1\\r\\n" + FORGED
