@@ -961,16 +961,23 @@ class TeamConfig:
             doc = parse_oncall_config(blob.data)
         except ConfigError as e:
             self._note(True, f"invalid operational config: {e.problems[0]}")
-            log.error("event=config.invalid etag=%s problem=%r", blob.etag, e.problems[0])
             return self._last_good()
         self._note(True, "")
         return self._remember(Snapshot(doc, blob.etag))
 
     def _note(self, reachable: bool, problem: str) -> None:
-        if reachable != self.reachable:
+        """Remember how the last read went (for /healthz) and log a change once: /healthz
+        tells the public only `unreachable` or `invalid`; the reason is for the operator."""
+        with self._lock:
+            changed = (reachable != self.reachable, problem != self.problem)
+            self.reachable, self.problem = reachable, problem
+        if changed[0]:
             log.warning("event=store.%s store=%s", "back" if reachable else "unreachable",
                         self.store.describe())
-        self.reachable, self.problem = reachable, problem
+        if changed[1] and problem:
+            log.error("event=config.problem problem=%s", log_value(problem, 300))
+        elif changed[1]:
+            log.info("event=config.ok")
 
     def _remember(self, snapshot: Snapshot) -> Snapshot:
         with self._lock:
@@ -2640,9 +2647,11 @@ class WebApp:
         except StoreUnavailable:
             config = "unavailable"
         healthy = self.pager.team.reachable and config == "loaded"
+        # Status words only: the reason (which can quote the config) goes to the log, once
+        # per change, and to `oncall-pager check`; this endpoint is public.
         body = {"status": "ok" if healthy else "unhealthy",
                 "store": "reachable" if self.pager.team.reachable else "unreachable",
-                "config": config, "problem": self.pager.team.problem,
+                "config": config,
                 "queue_depth": self.worker.queue_depth if self.worker else 0,
                 "version": VERSION}
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")

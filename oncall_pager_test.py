@@ -3776,3 +3776,20 @@ def test_a_log_message_is_one_line_whatever_it_holds() -> None:
                                "event=sms.stranger from=%s", ("+1\r\n" + FORGED,), None)
     line = op.OneLineFormatter("%(levelname)s %(message)s").format(record)
     assert line == "INFO event=sms.stranger from=+1\\r\\n" + FORGED
+
+
+def test_healthz_shows_status_words_only_and_logs_the_reason_once(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    bad = team_doc(oncall_user={"id": "carla-the-secret-name"})
+    file_pager.store.put("oncall_config.json", op.to_json(bad))
+    for _ in range(3):
+        status, body, _ = http_request("GET", file_pager.base_url + "/healthz")
+        assert status == 503
+        assert json.loads(body) == {"status": "unhealthy", "store": "reachable",
+                                    "config": "invalid", "queue_depth": 0, "version": op.VERSION}
+    problems = [r.getMessage() for r in caplog.records if "event=config.problem" in r.getMessage()]
+    assert len(problems) == 1 and "carla-the-secret-name" in problems[0]
+    put_team(file_pager.store, team_doc())
+    assert http_request("GET", file_pager.base_url + "/healthz")[0] == 200
+    assert [r for r in caplog.records if r.getMessage() == "event=config.ok"]
