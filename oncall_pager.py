@@ -114,6 +114,8 @@ class UsageError(Exception):
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 MAX_BODY = 64 * 1024
+MAX_PATH = 1024  # a request's path, and its query string: Twilio's own are far shorter
+MAX_QUERY = 4 * 1024
 DAY = 24 * 3600
 
 
@@ -2248,8 +2250,8 @@ class FormFields(dict):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 413: "Content Too Large", 500: "Internal Server Error",
-               503: "Service Unavailable"}
+               405: "Method Not Allowed", 413: "Content Too Large", 414: "URI Too Long",
+               500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def read_body(environ: dict) -> bytes:
@@ -2341,9 +2343,10 @@ class Route:
 
 
 class WebApp:
-    """The WSGI application. Every request goes: route (404/405) -> size (413) -> parse (400)
-    -> signature (403) -> required fields (400) -> handler. Nothing a handler raises reaches
-    the caller as a traceback: store outages are 503, anything else a logged 500."""
+    """The WSGI application. Every request goes: request line (414) -> route (404/405) ->
+    size (413) -> parse (400) -> signature (403) -> required fields (400) -> handler.
+    Nothing a handler raises reaches the caller as a traceback: store outages are 503,
+    anything else a logged 500."""
 
     def __init__(self, cfg: AppConfig, pager: Pager, worker: Worker | None = None):
         from twilio.request_validator import RequestValidator
@@ -2383,6 +2386,13 @@ class WebApp:
         return [body]
 
     def dispatch(self, environ: dict, method: str, path: str) -> Response:
+        # Sizes first: an oversized request line costs no routing, parsing or HMAC. Bytes as
+        # sent (PATH_INFO is decoded, REQUEST_URI is not).
+        raw_path = (environ.get("REQUEST_URI") or path).partition("?")[0]
+        if len(raw_path) > MAX_PATH or len(path) > MAX_PATH:
+            raise HTTPError(414, f"request path over {MAX_PATH} bytes")
+        if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
+            raise HTTPError(414, f"query string over {MAX_QUERY} bytes")
         route = ROUTES.get(path)
         if route is None:
             raise HTTPError(404, "not found")

@@ -3793,3 +3793,18 @@ def test_healthz_shows_status_words_only_and_logs_the_reason_once(
     put_team(file_pager.store, team_doc())
     assert http_request("GET", file_pager.base_url + "/healthz")[0] == 200
     assert [r for r in caplog.records if r.getMessage() == "event=config.ok"]
+
+
+def test_an_oversized_path_or_query_is_414_before_any_signature_work(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    params = sms_params(BOB, "TAKE")
+    long_query = "/msgcontrol/entry?pad=" + "x" * 4096
+    assert file_pager.post(long_query, params, signature="bm9wZQ==")[0] == 414
+    assert file_pager.post(long_query, params)[0] == 414  # even when signed
+    assert http_request("POST", file_pager.base_url + "/" + "p" * 1024, b"x=1")[0] == 414
+    assert not [r for r in caplog.records if "signature.rejected" in r.getMessage()]
+    assert file_pager.store.list("sessions/") == []
+    just_fits = "/msgcontrol/entry?pad=" + "x" * (4096 - len("pad="))
+    assert file_pager.post(just_fits, params, signature="bm9wZQ==")[0] == 403
+    assert http_request("POST", file_pager.base_url + "/" + "p" * 1023, b"x=1")[0] == 404
