@@ -356,6 +356,45 @@ def resolve_path(cfg: AppConfig, value: str) -> Path:
     return path if path.is_absolute() else cfg.base_dir / path
 
 
+def cannot_write_in(folder: Path, *, created_on_demand: bool) -> str:
+    """Why this user cannot create a file in `folder` ('' when it can). Tried for real, with a
+    file made and removed at once: permission bits do not tell (root ignores them; a
+    read-only mount or systemd's sandbox does not show in them). A folder that is created on
+    demand is tried at its nearest existing ancestor."""
+    probe = folder
+    while created_on_demand and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".oncall-pager-check-", dir=probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    os.unlink(name)
+    return ""
+
+
+def local_file_problems(cfg: AppConfig) -> list[str]:
+    """[store] cache_file and spool_dir must be writable (S3 stores only, where they are
+    used): otherwise the pager finds out during an S3 outage, when it has lost its last good
+    config or the pages that arrive meanwhile."""
+    if not cfg.store_url.startswith("s3://"):
+        return []
+    problems = []
+    if cfg.cache_file:
+        path = resolve_path(cfg, cfg.cache_file)
+        why = "it is a folder" if path.is_dir() else cannot_write_in(path.parent,
+                                                                      created_on_demand=False)
+        if why:
+            problems.append(f"[store] cache_file {path} is not writable: {why}")
+    if cfg.spool_dir:
+        path = resolve_path(cfg, cfg.spool_dir)
+        why = ("it is not a folder" if path.exists() and not path.is_dir()
+               else cannot_write_in(path, created_on_demand=True))
+        if why:
+            problems.append(f"[store] spool_dir {path} is not writable: {why}")
+    return problems
+
+
 ESCALATION_DEFAULTS = {"ack_timeout": 300, "call_attempts": 2, "escalate_to": None,
                        "max_outbound_per_hour": 60}
 
@@ -985,11 +1024,24 @@ class TeamConfig:
         with self._lock:
             self._current = snapshot
         if self.cache_file is not None:
-            with contextlib.suppress(OSError):
-                tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-                tmp.write_bytes(to_json({"etag": snapshot.etag, "doc": snapshot.doc}))
-                os.replace(tmp, self.cache_file)
+            self._save(snapshot, self.cache_file)
         return snapshot
+
+    @staticmethod
+    def _save(snapshot: Snapshot, path: Path) -> None:
+        """The local copy holds the SMTP password: mode 0600 from its first byte (mkstemp
+        creates it so), renamed into place so a reader never sees half a file."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        except OSError:
+            return  # `check` and serve's start say so; the in-memory copy still answers
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(to_json({"etag": snapshot.etag, "doc": snapshot.doc}))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _last_good(self) -> Snapshot:
         if self._current is None and self.cache_file is not None:
@@ -2732,6 +2784,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     setup_logging(cfg.log_level)
     pager = build_pager(cfg)
+    for problem in local_file_problems(cfg):
+        log.error("event=serve.unwritable problem=%s", log_value(problem, 400))
     initialise_if_empty(cfg, pager)
     try:
         pager.team.read()
@@ -2788,23 +2842,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     if mode & 0o044 and own.get("twilio", "auth_token", fallback="").strip():
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
+    local = local_file_problems(cfg)
     store = open_store(cfg)
     try:
         blob = store.get(cfg.config_key)
     except StoreUnavailable as e:
-        raise ConfigError([f"store {store.describe()} is unreachable: {e}"]) from None
+        raise ConfigError([*local, f"store {store.describe()} is unreachable: {e}"]) from None
     if blob is None:
-        raise ConfigError([f"store {store.describe()} holds no {cfg.config_key} "
+        raise ConfigError([*local, f"store {store.describe()} holds no {cfg.config_key} "
                            "(put one there with: oncall-pager init)"])
     try:
         doc = json.loads(blob.data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError([f"{cfg.config_key}: not valid JSON: {e}"]) from None
+        raise ConfigError([*local, f"{cfg.config_key}: not valid JSON: {e}"]) from None
     errors, more = check_oncall_config(doc)
     for line in warnings + more:
         print(f"warning: {line}", file=sys.stderr)
-    if errors:
-        raise ConfigError(errors)
+    if local or errors:
+        raise ConfigError(local + errors)
     print(f"ok: {args.config} and {store.describe()}{cfg.config_key} are valid "
           f"({len(members(doc))} members, on call: {oncall_member(doc)['id']})")
     return 0

@@ -3808,3 +3808,65 @@ def test_an_oversized_path_or_query_is_414_before_any_signature_work(
     just_fits = "/msgcontrol/entry?pad=" + "x" * (4096 - len("pad="))
     assert file_pager.post(just_fits, params, signature="bm9wZQ==")[0] == 403
     assert http_request("POST", file_pager.base_url + "/" + "p" * 1023, b"x=1")[0] == 404
+
+
+def with_local_files(config: Path, cache_file: str, spool_dir: str = "spool") -> Path:
+    text = config.read_text().replace("cache_file = config.cache.json",
+                                      f"cache_file = {cache_file}\nspool_dir = {spool_dir}")
+    config.write_text(text)
+    return config
+
+
+def test_check_fails_when_the_cache_file_or_the_spool_is_not_writable(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Tests run as root, which permission bits do not stop: a path under a regular file (or
+    under /proc) fails for anybody."""
+    cli = make_cli("s3", request, tmp_path)
+    (tmp_path / "somefile").write_text("not a folder")
+    with_local_files(cli.config, str(tmp_path / "somefile" / "cache.json"))
+    result = cli.run("check")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: [store] cache_file {tmp_path}/somefile/cache.json is not writable: "
+        "Not a directory"]
+    cli.config.write_text(cli.config.read_text().replace(
+        f"cache_file = {tmp_path}/somefile/cache.json\nspool_dir = spool",
+        "cache_file = config.cache.json\nspool_dir = /proc/oncall-pager-spool"))
+    result = cli.run("check")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: [store] spool_dir /proc/oncall-pager-spool is not writable")
+    cli.config.write_text(cli.config.read_text().replace("/proc/oncall-pager-spool",
+                                                         "spool/not/made/yet"))
+    assert cli.run("check").returncode == 0
+    assert not (cli.config.parent / "spool").exists(), "check creates nothing"
+
+
+def test_check_ignores_cache_and_spool_on_a_directory_store(file_cli: Cli, tmp_path: Path
+                                                             ) -> None:
+    (tmp_path / "somefile").write_text("not a folder")
+    with_local_files(file_cli.config, str(tmp_path / "somefile" / "cache.json"))
+    assert file_cli.run("check").returncode == 0
+
+
+def test_serve_logs_an_error_at_start_when_the_cache_file_is_not_writable(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    (tmp_path / "somefile").write_text("not a folder")
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = with_local_files(write_config(tmp_path, "s3://nobucket", s3_endpoint_url=dead),
+                              str(tmp_path / "somefile" / "cache.json"))
+    server = serve_process(config)
+    server.wait_healthy(expect=503)
+    assert server.terminate() == 0
+    (line,) = [x for x in server.log.read_text().splitlines() if "event=serve.unwritable" in x]
+    assert "level=ERROR" in line and f"{tmp_path}/somefile/cache.json" in line
+
+
+def test_the_local_copy_of_the_config_is_written_mode_0600(s3_pager: RunningPager) -> None:
+    """It holds the SMTP password."""
+    assert "Alice McAlister" in s3_pager.sms(BOB, "WHO")
+    cache = op.resolve_path(s3_pager.cfg, s3_pager.cfg.cache_file)
+    assert cache.stat().st_mode & 0o777 == 0o600
+    assert json.loads(cache.read_bytes())["doc"] == team_doc(
+        s3_pager.pager.team.read().doc["current_config"]["mail_settings"]["mail_port"])
+    assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
