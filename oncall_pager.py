@@ -209,6 +209,7 @@ class AppConfig:
     init_from: str = ""
     account_sid: str = ""
     auth_token: str = ""
+    auth_token_secondary: str = ""  # also accepted for signatures while tokens are rotated
     mode: str = "live"
     api_base_url: str = "https://api.twilio.com"
     validate_signatures: bool = True
@@ -246,6 +247,7 @@ APP_SETTINGS = [
     ("store", "init_from", "init_from", str),
     ("twilio", "account_sid", "account_sid", str),
     ("twilio", "auth_token", "auth_token", str),
+    ("twilio", "auth_token_secondary", "auth_token_secondary", str),
     ("twilio", "mode", "mode", str),
     ("twilio", "api_base_url", "api_base_url", str),
     ("twilio", "validate_signatures", "validate_signatures", bool),
@@ -308,6 +310,8 @@ def load_app_config(path: str | Path, environ: dict[str, str] | None = None) -> 
             problems.append(f"{path}: [{section}] {key} {text!r} {e}")
     cfg.account_sid = environ.get("TWILIO_ACCOUNT_SID") or cfg.account_sid
     cfg.auth_token = environ.get("TWILIO_AUTH_TOKEN") or cfg.auth_token
+    cfg.auth_token_secondary = (environ.get("TWILIO_AUTH_TOKEN_SECONDARY")
+                                or cfg.auth_token_secondary)
     problems += [f"{path}: {p}" for p in check_app_config(cfg)]
     if problems:
         raise ConfigError(problems)
@@ -2407,6 +2411,9 @@ class WebApp:
         self.pager = pager
         self.worker = worker
         self.validator = RequestValidator(cfg.auth_token)
+        # While Twilio's auth token is rotated, requests signed with the other one still pass.
+        self.secondary = (RequestValidator(cfg.auth_token_secondary)
+                          if cfg.auth_token_secondary else None)
         self._replies: OrderedDict[str, Response] = OrderedDict()
         self._replies_lock = threading.Lock()
 
@@ -2477,10 +2484,13 @@ class WebApp:
         if signature and hmac.compare_digest(
                 self.validator.compute_signature(url, fields).encode(), signature.encode()):
             return  # the common case, one HMAC; validate() below also tries the port variants
-        if not signature or not self.validator.validate(url, fields, signature):
-            log.warning("event=signature.rejected path=%s",
-                        log_value(environ.get("PATH_INFO", ""), 80))
-            raise HTTPError(403, "invalid or missing X-Twilio-Signature")
+        if signature and (self.validator.validate(url, fields, signature) or (
+                self.secondary is not None
+                and self.secondary.validate(url, fields, signature))):
+            return
+        log.warning("event=signature.rejected path=%s",
+                    log_value(environ.get("PATH_INFO", ""), 80))
+        raise HTTPError(403, "invalid or missing X-Twilio-Signature")
 
     # --- the customer's call -------------------------------------------------------------------
 
@@ -2839,7 +2849,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     mode = os.stat(args.config).st_mode
     own = ConfigParser(interpolation=None)
     own.read(args.config, encoding="utf-8")
-    if mode & 0o044 and own.get("twilio", "auth_token", fallback="").strip():
+    if mode & 0o044 and any(own.get("twilio", key, fallback="").strip()
+                            for key in ("auth_token", "auth_token_secondary")):
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
     local = local_file_problems(cfg)

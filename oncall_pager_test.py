@@ -3870,3 +3870,30 @@ def test_the_local_copy_of_the_config_is_written_mode_0600(s3_pager: RunningPage
     assert json.loads(cache.read_bytes())["doc"] == team_doc(
         s3_pager.pager.team.read().doc["current_config"]["mail_settings"]["mail_port"])
     assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+SECONDARY_TOKEN = "rotated-auth-token-" + "5" * 13
+
+
+def test_a_webhook_signed_with_the_secondary_token_is_accepted_and_a_third_is_403(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    config.write_text(config.read_text().replace(
+        f"auth_token = {AUTH_TOKEN}",
+        f"auth_token = {AUTH_TOKEN}\nauth_token_secondary = {SECONDARY_TOKEN}"))
+    pager = start_pager(config)
+    url = pager.cfg.public_url + "/msgcontrol/entry"
+    for token, expected in ((SECONDARY_TOKEN, 200), (AUTH_TOKEN, 200), ("a-third-token", 403)):
+        params = sms_params(BOB, "WHO")
+        signature = RequestValidator(token).compute_signature(url, params)
+        status, text = pager.post("/msgcontrol/entry", params, signature=signature)
+        assert status == expected, token
+        assert ("Alice McAlister" in reply_text(text)) == (expected == 200)
+
+
+def test_the_secondary_token_may_come_from_the_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "file:var")
+    assert op.load_app_config(path, {}).auth_token_secondary == ""
+    cfg = op.load_app_config(path, {"TWILIO_AUTH_TOKEN_SECONDARY": SECONDARY_TOKEN})
+    assert cfg.auth_token_secondary == SECONDARY_TOKEN
