@@ -3020,22 +3020,33 @@ def masked(doc: dict) -> dict:
     return shown
 
 
+CONFIG_CHANGE_TRIES = 5
+
+
 def change_config(pager: Pager, args: argparse.Namespace,
                   change: Callable[[dict], str]) -> int:
-    """Read, change a copy, write conditionally over what was read (validated, audited)."""
-    snap = pager.team.read()
-    if snap.stale:
-        raise StoreUnavailable(pager.team.problem)
-    doc = copy.deepcopy(snap.doc)
-    what = change(doc)
-    try:
-        pager.team.write(doc, base=snap, actor=operator(args), details={"via": "cli",
-                                                                          "change": what})
-    except StoreConflict:
-        raise UsageError("the config changed in the store while this change was made; "
-                         "nothing was written, run the command again") from None
-    print(what)
-    return 0
+    """Read, change a copy, write conditionally over what was read (validated, audited).
+    A change that lost the race to another writer is made again over the new version (so
+    two operators adding members at once both succeed), and checked again: a member added
+    meanwhile with the same id is refused then. `config edit` never does this: a person
+    made that change while looking at the old version."""
+    for attempt in range(CONFIG_CHANGE_TRIES):
+        snap = pager.team.read()
+        if snap.stale:
+            raise StoreUnavailable(pager.team.problem)
+        doc = copy.deepcopy(snap.doc)
+        what = change(doc)
+        try:
+            pager.team.write(doc, base=snap, actor=operator(args),
+                             details={"via": "cli", "change": what})
+        except StoreConflict:
+            if attempt + 1 < CONFIG_CHANGE_TRIES:
+                time.sleep(0.05 + secrets.randbelow(200) / 1000)
+            continue
+        print(what)
+        return 0
+    raise UsageError(f"the config kept changing in the store ({CONFIG_CHANGE_TRIES} tries); "
+                     "nothing was written, run the command again")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

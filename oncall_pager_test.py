@@ -9,6 +9,7 @@ twilio.request_validator.RequestValidator. Nothing leaves the loopback interface
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import copy
@@ -3897,3 +3898,37 @@ def test_the_secondary_token_may_come_from_the_environment(tmp_path: Path) -> No
     assert op.load_app_config(path, {}).auth_token_secondary == ""
     cfg = op.load_app_config(path, {"TWILIO_AUTH_TOKEN_SECONDARY": SECONDARY_TOKEN})
     assert cfg.auth_token_secondary == SECONDARY_TOKEN
+
+
+def test_five_operators_adding_members_at_once_all_succeed(cli: Cli) -> None:
+    ids = [f"member{i}" for i in range(5)]
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda i: cli.run(
+            "config", "user-add", ids[i], f"Member {i}", f"+4420794600{i:02d}"), range(5)))
+    assert [(r.returncode, r.stderr) for r in results] == [(0, "")] * 5
+    assert set(ids) <= set(cli.doc()["available_users"]["users"])
+    assert len([c for c in changes(cli) if c[0] == "config.changed"]) == 5
+
+
+def test_a_config_change_that_loses_a_race_is_made_again_over_the_winner(
+        tmp_path: Path) -> None:
+    """Deterministic: another operator writes between this change's read and its write."""
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    cfg = op.load_app_config(write_config(tmp_path, "file:var"))
+    pager, other = op.build_pager(cfg), op.build_pager(cfg)
+    seen: list[set[str]] = []
+
+    def add_dave(doc: dict) -> str:
+        seen.append(set(op.members(doc)))
+        if len(seen) == 1:  # the other operator wins the first race
+            snap = other.team.read()
+            theirs = copy.deepcopy(snap.doc)
+            op.members(theirs)["erin"] = {"id": "erin", "name": "Erin E", "phone": "+15550001"}
+            other.team.write(theirs, base=snap, actor="bob")
+        op.members(doc)["dave"] = {"id": "dave", "name": "Dave D", "phone": "+15550002"}
+        return "added member dave"
+
+    args = argparse.Namespace(as_member="alice")
+    assert op.change_config(pager, args, add_dave) == 0
+    assert len(seen) == 2 and "erin" in seen[1]
+    assert {"dave", "erin"} <= set(op.members(pager.team.read().doc))
