@@ -34,6 +34,7 @@ import sys
 import textwrap
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -3932,3 +3933,25 @@ def test_a_config_change_that_loses_a_race_is_made_again_over_the_winner(
     assert op.change_config(pager, args, add_dave) == 0
     assert len(seen) == 2 and "erin" in seen[1]
     assert {"dave", "erin"} <= set(op.members(pager.team.read().doc))
+
+
+def test_requirements_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    text = (HERE / "requirements.lock").read_text().replace("\\\n", " ")
+    pinned: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        name, _, version = requirement.partition("==")
+        assert version and not set(version) & set("<>=!~*,"), f"not pinned exactly: {line}"
+        assert [o for o in options if o.startswith("--hash=sha256:")], f"no hash: {line}"
+        pinned[canonicalize_name(name)] = version
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pinned, f"{name} is not in requirements.lock (run make lock)"
+        assert dependency.specifier.contains(pinned[name]), f"{name}=={pinned[name]}"
