@@ -6,7 +6,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 BIN    := $(VENV)/bin
 
-.PHONY: all venv run test lint bench clean
+.PHONY: all venv run test lint bench lock clean
 
 all: test
 
@@ -37,6 +37,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench_oncall_pager.py
+
+# requirements.lock: every runtime dependency (twilio, boto3, waitress and theirs) pinned with
+# its hashes, for `pip install --require-hashes -r requirements.lock` on a server. pip-tools is
+# a tool of this target only: installed into .venv on demand, never a dependency of the pager.
+# Run it after changing [project] dependencies in pyproject.toml, or to take upgrades.
+lock: $(STAMP)
+	$(BIN)/pip install --quiet 'pip-tools>=7.4'
+	CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile --quiet --generate-hashes \
+		--strip-extras --no-emit-index-url --no-emit-find-links --upgrade \
+		--output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) var build dist *.egg-info __pycache__ .pytest_cache .ruff_cache .hypothesis

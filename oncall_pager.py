@@ -114,6 +114,8 @@ class UsageError(Exception):
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 MAX_BODY = 64 * 1024
+MAX_PATH = 1024  # a request's path, and its query string: Twilio's own are far shorter
+MAX_QUERY = 4 * 1024
 DAY = 24 * 3600
 
 
@@ -155,6 +157,36 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempts - 1)))
 
 
+# C0 and C1 controls (CR and LF among them), DEL, the Unicode line and paragraph separators and
+# the bidirectional overrides: what can end a header or a log line, or make text read backwards.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
+
+
+def clean_text(value: str) -> str:
+    """Caller-supplied text (CallerName, FromCity, an SMS Body ...) as it may travel on: every
+    run of control characters becomes one space. Applied where the text enters the program,
+    so no e-mail header, SMS, TwiML or log line downstream can be split by it. A space, not
+    nothing: "+1919555\\x001002" must not turn into a member's phone number."""
+    return CONTROL_CHARACTERS.sub(" ", value).strip() if value else value
+
+
+PLAIN_LOG_VALUE = re.compile(r"[\w./:@+\-,%]{1,200}", re.ASCII)
+
+
+def log_value(value: object, limit: int = 200) -> str:
+    """A value from a request, fit for a key=value log line: plain values as they are,
+    anything else quoted with its quotes, backslashes and non-printable characters escaped,
+    so that `GET /x%0a2026-11-27 ... event=audit` can neither start a new line nor add a
+    key to this one."""
+    text = str(value)
+    if PLAIN_LOG_VALUE.fullmatch(text):
+        return text
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 # ==============================================================================================
 # Configuration: config.ini (AppConfig) and the operational JSON (validation with field paths)
 # ==============================================================================================
@@ -177,6 +209,7 @@ class AppConfig:
     init_from: str = ""
     account_sid: str = ""
     auth_token: str = ""
+    auth_token_secondary: str = ""  # also accepted for signatures while tokens are rotated
     mode: str = "live"
     api_base_url: str = "https://api.twilio.com"
     validate_signatures: bool = True
@@ -214,6 +247,7 @@ APP_SETTINGS = [
     ("store", "init_from", "init_from", str),
     ("twilio", "account_sid", "account_sid", str),
     ("twilio", "auth_token", "auth_token", str),
+    ("twilio", "auth_token_secondary", "auth_token_secondary", str),
     ("twilio", "mode", "mode", str),
     ("twilio", "api_base_url", "api_base_url", str),
     ("twilio", "validate_signatures", "validate_signatures", bool),
@@ -276,6 +310,8 @@ def load_app_config(path: str | Path, environ: dict[str, str] | None = None) -> 
             problems.append(f"{path}: [{section}] {key} {text!r} {e}")
     cfg.account_sid = environ.get("TWILIO_ACCOUNT_SID") or cfg.account_sid
     cfg.auth_token = environ.get("TWILIO_AUTH_TOKEN") or cfg.auth_token
+    cfg.auth_token_secondary = (environ.get("TWILIO_AUTH_TOKEN_SECONDARY")
+                                or cfg.auth_token_secondary)
     problems += [f"{path}: {p}" for p in check_app_config(cfg)]
     if problems:
         raise ConfigError(problems)
@@ -322,6 +358,45 @@ def check_app_config(cfg: AppConfig) -> list[str]:
 def resolve_path(cfg: AppConfig, value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else cfg.base_dir / path
+
+
+def cannot_write_in(folder: Path, *, created_on_demand: bool) -> str:
+    """Why this user cannot create a file in `folder` ('' when it can). Tried for real, with a
+    file made and removed at once: permission bits do not tell (root ignores them; a
+    read-only mount or systemd's sandbox does not show in them). A folder that is created on
+    demand is tried at its nearest existing ancestor."""
+    probe = folder
+    while created_on_demand and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".oncall-pager-check-", dir=probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    os.unlink(name)
+    return ""
+
+
+def local_file_problems(cfg: AppConfig) -> list[str]:
+    """[store] cache_file and spool_dir must be writable (S3 stores only, where they are
+    used): otherwise the pager finds out during an S3 outage, when it has lost its last good
+    config or the pages that arrive meanwhile."""
+    if not cfg.store_url.startswith("s3://"):
+        return []
+    problems = []
+    if cfg.cache_file:
+        path = resolve_path(cfg, cfg.cache_file)
+        why = "it is a folder" if path.is_dir() else cannot_write_in(path.parent,
+                                                                      created_on_demand=False)
+        if why:
+            problems.append(f"[store] cache_file {path} is not writable: {why}")
+    if cfg.spool_dir:
+        path = resolve_path(cfg, cfg.spool_dir)
+        why = ("it is not a folder" if path.exists() and not path.is_dir()
+               else cannot_write_in(path, created_on_demand=True))
+        if why:
+            problems.append(f"[store] spool_dir {path} is not writable: {why}")
+    return problems
 
 
 ESCALATION_DEFAULTS = {"ack_timeout": 300, "call_attempts": 2, "escalate_to": None,
@@ -1042,27 +1117,47 @@ class TeamConfig:
             doc = parse_oncall_config(blob.data)
         except ConfigError as e:
             self._note(True, f"invalid operational config: {e.problems[0]}")
-            log.error("event=config.invalid etag=%s problem=%r", blob.etag, e.problems[0])
             return self._last_good()
         self._note(True, "")
         self._checked = checked
         return self._remember(Snapshot(doc, blob.etag))
 
     def _note(self, reachable: bool, problem: str) -> None:
-        if reachable != self.reachable:
+        """Remember how the last read went (for /healthz) and log a change once: /healthz
+        tells the public only `unreachable` or `invalid`; the reason is for the operator."""
+        with self._lock:
+            changed = (reachable != self.reachable, problem != self.problem)
+            self.reachable, self.problem = reachable, problem
+        if changed[0]:
             log.warning("event=store.%s store=%s", "back" if reachable else "unreachable",
                         self.store.describe())
-        self.reachable, self.problem = reachable, problem
+        if changed[1] and problem:
+            log.error("event=config.problem problem=%s", log_value(problem, 300))
+        elif changed[1]:
+            log.info("event=config.ok")
 
     def _remember(self, snapshot: Snapshot) -> Snapshot:
         with self._lock:
             self._current = snapshot
         if self.cache_file is not None:
-            with contextlib.suppress(OSError):
-                tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-                tmp.write_bytes(to_json({"etag": snapshot.etag, "doc": snapshot.doc}))
-                os.replace(tmp, self.cache_file)
+            self._save(snapshot, self.cache_file)
         return snapshot
+
+    @staticmethod
+    def _save(snapshot: Snapshot, path: Path) -> None:
+        """The local copy holds the SMTP password: mode 0600 from its first byte (mkstemp
+        creates it so), renamed into place so a reader never sees half a file."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        except OSError:
+            return  # `check` and serve's start say so; the in-memory copy still answers
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(to_json({"etag": snapshot.etag, "doc": snapshot.doc}))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _last_good(self) -> Snapshot:
         if self._current is None and self.cache_file is not None:
@@ -1726,7 +1821,7 @@ class Pager:
         snap = self.team.read()
         member = member_by_phone(snap.doc, sender)
         if member is None:
-            log.info("event=sms.stranger from=%s", sender)
+            log.info("event=sms.stranger from=%s", log_value(sender, 40))
             return None
         command, args = parse_command(body)
         log.debug("event=sms.command member=%s command=%s", member["id"], command)
@@ -2746,8 +2841,8 @@ class FormFields(dict):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 413: "Content Too Large", 500: "Internal Server Error",
-               503: "Service Unavailable"}
+               405: "Method Not Allowed", 413: "Content Too Large", 414: "URI Too Long",
+               500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def read_body(environ: dict) -> bytes:
@@ -2839,9 +2934,10 @@ class Route:
 
 
 class WebApp:
-    """The WSGI application. Every request goes: route (404/405) -> size (413) -> parse (400)
-    -> signature (403) -> required fields (400) -> handler. Nothing a handler raises reaches
-    the caller as a traceback: store outages are 503, anything else a logged 500."""
+    """The WSGI application. Every request goes: request line (414) -> route (404/405) ->
+    size (413) -> parse (400) -> signature (403) -> required fields (400) -> handler.
+    Nothing a handler raises reaches the caller as a traceback: store outages are 503,
+    anything else a logged 500."""
 
     def __init__(self, cfg: AppConfig, pager: Pager, worker: Worker | None = None):
         from twilio.request_validator import RequestValidator
@@ -2850,6 +2946,9 @@ class WebApp:
         self.pager = pager
         self.worker = worker
         self.validator = RequestValidator(cfg.auth_token)
+        # While Twilio's auth token is rotated, requests signed with the other one still pass.
+        self.secondary = (RequestValidator(cfg.auth_token_secondary)
+                          if cfg.auth_token_secondary else None)
         self._replies: OrderedDict[str, Response] = OrderedDict()
         self._replies_lock = threading.Lock()
 
@@ -2868,18 +2967,26 @@ class WebApp:
             response = Response(503, "no valid operational config\n",
                                 "text/plain; charset=utf-8")
         except Exception:
-            log.exception("event=request.error method=%s path=%s", method, path)
+            log.exception("event=request.error method=%s path=%s", log_value(method),
+                          log_value(path, 80))
             response = Response(500, "internal error\n", "text/plain; charset=utf-8")
         body = response.body.encode("utf-8")
         headers = [("Content-Type", response.content_type), ("Content-Length", str(len(body))),
                    *response.headers]
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
                        headers)
-        log.info("event=request method=%s path=%s status=%d ms=%.1f", method,
-                 path[:80], response.status, (time.perf_counter() - started) * 1000)
+        log.info("event=request method=%s path=%s status=%d ms=%.1f", log_value(method),
+                 log_value(path, 80), response.status, (time.perf_counter() - started) * 1000)
         return [body]
 
     def dispatch(self, environ: dict, method: str, path: str) -> Response:
+        # Sizes first: an oversized request line costs no routing, parsing or HMAC. Bytes as
+        # sent (PATH_INFO is decoded, REQUEST_URI is not).
+        raw_path = (environ.get("REQUEST_URI") or path).partition("?")[0]
+        if len(raw_path) > MAX_PATH or len(path) > MAX_PATH:
+            raise HTTPError(414, f"request path over {MAX_PATH} bytes")
+        if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
+            raise HTTPError(414, f"query string over {MAX_QUERY} bytes")
         route = ROUTES.get(path)
         if route is None:
             raise HTTPError(404, "not found")
@@ -2912,9 +3019,13 @@ class WebApp:
         if signature and hmac.compare_digest(
                 self.validator.compute_signature(url, fields).encode(), signature.encode()):
             return  # the common case, one HMAC; validate() below also tries the port variants
-        if not signature or not self.validator.validate(url, fields, signature):
-            log.warning("event=signature.rejected path=%s", environ.get("PATH_INFO", "")[:80])
-            raise HTTPError(403, "invalid or missing X-Twilio-Signature")
+        if signature and (self.validator.validate(url, fields, signature) or (
+                self.secondary is not None
+                and self.secondary.validate(url, fields, signature))):
+            return
+        log.warning("event=signature.rejected path=%s",
+                    log_value(environ.get("PATH_INFO", ""), 80))
+        raise HTTPError(403, "invalid or missing X-Twilio-Signature")
 
     # --- the customer's call -------------------------------------------------------------------
 
@@ -2945,13 +3056,15 @@ class WebApp:
 
     def caller_query(self, request: Request) -> str:
         """The caller's details, carried in the callback URLs: Twilio's recording callback
-        does not repeat them. Fields Twilio left out are simply absent."""
+        does not repeat them. Fields Twilio left out are simply absent. Caller-ID names come
+        from the phone network, not from Twilio: cleaned here, before they travel on."""
         form = request.form
         details = {"caller": form.get("From", "") or request.query.get("caller", ""),
                    "name": form.get("CallerName", "") or request.query.get("name", ""),
                    "city": form.get("FromCity", "") or request.query.get("city", ""),
                    "state": form.get("FromState", "") or request.query.get("state", ""),
                    "call": form.get("CallSid", "")}
+        details = {k: clean_text(v) for k, v in details.items()}
         return urllib.parse.urlencode({k: v for k, v in details.items() if v})
 
     def record_prompt(self, request: Request, voice: Any, again: bool) -> None:
@@ -2993,8 +3106,9 @@ class WebApp:
 
     def public_recordingcb(self, request: Request) -> Response:
         form, query = request.form, request.query
-        caller = {k: query[q] for k, q in (("number", "caller"), ("name", "name"),
-                                           ("city", "city"), ("state", "state")) if q in query}
+        caller = {k: clean_text(query[q]) for k, q in (
+            ("number", "caller"), ("name", "name"), ("city", "city"), ("state", "state"))
+            if q in query}
         call_sid = form["CallSid"]
         status = form["RecordingStatus"]
         if status == "completed":
@@ -3021,7 +3135,7 @@ class WebApp:
     def public_mmsstatuscb(self, request: Request) -> Response:
         status = request.form["MessageStatus"]
         page_id = request.query.get("page", "")
-        log.info("event=mms.status page=%s status=%s", page_id[:40], status)
+        log.info("event=mms.status page=%s status=%s", log_value(page_id, 40), log_value(status))
         if status in ("failed", "undelivered") and re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}",
                                                                 page_id):
             self.pager.mms_failed(page_id, status)
@@ -3038,7 +3152,8 @@ class WebApp:
                 if sid in self._replies:
                     return self._replies[sid]
         try:
-            reply = self.pager.handle_sms(request.form["From"], request.form.get("Body", ""))
+            reply = self.pager.handle_sms(clean_text(request.form["From"]),
+                                          clean_text(request.form.get("Body", "")))
         except NoConfig:
             log.error("event=sms.no_config")
             reply = None
@@ -3121,7 +3236,8 @@ class WebApp:
         page = self.page_for(request)
         status = request.form["CallStatus"]
         step = request.query.get("step", "")
-        log.info("event=call.status page=%s status=%s", (page or {}).get("id"), status)
+        log.info("event=call.status page=%s status=%s", (page or {}).get("id"),
+                 log_value(status))
         if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
             self.pager.call_unanswered(page["id"], int(step))
         return empty_messaging()
@@ -3138,9 +3254,11 @@ class WebApp:
         except StoreUnavailable:
             config = "unavailable"
         healthy = self.pager.team.reachable and config == "loaded"
+        # Status words only: the reason (which can quote the config) goes to the log, once
+        # per change, and to `oncall-pager check`; this endpoint is public.
         body = {"status": "ok" if healthy else "unhealthy",
                 "store": "reachable" if self.pager.team.reachable else "unreachable",
-                "config": config, "problem": self.pager.team.problem,
+                "config": config,
                 "queue_depth": self.worker.queue_depth if self.worker else 0,
                 "version": VERSION}
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
@@ -3169,9 +3287,21 @@ ROUTES: dict[str, Route] = {
 # ==============================================================================================
 
 
+class OneLineFormatter(logging.Formatter):
+    """The last guard against a forged log line: whatever a message holds, it stays one line
+    (control characters escaped), for values that were not passed through log_value. A
+    traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = CONTROL_CHARACTERS.sub(
+            lambda m: m.group().encode("unicode_escape").decode("ascii"), record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s level=%(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s level=%(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def build_pager(cfg: AppConfig) -> Pager:
@@ -3199,6 +3329,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     setup_logging(cfg.log_level)
     pager = build_pager(cfg)
+    for problem in local_file_problems(cfg):
+        log.error("event=serve.unwritable problem=%s", log_value(problem, 400))
     initialise_if_empty(cfg, pager)
     try:
         pager.team.read()
@@ -3254,26 +3386,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     mode = os.stat(args.config).st_mode
     own = ConfigParser(interpolation=None)
     own.read(args.config, encoding="utf-8")
-    if mode & 0o044 and own.get("twilio", "auth_token", fallback="").strip():
+    if mode & 0o044 and any(own.get("twilio", key, fallback="").strip()
+                            for key in ("auth_token", "auth_token_secondary")):
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
+    local = local_file_problems(cfg)
     store = open_store(cfg)
     try:
         blob = store.get(cfg.config_key)
     except StoreUnavailable as e:
-        raise ConfigError([f"store {store.describe()} is unreachable: {e}"]) from None
+        raise ConfigError([*local, f"store {store.describe()} is unreachable: {e}"]) from None
     if blob is None:
-        raise ConfigError([f"store {store.describe()} holds no {cfg.config_key} "
+        raise ConfigError([*local, f"store {store.describe()} holds no {cfg.config_key} "
                            "(put one there with: oncall-pager init)"])
     try:
         doc = json.loads(blob.data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError([f"{cfg.config_key}: not valid JSON: {e}"]) from None
+        raise ConfigError([*local, f"{cfg.config_key}: not valid JSON: {e}"]) from None
     errors, more = check_oncall_config(doc)
     for line in warnings + more:
         print(f"warning: {line}", file=sys.stderr)
-    if errors:
-        raise ConfigError(errors)
+    if local or errors:
+        raise ConfigError(local + errors)
     print(f"ok: {args.config} and {store.describe()}{cfg.config_key} are valid "
           f"({len(members(doc))} members, on call: {oncall_member(doc)['id']})")
     return 0
@@ -3423,22 +3557,33 @@ def masked(doc: dict) -> dict:
     return shown
 
 
+CONFIG_CHANGE_TRIES = 5
+
+
 def change_config(pager: Pager, args: argparse.Namespace,
                   change: Callable[[dict], str]) -> int:
-    """Read, change a copy, write conditionally over what was read (validated, audited)."""
-    snap = pager.team.read()
-    if snap.stale:
-        raise StoreUnavailable(pager.team.problem)
-    doc = copy.deepcopy(snap.doc)
-    what = change(doc)
-    try:
-        pager.team.write(doc, base=snap, actor=operator(args), details={"via": "cli",
-                                                                          "change": what})
-    except StoreConflict:
-        raise UsageError("the config changed in the store while this change was made; "
-                         "nothing was written, run the command again") from None
-    print(what)
-    return 0
+    """Read, change a copy, write conditionally over what was read (validated, audited).
+    A change that lost the race to another writer is made again over the new version (so
+    two operators adding members at once both succeed), and checked again: a member added
+    meanwhile with the same id is refused then. `config edit` never does this: a person
+    made that change while looking at the old version."""
+    for attempt in range(CONFIG_CHANGE_TRIES):
+        snap = pager.team.read()
+        if snap.stale:
+            raise StoreUnavailable(pager.team.problem)
+        doc = copy.deepcopy(snap.doc)
+        what = change(doc)
+        try:
+            pager.team.write(doc, base=snap, actor=operator(args),
+                             details={"via": "cli", "change": what})
+        except StoreConflict:
+            if attempt + 1 < CONFIG_CHANGE_TRIES:
+                time.sleep(0.05 + secrets.randbelow(200) / 1000)
+            continue
+        print(what)
+        return 0
+    raise UsageError(f"the config kept changing in the store ({CONFIG_CHANGE_TRIES} tries); "
+                     "nothing was written, run the command again")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

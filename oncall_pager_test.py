@@ -9,6 +9,7 @@ twilio.request_validator.RequestValidator. Nothing leaves the loopback interface
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import copy
@@ -20,6 +21,7 @@ import http
 import http.client
 import http.server
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,6 +34,7 @@ import sys
 import textwrap
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -4004,3 +4007,226 @@ def test_a_store_blip_mid_escalation_does_not_skip_the_rest_of_the_team(
     store.fail = lambda operation, key: False
     assert calls == [BOB, CAROL]
     assert len(audit_events(store, "page.escalated")) == 1
+
+
+# ==============================================================================================
+# Hardening: the findings of the security review (spec section 14)
+# ==============================================================================================
+
+
+def test_a_caller_name_with_a_line_break_cannot_add_an_email_header(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Caller-ID names come from the phone network: "\\r\\nBcc: ..." must not reach a header."""
+    call = call_params(CallerName="ACME\r\nBcc: thief@example.net", FromCity="RALEIGH\n")
+    leave_voicemail(s3_pager, twilio, call=call)
+    (mail,) = wait_until(lambda: smtp.messages, 5)
+    assert mail["Bcc"] is None and "thief" not in str(mail["To"])
+    assert mail["Subject"].strip() == ("On-call voicemail (12 sec) from ACME Bcc: "
+                                       "thief@example.net <+15551230000>")  # folded: long
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    (mms,) = twilio.messages()
+    assert mms.params["Body"][0].startswith("On-call voicemail (12 sec) from ACME Bcc: thief")
+
+
+FORGED = "2026-11-27 03:00:00,000 level=INFO event=audit audit_event=oncall.changed actor=mallory"
+
+
+def test_a_request_cannot_forge_a_log_line(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    server = serve_process(write_config(tmp_path, "file:var", mode="dry-run"))
+    server.wait_healthy()
+    connection = http.client.HTTPConnection("127.0.0.1", server.cfg.port, timeout=5)
+    connection.request("GET", "/x%0a" + urllib.parse.quote(FORGED))
+    assert connection.getresponse().status == 404
+    connection.close()
+    assert server.terminate() == 0
+    (logged,) = [line for line in server.log.read_text().splitlines() if "03:00:00" in line]
+    assert re.match(r"\d{4}-\d\d-\d\d [\d:,]{12} level=INFO event=request method=GET "
+                    r'path="/x\\n2026-11-27 03:00:00,000 level=INFO event=audit .*\.\.\." '
+                    r"status=404 ms=", logged), logged
+
+
+def test_a_log_message_is_one_line_whatever_it_holds() -> None:
+    """The formatter of `serve` is the last guard, for a value logged without log_value."""
+    record = logging.LogRecord("oncall_pager", logging.INFO, __file__, 1,
+                               "event=sms.stranger from=%s", ("+1\r\n" + FORGED,), None)
+    line = op.OneLineFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "INFO event=sms.stranger from=+1\\r\\n" + FORGED
+
+
+def test_healthz_shows_status_words_only_and_logs_the_reason_once(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    bad = team_doc(oncall_user={"id": "carla-the-secret-name"})
+    file_pager.store.put("oncall_config.json", op.to_json(bad))
+    for _ in range(3):
+        status, body, _ = http_request("GET", file_pager.base_url + "/healthz")
+        assert status == 503
+        assert json.loads(body) == {"status": "unhealthy", "store": "reachable",
+                                    "config": "invalid", "queue_depth": 0, "version": op.VERSION}
+    problems = [r.getMessage() for r in caplog.records if "event=config.problem" in r.getMessage()]
+    assert len(problems) == 1 and "carla-the-secret-name" in problems[0]
+    put_team(file_pager.store, team_doc())
+    assert http_request("GET", file_pager.base_url + "/healthz")[0] == 200
+    assert [r for r in caplog.records if r.getMessage() == "event=config.ok"]
+
+
+def test_an_oversized_path_or_query_is_414_before_any_signature_work(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    params = sms_params(BOB, "TAKE")
+    long_query = "/msgcontrol/entry?pad=" + "x" * 4096
+    assert file_pager.post(long_query, params, signature="bm9wZQ==")[0] == 414
+    assert file_pager.post(long_query, params)[0] == 414  # even when signed
+    assert http_request("POST", file_pager.base_url + "/" + "p" * 1024, b"x=1")[0] == 414
+    assert not [r for r in caplog.records if "signature.rejected" in r.getMessage()]
+    assert file_pager.store.list("sessions/") == []
+    just_fits = "/msgcontrol/entry?pad=" + "x" * (4096 - len("pad="))
+    assert file_pager.post(just_fits, params, signature="bm9wZQ==")[0] == 403
+    assert http_request("POST", file_pager.base_url + "/" + "p" * 1023, b"x=1")[0] == 404
+
+
+def with_local_files(config: Path, cache_file: str, spool_dir: str = "spool") -> Path:
+    text = config.read_text().replace("cache_file = config.cache.json",
+                                      f"cache_file = {cache_file}\nspool_dir = {spool_dir}")
+    config.write_text(text)
+    return config
+
+
+def test_check_fails_when_the_cache_file_or_the_spool_is_not_writable(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Tests run as root, which permission bits do not stop: a path under a regular file (or
+    under /proc) fails for anybody."""
+    cli = make_cli("s3", request, tmp_path)
+    (tmp_path / "somefile").write_text("not a folder")
+    with_local_files(cli.config, str(tmp_path / "somefile" / "cache.json"))
+    result = cli.run("check")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: [store] cache_file {tmp_path}/somefile/cache.json is not writable: "
+        "Not a directory"]
+    cli.config.write_text(cli.config.read_text().replace(
+        f"cache_file = {tmp_path}/somefile/cache.json\nspool_dir = spool",
+        "cache_file = config.cache.json\nspool_dir = /proc/oncall-pager-spool"))
+    result = cli.run("check")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: [store] spool_dir /proc/oncall-pager-spool is not writable")
+    cli.config.write_text(cli.config.read_text().replace("/proc/oncall-pager-spool",
+                                                         "spool/not/made/yet"))
+    assert cli.run("check").returncode == 0
+    assert not (cli.config.parent / "spool").exists(), "check creates nothing"
+
+
+def test_check_ignores_cache_and_spool_on_a_directory_store(file_cli: Cli, tmp_path: Path
+                                                             ) -> None:
+    (tmp_path / "somefile").write_text("not a folder")
+    with_local_files(file_cli.config, str(tmp_path / "somefile" / "cache.json"))
+    assert file_cli.run("check").returncode == 0
+
+
+def test_serve_logs_an_error_at_start_when_the_cache_file_is_not_writable(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess]) -> None:
+    (tmp_path / "somefile").write_text("not a folder")
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = with_local_files(write_config(tmp_path, "s3://nobucket", s3_endpoint_url=dead),
+                              str(tmp_path / "somefile" / "cache.json"))
+    server = serve_process(config)
+    server.wait_healthy(expect=503)
+    assert server.terminate() == 0
+    (line,) = [x for x in server.log.read_text().splitlines() if "event=serve.unwritable" in x]
+    assert "level=ERROR" in line and f"{tmp_path}/somefile/cache.json" in line
+
+
+def test_the_local_copy_of_the_config_is_written_mode_0600(s3_pager: RunningPager) -> None:
+    """It holds the SMTP password."""
+    assert "Alice McAlister" in s3_pager.sms(BOB, "WHO")
+    cache = op.resolve_path(s3_pager.cfg, s3_pager.cfg.cache_file)
+    assert cache.stat().st_mode & 0o777 == 0o600
+    assert json.loads(cache.read_bytes())["doc"] == team_doc(
+        s3_pager.pager.team.read().doc["current_config"]["mail_settings"]["mail_port"])
+    assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+SECONDARY_TOKEN = "rotated-auth-token-" + "5" * 13
+
+
+def test_a_webhook_signed_with_the_secondary_token_is_accepted_and_a_third_is_403(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    config.write_text(config.read_text().replace(
+        f"auth_token = {AUTH_TOKEN}",
+        f"auth_token = {AUTH_TOKEN}\nauth_token_secondary = {SECONDARY_TOKEN}"))
+    pager = start_pager(config)
+    url = pager.cfg.public_url + "/msgcontrol/entry"
+    for token, expected in ((SECONDARY_TOKEN, 200), (AUTH_TOKEN, 200), ("a-third-token", 403)):
+        params = sms_params(BOB, "WHO")
+        signature = RequestValidator(token).compute_signature(url, params)
+        status, text = pager.post("/msgcontrol/entry", params, signature=signature)
+        assert status == expected, token
+        assert ("Alice McAlister" in reply_text(text)) == (expected == 200)
+
+
+def test_the_secondary_token_may_come_from_the_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "file:var")
+    assert op.load_app_config(path, {}).auth_token_secondary == ""
+    cfg = op.load_app_config(path, {"TWILIO_AUTH_TOKEN_SECONDARY": SECONDARY_TOKEN})
+    assert cfg.auth_token_secondary == SECONDARY_TOKEN
+
+
+def test_five_operators_adding_members_at_once_all_succeed(cli: Cli) -> None:
+    ids = [f"member{i}" for i in range(5)]
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda i: cli.run(
+            "config", "user-add", ids[i], f"Member {i}", f"+4420794600{i:02d}"), range(5)))
+    assert [(r.returncode, r.stderr) for r in results] == [(0, "")] * 5
+    assert set(ids) <= set(cli.doc()["available_users"]["users"])
+    assert len([c for c in changes(cli) if c[0] == "config.changed"]) == 5
+
+
+def test_a_config_change_that_loses_a_race_is_made_again_over_the_winner(
+        tmp_path: Path) -> None:
+    """Deterministic: another operator writes between this change's read and its write."""
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    cfg = op.load_app_config(write_config(tmp_path, "file:var"))
+    pager, other = op.build_pager(cfg), op.build_pager(cfg)
+    seen: list[set[str]] = []
+
+    def add_dave(doc: dict) -> str:
+        seen.append(set(op.members(doc)))
+        if len(seen) == 1:  # the other operator wins the first race
+            snap = other.team.read()
+            theirs = copy.deepcopy(snap.doc)
+            op.members(theirs)["erin"] = {"id": "erin", "name": "Erin E", "phone": "+15550001"}
+            other.team.write(theirs, base=snap, actor="bob")
+        op.members(doc)["dave"] = {"id": "dave", "name": "Dave D", "phone": "+15550002"}
+        return "added member dave"
+
+    args = argparse.Namespace(as_member="alice")
+    assert op.change_config(pager, args, add_dave) == 0
+    assert len(seen) == 2 and "erin" in seen[1]
+    assert {"dave", "erin"} <= set(op.members(pager.team.read().doc))
+
+
+def test_requirements_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+    text = (HERE / "requirements.lock").read_text().replace("\\\n", " ")
+    pinned: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        name, _, version = requirement.partition("==")
+        assert version and not set(version) & set("<>=!~*,"), f"not pinned exactly: {line}"
+        assert [o for o in options if o.startswith("--hash=sha256:")], f"no hash: {line}"
+        pinned[canonicalize_name(name)] = version
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        assert name in pinned, f"{name} is not in requirements.lock (run make lock)"
+        assert dependency.specifier.contains(pinned[name]), f"{name}=={pinned[name]}"
