@@ -2472,7 +2472,9 @@ class Worker:
             outcome: str | None = None
         else:
             try:
-                doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+                # a retry reads the config afresh: the fault may be a setting being fixed
+                doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE if delivery["attempts"] <= 1
+                                           else 0.0).doc
                 details.update(DELIVER[channel.split(":")[0]](self, store, page, channel, doc))
                 outcome = "sent"
             except OutboundCapped:
