@@ -979,6 +979,7 @@ AUDIT_EVENTS = (
     "page.escalated",        # an escalation step: a call to the on-call engineer or the team
     "page.closed",           # no acknowledgement within a day
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
+    "page.repeated",         # a caller with an open page called again: joined to that page
     "recording.refused",     # a recording callback named a URL outside our Twilio account
 )
 
@@ -1270,6 +1271,11 @@ STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing chang
                    "Try again in a minute.")
 HELP_REPEAT_SECONDS = 300
 RECENT_PAGES = 50
+# Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
+# their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
+STATE_CHANGING = ("take", "confirm", "cancel", "ack")
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
+REPLY_KEEP_DAYS = 7
 
 
 class ReplyLimiter:
@@ -1319,6 +1325,21 @@ def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: 
     page["deliveries"].setdefault(channel, {
         "state": "pending", "attempts": 1 if claimed_until else 0, "next_try": time.time(),
         "claimed_until": claimed_until, "last_error": "", **extra})
+
+
+def message_of(page: dict, channel: str) -> dict:
+    """The voicemail a channel of a page is about: the page's own, or, for a channel named
+    `mms:<RecordingSid>` (and e-mail, archive, fallback alike), a later voicemail of the same
+    caller that joined the page. `page_id` names the page either way."""
+    _, _, repeat_id = channel.partition(":")
+    for repeat in page.get("repeats", []):
+        if repeat["id"] == repeat_id:
+            return {**page, **repeat, "page_id": page["id"]}
+    return page
+
+
+def page_id_of(message: dict) -> str:
+    return message.get("page_id", message["id"])
 
 
 def has_work(page: dict) -> bool:
@@ -1461,8 +1482,10 @@ class Pager:
         now = time.time()
         session = {"member": member["id"], "created": now, "expires": now + lifetime,
                    "config_etag": snap.etag}
-        self.store.put(f"sessions/{member['id']}.json", to_json(session))
-        self.audit.record("session.started", member["id"], {"expires": iso_time(now + lifetime)})
+        in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
+                                                    to_json(session)),
+                    lambda: self.audit.record("session.started", member["id"],
+                                              {"expires": iso_time(now + lifetime)}))
         return (f"{member['name']} to be made on-call engineer, reply C to confirm or X to "
                 f"cancel (within {lifetime} seconds).")
 
@@ -1537,6 +1560,10 @@ class Pager:
         delivers it from there and moves it into the store when S3 is back.
         Returns (page, created)."""
         try:
+            joined = self._join_open_page(page_id, kind, caller, call_sid, recording_url,
+                                          duration)
+            if joined is not None:
+                return joined, False
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
                                    duration)
         except StoreUnavailable as e:
@@ -1590,6 +1617,52 @@ class Pager:
         else:
             self.audit.write(key, entry)
         return page, True
+
+    def _join_open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
+                        recording_url: str, duration: int) -> dict | None:
+        """Junk calls must not be able to page again and again: a call from a number that has
+        an open page joins that page (`page.repeated`, no new escalation). A missed call adds
+        nothing to send; a voicemail is still delivered (MMS, e-mail, archive) as part of the
+        open page. The open pages are the book's: this instance knows every page opened in
+        the store up to `poll_interval` ago. Returns the page joined (or joined before, for
+        Twilio's retry), or None to open a page of its own."""
+        number = caller.get("number")
+        candidates = sorted((p for p, _ in self.book.working() if p.get("state") == "open"
+                             and number and p.get("caller", {}).get("number") == number
+                             and p["id"] != page_id), key=lambda p: p["opened"])
+        if not candidates:
+            return None
+        claimed_until = self.claim_until()
+        channels = ([f"{c}:{page_id}" for c in ("mms", "email", "archive")]
+                    if kind == "voicemail" else [])
+        seen: list[bool] = []
+
+        def join(page: dict | None) -> dict | None:
+            seen[:] = [any(r["id"] == page_id for r in (page or {}).get("repeats", []))]
+            if page is None or page.get("state") != "open" or seen[0]:
+                return None
+            page.setdefault("repeats", []).append({
+                "id": page_id, "kind": kind, "call_sid": call_sid, "opened": time.time(),
+                "recording_url": recording_url, "duration": duration})
+            for channel in channels:
+                add_delivery(page, channel, claimed_until)
+            key, entry = self.audit.entry("page.repeated", "twilio", {
+                "page": page["id"], "number": page.get("number"), "repeat": page_id,
+                "kind": kind, "caller": caller, "duration": duration})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        written = self.write_page(self.store, candidates[0]["id"], join)
+        if written is None:
+            return candidates[0] if seen and seen[0] else None
+        page, etag = written
+        if channels and self.start_work is not None and claimed_until:
+            self.start_work(self.store, page, etag, channels)
+        else:
+            due = page["audit_due"][-1]
+            self.audit.write(due["key"], due["entry"])
+        self.wake()
+        return page
 
     def write_page(self, store: Store, page_id: str, change: Callable[[dict | None], dict | None],
                    tries: int = 8, from_copy: bool = True) -> tuple[dict, str] | None:
@@ -1729,17 +1802,19 @@ class Pager:
         self.wake()
         return True, page
 
-    def mms_failed(self, page_id: str, status: str) -> bool:
+    def mms_failed(self, page_id: str, status: str, channel: str = "mms") -> bool:
         """Twilio could not deliver the MMS: fall back to a plain SMS with the link (once)."""
+        fallback = channel.replace("mms", "sms_fallback", 1)
+
         def fall_back(page: dict | None) -> dict | None:
-            if page is None or "sms_fallback" in page["deliveries"] or \
-                    "mms" not in page["deliveries"]:
+            if page is None or fallback in page["deliveries"] or \
+                    channel not in page["deliveries"]:
                 return None
-            page["deliveries"]["mms"]["state"] = "failed"
-            add_delivery(page, "sms_fallback", claimed_until)
+            page["deliveries"][channel]["state"] = "failed"
+            add_delivery(page, fallback, claimed_until)
             key, entry = self.audit.entry("page.delivery_failed", "twilio", {
-                "page": page_id, "number": page.get("number"), "deliveries": {"mms": {
-                    "status": status, "final": True, "fallback": "sms_fallback"}}})
+                "page": page_id, "number": page.get("number"), "deliveries": {channel: {
+                    "status": status, "final": True, "fallback": fallback}}})
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
@@ -1760,7 +1835,7 @@ class Pager:
         due = page["audit_due"][-1]
         self.audit.write(due["key"], due["entry"])
         if self.start_work is not None and claimed_until:
-            self.start_work(store, page, etag, ["sms_fallback"])
+            self.start_work(store, page, etag, [fallback])
         return True
 
     def call_unanswered(self, page_id: str, step: int) -> None:
@@ -1816,8 +1891,14 @@ class Pager:
 
     # --- one SMS from the control number -------------------------------------------------------
 
-    def handle_sms(self, sender: str, body: str) -> str | None:
-        """The reply to one team SMS, or None for no reply (strangers, limited help)."""
+    def handle_sms(self, sender: str, body: str, message_sid: str = "") -> str | None:
+        """The reply to one team SMS, or None for no reply (strangers, limited help).
+
+        A command that changes something runs once per MessageSid, across restarts and
+        instances: a marker (replies/<MessageSid>.json, a conditional create) is taken before
+        it runs and given its reply after, so a replayed request, captured or retried, gets
+        the first reply and changes nothing; one whose first run stopped half way gets no
+        reply (the member sends the command again, as a new message)."""
         snap = self.team.read()
         member = member_by_phone(snap.doc, sender)
         if member is None:
@@ -1827,8 +1908,35 @@ class Pager:
         log.debug("event=sms.command member=%s command=%s", member["id"], command)
         if command is None:
             return HELP_TEXT if self.help_limiter.allow(sender, time.time()) else None
-        if snap.stale and command in ("take", "confirm", "cancel", "ack"):
+        if snap.stale and command in STATE_CHANGING:
             return STORE_DOWN_TEXT
+        marker = (f"replies/{message_sid}.json" if command in STATE_CHANGING
+                  and MESSAGE_SID.fullmatch(message_sid) else None)
+        if marker is not None:
+            record = {"member": member["id"], "command": command, "time": time.time(),
+                      "reply": None, "done": False}
+            try:
+                self.store.put(marker, to_json(record), if_absent=True)
+            except StoreConflict:
+                first = read_json(self.store, marker)
+                log.warning("event=sms.replayed member=%s command=%s sid=%s", member["id"],
+                            command, message_sid)
+                return first[0].get("reply") if first else None
+            except StoreUnavailable:
+                return STORE_DOWN_TEXT
+        reply = self.run_command(command, args, snap, member)
+        if marker is not None:  # after the answer: a replay in between gets no reply
+            IO_POOL.submit(self._keep_reply, marker, {**record, "reply": reply, "done": True})
+        return reply
+
+    def _keep_reply(self, marker: str, record: dict) -> None:
+        try:
+            self.store.put(marker, to_json(record))
+        except StoreUnavailable:
+            log.warning("event=sms.reply_unkept marker=%s", marker)
+
+    def run_command(self, command: str, args: list[str], snap: Snapshot,
+                    member: dict) -> str | None:
         try:
             if command == "who":
                 return self.who(snap.doc)
@@ -1888,6 +1996,13 @@ class LiveTelephony(Telephony):
                         http_client=TwilioHttpClient(timeout=self.cfg.http_timeout))
         client.api.base_url = self.cfg.api_base_url.rstrip("/")
         return client
+
+    def warm_up(self) -> None:
+        """Import what the first send would (the client loads its resources lazily, about
+        0.1 s): at start, not on the first page."""
+        client = self._client()
+        for resource in (client.messages, client.calls):
+            resource.list  # noqa: B018 (touching it imports it)
 
     def _send(self, what: Callable[[Any], Any]) -> str:
         from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -2117,6 +2232,7 @@ class Worker:
         self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
+        self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
@@ -2164,6 +2280,9 @@ class Worker:
                     self._list_messages()
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + DAY
+            self._submit("prune", self._prune_replies)
         next_due = now + max(0.0, self._next_listing - time.monotonic())
         depth = 0
         spool = self.pager.spool
@@ -2219,6 +2338,13 @@ class Worker:
             if known is None and found[0].get("audit_due"):
                 self._submit(f"{page_id}/audit", lambda page=found[0]: self._write_due(page))
         self.pager.book.keep_only(seen, listed_at)
+
+    def _prune_replies(self) -> None:
+        """Replay markers older than REPLY_KEEP_DAYS (a day more, to be sure) go: one
+        listing a day."""
+        for key, (_, modified) in self.store.versions("replies/").items():
+            if modified < time.time() - (REPLY_KEEP_DAYS + 1) * DAY:
+                self.store.delete(key)
 
     def _move_into_store(self, page_id: str) -> bool:
         """A spooled page goes into the store (with its page number) once the store answers
@@ -2373,10 +2499,12 @@ class Worker:
         """Run the deliveries a write of this instance claimed, at once; the first
         notification first, then the page's audit entries still to write, then the rest."""
         batch = Batch(channels)
-        for channel in sorted(channels, key=lambda c: c not in ("mms", "sms")):
+        for i, channel in enumerate(sorted(channels, key=lambda c: c.split(":")[0] not in (
+                "mms", "sms"))):
             self._submit(f"{page['id']}/{channel}",
                          lambda c=channel: self._deliver(store, page, c, batch))
-            if channel in ("mms", "sms") and page.get("audit_due"):
+            if i == 0 and any(not self.pager.audit.written(d["key"])
+                              for d in page.get("audit_due", [])):
                 self._submit(f"{page['id']}/audit", lambda: self._write_due(page))
 
     def _write_due(self, page: dict) -> None:
@@ -2475,7 +2603,8 @@ class Worker:
                 # a retry reads the config afresh: the fault may be a setting being fixed
                 doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE if delivery["attempts"] <= 1
                                            else 0.0).doc
-                details.update(DELIVER[channel.split(":")[0]](self, store, page, channel, doc))
+                details.update(DELIVER[channel.split(":")[0]](
+                    self, store, message_of(page, channel), channel, doc))
                 outcome = "sent"
             except OutboundCapped:
                 outcome = "capped"
@@ -2528,8 +2657,8 @@ class Worker:
                         delivery["attempts"], self.cfg.retry_base, self.cfg.retry_cap)
                 else:
                     delivery["state"] = outcome
-                if channel == "mms" and outcome == "failed":
-                    add_delivery(page, "sms_fallback")
+                if channel.split(":")[0] == "mms" and outcome == "failed":
+                    add_delivery(page, channel.replace("mms", "sms_fallback", 1))
             return page
 
         try:
@@ -2545,15 +2674,16 @@ class Worker:
             return page["number"]
         if store is not self.store:
             return "?"
+        page_id = page_id_of(page)
         with self._lock:
-            lock = self._page_locks.setdefault(page["id"], threading.Lock())
+            lock = self._page_locks.setdefault(page_id, threading.Lock())
         with lock:
             with self._lock:
-                number = self._numbers.get(page["id"])
+                number = self._numbers.get(page_id)
             if number is None:
-                number = self.pager.page_number(page["id"], page["opened"])
+                number = self.pager.page_number(page_id, page["opened"])
                 with self._lock:
-                    self._numbers[page["id"]] = number
+                    self._numbers[page_id] = number
                     while len(self._numbers) > 100:
                         old, _ = self._numbers.popitem(last=False)
                         self._page_locks.pop(old, None)
@@ -2655,7 +2785,8 @@ class Worker:
             f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
             "Reply ACK to acknowledge.",
             media_url=page["recording_url"] + ".mp3",
-            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page['id']}"))
+            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page_id_of(page)}"
+                                         + (f"&channel={channel}" if channel != "mms" else "")))
         return {"to": page["oncall"]["phone"], "sid": sid}
 
     def _deliver_sms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
@@ -2714,7 +2845,7 @@ class Worker:
         """The mp3 and its metadata, written at once (independent writes)."""
         data = self._recording(page)
         metadata = to_json({
-            "page": page["id"], "number": self._number(store, page),
+            "page": page_id_of(page), "number": self._number(store, page),
             "recording_sid": page["id"], "recording_url": page["recording_url"],
             "duration": page["duration"], "caller": page["caller"],
             "call_sid": page["call_sid"], "time": iso_time(page["opened"]), "bytes": len(data)})
@@ -2951,8 +3082,6 @@ class WebApp:
         # While Twilio's auth token is rotated, requests signed with the other one still pass.
         self.secondary = (RequestValidator(cfg.auth_token_secondary)
                           if cfg.auth_token_secondary else None)
-        self._replies: OrderedDict[str, Response] = OrderedDict()
-        self._replies_lock = threading.Lock()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -3137,35 +3266,27 @@ class WebApp:
     def public_mmsstatuscb(self, request: Request) -> Response:
         status = request.form["MessageStatus"]
         page_id = request.query.get("page", "")
-        log.info("event=mms.status page=%s status=%s", log_value(page_id, 40), log_value(status))
-        if status in ("failed", "undelivered") and re.fullmatch(r"[A-Z]{2}[0-9a-zA-Z]{32}",
-                                                                page_id):
-            self.pager.mms_failed(page_id, status)
+        channel = request.query.get("channel", "mms")
+        log.info("event=mms.status page=%s channel=%s status=%s", log_value(page_id, 40),
+                 log_value(channel, 40), log_value(status))
+        if status in ("failed", "undelivered") and PAGE_ID.fullmatch(page_id) and \
+                re.fullmatch(r"mms(:[A-Z]{2}[0-9a-zA-Z]{32})?", channel):
+            self.pager.mms_failed(page_id, status, channel)
         return empty_messaging()
 
     # --- the team's SMS ------------------------------------------------------------------------
 
     def msgcontrol_entry(self, request: Request) -> Response:
-        """A Twilio retry of the same MessageSid gets the first answer again, not a second
-        execution (remembered in memory for the last 1000 messages)."""
-        sid = request.form.get("MessageSid", "")
-        if sid:
-            with self._replies_lock:
-                if sid in self._replies:
-                    return self._replies[sid]
+        """A retry or replay of the same MessageSid gets the first answer again, not a second
+        execution (see Pager.handle_sms)."""
         try:
             reply = self.pager.handle_sms(clean_text(request.form["From"]),
-                                          clean_text(request.form.get("Body", "")))
+                                          clean_text(request.form.get("Body", "")),
+                                          request.form.get("MessageSid", ""))
         except NoConfig:
             log.error("event=sms.no_config")
             reply = None
-        response = message_reply(reply)
-        if sid:
-            with self._replies_lock:
-                self._replies[sid] = response
-                while len(self._replies) > 1000:
-                    self._replies.popitem(last=False)
-        return response
+        return message_reply(reply)
 
     def wrongnumber_sms(self, request: Request) -> Response:
         if request.form.get("CallSid"):
@@ -3341,9 +3462,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.dry_run:
         telephony: Telephony = DryRunTelephony(pager.store)
     else:
-        import twilio.rest  # noqa: F401 (imported now rather than on the first page: ~0.2 s)
-
         telephony = LiveTelephony(cfg)
+        telephony.warm_up()
     worker = Worker(pager, telephony)
     with contextlib.suppress(NoConfig, ConfigError, StoreUnavailable):
         pager.team.reconcile()

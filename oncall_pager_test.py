@@ -3752,6 +3752,126 @@ def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothin
 
 
 # ==============================================================================================
+# Hardening of the page path: replay, the paging budget, unexpected delivery failures
+# ==============================================================================================
+
+
+def test_a_captured_take_and_c_replayed_after_a_restart_change_nothing(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager]) -> None:
+    config = s3_setup()
+    first = start_pager(config)
+    take, confirm = sms_params(BOB, "TAKE"), sms_params(BOB, "C")
+    answers = [first.post("/msgcontrol/entry", params) for params in (take, confirm)]
+    assert "you are now on call" in reply_text(answers[1][1])
+    first.sms(CAROL, "TAKE")
+    first.sms(CAROL, "C")
+    first.stop()
+    second = start_pager(config)  # a restart: nothing in memory remembers the messages
+    time.sleep(0.3)  # the markers' replies are written just after the answers
+    replayed = [second.post("/msgcontrol/entry", params) for params in (take, confirm)]
+    assert replayed == answers, "a replay gets the first replies again"
+    assert oncall_id(second.store) == "carol"
+    assert [e["details"]["to"] for e in audit_events(second.store, "oncall.changed")] == [
+        "bob", "carol"]
+
+
+def test_a_replayed_ack_does_not_acknowledge_a_newer_page(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    first, _ = leave_voicemail(s3_pager, twilio)
+    ack = sms_params(ALICE, "ACK")
+    status, text = s3_pager.post("/msgcontrol/entry", ack)
+    assert "Page 1 acknowledged" in reply_text(text)
+    second, _ = leave_voicemail(s3_pager, twilio, call=call_params(From=CAROL))
+    time.sleep(0.3)
+    assert s3_pager.post("/msgcontrol/entry", ack) == (status, text)
+    assert page_of(s3_pager.store, second["RecordingSid"])["state"] == "open"
+    assert len(audit_events(s3_pager.store, "page.acknowledged")) == 1
+
+
+def missed_call(pager: RunningPager, caller: str) -> None:
+    call = call_params(From=caller)
+    _, text = pager.post("/public/keypress", {**call, "Digits": "1"})
+    callback, _ = record_callback_path(text)
+    assert pager.post(callback, {"CallSid": call["CallSid"], "RecordingStatus": "absent",
+                                 "AccountSid": ACCOUNT_SID})[0] == 200
+
+
+def test_junk_missed_calls_from_one_number_join_its_page_and_cannot_silence_a_voicemail(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Before: five junk missed calls spent the hourly budget (here 3) and a real voicemail
+    went out by e-mail only."""
+    escalation(s3_pager.store, max_outbound_per_hour=3)
+    for _ in range(5):
+        missed_call(s3_pager, STRANGER)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    wait_until(lambda: len(audit_events(s3_pager.store, "page.repeated")) == 4, 5)
+    assert len(s3_pager.store.list("pages/")) == 1, "one page, the later calls joined it"
+    form, _ = leave_voicemail(s3_pager, twilio)  # a real customer
+    assert twilio.wait_for(lambda: any(
+        form["RecordingSid"] in m.params.get("MediaUrl", [""])[0] for m in twilio.messages()), 5)
+    assert len(twilio.messages()) == 2  # the junk number's one SMS, and the voicemail's MMS
+    assert audit_events(s3_pager.store, "outbound.capped") == []
+
+
+def test_a_second_voicemail_from_the_same_caller_is_delivered_as_part_of_the_open_page(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    first, _ = leave_voicemail(s3_pager, twilio, seconds=12)
+    wait_until(lambda: len(smtp.messages) == 1, 5)
+    second, _ = leave_voicemail(s3_pager, twilio, seconds=7)
+    wait_until(lambda: len(smtp.messages) == 2, 5)
+    wait_until(lambda: len(s3_pager.store.list("recordings/")) == 4, 5)
+    assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
+    mms = twilio.messages()[1]
+    assert mms.params["MediaUrl"] == [twilio.recording_url(second["RecordingSid"]) + ".mp3"]
+    assert "(7 sec)" in mms.params["Body"][0]
+    assert [a.get_filename() for a in smtp.messages[1].iter_attachments()] == [
+        f"{second['RecordingSid']}.mp3"]
+    assert s3_pager.store.list("pages/") == [f"pages/{first['RecordingSid']}.json"]
+    page = page_of(s3_pager.store, first["RecordingSid"])
+    assert [r["id"] for r in page["repeats"]] == [second["RecordingSid"]]
+    (repeated,) = audit_events(s3_pager.store, "page.repeated")
+    assert repeated["details"]["repeat"] == second["RecordingSid"]
+    assert page["escalation"]["step"] == 0, "no new escalation chain"
+    # Twilio's retry of the second callback changes nothing
+    assert s3_pager.post(record_callback_path(s3_pager.post(
+        "/public/keypress", {**call_params(), "Digits": "1"})[1])[0], second)[0] == 200
+    time.sleep(0.5)
+    assert len(twilio.messages()) == 2 and len(audit_events(s3_pager.store,
+                                                            "page.repeated")) == 1
+
+
+def test_an_unexpected_delivery_exception_is_audited_retried_then_given_up(
+        tmp_path: Path) -> None:
+    """Before: a delivery raising something unforeseen was retried silently for a day."""
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    cfg = op.load_app_config(config)
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    pager = op.Pager(cfg, store)
+
+    class Broken(op.Telephony):
+        def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                     status_callback: str = "") -> str:
+            raise RuntimeError("surprise")
+
+    worker = op.Worker(pager, Broken())
+    worker.start()
+    try:
+        pager.open_page("CA" + "9" * 32, "missed", {"number": CALLER}, "CA" + "9" * 32)
+        wait_until(lambda: [e for e in audit_events(store, "page.delivery_failed")
+                            if e["details"]["deliveries"].get("sms", {}).get("final")], 20)
+    finally:
+        worker.stop()
+    sms = [e["details"]["deliveries"]["sms"] for e in audit_events(store, "page.delivery_failed")
+           if "sms" in e["details"]["deliveries"]]
+    assert [s["attempt"] for s in sms] == list(range(1, op.MAX_UNEXPECTED + 1))
+    assert all(s["error"] == "unexpected RuntimeError: surprise" for s in sms)
+    assert [s["final"] for s in sms] == [False] * (op.MAX_UNEXPECTED - 1) + [True]
+    assert page_of(store, "CA" + "9" * 32)["deliveries"]["sms"]["state"] == "failed"
+
+
+
+# ==============================================================================================
 # Regressions found in review
 # ==============================================================================================
 
