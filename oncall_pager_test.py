@@ -3622,8 +3622,9 @@ class Process:
         self.store = CrashingStore(folder / "var", crash_at, after)
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
-        with contextlib.suppress(Crash):
-            self.pager.team.reconcile()  # as `serve` does at start
+        with contextlib.suppress(Crash):  # as `serve` does at start
+            self.pager.team.reconcile()
+            self.worker.scan()
 
     def settle(self) -> None:
         for _ in range(20):
@@ -3648,31 +3649,52 @@ class Process:
         self.worker._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def page_flow(process: Process) -> None:
-    """A voicemail: delivered, escalated twice (a call to Alice, then Bob texted and phoned),
-    acknowledged by Alice's SMS, Bob told. Run again after a restart, it is Twilio retrying
-    the callback and Alice sending ACK again."""
-    process.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
-                            f"{process.cfg.api_base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/"
-                            f"Recordings/{CRASH_SID}", 12)
-    process.settle()
-    process.advance(CRASH_ACK_TIMEOUT)
-    process.advance(CRASH_ACK_TIMEOUT)
-    process.pager.handle_sms(ALICE, "ACK")
-    process.settle()
+def sms(process: Process, sender: str, body: str) -> None:
+    """A member's SMS, each a new message (a member who got no answer sends it again)."""
+    process.pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
 
 
-def team_flow(process: Process) -> None:
-    """Bob takes on-call (TAKE, C: Alice is told), Carol starts a TAKE and cancels it (X).
-    Run again after a restart, it is the members sending their commands again."""
-    for sender, body in ((BOB, "TAKE"), (BOB, "C"), (CAROL, "TAKE"), (CAROL, "X")):
-        process.pager.handle_sms(sender, body)
-    process.settle()
+CRASH_RECORDING_URL = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Recordings/"
+MISSED_SID = "CA" + "d" * 32
+
+# A voicemail: delivered, joined by a missed call from the same caller, escalated twice (a
+# call to Alice, then Bob texted and phoned), acknowledged by Alice's SMS, Bob told.
+PAGE_FLOW: list[Callable[[Process], None]] = [
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: p.pager.open_page(MISSED_SID, "missed", {"number": CALLER}, MISSED_SID),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+]
+
+# Bob takes on-call (TAKE, C: Alice is told), Carol starts a TAKE and cancels it (X).
+TEAM_FLOW: list[Callable[[Process], None]] = [
+    lambda p: sms(p, BOB, "TAKE"),
+    lambda p: sms(p, BOB, "C"),
+    lambda p: sms(p, CAROL, "TAKE"),
+    lambda p: sms(p, CAROL, "X"),
+    lambda p: p.settle(),
+]
+
+
+def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
+              ) -> int | None:
+    """Run the steps from `start`; the step the process stopped in, or None."""
+    for i in range(start, len(steps)):
+        try:
+            steps[i](process)
+        except Crash:
+            return i
+    return None
 
 
 def check_page_flow(store: op.Store, outside: Outside) -> None:
     (page,) = [json.loads(store.get(k).data) for k in store.list("pages/")]
     assert (page["state"], page["acked_by"]) == ("acknowledged", "alice")
+    assert [r["id"] for r in page["repeats"]] == [MISSED_SID], "the missed call joined it"
     sent = outside.sent
     assert any(s["kind"] == "mms" and s["to"] == ALICE for s in sent), "the MMS never went"
     assert store.list("outbox/"), "the e-mail never went"
@@ -3689,6 +3711,7 @@ def check_page_flow(store: op.Store, outside: Outside) -> None:
     assert channels([e for e in events if e["event"] == "page.delivered"
                      and e["details"].get("page") == CRASH_SID]) >= {"mms", "email", "archive"}
     assert len([e for e in events if e["event"] == "page.acknowledged"]) == 1
+    assert len([e for e in events if e["event"] == "page.repeated"]) == 1
     escalated = {e["details"]["step"] for e in events if e["event"] == "page.escalated"}
     assert {int(step) for step, _ in calls} <= escalated, "a call the audit log does not tell"
 
@@ -3702,15 +3725,16 @@ def check_team_flow(store: op.Store, outside: Outside) -> None:
                for s in outside.sent), "Alice was never told of the handoff"
 
 
-@pytest.mark.parametrize("flow, check", [(page_flow, check_page_flow),
-                                         (team_flow, check_team_flow)],
+@pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
+                                         (TEAM_FLOW, check_team_flow)],
                          ids=["page", "team"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: Callable[[Process], None],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
     """Every store write of the flow, once stopped just before and once just after it: the
-    process is restarted on the same store (after its claims expired), the flow's inputs come
-    again (Twilio retries, members resend), and the invariants hold."""
+    process is restarted on the same store (after its claims expired), the input it stopped
+    in comes again (Twilio retries the callback, the member sends the SMS again), the flow
+    goes on, and the invariants hold."""
     clock = FakeTime()
     monkeypatch.setattr(op, "time", clock)
     monkeypatch.setattr(op, "RECORD_LINGER", 0.05)
@@ -3726,29 +3750,31 @@ def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothin
 
     folder, outside = fresh("count"), Outside()
     counting = Process(folder, clock, outside)
-    flow(counting)
+    assert run_steps(flow, counting) is None
     counting.stop()
     check(counting.store, outside)
     writes = counting.store.writes
-    assert writes > 5
+    assert writes > 10
     for crash_at in range(1, writes + 1):
         for after in (False, True):
-            folder, outside = fresh(f"crash-{crash_at}-{'after' if after else 'before'}"), \
-                Outside()
+            name = f"crash-{crash_at}-{'after' if after else 'before'}"
+            folder, outside = fresh(name), Outside()
             first = Process(folder, clock, outside, crash_at, after)
-            with contextlib.suppress(Crash):
-                flow(first)
+            stopped_in = run_steps(flow, first)
             first.stop()
-            clock.now += 3600  # the restart comes after every claim of the first run expired
+            # the restart comes once the first run's claims expired, within a TAKE's lifetime
+            clock.now += first.cfg.claim_timeout + 1
             second = Process(folder, clock, outside)
-            flow(second)
+            assert run_steps(flow, second, len(flow) if stopped_in is None else stopped_in) \
+                is None
             second.advance(CRASH_ACK_TIMEOUT)
             second.stop()
             try:
                 check(second.store, outside)
             except AssertionError as e:
                 raise AssertionError(f"stopped {'after' if after else 'before'} write "
-                                     f"{crash_at} of {writes}: {e}") from None
+                                     f"{crash_at} of {writes} (in step {stopped_in}): {e}"
+                                     ) from None
 
 
 # ==============================================================================================
