@@ -9,22 +9,34 @@ What it does
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
-         -> open_page (pages/<id>.json + jobs/<id>.json) -> Worker: deliver (MMS, e-mail,
-            archive, each retried on its own) and escalate (calls, then the team) until ACK.
-    SMS  -> /msgcontrol/entry -> parse_command -> Pager.<command> -> TwiML reply.
+         -> Pager.open_page: one conditional create of pages/<id>.json, which is the page, its
+            queue entry and this instance's claim on its first deliveries
+         -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
+         -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
+            work (found by listing pages/ every poll_interval; only changed pages are read)
+    SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply.
+
+    Over a real network the round trip to S3 is the cost that matters: the page path makes at
+    most two requests one after the other (the config, unless checked in the last 10 s, and
+    the create); everything else follows it, independent writes at once (in_parallel). Each
+    instance keeps copies of the pages it has seen (PageBook) and writes over them with
+    If-Match, so a change costs a read only when another instance changed the page meanwhile.
 
 Store layout (a local directory, or an S3 bucket with an optional prefix)
     oncall_config.json                      the operational config (the predecessor's schema)
     sessions/<member id>.json               pending TAKE confirmations
-    pages/<RecordingSid or CallSid>.json    one page: caller, who was paged, ack, channels
-    jobs/<page id>.json, jobs/msg-*.json    the durable queue: pages with pending work, messages
+    pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
+                                            paged, ack, channels, escalation, claims
+    jobs/msg-*.json                         single SMS (the handoff of C), kept a day once sent
+    replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
     outbox/...                              dry-run mode only: what would have been sent
 
 Every state change is a conditional write (S3 If-Match / If-None-Match; the directory store
-has the same semantics under a lock) followed by one audit entry.
+has the same semantics under a lock) and one audit entry, which travels inside the object it
+describes until it is written, so a stop between the two loses neither.
 
 Run it
     oncall-pager serve -c config.ini        (see README.md; `make run` for the local default)
@@ -1489,14 +1501,14 @@ class Pager:
         return (f"{member['name']} to be made on-call engineer, reply C to confirm or X to "
                 f"cancel (within {lifetime} seconds).")
 
-    def confirm(self, snap: Snapshot, member: dict) -> str:
+    def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str] | None) -> str:
         """C: make the member on call if the config is still the one his TAKE was shown.
         A session is bound to that config version (its ETag): once the config changes, by this
         confirmation or by anything else, the session is spent, so a confirmed session needs
         no delete. Two members confirming at once: the conditional write lets one win. The
-        audit entry and the handoff SMS to the previous engineer are written together."""
+        audit entry and the handoff SMS to the previous engineer are written together.
+        `session` is sessions/<member>.json as read just before (or None)."""
         key = f"sessions/{member['id']}.json"
-        session = read_json(self.store, key)
         lifetime = session_lifetime(snap.doc)
         no_take = f"No pending TAKE. Send TAKE again and reply C within {lifetime} seconds."
         if session is None or session[0].get("expires", 0) < time.time():
@@ -1912,19 +1924,24 @@ class Pager:
             return STORE_DOWN_TEXT
         marker = (f"replies/{message_sid}.json" if command in STATE_CHANGING
                   and MESSAGE_SID.fullmatch(message_sid) else None)
-        if marker is not None:
-            record = {"member": member["id"], "command": command, "time": time.time(),
-                      "reply": None, "done": False}
-            try:
-                self.store.put(marker, to_json(record), if_absent=True)
-            except StoreConflict:
-                first = read_json(self.store, marker)
-                log.warning("event=sms.replayed member=%s command=%s sid=%s", member["id"],
-                            command, message_sid)
-                return first[0].get("reply") if first else None
-            except StoreUnavailable:
-                return STORE_DOWN_TEXT
-        reply = self.run_command(command, args, snap, member)
+        record = {"member": member["id"], "command": command, "time": time.time(),
+                  "reply": None, "done": False}
+        # C's session is read at once with the marker's create (a read changes nothing)
+        reads: list[Callable[[], Any]] = [
+            lambda: read_json(self.store, f"sessions/{member['id']}.json")
+        ] if command == "confirm" else []
+        steps = [lambda: self.store.put(marker, to_json(record), if_absent=True)] if marker \
+            else []
+        try:
+            found = in_parallel(IO_POOL, *steps, *reads) if steps or reads else []
+        except StoreConflict:
+            first = read_json(self.store, marker) if marker else None
+            log.warning("event=sms.replayed member=%s command=%s sid=%s", member["id"],
+                        command, message_sid)
+            return first[0].get("reply") if first else None
+        except StoreUnavailable:
+            return STORE_DOWN_TEXT
+        reply = self.run_command(command, args, snap, member, found[-1] if reads else None)
         if marker is not None:  # after the answer: a replay in between gets no reply
             IO_POOL.submit(self._keep_reply, marker, {**record, "reply": reply, "done": True})
         return reply
@@ -1935,15 +1952,15 @@ class Pager:
         except StoreUnavailable:
             log.warning("event=sms.reply_unkept marker=%s", marker)
 
-    def run_command(self, command: str, args: list[str], snap: Snapshot,
-                    member: dict) -> str | None:
+    def run_command(self, command: str, args: list[str], snap: Snapshot, member: dict,
+                    session: tuple[dict, str] | None = None) -> str | None:
         try:
             if command == "who":
                 return self.who(snap.doc)
             if command == "take":
                 return self.take(snap, member)
             if command == "confirm":
-                return self.confirm(snap, member)
+                return self.confirm(snap, member, session)
             if command == "cancel":
                 return self.cancel(snap.doc, member)
             if command == "ack":

@@ -2437,7 +2437,7 @@ def test_wrongnumber_voice_says_so_and_hangs_up(s3_pager: RunningPager) -> None:
                          "</Response>")
 
 
-def test_who_costs_at_most_one_s3_request_and_c_five_four_in_sequence(
+def test_who_costs_at_most_one_s3_request_and_c_five_in_sequence(
         s3_pager: RunningPager) -> None:
     counter = S3Counter(s3_pager.pager.store)
     s3_pager.sms(BOB, "WHO")
@@ -2445,12 +2445,15 @@ def test_who_costs_at_most_one_s3_request_and_c_five_four_in_sequence(
     s3_pager.sms(BOB, "WHO")
     assert len(counter.operations) == 1 and counter.operations[0].startswith("GET")
     s3_pager.sms(BOB, "TAKE")
+    time.sleep(0.2)  # the TAKE's replay marker gets its reply just after the answer
     counter.reset()
     s3_pager.sms(BOB, "C")
-    # config GET (a 304), session GET, config PUT (If-Match), then at once: the audit entry
-    # and the handoff job
-    assert [o.split()[0] for o in counter.operations[:3]] == ["GET", "GET", "PUT"]
-    assert sorted(o.split()[1].split("/")[2] for o in counter.operations[3:]) == ["audit", "jobs"]
+    # config GET (a 304); at once the replay marker's create and the session GET; config PUT
+    # (If-Match); at once the audit entry and the handoff job; the marker's reply follows
+    folders = [o.split()[1].split("/")[2].removesuffix(".json") for o in counter.operations]
+    assert folders[0] == "oncall_config" and sorted(folders[1:3]) == ["replies", "sessions"]
+    assert folders[3] == "oncall_config" and counter.operations[3].startswith("PUT")
+    assert {"audit", "jobs"} <= set(folders[4:]) <= {"audit", "jobs", "replies"}
 
 
 def test_sms_command_line_drives_a_running_pager(
@@ -2715,7 +2718,8 @@ def test_an_absent_recording_sends_a_missed_call_sms(s3_pager: RunningPager, twi
     assert sms.params["To"] == [ALICE] and "MediaUrl" not in sms.params
     assert sms.params["Body"] == ["Missed call to the pager from RALEIGH, NC <+15551230000>: "
                                   "no message was left. Reply ACK to acknowledge."]
-    (opened,) = audit_events(s3_pager.store, "page.opened")
+    # the page.opened entry is written just after the SMS starts
+    (opened,) = wait_until(lambda: audit_events(s3_pager.store, "page.opened"), 5)
     assert opened["details"]["kind"] == "missed"
 
 
@@ -2935,7 +2939,7 @@ def test_the_cost_guard_stops_escalation_but_never_a_pages_first_text_or_first_c
     # the MMS and the first call to Alice are free; the team step spends the budget of 2
     assert [m.params["To"][0] for m in twilio.messages()] == [ALICE, BOB]
     assert [c.params["To"][0] for c in twilio.calls()] == [ALICE, BOB]
-    leave_voicemail(s3_pager, twilio)
+    leave_voicemail(s3_pager, twilio, call=call_params(From=STRANGER))  # another caller
     wait_until(lambda: len(smtp.messages) == 2, 5)
     assert twilio.wait_for(lambda: len(calls_to(twilio, ALICE)) == 2, 5)
     time.sleep(0.5)
@@ -3458,7 +3462,7 @@ def test_load_20_conversations_on_two_instances_lose_no_update(
     assert not problems, problems[:5]
     confirmed = [m for m, r in replies if r.startswith("Okay, Member, you are now on call.")]
     changes = audit_events(store, "oncall.changed")
-    assert len(confirmed) >= 5 and len(changes) == len(confirmed)
+    assert len(confirmed) >= 3 and len(changes) == len(confirmed)
     assert [e["time"] for e in changes] == sorted(e["time"] for e in changes)
     final = json.loads(store.get("oncall_config.json").data)
     assert op.check_oncall_config(final)[0] == []
