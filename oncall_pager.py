@@ -453,6 +453,11 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
         if not is_e164(member.get("phone")):
             errors.append(f"{where}.phone {member.get('phone')!r} is not an E.164 number "
                           "(+ and 7 to 15 digits)")
+        if not isinstance(member.get("opted_out", False), bool):
+            errors.append(f"{where}.opted_out {member.get('opted_out')!r} is not true or false")
+        elif member.get("opted_out"):
+            warnings.append(f"{where} has opted out of texts (sent STOP): pages reach "
+                            f"{member.get('name', key)} by call only, until START")
     phones: dict[str, str] = {}
     for key, member in users.items():
         if isinstance(member, dict) and is_e164(member.get("phone")):
@@ -992,6 +997,8 @@ AUDIT_EVENTS = (
     "page.closed",           # no acknowledgement within a day
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
     "page.repeated",         # a caller with an open page called again: joined to that page
+    "member.opted_out",      # a member sent STOP (or another opt-out word): called, not texted
+    "member.opted_in",       # a member sent START, UNSTOP or YES
     "recording.refused",     # a recording callback named a URL outside our Twilio account
 )
 
@@ -1135,6 +1142,10 @@ class TeamConfig:
         self._checked = checked
         return self._remember(Snapshot(doc, blob.etag))
 
+    def last_known(self) -> Snapshot | None:
+        """The copy in memory, without asking the store: to plan requests, never to decide."""
+        return self._current
+
     def _note(self, reachable: bool, problem: str) -> None:
         """Remember how the last read went (for /healthz) and log a change once: /healthz
         tells the public only `unreachable` or `invalid`; the reason is for the operator."""
@@ -1186,7 +1197,8 @@ class TeamConfig:
         return dataclasses.replace(self._current, stale=True)
 
     def write(self, doc: dict, *, base: Snapshot, actor: str, details: dict | None = None,
-              message: tuple[str, dict] | None = None) -> Snapshot:
+              message: tuple[str, dict] | None = None, event: str = "config.changed"
+              ) -> Snapshot:
         """Validate, stamp, write conditionally over `base` (the snapshot the change was made
         from), audit. StoreConflict when the config changed since `base` was read; ConfigError
         (nothing written) when the result is invalid.
@@ -1210,8 +1222,7 @@ class TeamConfig:
             key, entry = self.audit.entry("oncall.changed", actor, {
                 "from": old_oncall, "to": new_oncall, **(details or {})})
         else:
-            key, entry = self.audit.entry("config.changed", actor, {
-                "oncall": new_oncall, **(details or {})})
+            key, entry = self.audit.entry(event, actor, {"oncall": new_oncall, **(details or {})})
         last_change: dict[str, Any] = {"key": key, "entry": entry, "time": time.time()}
         if message is not None:
             last_change["message"] = {"key": message[0], "job": message[1]}
@@ -1258,15 +1269,25 @@ class TeamConfig:
 # The team commands: the first word decides, case-insensitive, punctuation around it ignored.
 COMMAND_WORDS = {
     "WHO": "who", "TAKE": "take", "C": "confirm", "CONFIRM": "confirm", "X": "cancel",
-    "CANCEL": "cancel", "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help",
-    "LOOK": "look",
+    "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help", "LOOK": "look",
 }
+# Twilio's opt-out and opt-in words (the whole message): Twilio blocks texts to a number that
+# sent one of the first until it sends one of the second, and forwards both to the webhook.
+# CANCEL is one of them, so it is never offered as a command (X cancels a TAKE).
+OPT_OUT_WORDS = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT")
+OPT_IN_WORDS = ("START", "UNSTOP", "YES")
 PUNCTUATION = ".,;:!?'\"()[]{}<>-_*#/\\"
 
 
 def parse_command(body: str) -> tuple[str | None, list[str]]:
     """(command, arguments); command is None for anything we do not recognise.
-    "please take" is not TAKE and "mistake" is not either: only the whole first word counts."""
+    "please take" is not TAKE and "mistake" is not either: only the whole first word counts.
+    An opt-out or opt-in word counts only as the whole message, as Twilio counts it."""
+    whole = (body or "").strip().upper()
+    if whole in OPT_OUT_WORDS:
+        return "optout", []
+    if whole in OPT_IN_WORDS:
+        return "optin", []
     words = [w.strip(PUNCTUATION) for w in (body or "").split()]
     words = [w for w in words if w]
     if not words:
@@ -1285,7 +1306,7 @@ HELP_REPEAT_SECONDS = 300
 RECENT_PAGES = 50
 # Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
-STATE_CHANGING = ("take", "confirm", "cancel", "ack")
+STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin")
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
 REPLY_KEEP_DAYS = 7
 
@@ -1367,6 +1388,12 @@ def page_state(page: dict, doc: dict | None) -> str:
     return str(page.get("state", "open"))
 
 
+def hurry_first_call(page: dict) -> None:
+    """The text to the person being paged cannot reach them: their first call is due now."""
+    if page.get("state") == "open" and page["escalation"]["step"] == 0:
+        page["escalation"]["next_due"] = min(page["escalation"]["next_due"], time.time())
+
+
 def settle_audit(page: dict, audit: AuditLog) -> None:
     """Drop from a page's `audit_due` the entries known to be in the store (done as part of
     a write the page gets anyway, never a write of its own)."""
@@ -1378,6 +1405,10 @@ def settle_audit(page: dict, audit: AuditLog) -> None:
 # conditional, so nothing is written over a stale copy.
 PAGE_CONFIG_MAX_AGE = 10.0
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
+# The texts of a page whose fate Twilio reports: the first one, its fallback, those of a
+# voicemail that joined the page, notices and escalation texts.
+TEXT_CHANNEL = re.compile(r"(mms|sms|sms_fallback)(:[A-Z]{2}[0-9a-zA-Z]{32})?"
+                          r"|(notice|escalation):[A-Za-z0-9_.@-]{1,64}")
 
 
 class PageBook:
@@ -1466,7 +1497,7 @@ class Pager:
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
         self._counter_lock = threading.Lock()
         # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
-        self.start_work: Callable[[Store, dict, str, list[str]], None] | None = None
+        self.start_work: Callable[..., None] | None = None
         self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
 
@@ -1479,7 +1510,8 @@ class Pager:
     def who(self, doc: dict) -> str:
         oncall = oncall_member(doc)
         current = doc["current_config"]
-        text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>."
+        text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>"
+        text += " (opted out of texts: called instead)." if oncall.get("opted_out") else "."
         changed_by = members(doc).get(current.get("last_modified_user_id"), {})
         if current.get("last_modified_time"):
             text += (f" Changed {short_time(current['last_modified_time'])} by "
@@ -1520,19 +1552,42 @@ class Pager:
         previous = oncall_member(snap.doc)
         doc = copy.deepcopy(snap.doc)
         doc["current_config"]["oncall_user"] = dict(member)
-        handoff = self.message_job(previous["phone"],
-                                   f"{member['name']} has taken on-call from you.", "handoff")
+        handoff = None if previous.get("opted_out") else self.message_job(
+            previous["phone"], f"{member['name']} has taken on-call from you.", "handoff")
         try:
             new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
                                   message=handoff)
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
-        if self.start_message is not None:
+        if self.start_message is not None and handoff is not None:
             self.start_message(*handoff)
         pager_phone = new.doc["current_config"]["pager_phone"]
-        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} has been "
-                f"told. Leave a message at {pager_phone} to test delivery.")
+        told = ("has been told" if handoff else "was not told (opted out of texts)")
+        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} {told}. "
+                f"Leave a message at {pager_phone} to test delivery.")
+
+    def opt(self, snap: Snapshot, member: dict, out: bool) -> None:
+        """STOP (or another opt-out word) and START from a member: Twilio blocks texts to that
+        number meanwhile, so the pager records it on the member (`opted_out` in the config)
+        and reaches them by call instead. No reply: Twilio sends its own confirmation. A
+        race with another config change is made again over it."""
+        for _ in range(5):
+            doc = copy.deepcopy(snap.doc)
+            record = members(doc)[member["id"]]
+            if bool(record.get("opted_out")) == out:
+                return
+            if out:
+                record["opted_out"] = True
+            else:
+                record.pop("opted_out", None)
+            try:
+                self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
+                                event="member.opted_out" if out else "member.opted_in")
+                return
+            except StoreConflict:
+                snap = self.team.read()
+        raise StoreUnavailable("the config kept changing")
 
     def _changed_under(self, doc: dict, member: dict) -> str:
         oncall = oncall_member(doc)
@@ -1606,6 +1661,9 @@ class Pager:
         }
         claimed_until = self.claim_until()
         channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
+        if oncall.get("opted_out"):  # texts are blocked: the first call goes at once instead
+            channels = [c for c in channels if c not in ("mms", "sms")]
+            page["escalation"]["next_due"] = now
         for channel in channels:
             add_delivery(page, channel, claimed_until)
         key, entry = self.audit.entry("page.opened", "twilio", {
@@ -1625,9 +1683,10 @@ class Pager:
         if store is self.store:
             self.book.put(page, etag)
         if self.start_work is not None and claimed_until:
-            self.start_work(store, page, etag, channels)
+            self.start_work(store, page, etag, channels, snap.doc)
         else:
             self.audit.write(key, entry)
+        self.wake()
         return page, True
 
     def _join_open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
@@ -1645,8 +1704,9 @@ class Pager:
         if not candidates:
             return None
         claimed_until = self.claim_until()
-        channels = ([f"{c}:{page_id}" for c in ("mms", "email", "archive")]
-                    if kind == "voicemail" else [])
+        texts = ("email", "archive") if candidates[0]["oncall"].get("opted_out") else (
+            "mms", "email", "archive")
+        channels = [f"{c}:{page_id}" for c in texts] if kind == "voicemail" else []
         seen: list[bool] = []
 
         def join(page: dict | None) -> dict | None:
@@ -1792,7 +1852,7 @@ class Pager:
             notices.clear()
             for other_id in page.get("paged", []):
                 other = members(doc).get(other_id)
-                if other and other_id != member["id"]:
+                if other and other_id != member["id"] and not other.get("opted_out"):
                     add_delivery(page, f"notice:{other_id}", claimed_until, to=other["phone"],
                                  body=f"Page {page['number']} acknowledged by "
                                       f"{first_name(member)}.")
@@ -1810,44 +1870,60 @@ class Pager:
         due = page["audit_due"][-1]
         self.audit.write(due["key"], due["entry"])
         if notices and self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, notices)
+            self.start_work(self.store, page, etag, notices, doc)
         self.wake()
         return True, page
 
-    def mms_failed(self, page_id: str, status: str, channel: str = "mms") -> bool:
-        """Twilio could not deliver the MMS: fall back to a plain SMS with the link (once)."""
-        fallback = channel.replace("mms", "sms_fallback", 1)
+    def text_failed(self, page_id: str, channel: str, status: str,
+                    code: int | None = None) -> bool:
+        """Twilio reports a text of a page failed or undelivered (`code`: its ErrorCode). An
+        MMS falls back to a plain SMS with the link, unless the code says no text can reach
+        that number (a landline, an opt-out); when the text to the person being paged has
+        finally failed, their first call is due at once instead of after ack_timeout.
+        Anything else (an escalation text, a notice) is audited."""
+        kind = channel.split(":")[0]
+        fallback = (channel.replace("mms", "sms_fallback", 1)
+                    if kind == "mms" and code not in NO_TEXT_CODES else None)
+        claimed_until = self.claim_until()
+        failure = {"status": status, "code": code, "reason": carrier_reason(code),
+                   "final": True, **({"fallback": fallback} if fallback else {})}
 
-        def fall_back(page: dict | None) -> dict | None:
-            if page is None or fallback in page["deliveries"] or \
-                    channel not in page["deliveries"]:
+        def failed(page: dict | None) -> dict | None:
+            delivery = (page or {}).get("deliveries", {}).get(channel)
+            if page is None or (delivery is None and not channel.startswith("escalation:")) or \
+                    (delivery or {}).get("state") == "failed" or \
+                    (fallback is not None and fallback in page["deliveries"]):
                 return None
-            page["deliveries"][channel]["state"] = "failed"
-            add_delivery(page, fallback, claimed_until)
+            if delivery is not None:
+                delivery.update(state="failed", last_error=f"{status} {code or ''}".strip(),
+                                code=code, reason=carrier_reason(code))
+            if fallback is not None:
+                add_delivery(page, fallback, claimed_until)
+            elif kind in ("mms", "sms", "sms_fallback"):
+                hurry_first_call(page)
             key, entry = self.audit.entry("page.delivery_failed", "twilio", {
-                "page": page_id, "number": page.get("number"), "deliveries": {channel: {
-                    "status": status, "final": True, "fallback": fallback}}})
+                "page": page_id, "number": page.get("number"), "deliveries": {channel: failure}})
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        claimed_until = self.claim_until()
         store = self.store
         try:
-            written = self.write_page(store, page_id, fall_back, from_copy=False)
+            written = self.write_page(store, page_id, failed, from_copy=False)
         except StoreUnavailable:
             if self.spool is None:
                 raise
             written = None
         if written is None and self.spool is not None:  # sent from the spool during an outage
             store = self.spool
-            written = self.write_page(store, page_id, fall_back)
+            written = self.write_page(store, page_id, failed)
         if written is None:
             return False
         page, etag = written
         due = page["audit_due"][-1]
         self.audit.write(due["key"], due["entry"])
-        if self.start_work is not None and claimed_until:
+        if fallback is not None and self.start_work is not None and claimed_until:
             self.start_work(store, page, etag, [fallback])
+        self.wake()
         return True
 
     def call_unanswered(self, page_id: str, step: int) -> None:
@@ -1892,13 +1968,19 @@ class Pager:
 
     def status(self, doc: dict) -> str:
         pages = self.recent_pages(limit=5)
-        if not pages:
+        if not pages and not any(m.get("opted_out") for m in members(doc).values()):
             return "No open pages."
         open_count = sum(1 for p in pages if p.get("state") == "open")
         lines = [f"{open_count} open." if open_count else "No open pages."]
         for page in pages:
+            failures = [f"{d['reason'] or 'failed'} ({d['code']})" for d in
+                        page.get("deliveries", {}).values() if d.get("code")]
             lines.append(f"#{page['number']} {short_time(page['opened'])} {page_summary(page)}: "
-                         f"{page_state(page, doc)}.")
+                         f"{page_state(page, doc)}."
+                         + (f" Text failed: {', '.join(failures)}." if failures else ""))
+        opted_out = [m["name"] for m in members(doc).values() if m.get("opted_out")]
+        if opted_out:
+            lines.append(f"Opted out of texts (called instead): {', '.join(opted_out)}.")
         return "\n".join(lines)
 
     # --- one SMS from the control number -------------------------------------------------------
@@ -1910,41 +1992,72 @@ class Pager:
         instances: a marker (replies/<MessageSid>.json, a conditional create) is taken before
         it runs and given its reply after, so a replayed request, captured or retried, gets
         the first reply and changes nothing; one whose first run stopped half way gets no
-        reply (the member sends the command again, as a new message)."""
-        snap = self.team.read()
+        reply (the member sends the command again, as a new message).
+
+        Requests that do not depend on each other go at once: for a sender whom the config
+        in memory names as a member, the config's check, the marker and C's session read are
+        one round trip (a stranger never gets that far, so leaves no marker)."""
+        command, args = parse_command(body)
+        marker = (f"replies/{message_sid}.json" if command in STATE_CHANGING
+                  and MESSAGE_SID.fullmatch(message_sid) else None)
+        known = self.team.last_known()
+        expected = member_by_phone(known.doc, sender) if known and marker else None
+        record = {"member": None, "command": command, "time": time.time(), "reply": None,
+                  "done": False}
+
+        def claim(member: dict) -> Callable[[], Any]:
+            return lambda: self.store.put(marker, to_json({**record, "member": member["id"]}),
+                                          if_absent=True)
+
+        def session_of(member: dict) -> Callable[[], Any]:
+            return lambda: read_json(self.store, f"sessions/{member['id']}.json")
+
+        calls: list[Callable[[], Any]] = [self.team.read]
+        if expected is not None:
+            calls.append(claim(expected))
+            if command == "confirm":
+                calls.append(session_of(expected))
+        try:
+            found = in_parallel(IO_POOL, *calls)
+        except StoreConflict:
+            return self._first_reply(marker, message_sid)
+        except StoreUnavailable:
+            return STORE_DOWN_TEXT
+        snap = found[0]
         member = member_by_phone(snap.doc, sender)
         if member is None:
             log.info("event=sms.stranger from=%s", log_value(sender, 40))
             return None
-        command, args = parse_command(body)
         log.debug("event=sms.command member=%s command=%s", member["id"], command)
         if command is None:
             return HELP_TEXT if self.help_limiter.allow(sender, time.time()) else None
-        if snap.stale and command in STATE_CHANGING:
-            return STORE_DOWN_TEXT
-        marker = (f"replies/{message_sid}.json" if command in STATE_CHANGING
-                  and MESSAGE_SID.fullmatch(message_sid) else None)
-        record = {"member": member["id"], "command": command, "time": time.time(),
-                  "reply": None, "done": False}
-        # C's session is read at once with the marker's create (a read changes nothing)
-        reads: list[Callable[[], Any]] = [
-            lambda: read_json(self.store, f"sessions/{member['id']}.json")
-        ] if command == "confirm" else []
-        steps = [lambda: self.store.put(marker, to_json(record), if_absent=True)] if marker \
-            else []
-        try:
-            found = in_parallel(IO_POOL, *steps, *reads) if steps or reads else []
-        except StoreConflict:
-            first = read_json(self.store, marker) if marker else None
-            log.warning("event=sms.replayed member=%s command=%s sid=%s", member["id"],
-                        command, message_sid)
-            return first[0].get("reply") if first else None
-        except StoreUnavailable:
-            return STORE_DOWN_TEXT
-        reply = self.run_command(command, args, snap, member, found[-1] if reads else None)
+        session = found[2] if len(found) > 2 and expected["id"] == member["id"] else None
+        reply: str | None = STORE_DOWN_TEXT
+        if not (snap.stale and command in STATE_CHANGING):
+            later: list[Callable[[], Any]] = []  # what could not go with the config's check
+            if marker is not None and expected is None:
+                later.append(claim(member))
+            if command == "confirm" and session is None:
+                later.append(session_of(member))
+            try:
+                done = in_parallel(IO_POOL, *later) if later else []
+            except StoreConflict:
+                return self._first_reply(marker, message_sid)
+            except StoreUnavailable:
+                return STORE_DOWN_TEXT
+            if command == "confirm" and session is None:
+                session = done[-1]
+            reply = self.run_command(command, args, snap, member, session)
         if marker is not None:  # after the answer: a replay in between gets no reply
-            IO_POOL.submit(self._keep_reply, marker, {**record, "reply": reply, "done": True})
+            IO_POOL.submit(self._keep_reply, marker, {**record, "member": member["id"],
+                                                      "reply": reply, "done": True})
         return reply
+
+    def _first_reply(self, marker: str | None, message_sid: str) -> str | None:
+        """A message seen before: the reply it got then (None if that run stopped first)."""
+        first = read_json(self.store, marker) if marker else None
+        log.warning("event=sms.replayed sid=%s", log_value(message_sid, 40))
+        return first[0].get("reply") if first else None
 
     def _keep_reply(self, marker: str, record: dict) -> None:
         try:
@@ -1967,6 +2080,9 @@ class Pager:
                 return self.ack_command(snap.doc, member, args)
             if command == "status":
                 return self.status(snap.doc)
+            if command in ("optout", "optin"):
+                self.opt(snap, member, out=command == "optout")
+                return None
             if command == "look":
                 return LOOK_TEXT
             return HELP_TEXT
@@ -1979,13 +2095,32 @@ class Pager:
 # ==============================================================================================
 
 
+# Twilio's error codes for a text that cannot reach a person: refused at once by the REST API
+# (21xxx) or reported later by the message status callback (30xxx), with a readable reason.
+CARRIER_ERRORS = {
+    21211: "invalid number", 21408: "region not enabled", 21610: "opted out (sent STOP)",
+    21612: "unreachable from this number", 21614: "not a mobile number",
+    30003: "unreachable handset", 30004: "blocked", 30005: "unknown number",
+    30006: "landline or unreachable carrier", 30007: "carrier filtering",
+    30008: "unknown error", 30034: "unregistered 10DLC number",
+}
+# Of those, the ones where a plain SMS would fail too: no MMS-to-SMS fallback, call instead.
+NO_TEXT_CODES = {21211, 21408, 21610, 21612, 21614, 30005, 30006}
+
+
+def carrier_reason(code: int | None) -> str:
+    return CARRIER_ERRORS.get(code or 0, "")
+
+
 class DeliveryError(Exception):
     """One attempt at a channel failed. `permanent` when retrying cannot help (Twilio said the
-    request itself is wrong), so the channel gives up and falls back instead."""
+    request itself is wrong), so the channel gives up and falls back instead; `code` is
+    Twilio's error code when it gave one."""
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, code: int | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.code = code
 
 
 class Telephony:
@@ -2028,7 +2163,9 @@ class LiveTelephony(Telephony):
             return str(what(self._client()).sid)
         except TwilioRestException as e:
             permanent = 400 <= e.status < 500 and e.status not in (401, 403, 408, 429)
-            raise DeliveryError(f"twilio {e.status} code={e.code}", permanent) from None
+            reason = carrier_reason(e.code)
+            raise DeliveryError(f"twilio {e.status} code={e.code}"
+                                + (f": {reason}" if reason else ""), permanent, e.code) from None
         except (TwilioException, OSError) as e:
             raise DeliveryError(f"twilio unreachable: {type(e).__name__}") from None
         except Exception as e:  # requests' own errors: connection refused, timeouts
@@ -2189,7 +2326,8 @@ class Batch:
     RECORD_LINGER after the first one finished, so a slow SMTP server does not hold back the
     record of a sent MMS."""
 
-    def __init__(self, channels: list[str]):
+    def __init__(self, channels: list[str], doc: dict | None):
+        self.doc = doc  # the config the claim was made with, for the first attempts
         self.running = set(channels)
         self.done: dict[str, tuple[str, dict]] = {}
         self.waiting = False
@@ -2489,11 +2627,15 @@ class Worker:
         try:
             doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
             sms["sid"] = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
-                job["to"], doc["current_config"]["from_phone"], job["body"]))
+                job["to"], doc["current_config"]["from_phone"], job["body"],
+                status_callback=self.cfg.url(
+                    f"/public/mmsstatuscb?job={key.removeprefix('jobs/').removesuffix('.json')}")))
         except OutboundCapped:
             job = {**job, "state": "capped"}
         except (DeliveryError, StoreUnavailable) as e:
             sms["error"] = str(e)
+            if isinstance(e, DeliveryError) and e.code:
+                sms.update(code=e.code, reason=carrier_reason(e.code))
             self.pager.audit.record("page.delivery_failed", "worker", details)
             if isinstance(e, DeliveryError) and e.permanent:
                 job = {**job, "state": "failed"}
@@ -2512,10 +2654,12 @@ class Worker:
 
     # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
-    def start_work(self, store: Store, page: dict, etag: str, channels: list[str]) -> None:
+    def start_work(self, store: Store, page: dict, etag: str, channels: list[str],
+                   doc: dict | None = None) -> None:
         """Run the deliveries a write of this instance claimed, at once; the first
-        notification first, then the page's audit entries still to write, then the rest."""
-        batch = Batch(channels)
+        notification first, then the page's audit entries still to write, then the rest.
+        `doc` is the config the write was made with: first attempts use it, no read."""
+        batch = Batch(channels, doc)
         for i, channel in enumerate(sorted(channels, key=lambda c: c.split(":")[0] not in (
                 "mms", "sms"))):
             self._submit(f"{page['id']}/{channel}",
@@ -2604,7 +2748,7 @@ class Worker:
             return
         page, etag = written
         if claimed:
-            self.start_work(store, page, etag, claimed)
+            self.start_work(store, page, etag, claimed, doc)
         if plan:
             self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
 
@@ -2618,8 +2762,9 @@ class Worker:
         else:
             try:
                 # a retry reads the config afresh: the fault may be a setting being fixed
-                doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE if delivery["attempts"] <= 1
-                                           else 0.0).doc
+                doc = (batch.doc if batch.doc is not None and delivery["attempts"] <= 1
+                       else self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE
+                                                 if delivery["attempts"] <= 1 else 0.0).doc)
                 details.update(DELIVER[channel.split(":")[0]](
                     self, store, message_of(page, channel), channel, doc))
                 outcome = "sent"
@@ -2628,6 +2773,8 @@ class Worker:
             except (DeliveryError, StoreUnavailable) as e:
                 permanent = isinstance(e, DeliveryError) and e.permanent
                 details.update(error=str(e), final=permanent)
+                if isinstance(e, DeliveryError) and e.code:
+                    details.update(code=e.code, reason=carrier_reason(e.code))
                 outcome = "failed" if permanent else "retry"
             except Exception as e:  # a bug or a surprise: audited, retried a few times
                 log.exception("event=worker.delivery_error page=%s channel=%s", page["id"],
@@ -2666,6 +2813,8 @@ class Worker:
                     continue
                 delivery["claimed_until"] = 0
                 delivery["last_error"] = details.get("error", "")
+                if details.get("code"):
+                    delivery.update(code=details["code"], reason=details["reason"])
                 if outcome == "retry" and page["state"] == "closed" and \
                         channel != "closing_email":
                     delivery["state"] = "abandoned"
@@ -2674,8 +2823,12 @@ class Worker:
                         delivery["attempts"], self.cfg.retry_base, self.cfg.retry_cap)
                 else:
                     delivery["state"] = outcome
-                if channel.split(":")[0] == "mms" and outcome == "failed":
+                kind = channel.split(":")[0]
+                if kind == "mms" and outcome == "failed" and \
+                        details.get("code") not in NO_TEXT_CODES:
                     add_delivery(page, channel.replace("mms", "sms_fallback", 1))
+                elif kind in ("mms", "sms", "sms_fallback") and outcome == "failed":
+                    hurry_first_call(page)  # no text reaches the person being paged
             return page
 
         try:
@@ -2802,8 +2955,7 @@ class Worker:
             f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
             "Reply ACK to acknowledge.",
             media_url=page["recording_url"] + ".mp3",
-            status_callback=self.cfg.url(f"/public/mmsstatuscb?page={page_id_of(page)}"
-                                         + (f"&channel={channel}" if channel != "mms" else "")))
+            status_callback=self._status_url(page, channel))
         return {"to": page["oncall"]["phone"], "sid": sid}
 
     def _deliver_sms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
@@ -2814,15 +2966,21 @@ class Worker:
             body = (f"Missed call to the pager from {caller_text(page)}: no message was left. "
                     "Reply ACK to acknowledge.")
         sid = self.telephony.send_sms(page["oncall"]["phone"],
-                                      doc["current_config"]["from_phone"], body)
+                                      doc["current_config"]["from_phone"], body,
+                                      status_callback=self._status_url(page, channel))
         return {"to": page["oncall"]["phone"], "sid": sid}
+
+    def _status_url(self, page: dict, channel: str) -> str:
+        """Where Twilio reports what became of a text of a page (see WebApp.public_textstatus)."""
+        return self.cfg.url(f"/public/mmsstatuscb?page={page_id_of(page)}&channel={channel}")
 
     def _deliver_notice(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         delivery = page["deliveries"][channel]
         sid = self._send_within_budget(doc, {"page": page["id"], "channel": channel},
                                        lambda: self.telephony.send_sms(
                                            delivery["to"], doc["current_config"]["from_phone"],
-                                           delivery["body"]))
+                                           delivery["body"],
+                                           status_callback=self._status_url(page, channel)))
         return {"to": delivery["to"], "sid": sid}
 
     def _deliver_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
@@ -2894,11 +3052,12 @@ class Worker:
                        "kind": kind, "member": member_id}
             phone = member["phone"]
 
-            def text(phone: str = phone) -> str:
+            def text(phone: str = phone, member_id: str = member_id) -> str:
                 return self.telephony.send_sms(
                     phone, current_config["from_phone"],
                     f"Escalated page {page['number']}: {page_summary(page)}, not "
-                    f"acknowledged yet. Reply ACK {page['number']} to acknowledge.")
+                    f"acknowledged yet. Reply ACK {page['number']} to acknowledge.",
+                    status_callback=self._status_url(page, f"escalation:{member_id}"))
 
             def call(phone: str = phone) -> str:
                 return self.telephony.place_call(
@@ -2906,9 +3065,10 @@ class Worker:
                     self.cfg.url(f"/oncall/answer?page={page['id']}"),
                     self.cfg.url(f"/oncall/callstatus?page={page['id']}&step={step}"))
 
-            if kind == "team":
+            if kind == "team":  # an opted-out member is called, not texted
                 results[member_id] = {
-                    "sms": self._outbound_call(doc, {**details, "channel": "sms"}, text),
+                    "sms": "opted out" if member.get("opted_out") else self._outbound_call(
+                        doc, {**details, "channel": "sms"}, text),
                     "call": self._outbound_call(doc, {**details, "channel": "call"}, call)}
             else:
                 results[member_id] = self._outbound_call(
@@ -3280,15 +3440,28 @@ class WebApp:
             self.pager.open_page(call_sid, "missed", caller, call_sid)
         return empty_messaging()
 
-    def public_mmsstatuscb(self, request: Request) -> Response:
-        status = request.form["MessageStatus"]
-        page_id = request.query.get("page", "")
-        channel = request.query.get("channel", "mms")
-        log.info("event=mms.status page=%s channel=%s status=%s", log_value(page_id, 40),
-                 log_value(channel, 40), log_value(status))
-        if status in ("failed", "undelivered") and PAGE_ID.fullmatch(page_id) and \
-                re.fullmatch(r"mms(:[A-Z]{2}[0-9a-zA-Z]{32})?", channel):
-            self.pager.mms_failed(page_id, status, channel)
+    def public_textstatus(self, request: Request) -> Response:
+        """Twilio's status callback of every text the pager sends (the path keeps its first
+        name, /public/mmsstatuscb, so URLs already handed to Twilio still work). A failed or
+        undelivered text of a page goes to Pager.text_failed; one of a message job (the
+        handoff) is audited with its code and reason."""
+        form, query = request.form, request.query
+        status = form["MessageStatus"]
+        code_text = form.get("ErrorCode", "")
+        code = int(code_text) if code_text.isdecimal() and code_text.isascii() else None
+        page_id, channel = query.get("page", ""), query.get("channel", "mms")
+        log.info("event=text.status page=%s channel=%s job=%s status=%s code=%s",
+                 log_value(page_id, 40), log_value(channel, 60),
+                 log_value(query.get("job", ""), 60), log_value(status), code)
+        if status not in ("failed", "undelivered"):
+            return empty_messaging()
+        if PAGE_ID.fullmatch(page_id) and TEXT_CHANNEL.fullmatch(channel):
+            self.pager.text_failed(page_id, channel, status, code)
+        elif re.fullmatch(r"msg-[0-9TZ.]+-[0-9a-f]{12}", query.get("job", "")):
+            self.pager.audit.record("page.delivery_failed", "twilio", {
+                "job": query["job"], "deliveries": {"sms": {
+                    "status": status, "code": code, "reason": carrier_reason(code),
+                    "final": True}}})
         return empty_messaging()
 
     # --- the team's SMS ------------------------------------------------------------------------
@@ -3410,7 +3583,7 @@ ROUTES: dict[str, Route] = {
     "/public/afterrec": Route(("POST",), WebApp.public_afterrec, ("CallSid",)),
     "/public/recordingcb": Route(("POST",), WebApp.public_recordingcb,
                                  ("CallSid", "RecordingStatus")),
-    "/public/mmsstatuscb": Route(("POST",), WebApp.public_mmsstatuscb,
+    "/public/mmsstatuscb": Route(("POST",), WebApp.public_textstatus,
                                  ("MessageSid", "MessageStatus")),
     "/msgcontrol/entry": Route(("POST",), WebApp.msgcontrol_entry, ("From",)),
     "/wrongnumber/sms": Route(("POST",), WebApp.wrongnumber_sms),
@@ -3873,10 +4046,46 @@ def cmd_pages(args: argparse.Namespace) -> int:
     if not pages:
         print("no open pages" if args.open else "no pages")
     for p in pages:
-        deliveries = ",".join(f"{c}:{d['state']}" for c, d in p.get("deliveries", {}).items())
+        deliveries = ",".join(
+            f"{c}:{d['state']}" + (f"({d['code']} {d.get('reason') or 'error'})"
+                                   if d.get("code") else "")
+            for c, d in p.get("deliveries", {}).items())
         print(f"#{p.get('number') or '-'}  {short_time(p.get('opened', 0))}  "
               f"{p.get('state', ''):<12} {page_summary(p)}  oncall={p['oncall']['id']}  "
               f"acked_by={p.get('acked_by') or '-'}  {deliveries}")
+    return 0
+
+
+def vcard_text(value: str) -> str:
+    """A vCard 3.0 text value: backslash, comma and semicolon escaped (RFC 2426)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+
+
+def cmd_vcard(args: argparse.Namespace) -> int:
+    """A contact card with the pager's two numbers, so members can let it through Do Not
+    Disturb (README: how on iOS and Android)."""
+    cfg = load_app_config(args.config)
+    doc = build_pager(cfg).team.read().doc
+    current = doc["current_config"]
+    team = team_name(doc) or "On-call"
+    name = f"{team} pager"
+    lines = ["BEGIN:VCARD", "VERSION:3.0", f"FN:{vcard_text(name)}",
+             f"N:{vcard_text(name)};;;;", f"ORG:{vcard_text(team)}",
+             f"TEL;TYPE=CELL,VOICE:{current['pager_phone']}",
+             f"TEL;TYPE=CELL,MSG:{current['from_phone']}",
+             "NOTE:" + vcard_text(f"Pages and their calls come from {current['pager_phone']}; "
+                                  f"texts come from and go to {current['from_phone']} (WHO, "
+                                  "TAKE, ACK, HALP). Let both through Do Not Disturb."),
+             "END:VCARD"]
+    card = "\r\n".join(lines) + "\r\n"
+    if args.output:
+        try:
+            Path(args.output).write_text(card, encoding="utf-8", newline="")
+        except OSError as e:
+            raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(card)
     return 0
 
 
@@ -3937,6 +4146,9 @@ def build_parser() -> argparse.ArgumentParser:
     pages = command("pages", cmd_pages, "list the pages")
     pages.add_argument("--open", action="store_true", help="only open pages")
     pages.add_argument("--json", action="store_true")
+    vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
+                    "numbers, to let them through Do Not Disturb")
+    vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")
     return parser
 
 

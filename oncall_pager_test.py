@@ -789,6 +789,7 @@ class TwilioFake:
         self._recordings: dict[str, bytes] = {}
         self._failures_left = 0
         self._failure_status = 500
+        self._refusals: dict[str, tuple[int, str]] = {}
         self._down = False
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -836,6 +837,12 @@ class TwilioFake:
     def recording_url(self, sid: str) -> str:
         """The RecordingUrl Twilio would send in a webhook: absolute and without extension."""
         return f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Recordings/{sid}"
+
+    def refuse(self, number: str, code: int, message: str) -> None:
+        """Make every text to `number` fail as Twilio answers for it: 400 with `code` (21610
+        for a number that sent STOP, 21614 for one that is not a mobile number)."""
+        with self._lock:
+            self._refusals[number] = (code, message)
 
     def fail_next(self, n: int, status: int = 500) -> None:
         """Make the next n API requests fail with `status` and a Twilio JSON error."""
@@ -978,6 +985,10 @@ class TwilioFake:
         check_form(params, form_schema(self.spec, MESSAGES_PATH), self.spec)
         check_phone(params, "To", CODE_INVALID_TO)
         check_phone(params, "From", CODE_INVALID_FROM)
+        with self._lock:
+            refusal = self._refusals.get(_first(params, "To") or "")
+        if refusal:
+            raise TwilioError(400, *refusal)
         sid, now = new_sid("SM"), _rfc2822_now()
         uri = f"{self._account_path()}/Messages/{sid}"
         return self._resource("api.v2010.account.message", {
@@ -2224,6 +2235,8 @@ def test_systemd_unit_exposure_at_most_2_and_verify_is_clean(tmp_path: Path) -> 
     ("X.", ("cancel", [])), ("ack 3", ("ack", ["3"])), ("Status", ("status", [])),
     ("halp", ("help", [])), ("HELP me", ("help", ["me"])), ("look", ("look", [])),
     ("please take", (None, ["take"])), ("mistake", (None, [])), ("whoops", (None, [])),
+    ("STOP", ("optout", [])), ("cancel", ("optout", [])), (" Unsubscribe ", ("optout", [])),
+    ("start", ("optin", [])), ("YES", ("optin", [])), ("stop it", (None, ["it"])),
     ("Take-over", (None, [])), ("", (None, [])), ("   ", (None, [])), ("...", (None, [])),
 ])
 def test_parse_command_first_whole_word_decides(body: str, expected: tuple) -> None:
@@ -3899,6 +3912,122 @@ def test_an_unexpected_delivery_exception_is_audited_retried_then_given_up(
     assert [s["final"] for s in sms] == [False] * (op.MAX_UNEXPECTED - 1) + [True]
     assert page_of(store, "CA" + "9" * 32)["deliveries"]["sms"]["state"] == "failed"
 
+
+
+# ==============================================================================================
+# Reach a human whatever the carrier does: opt-outs, delivery failures, the contact card
+# ==============================================================================================
+
+
+def test_stop_from_the_oncall_engineer_is_recorded_and_her_pages_call_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    assert s3_pager.sms(ALICE, "STOP") == ""  # Twilio sends its own confirmation
+    doc = json.loads(s3_pager.store.get("oncall_config.json").data)
+    assert doc["available_users"]["users"]["alice"]["opted_out"] is True
+    (opted,) = audit_events(s3_pager.store, "member.opted_out")
+    assert opted["actor"] == "alice"
+    assert "Alice McAlister <+19195551001> (opted out of texts: called instead)." in \
+        s3_pager.sms(BOB, "WHO")
+    assert "Opted out of texts (called instead): Alice McAlister." in s3_pager.sms(BOB, "STATUS")
+    started = time.monotonic()
+    leave_voicemail(s3_pager, twilio)  # ack_timeout is 300 s: the call comes at once anyway
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    assert time.monotonic() - started < 5
+    wait_until(lambda: smtp.messages, 5)
+    assert messages_to(twilio, ALICE) == [], "no text to a number that sent STOP"
+    assert s3_pager.sms(ALICE, "START") == ""
+    assert len(audit_events(s3_pager.store, "member.opted_in")) == 1
+    leave_voicemail(s3_pager, twilio, call=call_params(From=STRANGER))
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+
+
+def test_cancel_is_an_opt_out_word_not_a_command(s3_pager: RunningPager) -> None:
+    s3_pager.sms(BOB, "TAKE")
+    assert s3_pager.sms(BOB, "Cancel") == ""
+    assert audit_events(s3_pager.store, "session.cancelled") == []
+    assert len(audit_events(s3_pager.store, "member.opted_out")) == 1
+    assert "CANCEL" not in op.HELP_TEXT.upper()
+
+
+def test_a_number_twilio_cannot_text_gets_its_first_call_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    """A landline (21614): no SMS fallback either, the call instead of waiting ack_timeout."""
+    twilio.refuse(ALICE, 21614, "'To' number is not a valid mobile number")
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    failed = wait_until(lambda: [e["details"]["deliveries"]["mms"] for e in audit_events(
+        s3_pager.store, "page.delivery_failed") if "mms" in e["details"]["deliveries"]], 5)
+    assert (failed[0]["code"], failed[0]["reason"], failed[0]["final"]) == (
+        21614, "not a mobile number", True)
+    assert "sms_fallback" not in page_of(s3_pager.store, form["RecordingSid"])["deliveries"]
+    assert "Text failed: not a mobile number (21614)." in s3_pager.sms(BOB, "STATUS")
+
+
+def test_a_text_reported_undelivered_later_falls_back_then_calls_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    mms = twilio.messages()[0]
+    status = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID,
+              "MessageStatus": "undelivered", "ErrorCode": "30007"}
+    assert twilio.post_callback(mms.params["StatusCallback"][0], status)[0] == 200
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)  # the SMS fallback
+    assert calls_to(twilio, ALICE) == []
+    fallback = twilio.messages()[1]
+    assert "MediaUrl" not in fallback.params and "StatusCallback" in fallback.params
+    assert twilio.post_callback(fallback.params["StatusCallback"][0], status)[0] == 200
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the call comes at once"
+    failures = [d for e in audit_events(s3_pager.store, "page.delivery_failed")
+                for d in e["details"]["deliveries"].values()]
+    assert [(f["code"], f["reason"]) for f in failures] == [(30007, "carrier filtering")] * 2
+    page = page_of(s3_pager.store, form["RecordingSid"])
+    assert page["deliveries"]["sms_fallback"]["reason"] == "carrier filtering"
+    result = run_cli("pages", "-c", str(s3_pager.config_path))
+    assert "sms_fallback:failed(30007 carrier filtering)" in result.stdout
+
+
+def test_escalation_texts_skip_an_opted_out_member_and_report_their_failures(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    escalation(s3_pager.store, ack_timeout=0.3, call_attempts=1, escalate_to=["bob", "carol"])
+    s3_pager.sms(CAROL, "STOP")
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, CAROL) and messages_to(twilio, BOB), 8)
+    s3_pager.sms(ALICE, "ACK")
+    assert messages_to(twilio, CAROL) == [], "Carol is called, not texted"
+    to_bob = [m for m in twilio.messages() if m.params["To"] == [BOB]][0]
+    status = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID,
+              "MessageStatus": "failed", "ErrorCode": "30003"}
+    assert twilio.post_callback(to_bob.params["StatusCallback"][0], status)[0] == 200
+    failed = wait_until(lambda: [e for e in audit_events(s3_pager.store, "page.delivery_failed")
+                                 if "escalation:bob" in e["details"]["deliveries"]], 5)
+    assert failed[0]["details"]["deliveries"]["escalation:bob"]["reason"] == \
+        "unreachable handset"
+
+
+def test_check_warns_about_a_member_who_opted_out(file_cli: Cli) -> None:
+    doc = cli_team()
+    doc["available_users"]["users"]["bob"]["opted_out"] = True
+    put_team(file_cli.store, doc)
+    result = file_cli.run("check")
+    assert result.returncode == 0
+    assert ("warning: available_users.users.bob has opted out of texts (sent STOP): pages "
+            "reach Bob Roberts by call only, until START") in result.stderr
+
+
+def test_vcard_holds_both_numbers_under_the_teams_name(file_cli: Cli, tmp_path: Path) -> None:
+    doc = cli_team()
+    doc["current_config"]["team_name"] = "Night, Shift"
+    put_team(file_cli.store, doc)
+    out = tmp_path / "pager.vcf"
+    result = file_cli.run("vcard", "-o", str(out))
+    assert (result.returncode, result.stdout) == (0, f"wrote {out}\n")
+    card = out.read_bytes().decode()
+    lines = card.split("\r\n")
+    assert lines[:3] == ["BEGIN:VCARD", "VERSION:3.0", "FN:Night\\, Shift pager"]
+    assert f"TEL;TYPE=CELL,VOICE:{PAGER_PHONE}" in lines
+    assert f"TEL;TYPE=CELL,MSG:{FROM_PHONE}" in lines
+    assert lines[-2:] == ["END:VCARD", ""]
+    assert file_cli.run("vcard").stdout.replace("\r\n", "\n") == card.replace("\r\n", "\n")
 
 
 # ==============================================================================================
