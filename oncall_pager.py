@@ -1627,8 +1627,9 @@ class Pager:
         delivers it from there and moves it into the store when S3 is back.
         Returns (page, created)."""
         try:
-            joined = self._join_open_page(page_id, kind, caller, call_sid, recording_url,
-                                          duration)
+            snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+            joined = self._join_open_page(snap, page_id, kind, caller, call_sid,
+                                          recording_url, duration)
             if joined is not None:
                 return joined, False
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
@@ -1689,8 +1690,8 @@ class Pager:
         self.wake()
         return page, True
 
-    def _join_open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
-                        recording_url: str, duration: int) -> dict | None:
+    def _join_open_page(self, snap: Snapshot, page_id: str, kind: str, caller: dict,
+                        call_sid: str, recording_url: str, duration: int) -> dict | None:
         """Junk calls must not be able to page again and again: a call from a number that has
         an open page joins that page (`page.repeated`, no new escalation). A missed call adds
         nothing to send; a voicemail is still delivered (MMS, e-mail, archive) as part of the
@@ -1704,8 +1705,8 @@ class Pager:
         if not candidates:
             return None
         claimed_until = self.claim_until()
-        texts = ("email", "archive") if candidates[0]["oncall"].get("opted_out") else (
-            "mms", "email", "archive")
+        oncall = members(snap.doc).get(candidates[0]["oncall"]["id"], {})
+        texts = ("email", "archive") if oncall.get("opted_out") else ("mms", "email", "archive")
         channels = [f"{c}:{page_id}" for c in texts] if kind == "voicemail" else []
         seen: list[bool] = []
 
@@ -1729,7 +1730,7 @@ class Pager:
             return candidates[0] if seen and seen[0] else None
         page, etag = written
         if channels and self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, channels)
+            self.start_work(self.store, page, etag, channels, snap.doc)
         else:
             due = page["audit_due"][-1]
             self.audit.write(due["key"], due["entry"])
