@@ -704,6 +704,7 @@ class FakeRequest:
     params: dict[str, list[str]]
     time: float
     status: int  # 0 when the fake was down() and dropped the connection
+    sid: str = ""  # the sid of the message or call the fake created
 
     def param(self, name: str) -> str | None:
         """The single value of a parameter, or None: most Twilio parameters appear once."""
@@ -886,6 +887,21 @@ class TwilioFake:
             time.sleep(0.02)
         return True
 
+    def report_status(self, message: FakeRequest, status: str,
+                      error_code: int | None = None) -> tuple[int, str]:
+        """What Twilio does when a carrier reports on a message: POST the message's
+        StatusCallback with its status webhook's fields (ErrorCode when it failed), signed."""
+        url = message.param("StatusCallback")
+        if not url:
+            raise AssertionError("the app asked for no status callback on this message")
+        params = {"AccountSid": self.account_sid, "ApiVersion": API_VERSION,
+                  "MessageSid": message.sid, "SmsSid": message.sid,
+                  "MessageStatus": status, "SmsStatus": status,
+                  "From": message.param("From") or "", "To": message.param("To") or ""}
+        if error_code is not None:
+            params["ErrorCode"] = str(error_code)
+        return self.post_callback(url, params)
+
     def post_callback(self, url: str, params: dict[str, str]) -> tuple[int, str]:
         """POST a status-callback webhook to the app, signed as Twilio signs it.
 
@@ -922,7 +938,8 @@ class TwilioFake:
         except Exception as error:  # a bug in the fake must reach the test as a 500, not hang it
             status, content_type, body = _json_answer(
                 500, TwilioError(500, 20500, f"twilio fake bug: {error!r}").body())
-        self._log(handler.command, path, params, status)
+        sid = str(json.loads(body).get("sid") or "") if status == 201 else ""
+        self._log(handler.command, path, params, status, sid)
         _send(handler, status, content_type, body)
 
     def _dispatch(self, handler: _Handler, path: str,
@@ -957,10 +974,11 @@ class TwilioFake:
         # Twilio's codes for these are 20000 + status: 20429, 20500, 20503...
         raise TwilioError(status, 20000 + status, http.HTTPStatus(status).phrase)
 
-    def _log(self, method: str, path: str, params: dict[str, list[str]], status: int) -> None:
+    def _log(self, method: str, path: str, params: dict[str, list[str]], status: int,
+             sid: str = "") -> None:
         """Keep the request for the test; done before replying, so the app never outruns it."""
         with self._lock:
-            self._requests.append(FakeRequest(method, path, params, time.time(), status))
+            self._requests.append(FakeRequest(method, path, params, time.time(), status, sid))
 
     def _account_path(self) -> str:
         """The URI prefix of every resource of the account, as Twilio writes `uri` fields."""
@@ -3675,11 +3693,14 @@ def sms(process: Process, sender: str, body: str) -> None:
 CRASH_RECORDING_URL = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Recordings/"
 MISSED_SID = "CA" + "d" * 32
 
-# A voicemail: delivered, joined by a missed call from the same caller, escalated twice (a
-# call to Alice, then Bob texted and phoned), acknowledged by Alice's SMS, Bob told.
+# A voicemail: delivered (its MMS reported undelivered, so an SMS with the link follows),
+# joined by a missed call from the same caller, escalated twice (a call to Alice, then Bob
+# texted and phoned), acknowledged by Alice's SMS, Bob told.
 PAGE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: p.pager.text_failed(CRASH_SID, "mms", "undelivered", 30007),
     lambda p: p.settle(),
     lambda p: p.pager.open_page(MISSED_SID, "missed", {"number": CALLER}, MISSED_SID),
     lambda p: p.advance(CRASH_ACK_TIMEOUT),
@@ -3688,12 +3709,15 @@ PAGE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.settle(),
 ]
 
-# Bob takes on-call (TAKE, C: Alice is told), Carol starts a TAKE and cancels it (X).
+# Bob takes on-call (TAKE, C: Alice is told), Carol starts a TAKE and cancels it (X), then
+# texts STOP and START.
 TEAM_FLOW: list[Callable[[Process], None]] = [
     lambda p: sms(p, BOB, "TAKE"),
     lambda p: sms(p, BOB, "C"),
     lambda p: sms(p, CAROL, "TAKE"),
     lambda p: sms(p, CAROL, "X"),
+    lambda p: sms(p, CAROL, "STOP"),
+    lambda p: sms(p, CAROL, "START"),
     lambda p: p.settle(),
 ]
 
@@ -3715,6 +3739,8 @@ def check_page_flow(store: op.Store, outside: Outside) -> None:
     assert [r["id"] for r in page["repeats"]] == [MISSED_SID], "the missed call joined it"
     sent = outside.sent
     assert any(s["kind"] == "mms" and s["to"] == ALICE for s in sent), "the MMS never went"
+    assert any(s["kind"] == "sms" and s["to"] == ALICE and CRASH_SID in s["body"]
+               for s in sent), "the SMS that replaces the undelivered MMS never went"
     assert store.list("outbox/"), "the e-mail never went"
     assert len(store.list("recordings/")) == 2, "the recording was not archived"
     assert any(s["kind"] == "sms" and s["to"] == BOB and "acknowledged by Alice" in s["body"]
@@ -3730,6 +3756,8 @@ def check_page_flow(store: op.Store, outside: Outside) -> None:
                      and e["details"].get("page") == CRASH_SID]) >= {"mms", "email", "archive"}
     assert len([e for e in events if e["event"] == "page.acknowledged"]) == 1
     assert len([e for e in events if e["event"] == "page.repeated"]) == 1
+    assert any(d.get("code") == 30007 for e in events if e["event"] == "page.delivery_failed"
+               for d in e["details"]["deliveries"].values())
     escalated = {e["details"]["step"] for e in events if e["event"] == "page.escalated"}
     assert {int(step) for step, _ in calls} <= escalated, "a call the audit log does not tell"
 
@@ -3741,6 +3769,11 @@ def check_team_flow(store: op.Store, outside: Outside) -> None:
     assert [(c["from"], c["to"]) for c in changed] == [("alice", "bob")], changed
     assert any(s["kind"] == "sms" and s["to"] == ALICE and "taken on-call" in s["body"]
                for s in outside.sent), "Alice was never told of the handoff"
+    doc = json.loads(store.get("oncall_config.json").data)
+    assert "opted_out" not in doc["available_users"]["users"]["carol"]
+    # one of each (the test's clock stands still within a step, so their order is not kept)
+    assert sorted(e["event"] for e in events if e["event"].startswith("member.")) == [
+        "member.opted_in", "member.opted_out"]
 
 
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
@@ -3969,14 +4002,12 @@ def test_a_text_reported_undelivered_later_falls_back_then_calls_at_once(
     form, _ = leave_voicemail(s3_pager, twilio)
     assert twilio.wait_for(lambda: twilio.messages(), 5)
     mms = twilio.messages()[0]
-    status = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID,
-              "MessageStatus": "undelivered", "ErrorCode": "30007"}
-    assert twilio.post_callback(mms.params["StatusCallback"][0], status)[0] == 200
+    assert twilio.report_status(mms, "undelivered", 30007)[0] == 200
     assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)  # the SMS fallback
     assert calls_to(twilio, ALICE) == []
     fallback = twilio.messages()[1]
-    assert "MediaUrl" not in fallback.params and "StatusCallback" in fallback.params
-    assert twilio.post_callback(fallback.params["StatusCallback"][0], status)[0] == 200
+    assert "MediaUrl" not in fallback.params
+    assert twilio.report_status(fallback, "undelivered", 30007)[0] == 200
     assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the call comes at once"
     failures = [d for e in audit_events(s3_pager.store, "page.delivery_failed")
                 for d in e["details"]["deliveries"].values()]
@@ -3996,9 +4027,7 @@ def test_escalation_texts_skip_an_opted_out_member_and_report_their_failures(
     s3_pager.sms(ALICE, "ACK")
     assert messages_to(twilio, CAROL) == [], "Carol is called, not texted"
     to_bob = [m for m in twilio.messages() if m.params["To"] == [BOB]][0]
-    status = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": ACCOUNT_SID,
-              "MessageStatus": "failed", "ErrorCode": "30003"}
-    assert twilio.post_callback(to_bob.params["StatusCallback"][0], status)[0] == 200
+    assert twilio.report_status(to_bob, "failed", 30003)[0] == 200
     failed = wait_until(lambda: [e for e in audit_events(s3_pager.store, "page.delivery_failed")
                                  if "escalation:bob" in e["details"]["deliveries"]], 5)
     assert failed[0]["details"]["deliveries"]["escalation:bob"]["reason"] == \
