@@ -107,7 +107,12 @@ class ConfigError(Exception):
 
 
 class StoreConflict(Exception):
-    """A conditional write lost: the object changed (or appeared) since it was read."""
+    """A conditional write lost: the object changed (or appeared) since it was read.
+    `retried`: the client had sent the write more than once (see S3Store.put)."""
+
+    def __init__(self, message: str, retried: bool = False):
+        super().__init__(message)
+        self.retried = retried
 
 
 class StoreUnavailable(Exception):
@@ -834,7 +839,8 @@ class S3Store(Store):
                 return UNCHANGED
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
                     409, 412):
-                raise StoreConflict(f"{params.get('Key')}: {code}") from None
+                retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+                raise StoreConflict(f"{params.get('Key')}: {code}", retried) from None
             raise StoreUnavailable(f"S3 {operation}: {code or status}") from None
         except (botocore.exceptions.BotoCoreError, OSError) as e:
             raise StoreUnavailable(f"S3 {operation}: {type(e).__name__}") from None
@@ -859,7 +865,15 @@ class S3Store(Store):
             params["IfMatch"] = f'"{if_match}"'
         if if_absent:
             params["IfNoneMatch"] = "*"
-        answer = self._call("put_object", **params)
+        try:
+            answer = self._call("put_object", **params)
+        except StoreConflict as e:
+            # botocore retries a PUT after a 5xx or a timeout; if the first try had landed,
+            # the retry is refused by our own write: the same bytes in place mean it landed.
+            found = self.get(key) if e.retried else None
+            if found is not None and found.data == data:
+                return found.etag
+            raise
         if answer is None:  # S3 answers If-Match on a missing object with 404
             raise StoreConflict(f"{key} does not exist")
         return str(answer["ETag"]).strip('"')
@@ -917,7 +931,9 @@ def read_json(store: Store, key: str) -> tuple[dict, str] | None:
 
 
 def update_json(store: Store, key: str, change: Callable[[dict | None], dict | None],
-                tries: int = 8, known: tuple[dict, str] | None = None) -> tuple[dict, str] | None:
+                tries: int = 8, known: tuple[dict, str] | None = None,
+                seen: Callable[[tuple[dict, str]], None] | None = None
+                ) -> tuple[dict, str] | None:
     """Read-modify-write with a conditional write, retried when another writer got there first.
     `change` gets the current document (None when missing) and returns the new one, or None to
     write nothing. Returns what was written and its ETag (or None).
@@ -925,7 +941,8 @@ def update_json(store: Store, key: str, change: Callable[[dict | None], dict | N
     `known` is a copy (document, ETag) believed current, such as the one this instance wrote
     last: the first try changes it and writes over its ETag without reading, so the common
     case costs one request and only a conflict costs a read. A `change` that finds nothing to
-    do in the copy writes nothing, so a copy may be used only where a stale one errs safely."""
+    do in the copy writes nothing, so a copy may be used only where a stale one errs safely.
+    `seen` is told of every version read, so a caller's copy can follow the store."""
     for attempt in range(tries):
         if attempt == 0 and known is not None:
             doc, etag = copy.deepcopy(known[0]), known[1]
@@ -934,6 +951,8 @@ def update_json(store: Store, key: str, change: Callable[[dict | None], dict | N
                 time.sleep(0.005 * secrets.randbelow(10))
             current = read_json(store, key)
             doc, etag = current if current else (None, None)
+            if current is not None and seen is not None:
+                seen((copy.deepcopy(current[0]), current[1]))
         new = change(doc)
         if new is None:
             return None
@@ -1405,6 +1424,9 @@ def settle_audit(page: dict, audit: AuditLog) -> None:
 # conditional, so nothing is written over a stale copy.
 PAGE_CONFIG_MAX_AGE = 10.0
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
+# What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
+# restricted, blocked.
+WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
 # The texts of a page whose fate Twilio reports: the first one, its fallback, those of a
 # voicemail that joined the page, notices and escalation texts.
 TEXT_CHANNEL = re.compile(r"(mms|sms|sms_fallback)(:[A-Z]{2}[0-9a-zA-Z]{32})?"
@@ -1699,6 +1721,8 @@ class Pager:
         the store up to `poll_interval` ago. Returns the page joined (or joined before, for
         Twilio's retry), or None to open a page of its own."""
         number = caller.get("number")
+        if not is_e164(number) or number in WITHHELD_NUMBERS:
+            return None  # different callers who withhold their number are not one caller
         candidates = sorted((p for p, _ in self.book.working() if p.get("state") == "open"
                              and number and p.get("caller", {}).get("number") == number
                              and p["id"] != page_id), key=lambda p: p["opened"])
@@ -1748,8 +1772,10 @@ class Pager:
                 settle_audit(new, self.audit)
             return new
 
-        known = self.book.get(page_id) if from_copy and store is self.store else None
-        written = update_json(store, f"pages/{page_id}.json", changed, tries, known)
+        in_book = store is self.store
+        known = self.book.get(page_id) if from_copy and in_book else None
+        written = update_json(store, f"pages/{page_id}.json", changed, tries, known,
+                              seen=(lambda found: self.book.put(*found)) if in_book else None)
         if written is not None and store is self.store:
             self.book.put(*written)
         return written
@@ -1759,21 +1785,26 @@ class Pager:
         unchanged page costs a 304), a plain one otherwise."""
         key = f"pages/{page_id}.json"
         known = self.book.get(page_id)
-        if known is not None:
-            blob = self.store.get(key, unless_etag=known[1])
-            if blob is UNCHANGED:
-                return known
-        found = read_json(self.store, key)
-        if found is not None:
-            self.book.put(*found)
-        return found
+        blob = self.store.get(key, unless_etag=known[1] if known else None)
+        if blob is UNCHANGED and known is not None:
+            return known
+        doc = json_object(blob.data) if blob is not None and blob is not UNCHANGED else None
+        if doc is None or blob is None:
+            return None
+        self.book.put(doc, blob.etag)
+        return doc, blob.etag
 
     def page(self, page_id: str) -> dict | None:
         """One page by id (as the page-call URLs carry it), or None; never a path outside
         pages/, whatever the id."""
         if not PAGE_ID.fullmatch(page_id):
             return None
-        found = self.read_page(page_id)
+        try:
+            found = self.read_page(page_id)
+        except StoreUnavailable:  # an outage: a page the spool holds still answers its call
+            found = read_json(self.spool, f"pages/{page_id}.json") if self.spool else None
+            if found is None:
+                raise
         return found[0] if found else None
 
     def page_number(self, page_id: str, opened: float) -> int:
@@ -1814,12 +1845,15 @@ class Pager:
                 self._counter = known
         return [item["id"] for item in reversed((known[0] if known else {}).get("recent", []))]
 
-    def recent_pages(self, limit: int = RECENT_PAGES, fresh: bool = True) -> list[dict]:
+    def recent_pages(self, limit: int = RECENT_PAGES, fresh: bool = True,
+                     skip_quiet: bool = False) -> list[dict]:
         """The most recent pages, newest first: as the store has them now, or with
         fresh=False from the book's copies where it has them (for ACK, which checks with its
-        conditional write)."""
+        conditional write); `skip_quiet` leaves out pages the book knows are done with."""
         found = []
         for page_id in self.recent_ids()[:limit]:
+            if skip_quiet and self.book.get(page_id) is None and self.book.etag(page_id):
+                continue
             known = None if fresh else self.book.get(page_id)
             page = known or self.read_page(page_id)
             if page is not None:
@@ -1827,10 +1861,24 @@ class Pager:
         return found
 
     def page_by_number(self, number: int) -> dict | None:
-        for page in self.recent_pages(fresh=False):
-            if page.get("number") == number:
-                return page
+        """Found through counters/pages.json, which gives the number before the page's own
+        copy has it written."""
+        self.recent_ids()
+        with self._counter_lock:
+            recent = (self._counter[0] if self._counter else {}).get("recent", [])
+        for item in recent:
+            if item["number"] == number:
+                found = self.book.get(item["id"]) or self.read_page(item["id"])
+                return {**found[0], "number": number} if found else None
         return None
+
+    def number_of(self, page: dict) -> int | str:
+        """A page's number, from the page or from the counter as last read ("?" if none)."""
+        if page.get("number"):
+            return page["number"]
+        with self._counter_lock:
+            recent = (self._counter[0] if self._counter else {}).get("recent", [])
+        return next((i["number"] for i in recent if i["id"] == page.get("id")), "?")
 
     def acknowledge(self, page_id: str, member: dict, via: str) -> tuple[bool, dict]:
         """Mark a page acknowledged (once: a conditional write) and queue the notice to the
@@ -1950,7 +1998,7 @@ class Pager:
             targets = [page]
         else:
             targets = []
-            for page in self.recent_pages(fresh=False):
+            for page in self.recent_pages(fresh=False, skip_quiet=True):
                 if page.get("state") == "open" and member["id"] not in page.get("paged", []):
                     # the book's copy may predate an escalation that reached this member
                     page = (self.read_page(page["id"]) or ({}, ""))[0]
@@ -1964,7 +2012,8 @@ class Pager:
             if done:
                 lines.append(f"Page {current['number']} acknowledged: {page_summary(page)}.")
             else:
-                lines.append(f"Page {page['number']} was already {page_state(current, doc)}.")
+                lines.append(f"Page {self.number_of(page)} was already "
+                             f"{page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
 
     def status(self, doc: dict) -> str:
@@ -1976,7 +2025,8 @@ class Pager:
         for page in pages:
             failures = [f"{d['reason'] or 'failed'} ({d['code']})" for d in
                         page.get("deliveries", {}).values() if d.get("code")]
-            lines.append(f"#{page['number']} {short_time(page['opened'])} {page_summary(page)}: "
+            lines.append(f"#{self.number_of(page)} {short_time(page['opened'])} "
+                         f"{page_summary(page)}: "
                          f"{page_state(page, doc)}."
                          + (f" Text failed: {', '.join(failures)}." if failures else ""))
         opted_out = [m["name"] for m in members(doc).values() if m.get("opted_out")]
@@ -2319,6 +2369,7 @@ JOBS_LISTING_EVERY = 10   # jobs/ is listed on every 10th listing of pages/ (and
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
+URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice")  # sent on the threads for texts
 
 
 class Batch:
@@ -2334,17 +2385,26 @@ class Batch:
         self.waiting = False
         self.cond = threading.Condition()
 
-    def finish(self, channel: str, outcome: str | None, details: dict) -> dict:
-        """Note one outcome; returns the outcomes this caller is to record ({} if none)."""
+    def finish(self, channel: str, outcome: str | None, details: dict) -> str:
+        """Note one outcome. Returns what the caller is to do: "record" the outcomes now (it
+        finished last and nobody waits), "wait" for the others (it finished first: see
+        `take`), or "" (somebody waiting records this one too)."""
         with self.cond:
             self.running.discard(channel)
             if outcome is not None:
                 self.done[channel] = (outcome, details)
             self.cond.notify_all()
-            if self.running and self.waiting:
-                return {}  # the one waiting records this one too
+            if self.waiting:
+                return ""
             if self.running:
                 self.waiting = True
+                return "wait"
+            return "record"
+
+    def take(self, wait: bool) -> dict[str, tuple[str, dict]]:
+        """The outcomes to record, after waiting (up to RECORD_LINGER) for the others."""
+        with self.cond:
+            if wait:
                 self.cond.wait_for(lambda: not self.running, timeout=RECORD_LINGER)
                 self.waiting = False
             ready, self.done = self.done, {}
@@ -2378,6 +2438,9 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Texts and calls have threads of their own, so a dead SMTP server holding the e-mail
+        # and archive threads cannot hold back an MMS or an escalation call.
+        self._urgent = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="send")
         self._pool = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="deliver")
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
@@ -2402,6 +2465,7 @@ class Worker:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout)
+        self._urgent.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def wake(self) -> None:
@@ -2458,7 +2522,7 @@ class Worker:
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
-            depth += job.get("state") == "pending"
+            depth += job.get("state", "pending") == "pending"
             next_due = min(next_due, self._consider_message(key, job, etag, now))
         self.queue_depth = depth
         return next_due
@@ -2488,7 +2552,9 @@ class Worker:
                 self.pager.book.note_quiet(page_id, etag)
                 continue
             found = read_json(self.store, key)
-            if found is None:
+            if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
+                    not isinstance(found[0].get("opened"), (int, float)):
+                log.error("event=worker.page_unreadable key=%s", log_value(key, 80))
                 continue
             self.pager.book.put(*found)
             if known is None and found[0].get("audit_due"):
@@ -2539,7 +2605,10 @@ class Worker:
         with self._lock:
             return list(self._inflight)
 
-    def _submit(self, task: str, work: Callable[[], None]) -> None:
+    def _submit(self, task: str, work: Callable[[], None], urgent: bool = False) -> None:
+        """Run `work` in the background as `task` (so a scan does not start it twice), on the
+        threads for texts and calls when `urgent`, else on those for e-mail, archive and
+        bookkeeping."""
         with self._lock:
             self._inflight.add(task)
 
@@ -2554,7 +2623,7 @@ class Worker:
                 self.wake()
 
         try:
-            self._pool.submit(run)
+            (self._urgent if urgent else self._pool).submit(run)
         except RuntimeError:  # the pool is shutting down; the claim expires and is retried
             with self._lock:
                 self._inflight.discard(task)
@@ -2570,7 +2639,7 @@ class Worker:
         with self._lock:
             self._messages[key] = (job, None, time.monotonic())
         if job.get("claimed_until", 0) > time.time():
-            self._submit(key, lambda: self._send_message(key, job))
+            self._submit(key, lambda: self._send_message(key, job), urgent=True)
 
     def _list_messages(self) -> None:
         """Message jobs queued by instances that stopped before sending them. Jobs unchanged
@@ -2597,7 +2666,7 @@ class Worker:
 
     def _consider_message(self, key: str, job: dict, etag: str | None, now: float) -> float:
         later = now + self.cfg.poll_interval
-        if job.get("state") != "pending" or self._busy(key):
+        if job.get("state", "pending") != "pending" or self._busy(key):
             return later
         wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
         if wait_until > now:
@@ -2616,7 +2685,7 @@ class Worker:
             return now
         with self._lock:
             self._messages[key] = (job, etag, time.monotonic())
-        self._submit(key, lambda: self._send_message(key, job))
+        self._submit(key, lambda: self._send_message(key, job), urgent=True)
         return later
 
     def _send_message(self, key: str, job: dict) -> None:
@@ -2664,13 +2733,19 @@ class Worker:
         for i, channel in enumerate(sorted(channels, key=lambda c: c.split(":")[0] not in (
                 "mms", "sms"))):
             self._submit(f"{page['id']}/{channel}",
-                         lambda c=channel: self._deliver(store, page, c, batch))
+                         lambda c=channel: self._deliver(store, page, c, batch),
+                         urgent=channel.split(":")[0] in URGENT_CHANNELS)
             if i == 0 and any(not self.pager.audit.written(d["key"])
                               for d in page.get("audit_due", [])):
                 self._submit(f"{page['id']}/audit", lambda: self._write_due(page))
 
     def _write_due(self, page: dict) -> None:
+        """The page's audit entries not known written; a step's entry waits while its calls
+        run here (they write it with their results)."""
+        escalating = self._busy(f"{page['id']}/escalate")
         for due in page.get("audit_due", []):
+            if escalating and due["entry"]["event"] == "page.escalated":
+                continue
             if not self.pager.audit.written(due["key"]):
                 self.pager.audit.write(due["key"], due["entry"])
 
@@ -2692,7 +2767,10 @@ class Worker:
             else:
                 next_due = min(next_due or due, due)
         escalate = False
-        if page.get("state") == "open" and store is self.store:  # spooled: escalation waits
+        # A spooled page waits for the store to escalate, except for its first call: during
+        # an outage that call may be all that reaches an opted-out engineer.
+        if page.get("state") == "open" and (store is self.store
+                                            or page["escalation"]["step"] == 0):
             due = page["escalation"]["next_due"]
             if due <= now and not self._busy(f"{page_id}/escalate"):
                 escalate = True
@@ -2751,7 +2829,8 @@ class Worker:
         if claimed:
             self.start_work(store, page, etag, claimed, doc)
         if plan:
-            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan))
+            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan),
+                         urgent=True)
 
     def _deliver(self, store: Store, page: dict, channel: str, batch: Batch) -> None:
         delivery = page["deliveries"][channel]
@@ -2784,9 +2863,12 @@ class Worker:
                 details.update(error=f"unexpected {type(e).__name__}: {str(e)[:200]}",
                                final=final)
                 outcome = "failed" if final else "retry"
-        ready = batch.finish(channel, outcome, details)
-        if ready:
-            self._record(store, page["id"], ready)
+        todo = batch.finish(channel, outcome, details)
+        if todo == "wait":  # a text's thread does not wait for the e-mail: the slow pool does
+            self._submit(f"{page['id']}/record", lambda: self._record(
+                store, page["id"], batch.take(wait=True)), urgent=False)
+        elif todo == "record":
+            self._record(store, page["id"], batch.take(wait=False))
 
     def _record(self, store: Store, page_id: str, outcomes: dict[str, tuple[str, dict]]
                 ) -> None:
@@ -2810,7 +2892,8 @@ class Worker:
                 page["number"] = number
             for channel, (outcome, details) in outcomes.items():
                 delivery = page["deliveries"].get(channel)
-                if delivery is None or delivery["attempts"] != details["attempt"]:
+                if delivery is None or delivery["attempts"] != details["attempt"] or \
+                        delivery["state"] == "failed":  # Twilio reported it failed already
                     continue
                 delivery["claimed_until"] = 0
                 delivery["last_error"] = details.get("error", "")
@@ -2951,13 +3034,20 @@ class Worker:
     # not be able to silence a real page. Notices and escalation are within the budget.
 
     def _deliver_mms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        sid = self.telephony.send_sms(
+        if channel != "mms":  # a later voicemail that joined the page: a repeat, budgeted
+            sid = self._send_within_budget(doc, {"page": page_id_of(page), "channel": channel},
+                                           lambda: self._send_mms(page, channel, doc))
+        else:
+            sid = self._send_mms(page, channel, doc)
+        return {"to": page["oncall"]["phone"], "sid": sid}
+
+    def _send_mms(self, page: dict, channel: str, doc: dict) -> str:
+        return self.telephony.send_sms(
             page["oncall"]["phone"], doc["current_config"]["from_phone"],
             f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}. "
             "Reply ACK to acknowledge.",
             media_url=page["recording_url"] + ".mp3",
             status_callback=self._status_url(page, channel))
-        return {"to": page["oncall"]["phone"], "sid": sid}
 
     def _deliver_sms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         if page["kind"] == "voicemail":
@@ -3039,7 +3129,10 @@ class Worker:
         planned by whoever finds the page next)."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         current_config = doc["current_config"]
-        page = {**page, "number": self._number(self.store, page)}
+        try:
+            page = {**page, "number": self._number(self.store, page)}
+        except (StoreUnavailable, StoreConflict):  # the call matters more than its number
+            page = {**page, "number": page.get("number") or "?"}
         results: dict[str, Any] = {}
         for member_id in targets:
             member = members(doc).get(member_id)

@@ -1234,6 +1234,33 @@ def test_s3_store_keys_live_under_the_prefix(s3_endpoint: str, bucket: str) -> N
     assert keys == ["team/pager/oncall_config.json"]
 
 
+def test_s3_store_a_conditional_write_retried_after_it_landed_counts_as_written(
+        s3_endpoint: str, bucket: str) -> None:
+    """botocore sends a PUT again after a 5xx or a timeout; when the first one had landed, the
+    second meets our own object (412). Same bytes with a retry: written. Without a retry (or
+    with other bytes) it is another writer's, a conflict."""
+    import botocore.exceptions
+
+    store = op.S3Store(bucket, "", s3_endpoint)
+    real_put = store.client.put_object
+
+    def put_then_refuse(retries: int) -> Callable[..., Any]:
+        def put_object(**params: Any) -> Any:
+            real_put(**params)  # landed; the answer was lost and the retry refused
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "PreconditionFailed"},
+                 "ResponseMetadata": {"HTTPStatusCode": 412, "RetryAttempts": retries}},
+                "PutObject")
+        return put_object
+
+    store.client.put_object = put_then_refuse(1)
+    etag = store.put("pages/a.json", b"mine", if_absent=True)
+    assert store.get("pages/a.json") == op.Blob(b"mine", etag)
+    store.client.put_object = put_then_refuse(0)
+    with pytest.raises(op.StoreConflict):
+        store.put("pages/b.json", b"mine", if_absent=True)
+
+
 def test_s3_store_unreachable_is_one_clear_error() -> None:
     store = op.S3Store("nobucket", "", f"http://127.0.0.1:{free_port()}", "us-east-1",
                        timeout=1)
@@ -3682,6 +3709,7 @@ class Process:
 
     def stop(self) -> None:
         self.worker._stop.set()
+        self.worker._urgent.shutdown(wait=False, cancel_futures=True)
         self.worker._pool.shutdown(wait=False, cancel_futures=True)
 
 
