@@ -2023,8 +2023,9 @@ class Pager:
         open_count = sum(1 for p in pages if p.get("state") == "open")
         lines = [f"{open_count} open." if open_count else "No open pages."]
         for page in pages:
-            failures = [f"{d['reason'] or 'failed'} ({d['code']})" for d in
-                        page.get("deliveries", {}).values() if d.get("code")]
+            failures = list(dict.fromkeys(  # once each: an MMS and its SMS often share one
+                f"{d['reason'] or 'failed'} ({d['code']})" for d in
+                page.get("deliveries", {}).values() if d.get("code")))
             lines.append(f"#{self.number_of(page)} {short_time(page['opened'])} "
                          f"{page_summary(page)}: "
                          f"{page_state(page, doc)}."

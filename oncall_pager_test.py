@@ -4046,6 +4046,35 @@ def test_a_text_reported_undelivered_later_falls_back_then_calls_at_once(
     assert "sms_fallback:failed(30007 carrier filtering)" in result.stdout
 
 
+@pytest.mark.parametrize("code", [21610, 21614, 21211, 21408, 21612])
+def test_each_refusal_of_the_rest_api_is_explained_and_calls_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake, code: int) -> None:
+    twilio.refuse(ALICE, code, f"refused with {code}")
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the first call, at once"
+    (failure,) = wait_until(lambda: [e["details"]["deliveries"]["mms"] for e in audit_events(
+        s3_pager.store, "page.delivery_failed") if "mms" in e["details"]["deliveries"]], 5)
+    assert (failure["code"], failure["reason"]) == (code, op.CARRIER_ERRORS[code])
+    assert "sms_fallback" not in page_of(s3_pager.store, form["RecordingSid"])["deliveries"]
+
+
+@pytest.mark.parametrize("code", [30003, 30004, 30005, 30006, 30007, 30008, 30034])
+def test_each_undelivered_report_is_explained_and_reaches_a_call_at_once(
+        s3_pager: RunningPager, twilio: TwilioFake, code: int) -> None:
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    assert twilio.report_status(twilio.messages()[0], "undelivered", code)[0] == 200
+    if code not in op.NO_TEXT_CODES:  # an SMS with the link may still get through
+        assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
+        assert calls_to(twilio, ALICE) == []
+        assert twilio.report_status(twilio.messages()[1], "undelivered", code)[0] == 200
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the first call, at once"
+    reasons = {d["reason"] for e in audit_events(s3_pager.store, "page.delivery_failed")
+               for d in e["details"]["deliveries"].values()}
+    assert reasons == {op.CARRIER_ERRORS[code]}
+    assert f"Text failed: {op.CARRIER_ERRORS[code]} ({code})." in s3_pager.sms(BOB, "STATUS")
+
+
 def test_escalation_texts_skip_an_opted_out_member_and_report_their_failures(
         s3_pager: RunningPager, twilio: TwilioFake) -> None:
     escalation(s3_pager.store, ack_timeout=0.3, call_attempts=1, escalate_to=["bob", "carol"])
