@@ -498,6 +498,18 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                       "is not a positive number of seconds")
     if "team_name" in current and not isinstance(current["team_name"], str):
         errors.append("current_config.team_name is not a string")
+    if "greeting" in current and (not isinstance(current["greeting"], str)
+                                  or not current["greeting"].strip()):
+        errors.append("current_config.greeting is not a sentence")
+    voice = current.get("voice", {})
+    if not isinstance(voice, dict):
+        errors.append("current_config.voice is not an object")
+    else:
+        for field in ("name", "language"):
+            if field in voice and (not isinstance(voice[field], str)
+                                   or not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", voice[field])):
+                errors.append(f"current_config.voice.{field} {voice[field]!r} is not a voice "
+                              f"{'name (Polly.Joanna)' if field == 'name' else 'language (en-US)'}")
     errors += check_mail_settings(current.get("mail_settings"))
     errors += check_escalation(current.get("escalation", {}), users)
     return errors, warnings
@@ -3303,11 +3315,33 @@ def twiml(response: Any) -> Response:
     return Response(200, str(response))
 
 
-def say_and_hang_up(text: str) -> Response:
+def speech(doc: dict | None) -> dict[str, str]:
+    """The attributes of every <Say>: `current_config.voice` (name, language) where set."""
+    voice = (doc or {}).get("current_config", {}).get("voice", {})
+    said = {}
+    if voice.get("name"):
+        said["voice"] = voice["name"]
+    if voice.get("language"):
+        said["language"] = voice["language"]
+    return said
+
+
+def greeting(doc: dict | None) -> str:
+    """The first sentence a caller hears: `current_config.greeting` ({team}: the team's
+    name), else the pager's own."""
+    current = (doc or {}).get("current_config", {})
+    team = current.get("team_name") or ""
+    if current.get("greeting"):
+        return current["greeting"].replace("{team}", team or "on-call")
+    return f"You have reached the {team} on-call pager." if team else \
+        "You have reached the on-call pager."
+
+
+def say_and_hang_up(text: str, voice_of: dict[str, str]) -> Response:
     from twilio.twiml.voice_response import VoiceResponse
 
     voice = VoiceResponse()
-    voice.say(text)
+    voice.say(text, **voice_of)
     voice.hangup()
     return twiml(voice)
 
@@ -3436,26 +3470,31 @@ class WebApp:
         from twilio.twiml.voice_response import VoiceResponse
 
         retry = request.query.get("retry") == "1"
+        doc = self.voice_config()
+        said = speech(doc)
         voice = VoiceResponse()
         gather = voice.gather(num_digits=1, action=self.cfg.url("/public/keypress"),
                               method="POST", timeout=6)
         if not retry:
-            team = self.pager_team_name()
-            gather.say(f"You have reached the {team} on-call pager." if team
-                       else "You have reached the on-call pager.")
-        gather.say("Press 1 to leave a message for the on-call engineer.")
+            gather.say(greeting(doc), **said)
+        gather.say("Press 1 to leave a message for the on-call engineer.", **said)
         if retry:
-            voice.say("Goodbye.")
+            voice.say("Goodbye.", **said)
             voice.hangup()
         else:
             voice.redirect(self.cfg.url("/public/answer?retry=1"), method="POST")
         return twiml(voice)
 
-    def pager_team_name(self) -> str:
+    def voice_config(self) -> dict | None:
+        """The config for what calls hear (the team's name, the voice), from memory when it
+        was checked in the last PAGE_CONFIG_MAX_AGE seconds; None when there is none."""
         try:
-            return team_name(self.pager.team.read().doc)
-        except (NoConfig, StoreUnavailable):
-            return ""
+            return self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        except (NoConfig, ConfigError, StoreUnavailable):
+            return None
+
+    def say_and_hang_up(self, text: str) -> Response:
+        return say_and_hang_up(text, speech(self.voice_config()))
 
     def caller_query(self, request: Request) -> str:
         """The caller's details, carried in the callback URLs: Twilio's recording callback
@@ -3483,10 +3522,10 @@ class WebApp:
         from twilio.twiml.voice_response import VoiceResponse
 
         if request.form.get("Digits") != "1":
-            return say_and_hang_up("Goodbye.")
+            return self.say_and_hang_up("Goodbye.")
         voice = VoiceResponse()
         voice.say("Please leave your message after the tone. When you are done, hang up or "
-                  "press the pound key.")
+                  "press the pound key.", **speech(self.voice_config()))
         self.record_prompt(request, voice, again=False)
         return twiml(voice)
 
@@ -3496,14 +3535,15 @@ class WebApp:
         duration = request.form.get("RecordingDuration", "0")
         seconds = int(duration) if duration.isdigit() else 0
         if seconds > 0 and request.form.get("RecordingUrl"):
-            team = self.pager_team_name()
+            team = team_name(self.voice_config() or {"current_config": {}})
             who = f"the {team} on-call engineer" if team else "the on-call engineer"
-            return say_and_hang_up(f"I'm going to deliver your {seconds} second message to "
-                                   f"{who} now. Goodbye.")
+            return self.say_and_hang_up(f"I'm going to deliver your {seconds} second message "
+                                        f"to {who} now. Goodbye.")
         if request.query.get("second") == "1":
-            return say_and_hang_up("I still did not hear a message. Goodbye.")
+            return self.say_and_hang_up("I still did not hear a message. Goodbye.")
         voice = VoiceResponse()
-        voice.say("I did not hear a message. Please try again after the tone.")
+        voice.say("I did not hear a message. Please try again after the tone.",
+                  **speech(self.voice_config()))
         self.record_prompt(request, voice, again=True)
         return twiml(voice)
 
@@ -3586,7 +3626,7 @@ class WebApp:
                              f"{snap.doc['current_config']['from_phone']} instead.")
 
     def wrongnumber_voice(self, request: Request) -> Response:
-        return say_and_hang_up("This number does not accept calls.")
+        return self.say_and_hang_up("This number does not accept calls.")
 
     # --- page calls ----------------------------------------------------------------------------
 
@@ -3598,20 +3638,23 @@ class WebApp:
 
         page = self.page_for(request)
         if page is None:
-            return say_and_hang_up("This page no longer exists. Goodbye.")
+            return self.say_and_hang_up("This page no longer exists. Goodbye.")
+        number = self.pager.number_of(page)
         if page["state"] != "open":
-            return say_and_hang_up(f"Page {page['number']} is {page['state']} already. "
-                                   "Goodbye.")
+            return self.say_and_hang_up(f"Page {number} is {page['state']} already. Goodbye.")
+        doc = self.voice_config()
+        said = speech(doc)
         voice = VoiceResponse()
         gather = voice.gather(num_digits=1, method="POST", timeout=8,
                               action=self.cfg.url(f"/oncall/keypress?page={page['id']}"))
         what = (f"a {page['duration']} second voicemail" if page["kind"] == "voicemail"
                 else "a missed call")
-        team = self.pager_team_name()
-        gather.say(f"This is the {team} pager. " if team else "This is the on-call pager. ")
-        gather.say(f"Page {page['number']}: {what} from {caller_text(page)}. "
-                   "Press 1 to acknowledge. Press 2 to hear the message.")
-        voice.say("Not acknowledged. Goodbye.")
+        team = team_name(doc or {"current_config": {}})
+        gather.say(f"This is the {team} pager. " if team else "This is the on-call pager. ",
+                   **said)
+        gather.say(f"Page {number}: {what} from {caller_text(page)}. "
+                   "Press 1 to acknowledge. Press 2 to hear the message.", **said)
+        voice.say("Not acknowledged. Goodbye.", **said)
         voice.hangup()
         return twiml(voice)
 
@@ -3620,7 +3663,8 @@ class WebApp:
 
         page = self.page_for(request)
         if page is None:
-            return say_and_hang_up("This page no longer exists. Goodbye.")
+            return self.say_and_hang_up("This page no longer exists. Goodbye.")
+        number = self.pager.number_of(page)
         digits = request.form.get("Digits", "")
         if digits == "1":
             member = member_by_phone(self.pager.team.read().doc, request.form.get("To", ""))
@@ -3628,15 +3672,16 @@ class WebApp:
                 return twiml(VoiceResponse())
             done, current = self.pager.acknowledge(page["id"], member, via="call")
             if done:
-                return say_and_hang_up(f"Page {page['number']} acknowledged. Thank you, "
-                                       f"{first_name(member)}. Goodbye.")
-            return say_and_hang_up(f"Page {page['number']} was already "
-                                   f"{page_state(current, None)}. Goodbye.")
+                return self.say_and_hang_up(f"Page {number} acknowledged. Thank you, "
+                                            f"{first_name(member)}. Goodbye.")
+            return self.say_and_hang_up(f"Page {number} was already "
+                                        f"{page_state(current, None)}. Goodbye.")
         voice = VoiceResponse()
         if digits == "2" and page["kind"] == "voicemail":
             voice.play(page["recording_url"] + ".mp3")
         elif digits == "2":
-            voice.say("There is no recording: the caller did not leave a message.")
+            voice.say("There is no recording: the caller did not leave a message.",
+                      **speech(self.voice_config()))
         voice.redirect(self.cfg.url(f"/oncall/answer?page={page['id']}"), method="POST")
         return twiml(voice)
 
@@ -3940,6 +3985,9 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "pager_phone": (("pager_phone",), str),
     "session_lifetime": (("session_lifetime",), int),
     "team_name": (("team_name",), str),
+    "greeting": (("greeting",), str),
+    "voice.name": (("voice", "name"), str),
+    "voice.language": (("voice", "language"), str),
     "oncall": (("oncall_user",), lambda v: {"id": v}),
     "mail.from_email": (("mail_settings", "from_email"), str),
     "mail.to_email": (("mail_settings", "to_email"), str),

@@ -2592,6 +2592,41 @@ def test_answer_asks_for_1_then_once_more_then_goodbye(s3_pager: RunningPager) -
         "<Say>Goodbye.</Say><Hangup /></Response>")
 
 
+def test_every_say_uses_the_teams_voice_and_the_greeting_replaces_the_first_sentence(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    set_team(s3_pager.store, team_name="Nachtschicht",
+             greeting="Sie haben den Pager der {team} erreicht.",
+             voice={"name": "Polly.Marlene", "language": "de-DE"})
+    said = '<Say language="de-DE" voice="Polly.Marlene">'
+    _, text = s3_pager.post("/public/answer", call_params())
+    assert f"{said}Sie haben den Pager der Nachtschicht erreicht.</Say>" in text
+    assert "You have reached" not in text and "<Say>" not in text
+    for path, params in (("/public/answer?retry=1", call_params()),
+                         ("/public/keypress", {**call_params(), "Digits": "1"}),
+                         ("/public/keypress", {**call_params(), "Digits": "9"}),
+                         ("/public/afterrec", {**call_params(), "RecordingDuration": "0"}),
+                         ("/wrongnumber/voice", call_params())):
+        _, text = s3_pager.post(path, params)
+        assert said in text and "<Say>" not in text, (path, text)
+    escalation(s3_pager.store, ack_timeout=0.3, call_attempts=1)
+    s3_pager.pager.team.read()  # the pager checks its copy at least every 10 s
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    status, text = twilio.post_callback(twilio.calls()[0].params["Url"][0], {
+        "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "AccountSid": ACCOUNT_SID})
+    assert status == 200 and said in text and "<Say>" not in text
+
+
+def test_config_set_voice_and_greeting_and_check_a_bad_voice(file_cli: Cli) -> None:
+    assert file_cli.run("config", "set", "voice.language", "fr-FR").returncode == 0
+    assert file_cli.run("config", "set", "greeting", "Bonjour, {team}.").returncode == 0
+    doc = file_cli.doc()["current_config"]
+    assert (doc["voice"], doc["greeting"]) == ({"language": "fr-FR"}, "Bonjour, {team}.")
+    result = file_cli.run("config", "set", "voice.name", "Polly Joanna; rm")
+    assert result.returncode == 1 and "current_config.voice.name 'Polly Joanna; rm' is not a " \
+        "voice name (Polly.Joanna)" in result.stderr
+
+
 def test_keypress_1_records_with_the_callers_details_in_the_callback_query(
         s3_pager: RunningPager) -> None:
     call = call_params()
