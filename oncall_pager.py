@@ -498,6 +498,8 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                       "is not a positive number of seconds")
     if "team_name" in current and not isinstance(current["team_name"], str):
         errors.append("current_config.team_name is not a string")
+    if "transcribe" in current and not isinstance(current["transcribe"], bool):
+        errors.append("current_config.transcribe is not true or false")
     if "greeting" in current and (not isinstance(current["greeting"], str)
                                   or not current["greeting"].strip()):
         errors.append("current_config.greeting is not a sentence")
@@ -1028,6 +1030,8 @@ AUDIT_EVENTS = (
     "page.closed",           # no acknowledgement within a day
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
     "page.repeated",         # a caller with an open page called again: joined to that page
+    "page.transcribed",      # Twilio's transcript of a voicemail arrived; texted and e-mailed
+    "page.transcript_failed",  # Twilio could not transcribe a voicemail
     "member.opted_out",      # a member sent STOP (or another opt-out word): called, not texted
     "member.opted_in",       # a member sent START, UNSTOP or YES
     "recording.refused",     # a recording callback named a URL outside our Twilio account
@@ -1442,7 +1446,7 @@ WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
 # The texts of a page whose fate Twilio reports: the first one, its fallback, those of a
 # voicemail that joined the page, notices and escalation texts.
 TEXT_CHANNEL = re.compile(r"(mms|sms|sms_fallback)(:[A-Z]{2}[0-9a-zA-Z]{32})?"
-                          r"|(notice|escalation):[A-Za-z0-9_.@-]{1,64}")
+                          r"|(notice|escalation|transcript_sms):[A-Za-z0-9_.@:-]{1,100}")
 
 
 class PageBook:
@@ -1987,6 +1991,67 @@ class Pager:
         self.wake()
         return True
 
+    def transcribed(self, recording_sid: str, status: str, text: str) -> bool:
+        """Twilio's transcript of a voicemail (the page's own, or one that joined it): kept on
+        the page, texted to everyone paged so far ("Page N transcript: TEXT", at most 320
+        characters in all), e-mailed in the voicemail's thread and put into the archive, all
+        in the write that records it. A failed one is audited and nothing else happens.
+        Twilio's retry finds the transcript there and changes nothing."""
+        page = self.page(recording_sid) or next(
+            (p for p, _ in self.book.working()
+             if any(r["id"] == recording_sid for r in p.get("repeats", []))), None)
+        if page is None:
+            return False
+        page_id = page["id"]
+        if status != "completed":
+            self.audit.record("page.transcript_failed", "twilio", {
+                "page": page_id, "number": page.get("number"), "recording": recording_sid,
+                "status": status})
+            return True
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        claimed_until = self.claim_until()
+        suffix = "" if recording_sid == page_id else f":{recording_sid}"
+        channels: list[str] = []
+
+        def keep(current: dict | None) -> dict | None:
+            channels.clear()
+            if current is None:
+                return None
+            target = current if not suffix else next(
+                (r for r in current.get("repeats", []) if r["id"] == recording_sid), None)
+            if target is None or target.get("transcript"):
+                return None
+            target["transcript"] = text
+            number = current.get("number") or self.number_of(current)
+            prefix = f"Page {number} transcript: "
+            body = prefix + (text if len(prefix + text) <= 320
+                             else text[:320 - len(prefix) - 3] + "...")
+            for member_id in current.get("paged", []):
+                member = members(doc).get(member_id)
+                if member and not member.get("opted_out"):
+                    channels.append(f"transcript_sms:{member_id}{suffix}")
+                    add_delivery(current, channels[-1], claimed_until, to=member["phone"],
+                                 body=body)
+            for channel in (f"transcript_email{suffix}", f"transcript_archive{suffix}"):
+                channels.append(channel)
+                add_delivery(current, channel, claimed_until)
+            key, entry = self.audit.entry("page.transcribed", "twilio", {
+                "page": page_id, "number": current.get("number"), "recording": recording_sid,
+                "characters": len(text)})
+            current.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return current
+
+        written = self.write_page(self.store, page_id, keep)
+        if written is None:
+            return True
+        current, etag = written
+        if self.start_work is not None and claimed_until:
+            self.start_work(self.store, current, etag, channels, doc)
+        else:
+            due = current["audit_due"][-1]
+            self.audit.write(due["key"], due["entry"])
+        return True
+
     def call_unanswered(self, page_id: str, step: int) -> None:
         """A page call to the on-call engineer ended busy / no-answer / failed: it counts as
         an attempt at once, so the next step is due now instead of after ack_timeout."""
@@ -2272,14 +2337,25 @@ class DryRunTelephony(Telephony):
                                     "status_callback": status_callback})
 
 
+def mail_id(kind: str, message_id: str) -> str:
+    """The Message-ID of a page's e-mail (`page`) or of its transcript (`transcript`), made
+    from the RecordingSid, so a follow-up can name the first in In-Reply-To without storing
+    it, and a resent copy keeps its id."""
+    return f"<{kind}-{message_id}@oncall-pager>"
+
+
 def build_email(mail: dict, subject: str, body: str,
-                attachment: tuple[str, bytes] | None) -> email.message.EmailMessage:
+                attachment: tuple[str, bytes] | None, message_id: str = "",
+                reply_to: str = "") -> email.message.EmailMessage:
     message = email.message.EmailMessage()
     message["From"] = mail["from_email"]
     message["To"] = mail["to_email"]
     message["Subject"] = subject
     message["Date"] = email.utils.formatdate(usegmt=True)
-    message["Message-ID"] = email.utils.make_msgid(domain="oncall-pager")
+    message["Message-ID"] = message_id or email.utils.make_msgid(domain="oncall-pager")
+    if reply_to:
+        message["In-Reply-To"] = reply_to
+        message["References"] = reply_to
     message.set_content(body)
     if attachment:
         message.add_attachment(attachment[1], maintype="audio", subtype="mpeg",
@@ -2382,7 +2458,8 @@ JOBS_LISTING_EVERY = 10   # jobs/ is listed on every 10th listing of pages/ (and
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
-URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice")  # sent on the threads for texts
+# The channels sent on the threads for texts (the rest: e-mail, archive, on their own).
+URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "transcript_sms")
 
 
 class Batch:
@@ -3098,9 +3175,31 @@ class Worker:
         body = (f"Page {self._number(store, page)}: {page_summary(page)}.\n"
                 f"Opened {short_time(page['opened'])}; on call: {page['oncall']['name']}.\n"
                 f"Call SID: {page['call_sid']}\n")
-        message = build_email(mail, subject, body, attachment)
+        message = build_email(mail, subject, body, attachment, mail_id("page", page["id"]))
         self._send_email(message, doc)
         return {"to": mail["to_email"]}
+
+    def _deliver_transcript_email(self, store: Store, page: dict, channel: str,
+                                  doc: dict) -> dict:
+        """The transcript, in the thread of the voicemail's e-mail."""
+        mail = doc["current_config"]["mail_settings"]
+        subject = f"Re: On-call voicemail ({page['duration']} sec) from {caller_text(page)}"
+        body = (f"Transcript of page {self._number(store, page)} ({page_summary(page)}):\n\n"
+                f"{page['transcript']}\n")
+        message = build_email(mail, subject, body, None, mail_id("transcript", page["id"]),
+                              reply_to=mail_id("page", page["id"]))
+        self._send_email(message, doc)
+        return {"to": mail["to_email"]}
+
+    def _deliver_transcript_archive(self, store: Store, page: dict, channel: str,
+                                    doc: dict) -> dict:
+        """The transcript into the archive's .json; retried until the archive is there."""
+        key = recording_key(page, ".json")
+        found = read_json(self.store, key)
+        if found is None:
+            raise DeliveryError("the recording is not archived yet")
+        self.store.put(key, to_json({**found[0], "transcript": page["transcript"]}))
+        return {"key": key}
 
     def _deliver_closing_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
@@ -3127,7 +3226,8 @@ class Worker:
             "page": page_id_of(page), "number": self._number(store, page),
             "recording_sid": page["id"], "recording_url": page["recording_url"],
             "duration": page["duration"], "caller": page["caller"],
-            "call_sid": page["call_sid"], "time": iso_time(page["opened"]), "bytes": len(data)})
+            "call_sid": page["call_sid"], "time": iso_time(page["opened"]), "bytes": len(data),
+            **({"transcript": page["transcript"]} if page.get("transcript") else {})})
         in_parallel(IO_POOL, lambda: self.store.put(recording_key(page, ".mp3"), data),
                     lambda: self.store.put(recording_key(page, ".json"), metadata))
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
@@ -3214,6 +3314,9 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "sms": Worker._deliver_sms,
     "sms_fallback": Worker._deliver_sms,
     "notice": Worker._deliver_notice,
+    "transcript_sms": Worker._deliver_notice,
+    "transcript_email": Worker._deliver_transcript_email,
+    "transcript_archive": Worker._deliver_transcript_archive,
     "email": Worker._deliver_email,
     "archive": Worker._deliver_archive,
     "closing_email": Worker._deliver_closing_email,
@@ -3511,12 +3614,28 @@ class WebApp:
 
     def record_prompt(self, request: Request, voice: Any, again: bool) -> None:
         query = self.caller_query(request)
+        doc = self.voice_config()
+        transcribe = bool((doc or {}).get("current_config", {}).get("transcribe"))
         voice.record(action=self.cfg.url("/public/afterrec?" + query
                                          + ("&second=1" if again else "")),
                      method="POST", max_length=300, finish_on_key="#", play_beep=True,
                      recording_status_callback=self.cfg.url("/public/recordingcb?" + query),
                      recording_status_callback_method="POST",
-                     recording_status_callback_event="completed absent")
+                     recording_status_callback_event="completed absent",
+                     **({"transcribe": True, "transcribe_callback": self.cfg.url(
+                         "/public/transcriptioncb?" + query)} if transcribe else {}))
+
+    def public_transcriptioncb(self, request: Request) -> Response:
+        """Twilio's transcript of a voicemail (messages of 2 to 120 s): see
+        Pager.transcribed. The text comes from the caller's words: cleaned first."""
+        form = request.form
+        sid = form["RecordingSid"]
+        if not PAGE_ID.fullmatch(sid):
+            raise HTTPError(400, "RecordingSid is not a recording sid")
+        status = form["TranscriptionStatus"]
+        log.info("event=transcript recording=%s status=%s", sid, log_value(status))
+        self.pager.transcribed(sid, status, clean_text(form.get("TranscriptionText", "")))
+        return empty_messaging()
 
     def public_keypress(self, request: Request) -> Response:
         from twilio.twiml.voice_response import VoiceResponse
@@ -3723,6 +3842,8 @@ ROUTES: dict[str, Route] = {
     "/public/afterrec": Route(("POST",), WebApp.public_afterrec, ("CallSid",)),
     "/public/recordingcb": Route(("POST",), WebApp.public_recordingcb,
                                  ("CallSid", "RecordingStatus")),
+    "/public/transcriptioncb": Route(("POST",), WebApp.public_transcriptioncb,
+                                     ("RecordingSid", "TranscriptionStatus")),
     "/public/mmsstatuscb": Route(("POST",), WebApp.public_textstatus,
                                  ("MessageSid", "MessageStatus")),
     "/msgcontrol/entry": Route(("POST",), WebApp.msgcontrol_entry, ("From",)),
@@ -3985,6 +4106,7 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "pager_phone": (("pager_phone",), str),
     "session_lifetime": (("session_lifetime",), int),
     "team_name": (("team_name",), str),
+    "transcribe": (("transcribe",), parse_bool_value),
     "greeting": (("greeting",), str),
     "voice.name": (("voice", "name"), str),
     "voice.language": (("voice", "language"), str),

@@ -2617,6 +2617,64 @@ def test_every_say_uses_the_teams_voice_and_the_greeting_replaces_the_first_sent
     assert status == 200 and said in text and "<Say>" not in text
 
 
+def transcription(form: dict, status: str = "completed", text: str = "") -> dict[str, str]:
+    """Twilio's transcription callback for a recording."""
+    return {"AccountSid": ACCOUNT_SID, "CallSid": form["CallSid"],
+            "RecordingSid": form["RecordingSid"], "RecordingUrl": form["RecordingUrl"],
+            "TranscriptionSid": "TR" + uuid.uuid4().hex, "TranscriptionStatus": status,
+            "TranscriptionText": text, "TranscriptionType": "fast",
+            "TranscriptionUrl": form["RecordingUrl"].replace("Recordings", "Transcriptions")}
+
+
+def test_a_transcript_is_texted_e_mailed_in_the_thread_and_archived(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    set_team(s3_pager.store, transcribe=True)
+    call = call_params()
+    _, text = s3_pager.post("/public/keypress", {**call, "Digits": "1"})
+    (record,) = re.findall(r"<Record [^>]+>", text)
+    assert 'transcribe="true"' in record
+    callback = re.search(r'transcribeCallback="([^"]+)"', record).group(1).replace("&amp;", "&")
+    assert callback.startswith(s3_pager.cfg.public_url + "/public/transcriptioncb?caller=")
+    form, _ = leave_voicemail(s3_pager, twilio, call=call)
+    wait_until(lambda: len(smtp.messages) == 1 and len(s3_pager.store.list("recordings/")) == 2,
+               5)
+    words = "The checkout is down for everyone since 3 a.m. " * 10  # over 320 characters
+    path = callback[len(s3_pager.cfg.public_url):]
+    assert s3_pager.post(path, transcription(form, text=words))[0] == 200
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)
+    sms = messages_to(twilio, ALICE)[1]
+    assert sms.startswith("Page 1 transcript: The checkout is down") and len(sms) == 320
+    wait_until(lambda: len(smtp.messages) == 2, 5)
+    first, follow_up = smtp.messages
+    assert follow_up["In-Reply-To"] == first["Message-ID"] == \
+        f"<page-{form['RecordingSid']}@oncall-pager>"
+    assert follow_up["Subject"].strip().startswith("Re: On-call voicemail (12 sec)")
+    assert words.strip() in follow_up.get_content()
+    archived = wait_until(lambda: [json.loads(s3_pager.store.get(k).data) for k in
+                                   s3_pager.store.list("recordings/") if k.endswith(".json")
+                                   and "transcript" in json.loads(s3_pager.store.get(k).data)],
+                          5)
+    assert archived[0]["transcript"] == words.strip()
+    assert page_of(s3_pager.store, form["RecordingSid"])["transcript"] == words.strip()
+    (entry,) = wait_until(lambda: audit_events(s3_pager.store, "page.transcribed"), 5)
+    assert entry["details"]["recording"] == form["RecordingSid"]
+    assert s3_pager.post(path, transcription(form, text=words))[0] == 200  # Twilio's retry
+    time.sleep(0.5)
+    assert len(messages_to(twilio, ALICE)) == 2 and len(smtp.messages) == 2
+
+
+def test_a_failed_transcript_is_audited_and_nothing_is_sent(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    form, _ = leave_voicemail(s3_pager, twilio)
+    wait_until(lambda: len(smtp.messages) == 1, 5)
+    assert s3_pager.post(f"/public/transcriptioncb?caller={CALLER}",
+                         transcription(form, status="failed"))[0] == 200
+    (failed,) = wait_until(lambda: audit_events(s3_pager.store, "page.transcript_failed"), 5)
+    assert failed["details"]["status"] == "failed"
+    time.sleep(0.3)
+    assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
+
+
 def test_config_set_voice_and_greeting_and_check_a_bad_voice(file_cli: Cli) -> None:
     assert file_cli.run("config", "set", "voice.language", "fr-FR").returncode == 0
     assert file_cli.run("config", "set", "greeting", "Bonjour, {team}.").returncode == 0
@@ -3757,6 +3815,7 @@ CRASH_RECORDING_URL = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}
 MISSED_SID = "CA" + "d" * 32
 
 # A voicemail: delivered (its MMS reported undelivered, so an SMS with the link follows),
+# transcribed (the transcript texted, e-mailed and archived),
 # joined by a missed call from the same caller, escalated twice (a call to Alice, then Bob
 # texted and phoned), acknowledged by Alice's SMS, Bob told.
 PAGE_FLOW: list[Callable[[Process], None]] = [
@@ -3764,6 +3823,8 @@ PAGE_FLOW: list[Callable[[Process], None]] = [
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
     lambda p: p.pager.text_failed(CRASH_SID, "mms", "undelivered", 30007),
+    lambda p: p.settle(),
+    lambda p: p.pager.transcribed(CRASH_SID, "completed", "The checkout is down."),
     lambda p: p.settle(),
     lambda p: p.pager.open_page(MISSED_SID, "missed", {"number": CALLER}, MISSED_SID),
     lambda p: p.advance(CRASH_ACK_TIMEOUT),
@@ -3819,6 +3880,13 @@ def check_page_flow(store: op.Store, outside: Outside) -> None:
                      and e["details"].get("page") == CRASH_SID]) >= {"mms", "email", "archive"}
     assert len([e for e in events if e["event"] == "page.acknowledged"]) == 1
     assert len([e for e in events if e["event"] == "page.repeated"]) == 1
+    assert len([e for e in events if e["event"] == "page.transcribed"]) == 1
+    assert any(s["body"].startswith("Page 1 transcript: The checkout is down.") for s in sent
+               if s["kind"] == "sms"), "the transcript was never texted"
+    assert page["transcript"] == "The checkout is down."
+    (meta,) = [json.loads(store.get(k).data) for k in store.list("recordings/")
+               if k.endswith(".json")]
+    assert meta["transcript"] == "The checkout is down.", "the transcript was not archived"
     assert any(d.get("code") == 30007 for e in events if e["event"] == "page.delivery_failed"
                for d in e["details"]["deliveries"].values())
     escalated = {e["details"]["step"] for e in events if e["event"] == "page.escalated"}
