@@ -498,6 +498,7 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                       "is not a positive number of seconds")
     if "team_name" in current and not isinstance(current["team_name"], str):
         errors.append("current_config.team_name is not a string")
+    errors += check_live_answer(current.get("live_answer", {}))
     if "transcribe" in current and not isinstance(current["transcribe"], bool):
         errors.append("current_config.transcribe is not true or false")
     if "greeting" in current and (not isinstance(current["greeting"], str)
@@ -515,6 +516,30 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     errors += check_mail_settings(current.get("mail_settings"))
     errors += check_escalation(current.get("escalation", {}), users)
     return errors, warnings
+
+
+def check_live_answer(live: object) -> list[str]:
+    where = "current_config.live_answer"
+    if not isinstance(live, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    for field in ("enabled", "record"):
+        if not isinstance(live.get(field, False), bool):
+            errors.append(f"{where}.{field} {live.get(field)!r} is not true or false")
+    for field, low, high in (("ring_seconds", 5, 120), ("max_targets", 1, 10)):
+        value = live.get(field, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            errors.append(f"{where}.{field} {value!r} is not a whole number from {low} "
+                          f"to {high}")
+    return errors
+
+
+LIVE_DEFAULTS = {"enabled": False, "ring_seconds": 20, "max_targets": 3, "record": False}
+
+
+def live_settings(doc: dict | None) -> dict:
+    """`current_config.live_answer` with its defaults (absent: live answer is off)."""
+    return {**LIVE_DEFAULTS, **(doc or {}).get("current_config", {}).get("live_answer", {})}
 
 
 def positive_number(value: object) -> bool:
@@ -1031,6 +1056,7 @@ AUDIT_EVENTS = (
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
     "page.repeated",         # a caller with an open page called again: joined to that page
     "page.transcribed",      # Twilio's transcript of a voicemail arrived; texted and e-mailed
+    "page.recorded",         # the recording of a live call arrived; archived and e-mailed
     "page.transcript_failed",  # Twilio could not transcribe a voicemail
     "member.opted_out",      # a member sent STOP (or another opt-out word): called, not texted
     "member.opted_in",       # a member sent START, UNSTOP or YES
@@ -1377,13 +1403,16 @@ def caller_text(page: dict) -> str:
 
 
 def page_summary(page: dict) -> str:
-    what = (f"voicemail ({page.get('duration', 0)} sec)" if page.get("kind") == "voicemail"
-            else "missed call")
+    kind = page.get("kind")
+    what = (f"voicemail ({page.get('duration', 0)} sec)" if kind == "voicemail"
+            else "live call" if kind == "call" else "missed call")
     return f"{what} from {caller_text(page)}"
 
 
 def recording_key(page: dict, extension: str) -> str:
-    return f"recordings/{file_stamp(page['opened'])}_{page['id']}{extension}"
+    """recordings/<UTC stamp>_<RecordingSid>: a live call's recording has a sid of its own."""
+    sid = page.get("recording_sid", page["id"])
+    return f"recordings/{file_stamp(page['opened'])}_{sid}{extension}"
 
 
 def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: str) -> None:
@@ -1658,7 +1687,8 @@ class Pager:
     # --- pages ---------------------------------------------------------------------------------
 
     def open_page(self, page_id: str, kind: str, caller: dict, call_sid: str,
-                  recording_url: str = "", duration: int = 0) -> tuple[dict, bool]:
+                  recording_url: str = "", duration: int = 0,
+                  live_tried: list[str] | None = None) -> tuple[dict, bool]:
         """Open a page (voicemail or missed call) and start its deliveries. Idempotent: the id
         comes from the RecordingSid (or CallSid), so Twilio's retried callback finds the same
         page. While S3 is unreachable the page goes to the local spool instead: the worker
@@ -1671,16 +1701,17 @@ class Pager:
             if joined is not None:
                 return joined, False
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
-                                   duration)
+                                   duration, live_tried)
         except StoreUnavailable as e:
             if self.spool is None or isinstance(e, StoreUncertain):
                 raise
             log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
             return self._open_page(self.spool, page_id, kind, caller, call_sid, recording_url,
-                                   duration)
+                                   duration, live_tried)
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
-                   recording_url: str, duration: int) -> tuple[dict, bool]:
+                   recording_url: str, duration: int, live_tried: list[str] | None = None
+                   ) -> tuple[dict, bool]:
         """The page path: the config (from memory if checked within PAGE_CONFIG_MAX_AGE), then
         one conditional create, which is the page, its queue entry, the claim of its first
         deliveries by this instance and its `page.opened` entry at once. The worker sends the
@@ -1697,6 +1728,7 @@ class Pager:
             "deliveries": {},
             "escalation": {"next_due": now + escalation_settings(snap.doc)["ack_timeout"],
                            "step": 0, "claimed_until": 0},
+            **({"live_tried": live_tried} if live_tried else {}),
         }
         claimed_until = self.claim_until()
         channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
@@ -1989,6 +2021,84 @@ class Pager:
         if fallback is not None and self.start_work is not None and claimed_until:
             self.start_work(store, page, etag, [fallback])
         self.wake()
+        return True
+
+    def live_targets(self, doc: dict) -> list[dict]:
+        """Who a live call rings, in order: the on-call engineer, then `escalate_to`, up to
+        `live_answer.max_targets` people in all."""
+        oncall = oncall_member(doc)
+        team = [members(doc)[m] for m in escalation_settings(doc)["escalate_to"]
+                if m != oncall["id"] and m in members(doc)]
+        return [oncall, *team][:live_settings(doc)["max_targets"]]
+
+    def live_accepted(self, call_sid: str, caller: dict, member: dict, tried: list[str]
+                      ) -> tuple[dict, bool]:
+        """The engineer pressed 1 on a live call: a page of kind `call`, opened and
+        acknowledged by them in one conditional create (its `page.opened` and
+        `page.acknowledged` entries with it), so nothing escalates; the team gets an e-mail
+        of the call (with the recording, when there is one, after it: see live_recorded).
+        A second 1 (Twilio's retry) finds the page. Returns (page, created)."""
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        now = time.time()
+        record = live_settings(doc)["record"]
+        page = {
+            "id": call_sid, "number": None, "kind": "call", "opened": now, "caller": caller,
+            "call_sid": call_sid, "recording_url": "", "duration": 0,
+            "oncall": dict(oncall_member(doc)), "paged": list(tried), "live_tried": list(tried),
+            "state": "acknowledged", "acked_by": member["id"], "acked_at": now,
+            "deliveries": {}, "escalation": {"next_due": now, "step": 0, "claimed_until": 0},
+            "audit_due": []}
+        claimed_until = self.claim_until()
+        channels = [] if record else ["email"]  # with a recording, the e-mail waits for it
+        for channel in channels:
+            add_delivery(page, channel, claimed_until)
+        for event, actor, details in (
+                ("page.opened", "twilio", {"page": call_sid, "kind": "call", "caller": caller,
+                                           "tried": tried}),
+                ("page.acknowledged", member["id"], {"page": call_sid, "via": "live"})):
+            key, entry = self.audit.entry(event, actor, details)
+            page["audit_due"].append({"key": key, "entry": entry})
+        try:
+            etag = self.store.put(f"pages/{call_sid}.json", to_json(page), if_absent=True)
+        except StoreConflict:
+            found = read_json(self.store, f"pages/{call_sid}.json")
+            return (found[0] if found else page), False
+        self.book.put(page, etag)
+        if channels and self.start_work is not None and claimed_until:
+            self.start_work(self.store, page, etag, channels, doc)
+        else:
+            for due in page["audit_due"]:
+                self.audit.write(due["key"], due["entry"])
+        return page, True
+
+    def live_recorded(self, call_sid: str, recording_sid: str, recording_url: str,
+                      duration: int) -> bool:
+        """The recording of an accepted live call: archived and e-mailed like a voicemail
+        (`page.recorded`)."""
+        claimed_until = self.claim_until()
+
+        def keep(page: dict | None) -> dict | None:
+            if page is None or page.get("kind") != "call" or page.get("recording_url"):
+                return None
+            page.update(recording_url=recording_url, duration=duration,
+                        recording_sid=recording_sid)
+            for channel in ("email", "archive"):
+                add_delivery(page, channel, claimed_until)
+            key, entry = self.audit.entry("page.recorded", "twilio", {
+                "page": call_sid, "number": page.get("number"), "recording": recording_sid,
+                "duration": duration})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        written = self.write_page(self.store, call_sid, keep, from_copy=False)
+        if written is None:
+            return False
+        page, etag = written
+        if self.start_work is not None and claimed_until:
+            self.start_work(self.store, page, etag, ["email", "archive"])
+        else:
+            due = page["audit_due"][-1]
+            self.audit.write(due["key"], due["entry"])
         return True
 
     def transcribed(self, recording_sid: str, status: str, text: str) -> bool:
@@ -3104,7 +3214,7 @@ class Worker:
 
     def _recording(self, page: dict) -> bytes:
         """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
-        page_id = page["id"]
+        page_id = page.get("recording_sid", page["id"])
         with self._lock:
             fetch_lock = self._page_locks.setdefault(page_id + "/recording", threading.Lock())
         with fetch_lock:
@@ -3166,7 +3276,12 @@ class Worker:
 
     def _deliver_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
-        if page["kind"] == "voicemail":
+        if page["kind"] == "call":
+            taken = members(doc).get(page.get("acked_by"), {}).get("name", page.get("acked_by"))
+            subject = f"Live call from {caller_text(page)}, taken by {taken}"
+            attachment = ((f"{page['id']}.mp3", self._recording(page))
+                          if page.get("recording_url") else None)
+        elif page["kind"] == "voicemail":
             subject = f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}"
             attachment = (f"{page['id']}.mp3", self._recording(page))
         else:
@@ -3224,7 +3339,8 @@ class Worker:
         data = self._recording(page)
         metadata = to_json({
             "page": page_id_of(page), "number": self._number(store, page),
-            "recording_sid": page["id"], "recording_url": page["recording_url"],
+            "recording_sid": page.get("recording_sid", page["id"]),
+            "recording_url": page["recording_url"],
             "duration": page["duration"], "caller": page["caller"],
             "call_sid": page["call_sid"], "time": iso_time(page["opened"]), "bytes": len(data),
             **({"transcript": page["transcript"]} if page.get("transcript") else {})})
@@ -3580,7 +3696,11 @@ class WebApp:
                               method="POST", timeout=6)
         if not retry:
             gather.say(greeting(doc), **said)
-        gather.say("Press 1 to leave a message for the on-call engineer.", **said)
+        if live_settings(doc)["enabled"]:
+            gather.say("Press 1 to leave a message. Press 2 to speak to the on-call engineer "
+                       "now.", **said)
+        else:
+            gather.say("Press 1 to leave a message for the on-call engineer.", **said)
         if retry:
             voice.say("Goodbye.", **said)
             voice.hangup()
@@ -3612,8 +3732,98 @@ class WebApp:
         details = {k: clean_text(v) for k, v in details.items()}
         return urllib.parse.urlencode({k: v for k, v in details.items() if v})
 
-    def record_prompt(self, request: Request, voice: Any, again: bool) -> None:
+    # --- live answer: the caller put through to a person ---------------------------------------
+
+    def live_dial(self, request: Request, doc: dict | None, tried: list[str]) -> Response:
+        """Ring the next person for a live call (the on-call engineer first, then
+        `escalate_to`, up to `max_targets`), from the pager number, with a screening whisper:
+        only their 1 connects the caller, so a personal voicemail cannot take the call.
+        Nobody left: the voicemail flow, with the ids tried on its page."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        said = speech(doc)
+        voice = VoiceResponse()
+        targets = [m for m in self.pager.live_targets(doc) if m["id"] not in tried] \
+            if doc else []
+        if not targets or len(tried) >= live_settings(doc)["max_targets"]:
+            voice.say("Nobody could take your call. Please leave a message after the tone.",
+                      **said)
+            self.record_prompt(request, voice, again=False, tried=tried)
+            return twiml(voice)
+        target = targets[0]
+        settings = live_settings(doc)
+        query = self.caller_query(request) + "&tried=" + ",".join([*tried, target["id"]])
+        if not tried:
+            voice.say("Connecting you to the on-call engineer. Please hold.", **said)
+        dial = voice.dial(caller_id=doc["current_config"]["pager_phone"],
+                          timeout=settings["ring_seconds"], method="POST",
+                          action=self.cfg.url("/public/dialdone?" + query),
+                          **({"record": "record-from-answer-dual",
+                              "recording_status_callback": self.cfg.url(
+                                  "/public/recordingcb?" + query + "&live=1"),
+                              "recording_status_callback_method": "POST"}
+                             if settings["record"] else {}))
+        dial.number(target["phone"], url=self.cfg.url(
+            f"/public/screen?{query}&member={target['id']}"), method="POST")
+        return twiml(voice)
+
+    def live_tried(self, request: Request) -> list[str]:
+        return [m for m in request.query.get("tried", "").split(",") if m][:10]
+
+    def public_screen(self, request: Request) -> Response:
+        """The engineer's leg, before it is connected: who calls, and 1 to accept. No key
+        (a personal voicemail, a missed key) hangs up this leg; the caller's Dial goes on."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        doc = self.voice_config()
+        said = speech(doc)
+        team = team_name(doc or {"current_config": {}})
+        caller = {"number": request.query.get("caller", ""),
+                  "name": request.query.get("name", ""), "city": request.query.get("city", ""),
+                  "state": request.query.get("state", "")}
+        voice = VoiceResponse()
+        gather = voice.gather(num_digits=1, timeout=8, method="POST", action=self.cfg.url(
+            "/public/screenkey?" + urllib.parse.urlencode(request.query)))
+        gather.say(f"Call for the {team + ' ' if team else ''}pager from "
+                   f"{caller_text({'caller': {k: clean_text(v) for k, v in caller.items()}})}. "
+                   "Press 1 to accept.", **said)
+        voice.hangup()
+        return twiml(voice)
+
+    def public_screenkey(self, request: Request) -> Response:
+        """1: the engineer takes the call (a page of kind call, acknowledged by them); the
+        whisper ends and Twilio connects the caller. Anything else: this leg hangs up."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        query = request.query
+        call_sid = query.get("call", "")
+        doc = self.voice_config()
+        member = members(doc).get(query.get("member", "")) if doc else None
+        if request.form.get("Digits") != "1" or member is None or \
+                not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
+            return self.say_and_hang_up("Goodbye.")
+        caller = {k: clean_text(query[q]) for k, q in (
+            ("number", "caller"), ("name", "name"), ("city", "city"), ("state", "state"))
+            if q in query}
+        self.pager.live_accepted(call_sid, caller, member, self.live_tried(request))
+        voice = VoiceResponse()
+        voice.say("Connecting.", **speech(doc))
+        return twiml(voice)
+
+    def public_dialdone(self, request: Request) -> Response:
+        """The caller's Dial ended: the call was taken (its page exists: goodbye), or the
+        next person is rung, or the voicemail flow starts."""
+        call_sid = request.query.get("call", "")
+        page = self.pager.page(call_sid) if PAGE_ID.fullmatch(call_sid) else None
+        if page is not None and page.get("kind") == "call":
+            return self.say_and_hang_up("Goodbye.")
+        return self.live_dial(request, self.voice_config(), self.live_tried(request))
+
+    def record_prompt(self, request: Request, voice: Any, again: bool,
+                      tried: list[str] | None = None) -> None:
         query = self.caller_query(request)
+        if tried:
+            query += "&tried=" + ",".join(tried)
         doc = self.voice_config()
         transcribe = bool((doc or {}).get("current_config", {}).get("transcribe"))
         voice.record(action=self.cfg.url("/public/afterrec?" + query
@@ -3640,6 +3850,9 @@ class WebApp:
     def public_keypress(self, request: Request) -> Response:
         from twilio.twiml.voice_response import VoiceResponse
 
+        doc = self.voice_config()
+        if request.form.get("Digits") == "2" and live_settings(doc)["enabled"]:
+            return self.live_dial(request, doc, tried=[])
         if request.form.get("Digits") != "1":
             return self.say_and_hang_up("Goodbye.")
         voice = VoiceResponse()
@@ -3686,8 +3899,13 @@ class WebApp:
                     self.pager.open_page(call_sid, "missed", caller, call_sid)
                 raise HTTPError(400, "recording URL is not one of this account's recordings")
             duration = form.get("RecordingDuration", "0")
-            self.pager.open_page(sid, "voicemail", caller, call_sid, url,
-                                 int(duration) if duration.isdigit() else 0)
+            seconds = int(duration) if duration.isdigit() else 0
+            if query.get("live") == "1" and PAGE_ID.fullmatch(query.get("call", "")):
+                self.pager.live_recorded(query["call"], sid, url, seconds)
+                return empty_messaging()
+            self.pager.open_page(sid, "voicemail", caller, call_sid, url, seconds,
+                                 live_tried=[m for m in query.get("tried", "").split(",")
+                                             if m][:10] or None)
         elif status in ("absent", "failed"):
             if not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
                 raise HTTPError(400, "CallSid is not a call sid")
@@ -3842,6 +4060,9 @@ ROUTES: dict[str, Route] = {
     "/public/afterrec": Route(("POST",), WebApp.public_afterrec, ("CallSid",)),
     "/public/recordingcb": Route(("POST",), WebApp.public_recordingcb,
                                  ("CallSid", "RecordingStatus")),
+    "/public/screen": Route(("POST",), WebApp.public_screen, ("CallSid",)),
+    "/public/screenkey": Route(("POST",), WebApp.public_screenkey, ("CallSid",)),
+    "/public/dialdone": Route(("POST",), WebApp.public_dialdone, ("CallSid",)),
     "/public/transcriptioncb": Route(("POST",), WebApp.public_transcriptioncb,
                                      ("RecordingSid", "TranscriptionStatus")),
     "/public/mmsstatuscb": Route(("POST",), WebApp.public_textstatus,
@@ -4057,7 +4278,9 @@ def local_path(cfg: AppConfig, url: str) -> str:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    """Walk the voicemail flow as Twilio would, printing each TwiML step."""
+    """Walk the voicemail flow as Twilio would, printing each TwiML step; with --digits 2
+    and live answer, the engineer's side too: the whisper, then 1 (--accept), no answer
+    (--no-answer), or answered without a key (neither: a personal voicemail)."""
     import xml.etree.ElementTree as ElementTree
 
     cfg = load_app_config(args.config)
@@ -4075,6 +4298,29 @@ def cmd_call(args: argparse.Namespace) -> int:
     step("the call comes in", "/public/answer", call)
     body = step(f"caller presses {args.digits}", "/public/keypress",
                 {**call, "Digits": args.digits})
+    while (dial := ElementTree.fromstring(body).find("Dial")) is not None:
+        # live answer: the engineer's leg hears the whisper; --accept presses 1
+        number = dial.find("Number")
+        leg = {"CallSid": "CA" + uuid.uuid4().hex, "ParentCallSid": call["CallSid"],
+               "AccountSid": cfg.account_sid, "From": dial.get("callerId", ""),
+               "To": (number.text or "").strip() if number is not None else "",
+               "CallStatus": "in-progress", "Direction": "outbound-dial"}
+        accepted = False
+        if number is not None and not args.no_answer:
+            whisper = step(f"{leg['To']} answers and hears", local_path(
+                cfg, number.get("url", "")), leg)
+            gather = ElementTree.fromstring(whisper).find("Gather")
+            if args.accept and gather is not None:
+                step(f"{leg['To']} presses 1", local_path(cfg, gather.get("action", "")),
+                     {**leg, "Digits": "1"})
+                accepted = True
+        outcome = "completed" if accepted or not args.no_answer else "no-answer"
+        body = step(f"the dial ends ({outcome})", local_path(cfg, dial.get("action", "")), {
+            **call, "DialCallStatus": outcome, "DialCallSid": leg["CallSid"],
+            "DialCallDuration": "30" if accepted else "0"})
+        if accepted:
+            print("--- the caller and the engineer talked; the page is acknowledged")
+            return 0
     record = ElementTree.fromstring(body).find("Record")
     if record is None:
         print("--- the pager hung up; no recording")
@@ -4377,7 +4623,13 @@ def build_parser() -> argparse.ArgumentParser:
     sms.add_argument("--url", help="the running pager (default: http://HOST:PORT)")
     call = command("call", cmd_call, "walk the voicemail flow as Twilio would")
     call.add_argument("sender", metavar="FROM")
-    call.add_argument("--digits", default="1", help="the key the caller presses (default 1)")
+    call.add_argument("--digits", default="1", help="the key the caller presses (default 1; "
+                      "2 asks for a person, with live_answer enabled)")
+    answer = call.add_mutually_exclusive_group()
+    answer.add_argument("--accept", action="store_true",
+                        help="with --digits 2: the engineer presses 1 and takes the call")
+    answer.add_argument("--no-answer", action="store_true",
+                        help="with --digits 2: nobody answers; the call goes on to voicemail")
     call.add_argument("--seconds", type=int, default=12, help="length of the message")
     call.add_argument("--url", help="the running pager (default: http://HOST:PORT)")
     config = command("config", cmd_config, "show or change the operational config safely")
