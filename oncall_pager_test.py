@@ -2678,6 +2678,11 @@ def test_a_failed_transcript_is_audited_and_nothing_is_sent(
 def test_config_set_voice_and_greeting_and_check_a_bad_voice(file_cli: Cli) -> None:
     assert file_cli.run("config", "set", "voice.language", "fr-FR").returncode == 0
     assert file_cli.run("config", "set", "greeting", "Bonjour, {team}.").returncode == 0
+    assert file_cli.run("config", "set", "live_answer.enabled", "yes").returncode == 0
+    assert file_cli.doc()["current_config"]["live_answer"] == {"enabled": True}
+    refused = file_cli.run("config", "set", "live_answer.max_targets", "0")
+    assert refused.returncode == 1 and "live_answer.max_targets 0 is not a whole number from " \
+        "1 to 10" in refused.stderr
     doc = file_cli.doc()["current_config"]
     assert (doc["voice"], doc["greeting"]) == ({"language": "fr-FR"}, "Bonjour, {team}.")
     result = file_cli.run("config", "set", "voice.name", "Polly Joanna; rm")
