@@ -1,8 +1,8 @@
 """oncall-pager: a small, auditable on-call pager for a small team, built on Twilio.
 
 What it does
-    Customers call the *pager number*, press 1 and leave a voicemail. The on-call engineer is
-    paged at once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
+    Customers call the *pager number*, press 1 and leave a voicemail (or, with live answer,
+    press 2 and are put through to the on-call engineer). The on-call engineer is paged at once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
     (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK). Messages from anybody else are ignored.
@@ -14,7 +14,12 @@ How data flows
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
-    SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply.
+    live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
+            engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
+         -> /public/dialdone: the next person, or the voicemail flow above
+    transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
+    SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
+            a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
 
     Over a real network the round trip to S3 is the cost that matters: the page path makes at
     most two requests one after the other (the config, unless checked in the last 10 s, and

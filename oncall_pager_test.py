@@ -2967,6 +2967,18 @@ def local(pager: RunningPager, url: str) -> str:
     return url[len(pager.cfg.public_url):]
 
 
+def report_recording(pager: RunningPager, twilio: TwilioFake, callback: str, call: dict,
+                     seconds: int) -> str:
+    """Twilio's recording status callback for a new recording of `call`; its sid."""
+    sid = "RE" + uuid.uuid4().hex
+    twilio.add_recording(sid, RECORDING)
+    assert pager.post(local(pager, callback), {
+        "AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
+        "RecordingUrl": twilio.recording_url(sid), "RecordingStatus": "completed",
+        "RecordingDuration": str(seconds)})[0] == 200
+    return sid
+
+
 def test_live_answer_puts_the_caller_through_only_when_the_engineer_presses_1(
         s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     set_team(s3_pager.store, team_name="Example SRE", live_answer={"enabled": True})
@@ -3022,12 +3034,7 @@ def test_a_personal_voicemail_or_no_answer_goes_on_to_the_next_then_to_voicemail
     assert "Nobody could take your call. Please leave a message after the tone." in text
     record = twiml_verbs(text).find("Record")
     assert record is not None and twiml_verbs(text).find("Dial") is None
-    sid = "RE" + uuid.uuid4().hex
-    twilio.add_recording(sid, RECORDING)
-    s3_pager.post(local(s3_pager, record.get("recordingStatusCallback")), {
-        "AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
-        "RecordingUrl": twilio.recording_url(sid), "RecordingStatus": "completed",
-        "RecordingDuration": "8"})
+    sid = report_recording(s3_pager, twilio, record.get("recordingStatusCallback"), call, 8)
     page = wait_until(lambda: s3_pager.store.get(f"pages/{sid}.json"), 5)
     assert json.loads(page.data)["live_tried"] == ["alice", "bob"]
     assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5), "the voicemail pages as ever"
@@ -3043,12 +3050,7 @@ def test_a_recorded_live_call_is_archived_and_e_mailed_like_a_voicemail(
                                         leg(dial, call))[1])
     s3_pager.post(local(s3_pager, whisper.find("Gather").get("action")),
                   {**leg(dial, call), "Digits": "1"})
-    sid = "RE" + uuid.uuid4().hex
-    twilio.add_recording(sid, RECORDING)
-    s3_pager.post(local(s3_pager, dial.get("recordingStatusCallback")), {
-        "AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
-        "RecordingUrl": twilio.recording_url(sid), "RecordingStatus": "completed",
-        "RecordingDuration": "95"})
+    sid = report_recording(s3_pager, twilio, dial.get("recordingStatusCallback"), call, 95)
     wait_until(lambda: smtp.messages, 5)
     (attachment,) = list(smtp.messages[0].iter_attachments())
     assert attachment.get_content() == RECORDING
