@@ -2,10 +2,12 @@
 
 What it does
     Customers call the *pager number*, press 1 and leave a voicemail (or, with live answer,
-    press 2 and are put through to the on-call engineer). The on-call engineer is paged at once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
+    press 2 and are put through to the on-call engineer). The on-call engineer is paged at
+    once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
-    (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK). Messages from anybody else are ignored.
+    (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK; STOP/START as the carriers define them).
+    Messages from anybody else are ignored.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
