@@ -653,11 +653,11 @@ class TwilioArrivals:
             answer(handler)
 
         def completing_log(method: str, path: str, params: dict[str, list[str]],
-                           status: int) -> None:
+                           status: int, *more: Any) -> None:
             record = getattr(self._current, "record", None)
             if record is not None:
                 record.params, record.status = params, status
-            log(method, path, params, status)
+            log(method, path, params, status, *more)
 
         fake.answer, fake._log = stamped_answer, completing_log
 

@@ -2277,13 +2277,14 @@ class Pager:
         log.debug("event=sms.command member=%s command=%s", member["id"], command)
         if command is None:
             return HELP_TEXT if self.help_limiter.allow(sender, time.time()) else None
-        session = found[2] if len(found) > 2 and expected["id"] == member["id"] else None
+        session_read = len(found) > 2 and expected["id"] == member["id"]
+        session = found[2] if session_read else None
         reply: str | None = STORE_DOWN_TEXT
         if not (snap.stale and command in STATE_CHANGING):
             later: list[Callable[[], Any]] = []  # what could not go with the config's check
             if marker is not None and expected is None:
                 later.append(claim(member))
-            if command == "confirm" and session is None:
+            if command == "confirm" and not session_read:
                 later.append(session_of(member))
             try:
                 done = in_parallel(IO_POOL, *later) if later else []
@@ -2291,7 +2292,7 @@ class Pager:
                 return self._first_reply(marker, message_sid)
             except StoreUnavailable:
                 return STORE_DOWN_TEXT
-            if command == "confirm" and session is None:
+            if command == "confirm" and not session_read:
                 session = done[-1]
             reply = self.run_command(command, args, snap, member, session)
         if marker is not None:  # after the answer: a replay in between gets no reply
@@ -3829,6 +3830,7 @@ class WebApp:
     def record_prompt(self, request: Request, voice: Any, again: bool,
                       tried: list[str] | None = None) -> None:
         query = self.caller_query(request)
+        tried = tried if tried is not None else self.live_tried(request)  # a second chance
         if tried:
             query += "&tried=" + ",".join(tried)
         doc = self.voice_config()
