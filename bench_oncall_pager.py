@@ -291,6 +291,21 @@ def signed_post(kit: TestKit, port: int, path: str, fields: dict[str, str],
     return answer.status, body, time.perf_counter() - started
 
 
+def post_voicemail(kit: TestKit, fake: Any, proxy: CountingProxy, server: Server,
+                   what: str) -> tuple[str, int, float, float]:
+    """A new recording's callback as Twilio posts it: (its RecordingSid, the proxy's mark
+    just before, when it was sent (monotonic), seconds to the answer); BenchError unless 200."""
+    sid = "RE" + secrets.token_hex(16)
+    fake.add_recording(sid, op.SAMPLE_MP3)
+    mark = proxy.mark()
+    sent = time.monotonic()
+    status, body, seconds = signed_post(kit, server.port, recordingcb_path(),
+                                        recording_fields(kit, fake, sid))
+    if status != 200:
+        raise BenchError(f"{what}: {status} {body[:300]!r}\n{server.log_tail()}")
+    return sid, mark, sent, seconds
+
+
 def recording_fields(kit: TestKit, fake: Any, recording_sid: str) -> dict[str, str]:
     return {"AccountSid": kit.account_sid, "CallSid": "CA" + secrets.token_hex(16),
             "RecordingSid": recording_sid, "RecordingUrl": fake.recording_url(recording_sid),
@@ -1400,15 +1415,8 @@ def measure_page_path(lab: Lab, report: Report, settings: argparse.Namespace,
         server.wait_healthy()
         proxy.wait_quiet(quiet)
         for i in range(settings.rtt_callbacks):
-            sid = "RE" + secrets.token_hex(16)
-            fake.add_recording(sid, op.SAMPLE_MP3)
-            mark = proxy.mark()
-            sent = time.monotonic()
-            status, body, seconds = signed_post(kit, server.port, recordingcb_path(),
-                                                recording_fields(kit, fake, sid))
-            if status != 200:
-                raise BenchError(f"recording callback {i + 1}: {status} {body[:300]!r}\n"
-                                 f"{server.log_tail()}")
+            sid, mark, sent, seconds = post_voicemail(kit, fake, proxy, server,
+                                                      f"recording callback {i + 1}")
             answered.append(seconds * 1000)
             mms = wait_until(f"the MMS of callback {i + 1}", lambda s=sid: arrivals.mms_of(s),
                              MMS_WAIT, every=0.005)
@@ -1483,15 +1491,7 @@ def measure_page_life(lab: Lab, report: Report, rtt_ms: float) -> None:
         server.wait_healthy()
         proxy.wait_quiet(quiet)
         mails = len(lab.smtp.messages)
-        sid = "RE" + secrets.token_hex(16)
-        fake.add_recording(sid, op.SAMPLE_MP3)
-        mark = proxy.mark()
-        opened = time.monotonic()
-        status, body, _ = signed_post(kit, server.port, recordingcb_path(),
-                                      recording_fields(kit, fake, sid))
-        if status != 200:
-            raise BenchError(f"recording callback: {status} {body[:300]!r}\n"
-                             f"{server.log_tail()}")
+        sid, mark, opened, _ = post_voicemail(kit, fake, proxy, server, "recording callback")
         wait_until("the MMS", lambda: arrivals.mms_of(sid), MMS_WAIT)
         wait_until("the e-mail", lambda: len(lab.smtp.messages) > mails, MMS_WAIT)
         wait_until("the archive (.mp3 and .json)", lambda: archived(sid), MMS_WAIT, every=0.1)
