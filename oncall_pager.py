@@ -1575,6 +1575,18 @@ class Pager:
         self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
 
+    def hand_over(self, store: Store, page: dict, etag: str, channels: list[str],
+                  doc: dict | None = None) -> None:
+        """After a write that queued `channels` (claimed for this instance, see claim_until):
+        the worker sends them at once and writes the page's audit entries; with no worker
+        here, or nothing to send, the entries are written now."""
+        if channels and self.start_work is not None:
+            self.start_work(store, page, etag, channels, doc)
+            return
+        for due in page.get("audit_due", []):
+            if not self.audit.written(due["key"]):
+                self.audit.write(due["key"], due["entry"])
+
     def claim_until(self) -> float:
         """The claim a change takes on what it queues: only when a worker here will send it."""
         return time.time() + self.cfg.claim_timeout if self.start_work is not None else 0.0
@@ -1760,10 +1772,7 @@ class Pager:
             return existing[0], False
         if store is self.store:
             self.book.put(page, etag)
-        if self.start_work is not None and claimed_until:
-            self.start_work(store, page, etag, channels, snap.doc)
-        else:
-            self.audit.write(key, entry)
+        self.hand_over(store, page, etag, channels, snap.doc)
         self.wake()
         return page, True
 
@@ -1808,11 +1817,7 @@ class Pager:
         if written is None:
             return candidates[0] if seen and seen[0] else None
         page, etag = written
-        if channels and self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, channels, snap.doc)
-        else:
-            due = page["audit_due"][-1]
-            self.audit.write(due["key"], due["entry"])
+        self.hand_over(self.store, page, etag, channels, snap.doc)
         self.wake()
         return page
 
@@ -2071,11 +2076,7 @@ class Pager:
             found = read_json(self.store, f"pages/{call_sid}.json")
             return (found[0] if found else page), False
         self.book.put(page, etag)
-        if channels and self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, channels, doc)
-        else:
-            for due in page["audit_due"]:
-                self.audit.write(due["key"], due["entry"])
+        self.hand_over(self.store, page, etag, channels, doc)
         return page, True
 
     def live_recorded(self, call_sid: str, recording_sid: str, recording_url: str,
@@ -2101,11 +2102,7 @@ class Pager:
         if written is None:
             return False
         page, etag = written
-        if self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, ["email", "archive"])
-        else:
-            due = page["audit_due"][-1]
-            self.audit.write(due["key"], due["entry"])
+        self.hand_over(self.store, page, etag, ["email", "archive"])
         return True
 
     def transcribed(self, recording_sid: str, status: str, text: str) -> bool:
@@ -2162,11 +2159,7 @@ class Pager:
         if written is None:
             return True
         current, etag = written
-        if self.start_work is not None and claimed_until:
-            self.start_work(self.store, current, etag, channels, doc)
-        else:
-            due = current["audit_due"][-1]
-            self.audit.write(due["key"], due["entry"])
+        self.hand_over(self.store, current, etag, channels, doc)
         return True
 
     def call_unanswered(self, page_id: str, step: int) -> None:
