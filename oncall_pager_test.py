@@ -4169,6 +4169,7 @@ class Outside:
     def __init__(self) -> None:
         self.sent: list[dict[str, str]] = []
         self.lock = threading.Lock()
+        self.origin: float | None = None  # the clock when the flow began (a rotation's times)
 
 
 class WorldTelephony(op.Telephony):
@@ -4200,7 +4201,7 @@ class Process:
     def __init__(self, folder: Path, clock: FakeTime, outside: Outside,
                  crash_at: int | None = None, after: bool = False):
         self.cfg = op.load_app_config(folder / "config.ini")
-        self.clock = clock
+        self.clock, self.outside, self.folder = clock, outside, folder
         self.store = CrashingStore(folder / "var", crash_at, after)
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
@@ -4224,6 +4225,11 @@ class Process:
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds
+        self.settle()
+
+    def advance_to(self, offset: float) -> None:
+        """To `offset` seconds after the flow began (a step run again moves no further)."""
+        self.clock.now = max(self.clock.now, self.outside.origin + offset)
         self.settle()
 
     def stop(self) -> None:
@@ -4280,6 +4286,32 @@ ALICE_MEMBER = {"id": "alice", "name": "Alice McAlister", "phone": ALICE}
 LIVE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.pager.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
     lambda p: p.settle(),
+]
+
+
+def start_rotation(process: Process) -> None:
+    """The operator sets a rotation (Bob, then Carol; shifts of 1,000 s, the first 1,000 s
+    after the flow began, reminders 200 s before), outside the process, once."""
+    outside = process.outside
+    if outside.origin is None:
+        outside.origin = process.clock.now
+        local = datetime.fromtimestamp(outside.origin + 1000, BERLIN).replace(tzinfo=None)
+        set_team(op.DirectoryStore(process.folder / "var"), rotation={
+            "members": ["bob", "carol"], "start": local.isoformat(),
+            "timezone": "Europe/Berlin", "shift_hours": 1000 / 3600, "remind_hours": 200 / 3600})
+    process.pager.team.read()
+
+
+# A rotation: Bob reminded, handed over to (Alice and Bob told), Carol TAKEs over (C), the
+# next shift (Carol's) finds her on call already: recorded, nobody told.
+ROTATION_FLOW: list[Callable[[Process], None]] = [
+    start_rotation,
+    lambda p: p.advance_to(900),
+    lambda p: p.advance_to(1100),
+    lambda p: sms(p, CAROL, "TAKE"),
+    lambda p: sms(p, CAROL, "C"),
+    lambda p: p.advance_to(1500),
+    lambda p: p.advance_to(2100),
 ]
 
 
@@ -4355,10 +4387,32 @@ def check_live_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent == [], "a taken call rings nobody"
 
 
+def check_rotation_flow(store: op.Store, outside: Outside) -> None:
+    assert oncall_id(store) == "carol"
+    events = audit_events(store)
+    changed = sorted((e["details"]["from"], e["details"]["to"], e["details"]["via"])
+                     for e in events if e["event"] == "oncall.changed")
+    assert changed == [("alice", "bob", "rotation"), ("bob", "carol", "sms")], changed
+    recorded = [e["details"] for e in events if e["event"] == "config.changed"]
+    assert [(d["via"], d["oncall"]) for d in recorded] == [("rotation", "carol")], recorded
+    texts = [(s["to"], s["body"]) for s in outside.sent if s["kind"] == "sms"]
+    reminders = [body for to, body in texts if body.startswith("Reminder: you go on call")]
+    # at least once; twice only when a stop came between the send and its record
+    assert 1 <= len(reminders) <= 2 and all(to == BOB for to, body in texts
+                                            if body in reminders), reminders
+    assert (ALICE, "Bob Roberts has taken on-call from you (rotation).") in texts
+    assert any(to == BOB and body.startswith("You are now on call") for to, body in texts)
+    assert (BOB, "Carol Cruz has taken on-call from you.") in texts
+    assert not any(to == CAROL for to, _ in texts), "Carol, on call already, was texted"
+    doc = json.loads(store.get("oncall_config.json").data)
+    assert doc["current_config"]["rotation_handoff"]["member"] == "carol"
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
-                                         (LIVE_FLOW, check_live_flow)],
-                         ids=["page", "team", "live"])
+                                         (LIVE_FLOW, check_live_flow),
+                                         (ROTATION_FLOW, check_rotation_flow)],
+                         ids=["page", "team", "live", "rotation"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -4390,6 +4444,7 @@ def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothin
         for after in (False, True):
             name = f"crash-{crash_at}-{'after' if after else 'before'}"
             folder, outside = fresh(name), Outside()
+            clock.now = time.time()  # near the files' own times (a job unchanged a day goes)
             first = Process(folder, clock, outside, crash_at, after)
             stopped_in = run_steps(flow, first)
             first.stop()
