@@ -6,8 +6,9 @@ What it does
     once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
-    (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK; STOP/START as the carriers define them).
-    Messages from anybody else are ignored.
+    (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
+    Messages from anybody else are ignored. An optional rotation hands on-call over at each
+    shift start by itself, and reminds the next engineer before.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -20,6 +21,8 @@ How data flows
             engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
          -> /public/dialdone: the next person, or the voicemail flow above
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
+    rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
+            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
 
@@ -34,7 +37,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     sessions/<member id>.json               pending TAKE confirmations
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
                                             paged, ack, channels, escalation, claims
-    jobs/msg-*.json                         single SMS (the handoff of C), kept a day once sent
+    jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
@@ -1185,7 +1188,7 @@ def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any
 
 
 # ==============================================================================================
-# Domain: the audit log, the operational config, TAKE sessions, pages, the team commands
+# Domain: the audit log, the operational config, TAKE sessions, rotation, pages, commands
 # ==============================================================================================
 
 
@@ -2881,7 +2884,7 @@ class Worker:
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
     (`start_work`, `start_message`); the rest it finds by listing pages/ every
-    `poll_interval` seconds (jobs/, the single messages, on every tenth listing): the listing
+    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing): the listing
     carries each page's ETag, so only pages that changed are read, and due work is planned
     from the PageBook's copies in between, with no request. A step is *claimed* with one
     conditional write over the copy (a claim expires after `claim_timeout`, covering an
