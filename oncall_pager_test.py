@@ -2682,10 +2682,10 @@ def test_a_shift_whose_member_is_on_call_already_is_recorded_and_nobody_is_told(
         file_pager: RunningPager) -> None:
     block, start = rotation(["alice", "bob"], first_in=-1, shift=60)
     set_team(file_pager.store, rotation=block)
-    wait_until(lambda: json.loads(file_pager.store.get("oncall_config.json").data)[
-        "current_config"].get("rotation_handoff"), 5)
+    (entry,) = wait_until(lambda: audit_events(file_pager.store, "config.changed"), 5)
+    assert json.loads(file_pager.store.get("oncall_config.json").data)["current_config"][
+        "rotation_handoff"] == {"shift_start": float(start), "member": "alice"}
     assert oncall_id(file_pager.store) == "alice"
-    (entry,) = audit_events(file_pager.store, "config.changed")
     assert entry["actor"] == "rotation" and entry["details"]["via"] == "rotation"
     assert file_pager.store.list("jobs/") == []
 
