@@ -212,6 +212,111 @@ def log_value(value: object, limit: int = 200) -> str:
 
 
 # ==============================================================================================
+# Metrics: this process's counters, for GET /metrics
+# ==============================================================================================
+
+
+# Every metric family /metrics shows: name -> (type, help). The counters and histograms are
+# counted below; the gauges are read at scrape time from what the process holds in memory.
+METRIC_FAMILIES = {
+    "oncall_build_info": ("gauge", "Always 1; the label carries the pager's version."),
+    "oncall_pages_opened_total": ("counter", "Pages this process opened, by kind."),
+    "oncall_deliveries_total": (
+        "counter", "Delivery attempts of this process, by channel and result (sent, failed, "
+        "retry, capped, expired)."),
+    "oncall_escalation_steps_total": (
+        "counter", "Escalation steps this process started, by kind (oncall, team)."),
+    "oncall_queue_depth": (
+        "gauge", "Pages and messages with delivery or escalation work pending (last scan)."),
+    "oncall_outbound_budget_left": (
+        "gauge", "SMS and calls left in this hour's outbound budget, as this process last saw "
+        "counters/outbound.json (absent until it has spent from it)."),
+    "oncall_store_requests_total": (
+        "counter", "Store requests, by store, operation and outcome."),
+    "oncall_store_request_seconds": ("histogram", "Store request latency, by operation."),
+    "oncall_http_requests_total": (
+        "counter", "HTTP requests, by route (other: no route) and status."),
+    "oncall_http_request_seconds": ("histogram", "Time to answer an HTTP request, by route."),
+    "oncall_config_stale": (
+        "gauge", "1 when the last read of the operational config failed (store unreachable, "
+        "config missing or invalid) and the last good copy answers, else 0."),
+    "oncall_store_reachable": ("gauge", "1 when the last read of the store succeeded, else 0."),
+    "oncall_worker_heartbeat_age_seconds": (
+        "gauge", "Seconds since the worker loop last came round (see the systemd watchdog)."),
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+Labels = tuple[tuple[str, str], ...]
+
+
+def metric_labels(labels: Labels) -> str:
+    """`{a="x",b="y"}` with the text format's escapes (backslash, quote, line feed)."""
+    if not labels:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for _, value in labels)
+    return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(labels, escaped,
+                                                                         strict=True)) + "}"
+
+
+class Metrics:
+    """Counters and latency histograms of this process, in memory: they start at zero with
+    each start (Prometheus's rate() takes a reset in its stride) and tell nothing of other
+    instances. Label values come from fixed sets only (route patterns, page kinds, channel
+    kinds, store operations), never from a request, so no caller can add a series. One lock:
+    a count is a dictionary update, far cheaper than the request it counts."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, Labels], float] = {}
+        # name, labels -> [count in each bucket (not cumulative) ..., count, sum]
+        self._histograms: dict[tuple[str, Labels], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def count(self, name: str, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + 1
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        slot = next((i for i, le in enumerate(LATENCY_BUCKETS) if seconds <= le),
+                    len(LATENCY_BUCKETS))
+        with self._lock:
+            cells = self._histograms.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 3))
+            cells[slot] += 1
+            cells[-2] += 1
+            cells[-1] += seconds
+
+    def render(self, gauges: dict[str, list[tuple[Labels, float]]]) -> str:
+        """The Prometheus text format (version 0.0.4): every family with its HELP and TYPE,
+        its samples sorted; `gauges` are the values read at scrape time."""
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {key: list(cells) for key, cells in self._histograms.items()}
+        samples: dict[str, list[str]] = {name: [] for name in METRIC_FAMILIES}
+        for name, values in gauges.items():
+            samples[name] += [f"{name}{metric_labels(labels)} {value!r}"
+                              for labels, value in sorted(values)]
+        for (name, labels), value in sorted(counters.items()):
+            samples[name].append(f"{name}{metric_labels(labels)} {value!r}")
+        for (name, labels), cells in sorted(histograms.items()):
+            cumulative = 0.0
+            for le, count in zip((*map(repr, LATENCY_BUCKETS), "+Inf"), cells[:-2],
+                                 strict=True):
+                cumulative += count
+                samples[name].append(
+                    f"{name}_bucket{metric_labels((*labels, ('le', le)))} {cumulative!r}")
+            samples[name].append(f"{name}_count{metric_labels(labels)} {cells[-2]!r}")
+            samples[name].append(f"{name}_sum{metric_labels(labels)} {cells[-1]!r}")
+        lines = []
+        for name, (kind, text) in METRIC_FAMILIES.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+        return "\n".join(lines) + "\n"
+
+
+METRICS = Metrics()  # one registry per process: the store, the worker and the web count here
+
+
+# ==============================================================================================
 # Configuration: config.ini (AppConfig) and the operational JSON (validation with field paths)
 # ==============================================================================================
 
@@ -224,6 +329,7 @@ class AppConfig:
     port: int = 8080
     public_url: str = "http://127.0.0.1:8080"
     threads: int = 8
+    metrics_token: str = ""  # GET /metrics wants it as a bearer token; empty: no /metrics
     store_url: str = "file:var"
     config_key: str = "oncall_config.json"
     s3_endpoint_url: str = ""
@@ -262,6 +368,7 @@ APP_SETTINGS = [
     ("server", "port", "port", int),
     ("server", "public_url", "public_url", str),
     ("server", "threads", "threads", int),
+    ("server", "metrics_token", "metrics_token", str),
     ("store", "url", "store_url", str),
     ("store", "config_key", "config_key", str),
     ("store", "s3_endpoint_url", "s3_endpoint_url", str),
@@ -336,10 +443,15 @@ def load_app_config(path: str | Path, environ: dict[str, str] | None = None) -> 
     cfg.auth_token = environ.get("TWILIO_AUTH_TOKEN") or cfg.auth_token
     cfg.auth_token_secondary = (environ.get("TWILIO_AUTH_TOKEN_SECONDARY")
                                 or cfg.auth_token_secondary)
+    cfg.metrics_token = environ.get("ONCALL_METRICS_TOKEN") or cfg.metrics_token
     problems += [f"{path}: {p}" for p in check_app_config(cfg)]
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+# A bearer token as RFC 6750 spells one, long enough not to be guessed.
+METRICS_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{16,}=*")
 
 
 def check_app_config(cfg: AppConfig) -> list[str]:
@@ -365,6 +477,9 @@ def check_app_config(cfg: AppConfig) -> list[str]:
         if (value or name != "s3_endpoint_url") and (
                 parts.scheme not in ("http", "https") or not parts.netloc):
             problems.append(f"[{section}] {name} {value!r} is not an http(s) URL")
+    if cfg.metrics_token and not METRICS_TOKEN.fullmatch(cfg.metrics_token):
+        problems.append("[server] metrics_token must be at least 16 characters of A-Z a-z 0-9 "
+                        "- . _ ~ + / (or set ONCALL_METRICS_TOKEN; e.g. openssl rand -hex 32)")
     if not 0 < cfg.port < 65536:
         problems.append(f"[server] port {cfg.port} is not between 1 and 65535")
     for name in ("threads", "worker_threads"):
@@ -712,6 +827,26 @@ def check_key(key: str) -> str:
     return key
 
 
+def store_request(store: str, operation: str, request: Callable[[], Any]) -> Any:
+    """One store request, counted for /metrics with its latency and outcome: ok, missing (a
+    get that found nothing), unchanged (a 304), conflict (a conditional write lost) or error."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        answer = request()
+        outcome = ("unchanged" if answer is UNCHANGED else
+                   "missing" if answer is None and operation == "get" else "ok")
+        return answer
+    except StoreConflict:
+        outcome = "conflict"
+        raise
+    finally:
+        METRICS.count("oncall_store_requests_total", store=store, operation=operation,
+                      outcome=outcome)
+        METRICS.observe("oncall_store_request_seconds", time.perf_counter() - started,
+                        operation=operation)
+
+
 class DirectoryStore(Store):
     """A local directory. Writes go to a temp file that is renamed into place, so a reader never
     sees a partial object. Conditional writes hold an exclusive `flock` on `.lock`, so two
@@ -729,6 +864,23 @@ class DirectoryStore(Store):
     def describe(self) -> str:
         return f"file:{self.root}/"
 
+    # The interface, each request counted (store_request); the work is done further down.
+    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+        return store_request("file", "get", lambda: self._get(key, unless_etag))
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        return store_request("file", "put", lambda: self._put(key, data, if_match, if_absent))
+
+    def list(self, prefix: str) -> list[str]:
+        return store_request("file", "list", lambda: self._list(prefix))
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        return store_request("file", "list", lambda: self._versions(prefix))
+
+    def delete(self, key: str) -> None:
+        store_request("file", "delete", lambda: self._delete(key))
+
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
@@ -742,7 +894,7 @@ class DirectoryStore(Store):
             self._seen[key] = (self._signature(st), etag)
         return etag
 
-    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+    def _get(self, key: str, unless_etag: str | None = None) -> Blob | None:
         path = os.path.join(self._root, check_key(key))  # a str: Path costs ~25 us a webhook
         try:
             if unless_etag is not None:
@@ -763,15 +915,14 @@ class DirectoryStore(Store):
             return UNCHANGED
         return Blob(data, etag)
 
-    def put(self, key: str, data: bytes, *, if_match: str | None = None,
-            if_absent: bool = False) -> str:
+    def _put(self, key: str, data: bytes, if_match: str | None, if_absent: bool) -> str:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if if_match is None and not if_absent:
                 return self._replace(key, path, data)
             with self._locked():
-                current = self.get(key)
+                current = self._get(key)
                 if if_absent and current is not None:
                     raise StoreConflict(f"{key} exists already")
                 if if_match is not None and (current is None or current.etag != if_match):
@@ -804,7 +955,7 @@ class DirectoryStore(Store):
             raise
         return self._etag(key, os.stat(path), data)
 
-    def list(self, prefix: str) -> list[str]:
+    def _list(self, prefix: str) -> list[str]:
         folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         keys = []
         try:
@@ -820,10 +971,10 @@ class DirectoryStore(Store):
             raise StoreUnavailable(f"{folder}: {e.strerror}") from None
         return sorted(keys)
 
-    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+    def _versions(self, prefix: str) -> dict[str, tuple[str, float]]:
         """ETags from what this process hashed already; a file replaced since is read again."""
         found = {}
-        for key in self.list(prefix):
+        for key in self._list(prefix):
             path = os.path.join(self._root, key)
             try:
                 st = os.stat(path)
@@ -841,9 +992,14 @@ class DirectoryStore(Store):
             found[key] = (etag, st.st_mtime)
         return found
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+
+# S3's operations as /metrics names them (the Store interface's words).
+S3_OPERATIONS = {"get_object": "get", "put_object": "put", "list_objects_v2": "list",
+                 "list_object_versions": "list", "delete_object": "delete"}
 
 
 class S3Store(Store):
@@ -870,8 +1026,12 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.prefix}"
 
     def _call(self, operation: str, **params: Any) -> Any:
-        """One S3 call; errors become StoreConflict, None (missing), UNCHANGED or
-        StoreUnavailable, so callers never see a botocore exception."""
+        """One S3 call, counted (store_request); errors become StoreConflict, None (missing),
+        UNCHANGED or StoreUnavailable, so callers never see a botocore exception."""
+        return store_request("s3", S3_OPERATIONS[operation],
+                             lambda: self._send(operation, **params))
+
+    def _send(self, operation: str, **params: Any) -> Any:
         import botocore.exceptions
 
         try:
@@ -4182,8 +4342,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     mode = os.stat(args.config).st_mode
     own = ConfigParser(interpolation=None)
     own.read(args.config, encoding="utf-8")
-    if mode & 0o044 and any(own.get("twilio", key, fallback="").strip()
-                            for key in ("auth_token", "auth_token_secondary")):
+    if mode & 0o044 and any(own.get(section, key, fallback="").strip() for section, key in (
+            ("twilio", "auth_token"), ("twilio", "auth_token_secondary"),
+            ("server", "metrics_token"))):
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
     local = local_file_problems(cfg)

@@ -3871,6 +3871,10 @@ class CrashingStore(op.DirectoryStore):
         self._alive()
         return super().list(prefix)
 
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        self._alive()
+        return super().versions(prefix)
+
 
 class FakeTime:
     """The module's clock, moved by the test: escalation and claim timeouts pass at once."""
