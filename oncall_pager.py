@@ -63,6 +63,7 @@ import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import faulthandler
 import fcntl
 import functools
 import getpass
@@ -241,8 +242,10 @@ METRIC_FAMILIES = {
         "gauge", "1 when the last read of the operational config failed (store unreachable, "
         "config missing or invalid) and the last good copy answers, else 0."),
     "oncall_store_reachable": ("gauge", "1 when the last read of the store succeeded, else 0."),
-    "oncall_worker_heartbeat_age_seconds": (
-        "gauge", "Seconds since the worker loop last came round (see the systemd watchdog)."),
+    "oncall_worker_busy_seconds": (
+        "gauge", "Seconds the worker loop has been busy without coming round or making "
+        "progress (0 while it waits for work); from 180 s (or 12 x http_timeout) on it counts "
+        "as stuck and no longer feeds the systemd watchdog."),
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 Labels = tuple[tuple[str, str], ...]
@@ -1930,6 +1933,7 @@ class Pager:
             if existing is None:
                 raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
             return existing[0], False
+        METRICS.count("oncall_pages_opened_total", kind=kind)
         if store is self.store:
             self.book.put(page, etag)
         self.hand_over(store, page, etag, channels, snap.doc)
@@ -2235,6 +2239,7 @@ class Pager:
         except StoreConflict:
             found = read_json(self.store, f"pages/{call_sid}.json")
             return (found[0] if found else page), False
+        METRICS.count("oncall_pages_opened_total", kind="call")
         self.book.put(page, etag)
         self.hand_over(self.store, page, etag, channels, doc)
         return page, True
@@ -2714,6 +2719,11 @@ class OutboundCapped(Exception):
     """The hourly budget of outbound SMS and calls is spent."""
 
 
+def spent_this_hour(counter: dict | None, now: float) -> list[float]:
+    """The stamps in counters/outbound.json of the hour before `now`: the budget spent."""
+    return [t for t in (counter or {}).get("sent", []) if t > now - 3600]
+
+
 def escalation_targets(step: int, call_attempts: int, oncall_id: str,
                        escalate_to: list[str]) -> tuple[str, list[str]]:
     """Who escalation step `step` (0, 1, ...) reaches: `call_attempts` calls to the on-call
@@ -2729,6 +2739,12 @@ JOBS_LISTING_EVERY = 10   # jobs/ is listed on every 10th listing of pages/ (and
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
+# The worker loop counts as stuck (and the systemd watchdog is no longer fed) when it has been
+# busy this long without coming round or reaching the next page of a scan. Legitimately, that
+# is a few store requests one after another, each bounded by its timeouts (about 30 s with
+# the default http_timeout of 10 s) even while S3 does not answer; a restart in an outage
+# would lose the audit entries waiting in memory, so the bound is generous.
+WORKER_STUCK_AFTER = 180.0
 # The channels sent on the threads for texts (the rest: e-mail, archive, on their own).
 URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "transcript_sms")
 
@@ -2813,6 +2829,11 @@ class Worker:
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
         self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
+        # Liveness, for the watchdog: when the loop last came round or made progress in a
+        # scan (time.monotonic()), and whether it is waiting for work now.
+        self.heartbeat = time.monotonic()
+        self._waiting = False
+        self.stuck_after = max(WORKER_STUCK_AFTER, 12 * self.cfg.http_timeout)
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
@@ -2832,8 +2853,30 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
+    def busy_for(self) -> float:
+        """Seconds the loop has been busy without coming round or making progress (0 while
+        it waits for work: an idle worker is a healthy one, however long it sleeps)."""
+        return 0.0 if self._waiting else time.monotonic() - self.heartbeat
+
+    def alive(self) -> bool:
+        """The loop runs and is not stuck (see WORKER_STUCK_AFTER): the systemd watchdog is
+        fed only while this holds."""
+        return (self._thread is not None and self._thread.is_alive()
+                and self.busy_for() < self.stuck_after)
+
+    def outbound_left(self, doc: dict | None) -> int | None:
+        """The hourly budget left as this instance last saw counters/outbound.json, without
+        a request (for /metrics); None until it has spent from it, or without a config."""
+        known = self._outbound
+        if known is None or doc is None:
+            return None
+        limit = escalation_settings(doc)["max_outbound_per_hour"]
+        return max(0, limit - len(spent_this_hour(known[0], time.time())))
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            self._waiting = False
             next_due = time.time() + self.cfg.poll_interval
             try:
                 next_due = min(next_due, self.scan())
@@ -2842,6 +2885,7 @@ class Worker:
             except Exception:
                 log.exception("event=worker.error")
             self.pager.audit.flush()
+            self._waiting = True
             self._wake.wait(max(0.01, next_due - time.time()))
             self._wake.clear()
 
@@ -2889,6 +2933,7 @@ class Worker:
         return next_due
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
+        self.heartbeat = time.monotonic()  # progress: a long scan in an outage is not stuck
         try:
             due = self._consider_page(store, page, etag, now)
         except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
@@ -3076,6 +3121,8 @@ class Worker:
         else:
             self.pager.audit.record("page.delivered", "worker", details)
             job = {**job, "state": "sent", "sid": sms["sid"]}
+        METRICS.count("oncall_deliveries_total", channel="message",
+                      result="retry" if job["state"] == "pending" else job["state"])
         with self._lock:
             self._messages[key] = (job, None, time.monotonic())
         try:
@@ -3224,6 +3271,8 @@ class Worker:
                 details.update(error=f"unexpected {type(e).__name__}: {str(e)[:200]}",
                                final=final)
                 outcome = "failed" if final else "retry"
+        METRICS.count("oncall_deliveries_total", channel=channel.split(":")[0],
+                      result=outcome or "expired")
         todo = batch.finish(channel, outcome, details)
         if todo == "wait":  # a text's thread does not wait for the e-mail: the slow pool does
             self._submit(f"{page['id']}/record", lambda: self._record(
@@ -3315,7 +3364,7 @@ class Worker:
         stamp = time.time()
 
         def spend(counter: dict | None) -> dict | None:
-            sent = [t for t in (counter or {}).get("sent", []) if t > stamp - 3600]
+            sent = spent_this_hour(counter, stamp)
             verdict[:] = [len(sent) < limit]
             return {"sent": sent + [stamp]} if verdict[0] else None
 
@@ -3517,6 +3566,7 @@ class Worker:
         The first call to the on-call engineer is never held back by the budget. The step's
         audit entry, planned in the claim, is written with the results (or, after a stop, as
         planned by whoever finds the page next)."""
+        METRICS.count("oncall_escalation_steps_total", kind=kind)
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         current_config = doc["current_config"]
         try:
@@ -3611,6 +3661,7 @@ class Request:
     path: str
     query: dict[str, str]
     form: dict[str, str]
+    authorization: str = ""  # the Authorization header (GET /metrics)
 
 
 @dataclasses.dataclass
@@ -3637,7 +3688,8 @@ class FormFields(dict):
         return self[name]
 
 
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+               404: "Not Found",
                405: "Method Not Allowed", 413: "Content Too Large", 414: "URI Too Long",
                500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -3752,6 +3804,18 @@ class Route:
     signed: bool = True
 
 
+def route_label(path: str) -> str:
+    """A request's path as /metrics names it: its route, or `other`, so that a caller cannot
+    add a series with every path it makes up."""
+    return path if path in ROUTES else "other"
+
+
+def config_stale(team: TeamConfig) -> bool:
+    """Whether the last read of the operational config failed (store unreachable, config
+    missing or invalid), so that the last good copy answers: from memory, no request."""
+    return not team.reachable or bool(team.problem)
+
+
 class WebApp:
     """The WSGI application. Every request goes: request line (414) -> route (404/405) ->
     size (413) -> parse (400) -> signature (403) -> required fields (400) -> handler.
@@ -3792,8 +3856,12 @@ class WebApp:
                    *response.headers]
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
                        headers)
+        seconds = time.perf_counter() - started
         log.info("event=request method=%s path=%s status=%d ms=%.1f", log_value(method),
-                 log_value(path, 80), response.status, (time.perf_counter() - started) * 1000)
+                 log_value(path, 80), response.status, seconds * 1000)
+        route = route_label(path)
+        METRICS.count("oncall_http_requests_total", path=route, status=str(response.status))
+        METRICS.observe("oncall_http_request_seconds", seconds, path=route)
         return [body]
 
     def dispatch(self, environ: dict, method: str, path: str) -> Response:
@@ -3826,7 +3894,8 @@ class WebApp:
         missing = [name for name in route.required if not form.get(name)]
         if missing:
             raise HTTPError(400, f"missing field: {', '.join(missing)}")
-        return route.handler(self, Request(method, path, query, form))
+        return route.handler(self, Request(method, path, query, form,
+                                           environ.get("HTTP_AUTHORIZATION", "")))
 
     def check_signature(self, environ: dict, fields: FormFields) -> None:
         if not self.cfg.validate_signatures:
@@ -4215,6 +4284,31 @@ class WebApp:
                 "version": VERSION}
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
 
+    def metrics(self, request: Request) -> Response:
+        """Prometheus's text format, for a scraper holding `[server] metrics_token` as a
+        bearer token; without a token configured there is no such page. Everything comes
+        from memory: a scrape costs the store nothing."""
+        token = self.cfg.metrics_token
+        if not token:
+            raise HTTPError(404, "not found")
+        scheme, _, offered = request.authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                offered.strip().encode(), token.encode()):
+            raise HTTPError(401, "bearer token required",
+                            (("WWW-Authenticate", 'Bearer realm="metrics"'),))
+        team = self.pager.team
+        known = team.last_known()
+        left = self.worker.outbound_left(known.doc if known else None) if self.worker else None
+        gauges: dict[str, list[tuple[Labels, float]]] = {
+            "oncall_build_info": [((("version", VERSION),), 1.0)],
+            "oncall_queue_depth": [((), float(self.worker.queue_depth if self.worker else 0))],
+            "oncall_outbound_budget_left": [] if left is None else [((), float(left))],
+            "oncall_config_stale": [((), float(config_stale(team)))],
+            "oncall_store_reachable": [((), float(team.reachable))],
+            "oncall_worker_busy_seconds": [((), self.worker.busy_for())] if self.worker else [],
+        }
+        return Response(200, METRICS.render(gauges), "text/plain; version=0.0.4; charset=utf-8")
+
 
 ROUTES: dict[str, Route] = {
     "/public/answer": Route(("POST",), WebApp.public_answer, ("CallSid",)),
@@ -4236,6 +4330,7 @@ ROUTES: dict[str, Route] = {
     "/oncall/keypress": Route(("POST",), WebApp.oncall_keypress, ("CallSid",)),
     "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
     "/healthz": Route(("GET",), WebApp.healthz, signed=False),
+    "/metrics": Route(("GET",), WebApp.metrics, signed=False),
 }
 
 
@@ -4280,6 +4375,84 @@ def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
         pass
 
 
+STATUS_EVERY = 10.0  # seconds between two looks at the pager's state for systemd's STATUS=
+
+
+class ServiceNotifier:
+    """systemd's notify protocol (Type=notify), spoken with the standard library: one
+    datagram per message to the AF_UNIX socket named by $NOTIFY_SOCKET (a leading `@` means
+    Linux's abstract namespace). READY=1 once serve listens; WATCHDOG=1 every quarter of
+    $WATCHDOG_USEC, but only while the worker loop is alive (Worker.alive), so that systemd
+    kills and restarts a pager whose worker is stuck, not one that is merely idle; STATUS=, a
+    line for `systemctl status`, whenever it changes. Without $NOTIFY_SOCKET (not under
+    systemd, or Type=simple) it does nothing."""
+
+    def __init__(self, pager: Pager, worker: Worker, environ: dict[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.pager = pager
+        self.worker = worker
+        # The watchdog is ours when WATCHDOG_USEC is set and WATCHDOG_PID, if set, is us.
+        usec = environ.get("WATCHDOG_USEC", "")
+        self.watchdog = usec.isdigit() and int(usec) > 0 and environ.get(
+            "WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.interval = min(STATUS_EVERY, int(usec) / 4e6) if self.watchdog else STATUS_EVERY
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._status = ""
+
+    def send(self, message: str) -> None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+        except OSError as e:
+            log.warning("event=systemd.notify_failed error=%s",
+                        log_value(e.strerror or type(e).__name__))
+
+    def status(self) -> str:
+        team = self.pager.team
+        busy = self.worker.busy_for()
+        return (f"queue {self.worker.queue_depth}, "
+                f"store {'reachable' if team.reachable else 'unreachable'}, "
+                f"config {'stale' if config_stale(team) else 'current'}, "
+                f"worker {'alive' if self.worker.alive() else f'stuck for {busy:.0f} s'}")
+
+    def start(self) -> None:
+        """READY=1 (the server socket listens already: waitress binds it when it is made)."""
+        if not self.address:
+            return
+        self._status = self.status()
+        self.send("READY=1\n" + ("WATCHDOG=1\n" if self.watchdog and self.worker.alive()
+                                 else "") + f"STATUS={self._status}")
+        self._thread = threading.Thread(target=self._run, name="systemd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        stuck = False
+        while not self._stop.wait(self.interval):
+            alive = self.worker.alive()
+            if not alive and not stuck:  # once per episode, for whoever reads the journal
+                log.error("event=watchdog.worker_stuck busy_s=%.0f watchdog=%s",
+                          self.worker.busy_for(), "stopped" if self.watchdog else "off")
+            elif alive and stuck:
+                log.warning("event=watchdog.worker_alive")
+            stuck = not alive
+            status = self.status()
+            message = [*(["WATCHDOG=1"] if self.watchdog and alive else []),
+                       *([f"STATUS={status}"] if status != self._status else [])]
+            self._status = status
+            if message:
+                self.send("\n".join(message))
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(5)
+        self.send("STOPPING=1")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import waitress
 
@@ -4310,12 +4483,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # The systemd watchdog kills a stuck pager with SIGABRT: every thread's stack goes to
+    # the journal first, to show where it was stuck.
+    faulthandler.enable()
+    notifier = ServiceNotifier(pager, worker)
     worker.start()
     log.info("event=serve.started host=%s port=%s store=%s mode=%s version=%s", cfg.host,
              server.effective_port, pager.store.describe(), cfg.mode, VERSION)
+    notifier.start()
     try:
         server.run()
     finally:
+        notifier.stop()
         worker.stop()
         server.close()
         log.info("event=serve.stopped")
