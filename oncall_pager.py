@@ -241,7 +241,8 @@ METRIC_FAMILIES = {
     "oncall_config_stale": (
         "gauge", "1 when the last read of the operational config failed (store unreachable, "
         "config missing or invalid) and the last good copy answers, else 0."),
-    "oncall_store_reachable": ("gauge", "1 when the last read of the store succeeded, else 0."),
+    "oncall_store_reachable": (
+        "gauge", "1 when the last read of the operational config reached the store, else 0."),
     "oncall_worker_busy_seconds": (
         "gauge", "Seconds the worker loop has been busy without coming round or making "
         "progress (0 while it waits for work); from 180 s (or 12 x http_timeout) on it counts "
