@@ -48,9 +48,16 @@ describes until it is written, so a stop between the two loses neither.
 Run it
     oncall-pager serve -c config.ini        (see README.md; `make run` for the local default)
 
+Watch it
+    GET /healthz: status words for anyone. GET /metrics: Prometheus text for whoever holds
+    [server] metrics_token; this process's counters (METRICS: in memory, counted by the store,
+    the domain, the worker and the web), gauges read from memory, never a store request.
+    Under systemd (Type=notify) the ServiceNotifier sends READY=1 once serve listens,
+    WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
+
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
-helpers, configuration, store, domain, channels, worker, web, command line. Each section uses
-only what stands above it.
+helpers, metrics, configuration, store, domain, channels, worker, web, command line (serve's
+systemd notifier with it). Each section uses only what stands above it.
 """
 
 from __future__ import annotations
@@ -4336,7 +4343,7 @@ ROUTES: dict[str, Route] = {
 
 
 # ==============================================================================================
-# Command line: serve, check, init, sms, call, config, audit, pages
+# Command line: serve (and its systemd notifier), check, init, sms, call, config, audit, pages
 # ==============================================================================================
 
 
