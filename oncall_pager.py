@@ -2823,6 +2823,11 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Liveness, for the watchdog: when the loop last came round or made progress in a
+        # scan (time.monotonic()), and whether it is waiting for work now.
+        self.heartbeat = time.monotonic()
+        self._waiting = False
+        self.stuck_after = max(WORKER_STUCK_AFTER, 12 * self.cfg.http_timeout)
         # Texts and calls have threads of their own, so a dead SMTP server holding the e-mail
         # and archive threads cannot hold back an MMS or an escalation call.
         self._urgent = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="send")
@@ -2837,11 +2842,6 @@ class Worker:
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
         self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
-        # Liveness, for the watchdog: when the loop last came round or made progress in a
-        # scan (time.monotonic()), and whether it is waiting for work now.
-        self.heartbeat = time.monotonic()
-        self._waiting = False
-        self.stuck_after = max(WORKER_STUCK_AFTER, 12 * self.cfg.http_timeout)
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
@@ -3697,9 +3697,8 @@ class FormFields(dict):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-               404: "Not Found",
-               405: "Method Not Allowed", 413: "Content Too Large", 414: "URI Too Long",
-               500: "Internal Server Error", 503: "Service Unavailable"}
+               404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+               414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def read_body(environ: dict) -> bytes:
