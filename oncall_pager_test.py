@@ -3490,7 +3490,7 @@ def test_the_watchdog_is_fed_while_the_worker_idles_and_stops_while_it_is_stuck(
         wait_until(lambda: worker.busy_for() == 0)  # the first scan is over: it waits 30 s
         time.sleep(1.0)  # idle for twice stuck_after: still alive, still fed
         idle = [at for at, _ in listener.fields("WATCHDOG")]
-        assert len(idle) >= 10 and time.monotonic() - idle[-1] < 0.2
+        assert len(idle) >= 10 and time.monotonic() - idle[-1] < 0.5
         monkeypatch.setattr(worker, "scan", stuck_scan)
         worker.wake()
         wait_until(lambda: listener.fields("STATUS")[-1][1].startswith(
