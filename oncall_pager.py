@@ -4408,14 +4408,19 @@ class ServiceNotifier:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._status = ""
+        self._failing = False  # the last message could not be sent (logged once a streak)
 
     def send(self, message: str) -> None:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.sendto(message.encode(), self.address)
         except OSError as e:
-            log.warning("event=systemd.notify_failed error=%s",
-                        log_value(e.strerror or type(e).__name__))
+            if not self._failing:
+                log.warning("event=systemd.notify_failed error=%s",
+                            log_value(e.strerror or type(e).__name__))
+            self._failing = True
+            return
+        self._failing = False
 
     def status(self) -> str:
         team = self.pager.team
