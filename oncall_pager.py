@@ -1941,7 +1941,7 @@ class Pager:
             if existing is None:
                 raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
             return existing[0], False
-        METRICS.count("oncall_pages_opened_total", kind=kind)
+        METRICS.count("oncall_pages_opened_total", kind=page["kind"])
         if store is self.store:
             self.book.put(page, etag)
         self.hand_over(store, page, etag, channels, snap.doc)
