@@ -51,9 +51,16 @@ describes until it is written, so a stop between the two loses neither.
 Run it
     oncall-pager serve -c config.ini        (see README.md; `make run` for the local default)
 
+Watch it
+    GET /healthz: status words for anyone. GET /metrics: Prometheus text for whoever holds
+    [server] metrics_token; this process's counters (METRICS: in memory, counted by the store,
+    the domain, the worker and the web), gauges read from memory, never a store request.
+    Under systemd (Type=notify) the ServiceNotifier sends READY=1 once serve listens,
+    WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
+
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
-helpers, configuration, store, domain, channels, worker, web, command line. Each section uses
-only what stands above it.
+helpers, metrics, configuration, store, domain, channels, worker, web, command line (serve's
+systemd notifier with it). Each section uses only what stands above it.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import faulthandler
 import fcntl
 import functools
 import getpass
@@ -229,6 +237,114 @@ def log_value(value: object, limit: int = 200) -> str:
 
 
 # ==============================================================================================
+# Metrics: this process's counters, for GET /metrics
+# ==============================================================================================
+
+
+# Every metric family /metrics shows: name -> (type, help). The counters and histograms are
+# counted below; the gauges are read at scrape time from what the process holds in memory.
+METRIC_FAMILIES = {
+    "oncall_build_info": ("gauge", "Always 1; the label carries the pager's version."),
+    "oncall_pages_opened_total": ("counter", "Pages this process opened, by kind."),
+    "oncall_deliveries_total": (
+        "counter", "Delivery attempts of this process, by channel and result (sent, failed, "
+        "retry, capped, expired)."),
+    "oncall_escalation_steps_total": (
+        "counter", "Escalation steps this process started, by kind (oncall, team)."),
+    "oncall_queue_depth": (
+        "gauge", "Pages and messages with delivery or escalation work pending (last scan)."),
+    "oncall_outbound_budget_left": (
+        "gauge", "SMS and calls left in this hour's outbound budget, as this process last saw "
+        "counters/outbound.json (absent until it has spent from it)."),
+    "oncall_store_requests_total": (
+        "counter", "Store requests, by store, operation and outcome."),
+    "oncall_store_request_seconds": ("histogram", "Store request latency, by operation."),
+    "oncall_http_requests_total": (
+        "counter", "HTTP requests, by route (other: no route) and status."),
+    "oncall_http_request_seconds": ("histogram", "Time to answer an HTTP request, by route."),
+    "oncall_config_stale": (
+        "gauge", "1 when the last read of the operational config failed (store unreachable, "
+        "config missing or invalid) and the last good copy answers, else 0."),
+    "oncall_store_reachable": (
+        "gauge", "1 when the last read of the operational config reached the store, else 0."),
+    "oncall_worker_busy_seconds": (
+        "gauge", "Seconds the worker loop has been busy without coming round or making "
+        "progress (0 while it waits for work); from 180 s (or 12 x http_timeout) on it counts "
+        "as stuck and no longer feeds the systemd watchdog."),
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+Labels = tuple[tuple[str, str], ...]
+
+
+def metric_labels(labels: Labels) -> str:
+    """`{a="x",b="y"}` with the text format's escapes (backslash, quote, line feed)."""
+    if not labels:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for _, value in labels)
+    return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(labels, escaped,
+                                                                         strict=True)) + "}"
+
+
+class Metrics:
+    """Counters and latency histograms of this process, in memory: they start at zero with
+    each start (Prometheus's rate() takes a reset in its stride) and tell nothing of other
+    instances. Label values come from fixed sets only (route patterns, page kinds, channel
+    kinds, store operations), never from a request, so no caller can add a series. One lock:
+    a count is a dictionary update, far cheaper than the request it counts."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, Labels], float] = {}
+        # name, labels -> [count in each bucket (not cumulative) ..., count, sum]
+        self._histograms: dict[tuple[str, Labels], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def count(self, name: str, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + 1
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        slot = next((i for i, le in enumerate(LATENCY_BUCKETS) if seconds <= le),
+                    len(LATENCY_BUCKETS))
+        with self._lock:
+            cells = self._histograms.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 3))
+            cells[slot] += 1
+            cells[-2] += 1
+            cells[-1] += seconds
+
+    def render(self, gauges: dict[str, list[tuple[Labels, float]]]) -> str:
+        """The Prometheus text format (version 0.0.4): every family with its HELP and TYPE,
+        its samples sorted; `gauges` are the values read at scrape time."""
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {key: list(cells) for key, cells in self._histograms.items()}
+        samples: dict[str, list[str]] = {name: [] for name in METRIC_FAMILIES}
+        for name, values in gauges.items():
+            samples[name] += [f"{name}{metric_labels(labels)} {value!r}"
+                              for labels, value in sorted(values)]
+        for (name, labels), value in sorted(counters.items()):
+            samples[name].append(f"{name}{metric_labels(labels)} {value!r}")
+        for (name, labels), cells in sorted(histograms.items()):
+            cumulative = 0.0
+            for le, count in zip((*map(repr, LATENCY_BUCKETS), "+Inf"), cells[:-2],
+                                 strict=True):
+                cumulative += count
+                samples[name].append(
+                    f"{name}_bucket{metric_labels((*labels, ('le', le)))} {cumulative!r}")
+            samples[name].append(f"{name}_count{metric_labels(labels)} {cells[-2]!r}")
+            samples[name].append(f"{name}_sum{metric_labels(labels)} {cells[-1]!r}")
+        lines = []
+        for name, (kind, text) in METRIC_FAMILIES.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+        return "\n".join(lines) + "\n"
+
+
+METRICS = Metrics()  # one registry per process: the store, the worker and the web count here
+
+
+# ==============================================================================================
 # Configuration: config.ini (AppConfig) and the operational JSON (validation with field paths)
 # ==============================================================================================
 
@@ -241,6 +357,7 @@ class AppConfig:
     port: int = 8080
     public_url: str = "http://127.0.0.1:8080"
     threads: int = 8
+    metrics_token: str = ""  # GET /metrics wants it as a bearer token; empty: no /metrics
     store_url: str = "file:var"
     config_key: str = "oncall_config.json"
     s3_endpoint_url: str = ""
@@ -279,6 +396,7 @@ APP_SETTINGS = [
     ("server", "port", "port", int),
     ("server", "public_url", "public_url", str),
     ("server", "threads", "threads", int),
+    ("server", "metrics_token", "metrics_token", str),
     ("store", "url", "store_url", str),
     ("store", "config_key", "config_key", str),
     ("store", "s3_endpoint_url", "s3_endpoint_url", str),
@@ -353,10 +471,15 @@ def load_app_config(path: str | Path, environ: dict[str, str] | None = None) -> 
     cfg.auth_token = environ.get("TWILIO_AUTH_TOKEN") or cfg.auth_token
     cfg.auth_token_secondary = (environ.get("TWILIO_AUTH_TOKEN_SECONDARY")
                                 or cfg.auth_token_secondary)
+    cfg.metrics_token = environ.get("ONCALL_METRICS_TOKEN") or cfg.metrics_token
     problems += [f"{path}: {p}" for p in check_app_config(cfg)]
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+# A bearer token as RFC 6750 spells one, long enough not to be guessed.
+METRICS_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{16,}=*")
 
 
 def check_app_config(cfg: AppConfig) -> list[str]:
@@ -382,6 +505,9 @@ def check_app_config(cfg: AppConfig) -> list[str]:
         if (value or name != "s3_endpoint_url") and (
                 parts.scheme not in ("http", "https") or not parts.netloc):
             problems.append(f"[{section}] {name} {value!r} is not an http(s) URL")
+    if cfg.metrics_token and not METRICS_TOKEN.fullmatch(cfg.metrics_token):
+        problems.append("[server] metrics_token must be at least 16 characters of A-Z a-z 0-9 "
+                        "- . _ ~ + / (or set ONCALL_METRICS_TOKEN; e.g. openssl rand -hex 32)")
     if not 0 < cfg.port < 65536:
         problems.append(f"[server] port {cfg.port} is not between 1 and 65535")
     for name in ("threads", "worker_threads"):
@@ -856,6 +982,26 @@ def check_key(key: str) -> str:
     return key
 
 
+def store_request(store: str, operation: str, request: Callable[[], Any]) -> Any:
+    """One store request, counted for /metrics with its latency and outcome: ok, missing (a
+    get that found nothing), unchanged (a 304), conflict (a conditional write lost) or error."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        answer = request()
+        outcome = ("unchanged" if answer is UNCHANGED else
+                   "missing" if answer is None and operation == "get" else "ok")
+        return answer
+    except StoreConflict:
+        outcome = "conflict"
+        raise
+    finally:
+        METRICS.count("oncall_store_requests_total", store=store, operation=operation,
+                      outcome=outcome)
+        METRICS.observe("oncall_store_request_seconds", time.perf_counter() - started,
+                        operation=operation)
+
+
 class DirectoryStore(Store):
     """A local directory. Writes go to a temp file that is renamed into place, so a reader never
     sees a partial object. Conditional writes hold an exclusive `flock` on `.lock`, so two
@@ -873,6 +1019,23 @@ class DirectoryStore(Store):
     def describe(self) -> str:
         return f"file:{self.root}/"
 
+    # The interface, each request counted (store_request); the work is done further down.
+    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+        return store_request("file", "get", lambda: self._get(key, unless_etag))
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        return store_request("file", "put", lambda: self._put(key, data, if_match, if_absent))
+
+    def list(self, prefix: str) -> list[str]:
+        return store_request("file", "list", lambda: self._list(prefix))
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        return store_request("file", "list", lambda: self._versions(prefix))
+
+    def delete(self, key: str) -> None:
+        store_request("file", "delete", lambda: self._delete(key))
+
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
@@ -886,7 +1049,7 @@ class DirectoryStore(Store):
             self._seen[key] = (self._signature(st), etag)
         return etag
 
-    def get(self, key: str, *, unless_etag: str | None = None) -> Blob | None:
+    def _get(self, key: str, unless_etag: str | None = None) -> Blob | None:
         path = os.path.join(self._root, check_key(key))  # a str: Path costs ~25 us a webhook
         try:
             if unless_etag is not None:
@@ -907,15 +1070,14 @@ class DirectoryStore(Store):
             return UNCHANGED
         return Blob(data, etag)
 
-    def put(self, key: str, data: bytes, *, if_match: str | None = None,
-            if_absent: bool = False) -> str:
+    def _put(self, key: str, data: bytes, if_match: str | None, if_absent: bool) -> str:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if if_match is None and not if_absent:
                 return self._replace(key, path, data)
             with self._locked():
-                current = self.get(key)
+                current = self._get(key)
                 if if_absent and current is not None:
                     raise StoreConflict(f"{key} exists already")
                 if if_match is not None and (current is None or current.etag != if_match):
@@ -948,7 +1110,7 @@ class DirectoryStore(Store):
             raise
         return self._etag(key, os.stat(path), data)
 
-    def list(self, prefix: str) -> list[str]:
+    def _list(self, prefix: str) -> list[str]:
         folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         keys = []
         try:
@@ -964,10 +1126,10 @@ class DirectoryStore(Store):
             raise StoreUnavailable(f"{folder}: {e.strerror}") from None
         return sorted(keys)
 
-    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+    def _versions(self, prefix: str) -> dict[str, tuple[str, float]]:
         """ETags from what this process hashed already; a file replaced since is read again."""
         found = {}
-        for key in self.list(prefix):
+        for key in self._list(prefix):
             path = os.path.join(self._root, key)
             try:
                 st = os.stat(path)
@@ -985,9 +1147,14 @@ class DirectoryStore(Store):
             found[key] = (etag, st.st_mtime)
         return found
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+
+# S3's operations as /metrics names them (the Store interface's words).
+S3_OPERATIONS = {"get_object": "get", "put_object": "put", "list_objects_v2": "list",
+                 "list_object_versions": "list", "delete_object": "delete"}
 
 
 class S3Store(Store):
@@ -1014,8 +1181,12 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.prefix}"
 
     def _call(self, operation: str, **params: Any) -> Any:
-        """One S3 call; errors become StoreConflict, None (missing), UNCHANGED or
-        StoreUnavailable, so callers never see a botocore exception."""
+        """One S3 call, counted (store_request); errors become StoreConflict, None (missing),
+        UNCHANGED or StoreUnavailable, so callers never see a botocore exception."""
+        return store_request("s3", S3_OPERATIONS[operation],
+                             lambda: self._send(operation, **params))
+
+    def _send(self, operation: str, **params: Any) -> Any:
         import botocore.exceptions
 
         try:
@@ -2032,6 +2203,7 @@ class Pager:
             if existing is None:
                 raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
             return existing[0], False
+        METRICS.count("oncall_pages_opened_total", kind=page["kind"])
         if store is self.store:
             self.book.put(page, etag)
         self.hand_over(store, page, etag, channels, snap.doc)
@@ -2337,6 +2509,7 @@ class Pager:
         except StoreConflict:
             found = read_json(self.store, f"pages/{call_sid}.json")
             return (found[0] if found else page), False
+        METRICS.count("oncall_pages_opened_total", kind="call")
         self.book.put(page, etag)
         self.hand_over(self.store, page, etag, channels, doc)
         return page, True
@@ -2818,6 +2991,11 @@ class OutboundCapped(Exception):
     """The hourly budget of outbound SMS and calls is spent."""
 
 
+def spent_this_hour(counter: dict | None, now: float) -> list[float]:
+    """The stamps in counters/outbound.json of the hour before `now`: the budget spent."""
+    return [t for t in (counter or {}).get("sent", []) if t > now - 3600]
+
+
 def escalation_targets(step: int, call_attempts: int, oncall_id: str,
                        escalate_to: list[str]) -> tuple[str, list[str]]:
     """Who escalation step `step` (0, 1, ...) reaches: `call_attempts` calls to the on-call
@@ -2835,6 +3013,12 @@ JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
+# The worker loop counts as stuck (and the systemd watchdog is no longer fed) when it has been
+# busy this long without coming round or reaching the next page of a scan. Legitimately, that
+# is a few store requests one after another, each bounded by its timeouts (about 30 s with
+# the default http_timeout of 10 s) even while S3 does not answer; a restart in an outage
+# would lose the audit entries waiting in memory, so the bound is generous.
+WORKER_STUCK_AFTER = 180.0
 # The channels sent on the threads for texts (the rest: e-mail, archive, on their own).
 URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "transcript_sms")
 
@@ -2905,6 +3089,11 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Liveness, for the watchdog: when the loop last came round or made progress in a
+        # scan (time.monotonic()), and whether it is waiting for work now.
+        self.heartbeat = time.monotonic()
+        self._waiting = False
+        self.stuck_after = max(WORKER_STUCK_AFTER, 12 * self.cfg.http_timeout)
         # Texts and calls have threads of their own, so a dead SMTP server holding the e-mail
         # and archive threads cannot hold back an MMS or an escalation call.
         self._urgent = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="send")
@@ -2939,8 +3128,30 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
+    def busy_for(self) -> float:
+        """Seconds the loop has been busy without coming round or making progress (0 while
+        it waits for work: an idle worker is a healthy one, however long it sleeps)."""
+        return 0.0 if self._waiting else time.monotonic() - self.heartbeat
+
+    def alive(self) -> bool:
+        """The loop runs and is not stuck (see WORKER_STUCK_AFTER): the systemd watchdog is
+        fed only while this holds."""
+        return (self._thread is not None and self._thread.is_alive()
+                and self.busy_for() < self.stuck_after)
+
+    def outbound_left(self, doc: dict | None) -> int | None:
+        """The hourly budget left as this instance last saw counters/outbound.json, without
+        a request (for /metrics); None until it has spent from it, or without a config."""
+        known = self._outbound
+        if known is None or doc is None:
+            return None
+        limit = escalation_settings(doc)["max_outbound_per_hour"]
+        return max(0, limit - len(spent_this_hour(known[0], time.time())))
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            self._waiting = False
             next_due = time.time() + self.cfg.poll_interval
             try:
                 next_due = min(next_due, self.scan())
@@ -2949,6 +3160,7 @@ class Worker:
             except Exception:
                 log.exception("event=worker.error")
             self.pager.audit.flush()
+            self._waiting = True
             self._wake.wait(max(0.01, next_due - time.time()))
             self._wake.clear()
 
@@ -3025,6 +3237,7 @@ class Worker:
             log.warning("event=rotation.deferred error=%r", str(e))
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
+        self.heartbeat = time.monotonic()  # progress: a long scan in an outage is not stuck
         try:
             due = self._consider_page(store, page, etag, now)
         except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
@@ -3213,6 +3426,8 @@ class Worker:
         else:
             self.pager.audit.record("page.delivered", "worker", details)
             job = {**job, "state": "sent", "sid": sms["sid"]}
+        METRICS.count("oncall_deliveries_total", channel="message",
+                      result="retry" if job["state"] == "pending" else job["state"])
         with self._lock:
             self._messages[key] = (job, None, time.monotonic())
         try:
@@ -3361,6 +3576,8 @@ class Worker:
                 details.update(error=f"unexpected {type(e).__name__}: {str(e)[:200]}",
                                final=final)
                 outcome = "failed" if final else "retry"
+        METRICS.count("oncall_deliveries_total", channel=channel.split(":")[0],
+                      result=outcome or "expired")
         todo = batch.finish(channel, outcome, details)
         if todo == "wait":  # a text's thread does not wait for the e-mail: the slow pool does
             self._submit(f"{page['id']}/record", lambda: self._record(
@@ -3452,7 +3669,7 @@ class Worker:
         stamp = time.time()
 
         def spend(counter: dict | None) -> dict | None:
-            sent = [t for t in (counter or {}).get("sent", []) if t > stamp - 3600]
+            sent = spent_this_hour(counter, stamp)
             verdict[:] = [len(sent) < limit]
             return {"sent": sent + [stamp]} if verdict[0] else None
 
@@ -3654,6 +3871,7 @@ class Worker:
         The first call to the on-call engineer is never held back by the budget. The step's
         audit entry, planned in the claim, is written with the results (or, after a stop, as
         planned by whoever finds the page next)."""
+        METRICS.count("oncall_escalation_steps_total", kind=kind)
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         current_config = doc["current_config"]
         try:
@@ -3748,6 +3966,7 @@ class Request:
     path: str
     query: dict[str, str]
     form: dict[str, str]
+    authorization: str = ""  # the Authorization header (GET /metrics)
 
 
 @dataclasses.dataclass
@@ -3774,9 +3993,9 @@ class FormFields(dict):
         return self[name]
 
 
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 413: "Content Too Large", 414: "URI Too Long",
-               500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+               404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+               414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def read_body(environ: dict) -> bytes:
@@ -3889,6 +4108,18 @@ class Route:
     signed: bool = True
 
 
+def route_label(path: str) -> str:
+    """A request's path as /metrics names it: its route, or `other`, so that a caller cannot
+    add a series with every path it makes up."""
+    return path if path in ROUTES else "other"
+
+
+def config_stale(team: TeamConfig) -> bool:
+    """Whether the last read of the operational config failed (store unreachable, config
+    missing or invalid), so that the last good copy answers: from memory, no request."""
+    return not team.reachable or bool(team.problem)
+
+
 class WebApp:
     """The WSGI application. Every request goes: request line (414) -> route (404/405) ->
     size (413) -> parse (400) -> signature (403) -> required fields (400) -> handler.
@@ -3929,8 +4160,12 @@ class WebApp:
                    *response.headers]
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
                        headers)
+        seconds = time.perf_counter() - started
         log.info("event=request method=%s path=%s status=%d ms=%.1f", log_value(method),
-                 log_value(path, 80), response.status, (time.perf_counter() - started) * 1000)
+                 log_value(path, 80), response.status, seconds * 1000)
+        route = route_label(path)
+        METRICS.count("oncall_http_requests_total", path=route, status=str(response.status))
+        METRICS.observe("oncall_http_request_seconds", seconds, path=route)
         return [body]
 
     def dispatch(self, environ: dict, method: str, path: str) -> Response:
@@ -3963,7 +4198,8 @@ class WebApp:
         missing = [name for name in route.required if not form.get(name)]
         if missing:
             raise HTTPError(400, f"missing field: {', '.join(missing)}")
-        return route.handler(self, Request(method, path, query, form))
+        return route.handler(self, Request(method, path, query, form,
+                                           environ.get("HTTP_AUTHORIZATION", "")))
 
     def check_signature(self, environ: dict, fields: FormFields) -> None:
         if not self.cfg.validate_signatures:
@@ -4352,6 +4588,31 @@ class WebApp:
                 "version": VERSION}
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
 
+    def metrics(self, request: Request) -> Response:
+        """Prometheus's text format, for a scraper holding `[server] metrics_token` as a
+        bearer token; without a token configured there is no such page. Everything comes
+        from memory: a scrape costs the store nothing."""
+        token = self.cfg.metrics_token
+        if not token:
+            raise HTTPError(404, "not found")
+        scheme, _, offered = request.authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                offered.strip().encode(), token.encode()):
+            raise HTTPError(401, "bearer token required",
+                            (("WWW-Authenticate", 'Bearer realm="metrics"'),))
+        team = self.pager.team
+        known = team.last_known()
+        left = self.worker.outbound_left(known.doc if known else None) if self.worker else None
+        gauges: dict[str, list[tuple[Labels, float]]] = {
+            "oncall_build_info": [((("version", VERSION),), 1.0)],
+            "oncall_queue_depth": [((), float(self.worker.queue_depth if self.worker else 0))],
+            "oncall_outbound_budget_left": [] if left is None else [((), float(left))],
+            "oncall_config_stale": [((), float(config_stale(team)))],
+            "oncall_store_reachable": [((), float(team.reachable))],
+            "oncall_worker_busy_seconds": [((), self.worker.busy_for())] if self.worker else [],
+        }
+        return Response(200, METRICS.render(gauges), "text/plain; version=0.0.4; charset=utf-8")
+
 
 ROUTES: dict[str, Route] = {
     "/public/answer": Route(("POST",), WebApp.public_answer, ("CallSid",)),
@@ -4373,11 +4634,12 @@ ROUTES: dict[str, Route] = {
     "/oncall/keypress": Route(("POST",), WebApp.oncall_keypress, ("CallSid",)),
     "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
     "/healthz": Route(("GET",), WebApp.healthz, signed=False),
+    "/metrics": Route(("GET",), WebApp.metrics, signed=False),
 }
 
 
 # ==============================================================================================
-# Command line: serve, check, init, sms, call, config, audit, pages
+# Command line: serve (and its systemd notifier), check, init, sms, call, config, audit, pages
 # ==============================================================================================
 
 
@@ -4417,6 +4679,89 @@ def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
         pass
 
 
+STATUS_EVERY = 10.0  # seconds between two looks at the pager's state for systemd's STATUS=
+
+
+class ServiceNotifier:
+    """systemd's notify protocol (Type=notify), spoken with the standard library: one
+    datagram per message to the AF_UNIX socket named by $NOTIFY_SOCKET (a leading `@` means
+    Linux's abstract namespace). READY=1 once serve listens; WATCHDOG=1 every quarter of
+    $WATCHDOG_USEC, but only while the worker loop is alive (Worker.alive), so that systemd
+    kills and restarts a pager whose worker is stuck, not one that is merely idle; STATUS=, a
+    line for `systemctl status`, whenever it changes. Without $NOTIFY_SOCKET (not under
+    systemd, or Type=simple) it does nothing."""
+
+    def __init__(self, pager: Pager, worker: Worker, environ: dict[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.pager = pager
+        self.worker = worker
+        # The watchdog is ours when WATCHDOG_USEC is set and WATCHDOG_PID, if set, is us.
+        usec = environ.get("WATCHDOG_USEC", "")
+        self.watchdog = usec.isdigit() and int(usec) > 0 and environ.get(
+            "WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.interval = min(STATUS_EVERY, int(usec) / 4e6) if self.watchdog else STATUS_EVERY
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._status = ""
+        self._failing = False  # the last message could not be sent (logged once a streak)
+
+    def send(self, message: str) -> None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+        except OSError as e:
+            if not self._failing:
+                log.warning("event=systemd.notify_failed error=%s",
+                            log_value(e.strerror or type(e).__name__))
+            self._failing = True
+            return
+        self._failing = False
+
+    def status(self) -> str:
+        team = self.pager.team
+        busy = self.worker.busy_for()
+        return (f"queue {self.worker.queue_depth}, "
+                f"store {'reachable' if team.reachable else 'unreachable'}, "
+                f"config {'stale' if config_stale(team) else 'current'}, "
+                f"worker {'alive' if self.worker.alive() else f'stuck for {busy:.0f} s'}")
+
+    def start(self) -> None:
+        """READY=1 (the server socket listens already: waitress binds it when it is made)."""
+        if not self.address:
+            return
+        self._status = self.status()
+        self.send("READY=1\n" + ("WATCHDOG=1\n" if self.watchdog and self.worker.alive()
+                                 else "") + f"STATUS={self._status}")
+        self._thread = threading.Thread(target=self._run, name="systemd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        stuck = False
+        while not self._stop.wait(self.interval):
+            alive = self.worker.alive()
+            if not alive and not stuck:  # once per episode, for whoever reads the journal
+                log.error("event=watchdog.worker_stuck busy_s=%.0f watchdog=%s",
+                          self.worker.busy_for(), "stopped" if self.watchdog else "off")
+            elif alive and stuck:
+                log.warning("event=watchdog.worker_alive")
+            stuck = not alive
+            status = self.status()
+            message = [*(["WATCHDOG=1"] if self.watchdog and alive else []),
+                       *([f"STATUS={status}"] if status != self._status else [])]
+            self._status = status
+            if message:
+                self.send("\n".join(message))
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(5)
+        self.send("STOPPING=1")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import waitress
 
@@ -4447,12 +4792,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # The systemd watchdog kills a stuck pager with SIGABRT: every thread's stack goes to
+    # the journal first, to show where it was stuck.
+    faulthandler.enable()
+    notifier = ServiceNotifier(pager, worker)
     worker.start()
     log.info("event=serve.started host=%s port=%s store=%s mode=%s version=%s", cfg.host,
              server.effective_port, pager.store.describe(), cfg.mode, VERSION)
+    notifier.start()
     try:
         server.run()
     finally:
+        notifier.stop()
         worker.stop()
         server.close()
         log.info("event=serve.stopped")
@@ -4479,8 +4830,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     mode = os.stat(args.config).st_mode
     own = ConfigParser(interpolation=None)
     own.read(args.config, encoding="utf-8")
-    if mode & 0o044 and any(own.get("twilio", key, fallback="").strip()
-                            for key in ("auth_token", "auth_token_secondary")):
+    if mode & 0o044 and any(own.get(section, key, fallback="").strip() for section, key in (
+            ("twilio", "auth_token"), ("twilio", "auth_token_secondary"),
+            ("server", "metrics_token"))):
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
     local = local_file_problems(cfg)

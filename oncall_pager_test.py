@@ -73,6 +73,8 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 os.environ.pop("TWILIO_ACCOUNT_SID", None)
 os.environ.pop("TWILIO_AUTH_TOKEN", None)
+for name in ("ONCALL_METRICS_TOKEN", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+    os.environ.pop(name, None)  # a test that wants one sets it for its own pager
 
 
 def team_doc(smtp_port: int = 25, **current: Any) -> dict:
@@ -1513,13 +1515,13 @@ def run_cli(*args: str, timeout: float = 60, env: dict | None = None,
 class ServeProcess:
     """`oncall-pager serve` as its own process: for SIGTERM, restarts and kill -9."""
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, env: dict[str, str] | None = None):
         self.config = config
         self.cfg = op.load_app_config(config)
         self.log = config.parent / f"serve-{uuid.uuid4().hex[:6]}.log"
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "oncall_pager.py"), "serve", "-c", str(config)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.base_url = f"http://127.0.0.1:{self.cfg.port}"
 
     def wait_healthy(self, timeout: float = 10, expect: int = 200) -> dict:
@@ -1548,11 +1550,11 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_process() -> Iterator[Callable[[Path], ServeProcess]]:
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
-    def start(config: Path) -> ServeProcess:
-        process = ServeProcess(config)
+    def start(config: Path, env: dict[str, str] | None = None) -> ServeProcess:
+        process = ServeProcess(config, env)
         started.append(process)
         return process
 
@@ -3560,6 +3562,256 @@ def test_a_page_unacknowledged_for_a_day_closes_with_a_final_email(
 
 
 # ==============================================================================================
+# Metrics and the systemd watchdog (spec section 18)
+# ==============================================================================================
+
+METRICS_TOKEN = "metrics-" + "5" * 24
+METRIC_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+METRIC_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def with_metrics_token(config: Path, token: str = METRICS_TOKEN) -> Path:
+    text = config.read_text()
+    config.write_text(text.replace("threads = 4\n", f"threads = 4\nmetrics_token = {token}\n", 1))
+    return config
+
+
+def parse_metrics(text: str) -> Samples:
+    """The Prometheus text format, read strictly: every family has HELP and TYPE before its
+    samples, every counter ends in _total, a histogram's samples are its _bucket, _sum and
+    _count, every line is `name{labels} value` with all of its labels parsed, every value a
+    float."""
+    helped: set[str] = set()
+    types: dict[str, str] = {}
+    samples: Samples = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split(" ")[2])
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert kind != "counter" or name.endswith("_total"), line
+            types[name] = kind
+            continue
+        found = METRIC_SAMPLE.fullmatch(line)
+        assert found, line
+        name, labels, value = found.groups()
+        pairs = METRIC_LABEL.findall(labels or "")
+        assert ",".join(f'{k}="{v}"' for k, v in pairs) == (labels or ""), line
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types and family in helped, line
+        assert family == name or types[family] == "histogram", line
+        samples[(name, tuple(sorted(pairs)))] = float(value)
+    assert helped == set(types)
+    return samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape(base_url: str, token: str | None = METRICS_TOKEN) -> tuple[int, str, dict[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return http_request("GET", base_url + "/metrics", headers=headers)
+
+
+def test_metrics_is_404_unless_config_ini_sets_a_metrics_token(file_pager: RunningPager
+                                                                 ) -> None:
+    assert scrape(file_pager.base_url)[0] == 404
+    assert scrape(file_pager.base_url, None)[0] == 404
+
+
+def test_metrics_token_from_the_environment_and_a_guessable_one_is_refused(
+        tmp_path: Path) -> None:
+    path = with_metrics_token(write_config(tmp_path, "file:var"))
+    assert op.load_app_config(path, {}).metrics_token == METRICS_TOKEN
+    env = {"ONCALL_METRICS_TOKEN": "from-the-environment-0123"}
+    assert op.load_app_config(path, env).metrics_token == "from-the-environment-0123"
+    assert op.load_app_config(write_config(tmp_path, "file:var"), {}).metrics_token == ""
+    with pytest.raises(op.ConfigError) as caught:
+        op.load_app_config(with_metrics_token(write_config(tmp_path, "file:var"), "secret"), {})
+    assert "[server] metrics_token must be at least 16 characters" in str(caught.value)
+
+
+def test_metrics_wants_its_bearer_token_and_counts_a_voicemail_page(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    pager = start_pager(with_metrics_token(s3_setup()))
+    for token in (None, "wrong-" + "5" * 26, METRICS_TOKEN + "x"):
+        status, _, headers = scrape(pager.base_url, token)
+        challenge = {k.lower(): v for k, v in headers.items()}["www-authenticate"]
+        assert status == 401 and challenge.startswith("Bearer "), token
+    status, _, _ = http_request("GET", pager.base_url + "/metrics",
+                                headers={"Authorization": f"Basic {METRICS_TOKEN}"})
+    assert status == 401
+    status, text, headers = scrape(pager.base_url)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    before = parse_metrics(text)
+    assert metric(before, "oncall_build_info", version=op.VERSION) == 1
+    assert metric(before, "oncall_config_stale") == 0
+    assert metric(before, "oncall_store_reachable") == 1
+
+    form, _ = leave_voicemail(pager, twilio)
+    http_request("POST", pager.base_url + "/no/such/path", b"x=1")
+
+    def moved() -> Samples | None:
+        samples = parse_metrics(scrape(pager.base_url)[1])
+        sent = metric(samples, "oncall_deliveries_total", channel="mms", result="sent")
+        return samples if sent > metric(before, "oncall_deliveries_total", channel="mms",
+                                        result="sent") else None
+    after = wait_until(moved, 5)
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("oncall_pages_opened_total", kind="voicemail") == 1
+    assert grew("oncall_deliveries_total", channel="mms", result="sent") == 1
+    assert grew("oncall_http_requests_total", path="/public/recordingcb", status="200") == 1
+    assert grew("oncall_http_requests_total", path="/public/keypress", status="200") == 1
+    assert grew("oncall_http_requests_total", path="other", status="404") == 1
+    assert grew("oncall_http_request_seconds_count", path="/public/recordingcb") == 1
+    assert grew("oncall_store_requests_total", store="s3", operation="put", outcome="ok") > 0
+    assert metric(after, "oncall_store_request_seconds_count", operation="get") > 0
+    assert metric(after, "oncall_store_request_seconds_bucket", operation="get", le="+Inf") \
+        == metric(after, "oncall_store_request_seconds_count", operation="get")
+    assert ("oncall_queue_depth", ()) in after
+    # label values come from fixed sets: no raw path, no page id, no member in any of them
+    labels = {value for (_, pairs) in after for _, value in pairs}
+    assert not any(form["RecordingSid"] in value or "/no/such" in value for value in labels)
+
+
+class NotifyListener:
+    """The service manager's end of the sd_notify protocol: an AF_UNIX datagram socket that
+    keeps every message it receives, with the time it came."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.1)
+        self.received: list[tuple[float, str]] = []
+        self.on_message: Callable[[str], None] = lambda message: None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                message = self.sock.recv(4096).decode()
+                self.on_message(message)
+                self.received.append((time.monotonic(), message))
+
+    def fields(self, name: str) -> list[tuple[float, str]]:
+        """(time, value) of every NAME=value line received."""
+        return [(at, line.partition("=")[2]) for at, message in list(self.received)
+                for line in message.split("\n") if line.startswith(name + "=")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_under_systemd_serve_is_ready_once_listening_feeds_the_watchdog_and_reports_status(
+        tmp_path: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    port = op.load_app_config(config).port
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    listening_when_ready: list[bool] = []
+
+    def check_port(message: str) -> None:
+        if "READY=1" in message.split("\n"):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                listening_when_ready.append(True)
+            except OSError:
+                listening_when_ready.append(False)
+
+    listener.on_message = check_port
+    try:
+        server = serve_process(config, {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                        "WATCHDOG_USEC": "2000000"})
+        wait_until(lambda: listening_when_ready, 10)
+        assert listening_when_ready == [True]
+        assert listener.fields("STATUS")[0][1] == ("queue 0, store reachable, config current, "
+                                                   "worker alive")
+        wait_until(lambda: len(listener.fields("WATCHDOG")) >= 4, 5)
+        pings = [at for at, _ in listener.fields("WATCHDOG")]
+        assert all(b - a < 1.0 for a, b in zip(pings, pings[1:], strict=False))  # half of 2 s
+        assert server.terminate() == 0
+        wait_until(lambda: listener.fields("STOPPING"), 5)
+    finally:
+        listener.close()
+
+
+def test_the_watchdog_is_fed_while_the_worker_idles_and_stops_while_it_is_stuck(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    put_team(op.DirectoryStore(tmp_path / "var"))
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    config.write_text(config.read_text().replace("poll_interval = 0.2", "poll_interval = 30"))
+    pager = start_pager(config)
+    worker = pager.worker
+    worker.stuck_after = 0.5
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    notifier = op.ServiceNotifier(pager.pager, worker, {
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
+    release = threading.Event()
+
+    def stuck_scan() -> float:
+        release.wait(10)
+        return time.time() + 30
+
+    try:
+        notifier.start()
+        wait_until(lambda: worker.busy_for() == 0)  # the first scan is over: it waits 30 s
+        time.sleep(1.0)  # idle for twice stuck_after: still alive, still fed
+        idle = [at for at, _ in listener.fields("WATCHDOG")]
+        assert len(idle) >= 10 and time.monotonic() - idle[-1] < 0.5
+        monkeypatch.setattr(worker, "scan", stuck_scan)
+        worker.wake()
+        wait_until(lambda: listener.fields("STATUS")[-1][1].startswith(
+            "queue 0, store reachable, config current, worker stuck for"), 3)
+        fed = len(listener.fields("WATCHDOG"))
+        time.sleep(0.5)
+        assert len(listener.fields("WATCHDOG")) == fed  # no ping while stuck
+        assert "event=watchdog.worker_stuck" in caplog.text
+        release.set()
+        wait_until(lambda: len(listener.fields("WATCHDOG")) > fed, 3)
+        assert listener.fields("STATUS")[-1][1].endswith("worker alive")
+    finally:
+        release.set()
+        notifier.stop()
+        listener.close()
+
+
+def test_notify_socket_in_the_abstract_namespace_and_none_without_notify_socket(
+        file_pager: RunningPager) -> None:
+    name = f"oncall-pager-test-{uuid.uuid4().hex[:8]}"
+    listener = NotifyListener("\0" + name)
+    try:
+        notifier = op.ServiceNotifier(file_pager.pager, file_pager.worker,
+                                      {"NOTIFY_SOCKET": "@" + name})
+        assert not notifier.watchdog  # no WATCHDOG_USEC: READY and STATUS only
+        notifier.start()
+        wait_until(lambda: listener.fields("READY"), 5)
+        assert not listener.fields("WATCHDOG")
+        notifier.stop()
+    finally:
+        listener.close()
+    silent = op.ServiceNotifier(file_pager.pager, file_pager.worker, {})
+    silent.start()
+    assert silent._thread is None
+    other = op.ServiceNotifier(file_pager.pager, file_pager.worker, {
+        "NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert not other.watchdog  # the watchdog is another process's
+
+
+# ==============================================================================================
 # The Twilio fake itself: it must refuse what Twilio refuses
 # ==============================================================================================
 
@@ -4151,6 +4403,10 @@ class CrashingStore(op.DirectoryStore):
     def list(self, prefix: str) -> list[str]:
         self._alive()
         return super().list(prefix)
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        self._alive()
+        return super().versions(prefix)
 
 
 class FakeTime:
