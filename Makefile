@@ -29,7 +29,7 @@ run: $(STAMP) | var
 # ruff runs quietly here (it prints only problems), so on success pytest's summary line
 # stays the last line of the output, where CI looks for it.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 	@$(BIN)/ruff check --quiet .
 
 lint: $(STAMP)
