@@ -4946,7 +4946,8 @@ def test_a_critical_alert_texts_e_mails_and_calls_the_oncall_engineer(
     body = mail.get_content()
     assert "link: Runbook https://runbooks.example.com/disk-full" in body
     assert '"num_firing": "1"' in body and "client: Alertmanager" in body
-    (call,) = twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    (call,) = calls_to(twilio, ALICE)
     _, text = twilio.post_callback(call.params["Url"][0], {
         "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
         "AccountSid": ACCOUNT_SID})
@@ -5217,7 +5218,9 @@ def test_a_heartbeat_ping_is_recorded_and_a_bad_key_or_name_is_refused(
     assert heartbeat(file_pager, key="")[0] == 401
     assert heartbeat(file_pager, key="9" * 32)[0] == 403
     assert heartbeat(file_pager, name="weekly-backup")[0] == 404
-    assert heartbeat(file_pager, name="../oncall_config")[0] == 404
+    for path in ("/heartbeat/../oncall_config", "/heartbeat/a/b", "/heartbeat/"):
+        assert http_request("POST", file_pager.base_url + path, b"", {
+            "Authorization": f"Bearer {ALERTMANAGER_KEY}"})[0] == 404
     assert file_pager.store.list("pages/") == []
 
 
