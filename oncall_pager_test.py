@@ -4008,6 +4008,58 @@ LIVE_FLOW: list[Callable[[Process], None]] = [
 ]
 
 
+def alert(process: Process, action: str) -> None:
+    """An Alertmanager event (retried after a stop, as Alertmanager retries a failed POST)."""
+    event, errors = op.parse_event(alertmanager_event(action))
+    assert errors == []
+    process.pager.alert_event("alertmanager", event)
+
+
+# An alert: triggered (texted, e-mailed), notified again (joins), acknowledged, resolved
+# (Alice told), then firing again: a second page.
+ALERT_FLOW: list[Callable[[Process], None]] = [
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "trigger"),
+    lambda p: alert(p, "acknowledge"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "resolve"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+]
+
+BACKUP = "nightly-backup"
+BACKUP_WINDOW = 1100.0  # interval + grace: longer than the rest of the run, so it misses once
+
+
+def set_up_heartbeat(process: Process) -> None:
+    """The operator adds the heartbeat (a config write, once) and the worker sees it."""
+    snap = process.pager.team.read()
+    if BACKUP not in snap.doc["current_config"].get("heartbeats", {}):
+        doc = copy.deepcopy(snap.doc)
+        doc["current_config"]["heartbeats"] = {BACKUP: {"interval": 1000, "grace": 100}}
+        process.pager.team.write(doc, base=snap, actor="alice")
+    process.settle()
+
+
+def miss_heartbeat(process: Process) -> None:
+    """The clock to just past the miss (an absolute time: the step may run again)."""
+    process.settle()
+    state = json.loads(process.store.get(f"heartbeats/{BACKUP}.json").data)
+    process.clock.now = max(process.clock.now, op.heartbeat_basis(state) + BACKUP_WINDOW + 1)
+    process.settle()
+
+
+# A heartbeat: set up, missed (a page: texted, e-mailed), then it pings (resolved, Alice told).
+HEARTBEAT_FLOW: list[Callable[[Process], None]] = [
+    set_up_heartbeat,
+    miss_heartbeat,
+    lambda p: p.pager.heartbeat_ping(BACKUP, BACKUP_WINDOW),
+    lambda p: p.settle(),
+]
+
+
 def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
               ) -> int | None:
     """Run the steps from `start`; the step the process stopped in, or None."""
@@ -4080,10 +4132,57 @@ def check_live_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent == [], "a taken call rings nobody"
 
 
+def check_alert_flow(store: op.Store, outside: Outside) -> None:
+    pages = sorted(alert_pages(store), key=lambda p: p["alert"]["generation"])
+    assert [(p["alert"]["generation"], p["state"]) for p in pages] == [
+        (0, "resolved"), (1, "open")], "one page per firing, the first resolved"
+    assert pages[0]["acked_by"] == "events:alertmanager"
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    for number in (1, 2):
+        assert f"Page {number} [critical] {SUMMARY} (Alertmanager). Reply ACK {number} to " \
+               "acknowledge." in texts, f"page {number} was never texted: {texts}"
+    assert "Page 1 acknowledged by alertmanager." in texts
+    assert f"Page 1 resolved: {SUMMARY}." in texts
+    assert not [s for s in outside.sent if s["kind"] == "mms"]
+    assert len(store.list("outbox/")) >= 2, "an alert's e-mail never went"
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+    events = audit_events(store)
+    assert sorted(e["details"]["page"] for e in events if e["event"] == "page.opened") == \
+        sorted(p["id"] for p in pages)
+    assert channels([e for e in events if e["event"] == "page.delivered" and
+                     e["details"].get("page") == pages[0]["id"]]) >= {"sms", "email"}
+    assert [e["details"]["via"] for e in events if e["event"] == "page.acknowledged"] == [
+        "events"]
+    assert [e["details"]["page"] for e in events if e["event"] == "page.resolved"] == [
+        pages[0]["id"]]
+    assert [e for e in events if e["event"] == "page.repeated"], "the repeat is not audited"
+
+
+def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
+    (page,) = alert_pages(store)
+    assert (page["kind"], page["state"]) == ("heartbeat", "resolved")
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    assert any(re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: no ping since it was "
+                            r"set up 18 min ago\. Reply ACK 1 to acknowledge\.", t)
+               for t in texts), texts
+    assert any(t.startswith("Page 1 resolved: Heartbeat nightly-backup missed") for t in texts)
+    assert store.list("outbox/"), "the e-mail never went"
+    state = json.loads(store.get(f"heartbeats/{BACKUP}.json").data)
+    assert state["last_ping"], "the ping was not recorded"
+    events = audit_events(store)
+    assert [e["details"]["kind"] for e in events if e["event"] == "page.opened"] == [
+        "heartbeat"]
+    assert [e["details"]["via"] for e in events if e["event"] == "page.resolved"] == ["ping"]
+    assert outside.sent and not [s for s in outside.sent if s["kind"] == "call"]
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
-                                         (LIVE_FLOW, check_live_flow)],
-                         ids=["page", "team", "live"])
+                                         (LIVE_FLOW, check_live_flow),
+                                         (ALERT_FLOW, check_alert_flow),
+                                         (HEARTBEAT_FLOW, check_heartbeat_flow)],
+                         ids=["page", "team", "live", "alert", "heartbeat"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
