@@ -22,6 +22,13 @@ How data flows
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
+    alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
+         -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
+            voicemail; warning/info are e-mailed and listed) or joins the open one of its
+            dedup_key; acknowledge -> Pager.acknowledge; resolve -> Pager.resolve (notices)
+    heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
+            Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
+            Pager.heartbeat_missed opens a page of kind heartbeat
 
     Over a real network the round trip to S3 is the cost that matters: the page path makes at
     most two requests one after the other (the config, unless checked in the last 10 s, and
@@ -34,6 +41,12 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     sessions/<member id>.json               pending TAKE confirmations
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
                                             paged, ack, channels, escalation, claims
+    pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
+                                            generation) and missed heartbeats (name, the ping
+                                            it missed)
+    alerts/<hash>.json                      the generation of a dedup_key that came back after
+                                            its page was resolved
+    heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (the handoff of C), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
