@@ -628,20 +628,30 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
+def named_objects(block: object, where: str) -> tuple[list[str], dict[str, dict]]:
+    """A block of named objects (integrations, heartbeats): what is wrong with its shape,
+    and the objects whose fields are to be checked."""
+    if not isinstance(block, dict):
+        return [f"{where} is not an object"], {}
+    errors, found = [], {}
+    for name, item in block.items():
+        if not NAME.fullmatch(name):
+            errors.append(f"{where}.{name!r} is not a name (letters, digits, . _ -; "
+                          "at most 64)")
+        elif not isinstance(item, dict):
+            errors.append(f"{where}.{name} is not an object")
+        else:
+            found[name] = item
+    return errors, found
+
+
 def check_integrations(integrations: object) -> list[str]:
     """`current_config.integrations`: name -> {key_sha256, created}; only the hash of a
     routing key is ever stored (see `oncall-pager integration add`)."""
     where = "current_config.integrations"
-    if not isinstance(integrations, dict):
-        return [f"{where} is not an object"]
-    errors = []
-    for name, integration in integrations.items():
-        if not NAME.fullmatch(name):
-            errors.append(f"{where}.{name!r} is not a name (letters, digits, . _ -; "
-                          "at most 64)")
-        elif not isinstance(integration, dict):
-            errors.append(f"{where}.{name} is not an object")
-        elif not isinstance(integration.get("key_sha256"), str) or \
+    errors, found = named_objects(integrations, where)
+    for name, integration in found.items():
+        if not isinstance(integration.get("key_sha256"), str) or \
                 not SHA256_HEX.fullmatch(integration["key_sha256"]):
             errors.append(f"{where}.{name}.key_sha256 is not a SHA-256 in hex")
         elif "created" in integration and not positive_number(integration["created"]):
@@ -652,21 +662,12 @@ def check_integrations(integrations: object) -> list[str]:
 def check_heartbeats(heartbeats: object) -> list[str]:
     """`current_config.heartbeats`: name -> {interval, grace} in seconds."""
     where = "current_config.heartbeats"
-    if not isinstance(heartbeats, dict):
-        return [f"{where} is not an object"]
-    errors = []
-    for name, heartbeat in heartbeats.items():
-        if not NAME.fullmatch(name):
-            errors.append(f"{where}.{name!r} is not a name (letters, digits, . _ -; "
-                          "at most 64)")
-            continue
-        if not isinstance(heartbeat, dict):
-            errors.append(f"{where}.{name} is not an object")
-            continue
-        if not positive_number(heartbeat.get("interval")) or \
-                isinstance(heartbeat.get("interval"), str):
-            errors.append(f"{where}.{name}.interval {heartbeat.get('interval')!r} is not a "
-                          "positive number of seconds")
+    errors, found = named_objects(heartbeats, where)
+    for name, heartbeat in found.items():
+        interval = heartbeat.get("interval")
+        if not positive_number(interval) or isinstance(interval, str):
+            errors.append(f"{where}.{name}.interval {interval!r} is not a positive number "
+                          "of seconds")
         grace = heartbeat.get("grace", 0)
         if grace != 0 and (not positive_number(grace) or isinstance(grace, str)):
             errors.append(f"{where}.{name}.grace {grace!r} is not a number of seconds")
@@ -2500,12 +2501,8 @@ class Pager:
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        written = self.write_page(self.store, page_id, repeat)
-        if written is None:
-            return None
-        self.hand_over(self.store, *written, channels, doc)
-        self.wake()
-        return written[0]
+        written = self._change_and_hand_over(page_id, repeat, channels, doc)
+        return written[0] if written else None
 
     def resolve(self, page_id: str, actor: str, via: str) -> bool:
         """Its cause went away: the page is resolved (the escalation stops) and everyone it
@@ -2531,12 +2528,17 @@ class Pager:
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        written = self.write_page(self.store, page_id, close)
-        if written is None:
-            return False
-        self.hand_over(self.store, *written, notices, doc)
-        self.wake()
-        return True
+        return self._change_and_hand_over(page_id, close, notices, doc) is not None
+
+    def _change_and_hand_over(self, page_id: str, change: Callable[[dict | None], dict | None],
+                              channels: list[str], doc: dict) -> tuple[dict, str] | None:
+        """A page change that may queue `channels` (`change` fills the list in): written,
+        then handed to the worker (or its audit entries written now)."""
+        written = self.write_page(self.store, page_id, change)
+        if written is not None:
+            self.hand_over(self.store, *written, channels, doc)
+            self.wake()
+        return written
 
     def heartbeat_state(self, name: str, fresh: bool = True) -> tuple[dict, str]:
         """heartbeats/<name>.json ({since, last_ping}) and its ETag: read (with fresh=False,
