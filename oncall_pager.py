@@ -1646,6 +1646,11 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
     if payload.get("severity") not in SEVERITIES:
         errors.append("'payload.severity' is invalid (must be one of the following: "
                       "'critical', 'warning', 'error' or 'info')")
+    if alert["timestamp"] is not None:
+        try:
+            dt.datetime.fromisoformat(alert["timestamp"])
+        except ValueError:
+            errors.append("'payload.timestamp' is not an ISO 8601 time")
     alert["severity"] = payload.get("severity")
     alert["custom_details"] = payload.get("custom_details")
     for name in ("client", "client_url"):
@@ -3077,7 +3082,8 @@ class Worker:
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
         self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
-        self._heartbeats_looked: dict[str, float] = {}  # when each was last read for a miss
+        # each heartbeat missed here: (the ping it missed, when this instance last read it)
+        self._heartbeat_misses: dict[str, tuple[float, float]] = {}
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
@@ -3203,15 +3209,17 @@ class Worker:
         for name, settings in heartbeats(snap.doc).items():
             window = settings["interval"] + settings.get("grace", 0)
             try:
-                state = self.pager.heartbeat_state(name, fresh=False)[0]
-                looked = self._heartbeats_looked.get(name, -math.inf)
-                due = max(heartbeat_basis(state), looked) + window
+                basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
+                missed = self._heartbeat_misses.get(name)
+                due = (missed[1] if missed and missed[0] == basis else basis) + window
                 if due <= now:
-                    self._heartbeats_looked[name] = now
                     state = self.pager.heartbeat_state(name)[0]
-                    if heartbeat_basis(state) + window <= now:
+                    basis = heartbeat_basis(state)
+                    due = basis + window
+                    if due <= now:
                         self.pager.heartbeat_missed(name, state)
-                    due = max(heartbeat_basis(state), now) + window
+                        self._heartbeat_misses[name] = (basis, now)
+                        due = now + window
             except (StoreUnavailable, StoreConflict) as e:
                 log.warning("event=heartbeat.check_failed heartbeat=%s error=%r", name,
                             str(e)[:200])

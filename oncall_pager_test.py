@@ -5207,6 +5207,9 @@ def test_grafana_and_uptime_kuma_events_page_too(s3_pager: RunningPager, twilio:
                                           "summary": "x" * 1025}},
      "'payload.summary' must be a string of at most 1024 characters"),
     ({**alertmanager_event("resolve"), "dedup_key": None}, "'dedup_key' is missing or blank"),
+    ({**alertmanager_event(), "payload": {**alertmanager_event()["payload"],
+                                          "timestamp": "yesterday"}},
+     "'payload.timestamp' is not an ISO 8601 time"),
     ({**alertmanager_event(), "links": "https://example.com"},
      "'links' must be a list of objects with 'href'"),
     ([1, 2], "Event object is invalid"),
@@ -5214,7 +5217,7 @@ def test_grafana_and_uptime_kuma_events_page_too(s3_pager: RunningPager, twilio:
     (b"\xff\xfe{", "Event object is invalid: the body is not JSON"),
     (b"[" * 100_000, "Event object is invalid: the body is not JSON"),
 ], ids=["no-key", "unknown-key", "severity", "action", "no-summary", "long-summary",
-        "resolve-no-dedup-key", "links", "not-an-object", "form", "not-utf8", "deep"])
+        "resolve-no-dedup-key", "timestamp", "links", "not-an-object", "form", "not-utf8", "deep"])
 def test_a_bad_event_gets_pagerdutys_400_and_changes_nothing(
         file_pager: RunningPager, event: Any, error: str) -> None:
     with_integration(file_pager.store)
