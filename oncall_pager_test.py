@@ -5161,6 +5161,32 @@ def test_a_dedup_key_that_comes_back_after_its_resolve_opens_a_new_page(
                                         if m.startswith("Page 3 [critical]")]) == 1, 5)
 
 
+def test_the_same_trigger_at_two_instances_at_once_opens_one_page(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    first, second = start_pager(s3_setup("a")), start_pager(s3_setup("b"))
+    with_integration(first.store)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda pager: post_event(pager, alertmanager_event()),
+                                [first, second, first, second]))
+    assert [status for status, _ in answers] == [202] * 4
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    time.sleep(0.5)
+    assert messages_to(twilio, ALICE) == [ALERT_SMS]
+    assert len(alert_pages(first.store)) == 1
+    assert len(audit_events(first.store, "page.opened")) == 1
+    assert len(audit_events(first.store, "page.repeated")) == 3
+
+
+def test_a_trigger_without_a_dedup_key_gets_one(file_pager: RunningPager) -> None:
+    with_integration(file_pager.store)
+    event = alertmanager_event(severity="info")
+    del event["dedup_key"]
+    keys = [post_event(file_pager, event)[1]["dedup_key"] for _ in range(2)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", k) for k in keys) and keys[0] != keys[1]
+    assert len(alert_pages(file_pager.store)) == 2
+
+
 GRAFANA_KEY = "3c" * 16
 
 
