@@ -6,8 +6,11 @@ What it does
     once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
-    (WHO, TAKE + C/X, ACK, STATUS, HALP, LOOK; STOP/START as the carriers define them).
-    Messages from anybody else are ignored.
+    (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
+    Messages from anybody else are ignored. An optional rotation hands on-call over at each
+    shift start by itself, and reminds the next engineer before. Monitoring pages through
+    PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
+    stops pinging pages too.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -20,6 +23,8 @@ How data flows
             engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
          -> /public/dialdone: the next person, or the voicemail flow above
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
+    rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
+            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
@@ -47,7 +52,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
                                             its page was resolved
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
-    jobs/msg-*.json                         single SMS (the handoff of C), kept a day once sent
+    jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
@@ -101,6 +106,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +187,19 @@ def sortable_stamp(ts: float) -> str:
 @functools.lru_cache(maxsize=64)
 def short_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def duration_text(seconds: float) -> str:
+    """How long until something, to the units that matter: `3 d 4 h`, `5 h 20 min`,
+    `12 min`, `40 s`."""
+    days, rest = divmod(max(0, round(seconds)), DAY)
+    hours, rest = divmod(rest, 3600)
+    minutes, rest = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min" if minutes else f"{rest} s"
 
 
 def to_json(doc: object) -> bytes:
@@ -537,6 +556,11 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                               f"{'name (Polly.Joanna)' if field == 'name' else 'language (en-US)'}")
     errors += check_mail_settings(current.get("mail_settings"))
     errors += check_escalation(current.get("escalation", {}), users)
+    if "rotation" in current:
+        errors += check_rotation(current["rotation"], users)
+    handoff = current.get("rotation_handoff", {})
+    if not isinstance(handoff, dict) or not hours_value(handoff.get("shift_start", 0), zero=True):
+        errors.append("current_config.rotation_handoff is not the pager's record of a handoff")
     errors += check_integrations(current.get("integrations", {}))
     errors += check_heartbeats(current.get("heartbeats", {}))
     return errors, warnings
@@ -556,6 +580,60 @@ def check_live_answer(live: object) -> list[str]:
             errors.append(f"{where}.{field} {value!r} is not a whole number from {low} "
                           f"to {high}")
     return errors
+
+
+def check_rotation(rotation: object, users: dict) -> list[str]:
+    where = "current_config.rotation"
+    if not isinstance(rotation, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    ids = rotation.get("members")
+    if not isinstance(ids, list) or not ids:
+        errors.append(f"{where}.members is not a list of member ids")
+    else:
+        for i, member_id in enumerate(ids):
+            if not isinstance(member_id, str) or member_id not in users:
+                errors.append(f"{where}.members[{i}] {member_id!r} is not an available user")
+    zone = rotation.get("timezone")
+    problem = zone_problem(zone)
+    if problem:
+        errors.append(f"{where}.timezone {zone!r} {problem}")
+    start = rotation.get("start")
+    try:
+        naive = dt.datetime.fromisoformat(start) if isinstance(start, str) else None
+    except ValueError:
+        naive = None
+    if naive is None or naive.tzinfo is not None:
+        errors.append(f"{where}.start {start!r} is not a local time without offset "
+                      "(2026-11-30T09:00)")
+    shift = rotation.get("shift_hours")
+    if not hours_value(shift) or shift * 3600 < 1:
+        errors.append(f"{where}.shift_hours {shift!r} is not a number of hours "
+                      "(at least one second: 1/3600)")
+    remind = rotation.get("remind_hours", 0)
+    if not hours_value(remind, zero=True) or (hours_value(shift) and remind >= shift):
+        errors.append(f"{where}.remind_hours {remind!r} is not a number of hours from 0 "
+                      "to less than shift_hours")
+    return errors
+
+
+def hours_value(value: object, zero: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and (value > 0 or zero and value == 0))
+
+
+def zone_problem(name: object) -> str:
+    """Why `name` is no time zone here, or "" (an IANA name this system's database knows)."""
+    if isinstance(name, str) and name:
+        try:
+            zoneinfo.ZoneInfo(name)
+            return ""
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            if not zoneinfo.available_timezones():
+                return ("cannot be looked up: this system has no time zone database "
+                        "(install the tzdata package: apt install tzdata, or pip install "
+                        "tzdata into the pager's virtualenv)")
+    return "is not an IANA time zone name (Europe/Berlin, America/New_York, UTC)"
 
 
 LIVE_DEFAULTS = {"enabled": False, "ring_seconds": 20, "max_targets": 3, "record": False}
@@ -748,6 +826,74 @@ def escalation_settings(doc: dict) -> dict:
         oncall_id = oncall_member(doc)["id"]
         settings["escalate_to"] = [m for m in sorted(members(doc)) if m != oncall_id]
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """`current_config.rotation`, in time. Shift k starts at `start` + k x `shift_hours`,
+    counted on the wall clock of the zone (so a shift of whole days hands over at the same
+    local time across daylight-saving changes), and belongs to members[k mod len]. k < 0:
+    before the first shift."""
+
+    members: tuple[str, ...]
+    zone: zoneinfo.ZoneInfo
+    start: dt.datetime  # local, without offset
+    shift: dt.timedelta
+    remind: dt.timedelta
+
+    @classmethod
+    def of(cls, doc: dict) -> Rotation | None:
+        block = doc["current_config"].get("rotation")
+        if not block:
+            return None
+        return cls(tuple(block["members"]), zoneinfo.ZoneInfo(block["timezone"]),
+                   dt.datetime.fromisoformat(block["start"]),
+                   dt.timedelta(hours=block["shift_hours"]),
+                   dt.timedelta(hours=block.get("remind_hours", 0)))
+
+    def starts(self, k: int) -> float:
+        """When shift k starts (epoch seconds). A local time that a change to summer time
+        skips counts as an hour later, as cron counts it."""
+        return (self.start + k * self.shift).replace(tzinfo=self.zone).timestamp()
+
+    def shift_at(self, ts: float) -> int:
+        """The shift running at `ts`. The wall-clock estimate is off by at most the
+        daylight-saving change around one; the steps mend that."""
+        local = dt.datetime.fromtimestamp(ts, self.zone).replace(tzinfo=None)
+        k = math.floor((local - self.start) / self.shift)
+        while self.starts(k + 1) <= ts:
+            k += 1
+        while self.starts(k) > ts:
+            k -= 1
+        return k
+
+    def member(self, k: int) -> str:
+        return self.members[k % len(self.members)]
+
+    def local_text(self, ts: float) -> str:
+        """`Mon 2026-12-07 09:00 CET` (seconds only where a shift starts at them)."""
+        moment = dt.datetime.fromtimestamp(ts, self.zone)
+        return moment.strftime("%a %Y-%m-%d %H:%M" + (":%S" if moment.second else "") + " %Z")
+
+
+def reminder_name(start: float) -> str:
+    """The reminder's job name (jobs/msg-<name>.json): its shift's start, UTC."""
+    return f"remind-{sortable_stamp(start)}"
+
+
+def reminder_ahead(key: str) -> bool:
+    """Whether a message job is the reminder of a shift that has not started: kept, so that
+    its key still refuses a second reminder however early it was sent."""
+    stamp = key.removeprefix("jobs/msg-remind-").removesuffix(".json")
+    with contextlib.suppress(ValueError):
+        return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(
+            tzinfo=dt.UTC).timestamp() > time.time()
+    return False
+
+
+def handed_over(doc: dict) -> float:
+    """The start of the last shift whose handoff was made (the pager's own record)."""
+    return doc["current_config"].get("rotation_handoff", {}).get("shift_start", -math.inf)
 
 
 # ==============================================================================================
@@ -1131,7 +1277,7 @@ def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any
 
 
 # ==============================================================================================
-# Domain: the audit log, the operational config, TAKE sessions, pages, the team commands
+# Domain: the audit log, the operational config, TAKE sessions, rotation, pages, commands
 # ==============================================================================================
 
 
@@ -1250,6 +1396,9 @@ class Snapshot:
     stale: bool = False  # served from the last good copy because the store is unreachable
 
 
+CONFIG_CHANGE_TRIES = 5  # a change that lost the race is made again over the new version
+
+
 class TeamConfig:
     """The operational config, read through a cache keyed by its ETag: a webhook costs one
     conditional read (a 304 from S3, a `stat` on the directory store), never a full download.
@@ -1353,16 +1502,17 @@ class TeamConfig:
         return dataclasses.replace(self._current, stale=True)
 
     def write(self, doc: dict, *, base: Snapshot, actor: str, details: dict | None = None,
-              message: tuple[str, dict] | None = None, event: str = "config.changed"
+              messages: Iterable[tuple[str, dict]] = (), event: str = "config.changed"
               ) -> Snapshot:
         """Validate, stamp, write conditionally over `base` (the snapshot the change was made
         from), audit. StoreConflict when the config changed since `base` was read; ConfigError
         (nothing written) when the result is invalid.
 
-        The audit entry travels in the document (`current_config.last_change`), and so does
-        `message` (a message job that follows from the change: the handoff SMS); both are
-        written after the document, at once. A stop in between loses neither: `reconcile`
+        The audit entry travels in the document (`current_config.last_change`), and so do
+        `messages` (message jobs that follow from the change: the handoff SMS); all are
+        written after the document, at once. A stop in between loses none: `reconcile`
         writes them at the next start (each at its own key, so never twice)."""
+        messages = list(messages)
         doc = copy.deepcopy(doc)
         current = doc.get("current_config")
         if isinstance(current, dict):
@@ -1380,24 +1530,25 @@ class TeamConfig:
         else:
             key, entry = self.audit.entry(event, actor, {"oncall": new_oncall, **(details or {})})
         last_change: dict[str, Any] = {"key": key, "entry": entry, "time": time.time()}
-        if message is not None:
-            last_change["message"] = {"key": message[0], "job": message[1]}
+        if messages:
+            last_change["messages"] = [{"key": key, "job": job} for key, job in messages]
         doc["current_config"]["last_change"] = last_change
         etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
         snapshot = self._remember(Snapshot(doc, etag))
         self._checked = time.monotonic()
-        def queue_message() -> None:
-            try:
-                put_once(self.store, *message)
-            except StoreUnavailable:  # the worker writes it when it marks it sent
-                log.error("event=message.unqueued key=%s", message[0])
+        def queue(message: tuple[str, dict]) -> Callable[[], None]:
+            def put() -> None:
+                try:
+                    put_once(self.store, *message)
+                except StoreUnavailable:  # the worker writes it when it marks it sent
+                    log.error("event=message.unqueued key=%s", message[0])
+            return put
 
-        in_parallel(IO_POOL, lambda: self.audit.write(key, entry),
-                    *([queue_message] if message else []))
+        in_parallel(IO_POOL, lambda: self.audit.write(key, entry), *map(queue, messages))
         return snapshot
 
     def reconcile(self) -> None:
-        """At start: the audit entry and the message job of the config's last change, in case
+        """At start: the audit entry and the message jobs of the config's last change, in case
         a stop came between the change and them (each that is there costs a refused request).
         A message is queued again only within a day of the change: a sent job is kept that
         long, so its key still refuses a second one."""
@@ -1407,10 +1558,10 @@ class TeamConfig:
         with contextlib.suppress(ValueError, KeyError, TypeError, StoreUnavailable):
             if str(last["key"]).startswith("audit/") and isinstance(last["entry"], dict):
                 self.audit.write(check_key(last["key"]), last["entry"])
-            message = last.get("message")
-            if isinstance(message, dict) and time.time() - float(last["time"]) < DAY and \
-                    str(message["key"]).startswith("jobs/msg-"):
-                put_once(self.store, check_key(message["key"]), message["job"])
+            if time.time() - float(last["time"]) < DAY:
+                for message in last.get("messages", []):
+                    if str(message["key"]).startswith("jobs/msg-"):
+                        put_once(self.store, check_key(message["key"]), message["job"])
 
     def initialise(self, doc: dict, actor: str) -> Snapshot:
         """Put a first config into an empty store; StoreConflict if one is there already."""
@@ -1426,6 +1577,7 @@ class TeamConfig:
 COMMAND_WORDS = {
     "WHO": "who", "TAKE": "take", "C": "confirm", "CONFIRM": "confirm", "X": "cancel",
     "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help", "LOOK": "look",
+    "NEXT": "next",
 }
 # Twilio's opt-out and opt-in words (the whole message): Twilio blocks texts to a number that
 # sent one of the first until it sends one of the second, and forwards both to the webhook.
@@ -1453,7 +1605,8 @@ def parse_command(body: str) -> tuple[str | None, list[str]]:
 
 HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
              "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
-             "HALP (this list).")
+             "NEXT (the next handoff), HALP (this list).")
+NO_ROTATION_TEXT = "No rotation is set: on-call changes only by TAKE."
 LOOK_TEXT = ("You are in a maze of twisty little passages, all alike. "
              "There is a pager here. It is ringing.")
 STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing changed. "
@@ -1795,6 +1948,7 @@ class Pager:
                       if isinstance(store, S3Store) and cfg.spool_dir else None)
         self.book = PageBook()
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
+        self._reminded: set[str] = set()  # reminders this process queued or found queued
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
@@ -1831,7 +1985,8 @@ class Pager:
         if current.get("last_modified_time"):
             text += (f" Changed {short_time(current['last_modified_time'])} by "
                      f"{changed_by.get('name', current.get('last_modified_user_id'))}.")
-        return text
+        handoff = self.next_handoff(doc)
+        return f"{text} {handoff}" if handoff else text
 
     def take(self, snap: Snapshot, member: dict) -> str:
         doc = snap.doc
@@ -1871,7 +2026,7 @@ class Pager:
             previous["phone"], f"{member['name']} has taken on-call from you.", "handoff")
         try:
             new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
-                                  message=handoff)
+                                  messages=[handoff] if handoff else [])
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
@@ -1887,7 +2042,7 @@ class Pager:
         number meanwhile, so the pager records it on the member (`opted_out` in the config)
         and reaches them by call instead. No reply: Twilio sends its own confirmation. A
         race with another config change is made again over it."""
-        for _ in range(5):
+        for _ in range(CONFIG_CHANGE_TRIES):
             doc = copy.deepcopy(snap.doc)
             record = members(doc)[member["id"]]
             if bool(record.get("opted_out")) == out:
@@ -1921,16 +2076,125 @@ class Pager:
 
     # --- messages: durable jobs the worker sends (the handoff SMS) --------------------------
 
-    def message_job(self, to: str, body: str, purpose: str) -> tuple[str, dict]:
+    def message_job(self, to: str, body: str, purpose: str, name: str = ""
+                    ) -> tuple[str, dict]:
         """One SMS as a durable job (jobs/msg-*.json) and its key, claimed by this instance's
         worker, which sends it as soon as it is written and retries it; another instance's
-        worker takes it over if this one stops. A sent job is kept a day, marked sent."""
+        worker takes it over if this one stops. A sent job is kept a day, marked sent.
+        `name`: a key that two instances queuing the same message agree on (a reminder)."""
         now = time.time()
         claimed_until = self.claim_until()
         job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "state": "pending",
                "attempts": 1 if claimed_until else 0, "next_try": now,
                "claimed_until": claimed_until, "created": now}
-        return f"jobs/msg-{sortable_stamp(now)}-{uuid.uuid4().hex[:12]}.json", job
+        return f"jobs/msg-{name or sortable_stamp(now) + '-' + uuid.uuid4().hex[:12]}.json", job
+
+    # --- rotation: the handoff at each shift start, the reminder before it, NEXT -------------
+
+    def next_handoff(self, doc: dict) -> str | None:
+        """NEXT's answer (and WHO's last sentence); None without a rotation."""
+        rotation = Rotation.of(doc)
+        if rotation is None:
+            return None
+        now = time.time()
+        k = max(rotation.shift_at(now) + 1, 0)
+        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
+        return (f"Next handoff: {member['name']} on {rotation.local_text(start)} "
+                f"(in {duration_text(start - now)}).")
+
+    def rotation_due(self, doc: dict, now: float) -> float | None:
+        """When `rotate` has something to do by `doc` (the config in memory: planning costs no
+        request): `now`, if a shift started without its handoff or a reminder is due."""
+        rotation = Rotation.of(doc)
+        if rotation is None:
+            return None
+        k = rotation.shift_at(now)
+        if k >= 0 and handed_over(doc) < rotation.starts(k):
+            return now
+        following = rotation.starts(max(k + 1, 0))
+        remind_at = following - rotation.remind.total_seconds()
+        if rotation.remind and remind_at > now:
+            return remind_at
+        if rotation.remind and reminder_name(following) not in self._reminded:
+            return now
+        return following
+
+    def rotate(self) -> None:
+        """The rotation's due work, by the config as stored: the handoff of the shift that
+        has started, then the reminder of the next one."""
+        snap = self.team.read()
+        if snap.stale:
+            raise StoreUnavailable(self.team.problem or "store unreachable")
+        rotation = Rotation.of(snap.doc)
+        if rotation is None:
+            return
+        k = rotation.shift_at(time.time())
+        if k >= 0 and handed_over(snap.doc) < rotation.starts(k):
+            snap = self.hand_off(snap, rotation, k)
+        self.remind(snap.doc, rotation, max(k + 1, 0))
+
+    def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
+        """Shift k's member becomes on call, unless already: one conditional write of the
+        config that also records the handoff as made (`rotation_handoff`), so across
+        instances and restarts it is made once, and a TAKE after it holds until the next
+        shift. Both people are told (message jobs travel with the write, as C's do)."""
+        start = rotation.starts(k)
+        for _ in range(CONFIG_CHANGE_TRIES):
+            if handed_over(snap.doc) >= start:
+                return snap  # made by another instance meanwhile
+            doc = copy.deepcopy(snap.doc)
+            member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
+            doc["current_config"]["rotation_handoff"] = {"shift_start": start,
+                                                         "member": member["id"]}
+            told = []
+            if member["id"] != previous["id"]:
+                doc["current_config"]["oncall_user"] = dict(member)
+                team, until = team_name(doc) or "the team", rotation.starts(k + 1)
+                if not member.get("opted_out"):
+                    told.append(self.message_job(member["phone"], f"You are now on call for "
+                                                 f"{team} until {rotation.local_text(until)}.",
+                                                 "rotation"))
+                if not previous.get("opted_out"):
+                    told.append(self.message_job(previous["phone"], f"{member['name']} has "
+                                                 "taken on-call from you (rotation).",
+                                                 "rotation"))
+            try:
+                snap = self.team.write(doc, base=snap, actor="rotation", messages=told,
+                                       details={"via": "rotation", "shift": iso_time(start)})
+            except StoreConflict:
+                snap = self.team.read()
+                continue
+            log.info("event=rotation.handoff member=%s", member["id"])
+            if self.start_message is not None:
+                for message in told:
+                    self.start_message(*message)
+            return snap
+        raise StoreUnavailable("the config kept changing")
+
+    def remind(self, doc: dict, rotation: Rotation, k: int) -> None:
+        """Shift k's member is reminded once, `remind_hours` before it starts (not when
+        already on call, or opted out of texts). The job's key is the shift's, so two
+        instances queue one reminder."""
+        start = rotation.starts(k)
+        name = reminder_name(start)
+        now = time.time()
+        if not rotation.remind or name in self._reminded or \
+                not start - rotation.remind.total_seconds() <= now < start:
+            return
+        member = members(doc)[rotation.member(k)]
+        if member["id"] != oncall_member(doc)["id"] and not member.get("opted_out"):
+            key, job = self.message_job(
+                member["phone"], f"Reminder: you go on call for {team_name(doc) or 'the team'} "
+                f"at {rotation.local_text(start)}, in {duration_text(start - now)}.",
+                "reminder", name=name)
+            try:
+                self.store.put(key, to_json(job), if_absent=True)
+            except StoreConflict:
+                pass  # queued by another instance, or by this one before a restart
+            else:
+                if self.start_message is not None:
+                    self.start_message(key, job)
+        self._reminded.add(name)
 
     # --- pages ---------------------------------------------------------------------------------
 
@@ -2752,6 +3016,8 @@ class Pager:
             if command in ("optout", "optin"):
                 self.opt(snap, member, out=command == "optout")
                 return None
+            if command == "next":
+                return self.next_handoff(snap.doc) or NO_ROTATION_TEXT
             if command == "look":
                 return LOOK_TEXT
             return HELP_TEXT
@@ -2994,7 +3260,9 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
     return "team", team
 
 
-JOBS_LISTING_EVERY = 10   # jobs/ is listed on every 10th listing of pages/ (and at start)
+# jobs/ is listed, and the config checked (for a rotation changed by the command line), on
+# every 12th listing of pages/ and at start: 60 + 5 + 5 requests an hour at rest.
+JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
@@ -3047,7 +3315,7 @@ class Worker:
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
     (`start_work`, `start_message`); the rest it finds by listing pages/ every
-    `poll_interval` seconds (jobs/, the single messages, on every tenth listing): the listing
+    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing): the listing
     carries each page's ETag, so only pages that changed are read, and due work is planned
     from the PageBook's copies in between, with no request. A step is *claimed* with one
     conditional write over the copy (a claim expires after `claim_timeout`, covering an
@@ -3082,6 +3350,7 @@ class Worker:
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
         self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
+        self._next_rotation = 0.0  # time.time() before which rotate is not tried again
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
         pager.start_work = self.start_work
@@ -3130,12 +3399,16 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
+                    self.pager.team.read()
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
+            except (NoConfig, ConfigError) as e:
+                log.warning("event=worker.no_config error=%r", str(e))
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + DAY
             self._submit("prune", self._prune_replies)
-        next_due = now + max(0.0, self._next_listing - time.monotonic())
+        next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
+                       self._plan_rotation(now))
         depth = 0
         spool = self.pager.spool
         if spool is not None:
@@ -3159,6 +3432,30 @@ class Worker:
             next_due = min(next_due, self._consider_message(key, job, etag, now))
         self.queue_depth = depth
         return next_due
+
+    def _plan_rotation(self, now: float) -> float:
+        """Start the rotation's due work (a handoff, a reminder) when the config in memory
+        says it is due; returns when to look again. A try that changed nothing (the store
+        unreachable) is made again after retry_base seconds."""
+        known = self.pager.team.last_known()
+        due = self.pager.rotation_due(known.doc, now) if known is not None else None
+        if due is None:
+            return math.inf
+        if due > now:
+            return due
+        if self._busy("rotation"):
+            return math.inf  # the task's end wakes the worker
+        if now < self._next_rotation:
+            return self._next_rotation
+        self._next_rotation = now + self.cfg.retry_base
+        self._submit("rotation", self._rotate)
+        return math.inf
+
+    def _rotate(self) -> None:
+        try:
+            self.pager.rotate()
+        except (StoreUnavailable, NoConfig, ConfigError) as e:
+            log.warning("event=rotation.deferred error=%r", str(e))
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
         try:
@@ -3321,7 +3618,8 @@ class Worker:
         listed_at = time.monotonic()
         versions = self.store.versions("jobs/")
         for key, (etag, modified) in versions.items():
-            if not key.startswith("jobs/msg-") or modified < time.time() - DAY:
+            if not key.startswith("jobs/msg-") or (modified < time.time() - DAY
+                                                   and not reminder_ahead(key)):
                 self.store.delete(key)
                 continue
             with self._lock:
@@ -4955,6 +5253,12 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "escalation.escalate_to": (("escalation", "escalate_to"),
                                lambda v: [m.strip() for m in v.split(",") if m.strip()]),
     "escalation.max_outbound_per_hour": (("escalation", "max_outbound_per_hour"), int),
+    "rotation.members": (("rotation", "members"),
+                         lambda v: [m.strip() for m in v.split(",") if m.strip()]),
+    "rotation.start": (("rotation", "start"), str),
+    "rotation.timezone": (("rotation", "timezone"), str),
+    "rotation.shift_hours": (("rotation", "shift_hours"), float),
+    "rotation.remind_hours": (("rotation", "remind_hours"), float),
 }
 
 
@@ -4965,8 +5269,6 @@ def masked(doc: dict) -> dict:
         mail["mail_password"] = "********"
     return shown
 
-
-CONFIG_CHANGE_TRIES = 5
 
 
 def change_config(pager: Pager, args: argparse.Namespace,
@@ -5194,6 +5496,25 @@ def cmd_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """The current shift and the next ones: local start, UTC start, member."""
+    if not 1 <= args.n <= 1000:
+        raise UsageError(f"-n {args.n}: give a number of shifts from 1 to 1000")
+    cfg = load_app_config(args.config)
+    doc = build_pager(cfg).team.read().doc
+    rotation = Rotation.of(doc)
+    if rotation is None:
+        print(NO_ROTATION_TEXT)
+        return 0
+    current = rotation.shift_at(time.time())
+    for k in range(max(current, 0), max(current, 0) + args.n):
+        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
+        utc = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"{rotation.local_text(start)}  {utc}  {member['id']}  {member['name']}"
+              + ("  now" if k == current else ""))
+    return 0
+
+
 def vcard_text(value: str) -> str:
     """A vCard 3.0 text value: backslash, comma and semicolon escaped (RFC 2426)."""
     return value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
@@ -5299,6 +5620,9 @@ def build_parser() -> argparse.ArgumentParser:
     pages = command("pages", cmd_pages, "list the pages")
     pages.add_argument("--open", action="store_true", help="only open pages")
     pages.add_argument("--json", action="store_true")
+    schedule = command("schedule", cmd_schedule, "the rotation: the current shift and the "
+                       "next ones")
+    schedule.add_argument("-n", type=int, default=8, help="how many shifts (default 8)")
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")

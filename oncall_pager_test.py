@@ -23,6 +23,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -40,6 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zoneinfo
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 import boto3
 import pytest
@@ -2541,6 +2544,280 @@ def test_sms_command_line_drives_a_running_pager(
 
 
 # ==============================================================================================
+# Rotation (SPEC 17): handoffs, reminders, NEXT, the schedule
+# ==============================================================================================
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def rotation(members: list[str], first_in: float, shift: float, remind: float = 0.0,
+             zone: str = "Europe/Berlin") -> tuple[dict, float]:
+    """A rotation block whose first shift starts `first_in` seconds from now (rounded up to
+    a whole second), shifts and the reminder in seconds; and that start, epoch seconds."""
+    start = math.ceil(time.time() + first_in)
+    local = datetime.fromtimestamp(start, ZoneInfo(zone)).replace(tzinfo=None)
+    return {"members": members, "start": local.isoformat(), "timezone": zone,
+            "shift_hours": shift / 3600, "remind_hours": remind / 3600}, start
+
+
+def berlin(ts: float) -> str:
+    return datetime.fromtimestamp(ts, BERLIN).strftime("%a %Y-%m-%d %H:%M:%S %Z")
+
+
+def rotation_changes(store: op.Store) -> list[tuple[str, str]]:
+    return [(e["details"]["from"], e["details"]["to"]) for e in
+            audit_events(store, "oncall.changed") if e["details"].get("via") == "rotation"]
+
+
+def test_rotation_hands_over_at_each_shift_start_reminds_first_and_tells_both(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    block, start = rotation(["bob", "carol"], first_in=2.5, shift=2.5, remind=1.2)
+    set_team(store, rotation=block, team_name="Checkout")
+    pager = start_pager(config)
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 5)
+    assert oncall_id(store) == "alice", "reminded before the shift, not handed over"
+    assert time.time() < start
+    (reminder,) = messages_to(twilio, BOB)
+    assert reminder.startswith(f"Reminder: you go on call for Checkout at {berlin(start)}, "
+                               "in "), reminder
+    wait_until(lambda: oncall_id(store) == "bob", 5)
+    assert time.time() >= start
+    assert twilio.wait_for(lambda: len(messages_to(twilio, BOB)) == 2
+                           and messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, BOB)[1] == (f"You are now on call for Checkout until "
+                                           f"{berlin(start + 2.5)}.")
+    assert messages_to(twilio, ALICE) == ["Bob Roberts has taken on-call from you (rotation)."]
+    wait_until(lambda: len(rotation_changes(store)) == 2, 6)
+    assert time.time() >= start + 2.5 and oncall_id(store) == "carol"
+    assert twilio.wait_for(lambda: len(messages_to(twilio, CAROL)) == 2, 5)
+    assert messages_to(twilio, CAROL)[0].startswith("Reminder: you go on call for Checkout at "
+                                                    f"{berlin(start + 2.5)}, in ")
+    assert rotation_changes(store)[:2] == [("alice", "bob"), ("bob", "carol")]
+    (changed,) = [e for e in audit_events(store, "oncall.changed")
+                  if e["details"]["to"] == "bob"]
+    assert changed["actor"] == "rotation" and changed["details"]["shift"].startswith(
+        datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    pager.stop()
+
+
+def test_take_holds_until_the_next_shift_and_next_and_who_name_the_handoff(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    block, start = rotation(["bob", "carol"], first_in=0.5, shift=5)
+    set_team(store, rotation=block)
+    pager = start_pager(config)
+    wait_until(lambda: oncall_id(store) == "bob", 5)
+    assert pager.sms(ALICE, "NEXT").startswith(
+        f"Next handoff: Carol Cruz on {berlin(start + 5)} (in ")
+    assert pager.sms(ALICE, "TAKE").startswith("Alice McAlister to be made on-call engineer")
+    assert pager.sms(ALICE, "C").startswith("Okay, Alice, you are now on call.")
+    time.sleep(1.0)  # the worker looks again several times (poll_interval 0.2 s)
+    assert oncall_id(store) == "alice", "the rotation took back what TAKE gave"
+    who = pager.sms(BOB, "WHO")
+    assert who.startswith("Current on-call engineer: Alice McAlister <+19195551001>.")
+    assert who.endswith(f"Next handoff: Carol Cruz on {berlin(start + 5)} "
+                        f"(in {op.duration_text(start + 5 - time.time())}).") or \
+        who.endswith(f"(in {op.duration_text(start + 5 - time.time() + 1)}).")
+    wait_until(lambda: len(rotation_changes(store)) == 2, 8)
+    assert time.time() >= start + 5 and oncall_id(store) == "carol"
+    assert rotation_changes(store) == [("alice", "bob"), ("alice", "carol")]
+    assert "Carol Cruz has taken on-call from you (rotation)." in messages_to(twilio, ALICE)
+
+
+def test_next_without_a_rotation_says_only_take_changes_on_call(
+        s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(BOB, "next") == "No rotation is set: on-call changes only by TAKE."
+    assert "Next handoff" not in s3_pager.sms(BOB, "WHO")
+
+
+def test_two_instances_make_one_handoff_and_send_one_reminder(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    first, second = s3_setup("a"), s3_setup("b")
+    store = op.open_store(op.load_app_config(first))
+    block, start = rotation(["bob", "carol"], first_in=2.0, shift=30, remind=1.5)
+    set_team(store, rotation=block)
+    start_pager(first), start_pager(second)
+    wait_until(lambda: rotation_changes(store), 5)
+    time.sleep(1.0)  # both workers have looked again
+    assert rotation_changes(store) == [("alice", "bob")]
+    assert len(audit_events(store, "config.changed")) == 0
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    bob = messages_to(twilio, BOB)
+    assert len([m for m in bob if m.startswith("Reminder:")]) == 1, bob
+    assert len([m for m in bob if m.startswith("You are now on call")]) == 1, bob
+    assert messages_to(twilio, ALICE) == ["Bob Roberts has taken on-call from you (rotation)."]
+    doc = json.loads(store.get("oncall_config.json").data)
+    assert doc["current_config"]["rotation_handoff"] == {"shift_start": float(start),
+                                                         "member": "bob"}
+
+
+def test_a_handoff_missed_while_down_is_made_at_start_the_latest_only(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    # shifts of a minute, the first began 4.5 minutes ago: shift 4 (Bob's) is running; the
+    # last handoff made was shift 1's (Carol's), and Alice took on-call since
+    block, start = rotation(["bob", "carol"], first_in=-270, shift=60)
+    set_team(store, rotation=block, rotation_handoff={"shift_start": start + 60.0,
+                                                      "member": "carol"})
+    start_pager(config)
+    wait_until(lambda: rotation_changes(store), 5)
+    time.sleep(0.5)
+    assert rotation_changes(store) == [("alice", "bob")]
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB) and messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, BOB) == [f"You are now on call for the team until "
+                                        f"{berlin(start + 300)}."]
+    assert messages_to(twilio, CAROL) == []
+
+
+def test_a_shift_whose_member_is_on_call_already_is_recorded_and_nobody_is_told(
+        file_pager: RunningPager) -> None:
+    block, start = rotation(["alice", "bob"], first_in=-1, shift=60)
+    set_team(file_pager.store, rotation=block)
+    wait_until(lambda: json.loads(file_pager.store.get("oncall_config.json").data)[
+        "current_config"].get("rotation_handoff"), 5)
+    assert oncall_id(file_pager.store) == "alice"
+    (entry,) = audit_events(file_pager.store, "config.changed")
+    assert entry["actor"] == "rotation" and entry["details"]["via"] == "rotation"
+    assert file_pager.store.list("jobs/") == []
+
+
+def test_a_weekly_handoff_keeps_0900_in_berlin_across_the_2027_03_28_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shifts of a week from Monday 2027-03-22 09:00 CET: the one after the change to
+    summer time (Sunday 2027-03-28) starts on Monday 2027-03-29 at 09:00 CEST, 07:00 UTC
+    (not 08:00 UTC), and the pager hands over then, not an hour late."""
+    clock = FakeTime()
+    monkeypatch.setattr(op, "time", clock)
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(rotation={"members": ["bob", "carol"],
+                                       "start": "2027-03-22T09:00", "timezone": "Europe/Berlin",
+                                       "shift_hours": 168, "remind_hours": 12}))
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    handoff = datetime(2027, 3, 29, 7, 0, tzinfo=UTC).timestamp()
+    rot = op.Rotation.of(pager.team.read().doc)
+    assert rot.starts(1) == handoff and rot.local_text(handoff) == "Mon 2027-03-29 09:00 CEST"
+    assert rot.local_text(rot.starts(0)) == "Mon 2027-03-22 09:00 CET"
+    clock.now = datetime(2027, 3, 22, 8, 0, tzinfo=UTC).timestamp()
+    pager.rotate()
+    assert oncall_id(store) == "bob"
+    clock.now = handoff - 1
+    doc = pager.team.read().doc
+    assert pager.next_handoff(doc) == (
+        "Next handoff: Carol Cruz on Mon 2027-03-29 09:00 CEST (in 1 s).")
+    assert pager.rotation_due(doc, clock.now) == clock.now, "Carol's reminder is due"
+    pager.rotate()
+    assert oncall_id(store) == "bob"
+    assert pager.rotation_due(doc, clock.now) == handoff
+    (reminder,) = [json.loads(store.get(key).data) for key in store.list("jobs/msg-remind-")]
+    assert (reminder["to"], reminder["body"]) == (CAROL, "Reminder: you go on call for the "
+                                                  "team at Mon 2027-03-29 09:00 CEST, in 1 s.")
+    clock.now = handoff
+    pager.rotate()
+    assert oncall_id(store) == "carol"
+    assert rotation_changes(store) == [("alice", "bob"), ("bob", "carol")]
+    assert audit_events(store, "oncall.changed")[-1]["details"]["shift"] == \
+        "2027-03-29T07:00:00.000Z"
+
+
+def test_shifts_are_counted_on_the_wall_clock_and_skip_times_summer_time_skips() -> None:
+    doc = team_doc(rotation={"members": ["alice", "bob"], "start": "2027-10-30T09:00:30",
+                             "timezone": "Europe/Berlin", "shift_hours": 24})
+    rot = op.Rotation.of(doc)
+    # the change back to winter time (2027-10-31): a 25-hour shift, the handoff at 09:00:30
+    assert rot.starts(1) - rot.starts(0) == 25 * 3600
+    assert rot.local_text(rot.starts(1)) == "Sun 2027-10-31 09:00:30 CET"
+    # ten-minute shifts through the night of 2027-03-28: 02:00-02:59 does not exist there
+    doc["current_config"]["rotation"].update(start="2027-03-28T01:00", shift_hours=1 / 6)
+    rot = op.Rotation.of(doc)
+    running = [rot.shift_at(rot.starts(0) + minutes * 60) for minutes in range(0, 90, 10)]
+    assert running == [0, 1, 2, 3, 4, 5, 12, 13, 14]
+    assert all(rot.starts(k) <= rot.starts(0) + i * 600 < rot.starts(k + 1)
+               for i, k in enumerate(running))
+
+
+@pytest.mark.parametrize("block, expected", [
+    ({"members": ["bob", "zed"]}, "current_config.rotation.members[1] 'zed' is not an "
+                                  "available user"),
+    ({"members": []}, "current_config.rotation.members is not a list of member ids"),
+    ({"timezone": "Mars/Olympus"}, "current_config.rotation.timezone 'Mars/Olympus' is not "
+                                   "an IANA time zone name"),
+    ({"start": "2026-11-30T09:00+01:00"}, "current_config.rotation.start "
+                                          "'2026-11-30T09:00+01:00' is not a local time"),
+    ({"start": "next monday"}, "current_config.rotation.start 'next monday' is not a local"),
+    ({"shift_hours": 0}, "current_config.rotation.shift_hours 0 is not a number of hours"),
+    ({"remind_hours": 168}, "current_config.rotation.remind_hours 168 is not a number of "
+                            "hours from 0 to less than shift_hours"),
+    ({"remind_hours": -1}, "current_config.rotation.remind_hours -1 is not a number"),
+])
+def test_check_names_what_is_wrong_with_the_rotation(block: dict, expected: str) -> None:
+    good = {"members": ["alice", "bob"], "start": "2026-11-30T09:00",
+            "timezone": "Europe/Berlin", "shift_hours": 168, "remind_hours": 12}
+    assert op.check_oncall_config(team_doc(rotation=good)) == ([], [])
+    errors, _ = op.check_oncall_config(team_doc(rotation={**good, **block}))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_check_says_when_the_system_has_no_time_zone_database(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> None:
+        raise zoneinfo.ZoneInfoNotFoundError(name)
+    monkeypatch.setattr(op.zoneinfo, "ZoneInfo", missing)
+    monkeypatch.setattr(op.zoneinfo, "available_timezones", set)
+    assert "this system has no time zone database (install the tzdata package" in \
+        op.zone_problem("Europe/Berlin")
+
+
+def test_schedule_prints_the_current_shift_and_the_next_ones(cli: Cli) -> None:
+    block, start = rotation(["bob", "carol"], first_in=-7200, shift=3600 * 24)
+    set_team(cli.store, rotation=block)
+    result = cli.run("schedule", "-n", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    utc = [datetime.fromtimestamp(start + day * 86400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+           for day in range(3)]
+    assert lines[0] == f"{berlin(start)}  {utc[0]}  bob  Bob Roberts  now"
+    assert lines[1] == f"{berlin(start + 86400)}  {utc[1]}  carol  Carol Cruz"
+    assert lines[2] == f"{berlin(start + 2 * 86400)}  {utc[2]}  bob  Bob Roberts"
+
+
+def test_schedule_without_a_rotation_and_with_a_bad_count(file_cli: Cli) -> None:
+    result = file_cli.run("schedule")
+    assert (result.returncode, result.stdout) == (
+        0, "No rotation is set: on-call changes only by TAKE.\n")
+    result = file_cli.run("schedule", "-n", "0")
+    assert result.returncode == 2
+    assert result.stderr == "error: -n 0: give a number of shifts from 1 to 1000\n"
+
+
+def test_config_set_changes_the_rotations_fields_and_refuses_a_bad_one(file_cli: Cli) -> None:
+    block, _ = rotation(["bob", "carol"], first_in=86400, shift=3600 * 168, remind=3600 * 12)
+    set_team(file_cli.store, rotation=block)
+    for key, value in (("rotation.members", "carol, bob, alice"),
+                       ("rotation.timezone", "America/New_York"),
+                       ("rotation.start", "2026-12-07T08:30"), ("rotation.shift_hours", "24"),
+                       ("rotation.remind_hours", "2.5")):
+        result = file_cli.run("config", "set", key, value)
+        assert result.returncode == 0, result.stderr
+    assert file_cli.doc()["current_config"]["rotation"] == {
+        "members": ["carol", "bob", "alice"], "timezone": "America/New_York",
+        "start": "2026-12-07T08:30", "shift_hours": 24.0, "remind_hours": 2.5}
+    before = file_cli.raw()
+    result = file_cli.run("config", "set", "rotation.timezone", "Europe/Atlantis")
+    assert result.returncode == 1
+    assert "current_config.rotation.timezone 'Europe/Atlantis' is not an IANA" in result.stderr
+    assert file_cli.raw() == before
+
+
+# ==============================================================================================
 # The customer voicemail line and durable delivery
 # ==============================================================================================
 
@@ -3894,6 +4171,7 @@ class Outside:
     def __init__(self) -> None:
         self.sent: list[dict[str, str]] = []
         self.lock = threading.Lock()
+        self.origin: float | None = None  # the clock when the flow began (a rotation's times)
 
 
 class WorldTelephony(op.Telephony):
@@ -3925,7 +4203,7 @@ class Process:
     def __init__(self, folder: Path, clock: FakeTime, outside: Outside,
                  crash_at: int | None = None, after: bool = False):
         self.cfg = op.load_app_config(folder / "config.ini")
-        self.clock = clock
+        self.clock, self.outside, self.folder = clock, outside, folder
         self.store = CrashingStore(folder / "var", crash_at, after)
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
@@ -3949,6 +4227,11 @@ class Process:
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds
+        self.settle()
+
+    def advance_to(self, offset: float) -> None:
+        """To `offset` seconds after the flow began (a step run again moves no further)."""
+        self.clock.now = max(self.clock.now, self.outside.origin + offset)
         self.settle()
 
     def stop(self) -> None:
@@ -4005,6 +4288,32 @@ ALICE_MEMBER = {"id": "alice", "name": "Alice McAlister", "phone": ALICE}
 LIVE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.pager.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
     lambda p: p.settle(),
+]
+
+
+def start_rotation(process: Process) -> None:
+    """The operator sets a rotation (Bob, then Carol; shifts of 1,000 s, the first 1,000 s
+    after the flow began, reminders 200 s before), outside the process, once."""
+    outside = process.outside
+    if outside.origin is None:
+        outside.origin = process.clock.now
+        local = datetime.fromtimestamp(outside.origin + 1000, BERLIN).replace(tzinfo=None)
+        set_team(op.DirectoryStore(process.folder / "var"), rotation={
+            "members": ["bob", "carol"], "start": local.isoformat(),
+            "timezone": "Europe/Berlin", "shift_hours": 1000 / 3600, "remind_hours": 200 / 3600})
+    process.pager.team.read()
+
+
+# A rotation: Bob reminded, handed over to (Alice and Bob told), Carol TAKEs over (C), the
+# next shift (Carol's) finds her on call already: recorded, nobody told.
+ROTATION_FLOW: list[Callable[[Process], None]] = [
+    start_rotation,
+    lambda p: p.advance_to(900),
+    lambda p: p.advance_to(1100),
+    lambda p: sms(p, CAROL, "TAKE"),
+    lambda p: sms(p, CAROL, "C"),
+    lambda p: p.advance_to(1500),
+    lambda p: p.advance_to(2100),
 ]
 
 
@@ -4132,6 +4441,27 @@ def check_live_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent == [], "a taken call rings nobody"
 
 
+def check_rotation_flow(store: op.Store, outside: Outside) -> None:
+    assert oncall_id(store) == "carol"
+    events = audit_events(store)
+    changed = sorted((e["details"]["from"], e["details"]["to"], e["details"]["via"])
+                     for e in events if e["event"] == "oncall.changed")
+    assert changed == [("alice", "bob", "rotation"), ("bob", "carol", "sms")], changed
+    recorded = [e["details"] for e in events if e["event"] == "config.changed"]
+    assert [(d["via"], d["oncall"]) for d in recorded] == [("rotation", "carol")], recorded
+    texts = [(s["to"], s["body"]) for s in outside.sent if s["kind"] == "sms"]
+    reminders = [body for to, body in texts if body.startswith("Reminder: you go on call")]
+    # at least once; twice only when a stop came between the send and its record
+    assert 1 <= len(reminders) <= 2 and all(to == BOB for to, body in texts
+                                            if body in reminders), reminders
+    assert (ALICE, "Bob Roberts has taken on-call from you (rotation).") in texts
+    assert any(to == BOB and body.startswith("You are now on call") for to, body in texts)
+    assert (BOB, "Carol Cruz has taken on-call from you.") in texts
+    assert not any(to == CAROL for to, _ in texts), "Carol, on call already, was texted"
+    doc = json.loads(store.get("oncall_config.json").data)
+    assert doc["current_config"]["rotation_handoff"]["member"] == "carol"
+
+
 def check_alert_flow(store: op.Store, outside: Outside) -> None:
     pages = sorted(alert_pages(store), key=lambda p: p["alert"]["generation"])
     assert [(p["alert"]["generation"], p["state"]) for p in pages] == [
@@ -4180,9 +4510,10 @@ def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
+                                         (ROTATION_FLOW, check_rotation_flow),
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow)],
-                         ids=["page", "team", "live", "alert", "heartbeat"])
+                         ids=["page", "team", "live", "rotation", "alert", "heartbeat"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -4214,6 +4545,7 @@ def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothin
         for after in (False, True):
             name = f"crash-{crash_at}-{'after' if after else 'before'}"
             folder, outside = fresh(name), Outside()
+            clock.now = time.time()  # near the files' own times (a job unchanged a day goes)
             first = Process(folder, clock, outside, crash_at, after)
             stopped_in = run_steps(flow, first)
             first.stop()
