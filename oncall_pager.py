@@ -3527,7 +3527,8 @@ class Worker:
             known = self.pager.heartbeats.get(alert.get("heartbeat", ""))
             if page.get("kind") == "heartbeat" and page.get("state") == "open" and known \
                     and heartbeat_basis(known[0]) > alert["basis"]:
-                self.pager.resolve(page["id"], "heartbeat", via="ping")
+                with contextlib.suppress(StoreUnavailable, StoreConflict):
+                    self.pager.resolve(page["id"], "heartbeat", via="ping")
         return next_due
 
     def _prune_replies(self) -> None:
@@ -4387,6 +4388,13 @@ def json_response(status: int, body: dict, headers: tuple = ()) -> Response:
     return Response(status, json.dumps(body) + "\n", "application/json", headers)
 
 
+def busy() -> Response:
+    """Too many writers at once on one object: the sender retries (monitors do on a 5xx)."""
+    log.warning("event=request.busy")
+    return json_response(503, {"status": "busy", "message": "too many concurrent changes; "
+                                                            "try again"})
+
+
 def invalid_event(errors: list[str]) -> Response:
     """PagerDuty's answer to an event it refuses."""
     return json_response(400, {"status": "invalid event", "message": "Event object is invalid",
@@ -4879,7 +4887,10 @@ class WebApp:
         if integration is None:
             log.warning("event=events.unknown_key")
             return invalid_event(["Invalid routing key"])
-        dedup_key = self.pager.alert_event(integration, parsed)
+        try:
+            dedup_key = self.pager.alert_event(integration, parsed)
+        except StoreConflict:
+            return busy()
         log.info("event=events.processed integration=%s action=%s", integration,
                  parsed["event_action"])
         return json_response(202, {"status": "success", "message": "Event processed",
@@ -4905,7 +4916,11 @@ class WebApp:
         if settings is None:
             return json_response(404, {"status": "not found",
                                        "message": "no heartbeat of that name is configured"})
-        state = self.pager.heartbeat_ping(name, settings["interval"] + settings.get("grace", 0))
+        try:
+            state = self.pager.heartbeat_ping(name, settings["interval"]
+                                              + settings.get("grace", 0))
+        except StoreConflict:
+            return busy()
         return json_response(200, {"status": "ok", "heartbeat": name,
                                    "last_ping": iso_time(state["last_ping"])})
 
