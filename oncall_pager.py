@@ -3260,8 +3260,8 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
     return "team", team
 
 
-# jobs/ is listed, and the config checked (for a rotation changed by the command line), on
-# every 12th listing of pages/ and at start: 60 + 5 + 5 requests an hour at rest.
+# jobs/ is listed on every 12th listing of pages/ (and at start), and the config checked (for
+# a rotation changed by the command line) every 12th too: 60 + 5 + 5 requests an hour at rest.
 JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
@@ -3399,6 +3399,7 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
+                if self._listings % JOBS_LISTING_EVERY == 0:  # serve read it at start
                     self.pager.team.read()
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))

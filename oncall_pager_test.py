@@ -2577,6 +2577,7 @@ def test_rotation_hands_over_at_each_shift_start_reminds_first_and_tells_both(
     block, start = rotation(["bob", "carol"], first_in=2.5, shift=2.5, remind=1.2)
     set_team(store, rotation=block, team_name="Checkout")
     pager = start_pager(config)
+    pager.pager.team.reconcile()  # as serve does at start
     assert twilio.wait_for(lambda: messages_to(twilio, BOB), 5)
     assert oncall_id(store) == "alice", "reminded before the shift, not handed over"
     assert time.time() < start
@@ -2611,6 +2612,7 @@ def test_take_holds_until_the_next_shift_and_next_and_who_name_the_handoff(
     block, start = rotation(["bob", "carol"], first_in=0.5, shift=5)
     set_team(store, rotation=block)
     pager = start_pager(config)
+    pager.pager.team.reconcile()  # as serve does at start
     wait_until(lambda: oncall_id(store) == "bob", 5)
     assert pager.sms(ALICE, "NEXT").startswith(
         f"Next handoff: Carol Cruz on {berlin(start + 5)} (in ")
@@ -2642,7 +2644,8 @@ def test_two_instances_make_one_handoff_and_send_one_reminder(
     store = op.open_store(op.load_app_config(first))
     block, start = rotation(["bob", "carol"], first_in=2.0, shift=30, remind=1.5)
     set_team(store, rotation=block)
-    start_pager(first), start_pager(second)
+    for pager in (start_pager(first), start_pager(second)):
+        pager.pager.team.reconcile()  # as serve does at start
     wait_until(lambda: rotation_changes(store), 5)
     time.sleep(1.0)  # both workers have looked again
     assert rotation_changes(store) == [("alice", "bob")]
@@ -2667,7 +2670,7 @@ def test_a_handoff_missed_while_down_is_made_at_start_the_latest_only(
     block, start = rotation(["bob", "carol"], first_in=-270, shift=60)
     set_team(store, rotation=block, rotation_handoff={"shift_start": start + 60.0,
                                                       "member": "carol"})
-    start_pager(config)
+    start_pager(config).pager.team.reconcile()  # as serve does at start
     wait_until(lambda: rotation_changes(store), 5)
     time.sleep(0.5)
     assert rotation_changes(store) == [("alice", "bob")]
@@ -2876,6 +2879,7 @@ def test_every_say_uses_the_teams_voice_and_the_greeting_replaces_the_first_sent
     set_team(s3_pager.store, team_name="Nachtschicht",
              greeting="Sie haben den Pager der {team} erreicht.",
              voice={"name": "Polly.Marlene", "language": "de-DE"})
+    s3_pager.pager.team.read()  # calls hear a config at most 10 s old
     said = '<Say language="de-DE" voice="Polly.Marlene">'
     _, text = s3_pager.post("/public/answer", call_params())
     assert f"{said}Sie haben den Pager der Nachtschicht erreicht.</Say>" in text
