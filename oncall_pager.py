@@ -3324,7 +3324,8 @@ class Worker:
     most once: the claim itself advances the step, so a crash can skip one call but never
     doubles it, and the next step follows anyway. Each channel has its own attempts and
     capped exponential backoff, and runs in its own thread from a small pool, so a dead SMTP
-    server does not delay the MMS.
+    server does not delay the MMS. The scan also opens the page of a heartbeat that missed
+    its ping (`_check_heartbeats`, planned from memory like the rest).
     """
 
     def __init__(self, pager: Pager, telephony: Telephony):
