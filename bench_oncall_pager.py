@@ -929,7 +929,7 @@ def serve_trivial(config: Path) -> None:
         return [TRIVIAL_BODY]
 
     waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads,
-                           max_request_body_size=op.MAX_BODY, ident="oncall-pager").run()
+                           max_request_body_size=op.WAITRESS_BODY_LIMIT, ident="oncall-pager").run()
 
 
 # ==============================================================================================

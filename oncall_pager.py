@@ -8,7 +8,9 @@ What it does
     and then the rest of the team. Team members run it by SMS to the *control number*
     (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
     Messages from anybody else are ignored. An optional rotation hands on-call over at each
-    shift start by itself, and reminds the next engineer before.
+    shift start by itself, and reminds the next engineer before. Monitoring pages through
+    PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
+    stops pinging pages too.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -25,6 +27,13 @@ How data flows
             the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
+    alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
+         -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
+            voicemail; warning/info are e-mailed and listed) or joins the open one of its
+            dedup_key; acknowledge -> Pager.acknowledge; resolve -> Pager.resolve (notices)
+    heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
+            Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
+            Pager.heartbeat_missed opens a page of kind heartbeat
 
     Over a real network the round trip to S3 is the cost that matters: the page path makes at
     most two requests one after the other (the config, unless checked in the last 10 s, and
@@ -37,6 +46,12 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     sessions/<member id>.json               pending TAKE confirmations
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
                                             paged, ack, channels, escalation, claims
+    pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
+                                            generation) and missed heartbeats (name, the ping
+                                            it missed)
+    alerts/<hash>.json                      the generation of a dedup_key that came back after
+                                            its page was resolved
+    heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
@@ -150,6 +165,8 @@ class UsageError(Exception):
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 MAX_BODY = 64 * 1024
+MAX_EVENT_BODY = 512 * 1024  # an Events API event (PagerDuty's own limit); Twilio's are small
+WAITRESS_BODY_LIMIT = MAX_EVENT_BODY + 1  # waitress refuses a body of its limit or more
 MAX_PATH = 1024  # a request's path, and its query string: Twilio's own are far shorter
 MAX_QUERY = 4 * 1024
 DAY = 24 * 3600
@@ -670,6 +687,8 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     handoff = current.get("rotation_handoff", {})
     if not isinstance(handoff, dict) or not hours_value(handoff.get("shift_start", 0), zero=True):
         errors.append("current_config.rotation_handoff is not the pager's record of a handoff")
+    errors += check_integrations(current.get("integrations", {}))
+    errors += check_heartbeats(current.get("heartbeats", {}))
     return errors, warnings
 
 
@@ -808,6 +827,57 @@ def check_escalation(escalation: object, users: dict) -> list[str]:
     return errors
 
 
+# Names of integrations and heartbeats: they appear in URLs, audit entries and texts.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def named_objects(block: object, where: str) -> tuple[list[str], dict[str, dict]]:
+    """A block of named objects (integrations, heartbeats): what is wrong with its shape,
+    and the objects whose fields are to be checked."""
+    if not isinstance(block, dict):
+        return [f"{where} is not an object"], {}
+    errors, found = [], {}
+    for name, item in block.items():
+        if not NAME.fullmatch(name):
+            errors.append(f"{where}.{name!r} is not a name (letters, digits, . _ -; "
+                          "at most 64)")
+        elif not isinstance(item, dict):
+            errors.append(f"{where}.{name} is not an object")
+        else:
+            found[name] = item
+    return errors, found
+
+
+def check_integrations(integrations: object) -> list[str]:
+    """`current_config.integrations`: name -> {key_sha256, created}; only the hash of a
+    routing key is ever stored (see `oncall-pager integration add`)."""
+    where = "current_config.integrations"
+    errors, found = named_objects(integrations, where)
+    for name, integration in found.items():
+        if not isinstance(integration.get("key_sha256"), str) or \
+                not SHA256_HEX.fullmatch(integration["key_sha256"]):
+            errors.append(f"{where}.{name}.key_sha256 is not a SHA-256 in hex")
+        elif "created" in integration and not positive_number(integration["created"]):
+            errors.append(f"{where}.{name}.created is not a time (epoch seconds)")
+    return errors
+
+
+def check_heartbeats(heartbeats: object) -> list[str]:
+    """`current_config.heartbeats`: name -> {interval, grace} in seconds."""
+    where = "current_config.heartbeats"
+    errors, found = named_objects(heartbeats, where)
+    for name, heartbeat in found.items():
+        interval = heartbeat.get("interval")
+        if not positive_number(interval) or isinstance(interval, str):
+            errors.append(f"{where}.{name}.interval {interval!r} is not a positive number "
+                          "of seconds")
+        grace = heartbeat.get("grace", 0)
+        if grace != 0 and (not positive_number(grace) or isinstance(grace, str)):
+            errors.append(f"{where}.{name}.grace {grace!r} is not a number of seconds")
+    return errors
+
+
 def parse_oncall_config(data: bytes) -> dict:
     """Bytes from the store to a validated document, or ConfigError with field paths."""
     try:
@@ -853,6 +923,25 @@ def session_lifetime(doc: dict) -> int:
 
 def team_name(doc: dict) -> str:
     return doc["current_config"].get("team_name") or ""
+
+
+def integrations(doc: dict) -> dict[str, dict]:
+    return doc["current_config"].get("integrations", {})
+
+
+def heartbeats(doc: dict) -> dict[str, dict]:
+    return doc["current_config"].get("heartbeats", {})
+
+
+def integration_of(doc: dict, routing_key: str) -> str | None:
+    """The integration a routing key belongs to, or None. The key's SHA-256 is compared with
+    every integration's, each in constant time, so timing tells nothing about a near miss."""
+    digest = hashlib.sha256(routing_key.encode("utf-8", "replace")).hexdigest()
+    found = None
+    for name, integration in sorted(integrations(doc).items()):
+        if hmac.compare_digest(digest, integration["key_sha256"]):
+            found = name
+    return found
 
 
 def escalation_settings(doc: dict) -> dict:
@@ -1372,7 +1461,8 @@ AUDIT_EVENTS = (
     "page.opened",           # a voicemail or a missed call opened a page
     "page.delivered",        # one channel of a page (or a message job) succeeded
     "page.delivery_failed",  # one attempt of a channel failed (it is retried) or gave up
-    "page.acknowledged",     # ACK by SMS or 1 on a page call
+    "page.acknowledged",     # ACK by SMS, 1 on a page call, or an Events API acknowledge
+    "page.resolved",         # an Events API resolve, or the next ping of a missed heartbeat
     "page.escalated",        # an escalation step: a call to the on-call engineer or the team
     "page.closed",           # no acknowledgement within a day
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
@@ -1733,15 +1823,40 @@ def caller_text(page: dict) -> str:
 
 def page_summary(page: dict) -> str:
     kind = page.get("kind")
+    if kind in ("alert", "heartbeat"):
+        return alert_text(page)
     what = (f"voicemail ({page.get('duration', 0)} sec)" if kind == "voicemail"
             else "live call" if kind == "call" else "missed call")
     return f"{what} from {caller_text(page)}"
+
+
+def alert_text(page: dict) -> str:
+    """`[critical] Disk full (db1)`; a missed heartbeat says what it is on its own."""
+    alert = page.get("alert", {})
+    if page.get("kind") == "heartbeat":
+        return str(alert.get("summary"))
+    return f"[{alert.get('severity')}] {alert.get('summary')} ({alert.get('source')})"
 
 
 def recording_key(page: dict, extension: str) -> str:
     """recordings/<UTC stamp>_<RecordingSid>: a live call's recording has a sid of its own."""
     sid = page.get("recording_sid", page["id"])
     return f"recordings/{file_stamp(page['opened'])}_{sid}{extension}"
+
+
+def new_page(page_id: str, kind: str, doc: dict, state: str = "open", **fields: Any) -> dict:
+    """A page as it is first written: the on-call engineer paged, the first escalation step
+    due `ack_timeout` from now. A page that rings nobody (`state` listed: a warning) has
+    nobody paged and never escalates."""
+    oncall = oncall_member(doc)
+    now = time.time()
+    return {
+        "id": page_id, "number": None, "kind": kind, "opened": now,
+        "oncall": dict(oncall), "paged": [oncall["id"]] if state == "open" else [],
+        "state": state, "acked_by": None, "acked_at": None, "deliveries": {},
+        "escalation": {"next_due": now + escalation_settings(doc)["ack_timeout"],
+                       "step": 0, "claimed_until": 0},
+        **fields}
 
 
 def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: str) -> None:
@@ -1793,6 +1908,120 @@ def settle_audit(page: dict, audit: AuditLog) -> None:
     page["audit_due"] = [due for due in page.get("audit_due", []) if not audit.written(due["key"])]
 
 
+def tell_paged(page: dict, doc: dict, kind: str, body: str, claimed_until: float,
+               skip: str = "") -> list[str]:
+    """Queue one SMS (`kind:<member id>`) to everyone the page reached so far but `skip`,
+    leaving out who opted out of texts; returns the channels queued."""
+    told = []
+    for member_id in page.get("paged", []):
+        member = members(doc).get(member_id)
+        if member and member_id != skip and not member.get("opted_out"):
+            add_delivery(page, f"{kind}:{member_id}", claimed_until, to=member["phone"],
+                         body=body)
+            told.append(f"{kind}:{member_id}")
+    return told
+
+
+# Alerts from monitoring: PagerDuty's Events API v2 (the event, checked as PagerDuty does).
+SEVERITIES = ("critical", "error", "warning", "info")
+RINGING = ("critical", "error")  # these ring (text, calls, escalation); the others are e-mailed
+EVENT_ACTIONS = ("trigger", "acknowledge", "resolve")
+ACTIVE = ("open", "acknowledged", "listed")  # an alert page its dedup_key still reaches
+EVENT_TEXTS = {"summary": 1024, "source": 255, "component": 255, "group": 255, "class": 255,
+               "timestamp": 64}
+
+
+def parse_event(event: object) -> tuple[dict, list[str]]:
+    """An Events API v2 event, its text cleaned of control characters, and what is wrong
+    with it in PagerDuty's words (empty when nothing is)."""
+    if not isinstance(event, dict):
+        return {}, ["Event object is invalid"]
+    errors = []
+
+    def text(value: object, name: str, limit: int, required: bool = False) -> str | None:
+        if value is None or value == "":
+            if required:
+                errors.append(f"'{name}' is missing or blank")
+            return None
+        if not isinstance(value, str) or len(value) > limit:
+            errors.append(f"'{name}' must be a string of at most {limit} characters")
+            return None
+        return clean_text(value)
+
+    action = event.get("event_action")
+    if action not in EVENT_ACTIONS:
+        errors.append("'event_action' is invalid (must be one of the following: 'trigger', "
+                      "'acknowledge' or 'resolve')")
+    parsed: dict[str, Any] = {
+        "event_action": action,
+        "routing_key": event.get("routing_key") if isinstance(
+            event.get("routing_key"), str) else None,
+        "dedup_key": text(event.get("dedup_key"), "dedup_key", 255, action != "trigger")}
+    if parsed["routing_key"] is None or not parsed["routing_key"].strip():
+        errors.append("'routing_key' is missing or blank")
+    if action != "trigger":
+        return parsed, errors
+    payload = event.get("payload")
+    if not isinstance(payload, dict):
+        return parsed, [*errors, "'payload' is missing or not an object"]
+    alert: dict[str, Any] = {name: text(payload.get(name), f"payload.{name}", limit,
+                                        name in ("summary", "source"))
+                             for name, limit in EVENT_TEXTS.items()}
+    if payload.get("severity") not in SEVERITIES:
+        errors.append("'payload.severity' is invalid (must be one of the following: "
+                      "'critical', 'warning', 'error' or 'info')")
+    if alert["timestamp"] is not None:
+        try:
+            dt.datetime.fromisoformat(alert["timestamp"])
+        except ValueError:
+            errors.append("'payload.timestamp' is not an ISO 8601 time")
+    alert["severity"] = payload.get("severity")
+    alert["custom_details"] = payload.get("custom_details")
+    for name in ("client", "client_url"):
+        alert[name] = text(event.get(name), name, 1024)
+    for name, field in (("links", "href"), ("images", "src")):
+        items = event.get(name, [])
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get(field), str) for i in items):
+            errors.append(f"'{name}' must be a list of objects with '{field}'")
+            items = []
+        alert[name] = [{k: clean_text(v) for k, v in i.items() if isinstance(v, str)}
+                       for i in items[:50]]
+    parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
+    return parsed, errors
+
+
+def alert_page_id(integration: str, dedup_key: str, generation: int) -> str:
+    """The page of one generation of an alert: the same (integration, dedup_key) opens
+    generation 0, and after that page is resolved, 1, and so on. Deterministic, so a retried
+    POST and a second instance meet at the same conditional create."""
+    digest = hashlib.sha256(f"{integration}\n{dedup_key}\n{generation}".encode()).hexdigest()
+    return "AL" + digest[:32]
+
+
+def alert_index_key(integration: str, dedup_key: str) -> str:
+    digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()
+    return f"alerts/{digest[:32]}.json"
+
+
+def heartbeat_basis(state: dict) -> float:
+    """What a heartbeat's next miss counts from: its last ping, or when it was first seen."""
+    return float(state.get("last_ping") or state["since"])
+
+
+def heartbeat_page_id(name: str, basis: float) -> str:
+    """One page per miss: the heartbeat and the ping it missed name it."""
+    return "HB" + hashlib.sha256(f"{name}\n{basis!r}".encode()).hexdigest()[:32]
+
+
+def elapsed(seconds: float) -> str:
+    """`45 s`, `12 min`, `26 h`, `3 d`: how long ago, as a person says it."""
+    for unit, size, up_to in (("s", 1, 120), ("min", 60, 120 * 60), ("h", 3600, 72 * 3600)):
+        if seconds < up_to:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds // DAY)} d"
+
+
 # How old the config may be on the page path (seconds): a page opened within this time of a
 # TAKE on another instance still goes to the previous engineer; every write to the config is
 # conditional, so nothing is written over a stale copy.
@@ -1804,7 +2033,7 @@ WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
 # The texts of a page whose fate Twilio reports: the first one, its fallback, those of a
 # voicemail that joined the page, notices and escalation texts.
 TEXT_CHANNEL = re.compile(r"(mms|sms|sms_fallback)(:[A-Z]{2}[0-9a-zA-Z]{32})?"
-                          r"|(notice|escalation|transcript_sms):[A-Za-z0-9_.@:-]{1,100}")
+                          r"|(notice|resolved|escalation|transcript_sms):[A-Za-z0-9_.@:-]{1,100}")
 
 
 class PageBook:
@@ -1892,6 +2121,8 @@ class Pager:
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
         self._reminded: set[str] = set()  # reminders this process queued or found queued
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
+        # heartbeats/<name>.json as last seen here: the worker plans its checks from these
+        self.heartbeats: dict[str, tuple[dict, str]] = {}
         self._counter_lock = threading.Lock()
         # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
         self.start_work: Callable[..., None] | None = None
@@ -2165,33 +2396,32 @@ class Pager:
                    recording_url: str, duration: int, live_tried: list[str] | None = None
                    ) -> tuple[dict, bool]:
         """The page path: the config (from memory if checked within PAGE_CONFIG_MAX_AGE), then
-        one conditional create, which is the page, its queue entry, the claim of its first
-        deliveries by this instance and its `page.opened` entry at once. The worker sends the
-        MMS as soon as this returns; the audit entry, the page number and the archive follow
-        off this path. No read first: the create's If-None-Match detects Twilio's retry."""
+        one conditional create (see _create_page). The worker sends the MMS as soon as this
+        returns; the audit entry, the page number and the archive follow off this path."""
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
-        oncall = oncall_member(snap.doc)
-        now = time.time()
-        page = {
-            "id": page_id, "number": None, "kind": kind, "opened": now,
-            "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
-            "duration": duration, "oncall": dict(oncall), "paged": [oncall["id"]],
-            "state": "open", "acked_by": None, "acked_at": None,
-            "deliveries": {},
-            "escalation": {"next_due": now + escalation_settings(snap.doc)["ack_timeout"],
-                           "step": 0, "claimed_until": 0},
-            **({"live_tried": live_tried} if live_tried else {}),
-        }
-        claimed_until = self.claim_until()
+        page = new_page(page_id, kind, snap.doc, caller=caller, call_sid=call_sid,
+                        recording_url=recording_url, duration=duration,
+                        **({"live_tried": live_tried} if live_tried else {}))
         channels = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
-        if oncall.get("opted_out"):  # texts are blocked: the first call goes at once instead
+        return self._create_page(store, page, channels, snap.doc, "twilio", {
+            "caller": caller, "duration": duration})
+
+    def _create_page(self, store: Store, page: dict, channels: list[str], doc: dict,
+                     actor: str, details: dict) -> tuple[dict, bool]:
+        """One conditional create of pages/<id>.json, which is the page, its queue entry, the
+        claim of its first deliveries by this instance and its `page.opened` entry at once.
+        No read first: the create's If-None-Match detects a retry (Twilio's, or a monitor's)
+        and a second instance opening the same page. Returns (page, created)."""
+        page_id = page["id"]
+        claimed_until = self.claim_until()
+        if page["state"] == "open" and page["oncall"].get("opted_out"):
+            # texts are blocked: the first call goes at once instead
             channels = [c for c in channels if c not in ("mms", "sms")]
-            page["escalation"]["next_due"] = now
+            page["escalation"]["next_due"] = page["opened"]
         for channel in channels:
             add_delivery(page, channel, claimed_until)
-        key, entry = self.audit.entry("page.opened", "twilio", {
-            "page": page_id, "kind": kind, "caller": caller, "duration": duration,
-            "oncall": oncall["id"]})
+        key, entry = self.audit.entry("page.opened", actor, {
+            "page": page_id, "kind": page["kind"], **details, "oncall": page["oncall"]["id"]})
         page["audit_due"] = [{"key": key, "entry": entry}]
         try:
             etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
@@ -2202,11 +2432,13 @@ class Pager:
                 raise StoreUncertain(str(e)) from None
             if existing is None:
                 raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
+            if store is self.store:
+                self.book.put(*existing)
             return existing[0], False
         METRICS.count("oncall_pages_opened_total", kind=page["kind"])
         if store is self.store:
             self.book.put(page, etag)
-        self.hand_over(store, page, etag, channels, snap.doc)
+        self.hand_over(store, page, etag, channels, doc)
         self.wake()
         return page, True
 
@@ -2392,14 +2624,8 @@ class Pager:
                 return None
             page.update(state="acknowledged", acked_by=member["id"], acked_at=time.time(),
                         number=page.get("number") or number)
-            notices.clear()
-            for other_id in page.get("paged", []):
-                other = members(doc).get(other_id)
-                if other and other_id != member["id"] and not other.get("opted_out"):
-                    add_delivery(page, f"notice:{other_id}", claimed_until, to=other["phone"],
-                                 body=f"Page {page['number']} acknowledged by "
-                                      f"{first_name(member)}.")
-                    notices.append(f"notice:{other_id}")
+            notices[:] = tell_paged(page, doc, "notice", f"Page {page['number']} acknowledged "
+                                    f"by {first_name(member)}.", claimed_until, member["id"])
             key, entry = self.audit.entry("page.acknowledged", member["id"], {
                 "page": page_id, "number": page.get("number"), "via": via})
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
@@ -2611,6 +2837,211 @@ class Pager:
 
         if self.write_page(self.store, page_id, hurry, from_copy=False) is not None:
             self.wake()
+
+    # --- alerts from monitoring: the Events API and heartbeats ---------------------------------
+
+    def alert_event(self, integration: str, event: dict) -> str:
+        """One event of `integration` (checked by parse_event); returns its dedup_key. An
+        acknowledge or resolve for no open page is not an error: PagerDuty says so too."""
+        dedup_key = event["dedup_key"] or uuid.uuid4().hex
+        if event["event_action"] == "trigger":
+            self.trigger(integration, dedup_key, event["alert"])
+            return dedup_key
+        found = self._current_alert(integration, dedup_key)[1]
+        if found is None or found[0].get("state") not in ACTIVE:
+            log.info("event=alert.nothing_to_do integration=%s action=%s", integration,
+                     event["event_action"])
+        elif event["event_action"] == "acknowledge":
+            self.acknowledge(found[0]["id"], {"id": f"events:{integration}",
+                                              "name": integration}, via="events")
+        else:
+            self.resolve(found[0]["id"], f"events:{integration}", via="events")
+        return dedup_key
+
+    def trigger(self, integration: str, dedup_key: str, alert: dict) -> tuple[dict, bool]:
+        """A trigger: the open page of its dedup_key gets it as a repeat (`page.repeated`,
+        nothing new is sent); otherwise a page of kind alert opens, one conditional create
+        like a voicemail's: critical and error ring as a voicemail does (a text, then
+        calls), warning and info are e-mailed and listed. Returns (page, opened)."""
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+        rings = alert["severity"] in RINGING
+        for _ in range(4):
+            generation, found = self._current_alert(integration, dedup_key)
+            if found is not None and found[0].get("state") in ACTIVE:
+                joined = self._repeat_alert(snap.doc, found[0]["id"], integration, alert)
+                if joined is not None:
+                    return joined, False
+                continue  # resolved meanwhile: a new generation
+            if found is not None:
+                generation += 1
+            page = new_page(alert_page_id(integration, dedup_key, generation), "alert",
+                            snap.doc, state="open" if rings else "listed", alert={
+                                **alert, "integration": integration, "dedup_key": dedup_key,
+                                "generation": generation})
+            page, created = self._create_page(
+                self.store, page, ["sms", "email"] if rings else ["email"], snap.doc,
+                f"events:{integration}", {"dedup_key": dedup_key,
+                                          "severity": alert["severity"],
+                                          "summary": alert["summary"]})
+            if created:
+                if generation:
+                    self._note_generation(integration, dedup_key, generation)
+                return page, True
+        raise StoreConflict(f"alert {dedup_key}: too many concurrent changes")
+
+    def _current_alert(self, integration: str, dedup_key: str
+                       ) -> tuple[int, tuple[dict, str] | None]:
+        """The latest page of a dedup_key and its generation (None: no page yet). The
+        generation is 0 unless alerts/<hash>.json says more: it is written only when a
+        dedup_key comes back after its page was resolved, after the new page, so after a
+        stop it may lag one behind; a finished page is therefore followed by a look at the
+        next generation (which repairs the index)."""
+        index = read_json(self.store, alert_index_key(integration, dedup_key))
+        noted = generation = int(index[0].get("generation", 0)) if index else 0
+        found = self.read_page(alert_page_id(integration, dedup_key, generation))
+        while found is not None and found[0].get("state") not in ACTIVE:
+            later = self.read_page(alert_page_id(integration, dedup_key, generation + 1))
+            if later is None:
+                break
+            generation, found = generation + 1, later
+        if generation > noted:
+            self._note_generation(integration, dedup_key, generation)
+        return generation, found
+
+    def _note_generation(self, integration: str, dedup_key: str, generation: int) -> None:
+        update_json(self.store, alert_index_key(integration, dedup_key), lambda index: None
+                    if index and index.get("generation", 0) >= generation else
+                    {"integration": integration, "dedup_key": dedup_key,
+                     "generation": generation})
+
+    def _repeat_alert(self, doc: dict, page_id: str, integration: str, alert: dict
+                      ) -> dict | None:
+        """A trigger for an open page: counted and audited, nothing sent; except that a
+        listed page (a warning) whose alert turns critical or error starts to ring now."""
+        claimed_until = self.claim_until()
+        channels: list[str] = []
+
+        def repeat(page: dict | None) -> dict | None:
+            channels.clear()
+            if page is None or page.get("state") not in ACTIVE:
+                return None
+            page["alert"]["repeated"] = page["alert"].get("repeated", 0) + 1
+            if page["state"] == "listed" and alert["severity"] in RINGING:
+                now = time.time()
+                page.update(state="open", paged=[page["oncall"]["id"]])
+                page["alert"]["severity"] = alert["severity"]
+                page["escalation"]["next_due"] = now + escalation_settings(doc)["ack_timeout"]
+                if page["oncall"].get("opted_out"):
+                    page["escalation"]["next_due"] = now
+                else:
+                    add_delivery(page, "sms", claimed_until)
+                    channels.append("sms")
+            key, entry = self.audit.entry("page.repeated", f"events:{integration}", {
+                "page": page_id, "number": page.get("number"),
+                "dedup_key": page["alert"]["dedup_key"], "severity": alert["severity"],
+                "summary": alert["summary"]})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        written = self._change_and_hand_over(page_id, repeat, channels, doc)
+        return written[0] if written else None
+
+    def resolve(self, page_id: str, actor: str, via: str) -> bool:
+        """Its cause went away: the page is resolved (the escalation stops) and everyone it
+        reached is told "Page N resolved: SUMMARY.", queued in the same conditional write.
+        Returns whether this call resolved it."""
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        known = self.book.get(page_id) or self.read_page(page_id)
+        if known is None or known[0].get("state") not in ACTIVE:
+            return False
+        number = known[0].get("number") or self.page_number(page_id, known[0]["opened"])
+        claimed_until = self.claim_until()
+        notices: list[str] = []
+
+        def close(page: dict | None) -> dict | None:
+            if page is None or page.get("state") not in ACTIVE:
+                return None
+            page.update(state="resolved", resolved_at=time.time(),
+                        number=page.get("number") or number)
+            notices[:] = tell_paged(page, doc, "resolved", f"Page {page['number']} resolved: "
+                                    f"{page['alert']['summary']}.", claimed_until)
+            key, entry = self.audit.entry("page.resolved", actor, {
+                "page": page_id, "number": page["number"], "via": via})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        return self._change_and_hand_over(page_id, close, notices, doc) is not None
+
+    def _change_and_hand_over(self, page_id: str, change: Callable[[dict | None], dict | None],
+                              channels: list[str], doc: dict) -> tuple[dict, str] | None:
+        """A page change that may queue `channels` (`change` fills the list in): written,
+        then handed to the worker (or its audit entries written now)."""
+        written = self.write_page(self.store, page_id, change)
+        if written is not None:
+            self.hand_over(self.store, *written, channels, doc)
+            self.wake()
+        return written
+
+    def heartbeat_state(self, name: str, fresh: bool = True) -> tuple[dict, str]:
+        """heartbeats/<name>.json ({since, last_ping}) and its ETag: read (with fresh=False,
+        only when this instance has no copy), and created when missing, so a heartbeat that
+        never pings is missed counting from when the pager first saw it configured."""
+        known = self.heartbeats.get(name)
+        if known is not None and not fresh:
+            return known
+        key = f"heartbeats/{name}.json"
+        found = read_json(self.store, key)
+        if found is None:
+            state = {"name": name, "since": time.time(), "last_ping": None}
+            try:
+                found = state, self.store.put(key, to_json(state), if_absent=True)
+            except StoreConflict:
+                found = read_json(self.store, key)
+                if found is None:
+                    raise
+        self.heartbeats[name] = found
+        return found
+
+    def heartbeat_ping(self, name: str, window: float) -> dict:
+        """A ping: recorded with a conditional write; then, if the heartbeat had been missed
+        (`window`: interval + grace), the page of that miss is resolved. In that order, so
+        that a worker opening the page at the same moment finds the ping when it looks again
+        (see heartbeat_missed); a stop in between leaves the page to the worker, which
+        resolves an open heartbeat page once it knows of a later ping."""
+        for _ in range(5):
+            state, etag = self.heartbeat_state(name)
+            now = time.time()
+            new = {**state, "last_ping": now}
+            try:
+                self.heartbeats[name] = new, self.store.put(
+                    f"heartbeats/{name}.json", to_json(new), if_match=etag)
+            except StoreConflict:
+                continue
+            if now >= heartbeat_basis(state) + window:
+                self.resolve(heartbeat_page_id(name, heartbeat_basis(state)), "heartbeat",
+                             via="ping")
+            return new
+        raise StoreConflict(f"heartbeats/{name}.json: too many concurrent pings")
+
+    def heartbeat_missed(self, name: str, state: dict) -> tuple[dict, bool]:
+        """No ping for interval + grace: a page of kind heartbeat, which rings as a critical
+        alert does. Its id comes from the ping it missed, so instances sharing the store
+        open it once. The state is read once more after the create: a ping that came in
+        between (on any instance) resolves the page at once."""
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+        basis = heartbeat_basis(state)
+        ago = elapsed(time.time() - basis)
+        summary = (f"Heartbeat {name} missed: last ping {ago} ago" if state.get("last_ping")
+                   else f"Heartbeat {name} missed: no ping since it was set up {ago} ago")
+        page = new_page(heartbeat_page_id(name, basis), "heartbeat", snap.doc, alert={
+            "summary": summary, "source": "heartbeat", "severity": "critical",
+            "heartbeat": name, "basis": basis})
+        page, created = self._create_page(self.store, page, ["sms", "email"], snap.doc,
+                                          "heartbeat", {"heartbeat": name,
+                                                        "summary": summary})
+        if created and heartbeat_basis(self.heartbeat_state(name)[0]) != basis:
+            self.resolve(page["id"], "heartbeat", via="ping")
+        return page, created
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
         if args and args[0].isdecimal() and args[0].isascii():
@@ -3020,7 +3451,7 @@ MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected 
 # would lose the audit entries waiting in memory, so the bound is generous.
 WORKER_STUCK_AFTER = 180.0
 # The channels sent on the threads for texts (the rest: e-mail, archive, on their own).
-URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "transcript_sms")
+URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "resolved", "transcript_sms")
 
 
 class Batch:
@@ -3077,7 +3508,8 @@ class Worker:
     most once: the claim itself advances the step, so a crash can skip one call but never
     doubles it, and the next step follows anyway. Each channel has its own attempts and
     capped exponential backoff, and runs in its own thread from a small pool, so a dead SMTP
-    server does not delay the MMS.
+    server does not delay the MMS. The scan also opens the page of a heartbeat that missed
+    its ping (`_check_heartbeats`, planned from memory like the rest).
     """
 
     def __init__(self, pager: Pager, telephony: Telephony):
@@ -3109,6 +3541,8 @@ class Worker:
         self._listings = 0
         self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
+        # each heartbeat missed here: (the ping it missed, when this instance last read it)
+        self._heartbeat_misses: dict[str, tuple[float, float]] = {}
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
@@ -3204,6 +3638,7 @@ class Worker:
         for page, etag in self.pager.book.working():
             depth += 1
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
+        next_due = min(next_due, self._check_heartbeats(now))
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
@@ -3270,6 +3705,46 @@ class Worker:
             if known is None and found[0].get("audit_due"):
                 self._submit(f"{page_id}/audit", lambda page=found[0]: self._write_due(page))
         self.pager.book.keep_only(seen, listed_at)
+
+    def _check_heartbeats(self, now: float) -> float:
+        """Open a page for each heartbeat that missed its ping; returns when the next one is
+        due. Planned from memory (the config as last read, each heartbeat's state as last
+        seen here, read once when first seen), so a heartbeat costs a request only when it
+        looks due; then its state is read afresh first, since a ping may have reached another
+        instance. A missed heartbeat is read again every interval + grace, to learn of a ping
+        elsewhere. An open heartbeat page whose heartbeat pinged since is resolved here (the
+        instance that took the ping stopped before it could)."""
+        snap = self.pager.team.last_known()
+        next_due = math.inf
+        if snap is None:
+            return next_due
+        for name, settings in heartbeats(snap.doc).items():
+            window = settings["interval"] + settings.get("grace", 0)
+            try:
+                basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
+                missed = self._heartbeat_misses.get(name)
+                due = (missed[1] if missed and missed[0] == basis else basis) + window
+                if due <= now:
+                    state = self.pager.heartbeat_state(name)[0]
+                    basis = heartbeat_basis(state)
+                    due = basis + window
+                    if due <= now:
+                        self.pager.heartbeat_missed(name, state)
+                        self._heartbeat_misses[name] = (basis, now)
+                        due = now + window
+            except (StoreUnavailable, StoreConflict) as e:
+                log.warning("event=heartbeat.check_failed heartbeat=%s error=%r", name,
+                            str(e)[:200])
+                due = now + self.cfg.poll_interval
+            next_due = min(next_due, due)
+        for page, _ in self.pager.book.working():
+            alert = page.get("alert", {})
+            known = self.pager.heartbeats.get(alert.get("heartbeat", ""))
+            if page.get("kind") == "heartbeat" and page.get("state") == "open" and known \
+                    and heartbeat_basis(known[0]) > alert["basis"]:
+                with contextlib.suppress(StoreUnavailable, StoreConflict):
+                    self.pager.resolve(page["id"], "heartbeat", via="ping")
+        return next_due
 
     def _prune_replies(self) -> None:
         """Replay markers older than REPLY_KEEP_DAYS (a day more, to be sure) go: one
@@ -3765,7 +4240,11 @@ class Worker:
             status_callback=self._status_url(page, channel))
 
     def _deliver_sms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        if page["kind"] == "voicemail":
+        if page["kind"] in ("alert", "heartbeat"):
+            number = self._number(store, page)
+            body = (f"Page {number}{':' if page['kind'] == 'heartbeat' else ''} "
+                    f"{alert_text(page)}. Reply ACK {number} to acknowledge.")
+        elif page["kind"] == "voicemail":
             body = (f"On-call voicemail ({page['duration']} sec) from {caller_text(page)}: "
                     f"{page['recording_url']}.mp3 Reply ACK to acknowledge.")
         else:
@@ -3791,6 +4270,10 @@ class Worker:
 
     def _deliver_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
+        if page["kind"] in ("alert", "heartbeat"):
+            self._send_email(build_email(mail, alert_text(page)[:200], self._alert_body(
+                store, page), None, mail_id("page", page["id"])), doc)
+            return {"to": mail["to_email"]}
         if page["kind"] == "call":
             taken = members(doc).get(page.get("acked_by"), {}).get("name", page.get("acked_by"))
             subject = f"Live call from {caller_text(page)}, taken by {taken}"
@@ -3808,6 +4291,24 @@ class Worker:
         message = build_email(mail, subject, body, attachment, mail_id("page", page["id"]))
         self._send_email(message, doc)
         return {"to": mail["to_email"]}
+
+    def _alert_body(self, store: Store, page: dict) -> str:
+        """An alert's e-mail: what it is, whether it rings, and what the monitor sent along."""
+        alert = page["alert"]
+        rings = (f"on call: {page['oncall']['name']}" if page["state"] != "listed" else
+                 f"listed only, nobody is called ({alert['severity']})")
+        lines = [f"Page {self._number(store, page)}: {alert_text(page)}.",
+                 f"Opened {short_time(page['opened'])}; {rings}.", ""]
+        for name in ("source", "component", "group", "class", "timestamp", "client",
+                     "client_url", "integration", "dedup_key"):
+            if alert.get(name):
+                lines.append(f"{name}: {alert[name]}")
+        lines += [f"link: {link.get('text', '')} {link['href']}".replace("  ", " ")
+                  for link in alert.get("links", [])]
+        lines += [f"image: {image['src']}" for image in alert.get("images", [])]
+        if alert.get("custom_details") is not None:
+            lines += ["", "custom_details:", json.dumps(alert["custom_details"], indent=2)]
+        return "\n".join(lines) + "\n"
 
     def _deliver_transcript_email(self, store: Store, page: dict, channel: str,
                                   doc: dict) -> dict:
@@ -3946,6 +4447,7 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "sms": Worker._deliver_sms,
     "sms_fallback": Worker._deliver_sms,
     "notice": Worker._deliver_notice,
+    "resolved": Worker._deliver_notice,
     "transcript_sms": Worker._deliver_notice,
     "transcript_email": Worker._deliver_transcript_email,
     "transcript_archive": Worker._deliver_transcript_archive,
@@ -3966,7 +4468,8 @@ class Request:
     path: str
     query: dict[str, str]
     form: dict[str, str]
-    authorization: str = ""  # the Authorization header (GET /metrics)
+    body: bytes = b""  # as sent, for the routes that take JSON
+    authorization: str = ""  # the Authorization header (/metrics, /heartbeat/NAME)
 
 
 @dataclasses.dataclass
@@ -3993,23 +4496,24 @@ class FormFields(dict):
         return self[name]
 
 
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-               404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-               414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
+               403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+               413: "Content Too Large", 414: "URI Too Long", 500: "Internal Server Error",
+               503: "Service Unavailable"}
 
 
-def read_body(environ: dict) -> bytes:
+def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise HTTPError(400, "bad Content-Length") from None
-    if length > MAX_BODY:
-        raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+    if length > limit:
+        raise HTTPError(413, f"request body over {limit} bytes")
     if length <= 0:
         return b""
     body = environ["wsgi.input"].read(length)
-    if len(body) > MAX_BODY:
-        raise HTTPError(413, f"request body over {MAX_BODY} bytes")
+    if len(body) > limit:
+        raise HTTPError(413, f"request body over {limit} bytes")
     return body
 
 
@@ -4100,18 +4604,45 @@ def message_reply(text: str | None) -> Response:
     return twiml(reply)
 
 
+def json_response(status: int, body: dict, headers: tuple = ()) -> Response:
+    return Response(status, json.dumps(body) + "\n", "application/json", headers)
+
+
+def busy() -> Response:
+    """Too many writers at once on one object: the sender retries (monitors do on a 5xx)."""
+    log.warning("event=request.busy")
+    return json_response(503, {"status": "busy", "message": "too many concurrent changes; "
+                                                            "try again"})
+
+
+def invalid_event(errors: list[str]) -> Response:
+    """PagerDuty's answer to an event it refuses."""
+    return json_response(400, {"status": "invalid event", "message": "Event object is invalid",
+                               "errors": errors})
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     methods: tuple[str, ...]
     handler: Callable[[WebApp, Request], Response]
     required: tuple[str, ...] = ()
     signed: bool = True
+    max_body: int = MAX_BODY
+
+
+def route_pattern(path: str) -> str | None:
+    """The key in ROUTES that serves `path`: the path itself, or `/heartbeat/*` for
+    /heartbeat/<name> (the one route with a name in its path)."""
+    for pattern in (path, path[:path.rfind("/") + 1] + "*"):
+        if pattern in ROUTES:
+            return pattern
+    return None
 
 
 def route_label(path: str) -> str:
     """A request's path as /metrics names it: its route, or `other`, so that a caller cannot
     add a series with every path it makes up."""
-    return path if path in ROUTES else "other"
+    return route_pattern(path) or "other"
 
 
 def config_stale(team: TeamConfig) -> bool:
@@ -4176,12 +4707,13 @@ class WebApp:
             raise HTTPError(414, f"request path over {MAX_PATH} bytes")
         if len(environ.get("QUERY_STRING", "")) > MAX_QUERY:
             raise HTTPError(414, f"query string over {MAX_QUERY} bytes")
-        route = ROUTES.get(path)
-        if route is None:
+        pattern = route_pattern(path)
+        if pattern is None:
             raise HTTPError(404, "not found")
+        route = ROUTES[pattern]
         if method not in route.methods:
             raise HTTPError(405, "method not allowed", (("Allow", ", ".join(route.methods)),))
-        body = read_body(environ)
+        body = read_body(environ, route.max_body)
         fields = FormFields()
         if route.signed:
             malformed = None
@@ -4198,7 +4730,7 @@ class WebApp:
         missing = [name for name in route.required if not form.get(name)]
         if missing:
             raise HTTPError(400, f"missing field: {', '.join(missing)}")
-        return route.handler(self, Request(method, path, query, form,
+        return route.handler(self, Request(method, path, query, form, body,
                                            environ.get("HTTP_AUTHORIZATION", "")))
 
     def check_signature(self, environ: dict, fields: FormFields) -> None:
@@ -4519,13 +5051,19 @@ class WebApp:
         voice = VoiceResponse()
         gather = voice.gather(num_digits=1, method="POST", timeout=8,
                               action=self.cfg.url(f"/oncall/keypress?page={page['id']}"))
-        what = (f"a {page['duration']} second voicemail" if page["kind"] == "voicemail"
-                else "a missed call")
+        if page["kind"] in ("alert", "heartbeat"):
+            alert = page["alert"]
+            what = (f"{alert['summary']}." if page["kind"] == "heartbeat" else
+                    f"a {alert['severity']} alert from {alert['source']}: {alert['summary']}.")
+            keys = "Press 1 to acknowledge. Press 2 to hear it again."
+        else:
+            what = (f"a {page['duration']} second voicemail" if page["kind"] == "voicemail"
+                    else "a missed call") + f" from {caller_text(page)}."
+            keys = "Press 1 to acknowledge. Press 2 to hear the message."
         team = team_name(doc or {"current_config": {}})
         gather.say(f"This is the {team} pager. " if team else "This is the on-call pager. ",
                    **said)
-        gather.say(f"Page {number}: {what} from {caller_text(page)}. "
-                   "Press 1 to acknowledge. Press 2 to hear the message.", **said)
+        gather.say(f"Page {number}: {what} {keys}", **said)
         voice.say("Not acknowledged. Goodbye.", **said)
         voice.hangup()
         return twiml(voice)
@@ -4551,7 +5089,7 @@ class WebApp:
         voice = VoiceResponse()
         if digits == "2" and page["kind"] == "voicemail":
             voice.play(page["recording_url"] + ".mp3")
-        elif digits == "2":
+        elif digits == "2" and page["kind"] not in ("alert", "heartbeat"):
             voice.say("There is no recording: the caller did not leave a message.",
                       **speech(self.voice_config()))
         voice.redirect(self.cfg.url(f"/oncall/answer?page={page['id']}"), method="POST")
@@ -4566,6 +5104,70 @@ class WebApp:
         if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
             self.pager.call_unanswered(page["id"], int(step))
         return empty_messaging()
+
+    # --- alerts from monitoring: not Twilio's routes, the routing key is the credential ------
+
+    def integration_for(self, routing_key: str) -> tuple[str | None, dict]:
+        """The integration of a routing key and the config that says so. The config from
+        memory first (as on the page path); a key it does not know is looked up once more in
+        the store, so a key added a moment ago (on any host) works at once."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        integration = integration_of(doc, routing_key)
+        if integration is None:
+            doc = self.pager.team.read().doc
+            integration = integration_of(doc, routing_key)
+        return integration, doc
+
+    def events_enqueue(self, request: Request) -> Response:
+        """PagerDuty's Events API v2 (`/v2/enqueue`), answered in PagerDuty's words, so
+        Alertmanager, Grafana, Uptime Kuma and the rest page through it unchanged."""
+        try:
+            event = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return invalid_event(["Event object is invalid: the body is not JSON"])
+        parsed, errors = parse_event(event)
+        if errors:
+            return invalid_event(errors)
+        integration, _ = self.integration_for(parsed["routing_key"])
+        if integration is None:
+            log.warning("event=events.unknown_key")
+            return invalid_event(["Invalid routing key"])
+        try:
+            dedup_key = self.pager.alert_event(integration, parsed)
+        except StoreConflict:
+            return busy()
+        log.info("event=events.processed integration=%s action=%s", integration,
+                 parsed["event_action"])
+        return json_response(202, {"status": "success", "message": "Event processed",
+                                   "dedup_key": dedup_key})
+
+    def heartbeat(self, request: Request) -> Response:
+        """`POST /heartbeat/NAME` with any integration's routing key (`Authorization: Bearer
+        KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong one, 404 for a heartbeat
+        the config does not name."""
+        name = request.path.removeprefix("/heartbeat/")
+        bearer = request.authorization.partition(" ")
+        key = (bearer[2].strip() if bearer[0].lower() == "bearer"
+               else request.query.get("key", ""))
+        if not key:
+            return json_response(401, {"status": "unauthorized", "message": "a routing key "
+                                       "is required (Authorization: Bearer KEY, or ?key=KEY)"},
+                                 (("WWW-Authenticate", "Bearer"),))
+        integration, doc = self.integration_for(key)
+        if integration is None:
+            log.warning("event=heartbeat.unknown_key")
+            return json_response(403, {"status": "forbidden", "message": "unknown routing key"})
+        settings = heartbeats(doc).get(name)
+        if settings is None:
+            return json_response(404, {"status": "not found",
+                                       "message": "no heartbeat of that name is configured"})
+        try:
+            state = self.pager.heartbeat_ping(name, settings["interval"]
+                                              + settings.get("grace", 0))
+        except StoreConflict:
+            return busy()
+        return json_response(200, {"status": "ok", "heartbeat": name,
+                                   "last_ping": iso_time(state["last_ping"])})
 
     # --- monitoring ----------------------------------------------------------------------------
 
@@ -4635,11 +5237,15 @@ ROUTES: dict[str, Route] = {
     "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
     "/healthz": Route(("GET",), WebApp.healthz, signed=False),
     "/metrics": Route(("GET",), WebApp.metrics, signed=False),
+    "/v2/enqueue": Route(("POST",), WebApp.events_enqueue, signed=False,
+                         max_body=MAX_EVENT_BODY),
+    "/heartbeat/*": Route(("POST",), WebApp.heartbeat, signed=False),
 }
 
 
 # ==============================================================================================
-# Command line: serve (and its systemd notifier), check, init, sms, call, config, audit, pages
+# Command line: serve (and its systemd notifier), check, init, sms, call, config, integration,
+# audit, pages, schedule, vcard
 # ==============================================================================================
 
 
@@ -4785,7 +5391,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pager.team.reconcile()
     server = waitress.create_server(
         WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
-        max_request_body_size=MAX_BODY, ident="oncall-pager")
+        max_request_body_size=WAITRESS_BODY_LIMIT, ident="oncall-pager")
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)
@@ -5116,6 +5722,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return config_history(pager, args)
 
 
+def cmd_integration(args: argparse.Namespace) -> int:
+    """Routing keys for monitoring (the Events API and heartbeats): a new key is printed
+    once; the config keeps only its SHA-256, so neither the store nor a backup of it can
+    page."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    if args.action == "list":
+        found = integrations(pager.team.read().doc)
+        if not found:
+            print("no integrations (add one with: oncall-pager integration add NAME)")
+        for name, integration in sorted(found.items()):
+            created = integration.get("created")
+            print(f"{name:<24} created {short_time(created) if created else '-'}")
+        return 0
+    if not NAME.fullmatch(args.name):
+        raise UsageError(f"{args.name!r} is not a name (letters, digits, . _ -; at most 64)")
+    key = secrets.token_hex(16)
+
+    def add(doc: dict) -> str:
+        added = doc["current_config"].setdefault("integrations", {})
+        if args.name in added:
+            raise UsageError(f"integration {args.name!r} exists already (remove it first to "
+                             "change its key)")
+        added[args.name] = {"key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                            "created": int(time.time())}
+        return f"added integration {args.name}"
+
+    def remove(doc: dict) -> str:
+        if args.name not in integrations(doc):
+            raise UsageError(f"there is no integration {args.name!r}")
+        del doc["current_config"]["integrations"][args.name]
+        return f"removed integration {args.name}; its routing key no longer works"
+
+    if change_config(pager, args, add if args.action == "add" else remove) == 0 and \
+            args.action == "add":
+        print(f"routing key: {key}")
+        print("It is shown only this once: put it into the monitor now "
+              f"(events: {cfg.url('/v2/enqueue')}).")
+    return 0
+
+
 def config_edit(pager: Pager, args: argparse.Namespace) -> int:
     """$EDITOR on the JSON as stored (so an invalid config can be repaired here too);
     validated and written conditionally over what was read, or nothing is written."""
@@ -5314,7 +5961,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
     actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+    def action(name: str, help_text: str, actions: Any = actions) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)
         # -c may also follow the action (`config show -c FILE`)
         sub.add_argument("-c", "--config", default=argparse.SUPPRESS, help="config.ini to use")
@@ -5334,6 +5981,15 @@ def build_parser() -> argparse.ArgumentParser:
     setter.add_argument("value")
     action("edit", "edit the JSON in $EDITOR")
     action("history", "previous versions, or the audit log's config events")
+    integration = command("integration", cmd_integration, "routing keys for monitoring "
+                          "(the Events API at /v2/enqueue, heartbeats)")
+    integration.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    kinds = integration.add_subparsers(dest="action", required=True, metavar="ACTION")
+    action("add", "add an integration and print its new routing key (once)",
+           kinds).add_argument("name")
+    action("list", "list the integrations (names and when added; never keys)", kinds)
+    action("remove", "remove an integration: its routing key stops working",
+           kinds).add_argument("name")
     audit = command("audit", cmd_audit, "read the audit log")
     audit.add_argument("-n", type=int, default=None, help="only the last N entries")
     audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")

@@ -17,6 +17,7 @@ import email
 import email.policy
 import email.utils
 import getpass
+import hashlib
 import http
 import http.client
 import http.server
@@ -273,8 +274,9 @@ class RunningPager:
                      else op.LiveTelephony(self.cfg))
         self.worker = op.Worker(self.pager, telephony)
         self.app = op.WebApp(self.cfg, self.pager, self.worker)
-        self.server = waitress.create_server(self.app, host=self.cfg.host, port=self.cfg.port,
-                                             threads=4, max_request_body_size=op.MAX_BODY)
+        self.server = waitress.create_server(
+            self.app, host=self.cfg.host, port=self.cfg.port, threads=4,
+            max_request_body_size=op.WAITRESS_BODY_LIMIT)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.worker.start()
         self.thread.start()
@@ -4575,6 +4577,58 @@ ROTATION_FLOW: list[Callable[[Process], None]] = [
 ]
 
 
+def alert(process: Process, action: str) -> None:
+    """An Alertmanager event (retried after a stop, as Alertmanager retries a failed POST)."""
+    event, errors = op.parse_event(alertmanager_event(action))
+    assert errors == []
+    process.pager.alert_event("alertmanager", event)
+
+
+# An alert: triggered (texted, e-mailed), notified again (joins), acknowledged, resolved
+# (Alice told), then firing again: a second page.
+ALERT_FLOW: list[Callable[[Process], None]] = [
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "trigger"),
+    lambda p: alert(p, "acknowledge"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "resolve"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+]
+
+BACKUP = "nightly-backup"
+BACKUP_WINDOW = 1100.0  # interval + grace: longer than the rest of the run, so it misses once
+
+
+def set_up_heartbeat(process: Process) -> None:
+    """The operator adds the heartbeat (a config write, once) and the worker sees it."""
+    snap = process.pager.team.read()
+    if BACKUP not in snap.doc["current_config"].get("heartbeats", {}):
+        doc = copy.deepcopy(snap.doc)
+        doc["current_config"]["heartbeats"] = {BACKUP: {"interval": 1000, "grace": 100}}
+        process.pager.team.write(doc, base=snap, actor="alice")
+    process.settle()
+
+
+def miss_heartbeat(process: Process) -> None:
+    """The clock to just past the miss (an absolute time: the step may run again)."""
+    process.settle()
+    state = json.loads(process.store.get(f"heartbeats/{BACKUP}.json").data)
+    process.clock.now = max(process.clock.now, op.heartbeat_basis(state) + BACKUP_WINDOW + 1)
+    process.settle()
+
+
+# A heartbeat: set up, missed (a page: texted, e-mailed), then it pings (resolved, Alice told).
+HEARTBEAT_FLOW: list[Callable[[Process], None]] = [
+    set_up_heartbeat,
+    miss_heartbeat,
+    lambda p: p.pager.heartbeat_ping(BACKUP, BACKUP_WINDOW),
+    lambda p: p.settle(),
+]
+
+
 def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
               ) -> int | None:
     """Run the steps from `start`; the step the process stopped in, or None."""
@@ -4668,11 +4722,58 @@ def check_rotation_flow(store: op.Store, outside: Outside) -> None:
     assert doc["current_config"]["rotation_handoff"]["member"] == "carol"
 
 
+def check_alert_flow(store: op.Store, outside: Outside) -> None:
+    pages = sorted(alert_pages(store), key=lambda p: p["alert"]["generation"])
+    assert [(p["alert"]["generation"], p["state"]) for p in pages] == [
+        (0, "resolved"), (1, "open")], "one page per firing, the first resolved"
+    assert pages[0]["acked_by"] == "events:alertmanager"
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    for number in (1, 2):
+        assert f"Page {number} [critical] {SUMMARY} (Alertmanager). Reply ACK {number} to " \
+               "acknowledge." in texts, f"page {number} was never texted: {texts}"
+    assert "Page 1 acknowledged by alertmanager." in texts
+    assert f"Page 1 resolved: {SUMMARY}." in texts
+    assert not [s for s in outside.sent if s["kind"] == "mms"]
+    assert len(store.list("outbox/")) >= 2, "an alert's e-mail never went"
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+    events = audit_events(store)
+    assert sorted(e["details"]["page"] for e in events if e["event"] == "page.opened") == \
+        sorted(p["id"] for p in pages)
+    assert channels([e for e in events if e["event"] == "page.delivered" and
+                     e["details"].get("page") == pages[0]["id"]]) >= {"sms", "email"}
+    assert [e["details"]["via"] for e in events if e["event"] == "page.acknowledged"] == [
+        "events"]
+    assert [e["details"]["page"] for e in events if e["event"] == "page.resolved"] == [
+        pages[0]["id"]]
+    assert [e for e in events if e["event"] == "page.repeated"], "the repeat is not audited"
+
+
+def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
+    (page,) = alert_pages(store)
+    assert (page["kind"], page["state"]) == ("heartbeat", "resolved")
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    assert any(re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: no ping since it was "
+                            r"set up 18 min ago\. Reply ACK 1 to acknowledge\.", t)
+               for t in texts), texts
+    assert any(t.startswith("Page 1 resolved: Heartbeat nightly-backup missed") for t in texts)
+    assert store.list("outbox/"), "the e-mail never went"
+    state = json.loads(store.get(f"heartbeats/{BACKUP}.json").data)
+    assert state["last_ping"], "the ping was not recorded"
+    events = audit_events(store)
+    assert [e["details"]["kind"] for e in events if e["event"] == "page.opened"] == [
+        "heartbeat"]
+    assert [e["details"]["via"] for e in events if e["event"] == "page.resolved"] == ["ping"]
+    assert outside.sent and not [s for s in outside.sent if s["kind"] == "call"]
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
-                                         (ROTATION_FLOW, check_rotation_flow)],
-                         ids=["page", "team", "live", "rotation"])
+                                         (ROTATION_FLOW, check_rotation_flow),
+                                         (ALERT_FLOW, check_alert_flow),
+                                         (HEARTBEAT_FLOW, check_heartbeat_flow)],
+                         ids=["page", "team", "live", "rotation", "alert", "heartbeat"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -5463,3 +5564,439 @@ def test_requirements_lock_pins_every_runtime_dependency_with_hashes() -> None:
         name = canonicalize_name(dependency.name)
         assert name in pinned, f"{name} is not in requirements.lock (run make lock)"
         assert dependency.specifier.contains(pinned[name]), f"{name}=={pinned[name]}"
+
+
+# ==============================================================================================
+# Alerts from monitoring: the Events API, integrations, heartbeats (SPEC 18)
+# ==============================================================================================
+
+
+ALERTMANAGER_KEY = "0f" * 16
+
+
+def with_integration(store: op.Store, key: str = ALERTMANAGER_KEY, name: str = "alertmanager",
+                     **current: Any) -> str:
+    """An integration (only its key's hash goes into the config, as `integration add` does)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    set_team(store, integrations={name: {"key_sha256": digest, "created": 1764201600}},
+             **current)
+    return key
+
+
+def post_event(pager: RunningPager, event: dict | bytes) -> tuple[int, Any]:
+    body = event if isinstance(event, bytes) else json.dumps(event).encode()
+    status, text, headers = http_request("POST", pager.base_url + "/v2/enqueue", body,
+                                         {"Content-Type": "application/json"})
+    return status, (json.loads(text) if headers.get("Content-Type") == "application/json"
+                    else text)
+
+
+AM_DEDUP_KEY = hashlib.sha256(b'{}/{severity="critical"}:{alertname="DiskFull"}').hexdigest()
+
+
+def alertmanager_event(action: str = "trigger", severity: str = "critical",
+                       key: str = ALERTMANAGER_KEY, dedup_key: str = AM_DEDUP_KEY) -> dict:
+    """What Alertmanager v0.27 posts for `pagerduty_configs` with `routing_key` and `url`
+    (its default templates: summary and source, client, custom_details), plus a link."""
+    firing = action == "trigger"
+    return {
+        "routing_key": key, "dedup_key": dedup_key, "event_action": action,
+        "payload": {
+            "summary": f"[{'FIRING' if firing else 'RESOLVED'}:1] DiskFull (db1 {severity})",
+            "source": "Alertmanager", "severity": severity,
+            "custom_details": {
+                "firing": "Labels:\n - alertname = DiskFull\n - instance = db1\n"
+                          "Annotations:\n - summary = /var is 97% full\n" if firing else "",
+                "resolved": "" if firing else "Labels:\n - alertname = DiskFull\n",
+                "num_firing": "1" if firing else "0", "num_resolved": "0" if firing else "1"}},
+        "client": "Alertmanager",
+        "client_url": "http://alertmanager.example.com:9093/#/alerts?receiver=pager",
+        "links": [{"href": "https://runbooks.example.com/disk-full", "text": "Runbook"}]}
+
+
+SUMMARY = "[FIRING:1] DiskFull (db1 critical)"
+ALERT_SMS = f"Page 1 [critical] {SUMMARY} (Alertmanager). Reply ACK 1 to acknowledge."
+
+
+def alert_pages(store: op.Store) -> list[dict]:
+    return [json.loads(store.get(k).data) for k in store.list("pages/")]
+
+
+def test_a_critical_alert_texts_e_mails_and_calls_the_oncall_engineer(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    with_integration(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1,
+                                                 "escalate_to": []})
+    status, answer = post_event(s3_pager, alertmanager_event())
+    assert (status, answer) == (202, {"status": "success", "message": "Event processed",
+                                      "dedup_key": AM_DEDUP_KEY})
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, ALICE) == [ALERT_SMS]
+    assert "MediaUrl" not in twilio.messages()[0].params, "an alert has no recording"
+    (mail,) = wait_until(lambda: smtp.messages, 5)
+    assert mail["Subject"] == f"[critical] {SUMMARY} (Alertmanager)"
+    body = mail.get_content()
+    assert "link: Runbook https://runbooks.example.com/disk-full" in body
+    assert '"num_firing": "1"' in body and "client: Alertmanager" in body
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    (call,) = calls_to(twilio, ALICE)
+    _, text = twilio.post_callback(call.params["Url"][0], {
+        "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+        "AccountSid": ACCOUNT_SID})
+    assert (f"Page 1: a critical alert from Alertmanager: {SUMMARY}. Press 1 to acknowledge."
+            in text)
+    (opened,) = audit_events(s3_pager.store, "page.opened")
+    assert opened["actor"] == "events:alertmanager"
+    assert (opened["details"]["kind"], opened["details"]["dedup_key"]) == ("alert", AM_DEDUP_KEY)
+    (page,) = alert_pages(s3_pager.store)
+    assert re.fullmatch(r"AL[0-9a-f]{32}", page["id"])
+
+
+def test_a_repeated_trigger_joins_its_page_and_sends_nothing_new(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    with_integration(s3_pager.store)
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    wait_until(lambda: smtp.messages, 5)
+    assert post_event(s3_pager, alertmanager_event())[0] == 202  # a retry, or a re-notification
+    time.sleep(0.5)
+    assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
+    (page,) = alert_pages(s3_pager.store)
+    assert page["alert"]["repeated"] == 1
+    (repeated,) = audit_events(s3_pager.store, "page.repeated")
+    assert repeated["details"]["page"] == page["id"]
+
+
+def test_resolve_closes_the_page_and_tells_everyone_it_reached(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    with_integration(s3_pager.store, escalation={"ack_timeout": 0.6, "call_attempts": 1})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: calls_to(twilio, BOB) and calls_to(twilio, CAROL), 8)
+    assert messages_to(twilio, BOB) == [f"Escalated page 1: [critical] {SUMMARY} (Alertmanager), "
+                                        "not acknowledged yet. Reply ACK 1 to acknowledge."]
+    status, answer = post_event(s3_pager, alertmanager_event("resolve"))
+    assert (status, answer["dedup_key"]) == (202, AM_DEDUP_KEY)
+    told = f"Page 1 resolved: {SUMMARY}."
+    for member in (ALICE, BOB, CAROL):
+        assert twilio.wait_for(lambda m=member: told in messages_to(twilio, m), 5)
+    calls = len(twilio.calls())
+    time.sleep(1.5)
+    assert len(twilio.calls()) == calls, "a resolved page rings nobody"
+    (page,) = alert_pages(s3_pager.store)
+    assert page["state"] == "resolved"
+    (resolved,) = audit_events(s3_pager.store, "page.resolved")
+    assert (resolved["actor"], resolved["details"]["via"]) == ("events:alertmanager", "events")
+    assert "resolved" in s3_pager.sms(ALICE, "STATUS")
+    # a resolve for what is not open (again, or never triggered) is nothing to do, as PagerDuty
+    assert post_event(s3_pager, alertmanager_event("resolve"))[0] == 202
+    assert post_event(s3_pager, alertmanager_event("resolve", dedup_key="nope"))[0] == 202
+    assert len(audit_events(s3_pager.store, "page.resolved")) == 1
+
+
+def test_an_acknowledge_event_stops_the_calls(s3_pager: RunningPager, twilio: TwilioFake
+                                              ) -> None:
+    with_integration(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert post_event(s3_pager, alertmanager_event("acknowledge"))[0] == 202
+    assert twilio.wait_for(lambda: "Page 1 acknowledged by alertmanager." in messages_to(
+        twilio, ALICE), 5)
+    time.sleep(1.5)
+    assert twilio.calls() == []
+    (page,) = alert_pages(s3_pager.store)
+    assert (page["state"], page["acked_by"]) == ("acknowledged", "events:alertmanager")
+    (acked,) = audit_events(s3_pager.store, "page.acknowledged")
+    assert acked["details"]["via"] == "events"
+
+
+def test_ack_n_by_sms_acknowledges_an_alert_page(s3_pager: RunningPager, twilio: TwilioFake
+                                                 ) -> None:
+    with_integration(s3_pager.store, escalation={"ack_timeout": 1})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert s3_pager.sms(ALICE, "ACK 1") == (f"Page 1 acknowledged: [critical] {SUMMARY} "
+                                            "(Alertmanager). Thanks, Alice.")
+    time.sleep(1.5)
+    assert twilio.calls() == []
+    assert "acknowledged by Alice McAlister" in s3_pager.sms(ALICE, "STATUS")
+
+
+def test_a_warning_is_e_mailed_and_listed_and_rings_nobody(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    with_integration(s3_pager.store, escalation={"ack_timeout": 0.5})
+    assert post_event(s3_pager, alertmanager_event(severity="warning"))[0] == 202
+    (mail,) = wait_until(lambda: smtp.messages, 5)
+    assert mail["Subject"] == "[warning] [FIRING:1] DiskFull (db1 warning) (Alertmanager)"
+    assert "listed only, nobody is called (warning)" in mail.get_content()
+    time.sleep(1.5)
+    assert twilio.messages() == [] and twilio.calls() == []
+    (page,) = alert_pages(s3_pager.store)
+    assert (page["state"], page["paged"]) == ("listed", [])
+    status = s3_pager.sms(ALICE, "STATUS")
+    assert "[warning] [FIRING:1] DiskFull (db1 warning) (Alertmanager): listed." in status
+    # the same alert turning critical rings now
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, ALICE)[0].startswith("Page 1 [critical] ")
+
+
+def test_a_dedup_key_that_comes_back_after_its_resolve_opens_a_new_page(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    with_integration(s3_pager.store)
+    for _ in range(2):
+        assert post_event(s3_pager, alertmanager_event())[0] == 202
+        assert post_event(s3_pager, alertmanager_event("resolve"))[0] == 202
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    pages = sorted(alert_pages(s3_pager.store), key=lambda p: p["opened"])
+    assert [p["state"] for p in pages] == ["resolved", "resolved", "open"]
+    assert [p["alert"]["generation"] for p in pages] == [0, 1, 2]
+    assert twilio.wait_for(lambda: len([m for m in messages_to(twilio, ALICE)
+                                        if m.startswith("Page 3 [critical]")]) == 1, 5)
+
+
+def test_the_same_trigger_at_two_instances_at_once_opens_one_page(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    first, second = start_pager(s3_setup("a")), start_pager(s3_setup("b"))
+    with_integration(first.store)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda pager: post_event(pager, alertmanager_event()),
+                                [first, second, first, second]))
+    assert [status for status, _ in answers] == [202] * 4
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    time.sleep(0.5)
+    assert messages_to(twilio, ALICE) == [ALERT_SMS]
+    assert len(alert_pages(first.store)) == 1
+    assert len(audit_events(first.store, "page.opened")) == 1
+    assert len(audit_events(first.store, "page.repeated")) == 3
+
+
+def test_a_trigger_without_a_dedup_key_gets_one(file_pager: RunningPager) -> None:
+    with_integration(file_pager.store)
+    event = alertmanager_event(severity="info")
+    del event["dedup_key"]
+    keys = [post_event(file_pager, event)[1]["dedup_key"] for _ in range(2)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", k) for k in keys) and keys[0] != keys[1]
+    assert len(alert_pages(file_pager.store)) == 2
+
+
+GRAFANA_KEY = "3c" * 16
+
+
+def test_grafana_and_uptime_kuma_events_page_too(s3_pager: RunningPager, twilio: TwilioFake
+                                                 ) -> None:
+    """Grafana's PagerDuty contact point and Uptime Kuma's PagerDuty notification, as they post
+    (their own dedup keys, images, component, group, class)."""
+    with_integration(s3_pager.store, GRAFANA_KEY, "grafana")
+    grafana = {
+        "routing_key": GRAFANA_KEY, "dedup_key": "5f1b0c7a2d", "event_action": "trigger",
+        "payload": {"summary": "[FIRING:1] HighLatency api (api-1)", "source": "grafana-1",
+                    "severity": "error", "class": "default", "component": "Grafana",
+                    "group": "default", "custom_details": {"num_firing": "1"}},
+        "images": [{"src": "https://grafana.example.com/render/abc.png",
+                    "href": "https://grafana.example.com/d/abc", "alt": "panel"}],
+        "links": [{"href": "https://grafana.example.com/alerting/list", "text": "External URL"}],
+        "client": "Grafana", "client_url": "https://grafana.example.com/"}
+    assert post_event(s3_pager, grafana)[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE) == [
+        "Page 1 [error] [FIRING:1] HighLatency api (api-1) (grafana-1). Reply ACK 1 to "
+        "acknowledge."], 5)
+    kuma = {"routing_key": GRAFANA_KEY, "dedup_key": "Uptime Kuma/12", "event_action": "trigger",
+            "payload": {"summary": "[🔴 Down] shop: Request failed with status code 503",
+                        "source": "https://shop.example.com", "severity": "critical",
+                        "custom_details": {"Monitor": "shop", "Status": "503"}}}
+    assert post_event(s3_pager, kuma)[0] == 202
+    assert post_event(s3_pager, {**kuma, "event_action": "resolve"})[0] == 202
+    assert twilio.wait_for(lambda: any(m.startswith("Page 2 resolved: [🔴 Down] shop")
+                                       for m in messages_to(twilio, ALICE)), 5)
+
+
+@pytest.mark.parametrize("event, error", [
+    ({**alertmanager_event(), "routing_key": None}, "'routing_key' is missing or blank"),
+    (alertmanager_event(key="1" * 32), "Invalid routing key"),
+    ({**alertmanager_event(), "payload": {**alertmanager_event()["payload"], "severity": "high"}},
+     "'payload.severity' is invalid (must be one of the following: 'critical', 'warning', "
+     "'error' or 'info')"),
+    ({**alertmanager_event(), "event_action": "page"},
+     "'event_action' is invalid (must be one of the following: 'trigger', 'acknowledge' or "
+     "'resolve')"),
+    ({**alertmanager_event(), "payload": {"severity": "critical", "source": "x"}},
+     "'payload.summary' is missing or blank"),
+    ({**alertmanager_event(), "payload": {**alertmanager_event()["payload"],
+                                          "summary": "x" * 1025}},
+     "'payload.summary' must be a string of at most 1024 characters"),
+    ({**alertmanager_event("resolve"), "dedup_key": None}, "'dedup_key' is missing or blank"),
+    ({**alertmanager_event(), "payload": {**alertmanager_event()["payload"],
+                                          "timestamp": "yesterday"}},
+     "'payload.timestamp' is not an ISO 8601 time"),
+    ({**alertmanager_event(), "links": "https://example.com"},
+     "'links' must be a list of objects with 'href'"),
+    ([1, 2], "Event object is invalid"),
+    (b"routing_key=x&event_action=trigger", "Event object is invalid: the body is not JSON"),
+    (b"\xff\xfe{", "Event object is invalid: the body is not JSON"),
+    (b"[" * 100_000, "Event object is invalid: the body is not JSON"),
+], ids=["no-key", "unknown-key", "severity", "action", "no-summary", "long-summary",
+        "resolve-no-dedup-key", "timestamp", "links", "not-an-object", "form", "not-utf8", "deep"])
+def test_a_bad_event_gets_pagerdutys_400_and_changes_nothing(
+        file_pager: RunningPager, event: Any, error: str) -> None:
+    with_integration(file_pager.store)
+    status, answer = post_event(file_pager, event)
+    assert status == 400, answer
+    assert answer["status"] == "invalid event" and answer["message"] == "Event object is invalid"
+    assert error in answer["errors"]
+    assert file_pager.store.list("pages/") == [] and audit_events(file_pager.store) == []
+
+
+def test_an_event_up_to_512_kib_is_taken_and_a_larger_one_is_413(file_pager: RunningPager
+                                                                   ) -> None:
+    with_integration(file_pager.store)
+    event = alertmanager_event(severity="info")
+    event["payload"]["custom_details"]["firing"] = ""
+    padding = op.MAX_EVENT_BODY - len(json.dumps(event).encode())
+    event["payload"]["custom_details"]["firing"] = "x" * padding
+    assert len(json.dumps(event).encode()) == 524_288
+    assert post_event(file_pager, event)[0] == 202
+    # one byte more is refused once its headers are read (sending the body as well races
+    # with the server closing the connection after its 413)
+    parts = urllib.parse.urlsplit(file_pager.base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.putrequest("POST", "/v2/enqueue")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(op.MAX_EVENT_BODY + 1))
+    connection.endheaders()
+    assert connection.getresponse().status == 413
+    connection.close()
+    (page,) = alert_pages(file_pager.store)
+    assert "repeated" not in page["alert"], "the larger one changed nothing"
+    # the Twilio routes keep their 64 KiB
+    assert file_pager.post("/msgcontrol/entry", sms_params(BOB, "x" * 70_000))[0] == 413
+
+
+def test_the_events_api_needs_no_twilio_signature_and_takes_only_post(
+        file_pager: RunningPager) -> None:
+    status, _, headers = http_request("GET", file_pager.base_url + "/v2/enqueue")
+    assert status == 405 and headers["Allow"] == "POST"
+
+
+def test_integration_add_shows_the_key_once_and_stores_only_its_hash(
+        file_cli: Cli, tmp_path: Path) -> None:
+    added = file_cli.run("integration", "add", "alertmanager", "--as", "alice")
+    assert added.returncode == 0, added.stderr
+    key = re.search(r"routing key: ([0-9a-f]{32})\n", added.stdout).group(1)
+    stored = file_cli.doc()["current_config"]["integrations"]["alertmanager"]
+    assert stored["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
+    everything = b"".join(file_cli.store.get(k).data for k in file_cli.store.list(""))
+    assert key.encode() not in everything, "the key itself is stored nowhere"
+    ((event, actor, details),) = changes(file_cli)
+    assert (event, actor, details["change"]) == ("config.changed", "alice",
+                                                 "added integration alertmanager")
+    listed = file_cli.run("integration", "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("alertmanager ")
+    assert key not in listed.stdout and stored["key_sha256"] not in listed.stdout
+    again = file_cli.run("integration", "add", "alertmanager")
+    assert (again.returncode, again.stderr) == (2, "error: integration 'alertmanager' exists "
+                                                   "already (remove it first to change its key)\n")
+    bad = file_cli.run("integration", "add", "../x")
+    assert bad.returncode == 2 and "is not a name" in bad.stderr
+    removed = file_cli.run("integration", "remove", "alertmanager")
+    assert removed.returncode == 0 and "removed integration alertmanager" in removed.stdout
+    assert file_cli.doc()["current_config"]["integrations"] == {}
+    gone = file_cli.run("integration", "remove", "alertmanager")
+    assert (gone.returncode, gone.stderr) == (2, "error: there is no integration "
+                                                 "'alertmanager'\n")
+    assert file_cli.run("integration", "list").stdout.startswith("no integrations")
+
+
+@pytest.mark.parametrize("current, expected", [
+    ({"integrations": {"am": {"key_sha256": "x"}}},
+     "current_config.integrations.am.key_sha256 is not a SHA-256 in hex"),
+    ({"integrations": {"a b": {"key_sha256": "0" * 64}}},
+     "current_config.integrations.'a b' is not a name"),
+    ({"integrations": []}, "current_config.integrations is not an object"),
+    ({"heartbeats": {"backup": {"interval": 0}}},
+     "current_config.heartbeats.backup.interval 0 is not a positive number of seconds"),
+    ({"heartbeats": {"backup": {"interval": 60, "grace": -1}}},
+     "current_config.heartbeats.backup.grace -1 is not a number of seconds"),
+    ({"heartbeats": {"backup": {"interval": "60"}}},
+     "current_config.heartbeats.backup.interval '60' is not a positive number of seconds"),
+    ({"heartbeats": {"backup": 60}}, "current_config.heartbeats.backup is not an object"),
+])
+def test_check_names_a_bad_integration_or_heartbeat(current: dict, expected: str) -> None:
+    errors, _ = op.check_oncall_config(team_doc(**current))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def heartbeat(pager: RunningPager, name: str = "nightly-backup", key: str = ALERTMANAGER_KEY,
+              bearer: bool = True) -> tuple[int, dict]:
+    path = f"/heartbeat/{name}" + ("" if bearer else f"?key={key}")
+    status, text, _ = http_request("POST", pager.base_url + path, b"",
+                                   {"Authorization": f"Bearer {key}"} if bearer and key else {})
+    return status, json.loads(text)
+
+
+def test_a_heartbeat_ping_is_recorded_and_a_bad_key_or_name_is_refused(
+        file_pager: RunningPager) -> None:
+    with_integration(file_pager.store, heartbeats={"nightly-backup": {"interval": 86400,
+                                                                      "grace": 3600}})
+    status, answer = heartbeat(file_pager)
+    assert (status, answer["status"], answer["heartbeat"]) == (200, "ok", "nightly-backup")
+    assert heartbeat(file_pager, bearer=False)[0] == 200
+    status, answer = heartbeat(file_pager)
+    state = json.loads(file_pager.store.get("heartbeats/nightly-backup.json").data)
+    assert op.iso_time(state["last_ping"]) == answer["last_ping"]
+    assert heartbeat(file_pager, key="")[0] == 401
+    assert heartbeat(file_pager, key="9" * 32)[0] == 403
+    assert heartbeat(file_pager, name="weekly-backup")[0] == 404
+    for path in ("/heartbeat/../oncall_config", "/heartbeat/a/b", "/heartbeat/"):
+        assert http_request("POST", file_pager.base_url + path, b"", {
+            "Authorization": f"Bearer {ALERTMANAGER_KEY}"})[0] == 404
+    assert file_pager.store.list("pages/") == []
+
+
+BACKUP_SMS = re.compile(r"Page 1: Heartbeat nightly-backup missed: last ping \d s ago\. "
+                        r"Reply ACK 1 to acknowledge\.")
+
+
+def test_a_missed_heartbeat_pages_and_the_next_ping_resolves_it(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    with_integration(s3_pager.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 1}})
+    assert heartbeat(s3_pager)[0] == 200
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    (text,) = messages_to(twilio, ALICE)
+    assert BACKUP_SMS.fullmatch(text), text
+    (mail,) = wait_until(lambda: smtp.messages, 5)
+    assert mail["Subject"].startswith("Heartbeat nightly-backup missed: last ping ")
+    assert heartbeat(s3_pager)[0] == 200
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)
+    assert messages_to(twilio, ALICE)[1].startswith(
+        "Page 1 resolved: Heartbeat nightly-backup missed: last ping ")
+    (page,) = [p for p in alert_pages(s3_pager.store) if p["state"] == "resolved"]
+    assert page["kind"] == "heartbeat" and re.fullmatch(r"HB[0-9a-f]{32}", page["id"])
+    (resolved,) = audit_events(s3_pager.store, "page.resolved")
+    assert (resolved["actor"], resolved["details"]["via"]) == ("heartbeat", "ping")
+
+
+def test_a_heartbeat_that_never_pings_is_missed_counting_from_when_it_was_set_up(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    with_integration(s3_pager.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 0.5}})
+    s3_pager.sms(ALICE, "WHO")  # the worker learns of the heartbeat with the config
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    assert re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: no ping since it was set up "
+                        r"\d s ago\. Reply ACK 1 to acknowledge\.", messages_to(twilio, ALICE)[0])
+
+
+def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    first, second = start_pager(s3_setup("a")), start_pager(s3_setup("b"))
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 1}})
+    for pager in (first, second):
+        assert pager.sms(ALICE, "WHO").startswith("Current on-call engineer")
+    for _ in range(8):  # pings to the first instance only, for 4 s: nobody is paged
+        assert heartbeat(first)[0] == 200
+        time.sleep(0.5)
+    assert twilio.messages() == [] and first.store.list("pages/") == []
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    time.sleep(3)
+    assert len(first.store.list("pages/")) == 1
+    assert len(messages_to(twilio, ALICE)) == 1
+    assert len(audit_events(first.store, "page.opened")) == 1
