@@ -729,18 +729,21 @@ def check_rotation(rotation: object, users: dict) -> list[str]:
         naive = dt.datetime.fromisoformat(start) if isinstance(start, str) else None
     except ValueError:
         naive = None
-    if naive is None or naive.tzinfo is not None:
+    if naive is None or naive.tzinfo is not None or not 2000 <= naive.year < 2200:
         errors.append(f"{where}.start {start!r} is not a local time without offset "
-                      "(2026-11-30T09:00)")
+                      "(2026-11-30T09:00, from the year 2000 to 2199)")
     shift = rotation.get("shift_hours")
-    if not hours_value(shift) or shift * 3600 < 1:
+    if not hours_value(shift) or not 1 <= shift * 3600 <= MAX_SHIFT_HOURS * 3600:
         errors.append(f"{where}.shift_hours {shift!r} is not a number of hours "
-                      "(at least one second: 1/3600)")
+                      f"(at least one second, 1/3600, at most a year, {MAX_SHIFT_HOURS})")
     remind = rotation.get("remind_hours", 0)
     if not hours_value(remind, zero=True) or (hours_value(shift) and remind >= shift):
         errors.append(f"{where}.remind_hours {remind!r} is not a number of hours from 0 "
                       "to less than shift_hours")
     return errors
+
+
+MAX_SHIFT_HOURS = 366 * 24
 
 
 def hours_value(value: object, zero: bool = False) -> bool:
@@ -1719,18 +1722,23 @@ class TeamConfig:
         return snapshot
 
     def reconcile(self) -> None:
-        """At start: the audit entry and the message jobs of the config's last change, in case
-        a stop came between the change and them (each that is there costs a refused request).
-        A message is queued again only within a day of the change: a sent job is kept that
-        long, so its key still refuses a second one."""
-        last = self.read().doc["current_config"].get("last_change")
+        """At start: the config's last change made whole (see settle)."""
+        self.settle(self.read().doc)
+
+    def settle(self, doc: dict) -> None:
+        """The audit entry and the message jobs of `doc`'s last change, in case a stop came
+        between the change and them (each that is there costs a refused request). A message
+        is queued again only within a day of the change: a sent job is kept that long, so its
+        key still refuses a second one. (`message`: one job, as the first release kept it.)"""
+        last = doc["current_config"].get("last_change")
         if not isinstance(last, dict):
             return
         with contextlib.suppress(ValueError, KeyError, TypeError, StoreUnavailable):
             if str(last["key"]).startswith("audit/") and isinstance(last["entry"], dict):
                 self.audit.write(check_key(last["key"]), last["entry"])
+            messages = last.get("messages") or ([last["message"]] if "message" in last else [])
             if time.time() - float(last["time"]) < DAY:
-                for message in last.get("messages", []):
+                for message in messages:
                     if str(message["key"]).startswith("jobs/msg-"):
                         put_once(self.store, check_key(message["key"]), message["job"])
 
@@ -1830,12 +1838,22 @@ def page_summary(page: dict) -> str:
     return f"{what} from {caller_text(page)}"
 
 
+SMS_SUMMARY = 200  # an alert's summary in texts: with the rest, about two SMS segments
+
+
+def alert_summary(page: dict) -> str:
+    """The summary of an alert page as texts carry it: cut to SMS_SUMMARY characters (the
+    e-mail has all of it)."""
+    summary = str(page.get("alert", {}).get("summary"))
+    return summary if len(summary) <= SMS_SUMMARY else summary[:SMS_SUMMARY - 3] + "..."
+
+
 def alert_text(page: dict) -> str:
     """`[critical] Disk full (db1)`; a missed heartbeat says what it is on its own."""
     alert = page.get("alert", {})
     if page.get("kind") == "heartbeat":
-        return str(alert.get("summary"))
-    return f"[{alert.get('severity')}] {alert.get('summary')} ({alert.get('source')})"
+        return alert_summary(page)
+    return f"[{alert.get('severity')}] {alert_summary(page)} ({alert.get('source')})"
 
 
 def recording_key(page: dict, extension: str) -> str:
@@ -1977,6 +1995,8 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
             errors.append("'payload.timestamp' is not an ISO 8601 time")
     alert["severity"] = payload.get("severity")
     alert["custom_details"] = payload.get("custom_details")
+    if nesting(alert["custom_details"]) > MAX_NESTING:  # kept in the page, and e-mailed
+        errors.append(f"'payload.custom_details' nests deeper than {MAX_NESTING} levels")
     for name in ("client", "client_url"):
         alert[name] = text(event.get(name), name, 1024)
     for name, field in (("links", "href"), ("images", "src")):
@@ -1991,6 +2011,22 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
     return parsed, errors
 
 
+MAX_NESTING = 32
+
+
+def nesting(value: object) -> int:
+    """How deeply objects and lists nest in a JSON value; counted without recursion, so
+    that no depth a caller sends can reach Python's recursion limit here."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack += [(inner, level + 1) for inner in
+                      (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
 def alert_page_id(integration: str, dedup_key: str, generation: int) -> str:
     """The page of one generation of an alert: the same (integration, dedup_key) opens
     generation 0, and after that page is resolved, 1, and so on. Deterministic, so a retried
@@ -2002,6 +2038,11 @@ def alert_page_id(integration: str, dedup_key: str, generation: int) -> str:
 def alert_index_key(integration: str, dedup_key: str) -> str:
     digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()
     return f"alerts/{digest[:32]}.json"
+
+
+# A ping this close to its deadline also looks for the page of the miss: another instance,
+# its clock a little ahead, may have opened it.
+HEARTBEAT_SLACK = 60.0
 
 
 def heartbeat_basis(state: dict) -> float:
@@ -2120,6 +2161,7 @@ class Pager:
         self.book = PageBook()
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
         self._reminded: set[str] = set()  # reminders this process queued or found queued
+        self._settled: set[float] = set()  # shift starts whose handoff this process made whole
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
@@ -2302,6 +2344,10 @@ class Pager:
         k = rotation.shift_at(time.time())
         if k >= 0 and handed_over(snap.doc) < rotation.starts(k):
             snap = self.hand_off(snap, rotation, k)
+        elif k >= 0 and rotation.starts(k) not in self._settled:
+            # made by another instance, which may have stopped before its texts were queued
+            self.team.settle(snap.doc)
+            self._settled.add(rotation.starts(k))
         self.remind(snap.doc, rotation, max(k + 1, 0))
 
     def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
@@ -2311,8 +2357,10 @@ class Pager:
         shift. Both people are told (message jobs travel with the write, as C's do)."""
         start = rotation.starts(k)
         for _ in range(CONFIG_CHANGE_TRIES):
-            if handed_over(snap.doc) >= start:
-                return snap  # made by another instance meanwhile
+            if handed_over(snap.doc) >= start:  # made by another instance meanwhile
+                self.team.settle(snap.doc)
+                self._settled.add(start)
+                return snap
             doc = copy.deepcopy(snap.doc)
             member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
             doc["current_config"]["rotation_handoff"] = {"shift_start": start,
@@ -2336,6 +2384,7 @@ class Pager:
                 snap = self.team.read()
                 continue
             log.info("event=rotation.handoff member=%s", member["id"])
+            self._settled.add(start)
             if self.start_message is not None:
                 for message in told:
                     self.start_message(*message)
@@ -2928,7 +2977,9 @@ class Pager:
             page["alert"]["repeated"] = page["alert"].get("repeated", 0) + 1
             if page["state"] == "listed" and alert["severity"] in RINGING:
                 now = time.time()
-                page.update(state="open", paged=[page["oncall"]["id"]])
+                oncall = oncall_member(doc)  # who is on call now, not when it was listed
+                page.update(state="open", oncall=dict(oncall), paged=[oncall["id"]],
+                            ringing_since=now)
                 page["alert"]["severity"] = alert["severity"]
                 page["escalation"]["next_due"] = now + escalation_settings(doc)["ack_timeout"]
                 if page["oncall"].get("opted_out"):
@@ -2964,7 +3015,7 @@ class Pager:
             page.update(state="resolved", resolved_at=time.time(),
                         number=page.get("number") or number)
             notices[:] = tell_paged(page, doc, "resolved", f"Page {page['number']} resolved: "
-                                    f"{page['alert']['summary']}.", claimed_until)
+                                    f"{alert_summary(page)}.", claimed_until)
             key, entry = self.audit.entry("page.resolved", actor, {
                 "page": page_id, "number": page["number"], "via": via})
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
@@ -3017,7 +3068,7 @@ class Pager:
                     f"heartbeats/{name}.json", to_json(new), if_match=etag)
             except StoreConflict:
                 continue
-            if now >= heartbeat_basis(state) + window:
+            if now >= heartbeat_basis(state) + window - HEARTBEAT_SLACK:
                 self.resolve(heartbeat_page_id(name, heartbeat_basis(state)), "heartbeat",
                              via="ping")
             return new
@@ -3622,7 +3673,7 @@ class Worker:
             self._next_prune = time.monotonic() + DAY
             self._submit("prune", self._prune_replies)
         next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
-                       self._plan_rotation(now))
+                       self._apart("rotation", lambda: self._plan_rotation(now), now))
         depth = 0
         spool = self.pager.spool
         if spool is not None:
@@ -3638,7 +3689,8 @@ class Worker:
         for page, etag in self.pager.book.working():
             depth += 1
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
-        next_due = min(next_due, self._check_heartbeats(now))
+        next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
+                                             now))
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
@@ -3646,6 +3698,15 @@ class Worker:
             next_due = min(next_due, self._consider_message(key, job, etag, now))
         self.queue_depth = depth
         return next_due
+
+    def _apart(self, what: str, look: Callable[[], float], now: float) -> float:
+        """One part of the scan whose failure must not stop the others (pages, messages):
+        logged, and looked at again a poll_interval later."""
+        try:
+            return look()
+        except Exception:
+            log.exception("event=worker.%s_failed", what)
+            return now + self.cfg.poll_interval
 
     def _plan_rotation(self, now: float) -> float:
         """Start the rotation's due work (a handoff, a reminder) when the config in memory
@@ -3729,7 +3790,8 @@ class Worker:
                     basis = heartbeat_basis(state)
                     due = basis + window
                     if due <= now:
-                        self.pager.heartbeat_missed(name, state)
+                        if not missed or missed[0] != basis:  # its page opened already
+                            self.pager.heartbeat_missed(name, state)
                         self._heartbeat_misses[name] = (basis, now)
                         due = now + window
             except (StoreUnavailable, StoreConflict) as e:
@@ -3941,7 +4003,8 @@ class Worker:
         """Claim what is due on one page (from its copy: no request unless something is due)
         and return when its next step is due."""
         page_id = page["id"]
-        if page.get("state") == "open" and now - page["opened"] >= DAY:
+        if page.get("state") == "open" and now - page.get("ringing_since",
+                                                          page["opened"]) >= DAY:
             self._close(store, page_id)
             return None
         channels: list[str] = []
@@ -5110,11 +5173,11 @@ class WebApp:
     def integration_for(self, routing_key: str) -> tuple[str | None, dict]:
         """The integration of a routing key and the config that says so. The config from
         memory first (as on the page path); a key it does not know is looked up once more in
-        the store, so a key added a moment ago (on any host) works at once."""
+        the store, so a key added a moment ago (on any host) works within a second."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
-        if integration is None:
-            doc = self.pager.team.read().doc
+        if integration is None:  # at most once a second, whatever a flood of bad keys does
+            doc = self.pager.team.read(max_age=1.0).doc
             integration = integration_of(doc, routing_key)
         return integration, doc
 

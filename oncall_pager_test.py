@@ -2761,6 +2761,11 @@ def test_shifts_are_counted_on_the_wall_clock_and_skip_times_summer_time_skips()
     ({"remind_hours": 168}, "current_config.rotation.remind_hours 168 is not a number of "
                             "hours from 0 to less than shift_hours"),
     ({"remind_hours": -1}, "current_config.rotation.remind_hours -1 is not a number"),
+    ({"shift_hours": 1e8}, "current_config.rotation.shift_hours 100000000.0 is not a number "
+                           "of hours (at least one second, 1/3600, at most a year, 8784)"),
+    ({"start": "9999-12-30T09:00"}, "current_config.rotation.start '9999-12-30T09:00' is not "
+                                    "a local time without offset (2026-11-30T09:00, from the "
+                                    "year 2000 to 2199)"),
 ])
 def test_check_names_what_is_wrong_with_the_rotation(block: dict, expected: str) -> None:
     good = {"members": ["alice", "bob"], "start": "2026-11-30T09:00",
@@ -2778,6 +2783,37 @@ def test_check_says_when_the_system_has_no_time_zone_database(
     monkeypatch.setattr(op.zoneinfo, "available_timezones", set)
     assert "this system has no time zone database (install the tzdata package" in \
         op.zone_problem("Europe/Berlin")
+
+
+def test_a_handoff_made_by_an_instance_that_stopped_at_once_is_told_by_the_other(
+        tmp_path: Path) -> None:
+    """Instance A writes the handoff and stops before its audit entry and its two texts are
+    queued; instance B, due to hand over too, finds the handoff made and queues them."""
+    block, start = rotation(["bob", "carol"], first_in=-1, shift=600)
+    put_team(op.DirectoryStore(tmp_path / "var"), team_doc(rotation=block))
+    cfg = op.load_app_config(write_config(tmp_path, "file:var", mode="dry-run"))
+    first = op.Pager(cfg, CrashingStore(tmp_path / "var", crash_at=1, after=True))
+    with pytest.raises(Crash):
+        first.rotate()
+    store = op.DirectoryStore(tmp_path / "var")
+    assert oncall_id(store) == "bob" and store.list("jobs/") == []
+    assert audit_events(store) == []
+    op.Pager(cfg, store).rotate()
+    jobs = [json.loads(store.get(key).data) for key in store.list("jobs/")]
+    assert sorted((job["to"], job["purpose"]) for job in jobs) == [
+        (ALICE, "rotation"), (BOB, "rotation")]
+    assert rotation_changes(store) == [("alice", "bob")]
+
+
+def test_a_failing_rotation_does_not_stop_the_worker_looking_at_pages(
+        s3_pager: RunningPager, monkeypatch: pytest.MonkeyPatch, twilio: TwilioFake) -> None:
+    def broken(doc: dict, now: float) -> float:
+        raise OverflowError("date value out of range")
+    monkeypatch.setattr(s3_pager.pager, "rotation_due", broken)
+    escalation(s3_pager.store, ack_timeout=0.3, call_attempts=1)
+    s3_pager.pager.team.read()
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "escalation stopped"
 
 
 def test_schedule_prints_the_current_shift_and_the_next_ones(cli: Cli) -> None:
@@ -5733,10 +5769,16 @@ def test_a_warning_is_e_mailed_and_listed_and_rings_nobody(
     assert (page["state"], page["paged"]) == ("listed", [])
     status = s3_pager.sms(ALICE, "STATUS")
     assert "[warning] [FIRING:1] DiskFull (db1 warning) (Alertmanager): listed." in status
-    # the same alert turning critical rings now
+    # the same alert turning critical rings now, for whoever is on call now: Bob
+    set_team(s3_pager.store, oncall_user={"id": "bob"})
+    s3_pager.pager.team.read()  # the page path may use a config 10 s old
     assert post_event(s3_pager, alertmanager_event())[0] == 202
-    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
-    assert messages_to(twilio, ALICE)[0].startswith("Page 1 [critical] ")
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 5)
+    assert messages_to(twilio, BOB)[0].startswith("Page 1 [critical] ")
+    assert messages_to(twilio, ALICE) == []
+    (page,) = alert_pages(s3_pager.store)
+    assert (page["oncall"]["id"], page["paged"]) == ("bob", ["bob"])
+    assert page["ringing_since"] > page["opened"], "a day to ring counts from now"
 
 
 def test_a_dedup_key_that_comes_back_after_its_resolve_opens_a_new_page(
@@ -5834,8 +5876,12 @@ def test_grafana_and_uptime_kuma_events_page_too(s3_pager: RunningPager, twilio:
     (b"routing_key=x&event_action=trigger", "Event object is invalid: the body is not JSON"),
     (b"\xff\xfe{", "Event object is invalid: the body is not JSON"),
     (b"[" * 100_000, "Event object is invalid: the body is not JSON"),
+    ({**alertmanager_event(), "payload": {**alertmanager_event()["payload"],
+                                          "custom_details": json.loads("[" * 33 + "]" * 33)}},
+     "'payload.custom_details' nests deeper than 32 levels"),
 ], ids=["no-key", "unknown-key", "severity", "action", "no-summary", "long-summary",
-        "resolve-no-dedup-key", "timestamp", "links", "not-an-object", "form", "not-utf8", "deep"])
+        "resolve-no-dedup-key", "timestamp", "links", "not-an-object", "form", "not-utf8", "deep",
+        "deep-details"])
 def test_a_bad_event_gets_pagerdutys_400_and_changes_nothing(
         file_pager: RunningPager, event: Any, error: str) -> None:
     with_integration(file_pager.store)
