@@ -4730,6 +4730,7 @@ class WebApp:
         # While Twilio's auth token is rotated, requests signed with the other one still pass.
         self.secondary = (RequestValidator(cfg.auth_token_secondary)
                           if cfg.auth_token_secondary else None)
+        self._key_lookup = -math.inf  # time.monotonic() of the last store read for a key
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -5173,11 +5174,13 @@ class WebApp:
     def integration_for(self, routing_key: str) -> tuple[str | None, dict]:
         """The integration of a routing key and the config that says so. The config from
         memory first (as on the page path); a key it does not know is looked up once more in
-        the store, so a key added a moment ago (on any host) works within a second."""
+        the store, so a key added a moment ago (on any host) works at once: at most once a
+        second, so that a flood of bad keys cannot become a flood of store requests."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
-        if integration is None:  # at most once a second, whatever a flood of bad keys does
-            doc = self.pager.team.read(max_age=1.0).doc
+        if integration is None and time.monotonic() - self._key_lookup >= 1.0:
+            self._key_lookup = time.monotonic()
+            doc = self.pager.team.read().doc
             integration = integration_of(doc, routing_key)
         return integration, doc
 
