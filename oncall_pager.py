@@ -3574,7 +3574,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         # Liveness, for the watchdog: when the loop last came round or made progress in a
         # scan (time.monotonic()), and whether it is waiting for work now.
-        self.heartbeat = time.monotonic()
+        self.progress = time.monotonic()
         self._waiting = False
         self.stuck_after = max(WORKER_STUCK_AFTER, 12 * self.cfg.http_timeout)
         # Texts and calls have threads of their own, so a dead SMTP server holding the e-mail
@@ -3616,7 +3616,7 @@ class Worker:
     def busy_for(self) -> float:
         """Seconds the loop has been busy without coming round or making progress (0 while
         it waits for work: an idle worker is a healthy one, however long it sleeps)."""
-        return 0.0 if self._waiting else time.monotonic() - self.heartbeat
+        return 0.0 if self._waiting else time.monotonic() - self.progress
 
     def alive(self) -> bool:
         """The loop runs and is not stuck (see WORKER_STUCK_AFTER): the systemd watchdog is
@@ -3635,7 +3635,7 @@ class Worker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self.progress = time.monotonic()
             self._waiting = False
             next_due = time.time() + self.cfg.poll_interval
             try:
@@ -3733,7 +3733,7 @@ class Worker:
             log.warning("event=rotation.deferred error=%r", str(e))
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
-        self.heartbeat = time.monotonic()  # progress: a long scan in an outage is not stuck
+        self.progress = time.monotonic()  # progress: a long scan in an outage is not stuck
         try:
             due = self._consider_page(store, page, etag, now)
         except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
@@ -3780,6 +3780,7 @@ class Worker:
         if snap is None:
             return next_due
         for name, settings in heartbeats(snap.doc).items():
+            self.progress = time.monotonic()  # each may cost a read: not stuck in an outage
             window = settings["interval"] + settings.get("grace", 0)
             try:
                 basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
