@@ -729,9 +729,9 @@ def check_rotation(rotation: object, users: dict) -> list[str]:
         naive = dt.datetime.fromisoformat(start) if isinstance(start, str) else None
     except ValueError:
         naive = None
-    if naive is None or naive.tzinfo is not None or not 2000 <= naive.year < 2200:
+    if naive is None or naive.tzinfo is not None or not 1970 <= naive.year < 2200:
         errors.append(f"{where}.start {start!r} is not a local time without offset "
-                      "(2026-11-30T09:00, from the year 2000 to 2199)")
+                      "(2026-11-30T09:00, from the year 1970 to 2199)")
     shift = rotation.get("shift_hours")
     if not hours_value(shift) or not 1 <= shift * 3600 <= MAX_SHIFT_HOURS * 3600:
         errors.append(f"{where}.shift_hours {shift!r} is not a number of hours "
@@ -1424,10 +1424,14 @@ def update_json(store: Store, key: str, change: Callable[[dict | None], dict | N
 IO_POOL = ThreadPoolExecutor(16, thread_name_prefix="io")
 
 
-def put_once(store: Store, key: str, doc: dict) -> None:
-    """Create an object unless it exists: a second try (or a restart) never makes two."""
-    with contextlib.suppress(StoreConflict):
+def put_once(store: Store, key: str, doc: dict) -> bool:
+    """Create an object unless it exists: a second try (or a restart) never makes two.
+    Returns whether this call created it."""
+    try:
         store.put(key, to_json(doc), if_absent=True)
+    except StoreConflict:
+        return False
+    return True
 
 
 def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any]:
@@ -1725,22 +1729,27 @@ class TeamConfig:
         """At start: the config's last change made whole (see settle)."""
         self.settle(self.read().doc)
 
-    def settle(self, doc: dict) -> None:
+    def settle(self, doc: dict) -> list[tuple[str, dict]]:
         """The audit entry and the message jobs of `doc`'s last change, in case a stop came
-        between the change and them (each that is there costs a refused request). A message
-        is queued again only within a day of the change: a sent job is kept that long, so its
-        key still refuses a second one. (`message`: one job, as the first release kept it.)"""
+        between the change and them (each that is there costs a refused request); returns
+        the jobs this call queued (for the worker to start). A message is queued again only
+        within a day of the change: a sent job is kept that long, so its key still refuses a
+        second one. (`message`: one job, as the first release kept it.) StoreUnavailable
+        when the store did not answer: try again."""
         last = doc["current_config"].get("last_change")
+        queued: list[tuple[str, dict]] = []
         if not isinstance(last, dict):
-            return
-        with contextlib.suppress(ValueError, KeyError, TypeError, StoreUnavailable):
+            return queued
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             if str(last["key"]).startswith("audit/") and isinstance(last["entry"], dict):
                 self.audit.write(check_key(last["key"]), last["entry"])
             messages = last.get("messages") or ([last["message"]] if "message" in last else [])
             if time.time() - float(last["time"]) < DAY:
                 for message in messages:
-                    if str(message["key"]).startswith("jobs/msg-"):
-                        put_once(self.store, check_key(message["key"]), message["job"])
+                    key = check_key(message["key"])
+                    if key.startswith("jobs/msg-") and put_once(self.store, key, message["job"]):
+                        queued.append((key, message["job"]))
+        return queued
 
     def initialise(self, doc: dict, actor: str) -> Snapshot:
         """Put a first config into an empty store; StoreConflict if one is there already."""
@@ -1839,6 +1848,7 @@ def page_summary(page: dict) -> str:
 
 
 SMS_SUMMARY = 200  # an alert's summary in texts: with the rest, about two SMS segments
+SMS_SOURCE = 60
 
 
 def alert_summary(page: dict) -> str:
@@ -1853,7 +1863,9 @@ def alert_text(page: dict) -> str:
     alert = page.get("alert", {})
     if page.get("kind") == "heartbeat":
         return alert_summary(page)
-    return f"[{alert.get('severity')}] {alert_summary(page)} ({alert.get('source')})"
+    source = str(alert.get("source"))
+    source = source if len(source) <= SMS_SOURCE else source[:SMS_SOURCE - 3] + "..."
+    return f"[{alert.get('severity')}] {alert_summary(page)} ({source})"
 
 
 def recording_key(page: dict, extension: str) -> str:
@@ -2346,8 +2358,7 @@ class Pager:
             snap = self.hand_off(snap, rotation, k)
         elif k >= 0 and rotation.starts(k) not in self._settled:
             # made by another instance, which may have stopped before its texts were queued
-            self.team.settle(snap.doc)
-            self._settled.add(rotation.starts(k))
+            self.settle_handoff(snap.doc, rotation.starts(k))
         self.remind(snap.doc, rotation, max(k + 1, 0))
 
     def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
@@ -2358,8 +2369,7 @@ class Pager:
         start = rotation.starts(k)
         for _ in range(CONFIG_CHANGE_TRIES):
             if handed_over(snap.doc) >= start:  # made by another instance meanwhile
-                self.team.settle(snap.doc)
-                self._settled.add(start)
+                self.settle_handoff(snap.doc, start)
                 return snap
             doc = copy.deepcopy(snap.doc)
             member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
@@ -2390,6 +2400,14 @@ class Pager:
                     self.start_message(*message)
             return snap
         raise StoreUnavailable("the config kept changing")
+
+    def settle_handoff(self, doc: dict, start: float) -> None:
+        """A handoff another instance made: its audit entry and texts, in case it stopped
+        before them (the texts this queues are sent from here); once per shift."""
+        for message in self.team.settle(doc):
+            if self.start_message is not None:
+                self.start_message(*message)
+        self._settled.add(start)
 
     def remind(self, doc: dict, rotation: Rotation, k: int) -> None:
         """Shift k's member is reminded once, `remind_hours` before it starts (not when
@@ -3068,7 +3086,7 @@ class Pager:
                     f"heartbeats/{name}.json", to_json(new), if_match=etag)
             except StoreConflict:
                 continue
-            if now >= heartbeat_basis(state) + window - HEARTBEAT_SLACK:
+            if now >= heartbeat_basis(state) + window - min(HEARTBEAT_SLACK, window / 4):
                 self.resolve(heartbeat_page_id(name, heartbeat_basis(state)), "heartbeat",
                              via="ping")
             return new
@@ -3798,6 +3816,9 @@ class Worker:
             except (StoreUnavailable, StoreConflict) as e:
                 log.warning("event=heartbeat.check_failed heartbeat=%s error=%r", name,
                             str(e)[:200])
+                due = now + self.cfg.poll_interval
+            except Exception:  # one broken heartbeat must not stop the others
+                log.exception("event=heartbeat.check_failed heartbeat=%s", name)
                 due = now + self.cfg.poll_interval
             next_due = min(next_due, due)
         for page, _ in self.pager.book.working():
@@ -5176,10 +5197,15 @@ class WebApp:
         """The integration of a routing key and the config that says so. The config from
         memory first (as on the page path); a key it does not know is looked up once more in
         the store, so a key added a moment ago (on any host) works at once: at most once a
-        second, so that a flood of bad keys cannot become a flood of store requests."""
+        second, so that a flood of bad keys cannot become a flood of store requests. A key
+        that could not be looked up for that limit is HTTPError 503, which monitors retry
+        (a 400 would lose the alert of a key just added)."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
-        if integration is None and time.monotonic() - self._key_lookup >= 1.0:
+        if integration is None:
+            if time.monotonic() - self._key_lookup < 1.0:
+                log.warning("event=request.key_lookup_limited")
+                raise HTTPError(503, "unknown routing key; try again in a second")
             self._key_lookup = time.monotonic()
             doc = self.pager.team.read().doc
             integration = integration_of(doc, routing_key)

@@ -2765,7 +2765,7 @@ def test_shifts_are_counted_on_the_wall_clock_and_skip_times_summer_time_skips()
                            "of hours (at least one second, 1/3600, at most a year, 8784)"),
     ({"start": "9999-12-30T09:00"}, "current_config.rotation.start '9999-12-30T09:00' is not "
                                     "a local time without offset (2026-11-30T09:00, from the "
-                                    "year 2000 to 2199)"),
+                                    "year 1970 to 2199)"),
 ])
 def test_check_names_what_is_wrong_with_the_rotation(block: dict, expected: str) -> None:
     good = {"members": ["alice", "bob"], "start": "2026-11-30T09:00",
@@ -5893,6 +5893,28 @@ def test_a_bad_event_gets_pagerdutys_400_and_changes_nothing(
     assert answer["status"] == "invalid event" and answer["message"] == "Event object is invalid"
     assert error in answer["errors"]
     assert file_pager.store.list("pages/") == [] and audit_events(file_pager.store) == []
+
+
+def test_unknown_keys_ask_the_store_once_a_second_and_a_key_just_added_works_at_once(
+        file_pager: RunningPager) -> None:
+    with_integration(file_pager.store)
+    file_pager.pager.team.read()  # the config in memory knows alertmanager's key only
+    status, answer = post_event(file_pager, alertmanager_event(key="1" * 32))
+    assert (status, answer["errors"]) == (400, ["Invalid routing key"])
+    # within the second: not looked up (a flood costs one read a second), but not refused
+    # either: a 503, which monitors retry
+    assert post_event(file_pager, alertmanager_event(key="2" * 32))[0] == 503
+    time.sleep(1.0)
+    new_key = "3" * 32
+    with_integration(file_pager.store, key=new_key, name="grafana")
+    assert post_event(file_pager, alertmanager_event(key=new_key))[0] == 202
+
+
+def test_an_alert_text_carries_200_characters_of_the_summary_and_60_of_the_source() -> None:
+    page = {"kind": "alert", "alert": {"severity": "critical", "summary": "s" * 1024,
+                                       "source": "h" * 255}}
+    assert op.alert_text(page) == f"[critical] {'s' * 197}... ({'h' * 57}...)"
+    assert op.alert_summary(page) == "s" * 197 + "..."
 
 
 def test_an_event_up_to_512_kib_is_taken_and_a_larger_one_is_413(file_pager: RunningPager
