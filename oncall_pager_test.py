@@ -2563,7 +2563,9 @@ def rotation(members: list[str], first_in: float, shift: float, remind: float = 
 
 
 def berlin(ts: float) -> str:
-    return datetime.fromtimestamp(ts, BERLIN).strftime("%a %Y-%m-%d %H:%M:%S %Z")
+    """How the pager writes a Berlin time: `Mon 2026-12-07 09:00 CET`, seconds when not 0."""
+    moment = datetime.fromtimestamp(ts, BERLIN)
+    return moment.strftime("%a %Y-%m-%d %H:%M" + (":%S" if moment.second else "") + " %Z")
 
 
 def rotation_changes(store: op.Store) -> list[tuple[str, str]]:
