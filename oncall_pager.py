@@ -1919,6 +1919,16 @@ def has_work(page: dict) -> bool:
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
+def archivable(page: dict) -> bool:
+    """Nothing left to do, and nothing can reach it again: not open, no channel to send, and
+    for an alert page no longer the one its dedup_key reaches (acknowledged or listed pages
+    stay until resolved). A missed heartbeat's page is also checked against the heartbeat's
+    state, see Pager.archive."""
+    if has_work(page):
+        return False
+    return page.get("kind") not in ("alert", "heartbeat") or page.get("state") not in ACTIVE
+
+
 def page_state(page: dict, doc: dict | None) -> str:
     if page.get("state") == "acknowledged":
         member = members(doc).get(page.get("acked_by"), {}) if doc else {}
@@ -2080,6 +2090,7 @@ def elapsed(seconds: float) -> str:
 # conditional, so nothing is written over a stale copy.
 PAGE_CONFIG_MAX_AGE = 10.0
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
+DONE_PAGES = "pages-done/"  # pages with nothing left to do, moved out of pages/ (archive)
 # What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
 # restricted, blocked.
 WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
@@ -2101,6 +2112,7 @@ class PageBook:
         self._quiet: OrderedDict[str, tuple[dict, str]] = OrderedDict()
         self._quiet_etags: dict[str, str] = {}
         self._since: dict[str, float] = {}  # time.monotonic() each page was last put here
+        self._gone: OrderedDict[str, None] = OrderedDict()  # no longer in pages/ (archived)
         self._lock = threading.Lock()
 
     def get(self, page_id: str) -> tuple[dict, str] | None:
@@ -2112,10 +2124,15 @@ class PageBook:
             known = self._working.get(page_id)
             return known[1] if known else self._quiet_etags.get(page_id)
 
+    def gone(self, page_id: str) -> bool:
+        with self._lock:
+            return page_id in self._gone
+
     def put(self, page: dict, etag: str) -> None:
         page_id = page["id"]
         with self._lock:
             self._since[page_id] = time.monotonic()
+            self._gone.pop(page_id, None)
             if has_work(page):
                 self._working[page_id] = (page, etag)
                 self._quiet.pop(page_id, None)
@@ -2136,14 +2153,17 @@ class PageBook:
                 self._since[page_id] = time.monotonic()
 
     def keep_only(self, page_ids: set[str], listed_at: float) -> None:
-        """Forget pages that are no longer in the store: those missing from a listing that
-        began after they were last put here."""
+        """Forget pages that are no longer in pages/: those missing from a listing that began
+        after they were last put here (and remember the last RECENT_PAGES such ids)."""
         with self._lock:
             gone = [p for p, since in self._since.items()
                     if p not in page_ids and since < listed_at]
             for page_id in gone:
                 for known in (self._working, self._quiet, self._quiet_etags, self._since):
                     known.pop(page_id, None)
+                self._gone[page_id] = None
+            while len(self._gone) > RECENT_PAGES:
+                self._gone.popitem(last=False)
 
     def working(self) -> list[tuple[dict, str]]:
         with self._lock:
@@ -2587,6 +2607,41 @@ class Pager:
         self.book.put(doc, blob.etag)
         return doc, blob.etag
 
+    def find_page(self, page_id: str) -> tuple[dict, str] | None:
+        """A page wherever it is: in pages/, or moved to pages-done/ (see archive), for what
+        shows pages (STATUS, ACK n, the command line); changes are made to pages/ only."""
+        def done() -> tuple[dict, str] | None:
+            return read_json(self.store, f"{DONE_PAGES}{page_id}.json")
+
+        if self.book.gone(page_id):  # the worker's listing no longer has it: moved, most likely
+            return done() or self.read_page(page_id)
+        return self.read_page(page_id) or done()
+
+    def archive(self, page: dict, etag: str, doc: dict) -> bool:
+        """Move a page that is archivable and unchanged since QUIET_AFTER to pages-done/, so
+        that pages/, which every instance lists once a poll_interval, holds only pages that
+        can still need work. An alert page's dedup_key first moves on to the next generation
+        (alerts/), so that it never opens a page with the id of a page moved out; a missed
+        heartbeat's page stays while the heartbeat has not pinged since (a restart would
+        open it again). The copy is written before the page is deleted, and only if the page
+        is still unchanged (nothing changes a page like this, but a check is cheap): a stop in
+        between leaves both, the same page, and the next try finishes the move. Returns
+        whether it moved the page."""
+        alert = page.get("alert", {})
+        if not archivable(page):
+            return False
+        if page.get("kind") == "heartbeat" and alert.get("heartbeat") in heartbeats(doc) and \
+                heartbeat_basis(self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]:
+            return False
+        if page.get("kind") == "alert":
+            self._note_generation(alert["integration"], alert["dedup_key"],
+                                  alert["generation"] + 1)
+        self.store.put(f"{DONE_PAGES}{page['id']}.json", to_json(page))
+        if self.store.get(f"pages/{page['id']}.json", unless_etag=etag) is not UNCHANGED:
+            return False
+        self.store.delete(f"pages/{page['id']}.json")
+        return True
+
     def page(self, page_id: str) -> dict | None:
         """One page by id (as the page-call URLs carry it), or None; never a path outside
         pages/, whatever the id."""
@@ -2645,10 +2700,11 @@ class Pager:
         conditional write); `skip_quiet` leaves out pages the book knows are done with."""
         found = []
         for page_id in self.recent_ids()[:limit]:
-            if skip_quiet and self.book.get(page_id) is None and self.book.etag(page_id):
-                continue
+            if skip_quiet and self.book.get(page_id) is None and (
+                    self.book.etag(page_id) or self.book.gone(page_id)):
+                continue  # quiet, or moved out of pages/ (see archive)
             known = None if fresh else self.book.get(page_id)
-            page = known or self.read_page(page_id)
+            page = known or (self.read_page(page_id) if skip_quiet else self.find_page(page_id))
             if page is not None:
                 found.append(page[0])
         return found
@@ -2661,7 +2717,7 @@ class Pager:
             recent = (self._counter[0] if self._counter else {}).get("recent", [])
         for item in recent:
             if item["number"] == number:
-                found = self.book.get(item["id"]) or self.read_page(item["id"])
+                found = self.book.get(item["id"]) or self.find_page(item["id"])
                 return {**found[0], "number": number} if found else None
         return None
 
@@ -2678,7 +2734,7 @@ class Pager:
         others who were paged in the same write, so the escalation stops and nobody is left
         out. Returns (this call acknowledged it, the page)."""
         doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-        known = self.book.get(page_id) or self.read_page(page_id)
+        known = self.book.get(page_id) or self.find_page(page_id)
         if known is None:
             return False, {}
         # A page acknowledged in the moment before its number was written gets it here.
@@ -2700,7 +2756,7 @@ class Pager:
 
         written = self.write_page(self.store, page_id, ack)
         if written is None:
-            current = self.read_page(page_id)
+            current = self.find_page(page_id)
             return False, current[0] if current else {}
         page, etag = written
         due = page["audit_due"][-1]
@@ -3511,6 +3567,7 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
 # a rotation changed by the command line) every 12th too: 60 + 5 + 5 requests an hour at rest.
 JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
+HOUSEKEEPING_EVERY = DAY  # replay markers pruned, done pages moved out of pages/
 RECORD_LINGER = 1.0       # seconds a finished delivery waits for the others of its batch
 MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected exception
 # The worker loop counts as stuck (and the systemd watchdog is no longer fed) when it has been
@@ -3608,7 +3665,7 @@ class Worker:
         self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self._listings = 0
-        self._next_prune = 0.0  # time.monotonic() of the next pruning of replies/
+        self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
@@ -3687,9 +3744,10 @@ class Worker:
                 log.warning("event=worker.listing_failed error=%r", str(e))
             except (NoConfig, ConfigError) as e:
                 log.warning("event=worker.no_config error=%r", str(e))
-        if time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + DAY
+        if time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
             self._submit("prune", self._prune_replies)
+            self._submit("archive", self._archive_pages)
         next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
                        self._apart("rotation", lambda: self._plan_rotation(now), now))
         depth = 0
@@ -3836,6 +3894,28 @@ class Worker:
         for key, (_, modified) in self.store.versions("replies/").items():
             if modified < time.time() - (REPLY_KEEP_DAYS + 1) * DAY:
                 self.store.delete(key)
+
+    def _archive_pages(self) -> None:
+        """Pages unchanged for QUIET_AFTER that can no longer need work move to pages-done/
+        (Pager.archive): one listing a day, and four requests a page, once. A page being
+        sent here is left for the next day."""
+        moved = 0
+        try:
+            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+            for key, (etag, modified) in self.store.versions("pages/").items():
+                page_id = key[len("pages/"):].removesuffix(".json")
+                if modified >= time.time() - QUIET_AFTER or \
+                        any(task.startswith(page_id + "/") for task in self._tasks()):
+                    continue
+                found = read_json(self.store, key)
+                if found is not None and found[1] == etag and PAGE_ID.fullmatch(page_id) \
+                        and self.pager.archive(*found, doc):
+                    moved += 1
+        except (StoreUnavailable, StoreConflict, NoConfig, ConfigError, KeyError, TypeError,
+                ValueError) as e:
+            log.warning("event=pages.archive_failed error=%r", str(e)[:200])
+        if moved:
+            log.info("event=pages.archived count=%d", moved)
 
     def _move_into_store(self, page_id: str) -> bool:
         """A spooled page goes into the store (with its page number) once the store answers
@@ -5944,12 +6024,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_pages(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     pager = build_pager(cfg)
-    pages = []
-    for key in pager.store.list("pages/"):
+    found_pages: dict[str, dict] = {}
+    # pages-done/ first: a page being moved is in both for a moment, and pages/ has it current
+    done = [] if args.open else pager.store.list(DONE_PAGES)
+    for key in done + pager.store.list("pages/"):
         found = read_json(pager.store, key)
         if found and (not args.open or found[0].get("state") == "open"):
-            pages.append(found[0])
-    pages.sort(key=lambda p: p.get("opened", 0))
+            found_pages[found[0].get("id", key)] = found[0]
+    pages = sorted(found_pages.values(), key=lambda p: p.get("opened", 0))
     if args.json:
         print(json.dumps(pages, indent=1))
         return 0

@@ -3601,6 +3601,52 @@ def test_a_page_unacknowledged_for_a_day_closes_with_a_final_email(
     wait_until(lambda: not op.has_work(page_of(s3_pager.store, form["RecordingSid"])), 5)
 
 
+def test_pages_done_with_move_out_of_pages_and_are_still_shown(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pages/ is listed every poll_interval, so it must not grow with every page ever opened:
+    a page with nothing left to do, unchanged for QUIET_AFTER (here 1 s), moves to pages-done/
+    at the daily housekeeping (here every 0.3 s). STATUS, ACK n and `pages` still show it; an
+    alert that fires again after its page moved opens a new page; a listed warning stays."""
+    monkeypatch.setattr(op, "QUIET_AFTER", 1.0)
+    monkeypatch.setattr(op, "HOUSEKEEPING_EVERY", 0.3)
+    store = s3_pager.store
+    with_integration(store, escalation={"ack_timeout": 30})
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert s3_pager.sms(ALICE, "ACK").startswith("Page 1 acknowledged")
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert post_event(s3_pager, alertmanager_event("resolve"))[0] == 202
+    assert post_event(s3_pager, alertmanager_event(severity="warning", dedup_key="db2"))[0] == 202
+    voicemail, resolved = form["RecordingSid"], op.alert_page_id("alertmanager", AM_DEDUP_KEY, 0)
+    warning = op.alert_page_id("alertmanager", "db2", 0)
+    wait_until(lambda: store.list("pages/") == [f"pages/{warning}.json"], 15)
+    assert store.list("pages-done/") == sorted(
+        f"pages-done/{p}.json" for p in (voicemail, resolved))
+    assert json.loads(store.get(f"pages-done/{voicemail}.json").data)["acked_by"] == "alice"
+    assert json.loads(store.get("alerts/" + op.alert_index_key(
+        "alertmanager", AM_DEDUP_KEY)[len("alerts/"):]).data)["generation"] == 1
+    status = s3_pager.sms(ALICE, "STATUS")
+    assert "#1 " in status and "voicemail (12 sec)" in status and \
+        "acknowledged by Alice McAlister" in status, status
+    assert "#2 " in status and "resolved" in status and "#3 " in status, status
+    assert s3_pager.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
+                                           "McAlister. Thanks, Alice.")
+    assert s3_pager.sms(ALICE, "ACK") == "No open pages for you. Nothing to acknowledge."
+    listed = run_cli("pages", "-c", str(s3_pager.config_path))
+    assert listed.returncode == 0 and [line.split()[0] for line in
+                                       listed.stdout.splitlines()] == ["#1", "#2", "#3"], \
+        listed.stdout + listed.stderr
+    # the alert fires again: a new page (generation 1), never the id of the page moved out
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    again = f"Page 4 [critical] {SUMMARY} (Alertmanager). Reply ACK 4 to acknowledge."
+    assert twilio.wait_for(lambda: again in messages_to(twilio, ALICE), 5)
+    fired = json.loads(store.get(
+        f"pages/{op.alert_page_id('alertmanager', AM_DEDUP_KEY, 1)}.json").data)
+    assert (fired["state"], fired["alert"]["generation"]) == ("open", 1)
+    assert len(audit_events(store, "page.opened")) == 4
+
+
 # ==============================================================================================
 # Metrics and the systemd watchdog (spec section 18)
 # ==============================================================================================
