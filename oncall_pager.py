@@ -2617,7 +2617,7 @@ class Pager:
             return done() or self.read_page(page_id)
         return self.read_page(page_id) or done()
 
-    def archive(self, page: dict, etag: str, doc: dict) -> bool:
+    def archive(self, page: dict, etag: str, doc: dict | None) -> bool:
         """Move a page that is archivable and unchanged since QUIET_AFTER to pages-done/, so
         that pages/, which every instance lists once a poll_interval, holds only pages that
         can still need work. An alert page's dedup_key first moves on to the next generation
@@ -2630,8 +2630,9 @@ class Pager:
         alert = page.get("alert", {})
         if not archivable(page):
             return False
-        if page.get("kind") == "heartbeat" and alert.get("heartbeat") in heartbeats(doc) and \
-                heartbeat_basis(self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]:
+        if page.get("kind") == "heartbeat" and (doc is None or (
+                alert.get("heartbeat") in heartbeats(doc) and
+                heartbeat_basis(self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"])):
             return False
         if page.get("kind") == "alert":
             self._note_generation(alert["integration"], alert["dedup_key"],
@@ -3900,8 +3901,8 @@ class Worker:
         (Pager.archive): one listing a day, and four requests a page, once. A page being
         sent here is left for the next day."""
         moved = 0
+        known = self.pager.team.last_known()
         try:
-            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
             for key, (etag, modified) in self.store.versions("pages/").items():
                 page_id = key[len("pages/"):].removesuffix(".json")
                 if modified >= time.time() - QUIET_AFTER or \
@@ -3909,10 +3910,9 @@ class Worker:
                     continue
                 found = read_json(self.store, key)
                 if found is not None and found[1] == etag and PAGE_ID.fullmatch(page_id) \
-                        and self.pager.archive(*found, doc):
+                        and self.pager.archive(*found, known.doc if known else None):
                     moved += 1
-        except (StoreUnavailable, StoreConflict, NoConfig, ConfigError, KeyError, TypeError,
-                ValueError) as e:
+        except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
             log.warning("event=pages.archive_failed error=%r", str(e)[:200])
         if moved:
             log.info("event=pages.archived count=%d", moved)

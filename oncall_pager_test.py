@@ -4492,8 +4492,13 @@ class CrashingStore(op.DirectoryStore):
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
             if_absent: bool = False) -> str:
-        return self._write(lambda: super(CrashingStore, self).put(
-            key, data, if_match=if_match, if_absent=if_absent))
+        def write() -> str:
+            etag = super(CrashingStore, self).put(key, data, if_match=if_match,
+                                                  if_absent=if_absent)
+            stamp = op.time.time()  # the module's clock: a file ages as the flow's time goes
+            os.utime(self.root / key, (stamp, stamp))
+            return etag
+        return self._write(write)
 
     def delete(self, key: str) -> None:
         self._write(lambda: super(CrashingStore, self).delete(key))
@@ -4725,6 +4730,35 @@ HEARTBEAT_FLOW: list[Callable[[Process], None]] = [
 ]
 
 
+def begin(process: Process) -> None:
+    if process.outside.origin is None:
+        process.outside.origin = process.clock.now
+
+
+def two_quiet_days_later(process: Process) -> None:
+    """The daily housekeeping once the pages have been quiet for QUIET_AFTER (and a day)."""
+    process.advance_to(op.QUIET_AFTER + op.DAY)
+    process.worker._archive_pages()
+
+
+# Pages done with move out of pages/: a voicemail acknowledged, an alert resolved; two quiet
+# days later both move to pages-done/; then the alert fires again (a new page).
+ARCHIVE_FLOW: list[Callable[[Process], None]] = [
+    begin,
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+    lambda p: alert(p, "resolve"),
+    lambda p: p.settle(),
+    two_quiet_days_later,
+    lambda p: alert(p, "trigger"),
+    lambda p: p.settle(),
+]
+
+
 def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
               ) -> int | None:
     """Run the steps from `start`; the step the process stopped in, or None."""
@@ -4863,13 +4897,35 @@ def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent and not [s for s in outside.sent if s["kind"] == "call"]
 
 
+def check_archive_flow(store: op.Store, outside: Outside) -> None:
+    first, again = (op.alert_page_id("alertmanager", AM_DEDUP_KEY, g) for g in (0, 1))
+    assert store.list("pages/") == [f"pages/{again}.json"], "what is done moved out, once"
+    assert store.list("pages-done/") == sorted(f"pages-done/{p}.json"
+                                               for p in (CRASH_SID, first))
+    done = {p: json.loads(store.get(f"pages-done/{p}.json").data) for p in (CRASH_SID, first)}
+    assert (done[CRASH_SID]["state"], done[CRASH_SID]["acked_by"]) == ("acknowledged", "alice")
+    assert done[first]["state"] == "resolved"
+    fired = json.loads(store.get(f"pages/{again}.json").data)
+    assert (fired["state"], fired["alert"]["generation"]) == ("open", 1)
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    assert f"Page 3 [critical] {SUMMARY} (Alertmanager). Reply ACK 3 to acknowledge." in texts
+    assert f"Page 2 resolved: {SUMMARY}." in texts
+    events = audit_events(store)
+    assert sorted(e["details"]["page"] for e in events if e["event"] == "page.opened") == \
+        sorted([CRASH_SID, first, again]), "a page opened twice, or never"
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
                                          (ROTATION_FLOW, check_rotation_flow),
                                          (ALERT_FLOW, check_alert_flow),
-                                         (HEARTBEAT_FLOW, check_heartbeat_flow)],
-                         ids=["page", "team", "live", "rotation", "alert", "heartbeat"])
+                                         (HEARTBEAT_FLOW, check_heartbeat_flow),
+                                         (ARCHIVE_FLOW, check_archive_flow)],
+                         ids=["page", "team", "live", "rotation", "alert", "heartbeat",
+                              "archive"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
