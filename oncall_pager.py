@@ -1919,14 +1919,14 @@ def has_work(page: dict) -> bool:
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
-def archivable(page: dict) -> bool:
+def archivable(page: dict, now: float) -> bool:
     """Nothing left to do, and nothing can reach it again: not open, no channel to send, and
-    for an alert page no longer the one its dedup_key reaches (acknowledged or listed pages
-    stay until resolved). A missed heartbeat's page is also checked against the heartbeat's
-    state, see Pager.archive."""
+    for an alert page not one that a trigger of its dedup_key would join (a listed page stays
+    until resolved). A missed heartbeat's page is also checked against the heartbeat's state,
+    see Pager.archive."""
     if has_work(page):
         return False
-    return page.get("kind") not in ("alert", "heartbeat") or page.get("state") not in ACTIVE
+    return page.get("kind") not in ("alert", "heartbeat") or not joins(page, now)
 
 
 def page_state(page: dict, doc: dict | None) -> str:
@@ -1966,9 +1966,20 @@ def tell_paged(page: dict, doc: dict, kind: str, body: str, claimed_until: float
 SEVERITIES = ("critical", "error", "warning", "info")
 RINGING = ("critical", "error")  # these ring (text, calls, escalation); the others are e-mailed
 EVENT_ACTIONS = ("trigger", "acknowledge", "resolve")
-ACTIVE = ("open", "acknowledged", "listed")  # an alert page its dedup_key still reaches
+ACTIVE = ("open", "acknowledged", "listed")  # an alert page that can be acknowledged, resolved
+ACKED_ALERT_HOLDS = DAY  # an acknowledged alert page takes its dedup_key's triggers this long
 EVENT_TEXTS = {"summary": 1024, "source": 255, "component": 255, "group": 255, "class": 255,
                "timestamp": 64}
+
+
+def joins(page: dict, now: float) -> bool:
+    """Whether a trigger of its dedup_key joins this alert page (counted, nothing sent): open
+    or listed, or acknowledged less than ACKED_ALERT_HOLDS ago. An alert still or again firing
+    a day after its ACK (a monitor that never resolves, a nightly job) pages afresh, as
+    PagerDuty's acknowledgement timeout does."""
+    state = page.get("state")
+    return state in ("open", "listed") or (
+        state == "acknowledged" and page.get("acked_at", 0) > now - ACKED_ALERT_HOLDS)
 
 
 def parse_event(event: object) -> tuple[dict, list[str]]:
@@ -2628,7 +2639,7 @@ class Pager:
         between leaves both, the same page, and the next try finishes the move. Returns
         whether it moved the page."""
         alert = page.get("alert", {})
-        if not archivable(page):
+        if not archivable(page, time.time()):
             return False
         if page.get("kind") == "heartbeat" and (doc is None or (
                 alert.get("heartbeat") in heartbeats(doc) and
@@ -2983,15 +2994,16 @@ class Pager:
         return dedup_key
 
     def trigger(self, integration: str, dedup_key: str, alert: dict) -> tuple[dict, bool]:
-        """A trigger: the open page of its dedup_key gets it as a repeat (`page.repeated`,
-        nothing new is sent); otherwise a page of kind alert opens, one conditional create
-        like a voicemail's: critical and error ring as a voicemail does (a text, then
-        calls), warning and info are e-mailed and listed. Returns (page, opened)."""
+        """A trigger: the page of its dedup_key that it joins (see joins) gets it as a repeat
+        (`page.repeated`, nothing new is sent); otherwise a page of kind alert opens, one
+        conditional create like a voicemail's: critical and error ring as a voicemail does
+        (a text, then calls), warning and info are e-mailed and listed. Returns (page,
+        opened)."""
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
         rings = alert["severity"] in RINGING
         for _ in range(4):
             generation, found = self._current_alert(integration, dedup_key)
-            if found is not None and found[0].get("state") in ACTIVE:
+            if found is not None and joins(found[0], time.time()):
                 joined = self._repeat_alert(snap.doc, found[0]["id"], integration, alert)
                 if joined is not None:
                     return joined, False
@@ -3016,14 +3028,15 @@ class Pager:
     def _current_alert(self, integration: str, dedup_key: str
                        ) -> tuple[int, tuple[dict, str] | None]:
         """The latest page of a dedup_key and its generation (None: no page yet). The
-        generation is 0 unless alerts/<hash>.json says more: it is written only when a
-        dedup_key comes back after its page was resolved, after the new page, so after a
-        stop it may lag one behind; a finished page is therefore followed by a look at the
-        next generation (which repairs the index)."""
+        generation is 0 unless alerts/<hash>.json says more: it is written when a dedup_key
+        comes back to a page it no longer joins (resolved, closed, acknowledged a day ago),
+        after the new page, so after a stop it may lag one behind; a page no longer joined is
+        therefore followed by a look at the next generation (which repairs the index). It is
+        also moved on before a page moves to pages-done/ (Pager.archive)."""
         index = read_json(self.store, alert_index_key(integration, dedup_key))
         noted = generation = int(index[0].get("generation", 0)) if index else 0
         found = self.read_page(alert_page_id(integration, dedup_key, generation))
-        while found is not None and found[0].get("state") not in ACTIVE:
+        while found is not None and not joins(found[0], time.time()):
             later = self.read_page(alert_page_id(integration, dedup_key, generation + 1))
             if later is None:
                 break
@@ -3047,7 +3060,7 @@ class Pager:
 
         def repeat(page: dict | None) -> dict | None:
             channels.clear()
-            if page is None or page.get("state") not in ACTIVE:
+            if page is None or not joins(page, time.time()):
                 return None
             page["alert"]["repeated"] = page["alert"].get("repeated", 0) + 1
             if page["state"] == "listed" and alert["severity"] in RINGING:

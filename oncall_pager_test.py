@@ -5860,6 +5860,30 @@ def test_an_acknowledge_event_stops_the_calls(s3_pager: RunningPager, twilio: Tw
     assert acked["details"]["via"] == "events"
 
 
+def test_a_trigger_a_day_after_the_ack_pages_afresh(s3_pager: RunningPager,
+                                                    twilio: TwilioFake) -> None:
+    """A monitor that never resolves (a nightly job's trigger): within a day of the ACK a
+    trigger joins the acknowledged page; after that it opens a new page that rings."""
+    with_integration(s3_pager.store, escalation={"ack_timeout": 30})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert s3_pager.sms(ALICE, "ACK 1").startswith("Page 1 acknowledged")
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    first = op.alert_page_id("alertmanager", AM_DEDUP_KEY, 0)
+    assert page_of(s3_pager.store, first)["alert"]["repeated"] == 1
+    op.update_json(s3_pager.store, f"pages/{first}.json",
+                   lambda p: {**p, "acked_at": p["acked_at"] - op.ACKED_ALERT_HOLDS - 5})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    again = f"Page 2 [critical] {SUMMARY} (Alertmanager). Reply ACK 2 to acknowledge."
+    assert twilio.wait_for(lambda: again in messages_to(twilio, ALICE), 5)
+    second = page_of(s3_pager.store, op.alert_page_id("alertmanager", AM_DEDUP_KEY, 1))
+    assert (second["state"], second["alert"]["generation"]) == ("open", 1)
+    assert page_of(s3_pager.store, first)["alert"]["repeated"] == 1
+    assert post_event(s3_pager, alertmanager_event())[0] == 202  # joins the new page
+    assert page_of(s3_pager.store, second["id"])["alert"]["repeated"] == 1
+    assert len(audit_events(s3_pager.store, "page.opened")) == 2
+
+
 def test_ack_n_by_sms_acknowledges_an_alert_page(s3_pager: RunningPager, twilio: TwilioFake
                                                  ) -> None:
     with_integration(s3_pager.store, escalation={"ack_timeout": 1})
