@@ -2766,7 +2766,10 @@ class Pager:
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        written = self.write_page(self.store, page_id, ack)
+        # a copy that says open errs safely (a change since fails the conditional write); one
+        # that says otherwise may be behind a listed page that rings now: read it first
+        written = self.write_page(self.store, page_id, ack,
+                                  from_copy=known[0].get("state") == "open")
         if written is None:
             current = self.find_page(page_id)
             return False, current[0] if current else {}
@@ -3190,9 +3193,15 @@ class Pager:
             targets = [page]
         else:
             targets = []
-            for page in self.recent_pages(fresh=False, skip_quiet=True):
-                if page.get("state") == "open" and member["id"] not in page.get("paged", []):
-                    # the book's copy may predate an escalation that reached this member
+            recent = self.recent_pages(fresh=False, skip_quiet=True)
+            known = {page["id"] for page in recent}
+            # and those open here that have no number yet (it comes with the e-mail)
+            recent += [page for page, _ in self.book.working() if page["id"] not in known]
+            for page in recent:
+                if page.get("state") in ("open", "listed") and \
+                        member["id"] not in page.get("paged", []):
+                    # the book's copy may predate an escalation that reached this member, or
+                    # a warning that turned critical on another instance
                     page = (self.read_page(page["id"]) or ({}, ""))[0]
                 if page.get("state") == "open" and member["id"] in page.get("paged", []):
                     targets.append(page)
@@ -3202,7 +3211,8 @@ class Pager:
         for page in targets:
             done, current = self.acknowledge(page["id"], member, via="sms")
             if done:
-                lines.append(f"Page {current['number']} acknowledged: {page_summary(page)}.")
+                lines.append(f"Page {current['number']} acknowledged: "
+                             f"{page_summary(current)}.")
             else:
                 lines.append(f"Page {self.number_of(page)} was already "
                              f"{page_state(current, doc)}.")

@@ -5242,6 +5242,44 @@ def test_vcard_holds_both_numbers_under_the_teams_name(file_cli: Cli, tmp_path: 
 # ==============================================================================================
 
 
+def test_a_plain_ack_reaches_a_page_that_has_no_number_yet(
+        s3_pager: RunningPager, twilio: TwilioFake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A voicemail's number comes with its e-mail, after the recording's download: while that
+    fails, the MMS has gone out and a plain ACK must still acknowledge the page."""
+    escalation(s3_pager.store, ack_timeout=30)
+    monkeypatch.setattr(twilio, "add_recording", lambda sid, data: None)  # Twilio answers 404
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert page_of(s3_pager.store, form["RecordingSid"]).get("number") is None
+    assert re.fullmatch(r"Page 1 acknowledged: voicemail \(12 sec\) from .+\. Thanks, Alice\.",
+                        s3_pager.sms(ALICE, "ACK"))
+    page = page_of(s3_pager.store, form["RecordingSid"])
+    assert (page["state"], page["acked_by"], page["number"]) == ("acknowledged", "alice", 1)
+
+
+@pytest.mark.parametrize("body", ["ACK 1", "ACK"])
+def test_an_ack_reaches_a_warning_that_another_instance_made_ring(tmp_path: Path,
+                                                                   body: str) -> None:
+    """Instance A holds the listed copy of a warning; B gets the critical trigger and the page
+    rings. Alice's ACK reaching A before A's next listing acknowledges it all the same."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store)
+    cfg = op.load_app_config(write_config(tmp_path, "file:var"))
+    a, b = op.Pager(cfg, store, instance="test:a"), op.Pager(cfg, store, instance="test:b")
+    for pager, severity in ((a, "warning"), (b, "critical")):
+        event, errors = op.parse_event(alertmanager_event(severity=severity))
+        assert errors == []
+        pager.alert_event("alertmanager", event)
+    page_id = op.alert_page_id("alertmanager", AM_DEDUP_KEY, 0)
+    assert a.book.get(page_id)[0]["state"] == "listed"
+    assert b.page_number(page_id, b.page(page_id)["opened"]) == 1
+    reply = a.handle_sms(ALICE, body, "SM" + uuid.uuid4().hex)
+    assert re.fullmatch(r"Page 1 acknowledged: \[critical\] .+ \(Alertmanager\)\. Thanks, "
+                        r"Alice\.", reply), reply
+    assert page_of(store, page_id)["state"] == "acknowledged"
+
+
 def test_a_page_whose_creator_stopped_before_sending_is_delivered_by_the_listing(
         s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     """A page stored by an instance that stopped at once (its claims expired) is found by the
