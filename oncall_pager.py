@@ -1572,6 +1572,9 @@ class Snapshot:
     doc: dict
     etag: str
     stale: bool = False  # served from the last good copy because the store is unreachable
+    # what TeamConfig.write queued: the message jobs it created, for this instance to start
+    # (one that another instance's settle created first is that instance's to send)
+    queued: tuple[tuple[str, dict], ...] = ()
 
 
 CONFIG_CHANGE_TRIES = 5  # a change that lost the race is made again over the new version
@@ -1714,16 +1717,19 @@ class TeamConfig:
         etag = self.store.put(self.key, to_json(doc), if_match=base.etag)
         snapshot = self._remember(Snapshot(doc, etag))
         self._checked = time.monotonic()
-        def queue(message: tuple[str, dict]) -> Callable[[], None]:
-            def put() -> None:
+        def queue(message: tuple[str, dict]) -> Callable[[], bool]:
+            def put() -> bool:
                 try:
-                    put_once(self.store, *message)
+                    return put_once(self.store, *message)
                 except StoreUnavailable:  # the worker writes it when it marks it sent
                     log.error("event=message.unqueued key=%s", message[0])
+                    return True
             return put
 
-        in_parallel(IO_POOL, lambda: self.audit.write(key, entry), *map(queue, messages))
-        return snapshot
+        created = in_parallel(IO_POOL, lambda: self.audit.write(key, entry),
+                              *map(queue, messages))[1:]
+        return dataclasses.replace(snapshot, queued=tuple(
+            message for message, mine in zip(messages, created, strict=True) if mine))
 
     def reconcile(self) -> None:
         """At start: the config's last change made whole (see settle)."""
@@ -2286,8 +2292,9 @@ class Pager:
         except StoreConflict:
             self.store.delete(key)
             return self._changed_under(self.team.read().doc, member)
-        if self.start_message is not None and handoff is not None:
-            self.start_message(*handoff)
+        if self.start_message is not None:
+            for message in new.queued:
+                self.start_message(*message)
         pager_phone = new.doc["current_config"]["pager_phone"]
         told = ("has been told" if handoff else "was not told (opted out of texts)")
         return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} {told}. "
@@ -2427,7 +2434,7 @@ class Pager:
             log.info("event=rotation.handoff member=%s", member["id"])
             self._settled.add(start)
             if self.start_message is not None:
-                for message in told:
+                for message in snap.queued:
                     self.start_message(*message)
             return snap
         raise StoreUnavailable("the config kept changing")

@@ -5280,6 +5280,32 @@ def test_an_ack_reaches_a_warning_that_another_instance_made_ring(tmp_path: Path
     assert page_of(store, page_id)["state"] == "acknowledged"
 
 
+def test_a_handoff_text_queued_first_by_the_other_instance_is_sent_by_it_alone(
+        tmp_path: Path) -> None:
+    """B reads the config A just wrote (a TAKE confirmed) and settles its last change before
+    A queues the handoff text: the job is B's to send, and A does not send it too."""
+    class SettledByB(op.DirectoryStore):
+        def put(self, key: str, data: bytes, **kwargs: Any) -> str:
+            etag = super().put(key, data, **kwargs)
+            if key == "oncall_config.json" and kwargs.get("if_match"):
+                settled.extend(b.team.settle(json.loads(data)))
+            return etag
+
+    settled: list[tuple[str, dict]] = []
+    store = SettledByB(tmp_path / "var")
+    put_team(store)
+    cfg = op.load_app_config(write_config(tmp_path, "file:var"))
+    a, b = op.Pager(cfg, store, instance="test:a"), op.Pager(cfg, store, instance="test:b")
+    started: list[str] = []
+    a.start_work = lambda *args: None  # a worker here: texts are claimed and started
+    a.start_message = lambda key, job: started.append(key)
+    assert a.handle_sms(BOB, "TAKE", "SM" + uuid.uuid4().hex).startswith("Bob Roberts to be")
+    assert "you are now on call" in a.handle_sms(BOB, "C", "SM" + uuid.uuid4().hex)
+    (key, job), = settled
+    assert job["to"] == ALICE and started == [], "the handoff text would go twice"
+    assert json.loads(store.get(key).data)["body"] == job["body"]
+
+
 def test_a_page_whose_creator_stopped_before_sending_is_delivered_by_the_listing(
         s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     """A page stored by an instance that stopped at once (its claims expired) is found by the
