@@ -3760,7 +3760,8 @@ class Worker:
     def scan(self) -> float:
         """Claim and start what is due; returns when to look again. Pages spooled locally
         while the store was unreachable are worked on from the spool (so they are delivered
-        during the outage) and moved into the store once it is back."""
+        during the outage) and moved into the store once it is back; a copy in the store
+        (the write landed, its answer was lost) waits until then."""
         now = time.time()
         if time.monotonic() >= self._next_listing:
             self._next_listing = time.monotonic() + self.cfg.poll_interval
@@ -3783,6 +3784,7 @@ class Worker:
                        self._apart("rotation", lambda: self._plan_rotation(now), now))
         depth = 0
         spool = self.pager.spool
+        spooled: list[str] = []
         if spool is not None:
             spooled = spool.list("pages/")
             for key in spooled:
@@ -3793,7 +3795,10 @@ class Worker:
             for key in spooled:
                 if not self._move_into_store(key[len("pages/"):].removesuffix(".json")):
                     break  # the store is still unreachable: try again next scan
+        in_spool = {key[len("pages/"):].removesuffix(".json") for key in spooled}
         for page, etag in self.pager.book.working():
+            if page["id"] in in_spool:  # worked on from the spool until it has moved
+                continue
             depth += 1
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
         next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
@@ -3961,12 +3966,17 @@ class Worker:
 
         def merge(stored: dict | None) -> dict | None:
             """The page reached the store too (before the outage began, or through another
-            instance): keep what the spool already delivered, so it is not sent again."""
+            instance): keep what the spool already delivered and the escalation steps it
+            already called, so none is sent or called again."""
             if stored is None:
                 return page
             for channel, delivery in page["deliveries"].items():
                 if delivery["state"] != "pending" or channel not in stored["deliveries"]:
                     stored["deliveries"][channel] = delivery
+            if stored.get("state") == "open" and \
+                    page["escalation"]["step"] > stored["escalation"]["step"]:
+                stored["escalation"] = page["escalation"]
+                stored["paged"] = list(dict.fromkeys(stored["paged"] + page["paged"]))
             return stored
 
         try:

@@ -5522,6 +5522,64 @@ def test_moving_a_spooled_page_keeps_a_fallback_only_the_spool_has(
     assert stored["deliveries"]["sms_fallback"]["state"] == "pending"
 
 
+def test_moving_a_spooled_page_keeps_the_escalation_steps_it_called(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    """The page reached the store, the answer did not; the outage outlasted ack_timeout, so
+    the spool called step 0 (and texted Bob at step 1). Back in the store, the page goes on
+    from step 2: no step is called twice (found in review)."""
+    store, pager = flaky
+    store.lose_answer = lambda key: key.startswith("pages/")
+    open_test_page(pager)
+    store.lose_answer = lambda key: False
+    spooled, _ = op.read_json(pager.spool, f"pages/{PAGE_ID}.json")
+    spooled["escalation"].update(step=2, next_due=time.time() + 60)
+    spooled["paged"] = ["alice", "bob"]
+    pager.spool.put(f"pages/{PAGE_ID}.json", op.to_json(spooled))
+    worker = op.Worker(pager, op.Telephony())
+    assert worker._move_into_store(PAGE_ID)
+    worker.stop()
+    stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
+    assert stored["escalation"]["step"] == 2 and stored["paged"] == ["alice", "bob"]
+    assert pager.spool.list("pages/") == []
+
+
+def test_a_page_both_spooled_and_stored_is_called_from_the_spool_alone(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    """The store is back while the spool's first call is in flight: the store's copy, just
+    listed, waits until the spool's page has moved into it, so step 0 is called once."""
+    class SlowCalls(op.Telephony):
+        def send_sms(self, to: str, from_: str, body: str, media_url: str = "",
+                     status_callback: str = "") -> str:
+            return "SM" + uuid.uuid4().hex
+
+        def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+            calls.append(to)
+            time.sleep(0.3)
+            return "CA" + uuid.uuid4().hex
+
+    calls: list[str] = []
+    store, pager = flaky
+    pager.team.read()
+    store.lose_answer = lambda key: key.startswith("pages/")
+    open_test_page(pager)  # in the store and in the spool
+    store.lose_answer = lambda key: False
+    for copy_in in (store, pager.spool):  # the first call is due in both copies
+        op.update_json(copy_in, f"pages/{PAGE_ID}.json", lambda p: {
+            **p, "escalation": {**p["escalation"], "next_due": time.time() - 1}})
+    worker = op.Worker(pager, SlowCalls())
+    try:
+        worker.scan()  # lists the store's copy; the spool's call starts, so it cannot move yet
+        wait_until(lambda: not worker._tasks(), 5)
+        worker.scan()  # now it moves, keeping the step the spool called
+        wait_until(lambda: not worker._tasks(), 5)
+        worker.scan()
+    finally:
+        worker.stop()
+    assert calls == [ALICE], "step 0 was called twice"
+    stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
+    assert stored["escalation"]["step"] == 1 and pager.spool.list("pages/") == []
+
+
 def test_an_undelivered_mms_of_a_spooled_page_still_falls_back(
         flaky: tuple[FlakyStore, op.Pager]) -> None:
     store, pager = flaky
