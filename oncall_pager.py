@@ -19,6 +19,7 @@ How data flows
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
+         -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
     live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
             engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
          -> /public/dialdone: the next person, or the voicemail flow above
@@ -29,8 +30,9 @@ How data flows
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
          -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
-            voicemail; warning/info are e-mailed and listed) or joins the open one of its
-            dedup_key; acknowledge -> Pager.acknowledge; resolve -> Pager.resolve (notices)
+            voicemail; warning/info are e-mailed and listed) or joins the one of its
+            dedup_key (open, listed, or acknowledged within a day); acknowledge ->
+            Pager.acknowledge; resolve -> Pager.resolve (notices)
     heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
@@ -49,8 +51,10 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
                                             generation) and missed heartbeats (name, the ping
                                             it missed)
+    pages-done/<id>.json                    pages with nothing left to do, moved out of pages/
+                                            after two quiet days (so its listing stays short)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
-                                            its page was resolved
+                                            its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
