@@ -1929,14 +1929,13 @@ def has_work(page: dict) -> bool:
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
-def archivable(page: dict, now: float) -> bool:
+def archivable(page: dict) -> bool:
     """Nothing left to do, and nothing can reach it again: not open, no channel to send, and
-    for an alert page not one that a trigger of its dedup_key would join (a listed page stays
-    until resolved). A missed heartbeat's page is also checked against the heartbeat's state,
-    see Pager.archive."""
+    an alert page no longer one that its dedup_key can acknowledge or resolve (a listed or an
+    acknowledged page stays until resolved). More checks with the store in Pager.archive."""
     if has_work(page):
         return False
-    return page.get("kind") not in ("alert", "heartbeat") or not joins(page, now)
+    return page.get("kind") not in ("alert", "heartbeat") or page.get("state") not in ACTIVE
 
 
 def page_state(page: dict, doc: dict | None) -> str:
@@ -2134,6 +2133,8 @@ class PageBook:
         self._quiet_etags: dict[str, str] = {}
         self._since: dict[str, float] = {}  # time.monotonic() each page was last put here
         self._gone: OrderedDict[str, None] = OrderedDict()  # no longer in pages/ (archived)
+        # once pages/ has been listed, every page in it is known here (a copy or an ETag)
+        self.listed = False
         self._lock = threading.Lock()
 
     def get(self, page_id: str) -> tuple[dict, str] | None:
@@ -2185,6 +2186,7 @@ class PageBook:
                 self._gone[page_id] = None
             while len(self._gone) > RECENT_PAGES:
                 self._gone.popitem(last=False)
+            self.listed = True
 
     def working(self) -> list[tuple[dict, str]]:
         with self._lock:
@@ -2650,11 +2652,17 @@ class Pager:
         between leaves both, the same page, and the next try finishes the move. Returns
         whether it moved the page."""
         alert = page.get("alert", {})
-        if not archivable(page, time.time()):
+        if page.get("kind") == "alert" and page.get("state") == "acknowledged" and \
+                not has_work(page) and not joins(page, time.time()):
+            # superseded: its dedup_key fired again a day after the ACK and has a later page
+            index = read_json(self.store, alert_index_key(alert["integration"],
+                                                          alert["dedup_key"]))
+            if not index or int(index[0].get("generation", 0)) <= alert["generation"]:
+                return False
+        elif not archivable(page):
             return False
-        if page.get("kind") == "heartbeat" and (doc is None or (
-                alert.get("heartbeat") in heartbeats(doc) and
-                heartbeat_basis(self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"])):
+        if page.get("kind") == "heartbeat" and (doc is None or heartbeat_basis(
+                self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]):
             return False
         if page.get("kind") == "alert":
             self._note_generation(alert["integration"], alert["dedup_key"],
@@ -2704,8 +2712,9 @@ class Pager:
                 self._counter = written
         return chosen[0]
 
-    def recent_ids(self) -> list[str]:
-        """The ids of the most recent pages, newest first (a 304 when nothing was opened)."""
+    def recent_items(self) -> list[dict]:
+        """The most recent pages ({number, id, opened}), newest first (a 304 when nothing was
+        opened)."""
         with self._counter_lock:
             known = self._counter
         blob = self.store.get("counters/pages.json", unless_etag=known[1] if known else None)
@@ -2714,7 +2723,7 @@ class Pager:
             known = (doc, blob.etag) if doc is not None and blob is not None else None
             with self._counter_lock:
                 self._counter = known
-        return [item["id"] for item in reversed((known[0] if known else {}).get("recent", []))]
+        return list(reversed((known[0] if known else {}).get("recent", [])))
 
     def recent_pages(self, limit: int = RECENT_PAGES, fresh: bool = True,
                      skip_quiet: bool = False) -> list[dict]:
@@ -2722,10 +2731,12 @@ class Pager:
         fresh=False from the book's copies where it has them (for ACK, which checks with its
         conditional write); `skip_quiet` leaves out pages the book knows are done with."""
         found = []
-        for page_id in self.recent_ids()[:limit]:
+        for item in self.recent_items()[:limit]:
+            page_id = item["id"]
             if skip_quiet and self.book.get(page_id) is None and (
-                    self.book.etag(page_id) or self.book.gone(page_id)):
-                continue  # quiet, or moved out of pages/ (see archive)
+                    self.book.etag(page_id) or self.book.gone(page_id) or (
+                        self.book.listed and item["opened"] < time.time() - QUIET_AFTER)):
+                continue  # quiet, or moved out of pages/ (see archive), or not in its listing
             known = None if fresh else self.book.get(page_id)
             page = known or (self.read_page(page_id) if skip_quiet else self.find_page(page_id))
             if page is not None:
@@ -2735,7 +2746,7 @@ class Pager:
     def page_by_number(self, number: int) -> dict | None:
         """Found through counters/pages.json, which gives the number before the page's own
         copy has it written."""
-        self.recent_ids()
+        self.recent_items()
         with self._counter_lock:
             recent = (self._counter[0] if self._counter else {}).get("recent", [])
         for item in recent:
@@ -3049,7 +3060,9 @@ class Pager:
         also moved on before a page moves to pages-done/ (Pager.archive)."""
         index = read_json(self.store, alert_index_key(integration, dedup_key))
         noted = generation = int(index[0].get("generation", 0)) if index else 0
-        found = self.read_page(alert_page_id(integration, dedup_key, generation))
+        # find_page: the page may have moved to pages-done/ since the index was read (the
+        # index moves on before the page moves), and its id must not be opened again
+        found = self.find_page(alert_page_id(integration, dedup_key, generation))
         while found is not None and not joins(found[0], time.time()):
             later = self.read_page(alert_page_id(integration, dedup_key, generation + 1))
             if later is None:
@@ -3203,19 +3216,23 @@ class Pager:
                 return f"There is no recent page {args[0]}."
             targets = [page]
         else:
-            targets = []
             recent = self.recent_pages(fresh=False, skip_quiet=True)
             known = {page["id"] for page in recent}
             # and those open here that have no number yet (it comes with the e-mail)
             recent += [page for page, _ in self.book.working() if page["id"] not in known]
-            for page in recent:
-                if page.get("state") in ("open", "listed") and \
-                        member["id"] not in page.get("paged", []):
-                    # the book's copy may predate an escalation that reached this member, or
-                    # a warning that turned critical on another instance
-                    page = (self.read_page(page["id"]) or ({}, ""))[0]
-                if page.get("state") == "open" and member["id"] in page.get("paged", []):
-                    targets.append(page)
+            behind = [page["id"] for page in recent if page.get("state") in ("open", "listed")
+                      and member["id"] not in page.get("paged", [])]
+            if behind:
+                # the book's copies may predate an escalation that reached this member, or a
+                # warning that turned critical on another instance: one listing says which
+                # changed, and only those are read
+                versions = self.store.versions("pages/")
+                changed = {page_id for page_id in behind if self.book.etag(page_id) !=
+                           versions.get(f"pages/{page_id}.json", (None, 0.0))[0]}
+                recent = [(self.read_page(page["id"]) or ({}, ""))[0]
+                          if page["id"] in changed else page for page in recent]
+            targets = [page for page in recent if page.get("state") == "open"
+                       and member["id"] in page.get("paged", [])]
             if not targets:
                 return "No open pages for you. Nothing to acknowledge."
         lines = []

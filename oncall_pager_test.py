@@ -5280,6 +5280,151 @@ def test_an_ack_reaches_a_warning_that_another_instance_made_ring(tmp_path: Path
     assert page_of(store, page_id)["state"] == "acknowledged"
 
 
+def alert_pager(tmp_path: Path, store: op.Store | None = None) -> tuple[op.Store, op.Pager]:
+    """A pager without a worker on a directory store, with the Alertmanager integration."""
+    store = store or op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store)
+    return store, op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+
+
+def send_alert(pager: op.Pager, action: str = "trigger", **kwargs: str) -> None:
+    event, errors = op.parse_event(alertmanager_event(action, **kwargs))
+    assert errors == []
+    pager.alert_event("alertmanager", event)
+
+
+def mark_delivered(store: op.Store) -> None:
+    """Every channel of every page sent (no worker runs here)."""
+    for page in [json.loads(store.get(k).data) for k in store.list("pages/")]:
+        for channel in page["deliveries"].values():
+            channel["state"] = "sent"
+        store.put(f"pages/{page['id']}.json", op.to_json(page))
+
+
+def test_an_alert_page_moved_out_while_a_trigger_looks_for_it_is_not_opened_again(
+        tmp_path: Path) -> None:
+    """A trigger reads the dedup_key's index; before it reads the page, the other instance
+    moves the (resolved) page to pages-done/: the trigger opens the next generation, never
+    the moved page's id again."""
+    class MovesOnIndexRead(op.DirectoryStore):
+        def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+            blob = super().get(key, unless_etag=unless_etag)
+            if key.startswith("alerts/") and armed:
+                armed.clear()
+                assert other.archive(*op.read_json(self, f"pages/{first}.json"), None)
+            return blob
+
+    armed: list[bool] = []
+    store, pager = alert_pager(tmp_path, MovesOnIndexRead(tmp_path / "var"))
+    other = op.Pager(pager.cfg, store, instance="test:other")
+    first, second = (op.alert_page_id("alertmanager", AM_DEDUP_KEY, g) for g in (0, 1))
+    send_alert(pager)
+    send_alert(pager, "resolve")
+    mark_delivered(store)
+    armed.append(True)
+    send_alert(pager)
+    assert not armed, "the move did not come between the index and the page"
+    assert store.list("pages/") == [f"pages/{second}.json"]
+    assert store.list("pages-done/") == [f"pages-done/{first}.json"]
+    send_alert(pager, "resolve")
+    assert json.loads(store.get(f"pages/{second}.json").data)["state"] == "resolved"
+
+
+def test_what_moves_out_of_pages_and_what_stays(tmp_path: Path) -> None:
+    """Pager.archive, page by page: an acknowledged alert stays (its resolve must still reach
+    it) until its dedup_key has a later page; listed and open pages stay; a resolved one and
+    an acknowledged voicemail go; a missed heartbeat's page stays until the heartbeat pings."""
+    store, pager = alert_pager(tmp_path)
+    doc = pager.team.read().doc
+
+    def moves(page_id: str) -> bool:
+        return pager.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
+
+    def alert_id(dedup_key: str, generation: int = 0) -> str:
+        return op.alert_page_id("alertmanager", dedup_key, generation)
+
+    send_alert(pager, dedup_key="acked")
+    send_alert(pager, "acknowledge", dedup_key="acked")
+    assert not moves(alert_id("acked"))
+    op.update_json(store, f"pages/{alert_id('acked')}.json",
+                   lambda p: {**p, "acked_at": p["acked_at"] - op.ACKED_ALERT_HOLDS - 5})
+    assert not moves(alert_id("acked")), "a resolve may still come for it"
+    send_alert(pager, "resolve", dedup_key="acked")
+    assert json.loads(store.get(f"pages/{alert_id('acked')}.json").data)["state"] == "resolved"
+    send_alert(pager, dedup_key="again")
+    send_alert(pager, "acknowledge", dedup_key="again")
+    op.update_json(store, f"pages/{alert_id('again')}.json",
+                   lambda p: {**p, "acked_at": p["acked_at"] - op.ACKED_ALERT_HOLDS - 5})
+    send_alert(pager, dedup_key="again")  # a day after the ACK: a new page
+    send_alert(pager, severity="warning", dedup_key="listed")
+    send_alert(pager, dedup_key="open")
+    mark_delivered(store)  # only the state decides
+    assert [moves(p) for p in (alert_id("again"), alert_id("again", 1), alert_id("listed"),
+                               alert_id("open"), alert_id("acked"))] == [
+        True, False, False, False, True]
+    page, _ = pager.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
+                              PAGE_URL, 10)
+    assert not moves(PAGE_ID)
+    pager.acknowledge(PAGE_ID, op.members(doc)["alice"], via="sms")
+    op.update_json(store, f"pages/{PAGE_ID}.json", lambda p: {**p, "deliveries": {}})
+    assert moves(PAGE_ID)
+    state = {"name": "backup", "since": time.time() - 7200, "last_ping": None}
+    store.put("heartbeats/backup.json", op.to_json(state))
+    missed, _ = pager.heartbeat_missed("backup", state)
+    op.update_json(store, f"pages/{missed['id']}.json",
+                   lambda p: {**p, "state": "closed", "deliveries": {}})
+    assert not moves(missed["id"]), "a restart would open it again"
+    store.put("heartbeats/backup.json", op.to_json({**state, "last_ping": time.time()}))
+    pager.heartbeats.clear()
+    assert moves(missed["id"])
+    assert sorted(store.list("pages-done/")) == sorted(
+        f"pages-done/{p}.json" for p in (alert_id("again"), alert_id("acked"), PAGE_ID,
+                                          missed["id"]))
+
+
+def test_a_plain_ack_reads_no_page_that_cannot_concern_it(tmp_path: Path) -> None:
+    """After a restart, a plain ACK costs no read for each recent page moved out of pages/,
+    and one listing (not a read each) for the listed warnings among the recent pages."""
+    class Counting(op.DirectoryStore):
+        def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+            reads.append(key)
+            return super().get(key, unless_etag=unless_etag)
+
+        def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+            reads.append(f"LIST {prefix}")
+            return super().versions(prefix)
+
+    reads: list[str] = []
+    store, first = alert_pager(tmp_path, Counting(tmp_path / "var"))
+    doc = first.team.read().doc
+    for n in range(6):
+        page_id = f"RE{n:032d}"
+        first.open_page(page_id, "voicemail", {"number": CALLER}, f"CA{n:032d}", PAGE_URL, 10)
+        first.page_number(page_id, time.time())
+        first.acknowledge(page_id, op.members(doc)["alice"], via="sms")
+        op.update_json(store, f"pages/{page_id}.json", lambda p: {
+            **p, "deliveries": {}, "opened": p["opened"] - op.QUIET_AFTER - 5})
+        assert first.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
+    counter = json.loads(store.get("counters/pages.json").data)
+    for item in counter["recent"]:
+        item["opened"] -= op.QUIET_AFTER + 5  # opened days ago
+    store.put("counters/pages.json", op.to_json(counter))
+    for n in range(4):
+        send_alert(first, severity="warning", dedup_key=f"warning-{n}")
+        page_id = op.alert_page_id("alertmanager", f"warning-{n}", 0)
+        first.page_number(page_id, time.time())
+    restarted = op.Pager(first.cfg, store, instance="test:restarted")
+    worker = op.Worker(restarted, op.Telephony())
+    worker._list_pages()
+    restarted.team.read()
+    reads.clear()
+    reply = restarted.handle_sms(ALICE, "ACK", "SM" + uuid.uuid4().hex)
+    worker.stop()
+    assert reply == "No open pages for you. Nothing to acknowledge."
+    assert [r for r in reads if r.startswith(("pages", "LIST"))] == ["LIST pages/"], reads
+
+
 def test_a_handoff_text_queued_first_by_the_other_instance_is_sent_by_it_alone(
         tmp_path: Path) -> None:
     """B reads the config A just wrote (a TAKE confirmed) and settles its last change before
