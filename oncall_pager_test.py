@@ -2510,7 +2510,9 @@ def test_who_costs_at_most_one_s3_request_and_c_five_in_sequence(
     s3_pager.sms(BOB, "WHO")
     assert len(counter.operations) == 1 and counter.operations[0].startswith("GET")
     s3_pager.sms(BOB, "TAKE")
-    time.sleep(0.2)  # the TAKE's replay marker gets its reply just after the answer
+    store = s3_pager.store  # the TAKE's replay marker gets its reply just after the answer
+    wait_until(lambda: all(json.loads(store.get(k).data)["done"]
+                           for k in store.list("replies/")), 5)
     counter.reset()
     s3_pager.sms(BOB, "C")
     # at once: the config GET (a 304), the replay marker's create and the session GET; then
@@ -2578,11 +2580,11 @@ def test_rotation_hands_over_at_each_shift_start_reminds_first_and_tells_both(
         twilio: TwilioFake) -> None:
     config = s3_setup()
     store = op.open_store(op.load_app_config(config))
-    block, start = rotation(["bob", "carol"], first_in=2.5, shift=2.5, remind=1.2)
+    block, start = rotation(["bob", "carol"], first_in=4, shift=4, remind=2.5)
     set_team(store, rotation=block, team_name="Checkout")
     pager = start_pager(config)
     pager.pager.team.reconcile()  # as serve does at start
-    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 5)
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 6)
     assert oncall_id(store) == "alice", "reminded before the shift, not handed over"
     assert time.time() < start
     (reminder,) = messages_to(twilio, BOB)
@@ -2593,16 +2595,17 @@ def test_rotation_hands_over_at_each_shift_start_reminds_first_and_tells_both(
     assert twilio.wait_for(lambda: len(messages_to(twilio, BOB)) == 2
                            and messages_to(twilio, ALICE), 5)
     assert messages_to(twilio, BOB)[1] == (f"You are now on call for Checkout until "
-                                           f"{berlin(start + 2.5)}.")
+                                           f"{berlin(start + 4)}.")
     assert messages_to(twilio, ALICE) == ["Bob Roberts has taken on-call from you (rotation)."]
-    wait_until(lambda: len(rotation_changes(store)) == 2, 6)
-    assert time.time() >= start + 2.5 and oncall_id(store) == "carol"
-    assert twilio.wait_for(lambda: len(messages_to(twilio, CAROL)) == 2, 5)
+    wait_until(lambda: len(rotation_changes(store)) >= 2, 10)
+    assert time.time() >= start + 4 and oncall_id(store) in ("carol", "bob")
+    assert twilio.wait_for(lambda: len(messages_to(twilio, CAROL)) >= 2, 5)
     assert messages_to(twilio, CAROL)[0].startswith("Reminder: you go on call for Checkout at "
-                                                    f"{berlin(start + 2.5)}, in ")
+                                                    f"{berlin(start + 4)}, in ")
     assert rotation_changes(store)[:2] == [("alice", "bob"), ("bob", "carol")]
-    (changed,) = [e for e in audit_events(store, "oncall.changed")
-                  if e["details"]["to"] == "bob"]
+    # the first handoff to Bob (on a slow machine the next shift, Bob's again, may have come)
+    changed = next(e for e in audit_events(store, "oncall.changed")
+                   if e["details"]["to"] == "bob")
     assert changed["actor"] == "rotation" and changed["details"]["shift"].startswith(
         datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     pager.stop()
@@ -2646,11 +2649,11 @@ def test_two_instances_make_one_handoff_and_send_one_reminder(
         twilio: TwilioFake) -> None:
     first, second = s3_setup("a"), s3_setup("b")
     store = op.open_store(op.load_app_config(first))
-    block, start = rotation(["bob", "carol"], first_in=2.0, shift=30, remind=1.5)
+    block, start = rotation(["bob", "carol"], first_in=5, shift=30, remind=4)
     set_team(store, rotation=block)
     for pager in (start_pager(first), start_pager(second)):
         pager.pager.team.reconcile()  # as serve does at start
-    wait_until(lambda: rotation_changes(store), 5)
+    wait_until(lambda: rotation_changes(store), 10)
     time.sleep(1.0)  # both workers have looked again
     assert rotation_changes(store) == [("alice", "bob")]
     assert len(audit_events(store, "config.changed")) == 0
@@ -3445,12 +3448,13 @@ def test_no_ack_phones_the_oncall_engineer_with_a_signed_page_call(
 
 
 def test_ack_by_sms_stops_the_calls(s3_pager: RunningPager, twilio: TwilioFake) -> None:
-    escalation(s3_pager.store, ack_timeout=1, call_attempts=2)
+    escalation(s3_pager.store, ack_timeout=3, call_attempts=2)
+    opened = time.monotonic()
     leave_voicemail(s3_pager, twilio)
     assert twilio.wait_for(lambda: twilio.messages(), 5)
     assert s3_pager.sms(ALICE, "ack").startswith("Page 1 acknowledged: voicemail (12 sec) from "
                                                  "ACME CORP <+15551230000>. Thanks, Alice.")
-    time.sleep(2.5)
+    time.sleep(max(0.0, opened + 4.5 - time.monotonic()))  # past the first call's time
     assert twilio.calls() == []
     assert s3_pager.sms(ALICE, "ACK") == "No open pages for you. Nothing to acknowledge."
     assert s3_pager.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice McAlister."
@@ -3511,15 +3515,15 @@ def test_pressing_1_on_the_page_call_acknowledges(s3_pager: RunningPager,
 
 def test_a_busy_or_unanswered_call_counts_as_an_attempt_at_once(
         s3_pager: RunningPager, twilio: TwilioFake) -> None:
-    escalation(s3_pager.store, ack_timeout=2, call_attempts=3)
+    escalation(s3_pager.store, ack_timeout=6, call_attempts=3)  # the next call: 6 s later
     leave_voicemail(s3_pager, twilio)
-    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 6)
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 10)
     first = calls_to(twilio, ALICE)[0]
     twilio.post_callback(first.params["StatusCallback"][0], {
         "CallSid": "CA" + uuid.uuid4().hex, "CallStatus": "busy", "AccountSid": ACCOUNT_SID})
     hurried = time.monotonic()
-    assert twilio.wait_for(lambda: len(calls_to(twilio, ALICE)) == 2, 3)
-    assert time.monotonic() - hurried < 1.5
+    assert twilio.wait_for(lambda: len(calls_to(twilio, ALICE)) == 2, 8)
+    assert time.monotonic() - hurried < 4, "the busy call did not count at once"
 
 
 def test_a_restart_mid_escalation_continues_where_it_stopped(
@@ -6113,13 +6117,14 @@ def test_resolve_closes_the_page_and_tells_everyone_it_reached(
 
 def test_an_acknowledge_event_stops_the_calls(s3_pager: RunningPager, twilio: TwilioFake
                                               ) -> None:
-    with_integration(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1})
+    with_integration(s3_pager.store, escalation={"ack_timeout": 3, "call_attempts": 1})
+    opened = time.monotonic()
     assert post_event(s3_pager, alertmanager_event())[0] == 202
     assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
     assert post_event(s3_pager, alertmanager_event("acknowledge"))[0] == 202
     assert twilio.wait_for(lambda: "Page 1 acknowledged by alertmanager." in messages_to(
         twilio, ALICE), 5)
-    time.sleep(1.5)
+    time.sleep(max(0.0, opened + 4.5 - time.monotonic()))  # past the first call's time
     assert twilio.calls() == []
     (page,) = alert_pages(s3_pager.store)
     assert (page["state"], page["acked_by"]) == ("acknowledged", "events:alertmanager")
@@ -6153,12 +6158,13 @@ def test_a_trigger_a_day_after_the_ack_pages_afresh(s3_pager: RunningPager,
 
 def test_ack_n_by_sms_acknowledges_an_alert_page(s3_pager: RunningPager, twilio: TwilioFake
                                                  ) -> None:
-    with_integration(s3_pager.store, escalation={"ack_timeout": 1})
+    with_integration(s3_pager.store, escalation={"ack_timeout": 3})
+    opened = time.monotonic()
     assert post_event(s3_pager, alertmanager_event())[0] == 202
     assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
     assert s3_pager.sms(ALICE, "ACK 1") == (f"Page 1 acknowledged: [critical] {SUMMARY} "
                                             "(Alertmanager). Thanks, Alice.")
-    time.sleep(1.5)
+    time.sleep(max(0.0, opened + 4.5 - time.monotonic()))  # past the first call's time
     assert twilio.calls() == []
     assert "acknowledged by Alice McAlister" in s3_pager.sms(ALICE, "STATUS")
 
