@@ -3096,10 +3096,10 @@ def test_voicemail_reaches_oncall_by_mms_email_and_archive(
 
 def test_recording_callback_answers_at_once_while_delivery_still_runs(
         s3_pager: RunningPager, twilio: TwilioFake) -> None:
-    twilio.delay = 1.5
+    twilio.delay = 2.5  # within http_timeout (3 s)
     started = time.monotonic()
     leave_voicemail(s3_pager, twilio)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0, "the answer waited for Twilio"
     assert twilio.messages() == []
     assert twilio.wait_for(lambda: twilio.messages(), 10)
 
@@ -3831,7 +3831,8 @@ def test_under_systemd_serve_is_ready_once_listening_feeds_the_watchdog_and_repo
                                                    "worker alive")
         wait_until(lambda: len(listener.fields("WATCHDOG")) >= 4, 5)
         pings = [at for at, _ in listener.fields("WATCHDOG")]
-        assert all(b - a < 1.0 for a, b in zip(pings, pings[1:], strict=False))  # half of 2 s
+        # every half second (a quarter of WATCHDOG_USEC); systemd's limit is 2 s
+        assert all(b - a < 2.0 for a, b in zip(pings, pings[1:], strict=False))
         assert server.terminate() == 0
         wait_until(lambda: listener.fields("STOPPING"), 5)
     finally:
@@ -4245,10 +4246,10 @@ def test_a_slow_twilio_api_does_not_slow_webhook_answers(
     for body in ("TAKE", "C", "WHO"):
         started = time.monotonic()
         pager.sms(BOB, body)
-        assert time.monotonic() - started < 1.0, body
+        assert time.monotonic() - started < 3.0, body  # Twilio takes 5 s
     started = time.monotonic()
     leave_voicemail(pager, twilio)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0
     assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 15)
 
 
