@@ -6310,11 +6310,14 @@ def test_unknown_keys_ask_the_store_once_a_second_and_a_key_just_added_works_at_
         file_pager: RunningPager) -> None:
     with_integration(file_pager.store)
     file_pager.pager.team.read()  # the config in memory knows alertmanager's key only
+    looked_up = time.monotonic()
     status, answer = post_event(file_pager, alertmanager_event(key="1" * 32))
     assert (status, answer["errors"]) == (400, ["Invalid routing key"])
     # within the second: not looked up (a flood costs one read a second), but not refused
-    # either: a 503, which monitors retry
-    assert post_event(file_pager, alertmanager_event(key="2" * 32))[0] == 503
+    # either: a 503, which monitors retry (a machine too slow to ask within the second is
+    # answered after a look-up)
+    status = post_event(file_pager, alertmanager_event(key="2" * 32))[0]
+    assert status == 503 or (status == 400 and time.monotonic() - looked_up >= 1.0)
     time.sleep(1.0)
     new_key = "3" * 32
     with_integration(file_pager.store, key=new_key, name="grafana")
@@ -6470,14 +6473,14 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
         s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
         twilio: TwilioFake) -> None:
     first, second = start_pager(s3_setup("a")), start_pager(s3_setup("b"))
-    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 1}})
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 2, "grace": 2}})
     for pager in (first, second):
         assert pager.sms(ALICE, "WHO").startswith("Current on-call engineer")
     for _ in range(8):  # pings to the first instance only, for 4 s: nobody is paged
         assert heartbeat(first)[0] == 200
         time.sleep(0.5)
     assert twilio.messages() == [] and first.store.list("pages/") == []
-    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 10)
     time.sleep(3)
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
