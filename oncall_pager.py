@@ -3954,19 +3954,19 @@ class Worker:
 
     def _archive_pages(self) -> None:
         """Pages unchanged for QUIET_AFTER that can no longer need work move to pages-done/
-        (Pager.archive): one listing a day, and four requests a page, once. A page being
-        sent here is left for the next day."""
+        (Pager.archive): one listing a day, and four to six requests a page, once. A page
+        being sent here, or any page after a failed request, is left for the next day."""
         moved = 0
         known = self.pager.team.last_known()
         try:
             for key, (etag, modified) in self.store.versions("pages/").items():
                 page_id = key[len("pages/"):].removesuffix(".json")
-                if modified >= time.time() - QUIET_AFTER or \
+                if modified >= time.time() - QUIET_AFTER or not PAGE_ID.fullmatch(page_id) or \
                         any(task.startswith(page_id + "/") for task in self._tasks()):
                     continue
                 found = read_json(self.store, key)
-                if found is not None and found[1] == etag and PAGE_ID.fullmatch(page_id) \
-                        and self.pager.archive(*found, known.doc if known else None):
+                if found is not None and found[1] == etag and \
+                        self.pager.archive(*found, known.doc if known else None):
                     moved += 1
         except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
             log.warning("event=pages.archive_failed error=%r", str(e)[:200])
