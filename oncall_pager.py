@@ -2567,8 +2567,8 @@ class Pager:
         candidates = sorted((p for p, _ in self.book.working() if p.get("state") == "open"
                              and number and p.get("caller", {}).get("number") == number
                              and p["id"] != page_id), key=lambda p: p["opened"])
-        if not candidates:
-            return None
+        if not candidates or self.read_page(page_id) is not None:
+            return None  # (or Twilio's retry of a callback whose page is stored: that page)
         claimed_until = self.claim_until()
         oncall = members(snap.doc).get(candidates[0]["oncall"]["id"], {})
         texts = ("email", "archive") if oncall.get("opted_out") else ("mms", "email", "archive")
