@@ -3095,7 +3095,7 @@ class Pager:
                 oncall = oncall_member(doc)  # who is on call now, not when it was listed
                 page.update(state="open", oncall=dict(oncall), paged=[oncall["id"]],
                             ringing_since=now)
-                page["alert"]["severity"] = alert["severity"]
+                page["alert"].update(alert)  # the texts tell what rings: its summary, source
                 page["escalation"]["next_due"] = now + escalation_settings(doc)["ack_timeout"]
                 if page["oncall"].get("opted_out"):
                     page["escalation"]["next_due"] = now
