@@ -6487,3 +6487,166 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
+
+
+# === Docs: the README's local session ===
+
+
+README_SESSION_SECTIONS = ("### Talking to the local instance", "## Try every feature locally")
+README_SESSION_END = "## How it works"
+# What a session's output may differ in from run to run: times, stamps, ids and keys.
+SESSION_VARYING = (
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z"), "<ISO>"),
+    (re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d( UTC)?"), "<TIME>"),
+    (re.compile(r"\d{8}T\d{6}\.\d{6}Z"), "<STAMP>"),
+    (re.compile(r"\d{4}-\d\d-\d\d_\d{6}"), "<STAMP>"),
+    (re.compile(r"(CA|SM|RE|DRYSM|DRYCA|AL|HB)[0-9a-f]{12,}"), r"\1<SID>"),
+    (re.compile(r"\b[0-9a-f]{12,}\b"), "<HEX>"),
+    (re.compile(r"\(in \d+ d \d+ h\)|\(in \d+ h \d+ min\)|\(in [^)]*\)"), "(in <WHILE>)"),
+    (re.compile(r"[ \t]+"), " "),
+)
+# Commands that only read: a user types slower than this test, so these are asked again
+# (for a few seconds) while the worker finishes what the previous command started.
+SESSION_READS = re.compile(r"^(ls |sleep \d+; )?\S*(oncall-pager (pages|audit|schedule)|ls |curl -s -H)")
+
+
+class SessionStep(NamedTuple):
+    command: str
+    output: str | None  # None: the block shows no output for it
+    json_block: str | None  # the JSON block shown last before it (for `config edit`)
+
+
+def readme_session_steps(readme: str) -> list[SessionStep]:
+    """The console blocks of the README's local session, in order: each `$ ` command (with
+    its continuation lines while a quote is open) and the output shown under it."""
+    start = min(readme.index(s) for s in README_SESSION_SECTIONS)
+    text = readme[start:readme.index(README_SESSION_END, start)]
+    steps: list[SessionStep] = []
+    json_block: str | None = None
+    for kind, body in re.findall(r"```(console|json)\n(.*?)```", text, re.S):
+        if kind == "json":
+            json_block = body
+            continue
+        lines = body.rstrip("\n").split("\n")
+        i = 0
+        while i < len(lines):
+            assert lines[i].startswith("$ "), f"not a command: {lines[i]!r}"
+            command = lines[i][2:]
+            while True:
+                try:
+                    shlex.split(command, comments=True)
+                    break
+                except ValueError:  # an open quote: the command goes on
+                    i += 1
+                    command += "\n" + lines[i]
+            i += 1
+            shown = []
+            while i < len(lines) and not lines[i].startswith("$ "):
+                shown.append(lines[i])
+                i += 1
+            output = "\n".join(shown).strip("\n")
+            steps.append(SessionStep(command, output or None, json_block))
+    return steps
+
+
+def session_text(text: str) -> str:
+    for pattern, placeholder in SESSION_VARYING:
+        text = pattern.sub(placeholder, text)
+    return "\n".join(line.rstrip() for line in text.strip().split("\n"))
+
+
+def session_output_matches(shown: str, actual: str) -> bool:
+    """The shown output, with `...` for anything, against what the command printed."""
+    parts = session_text(shown).split("...")
+    pattern = ".*?".join(re.escape(part) for part in parts)
+    return re.fullmatch(pattern, session_text(actual), re.S) is not None
+
+
+def test_session_output_matching_is_loose_only_where_the_readme_says_so() -> None:
+    assert session_output_matches("Page 1 acknowledged: ... Thanks, Bob.",
+                                  "Page 1 acknowledged: voicemail (12 sec). Thanks, Bob.")
+    assert not session_output_matches("Page 1 acknowledged: ... Thanks, Bob.",
+                                      "Page 1 acknowledged: voicemail. Thanks, Carol.")
+    assert session_output_matches("#1  2026-11-27 03:04 UTC  open", "#1 2031-01-02 11:22 UTC open")
+    assert not session_output_matches("1 open.", "2 open.")
+
+
+EDITOR_MERGE = """\
+import json, sys
+block, path = open(sys.argv[1]).read().strip().rstrip(","), sys.argv[2]
+doc = json.load(open(path))
+doc["current_config"].update(json.loads("{" + block + "}"))
+json.dump(doc, open(path, "w"), indent=2)
+"""
+
+
+def test_readme_local_session_runs_as_shown(tmp_path: Path) -> None:
+    """Every command of the README's local session ("Talking to the local instance" and
+    "Try every feature locally") runs, in order, against `oncall-pager serve` on the
+    embedded default (config.ini.example: file store in var/, dry-run), and prints what the
+    README shows. `.venv/bin/oncall-pager` is this checkout's module; `config edit` gets an
+    $EDITOR that pastes the JSON block shown before it into current_config, as the README
+    asks the reader to; `make run` (re)starts the pager with the variables given."""
+    readme = (HERE / "README.md").read_text()
+    steps = readme_session_steps(readme)
+    assert len(steps) > 20
+    port = free_port()
+    home = tmp_path / "checkout"
+    (home / ".venv" / "bin").mkdir(parents=True)
+    (home / "var").mkdir()
+    example = (HERE / "config.ini.example").read_text()
+    # The port is a free one; the worker comes round every 2 s instead of 60 (so a wait the
+    # README gives as a minute or more, for a heartbeat to be noticed, is 6 s here).
+    example = example.replace("8080", str(port)).replace("poll_interval = 60",
+                                                         "poll_interval = 2")
+    (home / "config.ini.example").write_text(example)
+    shutil.copy(HERE / "oncall_config.example.json", home)
+    cli = home / ".venv" / "bin" / "oncall-pager"
+    cli.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                   f"{shlex.quote(str(HERE / 'oncall_pager.py'))} \"$@\"\n")
+    cli.chmod(0o755)
+    (tmp_path / "merge.py").write_text(EDITOR_MERGE)
+    env = {k: v for k, v in os.environ.items() if k != "ONCALL_PAGER_CONFIG"}
+    env["EDITOR"] = f"{shlex.quote(sys.executable)} {tmp_path / 'merge.py'} {tmp_path / 'block'}"
+    variables: dict[str, str] = {}
+
+    def serve(extra: dict[str, str]) -> ServeProcess:
+        server = ServeProcess(home / "config.ini.example", {**extra, "PYTHONPATH": str(HERE)})
+        server.wait_healthy(timeout=10)
+        return server
+
+    server = serve({})
+    started = time.monotonic()
+    try:
+        for step in steps:
+            command = step.command.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+            command = re.sub(r"^sleep (6\d|[7-9]\d|\d{3,});", "sleep 6;", command)
+            restart = re.fullmatch(r"((?:\w+=\S+ )*)make run", command)
+            if restart:
+                server.terminate()
+                server = serve(dict(v.split("=", 1) for v in restart.group(1).split()))
+                continue
+            if "config edit" in command:
+                assert step.json_block, "config edit without a JSON block before it"
+                (tmp_path / "block").write_text(step.json_block)
+            assign = re.fullmatch(r"(\w+)=(\$\(.*\))", command, re.S)
+            script = (f"{command}\nprintf %s \"${assign.group(1)}\"" if assign else command)
+            deadline = time.monotonic() + (5 if SESSION_READS.match(command) else 0)
+            while True:
+                done = subprocess.run(["bash", "-c", script], cwd=home, capture_output=True,
+                                      text=True, env={**env, **variables}, timeout=60)
+                shown = (step.output or "").replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+                matches = step.output is None or session_output_matches(shown, done.stdout)
+                if (done.returncode == 0 and matches) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert done.returncode == 0, f"$ {step.command}\n{done.stdout}{done.stderr}"
+            assert matches, (f"$ {step.command}\nthe README shows:\n{step.output}\n"
+                             f"it printed:\n{done.stdout}")
+            if assign:
+                variables[assign.group(1)] = done.stdout
+                assert done.stdout, f"$ {step.command} set nothing"
+    finally:
+        with contextlib.suppress(Exception):
+            server.terminate()
+    print(f"session: {len(steps)} commands in {time.monotonic() - started:.1f} s")
