@@ -6507,7 +6507,8 @@ SESSION_VARYING = (
 )
 # Commands that only read: a user types slower than this test, so these are asked again
 # (for a few seconds) while the worker finishes what the previous command started.
-SESSION_READS = re.compile(r"^(ls |sleep \d+; )?\S*(oncall-pager (pages|audit|schedule)|ls |curl -s -H)")
+SESSION_READS = re.compile(
+    r"^(ls |sleep \d+; )?\S*(oncall-pager (pages|audit|schedule)|ls |curl -s -H)")
 
 
 class SessionStep(NamedTuple):
