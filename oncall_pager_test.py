@@ -4471,11 +4471,17 @@ class CrashingStore(op.DirectoryStore):
         self.crash_at, self.after = crash_at, after
         self.writes = 0
         self.dead = False
+        self.down = False  # unreachable (StoreUnavailable) while set: an outage, not a stop
         self._count_lock = threading.Lock()
 
     def _alive(self) -> None:
         if self.dead:
             raise Crash()
+
+    def _reachable(self) -> None:
+        self._alive()
+        if self.down:
+            raise op.StoreUnavailable("the store is down")
 
     def _write(self, write: Callable[[], Any]) -> Any:
         self._alive()
@@ -4492,7 +4498,7 @@ class CrashingStore(op.DirectoryStore):
         return result
 
     def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
-        self._alive()
+        self._reachable()
         return super().get(key, unless_etag=unless_etag)
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
@@ -4503,18 +4509,46 @@ class CrashingStore(op.DirectoryStore):
             stamp = op.time.time()  # the module's clock: a file ages as the flow's time goes
             os.utime(self.root / key, (stamp, stamp))
             return etag
+        self._reachable()
         return self._write(write)
 
     def delete(self, key: str) -> None:
+        self._reachable()
         self._write(lambda: super(CrashingStore, self).delete(key))
 
     def list(self, prefix: str) -> list[str]:
-        self._alive()
+        self._reachable()
         return super().list(prefix)
 
     def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
-        self._alive()
+        self._reachable()
         return super().versions(prefix)
+
+
+class CrashingSpool(op.DirectoryStore):
+    """The process's local spool (where pages wait while the store is down): its writes are
+    crash points too, counted with the store's, and it stops with the process; it is never
+    down itself."""
+
+    def __init__(self, root: Path, process_store: CrashingStore):
+        super().__init__(root)
+        self.process_store = process_store
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+        self.process_store._alive()
+        return super().get(key, unless_etag=unless_etag)
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        return self.process_store._write(lambda: super(CrashingSpool, self).put(
+            key, data, if_match=if_match, if_absent=if_absent))
+
+    def delete(self, key: str) -> None:
+        self.process_store._write(lambda: super(CrashingSpool, self).delete(key))
+
+    def list(self, prefix: str) -> list[str]:
+        self.process_store._alive()
+        return super().list(prefix)
 
 
 class FakeTime:
@@ -4572,6 +4606,7 @@ class Process:
         self.clock, self.outside, self.folder = clock, outside, folder
         self.store = CrashingStore(folder / "var", crash_at, after)
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
+        self.pager.spool = CrashingSpool(folder / "spool", self.store)
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
         with contextlib.suppress(Crash):  # as `serve` does at start
             self.pager.team.reconcile()
@@ -4653,6 +4688,27 @@ ALICE_MEMBER = {"id": "alice", "name": "Alice McAlister", "phone": ALICE}
 # the call's e-mail goes out.
 LIVE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.pager.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
+    lambda p: p.settle(),
+]
+
+
+def store_down(process: Process, step: Callable[[Process], Any]) -> None:
+    """One step while the store is unreachable (a step run again after a stop is too)."""
+    process.store.down = True
+    try:
+        step(process)
+        process.settle()
+    finally:
+        process.store.down = False
+
+
+# A live call taken while the store is down: Alice presses 1 (the call page is spooled; the
+# retry of the key press comes again after a stop), then the store is back: the call's e-mail
+# goes out (from the spool: a scan works on it first), and the page moves in at the next scan.
+LIVE_OUTAGE_FLOW: list[Callable[[Process], None]] = [
+    lambda p: store_down(p, lambda p: p.pager.live_accepted(
+        LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"])),
+    lambda p: p.advance(5),
     lambda p: p.settle(),
 ]
 
@@ -4836,6 +4892,12 @@ def check_live_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent == [], "a taken call rings nobody"
 
 
+def check_live_outage_flow(store: op.Store, outside: Outside) -> None:
+    check_live_flow(store, outside)  # one page in the store, opened once, acknowledged
+    assert op.DirectoryStore(store.root.parent / "spool").list("pages/") == [], \
+        "the spooled page never moved into the store"
+
+
 def check_rotation_flow(store: op.Store, outside: Outside) -> None:
     assert oncall_id(store) == "carol"
     events = audit_events(store)
@@ -4925,12 +4987,13 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
+                                         (LIVE_OUTAGE_FLOW, check_live_outage_flow),
                                          (ROTATION_FLOW, check_rotation_flow),
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow)],
-                         ids=["page", "team", "live", "rotation", "alert", "heartbeat",
-                              "archive"])
+                         ids=["page", "team", "live", "live-outage", "rotation", "alert",
+                              "heartbeat", "archive"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
