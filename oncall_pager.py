@@ -20,9 +20,13 @@ How data flows
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
-    live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
-            engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
-         -> /public/dialdone: the next person, or the voicemail flow above
+    live -> /public/keypress 2 -> Pager.live_hunt: a caller reaches the hunt once in 10
+            minutes (live/<number>.json) and not while their page is open, else voicemail
+         -> screened <Dial>, each leg counted against the hourly budget (/public/screen,
+            /public/screenkey: only the engineer's 1 connects; Pager.live_accepted opens a
+            page of kind call, acknowledged; spooled like a voicemail while S3 is down)
+         -> /public/dialdone: the next person, or the voicemail flow above (also when the
+            store cannot say whether the call was taken)
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
     rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
             the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
