@@ -2902,24 +2902,31 @@ class Pager:
         if known is not None and now - known[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
             return self.live_held(caller, "hunted within 10 minutes"), False
 
-        def mark(marker: dict | None) -> dict | None:
-            if marker is not None and now - marker.get("hunted", 0) < LIVE_REPEAT_SECONDS:
-                return None  # (`seen` keeps the copy read, for the next repeat)
-            return {"number": number, "hunted": now, "instance": self.instance}
-
+        key = f"live/{number.lstrip('+')}.json"
+        marker = {"number": number, "hunted": now, "instance": self.instance}
+        etag = known[1] if known is not None else None
         try:
-            written = update_json(self.store, f"live/{number.lstrip('+')}.json", mark, tries=3,
-                                  known=known if known is not None and known[1] else None,
-                                  seen=lambda found: self._note_hunt(number, *found))
-        except StoreConflict:  # others write it at this moment: they hunt, this one waits
-            return self.live_held(caller, "hunted within 10 minutes"), False
+            # Written blind first (a create, or If-Match over this instance's copy): a first
+            # hunt costs one request; only a conflict costs a read.
+            for _ in range(3):
+                try:
+                    written = self.store.put(key, to_json(marker), if_match=etag,
+                                             if_absent=etag is None)
+                    break
+                except StoreConflict:
+                    found = read_json(self.store, key)
+                    if found is not None:
+                        self._note_hunt(number, *found)
+                        if now - found[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
+                            return self.live_held(caller, "hunted within 10 minutes"), False
+                    etag = found[1] if found is not None else None
+            else:  # others write it at this moment: they hunt, this one waits
+                return self.live_held(caller, "hunted within 10 minutes"), False
         except StoreUnavailable:
             log.warning("event=live.unmarked reason=store_unavailable")
-            self._note_hunt(number, {"number": number, "hunted": now}, None)
+            self._note_hunt(number, marker, None)
             return None, False
-        if written is None:
-            return self.live_held(caller, "hunted within 10 minutes"), False
-        self._note_hunt(number, *written)
+        self._note_hunt(number, marker, written)
         IO_POOL.submit(self.audit.write, *self.audit.entry("live.hunted", "twilio", {
             "caller": number}))
         return None, False

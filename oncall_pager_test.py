@@ -6728,3 +6728,17 @@ def test_while_s3_is_down_a_live_call_nobody_took_is_offered_voicemail_and_paged
     own_s3()
     page = json.loads(wait_until(lambda: store.get(f"pages/{sid}.json"), 15).data)
     assert page["live_tried"] == ["alice"]
+
+
+def test_live_hunt_markers_older_than_10_minutes_are_pruned_daily(tmp_path: Path) -> None:
+    """live/ would otherwise grow by one object per caller ever."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    for number, age in (("15551230000", 11 * 60 + 61), ("15551239999", 60)):
+        store.put(f"live/{number}.json", op.to_json({"hunted": time.time() - age}))
+        os.utime(store.root / f"live/{number}.json", (time.time() - age, time.time() - age))
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    worker = op.Worker(pager, op.Telephony())
+    worker._prune_hunts()
+    worker.stop()
+    assert store.list("live/") == ["live/15551239999.json"]
