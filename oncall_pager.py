@@ -20,9 +20,13 @@ How data flows
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
-    live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
-            engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
-         -> /public/dialdone: the next person, or the voicemail flow above
+    live -> /public/keypress 2 -> Pager.live_hunt: a caller reaches the hunt once in 10
+            minutes (live/<number>.json) and not while their page is open, else voicemail
+         -> screened <Dial>, each leg counted against the hourly budget (/public/screen,
+            /public/screenkey: only the engineer's 1 connects; Pager.live_accepted opens a
+            page of kind call, acknowledged; spooled like a voicemail while S3 is down)
+         -> /public/dialdone: the next person, or the voicemail flow above (also when the
+            store cannot say whether the call was taken)
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
     rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
             the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
@@ -58,6 +62,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
+    live/<caller number>.json               when that caller last reached the live hunt (a
+                                            repeat within 10 minutes goes to voicemail)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
@@ -1484,6 +1490,8 @@ AUDIT_EVENTS = (
     "member.opted_out",      # a member sent STOP (or another opt-out word): called, not texted
     "member.opted_in",       # a member sent START, UNSTOP or YES
     "recording.refused",     # a recording callback named a URL outside our Twilio account
+    "live.hunted",           # a caller pressed 2 and is put through (live/<number>.json)
+    "live.held",             # a caller pressed 2 and went straight to voicemail (the reason)
 )
 
 
@@ -2114,6 +2122,9 @@ DONE_PAGES = "pages-done/"  # pages with nothing left to do, moved out of pages/
 # What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
 # restricted, blocked.
 WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
+# A caller who reached the live hunt this recently (seconds) is not put through again: the
+# call goes straight to voicemail (live/<number>.json holds when, for every instance).
+LIVE_REPEAT_SECONDS = 600.0
 # The texts of a page whose fate Twilio reports: the first one, its fallback, those of a
 # voicemail that joined the page, notices and escalation texts.
 TEXT_CHANNEL = re.compile(r"(mms|sms|sms_fallback)(:[A-Z]{2}[0-9a-zA-Z]{32})?"
@@ -2221,6 +2232,10 @@ class Pager:
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
         self._counter_lock = threading.Lock()
+        # live/<number>.json as this instance last wrote or read it (see live_hunt); a copy
+        # without an ETag was noted here while the store was unreachable
+        self._hunts: OrderedDict[str, tuple[dict, str | None]] = OrderedDict()
+        self._hunts_lock = threading.Lock()
         # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
         self.start_work: Callable[..., None] | None = None
         self.start_message: Callable[[str, dict], None] | None = None
@@ -2863,13 +2878,96 @@ class Pager:
                 if m != oncall["id"] and m in members(doc)]
         return [oncall, *team][:live_settings(doc)["max_targets"]]
 
+    def live_hunt(self, caller: dict) -> tuple[str | None, bool]:
+        """A caller pressed 2: may they be put through? Every leg of a hunt counts against
+        the hourly outbound budget, but a caller's first hunt is never capped; a caller who
+        reached the hunt within LIVE_REPEAT_SECONDS, or whose page is open, goes straight to
+        voicemail (which joins the open page), so ten calls from one number ring the team
+        once. "Reached the hunt" is live/<number>.json, written conditionally (a create, or
+        If-Match over the copy this instance holds), so two instances agree and the caller,
+        who is waiting, costs one request; a repeat this instance saw costs none. Callers
+        who withhold their number cannot be told apart: their legs are within the budget.
+        While the store is unreachable the caller is put through (a person must be
+        reachable; the budget is a cost control) and noted in memory here.
+        Returns (why the caller goes to voicemail, or None; whether the legs are capped)."""
+        number = caller.get("number", "")
+        if not is_e164(number) or number in WITHHELD_NUMBERS:
+            return None, True
+        if any(p.get("state") == "open" and p.get("caller", {}).get("number") == number
+               for p, _ in self.book.working()):
+            return self.live_held(caller, "page open"), False
+        now = time.time()
+        with self._hunts_lock:
+            known = self._hunts.get(number)
+        if known is not None and now - known[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
+            return self.live_held(caller, "hunted within 10 minutes"), False
+
+        key = f"live/{number.lstrip('+')}.json"
+        marker = {"number": number, "hunted": now, "instance": self.instance}
+        etag = known[1] if known is not None else None
+        try:
+            # Written blind first (a create, or If-Match over this instance's copy): a first
+            # hunt costs one request; only a conflict costs a read.
+            for _ in range(3):
+                try:
+                    written = self.store.put(key, to_json(marker), if_match=etag,
+                                             if_absent=etag is None)
+                    break
+                except StoreConflict:
+                    found = read_json(self.store, key)
+                    if found is not None:
+                        self._note_hunt(number, *found)
+                        if now - found[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
+                            return self.live_held(caller, "hunted within 10 minutes"), False
+                    etag = found[1] if found is not None else None
+            else:  # others write it at this moment: they hunt, this one waits
+                return self.live_held(caller, "hunted within 10 minutes"), False
+        except StoreUnavailable:
+            log.warning("event=live.unmarked reason=store_unavailable")
+            self._note_hunt(number, marker, None)
+            return None, False
+        self._note_hunt(number, marker, written)
+        IO_POOL.submit(self.audit.write, *self.audit.entry("live.hunted", "twilio", {
+            "caller": number}))
+        return None, False
+
+    def _note_hunt(self, number: str, marker: dict, etag: str | None) -> None:
+        with self._hunts_lock:
+            self._hunts[number] = (marker, etag)
+            self._hunts.move_to_end(number)
+            while len(self._hunts) > 1000:
+                self._hunts.popitem(last=False)
+
+    def live_held(self, caller: dict, reason: str) -> str:
+        """Audited off the caller's path (the entry waits in memory if the store is down)."""
+        log.info("event=live.held reason=%s", log_value(reason))
+        IO_POOL.submit(self.audit.write, *self.audit.entry("live.held", "twilio", {
+            "caller": caller.get("number", ""), "reason": reason}))
+        return reason
+
+    def live_taken(self, call_sid: str) -> bool | None:
+        """Whether a live call was taken: its page of kind call is in the store or, during
+        an outage (or before the worker moved it), in the spool. None when the store could
+        not answer and the spool does not have it: the caller is offered voicemail."""
+        key = f"pages/{call_sid}.json"
+        in_spool = read_json(self.spool, key) if self.spool is not None else None
+        if in_spool is not None:
+            return in_spool[0].get("kind") == "call"
+        try:
+            found = self.read_page(call_sid)
+        except StoreUnavailable:
+            return None
+        return found is not None and found[0].get("kind") == "call"
+
     def live_accepted(self, call_sid: str, caller: dict, member: dict, tried: list[str]
                       ) -> tuple[dict, bool]:
         """The engineer pressed 1 on a live call: a page of kind `call`, opened and
         acknowledged by them in one conditional create (its `page.opened` and
         `page.acknowledged` entries with it), so nothing escalates; the team gets an e-mail
         of the call (with the recording, when there is one, after it: see live_recorded).
-        A second 1 (Twilio's retry) finds the page. Returns (page, created)."""
+        A second 1 (Twilio's retry) finds the page. While the store is unreachable the page
+        goes to the spool, as a voicemail's does (see open_page): the call is connected
+        whatever the store does. Returns (page, created)."""
         doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         now = time.time()
         record = live_settings(doc)["record"]
@@ -2890,15 +2988,34 @@ class Pager:
                 ("page.acknowledged", member["id"], {"page": call_sid, "via": "live"})):
             key, entry = self.audit.entry(event, actor, details)
             page["audit_due"].append({"key": key, "entry": entry})
+        key = f"pages/{call_sid}.json"
+        spooled = read_json(self.spool, key) if self.spool is not None else None
+        if spooled is not None:  # taken during the outage; the worker moves it to the store
+            return spooled[0], False
+
+        def create(store: Store) -> tuple[dict, bool]:
+            try:
+                etag = store.put(key, to_json(page), if_absent=True)
+            except StoreConflict:
+                try:
+                    found = read_json(store, key)
+                except StoreUnavailable as e:
+                    raise StoreUncertain(str(e)) from None
+                return (found[0] if found else page), False
+            METRICS.count("oncall_pages_opened_total", kind="call")
+            if store is self.store:
+                self.book.put(page, etag)
+            self.hand_over(store, page, etag, channels, doc)
+            self.wake()
+            return page, True
+
         try:
-            etag = self.store.put(f"pages/{call_sid}.json", to_json(page), if_absent=True)
-        except StoreConflict:
-            found = read_json(self.store, f"pages/{call_sid}.json")
-            return (found[0] if found else page), False
-        METRICS.count("oncall_pages_opened_total", kind="call")
-        self.book.put(page, etag)
-        self.hand_over(self.store, page, etag, channels, doc)
-        return page, True
+            return create(self.store)
+        except StoreUnavailable as e:
+            if self.spool is None or isinstance(e, StoreUncertain):
+                raise
+            log.warning("event=page.spooled page=%s reason=store_unavailable", call_sid)
+            return create(self.spool)
 
     def live_recorded(self, call_sid: str, recording_sid: str, recording_url: str,
                       duration: int) -> bool:
@@ -3800,6 +3917,7 @@ class Worker:
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
             self._submit("prune", self._prune_replies)
+            self._submit("prune-live", self._prune_hunts)
             self._submit("archive", self._archive_pages)
         next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
                        self._apart("rotation", lambda: self._plan_rotation(now), now))
@@ -3951,6 +4069,18 @@ class Worker:
         for key, (_, modified) in self.store.versions("replies/").items():
             if modified < time.time() - (REPLY_KEEP_DAYS + 1) * DAY:
                 self.store.delete(key)
+
+    def _prune_hunts(self) -> None:
+        """Live-hunt markers (live/<number>.json) say something for LIVE_REPEAT_SECONDS only;
+        older ones go, so the folder holds about the callers of the last day: one listing a
+        day. (A marker rewritten between the listing and its delete is lost: that caller may
+        hunt once more within the 10 minutes, once a day at worst.)"""
+        try:
+            for key, (_, modified) in self.store.versions("live/").items():
+                if modified < time.time() - LIVE_REPEAT_SECONDS - 60:
+                    self.store.delete(key)
+        except StoreUnavailable as e:
+            log.warning("event=live.prune_failed error=%r", str(e)[:200])
 
     def _archive_pages(self) -> None:
         """Pages unchanged for QUIET_AFTER that can no longer need work move to pages-done/
@@ -4359,19 +4489,19 @@ class Worker:
                         self._page_locks.pop(old, None)
         return number
 
-    def _spend_outbound(self, doc: dict, details: dict) -> float | None:
+    def _spend_outbound(self, doc: dict, details: dict, capped: bool = True) -> float | None:
         """Take one from the hourly budget of outbound SMS and calls (counters/outbound.json,
         shared by all instances), or raise OutboundCapped after auditing why. Returns the
         stamp spent (None when the store could not count), for `_refund_outbound`. The
         counter as last seen here is the starting copy; a verdict of "spent" is checked
-        against the store before it is believed."""
+        against the store before it is believed. Not `capped`: counted even when spent."""
         limit = escalation_settings(doc)["max_outbound_per_hour"]
         verdict: list[bool] = []
         stamp = time.time()
 
         def spend(counter: dict | None) -> dict | None:
             sent = spent_this_hour(counter, stamp)
-            verdict[:] = [len(sent) < limit]
+            verdict[:] = [len(sent) < limit or not capped]
             return {"sent": sent + [stamp]} if verdict[0] else None
 
         try:
@@ -4416,6 +4546,20 @@ class Worker:
         except DeliveryError as e:
             self._refund_outbound(stamp)
             return f"failed: {e}"
+
+    def spend_live_leg(self, doc: dict, details: dict, capped: bool) -> bool:
+        """One leg of a live hunt: Twilio dials it from our <Dial>, so no REST request of
+        ours passes the budget; every leg counts all the same. A leg of a caller's first hunt
+        (not `capped`) is counted off the caller's path and always rings; a capped one is
+        counted first, and False means the budget is spent (audited `outbound.capped`)."""
+        if not capped:
+            IO_POOL.submit(self._spend_outbound, doc, details, False)
+            return True
+        try:
+            self._spend_outbound(doc, details)
+        except OutboundCapped:
+            return False
+        return True
 
     def _send_within_budget(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
         """An SMS that is not a page's first notification: spend from the budget
@@ -4803,6 +4947,13 @@ def greeting(doc: dict | None) -> str:
         "You have reached the on-call pager."
 
 
+# What a live caller hears before the voicemail flow: the hunt ended with nobody, or the
+# caller was not put through (a repeat, an open page, the budget: see Pager.live_hunt).
+LIVE_NOBODY_TEXT = "Nobody could take your call. Please leave a message after the tone."
+LIVE_HELD_TEXT = ("The on-call engineer cannot take a call right now. Please leave a message "
+                  "after the tone.")
+
+
 def say_and_hang_up(text: str, voice_of: dict[str, str]) -> Response:
     from twilio.twiml.voice_response import VoiceResponse
 
@@ -5027,10 +5178,31 @@ class WebApp:
 
     # --- live answer: the caller put through to a person ---------------------------------------
 
-    def live_dial(self, request: Request, doc: dict | None, tried: list[str]) -> Response:
+    def live_start(self, request: Request, doc: dict) -> Response:
+        """The caller pressed 2: put through (Pager.live_hunt decides), or straight to the
+        voicemail flow."""
+        held, capped = self.pager.live_hunt({"number": clean_text(request.form.get("From", ""))})
+        if held is not None:
+            return self.live_voicemail(request, doc, LIVE_HELD_TEXT, tried=[])
+        return self.live_dial(request, doc, tried=[], capped=capped)
+
+    def live_voicemail(self, request: Request, doc: dict | None, text: str,
+                       tried: list[str]) -> Response:
+        """The voicemail flow for a live caller, with the ids tried on its page."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        voice = VoiceResponse()
+        voice.say(text, **speech(doc))
+        self.record_prompt(request, voice, again=False, tried=tried)
+        return twiml(voice)
+
+    def live_dial(self, request: Request, doc: dict | None, tried: list[str],
+                  capped: bool | None = None) -> Response:
         """Ring the next person for a live call (the on-call engineer first, then
         `escalate_to`, up to `max_targets`), from the pager number, with a screening whisper:
         only their 1 connects the caller, so a personal voicemail cannot take the call.
+        Each leg counts against the hourly budget; only a caller who withholds the number is
+        `capped` by it (the others reach a hunt once in LIVE_REPEAT_SECONDS: Pager.live_hunt).
         Nobody left: the voicemail flow, with the ids tried on its page."""
         from twilio.twiml.voice_response import VoiceResponse
 
@@ -5039,11 +5211,17 @@ class WebApp:
         targets = [m for m in self.pager.live_targets(doc) if m["id"] not in tried] \
             if doc else []
         if not targets or len(tried) >= live_settings(doc)["max_targets"]:
-            voice.say("Nobody could take your call. Please leave a message after the tone.",
-                      **said)
-            self.record_prompt(request, voice, again=False, tried=tried)
-            return twiml(voice)
+            return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT, tried)
         target = targets[0]
+        number = clean_text(request.form.get("From", "") or request.query.get("caller", ""))
+        if capped is None:
+            capped = not is_e164(number) or number in WITHHELD_NUMBERS
+        if self.worker is not None and doc is not None and not self.worker.spend_live_leg(
+                doc, {"channel": "live", "caller": number, "to": target["id"]}, capped):
+            if not tried:
+                self.pager.live_held({"number": number}, "budget spent")
+            return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT if tried
+                                       else LIVE_HELD_TEXT, tried)
         settings = live_settings(doc)
         query = self.caller_query(request) + "&tried=" + ",".join([*tried, target["id"]])
         if not tried:
@@ -5098,19 +5276,30 @@ class WebApp:
         caller = {k: clean_text(query[q]) for k, q in (
             ("number", "caller"), ("name", "name"), ("city", "city"), ("state", "state"))
             if q in query}
-        self.pager.live_accepted(call_sid, caller, member, self.live_tried(request))
+        try:
+            self.pager.live_accepted(call_sid, caller, member, self.live_tried(request))
+        except (StoreUnavailable, NoConfig, ConfigError) as e:
+            # (no spool, or the page's create landed and its answer was lost): the engineer
+            # takes the call all the same; the page is missing, and the log says so
+            log.error("event=live.page_unrecorded call=%s error=%r", call_sid, str(e)[:200])
         voice = VoiceResponse()
         voice.say("Connecting.", **speech(doc))
         return twiml(voice)
 
     def public_dialdone(self, request: Request) -> Response:
         """The caller's Dial ended: the call was taken (its page exists: goodbye), or the
-        next person is rung, or the voicemail flow starts."""
+        next person is rung, or the voicemail flow starts. A store that cannot say whether
+        it was taken means not taken: the caller is offered voicemail, never an error."""
         call_sid = request.query.get("call", "")
-        page = self.pager.page(call_sid) if PAGE_ID.fullmatch(call_sid) else None
-        if page is not None and page.get("kind") == "call":
+        taken = self.pager.live_taken(call_sid) if PAGE_ID.fullmatch(call_sid) else False
+        if taken:
             return self.say_and_hang_up("Goodbye.")
-        return self.live_dial(request, self.voice_config(), self.live_tried(request))
+        doc = self.voice_config()
+        if taken is None:
+            log.warning("event=live.dialdone_unknown call=%s reason=store_unavailable",
+                        call_sid)
+            return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT, self.live_tried(request))
+        return self.live_dial(request, doc, self.live_tried(request))
 
     def record_prompt(self, request: Request, voice: Any, again: bool,
                       tried: list[str] | None = None) -> None:
@@ -5145,8 +5334,8 @@ class WebApp:
         from twilio.twiml.voice_response import VoiceResponse
 
         doc = self.voice_config()
-        if request.form.get("Digits") == "2" and live_settings(doc)["enabled"]:
-            return self.live_dial(request, doc, tried=[])
+        if request.form.get("Digits") == "2" and live_settings(doc)["enabled"] and doc:
+            return self.live_start(request, doc)
         if request.form.get("Digits") != "1":
             return self.say_and_hang_up("Goodbye.")
         voice = VoiceResponse()

@@ -4471,11 +4471,17 @@ class CrashingStore(op.DirectoryStore):
         self.crash_at, self.after = crash_at, after
         self.writes = 0
         self.dead = False
+        self.down = False  # unreachable (StoreUnavailable) while set: an outage, not a stop
         self._count_lock = threading.Lock()
 
     def _alive(self) -> None:
         if self.dead:
             raise Crash()
+
+    def _reachable(self) -> None:
+        self._alive()
+        if self.down:
+            raise op.StoreUnavailable("the store is down")
 
     def _write(self, write: Callable[[], Any]) -> Any:
         self._alive()
@@ -4492,7 +4498,7 @@ class CrashingStore(op.DirectoryStore):
         return result
 
     def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
-        self._alive()
+        self._reachable()
         return super().get(key, unless_etag=unless_etag)
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
@@ -4503,18 +4509,46 @@ class CrashingStore(op.DirectoryStore):
             stamp = op.time.time()  # the module's clock: a file ages as the flow's time goes
             os.utime(self.root / key, (stamp, stamp))
             return etag
+        self._reachable()
         return self._write(write)
 
     def delete(self, key: str) -> None:
+        self._reachable()
         self._write(lambda: super(CrashingStore, self).delete(key))
 
     def list(self, prefix: str) -> list[str]:
-        self._alive()
+        self._reachable()
         return super().list(prefix)
 
     def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
-        self._alive()
+        self._reachable()
         return super().versions(prefix)
+
+
+class CrashingSpool(op.DirectoryStore):
+    """The process's local spool (where pages wait while the store is down): its writes are
+    crash points too, counted with the store's, and it stops with the process; it is never
+    down itself."""
+
+    def __init__(self, root: Path, process_store: CrashingStore):
+        super().__init__(root)
+        self.process_store = process_store
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+        self.process_store._alive()
+        return super().get(key, unless_etag=unless_etag)
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_absent: bool = False) -> str:
+        return self.process_store._write(lambda: super(CrashingSpool, self).put(
+            key, data, if_match=if_match, if_absent=if_absent))
+
+    def delete(self, key: str) -> None:
+        self.process_store._write(lambda: super(CrashingSpool, self).delete(key))
+
+    def list(self, prefix: str) -> list[str]:
+        self.process_store._alive()
+        return super().list(prefix)
 
 
 class FakeTime:
@@ -4572,6 +4606,7 @@ class Process:
         self.clock, self.outside, self.folder = clock, outside, folder
         self.store = CrashingStore(folder / "var", crash_at, after)
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
+        self.pager.spool = CrashingSpool(folder / "spool", self.store)
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
         with contextlib.suppress(Crash):  # as `serve` does at start
             self.pager.team.reconcile()
@@ -4653,6 +4688,27 @@ ALICE_MEMBER = {"id": "alice", "name": "Alice McAlister", "phone": ALICE}
 # the call's e-mail goes out.
 LIVE_FLOW: list[Callable[[Process], None]] = [
     lambda p: p.pager.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
+    lambda p: p.settle(),
+]
+
+
+def store_down(process: Process, step: Callable[[Process], Any]) -> None:
+    """One step while the store is unreachable (a step run again after a stop is too)."""
+    process.store.down = True
+    try:
+        step(process)
+        process.settle()
+    finally:
+        process.store.down = False
+
+
+# A live call taken while the store is down: Alice presses 1 (the call page is spooled; the
+# retry of the key press comes again after a stop), then the store is back: the call's e-mail
+# goes out (from the spool: a scan works on it first), and the page moves in at the next scan.
+LIVE_OUTAGE_FLOW: list[Callable[[Process], None]] = [
+    lambda p: store_down(p, lambda p: p.pager.live_accepted(
+        LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"])),
+    lambda p: p.advance(5),
     lambda p: p.settle(),
 ]
 
@@ -4836,6 +4892,12 @@ def check_live_flow(store: op.Store, outside: Outside) -> None:
     assert outside.sent == [], "a taken call rings nobody"
 
 
+def check_live_outage_flow(store: op.Store, outside: Outside) -> None:
+    check_live_flow(store, outside)  # one page in the store, opened once, acknowledged
+    assert op.DirectoryStore(store.root.parent / "spool").list("pages/") == [], \
+        "the spooled page never moved into the store"
+
+
 def check_rotation_flow(store: op.Store, outside: Outside) -> None:
     assert oncall_id(store) == "carol"
     events = audit_events(store)
@@ -4925,12 +4987,13 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
+                                         (LIVE_OUTAGE_FLOW, check_live_outage_flow),
                                          (ROTATION_FLOW, check_rotation_flow),
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow)],
-                         ids=["page", "team", "live", "rotation", "alert", "heartbeat",
-                              "archive"])
+                         ids=["page", "team", "live", "live-outage", "rotation", "alert",
+                              "heartbeat", "archive"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -6651,3 +6714,195 @@ def test_readme_local_session_runs_as_shown(tmp_path: Path) -> None:
         with contextlib.suppress(Exception):
             server.terminate()
     print(f"session: {len(steps)} commands in {time.monotonic() - started:.1f} s")
+
+
+# ==============================================================================================
+# === Section 19: live calls (a budget and grouping for the hunt; a store outage) ===
+# ==============================================================================================
+
+
+def hunt(pager: RunningPager, call: dict) -> tuple[list[str], str]:
+    """Walk one live call as Twilio would, pressing 2, with nobody pressing 1: the numbers
+    its <Dial>s rang (each a leg, with its screening whisper), and the TwiML it ended on."""
+    status, text = pager.post("/public/keypress", {**call, "Digits": "2"})
+    assert status == 200, text
+    rung: list[str] = []
+    while (dial := twiml_verbs(text).find("Dial")) is not None:
+        rung.append(dial.find("Number").text)
+        assert pager.post(local(pager, dial.find("Number").get("url")), leg(dial, call))[0] == 200
+        status, text = pager.post(local(pager, dial.get("action")),
+                                  {**call, "DialCallStatus": "no-answer"})
+        assert status == 200, text
+    return rung, text
+
+
+STRAIGHT_TO_VOICEMAIL = ("The on-call engineer cannot take a call right now. Please leave a "
+                         "message after the tone.")
+
+
+def outbound_spent(store: op.Store) -> int:
+    blob = store.get("counters/outbound.json")
+    return len(json.loads(blob.data)["sent"]) if blob else 0
+
+
+def test_ten_live_calls_from_one_number_hunt_once_then_go_to_voicemail(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    """Before: 10 calls from one number pressing 2 rang every member 10 times (30 legs, none
+    counted against max_outbound_per_hour)."""
+    set_team(s3_pager.store, live_answer={"enabled": True})
+    rung, text = hunt(s3_pager, call_params())
+    assert rung == [ALICE, BOB, CAROL], "the caller's first hunt rings everyone it may"
+    assert "Nobody could take your call." in text
+    for _ in range(9):
+        again, text = hunt(s3_pager, call_params())
+        assert again == [], "a caller who reached the hunt minutes ago rings nobody again"
+        assert STRAIGHT_TO_VOICEMAIL in text and twiml_verbs(text).find("Record") is not None
+    assert wait_until(lambda: outbound_spent(s3_pager.store) == 3, 5), "each leg counts"
+    held = wait_until(lambda: len(audit_events(s3_pager.store, "live.held")) == 9
+                      and audit_events(s3_pager.store, "live.held"), 5)
+    assert {e["details"]["reason"] for e in held} == {"hunted within 10 minutes"}
+    (hunted,) = audit_events(s3_pager.store, "live.hunted")
+    assert hunted["details"]["caller"] == CALLER
+    assert twilio.calls() == [] and twilio.messages() == []
+
+
+def test_another_instance_sends_a_repeat_live_caller_to_voicemail_until_10_minutes_passed(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 10 minutes hold across instances (a marker in the store, conditionally written),
+    and end: after them the caller hunts again (10 minutes stand in as 3 s here)."""
+    monkeypatch.setattr(op, "LIVE_REPEAT_SECONDS", 3.0, raising=False)
+    first, second = start_pager(s3_setup("a")), start_pager(s3_setup("b"))
+    set_team(first.store, live_answer={"enabled": True, "max_targets": 1})
+    started = time.monotonic()
+    assert hunt(first, call_params())[0] == [ALICE]
+    rung, text = hunt(second, call_params())
+    assert rung == [] and STRAIGHT_TO_VOICEMAIL in text
+    assert time.monotonic() - started < 3.0
+    time.sleep(3.0 - (time.monotonic() - started) + 0.2)
+    assert hunt(second, call_params())[0] == [ALICE], "10 minutes later: a new hunt"
+    assert hunt(first, call_params())[0] == [], "and that one holds on the other instance"
+    assert len(audit_events(first.store, "live.hunted")) == 2
+
+
+def test_a_live_caller_whose_page_is_open_leaves_a_message_that_joins_it(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    set_team(s3_pager.store, live_answer={"enabled": True})
+    form, _ = leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    wait_until(lambda: s3_pager.pager.book.get(form["RecordingSid"]), 5)
+    call = call_params()
+    rung, text = hunt(s3_pager, call)
+    assert rung == [] and STRAIGHT_TO_VOICEMAIL in text
+    sid = report_recording(s3_pager, twilio, twiml_verbs(text).find("Record").get(
+        "recordingStatusCallback"), call, 7)
+    (repeated,) = wait_until(lambda: audit_events(s3_pager.store, "page.repeated"), 5)
+    assert (repeated["details"]["page"], repeated["details"]["repeat"]) == (
+        form["RecordingSid"], sid)
+    assert s3_pager.store.list("pages/") == [f"pages/{form['RecordingSid']}.json"]
+    (held,) = wait_until(lambda: audit_events(s3_pager.store, "live.held"), 5)
+    assert held["details"]["reason"] == "page open"
+
+
+def test_every_live_leg_counts_against_the_hourly_budget_and_a_first_hunt_is_never_capped(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    set_team(s3_pager.store, live_answer={"enabled": True},
+             escalation={"max_outbound_per_hour": 2})
+    assert hunt(s3_pager, call_params())[0] == [ALICE, BOB, CAROL]
+    assert wait_until(lambda: outbound_spent(s3_pager.store) == 3, 5)
+    assert hunt(s3_pager, call_params(From=STRANGER))[0] == [ALICE, BOB, CAROL], \
+        "another caller's first hunt rings, budget or not"
+    assert wait_until(lambda: outbound_spent(s3_pager.store) == 6, 5)
+    # a caller who withholds the number cannot be told apart: within the budget only
+    rung, text = hunt(s3_pager, call_params(From="+266696687"))
+    assert rung == [] and STRAIGHT_TO_VOICEMAIL in text
+    capped = wait_until(lambda: audit_events(s3_pager.store, "outbound.capped"), 5)
+    assert capped[0]["details"]["channel"] == "live"
+    (held,) = wait_until(lambda: audit_events(s3_pager.store, "live.held"), 5)
+    assert held["details"]["reason"] == "budget spent"
+
+
+def outage_pager(tmp_path: Path, own_s3: Any, twilio: TwilioFake, smtp: SMTPSink,
+                 start_pager: Callable[[Path], RunningPager], **current: Any
+                 ) -> tuple[RunningPager, op.Store]:
+    """A pager on a moto of its own that the test can stop; it has read its config."""
+    endpoint = own_s3()
+    name = "outage-" + uuid.uuid4().hex[:8]
+    s3_client(endpoint).create_bucket(Bucket=name)
+    store = op.S3Store(name, "", endpoint)
+    put_team(store, team_doc(smtp.port, **current))
+    pager = start_pager(write_config(tmp_path, f"s3://{name}", s3_endpoint_url=endpoint,
+                                     api_base_url=twilio.base_url))
+    assert "Alice" in pager.sms(BOB, "WHO")
+    return pager, store
+
+
+def test_while_s3_is_down_the_engineers_1_connects_the_call_and_its_page_is_kept(
+        tmp_path: Path, own_s3: Any, twilio: TwilioFake, smtp: SMTPSink,
+        start_pager: Callable[[Path], RunningPager]) -> None:
+    """Before: /public/screenkey answered 503 (the engineer heard an error, the caller was
+    never connected) and /public/dialdone 503 (the caller was dropped)."""
+    pager, store = outage_pager(tmp_path, own_s3, twilio, smtp, start_pager,
+                                live_answer={"enabled": True})
+    own_s3.stop()
+    call = call_params()
+    dial = press_2(pager, call).find("Dial")
+    assert dial.find("Number").text == ALICE
+    status, whisper = pager.post(local(pager, dial.find("Number").get("url")), leg(dial, call))
+    assert status == 200
+    status, text = pager.post(local(pager, twiml_verbs(whisper).find("Gather").get("action")),
+                              {**leg(dial, call), "Digits": "1"})
+    assert status == 200 and "Connecting." in text and "<Hangup" not in text, text
+    status, text = pager.post(local(pager, dial.get("action")),
+                              {**call, "DialCallStatus": "completed"})
+    assert status == 200 and "Goodbye." in text and "<Record" not in text, text
+    assert wait_until(lambda: smtp.messages, 5)[0]["Subject"].startswith("Live call from ACME")
+    own_s3()
+    page = wait_until(lambda: store.get(f"pages/{call['CallSid']}.json"), 15)
+    page = json.loads(page.data)
+    assert (page["kind"], page["state"], page["acked_by"]) == ("call", "acknowledged", "alice")
+    opened = wait_until(lambda: audit_events(store, "page.opened"), 10)
+    assert [e["details"]["kind"] for e in opened] == ["call"]
+    assert [e["details"]["via"] for e in wait_until(
+        lambda: audit_events(store, "page.acknowledged"), 10)] == ["live"]
+    time.sleep(1.0)
+    assert len(smtp.messages) == 1, "the call's e-mail went once"
+    assert twilio.messages() == [] and twilio.calls() == [], "a taken call pages nobody"
+    assert store.list("pages/") == [f"pages/{call['CallSid']}.json"]
+
+
+def test_while_s3_is_down_a_live_call_nobody_took_is_offered_voicemail_and_paged(
+        tmp_path: Path, own_s3: Any, twilio: TwilioFake, smtp: SMTPSink,
+        start_pager: Callable[[Path], RunningPager]) -> None:
+    """Before: /public/dialdone answered 503 and the caller was dropped."""
+    pager, store = outage_pager(tmp_path, own_s3, twilio, smtp, start_pager,
+                                live_answer={"enabled": True})
+    own_s3.stop()
+    call = call_params()
+    dial = press_2(pager, call).find("Dial")
+    pager.post(local(pager, dial.find("Number").get("url")), leg(dial, call))
+    status, text = pager.post(local(pager, dial.get("action")),
+                              {**call, "DialCallStatus": "no-answer"})
+    assert status == 200, text
+    assert "Nobody could take your call. Please leave a message after the tone." in text
+    record = twiml_verbs(text).find("Record")
+    assert record is not None and twiml_verbs(text).find("Dial") is None
+    sid = report_recording(pager, twilio, record.get("recordingStatusCallback"), call, 9)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5), "paged during the outage"
+    own_s3()
+    page = json.loads(wait_until(lambda: store.get(f"pages/{sid}.json"), 15).data)
+    assert page["live_tried"] == ["alice"]
+
+
+def test_live_hunt_markers_older_than_10_minutes_are_pruned_daily(tmp_path: Path) -> None:
+    """live/ would otherwise grow by one object per caller ever."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    for number, age in (("15551230000", 11 * 60 + 61), ("15551239999", 60)):
+        store.put(f"live/{number}.json", op.to_json({"hunted": time.time() - age}))
+        os.utime(store.root / f"live/{number}.json", (time.time() - age, time.time() - age))
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    worker = op.Worker(pager, op.Telephony())
+    worker._prune_hunts()
+    worker.stop()
+    assert store.list("live/") == ["live/15551239999.json"]
