@@ -1744,6 +1744,8 @@ def stamped(doc: dict, written: dict, actor: str) -> dict:
     last_change = written["current_config"]["last_change"]
     assert last_change["key"].startswith("audit/") and last_change["entry"]["actor"] == actor
     doc["current_config"]["last_change"] = last_change
+    if "oncall_change" in written["current_config"]:  # a write that changed who is on call
+        doc["current_config"]["oncall_change"] = written["current_config"]["oncall_change"]
     return doc
 
 
