@@ -3902,7 +3902,7 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
-                self._adopt_messages(self.pager.team.read(background=True))
+                self.pager.team.read(background=True)
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
             except (NoConfig, ConfigError) as e:
@@ -3934,6 +3934,9 @@ class Worker:
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
         next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
                                              now))
+        known = self.pager.team.last_known()
+        if known is not None:  # read by the listing, or by a webhook (which woke the worker)
+            self._adopt_messages(known)
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
