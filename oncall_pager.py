@@ -25,7 +25,11 @@ How data flows
          -> /public/dialdone: the next person, or the voicemail flow above
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
     rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
-            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
+            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift).
+            A config change that makes a handoff due (handoff_due) carries it out in the same
+            write (the command line: Pager.handoff_with_change; its texts are sent by the
+            worker that next sees the config, checked with every listing); WHO makes a due
+            one first. A page keeps calling whom it was sent to (page.oncall), then the team.
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
@@ -3787,7 +3791,9 @@ class Worker:
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
     (`start_work`, `start_message`); the rest it finds by listing pages/ every
-    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing): the listing
+    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing; the config
+    with every listing, a conditional read, so a change made elsewhere acts here within
+    `poll_interval`, and the texts a command-line change queued are sent at once): the listing
     carries each page's ETag, so only pages that changed are read, and due work is planned
     from the PageBook's copies in between, with no request. A step is *claimed* with one
     conditional write over the copy (a claim expires after `claim_timeout`, covering an

@@ -6661,3 +6661,31 @@ def test_pages_open_at_a_handoff_keep_calling_whom_they_were_sent_to_then_the_te
              for e in audit_events(store, "page.escalated")]
     assert steps[:2] == [("oncall", ["alice"])] * 2
     assert ("team", ["bob", "carol"]) in steps[2:]
+
+
+def test_changing_the_members_of_a_running_shift_hands_over_to_its_new_member(
+        file_cli: Cli) -> None:
+    """Bob's shift was handed over; the operator reorders the members, so the shift running
+    is now Carol's: the change hands over to Carol at once (schedule would say Carol)."""
+    block, start = current_shift_is_bobs()
+    set_team(file_cli.store, rotation=block, oncall_user={"id": "bob"},
+             rotation_handoff={"shift_start": float(start), "member": "bob"})
+    result = file_cli.run("config", "--as", "ops", "set", "rotation.members", "carol, bob")
+    assert result.returncode == 0, result.stderr
+    assert oncall_id(file_cli.store) == "carol"
+    assert file_cli.doc()["current_config"]["rotation_handoff"] == {
+        "shift_start": float(start), "member": "carol"}
+    assert file_cli.run("schedule").stdout.splitlines()[0].endswith("  carol  Carol Cruz  now")
+    result = file_cli.run("config", "--as", "ops", "set", "team_name", "Checkout")
+    assert (result.returncode, result.stdout) == (0, "set team_name = Checkout\n")
+    assert oncall_id(file_cli.store) == "carol", "made once: no handoff due any more"
+
+
+def test_schedule_says_who_is_on_call_instead_after_a_take_in_the_shift(file_cli: Cli) -> None:
+    block, start = current_shift_is_bobs()
+    set_team(file_cli.store, rotation=block,
+             rotation_handoff={"shift_start": float(start), "member": "bob"})
+    lines = file_cli.run("schedule", "-n", "2").stdout.splitlines()
+    assert lines[0].endswith("  bob  Bob Roberts  now (on call instead until the next shift: "
+                             "alice Alice McAlister)")
+    assert lines[1].endswith("  carol  Carol Cruz")
