@@ -5553,7 +5553,10 @@ class WebApp:
 
     def healthz(self, request: Request) -> Response:
         try:
-            config = "stale" if self.pager.team.read().stale else "loaded"
+            # a copy from memory because the store's config is invalid is `invalid` (it
+            # must not depend on whether this instance had read a good one before)
+            config = ("loaded" if not self.pager.team.read().stale else
+                      "stale" if not self.pager.team.reachable else "invalid")
         except NoConfig:
             config = "missing"
         except ConfigError:
