@@ -29,7 +29,11 @@ How data flows
             store cannot say whether the call was taken)
     transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
     rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
-            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift)
+            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift).
+            A config change that makes a handoff due (handoff_due) carries it out in the same
+            write (the command line: Pager.handoff_with_change; its texts are sent by the
+            worker that next sees the config, checked with every listing); WHO makes a due
+            one first. A page keeps calling whom it was sent to (page.oncall), then the team.
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
@@ -697,6 +701,11 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     handoff = current.get("rotation_handoff", {})
     if not isinstance(handoff, dict) or not hours_value(handoff.get("shift_start", 0), zero=True):
         errors.append("current_config.rotation_handoff is not the pager's record of a handoff")
+    changed = current.get("oncall_change", {})
+    if not isinstance(changed, dict) or not isinstance(changed.get("time", 0), (int, float)) \
+            or not isinstance(changed.get("by", ""), str):
+        errors.append("current_config.oncall_change is not the pager's record of an on-call "
+                      "change")
     errors += check_integrations(current.get("integrations", {}))
     errors += check_heartbeats(current.get("heartbeats", {}))
     return errors, warnings
@@ -957,12 +966,13 @@ def integration_of(doc: dict, routing_key: str) -> str | None:
     return found
 
 
-def escalation_settings(doc: dict) -> dict:
-    """The escalation block with defaults filled in; escalate_to defaults to every other member."""
+def escalation_settings(doc: dict, oncall_id: str = "") -> dict:
+    """The escalation block with defaults filled in; escalate_to defaults to every other member
+    (other than `oncall_id`, the engineer a page was sent to; by default who is on call)."""
     settings = dict(ESCALATION_DEFAULTS)
     settings.update(doc["current_config"].get("escalation", {}))
     if settings["escalate_to"] is None:
-        oncall_id = oncall_member(doc)["id"]
+        oncall_id = oncall_id or oncall_member(doc)["id"]
         settings["escalate_to"] = [m for m in sorted(members(doc)) if m != oncall_id]
     return settings
 
@@ -1033,6 +1043,40 @@ def reminder_ahead(key: str) -> bool:
 def handed_over(doc: dict) -> float:
     """The start of the last shift whose handoff was made (the pager's own record)."""
     return doc["current_config"].get("rotation_handoff", {}).get("shift_start", -math.inf)
+
+
+def handoff_due(doc: dict, now: float) -> tuple[Rotation, int] | None:
+    """The shift whose handoff `doc` makes due at `now`, with its rotation: a shift has
+    started and its handoff is not made, or was made to somebody else (the rotation was
+    changed since, so the shift running is now another member's). None when none is due.
+    The one rule for everyone who acts on a handoff (the worker, a config change by the
+    command line, WHO), so that WHO never contradicts `schedule`."""
+    rotation = Rotation.of(doc)
+    if rotation is None:
+        return None
+    k = rotation.shift_at(now)
+    if k < 0:
+        return None
+    made = doc["current_config"].get("rotation_handoff", {})
+    made_to = made.get("member")
+    if handed_over(doc) < rotation.starts(k) or (
+            isinstance(made_to, str) and made_to != rotation.member(k)):
+        return rotation, k
+    return None
+
+
+def oncall_change(doc: dict) -> tuple[float, str] | None:
+    """When on-call last changed and who changed it (a member id, `rotation`, or the
+    operator of a command-line change): the pager's record (`oncall_change`, written with
+    every change of who is on call), or, in a config written before it kept one, the last
+    write of the config (the predecessor's `last_modified_*`). None when neither is there."""
+    current = doc["current_config"]
+    changed = current.get("oncall_change")
+    if changed and changed.get("time"):
+        return changed["time"], str(changed.get("by", ""))
+    if current.get("last_modified_time"):
+        return current["last_modified_time"], str(current.get("last_modified_user_id"))
+    return None
 
 
 # ==============================================================================================
@@ -1610,10 +1654,15 @@ class TeamConfig:
         self._lock = threading.Lock()
         self.reachable = True
         self.problem = ""
+        # Called when a read finds a version written elsewhere (the command line, the other
+        # instance): the Pager wakes its worker, which acts on it (a handoff made due) at once.
+        self.changed: Callable[[], None] = lambda: None
 
-    def read(self, max_age: float = 0.0) -> Snapshot:
+    def read(self, max_age: float = 0.0, *, background: bool = False) -> Snapshot:
         """The config, checked with the store unless it was checked less than `max_age`
-        seconds ago (the page path allows a few seconds, see PAGE_CONFIG_MAX_AGE)."""
+        seconds ago (the page path allows a few seconds, see PAGE_CONFIG_MAX_AGE).
+        `background`: the worker's check with each listing, which does not count as such a
+        check (a webhook right after a change in the store sees it, as without the worker)."""
         current = self._current
         if (current is not None and not current.stale
                 and time.monotonic() - self._checked < max_age):
@@ -1626,7 +1675,7 @@ class TeamConfig:
             return self._last_good()
         if blob is UNCHANGED and current is not None:
             self._note(True, "")
-            self._checked = checked
+            self._checked = self._checked if background else checked
             return current
         if blob is None:
             self._note(True, "no operational config in the store")
@@ -1637,8 +1686,11 @@ class TeamConfig:
             self._note(True, f"invalid operational config: {e.problems[0]}")
             return self._last_good()
         self._note(True, "")
-        self._checked = checked
-        return self._remember(Snapshot(doc, blob.etag))
+        self._checked = self._checked if background else checked
+        snapshot = self._remember(Snapshot(doc, blob.etag))
+        if current is not None and current.etag != blob.etag:
+            self.changed()
+        return snapshot
 
     def last_known(self) -> Snapshot | None:
         """The copy in memory, without asking the store: to plan requests, never to decide."""
@@ -1695,8 +1747,8 @@ class TeamConfig:
         return dataclasses.replace(self._current, stale=True)
 
     def write(self, doc: dict, *, base: Snapshot, actor: str, details: dict | None = None,
-              messages: Iterable[tuple[str, dict]] = (), event: str = "config.changed"
-              ) -> Snapshot:
+              messages: Iterable[tuple[str, dict]] = (), event: str = "config.changed",
+              oncall_by: str = "") -> Snapshot:
         """Validate, stamp, write conditionally over `base` (the snapshot the change was made
         from), audit. StoreConflict when the config changed since `base` was read; ConfigError
         (nothing written) when the result is invalid.
@@ -1704,7 +1756,12 @@ class TeamConfig:
         The audit entry travels in the document (`current_config.last_change`), and so do
         `messages` (message jobs that follow from the change: the handoff SMS); all are
         written after the document, at once. A stop in between loses none: `reconcile`
-        writes them at the next start (each at its own key, so never twice)."""
+        writes them at the next start (each at its own key, so never twice).
+
+        A write that changes who is on call records when and by whom (`oncall_change`, for
+        WHO): `oncall_by` (a handoff that a command-line change made due is the rotation's),
+        else `actor`; any other write keeps the record, so a STOP or an unrelated setting
+        does not pass for an on-call change."""
         messages = list(messages)
         doc = copy.deepcopy(doc)
         current = doc.get("current_config")
@@ -1718,6 +1775,9 @@ class TeamConfig:
         doc["current_config"]["oncall_user"] = dict(oncall_member(doc))
         old_oncall, new_oncall = oncall_id_of(base.doc), oncall_member(doc)["id"]
         if old_oncall != new_oncall:
+            doc["current_config"]["oncall_change"] = {
+                "time": int(time.time()), "by": oncall_by or actor,
+                "via": str((details or {}).get("via", ""))}
             key, entry = self.audit.entry("oncall.changed", actor, {
                 "from": old_oncall, "to": new_oncall, **(details or {})})
         else:
@@ -2221,6 +2281,7 @@ class Pager:
         cache = (resolve_path(cfg, cfg.cache_file)
                  if cfg.cache_file and isinstance(store, S3Store) else None)
         self.team = TeamConfig(store, cfg.config_key, self.audit, cache)
+        self.team.changed = lambda: self.wake()
         # Pages that arrive while S3 is unreachable wait here, on local disk (see open_page).
         self.spool = (DirectoryStore(resolve_path(cfg, cfg.spool_dir))
                       if isinstance(store, S3Store) and cfg.spool_dir else None)
@@ -2259,15 +2320,22 @@ class Pager:
 
     # --- team: WHO, TAKE, C, X ----------------------------------------------------------------
 
-    def who(self, doc: dict) -> str:
+    def who(self, snap: Snapshot) -> str:
+        """WHO: who is on call, when and by whom that last changed, the next handoff. A
+        handoff that the config makes due (changed in the store by hand, say, and not seen
+        by the worker yet) is made first, so WHO never names anybody but the member of the
+        shift that `schedule` marks `now` (unless a TAKE since holds)."""
+        if not snap.stale and handoff_due(snap.doc, time.time()):
+            with contextlib.suppress(StoreUnavailable):
+                snap = self.rotate(snap)
+        doc = snap.doc
         oncall = oncall_member(doc)
-        current = doc["current_config"]
         text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>"
         text += " (opted out of texts: called instead)." if oncall.get("opted_out") else "."
-        changed_by = members(doc).get(current.get("last_modified_user_id"), {})
-        if current.get("last_modified_time"):
-            text += (f" Changed {short_time(current['last_modified_time'])} by "
-                     f"{changed_by.get('name', current.get('last_modified_user_id'))}.")
+        changed = oncall_change(doc)
+        if changed:
+            by = members(doc).get(changed[1], {}).get("name", changed[1])
+            text += f" Changed {short_time(changed[0])} by {by}."
         handoff = self.next_handoff(doc)
         return f"{text} {handoff}" if handoff else text
 
@@ -2392,9 +2460,9 @@ class Pager:
         rotation = Rotation.of(doc)
         if rotation is None:
             return None
-        k = rotation.shift_at(now)
-        if k >= 0 and handed_over(doc) < rotation.starts(k):
+        if handoff_due(doc, now):
             return now
+        k = rotation.shift_at(now)
         following = rotation.starts(max(k + 1, 0))
         remind_at = following - rotation.remind.total_seconds()
         if rotation.remind and remind_at > now:
@@ -2403,22 +2471,24 @@ class Pager:
             return now
         return following
 
-    def rotate(self) -> None:
-        """The rotation's due work, by the config as stored: the handoff of the shift that
-        has started, then the reminder of the next one."""
-        snap = self.team.read()
+    def rotate(self, snap: Snapshot | None = None) -> Snapshot:
+        """The rotation's due work, by the config as stored (or `snap`, just read): the
+        handoff of the shift that has started, then the reminder of the next one. Returns
+        the config as it is after."""
+        snap = snap or self.team.read()
         if snap.stale:
             raise StoreUnavailable(self.team.problem or "store unreachable")
         rotation = Rotation.of(snap.doc)
         if rotation is None:
-            return
+            return snap
         k = rotation.shift_at(time.time())
-        if k >= 0 and handed_over(snap.doc) < rotation.starts(k):
+        if handoff_due(snap.doc, time.time()):
             snap = self.hand_off(snap, rotation, k)
         elif k >= 0 and rotation.starts(k) not in self._settled:
             # made by another instance, which may have stopped before its texts were queued
             self.settle_handoff(snap.doc, rotation.starts(k))
         self.remind(snap.doc, rotation, max(k + 1, 0))
+        return snap
 
     def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
         """Shift k's member becomes on call, unless already: one conditional write of the
@@ -2427,38 +2497,80 @@ class Pager:
         shift. Both people are told (message jobs travel with the write, as C's do)."""
         start = rotation.starts(k)
         for _ in range(CONFIG_CHANGE_TRIES):
-            if handed_over(snap.doc) >= start:  # made by another instance meanwhile
+            due = handoff_due(snap.doc, start)
+            if due is None or due[0].starts(due[1]) != start:  # made elsewhere meanwhile
                 self.settle_handoff(snap.doc, start)
                 return snap
             doc = copy.deepcopy(snap.doc)
-            member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
-            doc["current_config"]["rotation_handoff"] = {"shift_start": start,
-                                                         "member": member["id"]}
-            told = []
-            if member["id"] != previous["id"]:
-                doc["current_config"]["oncall_user"] = dict(member)
-                team, until = team_name(doc) or "the team", rotation.starts(k + 1)
-                if not member.get("opted_out"):
-                    told.append(self.message_job(member["phone"], f"You are now on call for "
-                                                 f"{team} until {rotation.local_text(until)}.",
-                                                 "rotation"))
-                if not previous.get("opted_out"):
-                    told.append(self.message_job(previous["phone"], f"{member['name']} has "
-                                                 "taken on-call from you (rotation).",
-                                                 "rotation"))
+            told = self.handoff_in(doc, rotation, k)
             try:
                 snap = self.team.write(doc, base=snap, actor="rotation", messages=told,
                                        details={"via": "rotation", "shift": iso_time(start)})
             except StoreConflict:
                 snap = self.team.read()
                 continue
-            log.info("event=rotation.handoff member=%s", member["id"])
+            log.info("event=rotation.handoff member=%s", rotation.member(k))
             self._settled.add(start)
             if self.start_message is not None:
                 for message in snap.queued:
                     self.start_message(*message)
             return snap
         raise StoreUnavailable("the config kept changing")
+
+    def handoff_in(self, doc: dict, rotation: Rotation, k: int) -> list[tuple[str, dict]]:
+        """Make shift k's handoff in `doc` (a copy about to be written): its member on call,
+        the handoff recorded; returns the texts to both people, as message jobs. The new
+        engineer hears of the pages still ringing (they keep calling whom they were sent
+        to, then the team: see Worker._claim)."""
+        start = rotation.starts(k)
+        member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
+        doc["current_config"]["rotation_handoff"] = {"shift_start": start,
+                                                     "member": member["id"]}
+        told: list[tuple[str, dict]] = []
+        if member["id"] == previous["id"]:
+            return told
+        doc["current_config"]["oncall_user"] = dict(member)
+        team, until = team_name(doc) or "the team", rotation.starts(k + 1)
+        if not member.get("opted_out"):
+            ringing = self.open_page_count()
+            pages = (f" {ringing} page{'s' if ringing != 1 else ''} open: STATUS lists "
+                     f"{'them' if ringing != 1 else 'it'}." if ringing else "")
+            told.append(self.message_job(member["phone"], f"You are now on call for {team} "
+                                         f"until {rotation.local_text(until)}.{pages}",
+                                         "rotation"))
+        if not previous.get("opted_out"):
+            told.append(self.message_job(previous["phone"], f"{member['name']} has taken "
+                                         "on-call from you (rotation).", "rotation"))
+        return told
+
+    def open_page_count(self) -> int:
+        """Pages still ringing (open, not acknowledged): the book's, once the worker here has
+        listed pages/; otherwise (the command line) read from the store, the pages changed
+        in the last two days (an open page is closed a day after it started to ring)."""
+        if self.book.listed:
+            return sum(1 for page, _ in self.book.working() if page.get("state") == "open")
+        since = time.time() - 2 * DAY  # QUIET_AFTER
+        keys = [key for key, (_, modified) in self.store.versions("pages/").items()
+                if modified >= since]
+        found = IO_POOL.map(lambda key: read_json(self.store, key), keys)
+        return sum(1 for item in found if item and item[0].get("state") == "open")
+
+    def handoff_with_change(self, doc: dict, details: dict
+                            ) -> tuple[list[tuple[str, dict]], dict, str]:
+        """A config change about to be written (by the command line) that makes a handoff
+        due carries it out in the same write, at once, rather than leaving it to the next
+        look of a running pager. Returns the texts to queue with the write, its audit
+        details and who changed on-call ("rotation"); nothing when no handoff is due or
+        `doc` is invalid (the write refuses it then)."""
+        if check_oncall_config(doc)[0]:
+            return [], details, ""
+        due = handoff_due(doc, time.time())
+        if due is None:
+            return [], details, ""
+        rotation, k = due
+        told = self.handoff_in(doc, rotation, k)
+        return told, {**details, "via": "rotation", "shift": iso_time(rotation.starts(k)),
+                      "with": details.get("via", "")}, "rotation"
 
     def settle_handoff(self, doc: dict, start: float) -> None:
         """A handoff another instance made: its audit entry and texts, in case it stopped
@@ -3469,7 +3581,7 @@ class Pager:
                     session: tuple[dict, str] | None = None) -> str | None:
         try:
             if command == "who":
-                return self.who(snap.doc)
+                return self.who(snap)
             if command == "take":
                 return self.take(snap, member)
             if command == "confirm":
@@ -3732,8 +3844,10 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
     return "team", team
 
 
-# jobs/ is listed on every 12th listing of pages/ (and at start), and the config checked (for
-# a rotation changed by the command line) every 12th too: 60 + 5 + 5 requests an hour at rest.
+# jobs/ is listed on every 12th listing of pages/ (and at start); the config is checked with
+# every listing (a conditional GET, a 304 at rest), so a change by the command line or by the
+# other instance (a rotation, live_answer ...) is seen within poll_interval: 60 LIST + 60 GET
+# + 5 LIST requests an hour at rest (a GET costs a twelfth of a LIST on S3).
 JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 HOUSEKEEPING_EVERY = DAY  # replay markers pruned, done pages moved out of pages/
@@ -3794,7 +3908,9 @@ class Worker:
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
     (`start_work`, `start_message`); the rest it finds by listing pages/ every
-    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing): the listing
+    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing; the config
+    with every listing, a conditional read, so a change made elsewhere acts here within
+    `poll_interval`, and the texts a command-line change queued are sent at once): the listing
     carries each page's ETag, so only pages that changed are read, and due work is planned
     from the PageBook's copies in between, with no request. A step is *claimed* with one
     conditional write over the copy (a claim expires after `claim_timeout`, covering an
@@ -3836,6 +3952,7 @@ class Worker:
         self._listings = 0
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
+        self._adopted_from = ""  # the config version whose unclaimed texts were looked at
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
         pager.start_work = self.start_work
@@ -3908,8 +4025,7 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
-                if self._listings % JOBS_LISTING_EVERY == 0:  # serve read it at start
-                    self.pager.team.read()
+                self.pager.team.read(background=True)
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
             except (NoConfig, ConfigError) as e:
@@ -3942,6 +4058,9 @@ class Worker:
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
         next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
                                              now))
+        known = self.pager.team.last_known()
+        if known is not None:  # read by the listing, or by a webhook (which woke the worker)
+            self._adopt_messages(known)
         with self._lock:
             messages = list(self._messages.items())
         for key, (job, etag, _) in messages:
@@ -3949,6 +4068,28 @@ class Worker:
             next_due = min(next_due, self._consider_message(key, job, etag, now))
         self.queue_depth = depth
         return next_due
+
+    def _adopt_messages(self, snap: Snapshot) -> None:
+        """The texts of a config change written where no worker runs (a handoff that a
+        command-line change made): queued unclaimed, so this worker looks at them now rather
+        than at the next listing of jobs/ (up to 12 polls away). Once per config version;
+        a job sent meanwhile is read, found sent and left alone."""
+        if snap.etag == self._adopted_from:
+            return
+        self._adopted_from = snap.etag
+        last = snap.doc["current_config"].get("last_change")
+        if not isinstance(last, dict) or not isinstance(last.get("time"), (int, float)) \
+                or time.time() - last["time"] >= DAY:
+            return
+        for message in last.get("messages") or []:
+            key, job = message.get("key"), message.get("job")
+            if not isinstance(key, str) or not key.startswith("jobs/msg-") or \
+                    "/" in key[len("jobs/"):] or not isinstance(job, dict) or \
+                    job.get("claimed_until", 0):
+                continue  # (claimed by the instance that wrote it, which sends it)
+            with self._lock:
+                if key not in self._messages:  # the ETag unknown: read before it is claimed
+                    self._messages[key] = (job, None, time.monotonic())
 
     def _apart(self, what: str, look: Callable[[], float], now: float) -> float:
         """One part of the scan whose failure must not stop the others (pages, messages):
@@ -4350,9 +4491,14 @@ class Worker:
             if escalate and page.get("state") == "open" and \
                     page["escalation"]["next_due"] <= now:
                 step = page["escalation"]["step"]
+                # the engineer the page was sent to (who got its MMS), even after a handoff
+                # since: then the team, which includes the new on-call engineer
+                sent_to = page.get("oncall", {}).get("id")
+                if sent_to not in members(doc):
+                    sent_to = oncall_member(doc)["id"]  # removed from the team since
                 kind, targets = escalation_targets(
-                    step, int(settings["call_attempts"]), oncall_member(doc)["id"],
-                    settings["escalate_to"])
+                    step, int(settings["call_attempts"]), sent_to,
+                    escalation_settings(doc, sent_to)["escalate_to"])
                 page["escalation"].update(step=step + 1, last_kind=kind,
                                           next_due=now + settings["ack_timeout"])
                 page["paged"] = page["paged"] + [t for t in targets if t not in page["paged"]]
@@ -5596,7 +5742,10 @@ class WebApp:
 
     def healthz(self, request: Request) -> Response:
         try:
-            config = "stale" if self.pager.team.read().stale else "loaded"
+            # a copy from memory because the store's config is invalid is `invalid` (it
+            # must not depend on whether this instance had read a good one before)
+            config = ("loaded" if not self.pager.team.read().stale else
+                      "stale" if not self.pager.team.reachable else "invalid")
         except NoConfig:
             config = "missing"
         except ConfigError:
@@ -6071,6 +6220,15 @@ def masked(doc: dict) -> dict:
 
 
 
+def handed_over_to(before: dict, after: dict) -> None:
+    """Say so when a change made a handoff (see Pager.handoff_with_change): the operator
+    learns that on-call moved, and that the texts wait for a running pager to send them."""
+    oncall = oncall_member(after)
+    if oncall["id"] != oncall_id_of(before):
+        print(f"handed over to {oncall['id']} ({oncall['name']}), whose shift it is now; "
+              "a running pager sends the handoff texts")
+
+
 def change_config(pager: Pager, args: argparse.Namespace,
                   change: Callable[[dict], str]) -> int:
     """Read, change a copy, write conditionally over what was read (validated, audited).
@@ -6084,14 +6242,17 @@ def change_config(pager: Pager, args: argparse.Namespace,
             raise StoreUnavailable(pager.team.problem)
         doc = copy.deepcopy(snap.doc)
         what = change(doc)
+        told, details, oncall_by = pager.handoff_with_change(doc, {"via": "cli", "change": what})
         try:
-            pager.team.write(doc, base=snap, actor=operator(args),
-                             details={"via": "cli", "change": what})
+            written = pager.team.write(doc, base=snap, actor=operator(args), details=details,
+                                       messages=told, oncall_by=oncall_by)
         except StoreConflict:
             if attempt + 1 < CONFIG_CHANGE_TRIES:
                 time.sleep(0.05 + secrets.randbelow(200) / 1000)
             continue
         print(what)
+        if oncall_by:
+            handed_over_to(snap.doc, written.doc)
         return 0
     raise UsageError(f"the config kept changing in the store ({CONFIG_CHANGE_TRIES} tries); "
                      "nothing was written, run the command again")
@@ -6214,8 +6375,10 @@ def config_edit(pager: Pager, args: argparse.Namespace) -> int:
         os.unlink(name)
         print("no change")
         return 0
+    told, details, oncall_by = pager.handoff_with_change(doc, {"via": "cli edit"})
     try:
-        pager.team.write(doc, base=snap, actor=operator(args), details={"via": "cli edit"})
+        written = pager.team.write(doc, base=snap, actor=operator(args), details=details,
+                                   messages=told, oncall_by=oncall_by)
     except ConfigError as e:
         raise ConfigError([*e.problems, f"nothing was written (your edit: {name})"]) from None
     except StoreConflict:
@@ -6223,6 +6386,8 @@ def config_edit(pager: Pager, args: argparse.Namespace) -> int:
                          f"written (your edit: {name})") from None
     os.unlink(name)
     print("config written")
+    if oncall_by:
+        handed_over_to(snap.doc, written.doc)
     return 0
 
 
@@ -6309,11 +6474,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         print(NO_ROTATION_TEXT)
         return 0
     current = rotation.shift_at(time.time())
+    oncall = oncall_member(doc)
+    # a TAKE (or `config set oncall`) after this shift's handoff holds until the next one:
+    # said here too, so that `schedule` and WHO tell the same (a handoff due is made at once)
+    instead = (oncall if handoff_due(doc, time.time()) is None and current >= 0
+               and oncall["id"] != rotation.member(current) else None)
     for k in range(max(current, 0), max(current, 0) + args.n):
         start, member = rotation.starts(k), members(doc)[rotation.member(k)]
         utc = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        print(f"{rotation.local_text(start)}  {utc}  {member['id']}  {member['name']}"
-              + ("  now" if k == current else ""))
+        now = "  now" if k == current else ""
+        if now and instead:
+            now += f" (on call instead until the next shift: {instead['id']} {instead['name']})"
+        print(f"{rotation.local_text(start)}  {utc}  {member['id']}  {member['name']}{now}")
     return 0
 
 

@@ -1744,6 +1744,8 @@ def stamped(doc: dict, written: dict, actor: str) -> dict:
     last_change = written["current_config"]["last_change"]
     assert last_change["key"].startswith("audit/") and last_change["entry"]["actor"] == actor
     doc["current_config"]["last_change"] = last_change
+    if "oncall_change" in written["current_config"]:  # a write that changed who is on call
+        doc["current_config"]["oncall_change"] = written["current_config"]["oncall_change"]
     return doc
 
 
@@ -6906,3 +6908,203 @@ def test_live_hunt_markers_older_than_10_minutes_are_pruned_daily(tmp_path: Path
     worker._prune_hunts()
     worker.stop()
     assert store.list("live/") == ["live/15551239999.json"]
+
+
+# ==============================================================================================
+# === Section 19: Handoffs that the team can believe ===
+# ==============================================================================================
+
+
+def with_poll(config: Path, seconds: float) -> Path:
+    """The config.ini of `write_config` with another poll_interval (the tests' is 0.2 s)."""
+    config.write_text(config.read_text().replace("poll_interval = 0.2",
+                                                 f"poll_interval = {seconds}"))
+    return config
+
+
+def current_shift_is_bobs() -> tuple[dict, float]:
+    """A rotation of ten-minute shifts whose first (Bob's) began a second ago."""
+    return rotation(["bob", "carol"], first_in=-1, shift=600)
+
+
+def test_a_rotation_added_by_config_edit_hands_over_at_once_and_the_pager_sends_the_texts(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, tmp_path: Path) -> None:
+    """The finding: the rotation was added, the handoff waited for the running pager's next
+    look at the config (a minute), and meanwhile WHO named Alice while `schedule` said Bob.
+    Now the write that adds the rotation is the handoff; the running pager (poll_interval
+    2 s) sends its texts within poll_interval, without a webhook; WHO and schedule agree."""
+    config = with_poll(s3_setup(), 2)
+    store = op.open_store(op.load_app_config(config))
+    pager = start_pager(config)
+    leave_voicemail(pager, twilio)  # a page open, sent to Alice
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    block, start = current_shift_is_bobs()
+    env = editor(tmp_path, f"""
+        doc["current_config"]["rotation"] = {block!r}
+        save(doc)
+    """)
+    result = run_cli("config", "--as", "ops", "edit", "-c", str(config), env=env)
+    written = time.monotonic()
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == ("config written\nhanded over to bob (Bob Roberts), whose shift it "
+                             "is now; a running pager sends the handoff texts\n")
+    assert oncall_id(store) == "bob", "the write that added the rotation made the handoff"
+    (changed,) = audit_events(store, "oncall.changed")
+    assert (changed["actor"], changed["details"]["from"], changed["details"]["to"],
+            changed["details"]["via"]) == ("ops", "alice", "bob", "rotation")
+    assert audit_events(store, "config.changed") == []
+    told = f"You are now on call for the team until {berlin(start + 600)}. 1 page open: " \
+           "STATUS lists it."
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB) and "Bob Roberts has taken on-call "
+                           "from you (rotation)." in messages_to(twilio, ALICE), 2 + 1.5)
+    assert time.monotonic() - written < 2 + 1.5
+    assert messages_to(twilio, BOB) == [told]
+    who = pager.sms(CAROL, "WHO")
+    assert re.fullmatch(r"Current on-call engineer: Bob Roberts <\+19195551002>\. Changed "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC by rotation\. Next handoff: Carol Cruz "
+                        rf"on {re.escape(berlin(start + 600))} \(in .+\)\.", who), who
+    lines = run_cli("schedule", "-n", "2", "-c", str(config)).stdout.splitlines()
+    assert lines[0].endswith("  bob  Bob Roberts  now") and "  carol  Carol Cruz" in lines[1]
+    time.sleep(0.5)
+    assert len(messages_to(twilio, BOB)) == 1, "the handoff is told once"
+    assert rotation_changes(store) == [("alice", "bob")]
+
+
+def test_a_rotation_added_by_config_set_hands_over_in_the_same_write(file_cli: Cli) -> None:
+    """`config set` too: the change that makes a handoff due carries it out (the texts are
+    queued as jobs, for a running pager to send)."""
+    block, _ = current_shift_is_bobs()
+    set_team(file_cli.store, rotation={**block, "start": "2199-01-01T09:00"})  # not yet
+    assert oncall_id(file_cli.store) == "alice"
+    result = file_cli.run("config", "--as", "ops", "set", "rotation.start", block["start"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"set rotation.start = {block['start']}\nhanded over to bob")
+    assert oncall_id(file_cli.store) == "bob"
+    assert rotation_changes(file_cli.store) == [("alice", "bob")]
+    jobs = [json.loads(file_cli.store.get(key).data) for key in file_cli.store.list("jobs/")]
+    assert sorted((job["to"], job["purpose"], job["state"]) for job in jobs) == [
+        (ALICE, "rotation", "pending"), (BOB, "rotation", "pending")]
+    assert file_cli.doc()["current_config"]["oncall_change"]["by"] == "rotation"
+
+
+def test_who_makes_a_handoff_the_config_makes_due_so_it_never_contradicts_schedule(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """A rotation written into the store by hand (no handoff made) and WHO at once, before
+    the worker's next look (poll_interval 30 s): WHO names the member that `schedule` marks
+    `now`, not the engineer before, and calls the right one next."""
+    config = with_poll(s3_setup(), 30)
+    store = op.open_store(op.load_app_config(config))
+    pager = start_pager(config)
+    time.sleep(0.3)  # the worker has made its first listing and look at the config
+    block, start = current_shift_is_bobs()
+    set_team(store, rotation=block)
+    who = pager.sms(ALICE, "WHO")
+    assert who.startswith("Current on-call engineer: Bob Roberts <+19195551002>. Changed "), who
+    assert f"Next handoff: Carol Cruz on {berlin(start + 600)} (in " in who, who
+    schedule = run_cli("schedule", "-c", str(config)).stdout.splitlines()
+    assert schedule[0].endswith("  bob  Bob Roberts  now")
+    assert oncall_id(store) == "bob"
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 3)
+    assert messages_to(twilio, BOB) == [f"You are now on call for the team until "
+                                        f"{berlin(start + 600)}."]
+
+
+def test_a_change_in_the_store_reaches_a_running_pager_within_poll_interval_without_a_webhook(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """The other instance (or an operator) writes a rotation whose shift has begun; no
+    webhook arrives here. The worker checks the config with each listing (a 304 while
+    unchanged), so it hands over within poll_interval (1 s), not at the twelfth listing."""
+    config = with_poll(s3_setup(), 1)
+    store = op.open_store(op.load_app_config(config))
+    pager = start_pager(config)
+    time.sleep(1.5)  # past the first listings: only the listing's check can see the change
+    block, start = current_shift_is_bobs()
+    set_team(store, rotation=block)
+    changed = time.monotonic()
+    wait_until(lambda: oncall_id(store) == "bob", 1 + 1.5)
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 1.0)
+    assert time.monotonic() - changed < 1 + 2.0
+    assert messages_to(twilio, BOB) == [f"You are now on call for the team until "
+                                        f"{berlin(start + 600)}."]
+    assert pager.worker.alive()
+
+
+def test_who_names_who_changed_on_call_not_who_last_wrote_the_config(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager]) -> None:
+    config = s3_setup()
+    pager = start_pager(config)
+    assert pager.sms(BOB, "TAKE").startswith("Bob Roberts to be made on-call engineer")
+    assert pager.sms(BOB, "C").startswith("Okay, Bob, you are now on call.")
+    by_bob = re.compile(r"Current on-call engineer: Bob Roberts <\+19195551002>\. Changed "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC by Bob Roberts\.")
+    assert by_bob.fullmatch(pager.sms(ALICE, "WHO"))
+    assert pager.sms(CAROL, "STOP") == "" and pager.sms(CAROL, "START") == ""
+    result = run_cli("config", "--as", "ops", "set", "team_name", "Checkout", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert by_bob.fullmatch(pager.sms(ALICE, "WHO")), "a STOP or a setting is no on-call change"
+    result = run_cli("config", "--as", "ops", "set", "oncall", "carol", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"Current on-call engineer: Carol Cruz <\+19195551003>\. Changed "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC by ops\.", pager.sms(ALICE, "WHO"))
+
+
+def test_pages_open_at_a_handoff_keep_calling_whom_they_were_sent_to_then_the_team(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Two pages were sent to Alice (her MMS); the rotation hands over to Bob. Bob hears of
+    the two pages; each page calls Alice first (who has its recording), then the team,
+    Bob and Carol, texted and called; Bob is never called as if he had been paged."""
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    escalation(store, ack_timeout=2.5, call_attempts=1)
+    pager = start_pager(config)
+    for caller in ("+15551230001", "+15551230002"):
+        leave_voicemail(pager, twilio, call=call_params(From=caller))
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)
+    block, start = current_shift_is_bobs()
+    set_team(store, rotation=block)
+    wait_until(lambda: oncall_id(store) == "bob", 2)
+    assert twilio.wait_for(lambda: messages_to(twilio, BOB), 2)
+    assert messages_to(twilio, BOB) == [f"You are now on call for the team until "
+                                        f"{berlin(start + 600)}. 2 pages open: STATUS lists "
+                                        "them."]
+    assert twilio.wait_for(lambda: len(calls_to(twilio, CAROL)) == 2, 10)
+    called = [c.params["To"][0] for c in twilio.calls()]
+    assert called[:2] == [ALICE, ALICE], called
+    assert sorted(called[2:6]) == [BOB, BOB, CAROL, CAROL], called
+    assert len([m for m in messages_to(twilio, BOB) if m.startswith("Escalated page")]) == 2
+    steps = [(e["details"]["kind"], e["details"]["targets"])
+             for e in audit_events(store, "page.escalated")]
+    assert steps[:2] == [("oncall", ["alice"])] * 2
+    assert ("team", ["bob", "carol"]) in steps[2:]
+
+
+def test_changing_the_members_of_a_running_shift_hands_over_to_its_new_member(
+        file_cli: Cli) -> None:
+    """Bob's shift was handed over; the operator reorders the members, so the shift running
+    is now Carol's: the change hands over to Carol at once (schedule would say Carol)."""
+    block, start = current_shift_is_bobs()
+    set_team(file_cli.store, rotation=block, oncall_user={"id": "bob"},
+             rotation_handoff={"shift_start": float(start), "member": "bob"})
+    result = file_cli.run("config", "--as", "ops", "set", "rotation.members", "carol, bob")
+    assert result.returncode == 0, result.stderr
+    assert oncall_id(file_cli.store) == "carol"
+    assert file_cli.doc()["current_config"]["rotation_handoff"] == {
+        "shift_start": float(start), "member": "carol"}
+    assert file_cli.run("schedule").stdout.splitlines()[0].endswith("  carol  Carol Cruz  now")
+    result = file_cli.run("config", "--as", "ops", "set", "team_name", "Checkout")
+    assert (result.returncode, result.stdout) == (0, "set team_name = Checkout\n")
+    assert oncall_id(file_cli.store) == "carol", "made once: no handoff due any more"
+
+
+def test_schedule_says_who_is_on_call_instead_after_a_take_in_the_shift(file_cli: Cli) -> None:
+    block, start = current_shift_is_bobs()
+    set_team(file_cli.store, rotation=block,
+             rotation_handoff={"shift_start": float(start), "member": "bob"})
+    lines = file_cli.run("schedule", "-n", "2").stdout.splitlines()
+    assert lines[0].endswith("  bob  Bob Roberts  now (on call instead until the next shift: "
+                             "alice Alice McAlister)")
+    assert lines[1].endswith("  carol  Carol Cruz")
