@@ -2036,9 +2036,9 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
         except ValueError:
             errors.append("'payload.timestamp' is not an ISO 8601 time")
     alert["severity"] = payload.get("severity")
-    alert["custom_details"] = payload.get("custom_details")
-    if nesting(alert["custom_details"]) > MAX_NESTING:  # kept in the page, and e-mailed
+    if nesting(payload.get("custom_details")) > MAX_NESTING:
         errors.append(f"'payload.custom_details' nests deeper than {MAX_NESTING} levels")
+    alert["custom_details"] = kept_details(payload.get("custom_details"))
     for name in ("client", "client_url"):
         alert[name] = text(event.get(name), name, 1024)
     for name, field in (("links", "href"), ("images", "src")):
@@ -2048,12 +2048,34 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
             errors.append(f"'{name}' must be a list of objects with '{field}'")
             items = []
         alert[name] = [{k: clean_text(v) for k, v in i.items() if isinstance(v, str)}
-                       for i in items[:50]]
+                       for i in items[:KEPT_LINKS]]
     parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
     return parsed, errors
 
 
 MAX_NESTING = 32
+# What a page keeps of an event (section 19): a page lives in memory (the PageBook) and in
+# every write of it for as long as it is open, so it keeps a bounded part of what a monitor
+# sent (an event may be 512 KiB; parsed, that is megabytes of small objects), not the event.
+KEPT_DETAILS = 8 * 1024  # bytes of custom_details as compact JSON (UTF-8)
+DETAILS_CUT = "…cut at 8 KiB"
+KEPT_LINKS = 10  # links, and images
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def kept_details(details: object) -> object:
+    """An event's custom_details as a page keeps them: the value itself when its compact JSON
+    fits in KEPT_DETAILS bytes, else that JSON as a string, cut at a character boundary so
+    that with DETAILS_CUT appended it still fits (the e-mail shows it as it is). Only this
+    bounded copy outlives the request; the parsed event goes with it."""
+    if details is None:
+        return None
+    text = json.dumps(details, separators=(",", ":"), ensure_ascii=False)
+    data = SURROGATES.sub("\ufffd", text).encode()  # (UTF-8 cannot carry a lone surrogate)
+    if len(data) <= KEPT_DETAILS:
+        return details
+    room = KEPT_DETAILS - len(DETAILS_CUT.encode())
+    return data[:room].decode("utf-8", "ignore") + DETAILS_CUT  # "ignore": a cut character
 
 
 def nesting(value: object) -> int:
@@ -4532,8 +4554,11 @@ class Worker:
         lines += [f"link: {link.get('text', '')} {link['href']}".replace("  ", " ")
                   for link in alert.get("links", [])]
         lines += [f"image: {image['src']}" for image in alert.get("images", [])]
-        if alert.get("custom_details") is not None:
-            lines += ["", "custom_details:", json.dumps(alert["custom_details"], indent=2)]
+        details = alert.get("custom_details")
+        if isinstance(details, str) and details.endswith(DETAILS_CUT):  # see kept_details
+            lines += ["", "custom_details (compact JSON, the first 8 KiB):", details]
+        elif details is not None:
+            lines += ["", "custom_details:", json.dumps(details, indent=2)]
         return "\n".join(lines) + "\n"
 
     def _deliver_transcript_email(self, store: Store, page: dict, channel: str,

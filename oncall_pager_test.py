@@ -6487,3 +6487,80 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
+
+
+# ==============================================================================================
+# Section 19: alert memory and the alert budget
+# ==============================================================================================
+
+
+def big_custom_details(size: int) -> dict:
+    """What a chatty Alertmanager template sends: many firing alerts, each a few labels and
+    annotations (many small objects once parsed, the costly shape), about `size` bytes."""
+    firing, used, i = [], 0, 0
+    while used < size:
+        item = {"labels": {"alertname": "DiskFull", "instance": f"db{i}.example.com:9100",
+                           "job": "node", "mountpoint": "/var", "severity": "critical"},
+                "annotations": {"summary": f"/var on db{i} is 97% full",
+                                "runbook": f"https://runbooks.example.com/disk-full#{i}"},
+                "startsAt": "2026-12-02T17:00:00Z", "value": i * 0.5}
+        firing.append(item)
+        used += len(json.dumps(item)) + 2
+        i += 1
+    return {"firing": firing, "num_firing": str(len(firing))}
+
+
+def vm_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    (kib,) = re.findall(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(kib) / 1024
+
+
+def post_big_alerts(base_url: str, count: int, size: int, severity: str = "critical") -> None:
+    details = big_custom_details(size)
+    for i in range(count):
+        event = {**alertmanager_event(severity=severity, dedup_key=f"big-{i}"),
+                 "links": [{"href": f"https://grafana.example.com/d/{n}"} for n in range(30)]}
+        event["payload"]["custom_details"] = details
+        body = json.dumps(event).encode()
+        assert len(body) <= op.MAX_EVENT_BODY
+        status, text, _ = http_request("POST", base_url + "/v2/enqueue", body,
+                                       {"Content-Type": "application/json"}, timeout=30)
+        assert status == 202, text
+
+
+def test_sixty_open_alert_pages_of_500_kb_custom_details_stay_small_serving_and_restarted(
+        tmp_path: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    """The finding: each open alert page kept its whole event (~4 MB resident once parsed):
+    60 of them reached 296 MB, above the unit's MemoryMax=256M. A page keeps 8 KiB of
+    custom_details and 10 links: 60 such pages fit well within 100 MiB, serving and after a
+    restart that reads them all back."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store, escalation={"alert_pages_per_hour": 100})
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    server = serve_process(config)
+    server.wait_healthy()
+    post_big_alerts(server.base_url, 60, 500 * 1024)
+    wait_until(lambda: len(store.list("outbox/")) >= 120, 60)  # each page's text and e-mail
+    serving = vm_rss_mib(server.process.pid)
+    pages = alert_pages(store)
+    assert len(pages) == 60
+    for page in pages:
+        kept = page["alert"]["custom_details"]
+        assert isinstance(kept, str) and kept.endswith("…cut at 8 KiB")
+        assert len(kept.encode()) <= 8192
+        assert len(page["alert"]["links"]) == 10
+    mail = email.message_from_bytes(
+        store.get(next(k for k in store.list("outbox/") if k.endswith(".eml"))).data,
+        policy=email.policy.default)
+    assert "custom_details (compact JSON, the first 8 KiB):" in mail.get_content()
+    assert mail.get_content().rstrip().endswith("…cut at 8 KiB")
+    server.kill()
+    restarted = serve_process(config)
+    restarted.wait_healthy()
+    assert restarted.sms(ALICE, "STATUS")  # the book holds every open page again
+    time.sleep(1.0)  # a few scans
+    after_restart = vm_rss_mib(restarted.process.pid)
+    print(f"RSS serving {serving:.1f} MiB, after a restart {after_restart:.1f} MiB")
+    assert serving < 100 and after_restart < 100, (serving, after_restart)
