@@ -6564,3 +6564,140 @@ def test_sixty_open_alert_pages_of_500_kb_custom_details_stay_small_serving_and_
     after_restart = vm_rss_mib(restarted.process.pid)
     print(f"RSS serving {serving:.1f} MiB, after a restart {after_restart:.1f} MiB")
     assert serving < 100 and after_restart < 100, (serving, after_restart)
+
+
+@pytest.mark.skipif(not os.environ.get("ONCALL_MEASURE_1000"),
+                    reason="a measurement of a minute or more: ONCALL_MEASURE_1000=1 runs it")
+def test_measure_rss_of_1000_open_alert_pages_of_500_kib_custom_details(
+        tmp_path: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    """SPEC 19's figure: 1,000 open (ringing) alert pages, each posted with 500 KiB of
+    custom_details by 4 clients at once; RSS of `serve` while serving and after a restart."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store, escalation={"alert_pages_per_hour": 1000})
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    server = serve_process(config)
+    server.wait_healthy()
+    event = alertmanager_event(dedup_key="big-DEDUP")
+    event["payload"]["custom_details"] = big_custom_details(500 * 1024)
+    body = json.dumps(event)
+    started = time.monotonic()
+
+    def post(i: int) -> None:
+        status, text, _ = http_request("POST", server.base_url + "/v2/enqueue",
+                                       body.replace("big-DEDUP", f"big-{i}").encode(),
+                                       {"Content-Type": "application/json"}, timeout=60)
+        assert status == 202, text
+
+    with ThreadPoolExecutor(4) as clients:
+        list(clients.map(post, range(1000)))
+    posted = time.monotonic() - started
+    wait_until(lambda: len(store.list("outbox/")) >= 2000, 300, every=1)
+    serving = vm_rss_mib(server.process.pid)
+    server.kill()
+    restarted = serve_process(config)
+    restarted.wait_healthy(timeout=60)
+    assert restarted.sms(ALICE, "STATUS")
+    time.sleep(5)
+    after_restart = vm_rss_mib(restarted.process.pid)
+    print(f"1000 pages posted in {posted:.0f} s; RSS serving {serving:.1f} MiB, after a "
+          f"restart {after_restart:.1f} MiB")
+    assert serving < 100 and after_restart < 100, (serving, after_restart)
+
+
+GRAFANA_KEY = "1e" * 16
+
+
+def two_integrations(store: op.Store, **escalation: Any) -> None:
+    """Alertmanager and Grafana, each with its own routing key."""
+    set_team(store, escalation=escalation, integrations={
+        name: {"key_sha256": hashlib.sha256(key.encode()).hexdigest(), "created": 1764201600}
+        for name, key in (("alertmanager", ALERTMANAGER_KEY), ("grafana", GRAFANA_KEY))})
+
+
+def held_texts(twilio: TwilioFake) -> list[str]:
+    return [t for t in messages_to(twilio, ALICE) if " held this hour " in t]
+
+
+def test_forty_new_alerts_ring_ten_pages_and_hold_thirty_with_one_text_on_two_instances(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """The finding: 40 distinct dedup_keys from one routing key made 40 texts and 40 calls in
+    6 s. Now 10 pages of an integration ring in an hour (counted in the store, so two
+    instances taking the events in turn hold to it), the other 30 are listed and e-mailed,
+    and one text tells the on-call engineer; another integration has its own 10."""
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    two_integrations(one.store, ack_timeout=1, call_attempts=1, escalate_to=[])
+
+    def post(i: int) -> None:
+        status, answer = post_event(one if i % 2 else two,
+                                    alertmanager_event(dedup_key=f"disk-{i}"))
+        assert status == 202, answer
+
+    with ThreadPoolExecutor(4) as clients:
+        list(clients.map(post, range(40)))
+    for i in range(12):
+        assert post_event(one, alertmanager_event(key=GRAFANA_KEY, dedup_key=f"cpu-{i}"))[0] \
+            == 202
+    pages = alert_pages(one.store)
+    assert len(pages) == 52
+    by = {name: [p for p in pages if p["alert"]["integration"] == name]
+          for name in ("alertmanager", "grafana")}
+    for name, held in (("alertmanager", 30), ("grafana", 2)):
+        assert sorted(p["state"] for p in by[name]) == ["listed"] * held + ["open"] * 10
+        assert sorted(p["alert"].get("held", 0) for p in by[name]) == \
+            [0] * 10 + list(range(1, held + 1))
+    assert wait_until(lambda: len(smtp.messages) >= 52, 20)
+    time.sleep(2.5)  # past ack_timeout: the ringing pages are called, the held ones are not
+    texts = messages_to(twilio, ALICE)
+    assert len([t for t in texts if t.startswith("Page ")]) == 20, texts
+    held = held_texts(twilio)
+    assert len(held) == 2, held
+    assert any(re.fullmatch(r"\d+ alerts? from alertmanager held this hour \(listed and "
+                            r"e-mailed, not rung\)\. STATUS lists them\.", t) for t in held)
+    assert any(t.startswith(("1 alert from grafana", "2 alerts from grafana")) for t in held)
+    called = {urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["Url"][0]).query)["page"][0]
+              for c in calls_to(twilio, ALICE)}
+    assert called == {p["id"] for p in pages if p["state"] == "open"}, "a held page was called"
+    entries = audit_events(one.store, "alert.held")
+    assert len(entries) == 32
+    assert {e["details"]["alert_pages_per_hour"] for e in entries} == {10}
+    bodies = [m.get_content() for m in smtp.messages]
+    assert len([b for b in bodies if "held, nobody is called: alert 30 from alertmanager "
+                "held this hour, beyond its 10 ringing pages an hour" in b]) == 1
+
+
+def test_the_alert_budget_holds_across_a_restart_and_repeats_cost_nothing(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """The count is in the store: 6 pages, a restart, 6 more new dedup_keys: 4 of them ring.
+    Repeats of open pages and of held ones are not counted, and a held page's repeat stays
+    listed (a monitor re-sends what still fires)."""
+    config = s3_setup()
+    first = start_pager(config)
+    with_integration(first.store)
+    for i in range(6):
+        assert post_event(first, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    first.stop()
+    second = start_pager(config)
+    for i in range(6, 12):
+        assert post_event(second, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    for i in range(12):  # Alertmanager's repeat_interval: everything that fires, again
+        assert post_event(second, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    assert post_event(second, alertmanager_event(dedup_key="disk-12"))[0] == 202
+    pages = alert_pages(second.store)
+    assert sorted(p["state"] for p in pages) == ["listed"] * 3 + ["open"] * 10
+    assert all(p["alert"]["repeated"] == 1 for p in pages if p["alert"]["dedup_key"] != "disk-12")
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) >= 11, 5)
+    time.sleep(0.5)
+    assert len(held_texts(twilio)) == 1
+    assert len(audit_events(second.store, "alert.held")) == 3
+
+
+def test_alert_pages_per_hour_is_checked_with_its_field_path() -> None:
+    doc = team_doc(escalation={"alert_pages_per_hour": -1})
+    errors, _ = op.check_oncall_config(doc)
+    assert "current_config.escalation.alert_pages_per_hour -1 is not a valid number" in errors
+    doc = team_doc(escalation={"alert_pages_per_hour": 2.5})
+    assert op.check_oncall_config(doc)[0]
+    assert op.check_oncall_config(team_doc(escalation={"alert_pages_per_hour": 0}))[0] == []
