@@ -32,7 +32,10 @@ How data flows
          -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
             voicemail; warning/info are e-mailed and listed) or joins the one of its
             dedup_key (open, listed, or acknowledged within a day); acknowledge ->
-            Pager.acknowledge; resolve -> Pager.resolve (notices)
+            Pager.acknowledge; resolve -> Pager.resolve (notices). A page keeps 8 KiB of
+            the event's custom_details (kept_details), not the event. Per integration,
+            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
+            rest are held: listed and e-mailed, and the first held one texts once
     heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
