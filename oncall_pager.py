@@ -2054,8 +2054,8 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
                 isinstance(i, dict) and isinstance(i.get(field), str) for i in items):
             errors.append(f"'{name}' must be a list of objects with '{field}'")
             items = []
-        alert[name] = [{k: clean_text(v) for k, v in i.items() if isinstance(v, str)}
-                       for i in items[:KEPT_LINKS]]
+        alert[name] = [{k: clean_text(i[k][:KEPT_LINK_TEXT]) for k in LINK_FIELDS[name]
+                        if isinstance(i.get(k), str)} for i in items[:KEPT_LINKS]]
     parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
     return parsed, errors
 
@@ -2067,6 +2067,8 @@ MAX_NESTING = 32
 KEPT_DETAILS = 8 * 1024  # bytes of custom_details as compact JSON (UTF-8)
 DETAILS_CUT = "…cut at 8 KiB"
 KEPT_LINKS = 10  # links, and images
+KEPT_LINK_TEXT = 2048  # characters of each of their fields (PagerDuty's, the rest dropped)
+LINK_FIELDS = {"links": ("href", "text"), "images": ("src", "href", "alt")}
 SURROGATES = re.compile("[\ud800-\udfff]")
 
 

@@ -6579,7 +6579,8 @@ def post_big_alerts(base_url: str, count: int, size: int, severity: str = "criti
     details = big_custom_details(size)
     for i in range(count):
         event = {**alertmanager_event(severity=severity, dedup_key=f"big-{i}"),
-                 "links": [{"href": f"https://grafana.example.com/d/{n}"} for n in range(30)]}
+                 "links": [{"href": f"https://grafana.example.com/d/{n}", "text": "see " * 600,
+                            "note": "x" * 200} for n in range(12)]}
         event["payload"]["custom_details"] = details
         body = json.dumps(event).encode()
         assert len(body) <= op.MAX_EVENT_BODY
@@ -6600,7 +6601,7 @@ def test_sixty_open_alert_pages_of_500_kb_custom_details_stay_small_serving_and_
     config = write_config(tmp_path, "file:var", mode="dry-run")
     server = serve_process(config)
     server.wait_healthy()
-    post_big_alerts(server.base_url, 60, 500 * 1024)
+    post_big_alerts(server.base_url, 60, 480_000)  # with 12 long links: near the 512 KiB limit
     wait_until(lambda: len(store.list("outbox/")) >= 120, 60)  # each page's text and e-mail
     serving = vm_rss_mib(server.process.pid)
     pages = alert_pages(store)
@@ -6610,6 +6611,8 @@ def test_sixty_open_alert_pages_of_500_kb_custom_details_stay_small_serving_and_
         assert isinstance(kept, str) and kept.endswith("…cut at 8 KiB")
         assert len(kept.encode()) <= 8192
         assert len(page["alert"]["links"]) == 10
+        assert all(set(link) == {"href", "text"} and len(link["text"]) <= 2048
+                   for link in page["alert"]["links"])
     mail = email.message_from_bytes(
         store.get(next(k for k in store.list("outbox/") if k.endswith(".eml"))).data,
         policy=email.policy.default)
