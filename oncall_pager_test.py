@@ -1363,7 +1363,7 @@ def test_config_optional_keys_have_defaults() -> None:
     doc = team_doc()
     assert op.escalation_settings(doc) == {"ack_timeout": 300, "call_attempts": 2,
                                            "escalate_to": ["bob", "carol"],
-                                           "max_outbound_per_hour": 60}
+                                           "max_outbound_per_hour": 60, "alert_pages_per_hour": 10}
     assert op.team_name(doc) == "" and op.session_lifetime(doc) == 300
 
 
