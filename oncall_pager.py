@@ -40,7 +40,10 @@ How data flows
          -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
             voicemail; warning/info are e-mailed and listed) or joins the one of its
             dedup_key (open, listed, or acknowledged within a day); acknowledge ->
-            Pager.acknowledge; resolve -> Pager.resolve (notices)
+            Pager.acknowledge; resolve -> Pager.resolve (notices). A page keeps 8 KiB of
+            the event's custom_details (kept_details), not the event. Per integration,
+            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
+            rest are held: listed and e-mailed, and the first held one texts once
     heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
@@ -69,6 +72,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     live/<caller number>.json               when that caller last reached the live hunt (a
                                             repeat within 10 minutes goes to voicemail)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
+    counters/alerts-<hash>.json             an integration's alert budget this hour: the
+                                            dedup_keys that rang, those held (listed only)
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
     outbox/...                              dry-run mode only: what would have been sent
@@ -598,7 +603,7 @@ def local_file_problems(cfg: AppConfig) -> list[str]:
 
 
 ESCALATION_DEFAULTS = {"ack_timeout": 300, "call_attempts": 2, "escalate_to": None,
-                       "max_outbound_per_hour": 60}
+                       "max_outbound_per_hour": 60, "alert_pages_per_hour": 10}
 
 
 def check_oncall_config(doc: object) -> tuple[list[str], list[str]]:
@@ -825,7 +830,8 @@ def check_escalation(escalation: object, users: dict) -> list[str]:
     if not isinstance(escalation, dict):
         return [f"{where} is not an object"]
     errors = []
-    for field in ("ack_timeout", "call_attempts", "max_outbound_per_hour"):
+    for field in ("ack_timeout", "call_attempts", "max_outbound_per_hour",
+                  "alert_pages_per_hour"):
         if field not in escalation:
             continue
         value = escalation[field]
@@ -1527,6 +1533,7 @@ AUDIT_EVENTS = (
     "page.escalated",        # an escalation step: a call to the on-call engineer or the team
     "page.closed",           # no acknowledgement within a day
     "outbound.capped",       # the hourly SMS+call budget is spent; only e-mail runs
+    "alert.held",            # an integration's alert budget is spent: listed, not rung
     "page.repeated",         # a caller with an open page called again: joined to that page
     "page.transcribed",      # Twilio's transcript of a voicemail arrived; texted and e-mailed
     "page.recorded",         # the recording of a live call arrived; archived and e-mailed
@@ -2104,9 +2111,9 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
         except ValueError:
             errors.append("'payload.timestamp' is not an ISO 8601 time")
     alert["severity"] = payload.get("severity")
-    alert["custom_details"] = payload.get("custom_details")
-    if nesting(alert["custom_details"]) > MAX_NESTING:  # kept in the page, and e-mailed
+    if nesting(payload.get("custom_details")) > MAX_NESTING:
         errors.append(f"'payload.custom_details' nests deeper than {MAX_NESTING} levels")
+    alert["custom_details"] = kept_details(payload.get("custom_details"))
     for name in ("client", "client_url"):
         alert[name] = text(event.get(name), name, 1024)
     for name, field in (("links", "href"), ("images", "src")):
@@ -2115,13 +2122,37 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
                 isinstance(i, dict) and isinstance(i.get(field), str) for i in items):
             errors.append(f"'{name}' must be a list of objects with '{field}'")
             items = []
-        alert[name] = [{k: clean_text(v) for k, v in i.items() if isinstance(v, str)}
-                       for i in items[:50]]
+        alert[name] = [{k: clean_text(i[k][:KEPT_LINK_TEXT]) for k in LINK_FIELDS[name]
+                        if isinstance(i.get(k), str)} for i in items[:KEPT_LINKS]]
     parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
     return parsed, errors
 
 
 MAX_NESTING = 32
+# What a page keeps of an event (section 19): a page lives in memory (the PageBook) and in
+# every write of it for as long as it is open, so it keeps a bounded part of what a monitor
+# sent (an event may be 512 KiB; parsed, that is megabytes of small objects), not the event.
+KEPT_DETAILS = 8 * 1024  # bytes of custom_details as compact JSON (UTF-8)
+DETAILS_CUT = "…cut at 8 KiB"
+KEPT_LINKS = 10  # links, and images
+KEPT_LINK_TEXT = 2048  # characters of each of their fields (PagerDuty's, the rest dropped)
+LINK_FIELDS = {"links": ("href", "text"), "images": ("src", "href", "alt")}
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def kept_details(details: object) -> object:
+    """An event's custom_details as a page keeps them: the value itself when its compact JSON
+    fits in KEPT_DETAILS bytes, else that JSON as a string, cut at a character boundary so
+    that with DETAILS_CUT appended it still fits (the e-mail shows it as it is). Only this
+    bounded copy outlives the request; the parsed event goes with it."""
+    if details is None:
+        return None
+    text = json.dumps(details, separators=(",", ":"), ensure_ascii=False)
+    data = SURROGATES.sub("\ufffd", text).encode()  # (UTF-8 cannot carry a lone surrogate)
+    if len(data) <= KEPT_DETAILS:
+        return details
+    room = KEPT_DETAILS - len(DETAILS_CUT.encode())
+    return data[:room].decode("utf-8", "ignore") + DETAILS_CUT  # "ignore": a cut character
 
 
 def nesting(value: object) -> int:
@@ -2148,6 +2179,21 @@ def alert_page_id(integration: str, dedup_key: str, generation: int) -> str:
 def alert_index_key(integration: str, dedup_key: str) -> str:
     digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()
     return f"alerts/{digest[:32]}.json"
+
+
+def alert_budget_key(integration: str) -> str:
+    """counters/alerts-<hash>.json: the alert budget of one integration (see count_alert)."""
+    return f"counters/alerts-{hashlib.sha256(integration.encode()).hexdigest()[:16]}.json"
+
+
+HELD_KEPT = 100  # held dedup_keys named in an alert budget (beyond them, only counted)
+BUDGET_TRIES = 30  # conditional writes of an alert budget before a trigger answers busy
+
+
+def held_text(held: int, integration: str) -> str:
+    """The one SMS of an hour in which an integration's alerts are held (section 19)."""
+    return (f"{held} alert{'s' if held != 1 else ''} from {integration} held this hour "
+            "(listed and e-mailed, not rung). STATUS lists them.")
 
 
 # A ping this close to its deadline also looks for the page of the miss: another instance,
@@ -2290,6 +2336,7 @@ class Pager:
         self._reminded: set[str] = set()  # reminders this process queued or found queued
         self._settled: set[float] = set()  # shift starts whose handoff this process made whole
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
+        self._budgets: dict[str, tuple[dict, str]] = {}  # counters/alerts-*.json, last seen
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
         self._counter_lock = threading.Lock()
@@ -2660,7 +2707,7 @@ class Pager:
             add_delivery(page, channel, claimed_until)
         key, entry = self.audit.entry("page.opened", actor, {
             "page": page_id, "kind": page["kind"], **details, "oncall": page["oncall"]["id"]})
-        page["audit_due"] = [{"key": key, "entry": entry}]
+        page["audit_due"] = [{"key": key, "entry": entry}, *page.get("audit_due", [])]
         try:
             etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
@@ -3251,25 +3298,53 @@ class Pager:
         """A trigger: the page of its dedup_key that it joins (see joins) gets it as a repeat
         (`page.repeated`, nothing new is sent); otherwise a page of kind alert opens, one
         conditional create like a voicemail's: critical and error ring as a voicemail does
-        (a text, then calls), warning and info are e-mailed and listed. Returns (page,
-        opened)."""
+        (a text, then calls) within the integration's alert budget (count_alert; beyond it
+        they are held), warning and info are e-mailed and listed. Returns (page, opened).
+
+        The budget is counted beside the look-up of the dedup_key's page, not after it, when
+        this instance knows no page the trigger could join (a new dedup_key, as a rule): a
+        page within budget then costs no round trip more before its text. A guess proved
+        wrong (the trigger joins a page after all) is taken back off the answer's path."""
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
         rings = alert["severity"] in RINGING
+        counted: list[tuple[int, bool]] = []  # count_alert's answer, once asked
         for _ in range(4):
-            generation, found = self._current_alert(integration, dedup_key)
+            if rings and not counted and not self._knows_alert(integration, dedup_key):
+                looked_up, count = in_parallel(
+                    IO_POOL, lambda: self._current_alert(integration, dedup_key),
+                    lambda: self.count_alert(snap.doc, integration, dedup_key))
+                (generation, found), counted = looked_up, [count]
+            else:
+                generation, found = self._current_alert(integration, dedup_key)
             if found is not None and joins(found[0], time.time()):
-                joined = self._repeat_alert(snap.doc, found[0]["id"], integration, alert)
+                # a warning's page that this trigger makes ring is counted; nothing else is
+                starts = (rings and found[0].get("state") == "listed"
+                          and not found[0]["alert"].get("held"))
+                if starts and not counted:
+                    counted = [self.count_alert(snap.doc, integration, dedup_key)]
+                elif counted and not starts:
+                    if counted[0][1]:
+                        IO_POOL.submit(self.uncount_alert, integration, dedup_key)
+                    counted = []
+                joined = self._repeat_alert(snap.doc, found[0]["id"], integration, alert,
+                                            counted[0][0] if counted else 0)
                 if joined is not None:
                     return joined, False
                 continue  # resolved meanwhile: a new generation
             if found is not None:
                 generation += 1
+            if rings and not counted:
+                counted = [self.count_alert(snap.doc, integration, dedup_key)]
+            held = counted[0][0] if counted else 0
             page = new_page(alert_page_id(integration, dedup_key, generation), "alert",
-                            snap.doc, state="open" if rings else "listed", alert={
-                                **alert, "integration": integration, "dedup_key": dedup_key,
-                                "generation": generation})
+                            snap.doc, state="open" if rings and not held else "listed",
+                            alert={**alert, "integration": integration,
+                                   "dedup_key": dedup_key, "generation": generation})
+            channels = ["sms", "email"] if rings and not held else ["email"]
+            if held:
+                channels += self._hold(page, held, snap.doc)
             page, created = self._create_page(
-                self.store, page, ["sms", "email"] if rings else ["email"], snap.doc,
+                self.store, page, channels, snap.doc,
                 f"events:{integration}", {"dedup_key": dedup_key,
                                           "severity": alert["severity"],
                                           "summary": alert["summary"]})
@@ -3278,6 +3353,109 @@ class Pager:
                     self._note_generation(integration, dedup_key, generation)
                 return page, True
         raise StoreConflict(f"alert {dedup_key}: too many concurrent changes")
+
+    def _knows_alert(self, integration: str, dedup_key: str) -> bool:
+        """Whether this instance's book has a page that a trigger of this dedup_key joins
+        (from memory: the first generation's id, or an open page of any generation)."""
+        now = time.time()
+        first = self.book.get(alert_page_id(integration, dedup_key, 0))
+        if first is not None and joins(first[0], now):
+            return True
+        return any(page.get("kind") == "alert" and page["alert"].get("dedup_key") == dedup_key
+                   and page["alert"].get("integration") == integration and joins(page, now)
+                   for page, _ in self.book.working())
+
+    def count_alert(self, doc: dict, integration: str, dedup_key: str) -> tuple[int, bool]:
+        """The alert budget: per integration, `escalation.alert_pages_per_hour` dedup_keys
+        ring in a clock hour; the later ones are held (listed and e-mailed, nobody called),
+        so that a runaway monitor, or anyone holding its routing key, cannot run up the
+        Twilio bill (a page's first text and call are never capped by the outbound budget).
+        The count is counters/alerts-<hash>.json, shared by every instance and written
+        conditionally before the page that it lets ring, so a stop between the two leaves a
+        dedup_key counted and its retried trigger gets the same verdict. Starts from this
+        instance's copy: one request while nobody else counts. Returns (0, added) to ring or
+        (N, added): the Nth alert held this hour; `added`: this call counted it."""
+        limit = escalation_settings(doc)["alert_pages_per_hour"]
+        hour = int(time.time() // 3600 * 3600)
+        digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()[:32]
+        key = alert_budget_key(integration)
+        verdict: list[tuple[int, bool]] = []
+
+        def count(budget: dict | None) -> dict | None:
+            if budget is None or budget.get("hour") != hour:
+                budget = {"integration": integration, "hour": hour, "rung": [], "held": [],
+                          "held_count": 0}
+            if digest in budget["rung"]:
+                verdict[:] = [(0, False)]
+                return None
+            if digest in budget["held"]:
+                verdict[:] = [(budget["held"].index(digest) + 1, False)]
+                return None
+            if len(budget["rung"]) < limit:
+                budget["rung"].append(digest)
+                verdict[:] = [(0, True)]
+            else:
+                budget["held_count"] += 1
+                if len(budget["held"]) < HELD_KEPT:
+                    budget["held"].append(digest)
+                verdict[:] = [(budget["held_count"], True)]
+            return budget
+
+        # every new dedup_key of the integration writes here: under a burst of them from
+        # several clients the writers take turns, hence more tries than update_json's 8
+        written = update_json(self.store, key, count, BUDGET_TRIES, self._budgets.get(key),
+                              seen=lambda found: self._budgets.__setitem__(key, found))
+        if written is not None:
+            self._budgets[key] = written
+        return verdict[0]
+
+    def uncount_alert(self, integration: str, dedup_key: str) -> None:
+        """Take back a count_alert made beside a look-up that then found a page to join."""
+        digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()[:32]
+        key = alert_budget_key(integration)
+
+        def uncount(budget: dict | None) -> dict | None:
+            if budget is None or digest not in budget["rung"] + budget["held"]:
+                return None
+            if digest in budget["held"]:
+                budget["held"].remove(digest)
+                budget["held_count"] -= 1
+            else:
+                budget["rung"].remove(digest)
+            return budget
+
+        with contextlib.suppress(StoreUnavailable, StoreConflict):
+            written = update_json(self.store, key, uncount, known=self._budgets.get(key),
+                                  seen=lambda found: self._budgets.__setitem__(key, found))
+            if written is not None:
+                self._budgets[key] = written
+
+    def held_this_hour(self, integration: str) -> int:
+        """How many of an integration's alerts were held this hour, as this instance last saw
+        its budget (for the held text: no request)."""
+        known = self._budgets.get(alert_budget_key(integration))
+        if known is None or known[0].get("hour") != int(time.time() // 3600 * 3600):
+            return 0
+        return int(known[0].get("held_count", 0))
+
+    def _hold(self, page: dict, held: int, doc: dict) -> list[str]:
+        """An alert page over its integration's budget: listed, marked held, audited
+        (`alert.held`); the first one held in the hour also texts the on-call engineer once
+        (held_text, queued in the same write, claimed like a page's first text). Returns
+        the channels it queued."""
+        alert = page["alert"]
+        alert["held"] = held
+        limit = escalation_settings(doc)["alert_pages_per_hour"]
+        key, entry = self.audit.entry("alert.held", f"events:{alert['integration']}", {
+            "page": page["id"], "dedup_key": alert["dedup_key"], "severity": alert["severity"],
+            "held_this_hour": held, "alert_pages_per_hour": limit})
+        page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+        oncall = oncall_member(doc)
+        if held != 1 or oncall.get("opted_out"):
+            return []
+        channel = f"held:{oncall['id']}"
+        add_delivery(page, channel, self.claim_until(), to=oncall["phone"])
+        return [channel]
 
     def _current_alert(self, integration: str, dedup_key: str
                        ) -> tuple[int, tuple[dict, str] | None]:
@@ -3307,10 +3485,11 @@ class Pager:
                     {"integration": integration, "dedup_key": dedup_key,
                      "generation": generation})
 
-    def _repeat_alert(self, doc: dict, page_id: str, integration: str, alert: dict
-                      ) -> dict | None:
+    def _repeat_alert(self, doc: dict, page_id: str, integration: str, alert: dict,
+                      held: int = 0) -> dict | None:
         """A trigger for an open page: counted and audited, nothing sent; except that a
-        listed page (a warning) whose alert turns critical or error starts to ring now."""
+        listed page (a warning) whose alert turns critical or error starts to ring now,
+        within the alert budget (`held`: count_alert's verdict; a held page stays listed)."""
         claimed_until = self.claim_until()
         channels: list[str] = []
 
@@ -3319,7 +3498,12 @@ class Pager:
             if page is None or not joins(page, time.time()):
                 return None
             page["alert"]["repeated"] = page["alert"].get("repeated", 0) + 1
-            if page["state"] == "listed" and alert["severity"] in RINGING:
+            starts = (page["state"] == "listed" and alert["severity"] in RINGING
+                      and not page["alert"].get("held"))
+            if starts and held:
+                page["alert"].update(alert)
+                channels.extend(self._hold(page, held, doc))
+            elif starts:
                 now = time.time()
                 oncall = oncall_member(doc)  # who is on call now, not when it was listed
                 page.update(state="open", oncall=dict(oncall), paged=[oncall["id"]],
@@ -3860,7 +4044,8 @@ MAX_UNEXPECTED = 5        # attempts of a channel that fails with an unexpected 
 # would lose the audit entries waiting in memory, so the bound is generous.
 WORKER_STUCK_AFTER = 180.0
 # The channels sent on the threads for texts (the rest: e-mail, archive, on their own).
-URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "resolved", "transcript_sms")
+URGENT_CHANNELS = ("mms", "sms", "sms_fallback", "notice", "resolved", "transcript_sms",
+                   "held")
 
 
 class Batch:
@@ -4784,11 +4969,21 @@ class Worker:
                                            status_callback=self._status_url(page, channel)))
         return {"to": delivery["to"], "sid": sid}
 
+    def _deliver_held(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        """The one text of an hour in which an integration's alerts are held (Pager._hold):
+        not capped by the outbound budget, as a page's first text is not (it stands for the
+        texts that were held). N is as many as this instance knows held by now."""
+        delivery, alert = page["deliveries"][channel], page["alert"]
+        held = max(int(alert.get("held", 1)), self.pager.held_this_hour(alert["integration"]))
+        sid = self.telephony.send_sms(delivery["to"], doc["current_config"]["from_phone"],
+                                      held_text(held, alert["integration"]))
+        return {"to": delivery["to"], "sid": sid}
+
     def _deliver_email(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         mail = doc["current_config"]["mail_settings"]
         if page["kind"] in ("alert", "heartbeat"):
             self._send_email(build_email(mail, alert_text(page)[:200], self._alert_body(
-                store, page), None, mail_id("page", page["id"])), doc)
+                store, page, doc), None, mail_id("page", page["id"])), doc)
             return {"to": mail["to_email"]}
         if page["kind"] == "call":
             taken = members(doc).get(page.get("acked_by"), {}).get("name", page.get("acked_by"))
@@ -4808,11 +5003,15 @@ class Worker:
         self._send_email(message, doc)
         return {"to": mail["to_email"]}
 
-    def _alert_body(self, store: Store, page: dict) -> str:
+    def _alert_body(self, store: Store, page: dict, doc: dict) -> str:
         """An alert's e-mail: what it is, whether it rings, and what the monitor sent along."""
         alert = page["alert"]
         rings = (f"on call: {page['oncall']['name']}" if page["state"] != "listed" else
                  f"listed only, nobody is called ({alert['severity']})")
+        if alert.get("held"):
+            rings = (f"held, nobody is called: alert {alert['held']} from "
+                     f"{alert['integration']} held this hour, beyond its "
+                     f"{escalation_settings(doc)['alert_pages_per_hour']} ringing pages an hour")
         lines = [f"Page {self._number(store, page)}: {alert_text(page)}.",
                  f"Opened {short_time(page['opened'])}; {rings}.", ""]
         for name in ("source", "component", "group", "class", "timestamp", "client",
@@ -4822,8 +5021,11 @@ class Worker:
         lines += [f"link: {link.get('text', '')} {link['href']}".replace("  ", " ")
                   for link in alert.get("links", [])]
         lines += [f"image: {image['src']}" for image in alert.get("images", [])]
-        if alert.get("custom_details") is not None:
-            lines += ["", "custom_details:", json.dumps(alert["custom_details"], indent=2)]
+        details = alert.get("custom_details")
+        if isinstance(details, str) and details.endswith(DETAILS_CUT):  # see kept_details
+            lines += ["", "custom_details (compact JSON, the first 8 KiB):", details]
+        elif details is not None:
+            lines += ["", "custom_details:", json.dumps(details, indent=2)]
         return "\n".join(lines) + "\n"
 
     def _deliver_transcript_email(self, store: Store, page: dict, channel: str,
@@ -4965,6 +5167,7 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "notice": Worker._deliver_notice,
     "resolved": Worker._deliver_notice,
     "transcript_sms": Worker._deliver_notice,
+    "held": Worker._deliver_held,
     "transcript_email": Worker._deliver_transcript_email,
     "transcript_archive": Worker._deliver_transcript_archive,
     "email": Worker._deliver_email,
@@ -6202,6 +6405,7 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "escalation.escalate_to": (("escalation", "escalate_to"),
                                lambda v: [m.strip() for m in v.split(",") if m.strip()]),
     "escalation.max_outbound_per_hour": (("escalation", "max_outbound_per_hour"), int),
+    "escalation.alert_pages_per_hour": (("escalation", "alert_pages_per_hour"), int),
     "rotation.members": (("rotation", "members"),
                          lambda v: [m.strip() for m in v.split(",") if m.strip()]),
     "rotation.start": (("rotation", "start"), str),

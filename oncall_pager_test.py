@@ -1363,7 +1363,7 @@ def test_config_optional_keys_have_defaults() -> None:
     doc = team_doc()
     assert op.escalation_settings(doc) == {"ack_timeout": 300, "call_attempts": 2,
                                            "escalate_to": ["bob", "carol"],
-                                           "max_outbound_per_hour": 60}
+                                           "max_outbound_per_hour": 60, "alert_pages_per_hour": 10}
     assert op.team_name(doc) == "" and op.session_lifetime(doc) == 300
 
 
@@ -4591,7 +4591,8 @@ class WorldTelephony(op.Telephony):
         return self._send({"kind": "mms" if media_url else "sms", "to": to, "body": body})
 
     def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
-        return self._send({"kind": "call", "to": to, "step": status_callback.rsplit("=", 1)[1]})
+        return self._send({"kind": "call", "to": to, "step": status_callback.rsplit("=", 1)[1],
+                           "url": url})
 
 
 CRASH_SID = "RE" + "c" * 32
@@ -4833,6 +4834,63 @@ def run_steps(steps: list[Callable[[Process], None]], process: Process, start: i
     return None
 
 
+def alert_budget_of_one(process: Process) -> None:
+    """The operator lets one alert page an hour ring (a config write, once)."""
+    snap = process.pager.team.read()
+    if op.escalation_settings(snap.doc)["alert_pages_per_hour"] != 1:
+        doc = copy.deepcopy(snap.doc)
+        doc["current_config"]["escalation"]["alert_pages_per_hour"] = 1
+        process.pager.team.write(doc, base=snap, actor="alice")
+
+
+def alert_of(process: Process, dedup_key: str) -> None:
+    event, errors = op.parse_event(alertmanager_event(dedup_key=dedup_key))
+    assert errors == []
+    process.pager.alert_event("alertmanager", event)
+
+
+# The alert budget (one page an hour rings): disk-a rings; disk-b is held (listed, e-mailed,
+# the held text goes); disk-c is held too (no second text); disk-b again joins its page
+# (still listed); disk-a escalates, the held pages never do.
+HELD_FLOW: list[Callable[[Process], None]] = [
+    alert_budget_of_one,
+    lambda p: alert_of(p, "disk-a"),
+    lambda p: p.settle(),
+    lambda p: alert_of(p, "disk-b"),
+    lambda p: p.settle(),
+    lambda p: alert_of(p, "disk-c"),
+    lambda p: alert_of(p, "disk-b"),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+]
+
+
+def check_held_flow(store: op.Store, outside: Outside) -> None:
+    pages = {p["alert"]["dedup_key"]: p for p in alert_pages(store)}
+    assert sorted(pages) == ["disk-a", "disk-b", "disk-c"], "an alert was lost or doubled"
+    assert [(pages[k]["state"], pages[k]["alert"].get("held")) for k in sorted(pages)] == [
+        ("open", None), ("listed", 1), ("listed", 2)]
+    assert pages["disk-b"]["alert"]["repeated"] >= 1  # (a retried trigger is a repeat too)
+    texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
+    rung = {int(m) for t in texts for m in re.findall(r"^Page (\d+) \[critical\]", t)}
+    assert rung == {pages["disk-a"]["number"]}, f"a held alert rang: {texts}"
+    held = [t for t in texts if " held this hour " in t]
+    # at least once; twice only when a stop came between the send and its record
+    assert 1 <= len(held) <= 2, held
+    assert all(re.fullmatch(r"[12] alerts? from alertmanager held this hour \(listed and "
+                            r"e-mailed, not rung\)\. STATUS lists them\.", t) for t in held)
+    calls = [s for s in outside.sent if s["kind"] == "call"]
+    assert calls and all(pages["disk-a"]["id"] in s["url"] for s in calls), \
+        "a held alert was called"
+    assert len(store.list("outbox/")) >= 3, "an alert's e-mail never went"
+    events = audit_events(store)
+    assert sorted(e["details"]["dedup_key"] for e in events if e["event"] == "alert.held") == [
+        "disk-b", "disk-c"]
+    assert sorted(e["details"]["dedup_key"] for e in events if e["event"] == "page.opened") == [
+        "disk-a", "disk-b", "disk-c"]
+    budget = json.loads(store.get(op.alert_budget_key("alertmanager")).data)
+    assert (len(budget["rung"]), budget["held_count"]) == (1, 2)
+
+
 def check_page_flow(store: op.Store, outside: Outside) -> None:
     (page,) = [json.loads(store.get(k).data) for k in store.list("pages/")]
     assert (page["state"], page["acked_by"]) == ("acknowledged", "alice")
@@ -4993,9 +5051,10 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
                                          (ROTATION_FLOW, check_rotation_flow),
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
-                                         (ARCHIVE_FLOW, check_archive_flow)],
+                                         (ARCHIVE_FLOW, check_archive_flow),
+                                         (HELD_FLOW, check_held_flow)],
                          ids=["page", "team", "live", "live-outage", "rotation", "alert",
-                              "heartbeat", "archive"])
+                              "heartbeat", "archive", "held"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -7108,3 +7167,220 @@ def test_schedule_says_who_is_on_call_instead_after_a_take_in_the_shift(file_cli
     assert lines[0].endswith("  bob  Bob Roberts  now (on call instead until the next shift: "
                              "alice Alice McAlister)")
     assert lines[1].endswith("  carol  Carol Cruz")
+
+
+# ==============================================================================================
+# Section 19: alert memory and the alert budget
+# ==============================================================================================
+
+
+def big_custom_details(size: int) -> dict:
+    """What a chatty Alertmanager template sends: many firing alerts, each a few labels and
+    annotations (many small objects once parsed, the costly shape), about `size` bytes."""
+    firing, used, i = [], 0, 0
+    while used < size:
+        item = {"labels": {"alertname": "DiskFull", "instance": f"db{i}.example.com:9100",
+                           "job": "node", "mountpoint": "/var", "severity": "critical"},
+                "annotations": {"summary": f"/var on db{i} is 97% full",
+                                "runbook": f"https://runbooks.example.com/disk-full#{i}"},
+                "startsAt": "2026-12-02T17:00:00Z", "value": i * 0.5}
+        firing.append(item)
+        used += len(json.dumps(item)) + 2
+        i += 1
+    return {"firing": firing, "num_firing": str(len(firing))}
+
+
+def vm_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    (kib,) = re.findall(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(kib) / 1024
+
+
+def post_big_alerts(base_url: str, count: int, size: int, severity: str = "critical") -> None:
+    details = big_custom_details(size)
+    for i in range(count):
+        event = {**alertmanager_event(severity=severity, dedup_key=f"big-{i}"),
+                 "links": [{"href": f"https://grafana.example.com/d/{n}", "text": "see " * 600,
+                            "note": "x" * 200} for n in range(12)]}
+        event["payload"]["custom_details"] = details
+        body = json.dumps(event).encode()
+        assert len(body) <= op.MAX_EVENT_BODY
+        status, text, _ = http_request("POST", base_url + "/v2/enqueue", body,
+                                       {"Content-Type": "application/json"}, timeout=30)
+        assert status == 202, text
+
+
+def test_sixty_open_alert_pages_of_500_kb_custom_details_stay_small_serving_and_restarted(
+        tmp_path: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    """The finding: each open alert page kept its whole event (~4 MB resident once parsed):
+    60 of them reached 296 MB, above the unit's MemoryMax=256M. A page keeps 8 KiB of
+    custom_details and 10 links: 60 such pages fit well within 100 MiB, serving and after a
+    restart that reads them all back."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store, escalation={"alert_pages_per_hour": 100})
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    server = serve_process(config)
+    server.wait_healthy()
+    post_big_alerts(server.base_url, 60, 480_000)  # with 12 long links: near the 512 KiB limit
+    wait_until(lambda: len(store.list("outbox/")) >= 120, 60)  # each page's text and e-mail
+    serving = vm_rss_mib(server.process.pid)
+    pages = alert_pages(store)
+    assert len(pages) == 60
+    for page in pages:
+        kept = page["alert"]["custom_details"]
+        assert isinstance(kept, str) and kept.endswith("…cut at 8 KiB")
+        assert len(kept.encode()) <= 8192
+        assert len(page["alert"]["links"]) == 10
+        assert all(set(link) == {"href", "text"} and len(link["text"]) <= 2048
+                   for link in page["alert"]["links"])
+    mail = email.message_from_bytes(
+        store.get(next(k for k in store.list("outbox/") if k.endswith(".eml"))).data,
+        policy=email.policy.default)
+    assert "custom_details (compact JSON, the first 8 KiB):" in mail.get_content()
+    assert mail.get_content().rstrip().endswith("…cut at 8 KiB")
+    server.kill()
+    restarted = serve_process(config)
+    restarted.wait_healthy()
+    assert restarted.sms(ALICE, "STATUS")  # the book holds every open page again
+    time.sleep(1.0)  # a few scans
+    after_restart = vm_rss_mib(restarted.process.pid)
+    print(f"RSS serving {serving:.1f} MiB, after a restart {after_restart:.1f} MiB")
+    assert serving < 100 and after_restart < 100, (serving, after_restart)
+
+
+@pytest.mark.skipif(not os.environ.get("ONCALL_MEASURE_1000"),
+                    reason="a measurement of a minute or more: ONCALL_MEASURE_1000=1 runs it")
+def test_measure_rss_of_1000_open_alert_pages_of_500_kib_custom_details(
+        tmp_path: Path, serve_process: Callable[..., ServeProcess]) -> None:
+    """SPEC 19's figure: 1,000 open (ringing) alert pages, each posted with 500 KiB of
+    custom_details by 4 clients at once; RSS of `serve` while serving and after a restart."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    with_integration(store, escalation={"alert_pages_per_hour": 1000})
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    server = serve_process(config)
+    server.wait_healthy()
+    event = alertmanager_event(dedup_key="big-DEDUP")
+    event["payload"]["custom_details"] = big_custom_details(500 * 1024)
+    body = json.dumps(event)
+    started = time.monotonic()
+
+    def post(i: int) -> None:
+        status, text, _ = http_request("POST", server.base_url + "/v2/enqueue",
+                                       body.replace("big-DEDUP", f"big-{i}").encode(),
+                                       {"Content-Type": "application/json"}, timeout=60)
+        assert status == 202, text
+
+    with ThreadPoolExecutor(4) as clients:
+        list(clients.map(post, range(1000)))
+    posted = time.monotonic() - started
+    wait_until(lambda: len(store.list("outbox/")) >= 2000, 300, every=1)
+    serving = vm_rss_mib(server.process.pid)
+    server.kill()
+    restarted = serve_process(config)
+    restarted.wait_healthy(timeout=60)
+    assert restarted.sms(ALICE, "STATUS")
+    time.sleep(5)
+    after_restart = vm_rss_mib(restarted.process.pid)
+    print(f"1000 pages posted in {posted:.0f} s; RSS serving {serving:.1f} MiB, after a "
+          f"restart {after_restart:.1f} MiB")
+    assert serving < 100 and after_restart < 100, (serving, after_restart)
+
+
+GRAFANA_KEY = "1e" * 16
+
+
+def two_integrations(store: op.Store, **escalation: Any) -> None:
+    """Alertmanager and Grafana, each with its own routing key."""
+    set_team(store, escalation=escalation, integrations={
+        name: {"key_sha256": hashlib.sha256(key.encode()).hexdigest(), "created": 1764201600}
+        for name, key in (("alertmanager", ALERTMANAGER_KEY), ("grafana", GRAFANA_KEY))})
+
+
+def held_texts(twilio: TwilioFake) -> list[str]:
+    return [t for t in messages_to(twilio, ALICE) if " held this hour " in t]
+
+
+def test_forty_new_alerts_ring_ten_pages_and_hold_thirty_with_one_text_on_two_instances(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """The finding: 40 distinct dedup_keys from one routing key made 40 texts and 40 calls in
+    6 s. Now 10 pages of an integration ring in an hour (counted in the store, so two
+    instances taking the events in turn hold to it), the other 30 are listed and e-mailed,
+    and one text tells the on-call engineer; another integration has its own 10."""
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    two_integrations(one.store, ack_timeout=1, call_attempts=1, escalate_to=[])
+
+    def post(i: int) -> None:
+        status, answer = post_event(one if i % 2 else two,
+                                    alertmanager_event(dedup_key=f"disk-{i}"))
+        assert status == 202, answer
+
+    with ThreadPoolExecutor(4) as clients:
+        list(clients.map(post, range(40)))
+    for i in range(12):
+        assert post_event(one, alertmanager_event(key=GRAFANA_KEY, dedup_key=f"cpu-{i}"))[0] \
+            == 202
+    pages = alert_pages(one.store)
+    assert len(pages) == 52
+    by = {name: [p for p in pages if p["alert"]["integration"] == name]
+          for name in ("alertmanager", "grafana")}
+    for name, held in (("alertmanager", 30), ("grafana", 2)):
+        assert sorted(p["state"] for p in by[name]) == ["listed"] * held + ["open"] * 10
+        assert sorted(p["alert"].get("held", 0) for p in by[name]) == \
+            [0] * 10 + list(range(1, held + 1))
+    assert wait_until(lambda: len(smtp.messages) >= 52, 20)
+    time.sleep(2.5)  # past ack_timeout: the ringing pages are called, the held ones are not
+    texts = messages_to(twilio, ALICE)
+    assert len([t for t in texts if t.startswith("Page ")]) == 20, texts
+    held = held_texts(twilio)
+    assert len(held) == 2, held
+    assert any(re.fullmatch(r"\d+ alerts? from alertmanager held this hour \(listed and "
+                            r"e-mailed, not rung\)\. STATUS lists them\.", t) for t in held)
+    assert any(t.startswith(("1 alert from grafana", "2 alerts from grafana")) for t in held)
+    called = {urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["Url"][0]).query)["page"][0]
+              for c in calls_to(twilio, ALICE)}
+    assert called == {p["id"] for p in pages if p["state"] == "open"}, "a held page was called"
+    entries = audit_events(one.store, "alert.held")
+    assert len(entries) == 32
+    assert {e["details"]["alert_pages_per_hour"] for e in entries} == {10}
+    bodies = [m.get_content() for m in smtp.messages]
+    assert len([b for b in bodies if "held, nobody is called: alert 30 from alertmanager "
+                "held this hour, beyond its 10 ringing pages an hour" in b]) == 1
+
+
+def test_the_alert_budget_holds_across_a_restart_and_repeats_cost_nothing(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """The count is in the store: 6 pages, a restart, 6 more new dedup_keys: 4 of them ring.
+    Repeats of open pages and of held ones are not counted, and a held page's repeat stays
+    listed (a monitor re-sends what still fires)."""
+    config = s3_setup()
+    first = start_pager(config)
+    with_integration(first.store)
+    for i in range(6):
+        assert post_event(first, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    first.stop()
+    second = start_pager(config)
+    for i in range(6, 12):
+        assert post_event(second, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    for i in range(12):  # Alertmanager's repeat_interval: everything that fires, again
+        assert post_event(second, alertmanager_event(dedup_key=f"disk-{i}"))[0] == 202
+    assert post_event(second, alertmanager_event(dedup_key="disk-12"))[0] == 202
+    pages = alert_pages(second.store)
+    assert sorted(p["state"] for p in pages) == ["listed"] * 3 + ["open"] * 10
+    assert all(p["alert"]["repeated"] == 1 for p in pages if p["alert"]["dedup_key"] != "disk-12")
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) >= 11, 5)
+    time.sleep(0.5)
+    assert len(held_texts(twilio)) == 1
+    assert len(audit_events(second.store, "alert.held")) == 3
+
+
+def test_alert_pages_per_hour_is_checked_with_its_field_path() -> None:
+    doc = team_doc(escalation={"alert_pages_per_hour": -1})
+    errors, _ = op.check_oncall_config(doc)
+    assert "current_config.escalation.alert_pages_per_hour -1 is not a valid number" in errors
+    doc = team_doc(escalation={"alert_pages_per_hour": 2.5})
+    assert op.check_oncall_config(doc)[0]
+    assert op.check_oncall_config(team_doc(escalation={"alert_pages_per_hour": 0}))[0] == []
