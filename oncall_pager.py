@@ -1811,6 +1811,7 @@ STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing chang
                    "Try again in a minute.")
 HELP_REPEAT_SECONDS = 300
 RECENT_PAGES = 50
+STATUS_LINES = 5  # pages STATUS shows one a line; more are counted (an SMS stays readable)
 # Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
 STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin")
@@ -1976,6 +1977,9 @@ SEVERITIES = ("critical", "error", "warning", "info")
 RINGING = ("critical", "error")  # these ring (text, calls, escalation); the others are e-mailed
 EVENT_ACTIONS = ("trigger", "acknowledge", "resolve")
 ACTIVE = ("open", "acknowledged", "listed")  # an alert page that can be acknowledged, resolved
+# What STATUS shows first, in this order: pages that ring (or wait for a valid config to ring),
+# then pages that are listed (warnings, held alerts: e-mailed, nobody rung)
+SHOWN_FIRST = ("open", "waiting", "listed")
 ACKED_ALERT_HOLDS = DAY  # an acknowledged alert page takes its dedup_key's triggers this long
 EVENT_TEXTS = {"summary": 1024, "source": 255, "component": 255, "group": 255, "class": 255,
                "timestamp": 64}
@@ -2133,6 +2137,9 @@ class PageBook:
         self._quiet_etags: dict[str, str] = {}
         self._since: dict[str, float] = {}  # time.monotonic() each page was last put here
         self._gone: OrderedDict[str, None] = OrderedDict()  # no longer in pages/ (archived)
+        # every page in pages/ that rings, waits or is listed, as last put here: its opening
+        # time, whether or not its copy is kept (STATUS counts them without a request)
+        self._active: dict[str, tuple[str, float]] = {}
         # once pages/ has been listed, every page in it is known here (a copy or an ETag)
         self.listed = False
         self._lock = threading.Lock()
@@ -2155,6 +2162,10 @@ class PageBook:
         with self._lock:
             self._since[page_id] = time.monotonic()
             self._gone.pop(page_id, None)
+            if page.get("state") in SHOWN_FIRST:
+                self._active[page_id] = (page["state"], float(page.get("opened") or 0))
+            else:
+                self._active.pop(page_id, None)
             if has_work(page):
                 self._working[page_id] = (page, etag)
                 self._quiet.pop(page_id, None)
@@ -2181,7 +2192,8 @@ class PageBook:
             gone = [p for p, since in self._since.items()
                     if p not in page_ids and since < listed_at]
             for page_id in gone:
-                for known in (self._working, self._quiet, self._quiet_etags, self._since):
+                for known in (self._working, self._quiet, self._quiet_etags, self._since,
+                              self._active):
                     known.pop(page_id, None)
                 self._gone[page_id] = None
             while len(self._gone) > RECENT_PAGES:
@@ -2191,6 +2203,13 @@ class PageBook:
     def working(self) -> list[tuple[dict, str]]:
         with self._lock:
             return list(self._working.values())
+
+    def active(self) -> dict[str, tuple[str, float]]:
+        """Pages that ring, wait for a config or are listed, as last seen here: {id: (state,
+        opened)}, from memory (every page of pages/ once it has been listed, but for one
+        listed and left alone for QUIET_AFTER before this process started: never read)."""
+        with self._lock:
+            return dict(self._active)
 
 
 class Pager:
@@ -2690,7 +2709,9 @@ class Pager:
         """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
         the recent pages for STATUS and ACK without listing the whole pages/ folder. Asked
         again for the same page, it gives the same number. The counter as this instance last
-        wrote it is the starting copy, so allocating costs one write."""
+        wrote it is the starting copy, so allocating costs one write. The number is indexed
+        too (numbers/<n>.json, see index_number), so that `ACK n` finds a page however many
+        came after it."""
         chosen: list[int] = []
 
         def allocate(doc: dict | None) -> dict | None:
@@ -2710,7 +2731,22 @@ class Pager:
                                   known=self._counter)
             if written is not None:
                 self._counter = written
+        IO_POOL.submit(self.index_number, chosen[0], page_id, opened)
         return chosen[0]
+
+    def index_number(self, number: int, page_id: str, opened: float) -> None:
+        """numbers/<n>.json: page number -> page id, one small object per number, created
+        once (a conditional create, so a second instance or a second ask writes nothing
+        new) and never listed: `ACK n` costs one read of it, at 10,000 pages as at 10. Off the
+        page path (a text waits for its number, not for this); should a stop or an outage
+        lose it, the counter's recent list still names the page for RECENT_PAGES more pages,
+        and asking the page's number again writes it."""
+        try:
+            put_once(self.store, f"numbers/{number}.json",
+                     {"number": number, "id": page_id, "opened": opened})
+        except StoreUnavailable as e:
+            log.warning("event=page.number_unindexed number=%d page=%s error=%r", number,
+                        page_id, str(e)[:200])
 
     def recent_items(self) -> list[dict]:
         """The most recent pages ({number, id, opened}), newest first (a 304 when nothing was
@@ -2745,15 +2781,21 @@ class Pager:
 
     def page_by_number(self, number: int) -> dict | None:
         """Found through counters/pages.json, which gives the number before the page's own
-        copy has it written."""
+        copy has it written, and for an older page through its entry in numbers/ (see
+        index_number): a few requests whatever the number of pages, wherever the page is
+        (pages/ or pages-done/)."""
         self.recent_items()
         with self._counter_lock:
-            recent = (self._counter[0] if self._counter else {}).get("recent", [])
-        for item in recent:
-            if item["number"] == number:
-                found = self.book.get(item["id"]) or self.find_page(item["id"])
-                return {**found[0], "number": number} if found else None
-        return None
+            counter = self._counter[0] if self._counter else {}
+        page_id = next((item["id"] for item in counter.get("recent", [])
+                        if item["number"] == number), None)
+        if page_id is None and 0 < number < int(counter.get("next", 1)):
+            indexed = read_json(self.store, f"numbers/{number}.json")
+            page_id = str(indexed[0].get("id", "")) if indexed else None
+        if page_id is None or not PAGE_ID.fullmatch(page_id):
+            return None
+        found = self.book.get(page_id) or self.find_page(page_id)
+        return {**found[0], "number": number} if found else None
 
     def number_of(self, page: dict) -> int | str:
         """A page's number, from the page or from the counter as last read ("?" if none)."""
@@ -3246,20 +3288,77 @@ class Pager:
                              f"{page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
 
+    def status_pages(self) -> tuple[list[dict], list[dict], list[dict], int]:
+        """What STATUS shows: (ringing, listed, recent others, listed ones not read), each
+        newest first. Every page that rings comes first however many pages came after it,
+        so that a storm of warnings cannot hide it. The candidates come from the book (every
+        page in pages/ that rings, waits or is listed, from memory) and from the counter's
+        recent list (pages another instance opened since the last listing). One round of
+        reads at once: the pages that ring (afresh: an ACK elsewhere), the recent ones the
+        book does not know and the newest listed ones (one may ring now); a second only for
+        recent others the book holds no copy of. A few requests one after another, at 10,000
+        pages as at 10."""
+        items = self.recent_items()
+        active = self.book.active()
+        opened = {page_id: when for page_id, (_, when) in active.items()}
+        opened.update((item["id"], item["opened"]) for item in items)
+        newest = sorted(opened, key=lambda page_id: opened[page_id], reverse=True)
+
+        def fetch(page_ids: list[str], fresh: bool) -> dict[str, dict]:
+            def one(page_id: str) -> Callable[[], tuple[dict, str] | None]:
+                known = None if fresh else self.book.get(page_id)
+                return lambda: known or self.find_page(page_id)
+            found = in_parallel(IO_POOL, *map(one, page_ids)) if page_ids else []
+            return {page_id: page[0] for page_id, page in zip(page_ids, found, strict=True)
+                    if page is not None}
+
+        def state(page_id: str) -> str:
+            return str(pages.get(page_id, {}).get("state"))
+
+        listed_ids = [p for p in newest if active.get(p, ("",))[0] == "listed"]
+        unknown = [p for p in newest if p not in active and self.book.get(p) is None
+                   and not self.book.etag(p) and not self.book.gone(p)][:STATUS_LINES]
+        pages = fetch([p for p in newest if active.get(p, ("",))[0] in ("open", "waiting")]
+                      + unknown + listed_ids[:STATUS_LINES], fresh=True)
+        ringing = [pages[p] for p in newest if state(p) in ("open", "waiting")]
+        listed = [pages[p] for p in newest if state(p) == "listed"]
+        room = max(0, STATUS_LINES - len(ringing) - len(listed))
+        others = [p for p in (item["id"] for item in items) if (
+            state(p) not in SHOWN_FIRST if p in pages else p not in active)][:room]
+        pages.update(fetch([p for p in others if p not in pages], fresh=False))
+        recent = [pages[p] for p in others if p in pages and state(p) not in SHOWN_FIRST]
+        return ringing, listed, recent, len(listed_ids[STATUS_LINES:])
+
     def status(self, doc: dict) -> str:
-        pages = self.recent_pages(limit=5)
-        if not pages and not any(m.get("opted_out") for m in members(doc).values()):
+        """Pages that ring first, newest first (up to STATUS_LINES, then how many more), then
+        listed ones and the recent others as space allows (the listed ones left out are
+        counted), so that the SMS stays readable."""
+        ringing, listed, recent, unread = self.status_pages()
+        if not (ringing or listed or recent) and not any(
+                m.get("opted_out") for m in members(doc).values()):
             return "No open pages."
-        open_count = sum(1 for p in pages if p.get("state") == "open")
+        open_count = sum(1 for p in ringing if p.get("state") == "open")
         lines = [f"{open_count} open." if open_count else "No open pages."]
-        for page in pages:
+
+        def line(page: dict) -> str:
             failures = list(dict.fromkeys(  # once each: an MMS and its SMS often share one
                 f"{d['reason'] or 'failed'} ({d['code']})" for d in
                 page.get("deliveries", {}).values() if d.get("code")))
-            lines.append(f"#{self.number_of(page)} {short_time(page['opened'])} "
-                         f"{page_summary(page)}: "
-                         f"{page_state(page, doc)}."
-                         + (f" Text failed: {', '.join(failures)}." if failures else ""))
+            return (f"#{self.number_of(page)} {short_time(page['opened'])} "
+                    f"{page_summary(page)}: {page_state(page, doc)}."
+                    + (f" Text failed: {', '.join(failures)}." if failures else ""))
+
+        lines += map(line, ringing[:STATUS_LINES])
+        if len(ringing) > STATUS_LINES:
+            more = ringing[STATUS_LINES:]
+            lines.append(f"+{len(more)} more open: " + ", ".join(
+                f"#{self.number_of(p)}" for p in more[:10]) + (" ..." if len(more) > 10
+                                                               else "."))
+        room = max(0, STATUS_LINES - len(ringing))
+        lines += map(line, [*listed, *recent][:room])
+        more_listed = len(listed) - min(len(listed), room) + unread
+        if more_listed:
+            lines.append(f"+{more_listed} listed (e-mailed, nobody rung).")
         opted_out = [m["name"] for m in members(doc).values() if m.get("opted_out")]
         if opted_out:
             lines.append(f"Opted out of texts (called instead): {', '.join(opted_out)}.")

@@ -6487,3 +6487,55 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
+
+
+# ==============================================================================================
+# === Section 19: STATUS and ACK n past a storm of warnings, heartbeats after a restart, a bad
+# stored config at boot ===
+# ==============================================================================================
+
+
+def page_numbers_given(store: op.Store) -> int:
+    blob = store.get("counters/pages.json")
+    return json.loads(blob.data)["next"] - 1 if blob else 0
+
+
+def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warnings(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """A critical alert, then a storm of warnings: STATUS still leads with the page that
+    rings (the warnings counted, not listed one a line past the first few), and `ACK 1`
+    finds page 1 however many pages came after it (the counter keeps only the last 50)."""
+    s3_pager = start_pager(s3_setup("a"))
+    store = s3_pager.store
+    with_integration(store, escalation={"ack_timeout": 600})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE) == [ALERT_SMS], 5)
+    for i in range(5):
+        event = alertmanager_event(severity="warning", dedup_key=f"warning-{i}")
+        event["payload"]["summary"] = f"Slow disk {i}"
+        assert post_event(s3_pager, event)[0] == 202
+    wait_until(lambda: page_numbers_given(store) == 6, 10)
+    lines = s3_pager.sms(BOB, "STATUS").splitlines()
+    assert lines[0] == "1 open.", lines
+    assert lines[1].startswith("#1 ") and lines[1].endswith(
+        f"[critical] {SUMMARY} (Alertmanager): open."), lines
+    assert [line.split()[0] for line in lines[2:6]] == ["#6", "#5", "#4", "#3"], lines
+    assert all(line.endswith(": listed.") for line in lines[2:6]), lines
+    assert lines[6:] == ["+1 listed (e-mailed, nobody rung)."], lines
+    for i in range(5, 55):
+        assert post_event(s3_pager, alertmanager_event(severity="warning",
+                                                       dedup_key=f"warning-{i}"))[0] == 202
+    wait_until(lambda: page_numbers_given(store) == 56, 20)
+    lines = s3_pager.sms(BOB, "STATUS").splitlines()
+    assert lines[:2] == ["1 open.", lines[1]] and lines[1].startswith("#1 "), lines
+    assert lines[-1] == "+51 listed (e-mailed, nobody rung).", lines
+    assert len("\n".join(lines)) < 800, "an SMS a person can read"
+    assert s3_pager.sms(ALICE, "ACK 1") == (f"Page 1 acknowledged: [critical] {SUMMARY} "
+                                           "(Alertmanager). Thanks, Alice.")
+    assert s3_pager.sms(ALICE, "STATUS").splitlines()[0] == "No open pages."
+    assert s3_pager.sms(ALICE, "ACK 57") == "There is no recent page 57."
+    # a second instance, started now, knows page 1 only from the store
+    other = start_pager(s3_setup("b"))
+    assert other.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
+                                        "McAlister. Thanks, Alice.")
