@@ -3820,11 +3820,13 @@ class Worker:
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
+        self.started = time.time()  # (again in start): heartbeats count their grace from it
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
 
     def start(self) -> None:
+        self.started = time.time()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self._thread.start()
 
@@ -4006,7 +4008,16 @@ class Worker:
         looks due; then its state is read afresh first, since a ping may have reached another
         instance. A missed heartbeat is read again every interval + grace, to learn of a ping
         elsewhere. An open heartbeat page whose heartbeat pinged since is resolved here (the
-        instance that took the ping stopped before it could)."""
+        instance that took the ping stopped before it could).
+
+        After a start every heartbeat gets one full interval + grace counted from the start
+        before a miss is paged: while no pager ran, its pings had nowhere to go (a cron
+        `curl` fails and is not retried), so a window that ran out then says nothing about
+        the job. A heartbeat already missed before the stop is known by its page: the page
+        of a miss is opened when the window runs out on a running pager (by any instance), it
+        is in the store, and it goes on ringing and escalating by itself after the restart;
+        the grace only holds back a page that does not exist yet, and when it ends the same
+        page id makes the look a no-op for a miss paged before (one refused create)."""
         snap = self.pager.team.last_known()
         next_due = math.inf
         if snap is None:
@@ -4017,11 +4028,12 @@ class Worker:
             try:
                 basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
                 missed = self._heartbeat_misses.get(name)
-                due = (missed[1] if missed and missed[0] == basis else basis) + window
+                due = max(missed[1] if missed and missed[0] == basis else basis,
+                          self.started) + window
                 if due <= now:
                     state = self.pager.heartbeat_state(name)[0]
                     basis = heartbeat_basis(state)
-                    due = basis + window
+                    due = max(basis, self.started) + window
                     if due <= now:
                         if not missed or missed[0] != basis:  # its page opened already
                             self.pager.heartbeat_missed(name, state)

@@ -6539,3 +6539,44 @@ def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warning
     other = start_pager(s3_setup("b"))
     assert other.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
                                         "McAlister. Thanks, Alice.")
+
+
+def test_a_heartbeat_whose_window_ran_out_while_the_pager_was_down_gets_its_grace_from_the_start(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Pings to a stopped pager go nowhere: after the restart the heartbeat gets one full
+    interval + grace before it pages (not a page within a second of the start), and it
+    pages when no ping comes by then."""
+    first = start_pager(s3_setup("a"))
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1.5, "grace": 1.5}})
+    assert heartbeat(first)[0] == 200
+    first.stop()
+    time.sleep(3.5)  # the window (3 s) runs out while no pager runs
+    second = start_pager(s3_setup("b"))
+    started = time.monotonic()
+    assert second.sms(ALICE, "WHO").startswith("Current on-call engineer")  # as serve reads it
+    time.sleep(2.0)
+    assert twilio.messages() == [] and second.store.list("pages/") == [], \
+        "paged within the grace that counts from the start"
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert time.monotonic() - started >= 3.0
+    assert re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: last ping \d s ago\. "
+                        r"Reply ACK 1 to acknowledge\.", messages_to(twilio, ALICE)[0])
+
+
+def test_a_heartbeat_missed_before_the_stop_keeps_its_one_page_after_the_restart(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Missed while a pager ran: its page exists and goes on (it escalates by itself); the
+    restart neither pages it a second time nor loses it."""
+    first = start_pager(s3_setup("a"))
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 0.5}},
+                     escalation={"ack_timeout": 4, "call_attempts": 1, "escalate_to": []})
+    assert heartbeat(first)[0] == 200
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    first.stop()
+    second = start_pager(s3_setup("b"))
+    assert second.sms(ALICE, "WHO").startswith("Current on-call engineer")
+    assert twilio.wait_for(lambda: twilio.calls(), 8), "the page of the miss escalates"
+    time.sleep(2)
+    assert len(messages_to(twilio, ALICE)) == 1 and len(second.store.list("pages/")) == 1
