@@ -20,6 +20,9 @@ How data flows
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
+         (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
+            nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
+            serve stays up meanwhile, /healthz says config-invalid)
     live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
             engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
          -> /public/dialdone: the next person, or the voicemail flow above
@@ -59,6 +62,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
+    numbers/<n>.json                        page number n -> page id (ACK n for any page)
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
     outbox/...                              dry-run mode only: what would have been sent
@@ -1484,6 +1488,7 @@ AUDIT_EVENTS = (
     "member.opted_out",      # a member sent STOP (or another opt-out word): called, not texted
     "member.opted_in",       # a member sent START, UNSTOP or YES
     "recording.refused",     # a recording callback named a URL outside our Twilio account
+    "page.waiting",          # a voicemail or missed call kept while no config is valid
 )
 
 
@@ -1582,6 +1587,7 @@ class Snapshot:
 
 
 CONFIG_CHANGE_TRIES = 5  # a change that lost the race is made again over the new version
+CONFIG_PROBLEM_EVERY = 60.0  # seconds between two log lines of the same config problem
 
 
 class TeamConfig:
@@ -1602,6 +1608,7 @@ class TeamConfig:
         self._lock = threading.Lock()
         self.reachable = True
         self.problem = ""
+        self._told = -math.inf  # time.monotonic() the problem was last logged
 
     def read(self, max_age: float = 0.0) -> Snapshot:
         """The config, checked with the store unless it was checked less than `max_age`
@@ -1637,15 +1644,21 @@ class TeamConfig:
         return self._current
 
     def _note(self, reachable: bool, problem: str) -> None:
-        """Remember how the last read went (for /healthz) and log a change once: /healthz
-        tells the public only `unreachable` or `invalid`; the reason is for the operator."""
+        """Remember how the last read went (for /healthz) and log a change once, and a
+        problem that lasts once every CONFIG_PROBLEM_EVERY seconds (never once a request):
+        /healthz tells the public only `unreachable` or `invalid`; the reason is for the
+        operator."""
         with self._lock:
             changed = (reachable != self.reachable, problem != self.problem)
             self.reachable, self.problem = reachable, problem
+            tell = bool(problem) and (changed[1] or time.monotonic() - self._told
+                                      >= CONFIG_PROBLEM_EVERY)
+            if tell:
+                self._told = time.monotonic()
         if changed[0]:
             log.warning("event=store.%s store=%s", "back" if reachable else "unreachable",
                         self.store.describe())
-        if changed[1] and problem:
+        if tell:
             log.error("event=config.problem problem=%s", log_value(problem, 300))
         elif changed[1]:
             log.info("event=config.ok")
@@ -1925,8 +1938,9 @@ def page_id_of(message: dict) -> str:
 
 
 def has_work(page: dict) -> bool:
-    """Open (escalation may be due) or a channel still to send: the worker keeps an eye on it."""
-    return page.get("state") == "open" or any(
+    """Open (escalation may be due), waiting for a valid config to open (see
+    Pager.open_waiting), or a channel still to send: the worker keeps an eye on it."""
+    return page.get("state") in ("open", "waiting") or any(
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
@@ -2506,7 +2520,8 @@ class Pager:
         comes from the RecordingSid (or CallSid), so Twilio's retried callback finds the same
         page. While S3 is unreachable the page goes to the local spool instead: the worker
         delivers it from there and moves it into the store when S3 is back.
-        Returns (page, created)."""
+        With no valid config to page by (none, or an invalid one, and no last good copy),
+        the page waits for one (see wait_for_config). Returns (page, created)."""
         try:
             snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
             joined = self._join_open_page(snap, page_id, kind, caller, call_sid,
@@ -2515,12 +2530,97 @@ class Pager:
                 return joined, False
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
                                    duration, live_tried)
+        except (NoConfig, ConfigError):
+            return self.wait_for_config(self.store, page_id, kind, caller, call_sid,
+                                        recording_url, duration, live_tried)
         except StoreUnavailable as e:
             if self.spool is None or isinstance(e, StoreUncertain):
                 raise
             log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
-            return self._open_page(self.spool, page_id, kind, caller, call_sid, recording_url,
-                                   duration, live_tried)
+            try:
+                return self._open_page(self.spool, page_id, kind, caller, call_sid,
+                                       recording_url, duration, live_tried)
+            except StoreUnavailable:  # and no config was ever known here
+                return self.wait_for_config(self.spool, page_id, kind, caller, call_sid,
+                                            recording_url, duration, live_tried)
+
+    def wait_for_config(self, store: Store, page_id: str, kind: str, caller: dict,
+                        call_sid: str, recording_url: str, duration: int,
+                        live_tried: list[str] | None = None) -> tuple[dict, bool]:
+        """No config says whom to page (the stored one is invalid or missing and no last good
+        copy is known), yet the caller's voicemail must not be lost: the page is created in
+        state `waiting` (one conditional create, as a page is, with its `page.waiting`
+        entry), it rings nobody, and the worker of any instance opens it (open_waiting) as
+        soon as it reads a valid config. In the spool while the store is unreachable too."""
+        now = time.time()
+        page = {"id": page_id, "number": None, "kind": kind, "opened": now, "oncall": {},
+                "paged": [], "state": "waiting", "acked_by": None, "acked_at": None,
+                "deliveries": {}, "escalation": {"next_due": now, "step": 0,
+                                                 "claimed_until": 0},
+                "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
+                "duration": duration, **({"live_tried": live_tried} if live_tried else {})}
+        key, entry = self.audit.entry("page.waiting", "twilio", {
+            "page": page_id, "kind": kind, "caller": caller, "duration": duration,
+            "reason": "no valid operational config"})
+        page["audit_due"] = [{"key": key, "entry": entry}]
+        log.error("event=page.waiting page=%s reason=no_valid_config", page_id)
+        try:
+            etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+        except StoreConflict:  # Twilio's retry: the page waits (or was opened) already
+            existing = read_json(store, f"pages/{page_id}.json")
+            if existing is None:
+                raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read"
+                                     ) from None
+            return existing[0], False
+        if store is self.store:
+            self.book.put(page, etag)
+            self.hand_over(store, page, etag, [])  # its entry, now
+        self.wake()
+        return page, True
+
+    def open_waiting(self, page_id: str) -> bool:
+        """Open a page that waited for a valid config, as open_page would have opened it then:
+        the on-call engineer paged now, its first deliveries queued and claimed by this
+        instance in the same conditional write (of two instances, one opens it), the
+        escalation and the day it may ring counted from now; `opened` stays the time of the
+        call. Returns whether this call opened it."""
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+        claimed_until = self.claim_until()
+        channels: list[str] = []
+
+        def open_(waiting: dict | None) -> dict | None:
+            if waiting is None or waiting.get("state") != "waiting":
+                return None
+            kind = waiting.get("kind", "voicemail")
+            page = new_page(page_id, kind, snap.doc, caller=waiting.get("caller", {}),
+                            call_sid=waiting.get("call_sid", ""),
+                            recording_url=waiting.get("recording_url", ""),
+                            duration=waiting.get("duration", 0),
+                            **({"live_tried": waiting["live_tried"]}
+                               if waiting.get("live_tried") else {}))
+            page.update(number=waiting.get("number"), opened=waiting["opened"],
+                        ringing_since=page["opened"])
+            channels[:] = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
+            if page["oncall"].get("opted_out"):  # texts are blocked: the first call at once
+                channels[:] = [c for c in channels if c not in ("mms", "sms")]
+                page["escalation"]["next_due"] = page["ringing_since"]
+            for channel in channels:
+                add_delivery(page, channel, claimed_until)
+            key, entry = self.audit.entry("page.opened", "twilio", {
+                "page": page_id, "kind": kind, "caller": page["caller"],
+                "duration": page["duration"], "oncall": page["oncall"]["id"],
+                "waited": round(page["ringing_since"] - page["opened"], 1)})
+            page["audit_due"] = [*waiting.get("audit_due", []), {"key": key, "entry": entry}]
+            return page
+
+        written = self.write_page(self.store, page_id, open_)
+        if written is None:
+            return False
+        METRICS.count("oncall_pages_opened_total", kind=written[0]["kind"])
+        log.info("event=page.opened_after_wait page=%s", page_id)
+        self.hand_over(self.store, *written, channels, snap.doc)
+        self.wake()
+        return True
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
                    recording_url: str, duration: int, live_tried: list[str] | None = None
@@ -3892,12 +3992,14 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
-                if self._listings % JOBS_LISTING_EVERY == 0:  # serve read it at start
+                # serve read it at start; while it is missing or invalid, every listing reads
+                # it again, so that a fix is seen within poll_interval (pages wait for it)
+                if self._listings % JOBS_LISTING_EVERY == 0 or self.pager.team.problem:
                     self.pager.team.read()
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
-            except (NoConfig, ConfigError) as e:
-                log.warning("event=worker.no_config error=%r", str(e))
+            except (NoConfig, ConfigError) as e:  # TeamConfig logs it, once a minute
+                log.debug("event=worker.no_config error=%r", str(e))
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
             self._submit("prune", self._prune_replies)
@@ -4277,6 +4379,12 @@ class Worker:
         """Claim what is due on one page (from its copy: no request unless something is due)
         and return when its next step is due."""
         page_id = page["id"]
+        if page.get("state") == "waiting":  # for a valid config: opened in the store only
+            if store is self.store and self.pager.team.last_known() is not None and \
+                    not self._busy(f"{page_id}/open"):
+                self._submit(f"{page_id}/open", lambda: self._open_waiting(page_id),
+                             urgent=True)
+            return None
         if page.get("state") == "open" and now - page.get("ringing_since",
                                                           page["opened"]) >= DAY:
             self._close(store, page_id)
@@ -4304,6 +4412,12 @@ class Worker:
         if channels or escalate:
             self._claim(store, page_id, channels, escalate, now)
         return next_due
+
+    def _open_waiting(self, page_id: str) -> None:
+        try:
+            self.pager.open_waiting(page_id)
+        except (StoreUnavailable, StoreConflict, NoConfig, ConfigError) as e:
+            log.warning("event=page.still_waiting page=%s error=%r", page_id, str(e)[:200])
 
     def _claim(self, store: Store, page_id: str, channels: list[str], escalate: bool,
                now: float) -> None:
@@ -5350,8 +5464,10 @@ class WebApp:
             reply = self.pager.handle_sms(clean_text(request.form["From"]),
                                           clean_text(request.form.get("Body", "")),
                                           request.form.get("MessageSid", ""))
-        except NoConfig:
-            log.error("event=sms.no_config")
+        except (NoConfig, ConfigError):
+            # Without a valid config nobody is a member, so nobody gets an answer (an empty
+            # <Response/>, as a stranger does); the log and /healthz say why, once a minute.
+            log.debug("event=sms.no_config")
             reply = None
         return message_reply(reply)
 
@@ -5360,7 +5476,7 @@ class WebApp:
             return self.wrongnumber_voice(request)
         try:
             snap = self.pager.team.read()
-        except NoConfig:
+        except (NoConfig, ConfigError):  # nobody is a member without a valid config
             return empty_messaging()
         if member_by_phone(snap.doc, request.form.get("From", "")) is None:
             return empty_messaging()
@@ -5528,7 +5644,10 @@ class WebApp:
         healthy = self.pager.team.reachable and config == "loaded"
         # Status words only: the reason (which can quote the config) goes to the log, once
         # per change, and to `oncall-pager check`; this endpoint is public.
-        body = {"status": "ok" if healthy else "unhealthy",
+        # `config-invalid`: the pager runs but pages nobody (calls are answered and their
+        # pages wait for a valid config): what the operator must fix first
+        body = {"status": "ok" if healthy else "config-invalid" if config == "invalid"
+                else "unhealthy",
                 "store": "reachable" if self.pager.team.reachable else "unreachable",
                 "config": config,
                 "queue_depth": self.worker.queue_depth if self.worker else 0,
@@ -5626,7 +5745,7 @@ def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
         with contextlib.suppress(StoreConflict):
             pager.team.initialise(doc, actor="serve")
             log.info("event=config.initialised from=%s", cfg.init_from)
-    except StoreUnavailable:
+    except (StoreUnavailable, ConfigError):  # serve runs on, and says so (see cmd_serve)
         pass
 
 
@@ -5724,8 +5843,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     initialise_if_empty(cfg, pager)
     try:
         pager.team.read()
-    except (NoConfig, StoreUnavailable) as e:
-        log.error("event=serve.degraded problem=%r", str(e))
+    except (NoConfig, StoreUnavailable, ConfigError) as e:
+        # Never exit for a config: a restart loop answers nobody. Calls are answered and
+        # their pages wait (Pager.wait_for_config); the worker reads the config again every
+        # poll_interval; /healthz says config-invalid meanwhile.
+        log.error("event=serve.degraded problem=%s", log_value(str(e), 300))
     if cfg.dry_run:
         telephony: Telephony = DryRunTelephony(pager.store)
     else:
@@ -6215,7 +6337,8 @@ def cmd_pages(args: argparse.Namespace) -> int:
                                    if d.get("code") else "")
             for c, d in p.get("deliveries", {}).items())
         print(f"#{p.get('number') or '-'}  {short_time(p.get('opened', 0))}  "
-              f"{p.get('state', ''):<12} {page_summary(p)}  oncall={p['oncall']['id']}  "
+              f"{p.get('state', ''):<12} {page_summary(p)}  "
+              f"oncall={p.get('oncall', {}).get('id') or '-'}  "
               f"acked_by={p.get('acked_by') or '-'}  {deliveries}")
     return 0
 

@@ -5828,7 +5828,7 @@ def test_healthz_shows_status_words_only_and_logs_the_reason_once(
     for _ in range(3):
         status, body, _ = http_request("GET", file_pager.base_url + "/healthz")
         assert status == 503
-        assert json.loads(body) == {"status": "unhealthy", "store": "reachable",
+        assert json.loads(body) == {"status": "config-invalid", "store": "reachable",
                                     "config": "invalid", "queue_depth": 0, "version": op.VERSION}
     problems = [r.getMessage() for r in caplog.records if "event=config.problem" in r.getMessage()]
     assert len(problems) == 1 and "carla-the-secret-name" in problems[0]
@@ -6585,3 +6585,61 @@ def test_a_heartbeat_missed_before_the_stop_keeps_its_one_page_after_the_restart
     assert twilio.wait_for(lambda: twilio.calls(), 8), "the page of the miss escalates"
     time.sleep(2)
     assert len(messages_to(twilio, ALICE)) == 1 and len(second.store.list("pages/")) == 1
+
+
+def test_serve_with_an_invalid_stored_config_stays_up_keeps_a_voicemail_and_pages_it_once_fixed(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess], twilio: TwilioFake,
+        smtp: SMTPSink) -> None:
+    """No restart loop: serve runs, /healthz says config-invalid, the problem is logged once
+    (not once a request), a caller is answered all the way through the voicemail flow, its
+    page waits in the store, and it is paged within poll_interval of the fix."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, oncall_user={"id": "carla-not-a-member"}))
+    server = serve_process(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    health = server.wait_healthy(expect=503)
+    assert (health["status"], health["config"]) == ("config-invalid", "invalid")
+    for _ in range(20):
+        assert http_request("GET", server.base_url + "/healthz")[0] == 503
+
+    def post(path: str, params: dict[str, str]) -> tuple[int, str]:
+        return signed_post(server.base_url, server.cfg.public_url, path, params)
+
+    call = call_params()
+    status, text = post("/public/answer", call)
+    assert status == 200 and "<Say>You have reached the on-call pager.</Say>" in text, text
+    status, text = post("/public/keypress", {**call, "Digits": "1"})
+    assert status == 200 and "<Record " in text, text
+    callback_path, action_path = record_callback_path(text)
+    sid = "RE" + uuid.uuid4().hex
+    twilio.add_recording(sid, RECORDING)
+    recording = {"AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
+                 "RecordingUrl": twilio.recording_url(sid), "RecordingDuration": "12"}
+    status, text = post(action_path, {**call, **recording})
+    assert status == 200 and "deliver your 12 second message" in text, text
+    status, text = post(callback_path, {**recording, "RecordingStatus": "completed"})
+    assert (status, text) == (200, '<?xml version="1.0" encoding="UTF-8"?><Response />'), text
+    assert post(callback_path, {**recording, "RecordingStatus": "completed"})[0] == 200  # retry
+    (waiting,) = alert_pages(store)
+    assert (waiting["id"], waiting["state"]) == (sid, "waiting")
+    # SMS commands meanwhile: nobody is a member without a valid config, so no answer
+    assert server.sms(ALICE, "STATUS") == "" and server.sms(ALICE, "TAKE") == ""
+    time.sleep(0.5)
+    assert twilio.messages() == [] and twilio.calls() == []
+    log = server.log.read_text()
+    assert log.count("event=config.problem") == 1, log
+    assert "carla-not-a-member" in log and "Traceback" not in log
+    fixed = time.monotonic()
+    put_team(store, team_doc(smtp.port))
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), server.cfg.poll_interval + 3)
+    assert time.monotonic() - fixed < server.cfg.poll_interval + 3
+    (mms,) = [m for m in twilio.messages() if m.params["To"] == [ALICE]]
+    assert mms.params["Body"] == ["On-call voicemail (12 sec) from ACME CORP <+15551230000>. "
+                                  "Reply ACK to acknowledge."]
+    assert mms.params["MediaUrl"] == [twilio.recording_url(sid) + ".mp3"]
+    assert server.wait_healthy()["status"] == "ok"
+    (page,) = alert_pages(store)
+    assert (page["state"], page["oncall"]["id"], page["opened"]) == (
+        "open", "alice", waiting["opened"])
+    assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
+        "page.waiting", "page.opened"]
+    assert server.terminate() == 0
