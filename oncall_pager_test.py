@@ -6643,3 +6643,45 @@ def test_serve_with_an_invalid_stored_config_stays_up_keeps_a_voicemail_and_page
     assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
         "page.waiting", "page.opened"]
     assert server.terminate() == 0
+
+
+def test_a_voicemail_while_the_store_is_down_and_no_config_is_known_waits_in_the_spool(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    """The store unreachable from the start (no config ever read, no last good copy): the
+    callback is still answered, its page waits in the spool, and once the store is back it
+    moves in and is opened with the config read then: the voicemail is not lost."""
+    store, pager = flaky
+    store.fail = lambda operation, key: True
+    page, created = open_test_page(pager)
+    assert created and page["state"] == "waiting"
+    assert pager.spool.list("pages/") == [f"pages/{PAGE_ID}.json"]
+    worker = op.Worker(pager, op.DryRunTelephony(store))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert store.inner.list("outbox/") == [] and store.inner.list("pages/") == []
+        store.fail = lambda operation, key: False
+        (sent,) = wait_until(lambda: store.list("outbox/"), 10)
+        assert json.loads(store.get(sent).data)["to"] == ALICE
+    finally:
+        worker.stop()
+    stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
+    assert (stored["state"], stored["oncall"]["id"], stored["number"]) == ("open", "alice", 1)
+    assert pager.spool.list("pages/") == []
+    assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
+        "page.waiting", "page.opened"]
+
+
+def test_a_lasting_config_problem_is_logged_once_a_minute_not_once_a_request(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(op, "CONFIG_PROBLEM_EVERY", 0.6)  # a minute, for a test
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    file_pager.store.put("oncall_config.json", b"{not json")
+    deadline = time.monotonic() + 1.5
+    requests = 0
+    while time.monotonic() < deadline:
+        assert http_request("GET", file_pager.base_url + "/healthz")[0] == 503
+        requests += 1
+    told = [r for r in caplog.records if "event=config.problem" in r.getMessage()]
+    assert requests > 20 and 2 <= len(told) <= 3, (requests, len(told))
