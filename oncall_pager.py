@@ -3394,32 +3394,38 @@ class Pager:
         so that a storm of warnings cannot hide it. The candidates come from the book (every
         page in pages/ that rings, waits or is listed, from memory) and from the counter's
         recent list (pages another instance opened since the last listing). One round of
-        reads at once: the pages that ring (afresh: an ACK elsewhere), the recent ones the
-        book does not know and the newest listed ones (one may ring now); a second only for
-        recent others the book holds no copy of. A few requests one after another, at 10,000
-        pages as at 10."""
-        items = self.recent_items()
+        reads at once: the counter, the pages that ring (afresh: an ACK elsewhere) and the
+        newest listed ones (one may ring now); more only for recent pages the book does not
+        know or holds no copy of. A few requests, at 10,000 pages as at 10."""
         active = self.book.active()
-        opened = {page_id: when for page_id, (_, when) in active.items()}
-        opened.update((item["id"], item["opened"]) for item in items)
-        newest = sorted(opened, key=lambda page_id: opened[page_id], reverse=True)
+        by_age = sorted(active, key=lambda page_id: active[page_id][1], reverse=True)
+        listed_ids = [p for p in by_age if active[p][0] == "listed"]
+
+        def reader(page_id: str, fresh: bool) -> Callable[[], tuple[dict, str] | None]:
+            known = None if fresh else self.book.get(page_id)
+            return lambda: known or self.find_page(page_id)
 
         def fetch(page_ids: list[str], fresh: bool) -> dict[str, dict]:
-            def one(page_id: str) -> Callable[[], tuple[dict, str] | None]:
-                known = None if fresh else self.book.get(page_id)
-                return lambda: known or self.find_page(page_id)
-            found = in_parallel(IO_POOL, *map(one, page_ids)) if page_ids else []
+            found = in_parallel(IO_POOL, *(reader(p, fresh) for p in page_ids)
+                                ) if page_ids else []
             return {page_id: page[0] for page_id, page in zip(page_ids, found, strict=True)
                     if page is not None}
 
         def state(page_id: str) -> str:
             return str(pages.get(page_id, {}).get("state"))
 
-        listed_ids = [p for p in newest if active.get(p, ("",))[0] == "listed"]
-        unknown = [p for p in newest if p not in active and self.book.get(p) is None
-                   and not self.book.etag(p) and not self.book.gone(p)][:STATUS_LINES]
-        pages = fetch([p for p in newest if active.get(p, ("",))[0] in ("open", "waiting")]
-                      + unknown + listed_ids[:STATUS_LINES], fresh=True)
+        first = [p for p in by_age if active[p][0] in ("open", "waiting")] + \
+            listed_ids[:STATUS_LINES]
+        found = in_parallel(IO_POOL, self.recent_items, *(reader(p, True) for p in first))
+        items: list[dict] = found[0]
+        pages = {page_id: page[0] for page_id, page in zip(first, found[1:], strict=True)
+                 if page is not None}
+        opened = {page_id: when for page_id, (_, when) in active.items()}
+        opened.update((item["id"], item["opened"]) for item in items)
+        newest = sorted(opened, key=lambda page_id: opened[page_id], reverse=True)
+        pages.update(fetch([p for p in newest if p not in active and self.book.get(p) is None
+                            and not self.book.etag(p) and not self.book.gone(p)
+                            ][:STATUS_LINES], fresh=True))
         ringing = [pages[p] for p in newest if state(p) in ("open", "waiting")]
         listed = [pages[p] for p in newest if state(p) == "listed"]
         room = max(0, STATUS_LINES - len(ringing) - len(listed))

@@ -6532,7 +6532,9 @@ def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warning
         assert post_event(s3_pager, alertmanager_event(severity="warning",
                                                        dedup_key=f"warning-{i}"))[0] == 202
     wait_until(lambda: page_numbers_given(store) == 56, 20)
+    counter = S3Counter(store)
     lines = s3_pager.sms(BOB, "STATUS").splitlines()
+    assert len(counter.operations) <= 8, counter.operations  # 3 round trips, see status_pages
     assert lines[:2] == ["1 open.", lines[1]] and lines[1].startswith("#1 "), lines
     assert lines[-1] == "+51 listed (e-mailed, nobody rung).", lines
     assert len("\n".join(lines)) < 800, "an SMS a person can read"
@@ -6542,8 +6544,10 @@ def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warning
     assert s3_pager.sms(ALICE, "ACK 57") == "There is no recent page 57."
     # a second instance, started now, knows page 1 only from the store
     other = start_pager(s3_setup("b"))
+    counter = S3Counter(other.store)
     assert other.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
                                         "McAlister. Thanks, Alice.")
+    assert len(counter.operations) <= 8, counter.operations  # numbers/1.json: one GET
 
 
 def test_a_heartbeat_whose_window_ran_out_while_the_pager_was_down_gets_its_grace_from_the_start(
