@@ -20,6 +20,9 @@ How data flows
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
+         (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
+            nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
+            serve stays up meanwhile, /healthz says config-invalid)
     live -> /public/keypress 2 -> Pager.live_hunt: a caller reaches the hunt once in 10
             minutes (live/<number>.json) and not while their page is open, else voicemail
          -> screened <Dial>, each leg counted against the hourly budget (/public/screen,
@@ -74,6 +77,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     counters/pages.json, counters/outbound.json   page numbers; the hourly outbound cost guard
     counters/alerts-<hash>.json             an integration's alert budget this hour: the
                                             dedup_keys that rang, those held (listed only)
+    numbers/<n>.json                        page number n -> page id (ACK n for any page)
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
     outbox/...                              dry-run mode only: what would have been sent
@@ -1543,6 +1547,7 @@ AUDIT_EVENTS = (
     "recording.refused",     # a recording callback named a URL outside our Twilio account
     "live.hunted",           # a caller pressed 2 and is put through (live/<number>.json)
     "live.held",             # a caller pressed 2 and went straight to voicemail (the reason)
+    "page.waiting",          # a voicemail or missed call kept while no config is valid
 )
 
 
@@ -1641,6 +1646,7 @@ class Snapshot:
 
 
 CONFIG_CHANGE_TRIES = 5  # a change that lost the race is made again over the new version
+CONFIG_PROBLEM_EVERY = 60.0  # seconds between two log lines of the same config problem
 
 
 class TeamConfig:
@@ -1664,6 +1670,7 @@ class TeamConfig:
         # Called when a read finds a version written elsewhere (the command line, the other
         # instance): the Pager wakes its worker, which acts on it (a handoff made due) at once.
         self.changed: Callable[[], None] = lambda: None
+        self._told = -math.inf  # time.monotonic() the problem was last logged
 
     def read(self, max_age: float = 0.0, *, background: bool = False) -> Snapshot:
         """The config, checked with the store unless it was checked less than `max_age`
@@ -1704,15 +1711,21 @@ class TeamConfig:
         return self._current
 
     def _note(self, reachable: bool, problem: str) -> None:
-        """Remember how the last read went (for /healthz) and log a change once: /healthz
-        tells the public only `unreachable` or `invalid`; the reason is for the operator."""
+        """Remember how the last read went (for /healthz) and log a change once, and a
+        problem that lasts once every CONFIG_PROBLEM_EVERY seconds (never once a request):
+        /healthz tells the public only `unreachable` or `invalid`; the reason is for the
+        operator."""
         with self._lock:
             changed = (reachable != self.reachable, problem != self.problem)
             self.reachable, self.problem = reachable, problem
+            tell = bool(problem) and (changed[1] or time.monotonic() - self._told
+                                      >= CONFIG_PROBLEM_EVERY)
+            if tell:
+                self._told = time.monotonic()
         if changed[0]:
             log.warning("event=store.%s store=%s", "back" if reachable else "unreachable",
                         self.store.describe())
-        if changed[1] and problem:
+        if tell:
             log.error("event=config.problem problem=%s", log_value(problem, 300))
         elif changed[1]:
             log.info("event=config.ok")
@@ -1886,6 +1899,7 @@ STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing chang
                    "Try again in a minute.")
 HELP_REPEAT_SECONDS = 300
 RECENT_PAGES = 50
+STATUS_LINES = 5  # pages STATUS shows one a line; more are counted (an SMS stays readable)
 # Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
 STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin")
@@ -1999,8 +2013,9 @@ def page_id_of(message: dict) -> str:
 
 
 def has_work(page: dict) -> bool:
-    """Open (escalation may be due) or a channel still to send: the worker keeps an eye on it."""
-    return page.get("state") == "open" or any(
+    """Open (escalation may be due), waiting for a valid config to open (see
+    Pager.open_waiting), or a channel still to send: the worker keeps an eye on it."""
+    return page.get("state") in ("open", "waiting") or any(
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
@@ -2051,6 +2066,9 @@ SEVERITIES = ("critical", "error", "warning", "info")
 RINGING = ("critical", "error")  # these ring (text, calls, escalation); the others are e-mailed
 EVENT_ACTIONS = ("trigger", "acknowledge", "resolve")
 ACTIVE = ("open", "acknowledged", "listed")  # an alert page that can be acknowledged, resolved
+# What STATUS shows first, in this order: pages that ring (or wait for a valid config to ring),
+# then pages that are listed (warnings, held alerts: e-mailed, nobody rung)
+SHOWN_FIRST = ("open", "waiting", "listed")
 ACKED_ALERT_HOLDS = DAY  # an acknowledged alert page takes its dedup_key's triggers this long
 EVENT_TEXTS = {"summary": 1024, "source": 255, "component": 255, "group": 255, "class": 255,
                "timestamp": 64}
@@ -2250,6 +2268,9 @@ class PageBook:
         self._quiet_etags: dict[str, str] = {}
         self._since: dict[str, float] = {}  # time.monotonic() each page was last put here
         self._gone: OrderedDict[str, None] = OrderedDict()  # no longer in pages/ (archived)
+        # every page in pages/ that rings, waits or is listed, as last put here: its opening
+        # time, whether or not its copy is kept (STATUS counts them without a request)
+        self._active: dict[str, tuple[str, float]] = {}
         # once pages/ has been listed, every page in it is known here (a copy or an ETag)
         self.listed = False
         self._lock = threading.Lock()
@@ -2272,6 +2293,10 @@ class PageBook:
         with self._lock:
             self._since[page_id] = time.monotonic()
             self._gone.pop(page_id, None)
+            if page.get("state") in SHOWN_FIRST:
+                self._active[page_id] = (page["state"], float(page.get("opened") or 0))
+            else:
+                self._active.pop(page_id, None)
             if has_work(page):
                 self._working[page_id] = (page, etag)
                 self._quiet.pop(page_id, None)
@@ -2298,7 +2323,8 @@ class PageBook:
             gone = [p for p, since in self._since.items()
                     if p not in page_ids and since < listed_at]
             for page_id in gone:
-                for known in (self._working, self._quiet, self._quiet_etags, self._since):
+                for known in (self._working, self._quiet, self._quiet_etags, self._since,
+                              self._active):
                     known.pop(page_id, None)
                 self._gone[page_id] = None
             while len(self._gone) > RECENT_PAGES:
@@ -2308,6 +2334,13 @@ class PageBook:
     def working(self) -> list[tuple[dict, str]]:
         with self._lock:
             return list(self._working.values())
+
+    def active(self) -> dict[str, tuple[str, float]]:
+        """Pages that ring, wait for a config or are listed, as last seen here: {id: (state,
+        opened)}, from memory (every page of pages/ once it has been listed, but for one
+        listed and left alone for QUIET_AFTER before this process started: never read)."""
+        with self._lock:
+            return dict(self._active)
 
 
 class Pager:
@@ -2661,7 +2694,8 @@ class Pager:
         comes from the RecordingSid (or CallSid), so Twilio's retried callback finds the same
         page. While S3 is unreachable the page goes to the local spool instead: the worker
         delivers it from there and moves it into the store when S3 is back.
-        Returns (page, created)."""
+        With no valid config to page by (none, or an invalid one, and no last good copy),
+        the page waits for one (see wait_for_config). Returns (page, created)."""
         try:
             snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
             joined = self._join_open_page(snap, page_id, kind, caller, call_sid,
@@ -2670,12 +2704,97 @@ class Pager:
                 return joined, False
             return self._open_page(self.store, page_id, kind, caller, call_sid, recording_url,
                                    duration, live_tried)
+        except (NoConfig, ConfigError):
+            return self.wait_for_config(self.store, page_id, kind, caller, call_sid,
+                                        recording_url, duration, live_tried)
         except StoreUnavailable as e:
             if self.spool is None or isinstance(e, StoreUncertain):
                 raise
             log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
-            return self._open_page(self.spool, page_id, kind, caller, call_sid, recording_url,
-                                   duration, live_tried)
+            try:
+                return self._open_page(self.spool, page_id, kind, caller, call_sid,
+                                       recording_url, duration, live_tried)
+            except StoreUnavailable:  # and no config was ever known here
+                return self.wait_for_config(self.spool, page_id, kind, caller, call_sid,
+                                            recording_url, duration, live_tried)
+
+    def wait_for_config(self, store: Store, page_id: str, kind: str, caller: dict,
+                        call_sid: str, recording_url: str, duration: int,
+                        live_tried: list[str] | None = None) -> tuple[dict, bool]:
+        """No config says whom to page (the stored one is invalid or missing and no last good
+        copy is known), yet the caller's voicemail must not be lost: the page is created in
+        state `waiting` (one conditional create, as a page is, with its `page.waiting`
+        entry), it rings nobody, and the worker of any instance opens it (open_waiting) as
+        soon as it reads a valid config. In the spool while the store is unreachable too."""
+        now = time.time()
+        page = {"id": page_id, "number": None, "kind": kind, "opened": now, "oncall": {},
+                "paged": [], "state": "waiting", "acked_by": None, "acked_at": None,
+                "deliveries": {}, "escalation": {"next_due": now, "step": 0,
+                                                 "claimed_until": 0},
+                "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
+                "duration": duration, **({"live_tried": live_tried} if live_tried else {})}
+        key, entry = self.audit.entry("page.waiting", "twilio", {
+            "page": page_id, "kind": kind, "caller": caller, "duration": duration,
+            "reason": "no valid operational config"})
+        page["audit_due"] = [{"key": key, "entry": entry}]
+        log.error("event=page.waiting page=%s reason=no_valid_config", page_id)
+        try:
+            etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
+        except StoreConflict:  # Twilio's retry: the page waits (or was opened) already
+            existing = read_json(store, f"pages/{page_id}.json")
+            if existing is None:
+                raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read"
+                                     ) from None
+            return existing[0], False
+        if store is self.store:
+            self.book.put(page, etag)
+            self.hand_over(store, page, etag, [])  # its entry, now
+        self.wake()
+        return page, True
+
+    def open_waiting(self, page_id: str) -> bool:
+        """Open a page that waited for a valid config, as open_page would have opened it then:
+        the on-call engineer paged now, its first deliveries queued and claimed by this
+        instance in the same conditional write (of two instances, one opens it), the
+        escalation and the day it may ring counted from now; `opened` stays the time of the
+        call. Returns whether this call opened it."""
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+        claimed_until = self.claim_until()
+        channels: list[str] = []
+
+        def open_(waiting: dict | None) -> dict | None:
+            if waiting is None or waiting.get("state") != "waiting":
+                return None
+            kind = waiting.get("kind", "voicemail")
+            page = new_page(page_id, kind, snap.doc, caller=waiting.get("caller", {}),
+                            call_sid=waiting.get("call_sid", ""),
+                            recording_url=waiting.get("recording_url", ""),
+                            duration=waiting.get("duration", 0),
+                            **({"live_tried": waiting["live_tried"]}
+                               if waiting.get("live_tried") else {}))
+            page.update(number=waiting.get("number"), opened=waiting["opened"],
+                        ringing_since=page["opened"])
+            channels[:] = ["mms", "email", "archive"] if kind == "voicemail" else ["sms", "email"]
+            if page["oncall"].get("opted_out"):  # texts are blocked: the first call at once
+                channels[:] = [c for c in channels if c not in ("mms", "sms")]
+                page["escalation"]["next_due"] = page["ringing_since"]
+            for channel in channels:
+                add_delivery(page, channel, claimed_until)
+            key, entry = self.audit.entry("page.opened", "twilio", {
+                "page": page_id, "kind": kind, "caller": page["caller"],
+                "duration": page["duration"], "oncall": page["oncall"]["id"],
+                "waited": round(page["ringing_since"] - page["opened"], 1)})
+            page["audit_due"] = [*waiting.get("audit_due", []), {"key": key, "entry": entry}]
+            return page
+
+        written = self.write_page(self.store, page_id, open_)
+        if written is None:
+            return False
+        METRICS.count("oncall_pages_opened_total", kind=written[0]["kind"])
+        log.info("event=page.opened_after_wait page=%s", page_id)
+        self.hand_over(self.store, *written, channels, snap.doc)
+        self.wake()
+        return True
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
                    recording_url: str, duration: int, live_tried: list[str] | None = None
@@ -2864,7 +2983,9 @@ class Pager:
         """A short number people can type (`ACK 3`), from counters/pages.json, which also lists
         the recent pages for STATUS and ACK without listing the whole pages/ folder. Asked
         again for the same page, it gives the same number. The counter as this instance last
-        wrote it is the starting copy, so allocating costs one write."""
+        wrote it is the starting copy, so allocating costs one write. The number is indexed
+        too (numbers/<n>.json, see index_number), so that `ACK n` finds a page however many
+        came after it."""
         chosen: list[int] = []
 
         def allocate(doc: dict | None) -> dict | None:
@@ -2884,7 +3005,22 @@ class Pager:
                                   known=self._counter)
             if written is not None:
                 self._counter = written
+        IO_POOL.submit(self.index_number, chosen[0], page_id, opened)
         return chosen[0]
+
+    def index_number(self, number: int, page_id: str, opened: float) -> None:
+        """numbers/<n>.json: page number -> page id, one small object per number, created
+        once (a conditional create, so a second instance or a second ask writes nothing
+        new) and never listed: `ACK n` costs one read of it, at 10,000 pages as at 10. Off the
+        page path (a text waits for its number, not for this); should a stop or an outage
+        lose it, the counter's recent list still names the page for RECENT_PAGES more pages,
+        and asking the page's number again writes it."""
+        try:
+            put_once(self.store, f"numbers/{number}.json",
+                     {"number": number, "id": page_id, "opened": opened})
+        except StoreUnavailable as e:
+            log.warning("event=page.number_unindexed number=%d page=%s error=%r", number,
+                        page_id, str(e)[:200])
 
     def recent_items(self) -> list[dict]:
         """The most recent pages ({number, id, opened}), newest first (a 304 when nothing was
@@ -2919,15 +3055,21 @@ class Pager:
 
     def page_by_number(self, number: int) -> dict | None:
         """Found through counters/pages.json, which gives the number before the page's own
-        copy has it written."""
+        copy has it written, and for an older page through its entry in numbers/ (see
+        index_number): a few requests whatever the number of pages, wherever the page is
+        (pages/ or pages-done/)."""
         self.recent_items()
         with self._counter_lock:
-            recent = (self._counter[0] if self._counter else {}).get("recent", [])
-        for item in recent:
-            if item["number"] == number:
-                found = self.book.get(item["id"]) or self.find_page(item["id"])
-                return {**found[0], "number": number} if found else None
-        return None
+            counter = self._counter[0] if self._counter else {}
+        page_id = next((item["id"] for item in counter.get("recent", [])
+                        if item["number"] == number), None)
+        if page_id is None and 0 < number < int(counter.get("next", 1)):
+            indexed = read_json(self.store, f"numbers/{number}.json")
+            page_id = str(indexed[0].get("id", "")) if indexed else None
+        if page_id is None or not PAGE_ID.fullmatch(page_id):
+            return None
+        found = self.book.get(page_id) or self.find_page(page_id)
+        return {**found[0], "number": number} if found else None
 
     def number_of(self, page: dict) -> int | str:
         """A page's number, from the page or from the counter as last read ("?" if none)."""
@@ -3659,20 +3801,83 @@ class Pager:
                              f"{page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
 
+    def status_pages(self) -> tuple[list[dict], list[dict], list[dict], int]:
+        """What STATUS shows: (ringing, listed, recent others, listed ones not read), each
+        newest first. Every page that rings comes first however many pages came after it,
+        so that a storm of warnings cannot hide it. The candidates come from the book (every
+        page in pages/ that rings, waits or is listed, from memory) and from the counter's
+        recent list (pages another instance opened since the last listing). One round of
+        reads at once: the counter, the pages that ring (afresh: an ACK elsewhere) and the
+        newest listed ones (one may ring now); more only for recent pages the book does not
+        know or holds no copy of. A few requests, at 10,000 pages as at 10."""
+        active = self.book.active()
+        by_age = sorted(active, key=lambda page_id: active[page_id][1], reverse=True)
+        listed_ids = [p for p in by_age if active[p][0] == "listed"]
+
+        def reader(page_id: str, fresh: bool) -> Callable[[], tuple[dict, str] | None]:
+            known = None if fresh else self.book.get(page_id)
+            return lambda: known or self.find_page(page_id)
+
+        def fetch(page_ids: list[str], fresh: bool) -> dict[str, dict]:
+            found = in_parallel(IO_POOL, *(reader(p, fresh) for p in page_ids)
+                                ) if page_ids else []
+            return {page_id: page[0] for page_id, page in zip(page_ids, found, strict=True)
+                    if page is not None}
+
+        def state(page_id: str) -> str:
+            return str(pages.get(page_id, {}).get("state"))
+
+        first = [p for p in by_age if active[p][0] in ("open", "waiting")] + \
+            listed_ids[:STATUS_LINES]
+        found = in_parallel(IO_POOL, self.recent_items, *(reader(p, True) for p in first))
+        items: list[dict] = found[0]
+        pages = {page_id: page[0] for page_id, page in zip(first, found[1:], strict=True)
+                 if page is not None}
+        opened = {page_id: when for page_id, (_, when) in active.items()}
+        opened.update((item["id"], item["opened"]) for item in items)
+        newest = sorted(opened, key=lambda page_id: opened[page_id], reverse=True)
+        pages.update(fetch([p for p in newest if p not in active and self.book.get(p) is None
+                            and not self.book.etag(p) and not self.book.gone(p)
+                            ][:STATUS_LINES], fresh=True))
+        ringing = [pages[p] for p in newest if state(p) in ("open", "waiting")]
+        listed = [pages[p] for p in newest if state(p) == "listed"]
+        room = max(0, STATUS_LINES - len(ringing) - len(listed))
+        others = [p for p in (item["id"] for item in items) if (
+            state(p) not in SHOWN_FIRST if p in pages else p not in active)][:room]
+        pages.update(fetch([p for p in others if p not in pages], fresh=False))
+        recent = [pages[p] for p in others if p in pages and state(p) not in SHOWN_FIRST]
+        return ringing, listed, recent, len(listed_ids[STATUS_LINES:])
+
     def status(self, doc: dict) -> str:
-        pages = self.recent_pages(limit=5)
-        if not pages and not any(m.get("opted_out") for m in members(doc).values()):
+        """Pages that ring first, newest first (up to STATUS_LINES, then how many more), then
+        listed ones and the recent others as space allows (the listed ones left out are
+        counted), so that the SMS stays readable."""
+        ringing, listed, recent, unread = self.status_pages()
+        if not (ringing or listed or recent) and not any(
+                m.get("opted_out") for m in members(doc).values()):
             return "No open pages."
-        open_count = sum(1 for p in pages if p.get("state") == "open")
+        open_count = sum(1 for p in ringing if p.get("state") == "open")
         lines = [f"{open_count} open." if open_count else "No open pages."]
-        for page in pages:
+
+        def line(page: dict) -> str:
             failures = list(dict.fromkeys(  # once each: an MMS and its SMS often share one
                 f"{d['reason'] or 'failed'} ({d['code']})" for d in
                 page.get("deliveries", {}).values() if d.get("code")))
-            lines.append(f"#{self.number_of(page)} {short_time(page['opened'])} "
-                         f"{page_summary(page)}: "
-                         f"{page_state(page, doc)}."
-                         + (f" Text failed: {', '.join(failures)}." if failures else ""))
+            return (f"#{self.number_of(page)} {short_time(page['opened'])} "
+                    f"{page_summary(page)}: {page_state(page, doc)}."
+                    + (f" Text failed: {', '.join(failures)}." if failures else ""))
+
+        lines += map(line, ringing[:STATUS_LINES])
+        if len(ringing) > STATUS_LINES:
+            more = ringing[STATUS_LINES:]
+            lines.append(f"+{len(more)} more open: " + ", ".join(
+                f"#{self.number_of(p)}" for p in more[:10]) + (" ..." if len(more) > 10
+                                                               else "."))
+        room = max(0, STATUS_LINES - len(ringing))
+        lines += map(line, [*listed, *recent][:room])
+        more_listed = len(listed) - min(len(listed), room) + unread
+        if more_listed:
+            lines.append(f"+{more_listed} listed (e-mailed, nobody rung).")
         opted_out = [m["name"] for m in members(doc).values() if m.get("opted_out")]
         if opted_out:
             lines.append(f"Opted out of texts (called instead): {', '.join(opted_out)}.")
@@ -4140,11 +4345,13 @@ class Worker:
         self._adopted_from = ""  # the config version whose unclaimed texts were looked at
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
+        self.started = time.time()  # (again in start): heartbeats count their grace from it
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
 
     def start(self) -> None:
+        self.started = time.time()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self._thread.start()
 
@@ -4210,11 +4417,14 @@ class Worker:
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
+                # every listing reads the config (a 304 at rest): a change made elsewhere
+                # acts within poll_interval, and while it is missing or invalid a fix is
+                # seen as soon (pages wait for it)
                 self.pager.team.read(background=True)
             except StoreUnavailable as e:
                 log.warning("event=worker.listing_failed error=%r", str(e))
-            except (NoConfig, ConfigError) as e:
-                log.warning("event=worker.no_config error=%r", str(e))
+            except (NoConfig, ConfigError) as e:  # TeamConfig logs it, once a minute
+                log.debug("event=worker.no_config error=%r", str(e))
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
             self._submit("prune", self._prune_replies)
@@ -4351,7 +4561,16 @@ class Worker:
         looks due; then its state is read afresh first, since a ping may have reached another
         instance. A missed heartbeat is read again every interval + grace, to learn of a ping
         elsewhere. An open heartbeat page whose heartbeat pinged since is resolved here (the
-        instance that took the ping stopped before it could)."""
+        instance that took the ping stopped before it could).
+
+        After a start every heartbeat gets one full interval + grace counted from the start
+        before a miss is paged: while no pager ran, its pings had nowhere to go (a cron
+        `curl` fails and is not retried), so a window that ran out then says nothing about
+        the job. A heartbeat already missed before the stop is known by its page: the page
+        of a miss is opened when the window runs out on a running pager (by any instance), it
+        is in the store, and it goes on ringing and escalating by itself after the restart;
+        the grace only holds back a page that does not exist yet, and when it ends the same
+        page id makes the look a no-op for a miss paged before (one refused create)."""
         snap = self.pager.team.last_known()
         next_due = math.inf
         if snap is None:
@@ -4362,11 +4581,12 @@ class Worker:
             try:
                 basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
                 missed = self._heartbeat_misses.get(name)
-                due = (missed[1] if missed and missed[0] == basis else basis) + window
+                due = max(missed[1] if missed and missed[0] == basis else basis,
+                          self.started) + window
                 if due <= now:
                     state = self.pager.heartbeat_state(name)[0]
                     basis = heartbeat_basis(state)
-                    due = basis + window
+                    due = max(basis, self.started) + window
                     if due <= now:
                         if not missed or missed[0] != basis:  # its page opened already
                             self.pager.heartbeat_missed(name, state)
@@ -4622,6 +4842,12 @@ class Worker:
         """Claim what is due on one page (from its copy: no request unless something is due)
         and return when its next step is due."""
         page_id = page["id"]
+        if page.get("state") == "waiting":  # for a valid config: opened in the store only
+            if store is self.store and self.pager.team.last_known() is not None and \
+                    not self._busy(f"{page_id}/open"):
+                self._submit(f"{page_id}/open", lambda: self._open_waiting(page_id),
+                             urgent=True)
+            return None
         if page.get("state") == "open" and now - page.get("ringing_since",
                                                           page["opened"]) >= DAY:
             self._close(store, page_id)
@@ -4649,6 +4875,12 @@ class Worker:
         if channels or escalate:
             self._claim(store, page_id, channels, escalate, now)
         return next_due
+
+    def _open_waiting(self, page_id: str) -> None:
+        try:
+            self.pager.open_waiting(page_id)
+        except (StoreUnavailable, StoreConflict, NoConfig, ConfigError) as e:
+            log.warning("event=page.still_waiting page=%s error=%r", page_id, str(e)[:200])
 
     def _claim(self, store: Store, page_id: str, channels: list[str], escalate: bool,
                now: float) -> None:
@@ -5777,8 +6009,10 @@ class WebApp:
             reply = self.pager.handle_sms(clean_text(request.form["From"]),
                                           clean_text(request.form.get("Body", "")),
                                           request.form.get("MessageSid", ""))
-        except NoConfig:
-            log.error("event=sms.no_config")
+        except (NoConfig, ConfigError):
+            # Without a valid config nobody is a member, so nobody gets an answer (an empty
+            # <Response/>, as a stranger does); the log and /healthz say why, once a minute.
+            log.debug("event=sms.no_config")
             reply = None
         return message_reply(reply)
 
@@ -5787,7 +6021,7 @@ class WebApp:
             return self.wrongnumber_voice(request)
         try:
             snap = self.pager.team.read()
-        except NoConfig:
+        except (NoConfig, ConfigError):  # nobody is a member without a valid config
             return empty_messaging()
         if member_by_phone(snap.doc, request.form.get("From", "")) is None:
             return empty_messaging()
@@ -5958,7 +6192,10 @@ class WebApp:
         healthy = self.pager.team.reachable and config == "loaded"
         # Status words only: the reason (which can quote the config) goes to the log, once
         # per change, and to `oncall-pager check`; this endpoint is public.
-        body = {"status": "ok" if healthy else "unhealthy",
+        # `config-invalid`: the pager runs but pages nobody (calls are answered and their
+        # pages wait for a valid config): what the operator must fix first
+        body = {"status": "ok" if healthy else "config-invalid" if config == "invalid"
+                else "unhealthy",
                 "store": "reachable" if self.pager.team.reachable else "unreachable",
                 "config": config,
                 "queue_depth": self.worker.queue_depth if self.worker else 0,
@@ -6056,7 +6293,7 @@ def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
         with contextlib.suppress(StoreConflict):
             pager.team.initialise(doc, actor="serve")
             log.info("event=config.initialised from=%s", cfg.init_from)
-    except StoreUnavailable:
+    except (StoreUnavailable, ConfigError):  # serve runs on, and says so (see cmd_serve)
         pass
 
 
@@ -6154,8 +6391,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     initialise_if_empty(cfg, pager)
     try:
         pager.team.read()
-    except (NoConfig, StoreUnavailable) as e:
-        log.error("event=serve.degraded problem=%r", str(e))
+    except (NoConfig, StoreUnavailable, ConfigError) as e:
+        # Never exit for a config: a restart loop answers nobody. Calls are answered and
+        # their pages wait (Pager.wait_for_config); the worker reads the config again every
+        # poll_interval; /healthz says config-invalid meanwhile.
+        log.error("event=serve.degraded problem=%s", log_value(str(e), 300))
     if cfg.dry_run:
         telephony: Telephony = DryRunTelephony(pager.store)
     else:
@@ -6662,7 +6902,8 @@ def cmd_pages(args: argparse.Namespace) -> int:
                                    if d.get("code") else "")
             for c, d in p.get("deliveries", {}).items())
         print(f"#{p.get('number') or '-'}  {short_time(p.get('opened', 0))}  "
-              f"{p.get('state', ''):<12} {page_summary(p)}  oncall={p['oncall']['id']}  "
+              f"{p.get('state', ''):<12} {page_summary(p)}  "
+              f"oncall={p.get('oncall', {}).get('id') or '-'}  "
               f"acked_by={p.get('acked_by') or '-'}  {deliveries}")
     return 0
 

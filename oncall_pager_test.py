@@ -4778,10 +4778,15 @@ def set_up_heartbeat(process: Process) -> None:
 
 
 def miss_heartbeat(process: Process) -> None:
-    """The clock to just past the miss (an absolute time: the step may run again)."""
+    """The clock to just past the miss (an absolute time: the step may run again; a
+    restarted process gives the heartbeat its window from its start, SPEC 19, unless its
+    page exists: missed before the stop)."""
     process.settle()
     state = json.loads(process.store.get(f"heartbeats/{BACKUP}.json").data)
-    process.clock.now = max(process.clock.now, op.heartbeat_basis(state) + BACKUP_WINDOW + 1)
+    paged = any(key.startswith("pages/HB") for key in process.store.list("pages/"))
+    since = op.heartbeat_basis(state) if paged else max(op.heartbeat_basis(state),
+                                                        process.worker.started)
+    process.clock.now = max(process.clock.now, since + BACKUP_WINDOW + 1)
     process.settle()
 
 
@@ -5011,7 +5016,7 @@ def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
     assert (page["kind"], page["state"]) == ("heartbeat", "resolved")
     texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
     assert any(re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: no ping since it was "
-                            r"set up 18 min ago\. Reply ACK 1 to acknowledge\.", t)
+                            r"set up (18|36) min ago\. Reply ACK 1 to acknowledge\.", t)
                for t in texts), texts
     assert any(t.startswith("Page 1 resolved: Heartbeat nightly-backup missed") for t in texts)
     assert store.list("outbox/"), "the e-mail never went"
@@ -5947,7 +5952,7 @@ def test_healthz_shows_status_words_only_and_logs_the_reason_once(
     for _ in range(3):
         status, body, _ = http_request("GET", file_pager.base_url + "/healthz")
         assert status == 503
-        assert json.loads(body) == {"status": "unhealthy", "store": "reachable",
+        assert json.loads(body) == {"status": "config-invalid", "store": "reachable",
                                     "config": "invalid", "queue_depth": 0, "version": op.VERSION}
     problems = [r.getMessage() for r in caplog.records if "event=config.problem" in r.getMessage()]
     assert len(problems) == 1 and "carla-the-secret-name" in problems[0]
@@ -7384,3 +7389,200 @@ def test_alert_pages_per_hour_is_checked_with_its_field_path() -> None:
     doc = team_doc(escalation={"alert_pages_per_hour": 2.5})
     assert op.check_oncall_config(doc)[0]
     assert op.check_oncall_config(team_doc(escalation={"alert_pages_per_hour": 0}))[0] == []
+
+
+# ==============================================================================================
+# === Section 19: STATUS and ACK n past a storm of warnings, heartbeats after a restart, a bad
+# stored config at boot ===
+# ==============================================================================================
+
+
+def page_numbers_given(store: op.Store) -> int:
+    blob = store.get("counters/pages.json")
+    return json.loads(blob.data)["next"] - 1 if blob else 0
+
+
+def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warnings(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """A critical alert, then a storm of warnings: STATUS still leads with the page that
+    rings (the warnings counted, not listed one a line past the first few), and `ACK 1`
+    finds page 1 however many pages came after it (the counter keeps only the last 50)."""
+    s3_pager = start_pager(s3_setup("a"))
+    store = s3_pager.store
+    with_integration(store, escalation={"ack_timeout": 600})
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE) == [ALERT_SMS], 5)
+    for i in range(5):
+        event = alertmanager_event(severity="warning", dedup_key=f"warning-{i}")
+        event["payload"]["summary"] = f"Slow disk {i}"
+        assert post_event(s3_pager, event)[0] == 202
+    wait_until(lambda: page_numbers_given(store) == 6, 10)
+    lines = s3_pager.sms(BOB, "STATUS").splitlines()
+    assert lines[0] == "1 open.", lines
+    assert lines[1].startswith("#1 ") and lines[1].endswith(
+        f"[critical] {SUMMARY} (Alertmanager): open."), lines
+    assert [line.split()[0] for line in lines[2:6]] == ["#6", "#5", "#4", "#3"], lines
+    assert all(line.endswith(": listed.") for line in lines[2:6]), lines
+    assert lines[6:] == ["+1 listed (e-mailed, nobody rung)."], lines
+    for i in range(5, 55):
+        assert post_event(s3_pager, alertmanager_event(severity="warning",
+                                                       dedup_key=f"warning-{i}"))[0] == 202
+    wait_until(lambda: page_numbers_given(store) == 56, 20)
+    counter = S3Counter(store)
+    lines = s3_pager.sms(BOB, "STATUS").splitlines()
+    assert len(counter.operations) <= 8, counter.operations  # 3 round trips, see status_pages
+    assert lines[:2] == ["1 open.", lines[1]] and lines[1].startswith("#1 "), lines
+    assert lines[-1] == "+51 listed (e-mailed, nobody rung).", lines
+    assert len("\n".join(lines)) < 800, "an SMS a person can read"
+    assert s3_pager.sms(ALICE, "ACK 1") == (f"Page 1 acknowledged: [critical] {SUMMARY} "
+                                           "(Alertmanager). Thanks, Alice.")
+    assert s3_pager.sms(ALICE, "STATUS").splitlines()[0] == "No open pages."
+    assert s3_pager.sms(ALICE, "ACK 57") == "There is no recent page 57."
+    # a second instance, started now, knows page 1 only from the store
+    other = start_pager(s3_setup("b"))
+    counter = S3Counter(other.store)
+    assert other.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
+                                        "McAlister. Thanks, Alice.")
+    assert len(counter.operations) <= 8, counter.operations  # numbers/1.json: one GET
+
+
+def test_a_heartbeat_whose_window_ran_out_while_the_pager_was_down_gets_its_grace_from_the_start(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Pings to a stopped pager go nowhere: after the restart the heartbeat gets one full
+    interval + grace before it pages (not a page within a second of the start), and it
+    pages when no ping comes by then."""
+    first = start_pager(s3_setup("a"))
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1.5, "grace": 1.5}})
+    assert heartbeat(first)[0] == 200
+    first.stop()
+    time.sleep(3.5)  # the window (3 s) runs out while no pager runs
+    second = start_pager(s3_setup("b"))
+    started = time.monotonic()
+    assert second.sms(ALICE, "WHO").startswith("Current on-call engineer")  # as serve reads it
+    time.sleep(2.0)
+    assert twilio.messages() == [] and second.store.list("pages/") == [], \
+        "paged within the grace that counts from the start"
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert time.monotonic() - started >= 3.0
+    assert re.fullmatch(r"Page 1: Heartbeat nightly-backup missed: last ping \d s ago\. "
+                        r"Reply ACK 1 to acknowledge\.", messages_to(twilio, ALICE)[0])
+
+
+def test_a_heartbeat_missed_before_the_stop_keeps_its_one_page_after_the_restart(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Missed while a pager ran: its page exists and goes on (it escalates by itself); the
+    restart neither pages it a second time nor loses it."""
+    first = start_pager(s3_setup("a"))
+    with_integration(first.store, heartbeats={"nightly-backup": {"interval": 1, "grace": 0.5}},
+                     escalation={"ack_timeout": 4, "call_attempts": 1, "escalate_to": []})
+    assert heartbeat(first)[0] == 200
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 6)
+    first.stop()
+    second = start_pager(s3_setup("b"))
+    assert second.sms(ALICE, "WHO").startswith("Current on-call engineer")
+    assert twilio.wait_for(lambda: twilio.calls(), 8), "the page of the miss escalates"
+    time.sleep(2)
+    assert len(messages_to(twilio, ALICE)) == 1 and len(second.store.list("pages/")) == 1
+
+
+def test_serve_with_an_invalid_stored_config_stays_up_keeps_a_voicemail_and_pages_it_once_fixed(
+        tmp_path: Path, serve_process: Callable[[Path], ServeProcess], twilio: TwilioFake,
+        smtp: SMTPSink) -> None:
+    """No restart loop: serve runs, /healthz says config-invalid, the problem is logged once
+    (not once a request), a caller is answered all the way through the voicemail flow, its
+    page waits in the store, and it is paged within poll_interval of the fix."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, oncall_user={"id": "carla-not-a-member"}))
+    server = serve_process(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    health = server.wait_healthy(expect=503)
+    assert (health["status"], health["config"]) == ("config-invalid", "invalid")
+    for _ in range(20):
+        assert http_request("GET", server.base_url + "/healthz")[0] == 503
+
+    def post(path: str, params: dict[str, str]) -> tuple[int, str]:
+        return signed_post(server.base_url, server.cfg.public_url, path, params)
+
+    call = call_params()
+    status, text = post("/public/answer", call)
+    assert status == 200 and "<Say>You have reached the on-call pager.</Say>" in text, text
+    status, text = post("/public/keypress", {**call, "Digits": "1"})
+    assert status == 200 and "<Record " in text, text
+    callback_path, action_path = record_callback_path(text)
+    sid = "RE" + uuid.uuid4().hex
+    twilio.add_recording(sid, RECORDING)
+    recording = {"AccountSid": ACCOUNT_SID, "CallSid": call["CallSid"], "RecordingSid": sid,
+                 "RecordingUrl": twilio.recording_url(sid), "RecordingDuration": "12"}
+    status, text = post(action_path, {**call, **recording})
+    assert status == 200 and "deliver your 12 second message" in text, text
+    status, text = post(callback_path, {**recording, "RecordingStatus": "completed"})
+    assert (status, text) == (200, '<?xml version="1.0" encoding="UTF-8"?><Response />'), text
+    assert post(callback_path, {**recording, "RecordingStatus": "completed"})[0] == 200  # retry
+    (waiting,) = alert_pages(store)
+    assert (waiting["id"], waiting["state"]) == (sid, "waiting")
+    # SMS commands meanwhile: nobody is a member without a valid config, so no answer
+    assert server.sms(ALICE, "STATUS") == "" and server.sms(ALICE, "TAKE") == ""
+    time.sleep(0.5)
+    assert twilio.messages() == [] and twilio.calls() == []
+    log = server.log.read_text()
+    assert log.count("event=config.problem") == 1, log
+    assert "carla-not-a-member" in log and "Traceback" not in log
+    fixed = time.monotonic()
+    put_team(store, team_doc(smtp.port))
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), server.cfg.poll_interval + 3)
+    assert time.monotonic() - fixed < server.cfg.poll_interval + 3
+    (mms,) = [m for m in twilio.messages() if m.params["To"] == [ALICE]]
+    assert mms.params["Body"] == ["On-call voicemail (12 sec) from ACME CORP <+15551230000>. "
+                                  "Reply ACK to acknowledge."]
+    assert mms.params["MediaUrl"] == [twilio.recording_url(sid) + ".mp3"]
+    assert server.wait_healthy()["status"] == "ok"
+    (page,) = alert_pages(store)
+    assert (page["state"], page["oncall"]["id"], page["opened"]) == (
+        "open", "alice", waiting["opened"])
+    assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
+        "page.waiting", "page.opened"]
+    assert server.terminate() == 0
+
+
+def test_a_voicemail_while_the_store_is_down_and_no_config_is_known_waits_in_the_spool(
+        flaky: tuple[FlakyStore, op.Pager]) -> None:
+    """The store unreachable from the start (no config ever read, no last good copy): the
+    callback is still answered, its page waits in the spool, and once the store is back it
+    moves in and is opened with the config read then: the voicemail is not lost."""
+    store, pager = flaky
+    store.fail = lambda operation, key: True
+    page, created = open_test_page(pager)
+    assert created and page["state"] == "waiting"
+    assert pager.spool.list("pages/") == [f"pages/{PAGE_ID}.json"]
+    worker = op.Worker(pager, op.DryRunTelephony(store))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert store.inner.list("outbox/") == [] and store.inner.list("pages/") == []
+        store.fail = lambda operation, key: False
+        (sent,) = wait_until(lambda: store.list("outbox/"), 10)
+        assert json.loads(store.get(sent).data)["to"] == ALICE
+    finally:
+        worker.stop()
+    stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
+    assert (stored["state"], stored["oncall"]["id"], stored["number"]) == ("open", "alice", 1)
+    assert pager.spool.list("pages/") == []
+    assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
+        "page.waiting", "page.opened"]
+
+
+def test_a_lasting_config_problem_is_logged_once_a_minute_not_once_a_request(
+        file_pager: RunningPager, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(op, "CONFIG_PROBLEM_EVERY", 0.6)  # a minute, for a test
+    caplog.set_level(logging.INFO, logger="oncall_pager")
+    file_pager.store.put("oncall_config.json", b"{not json")
+    deadline = time.monotonic() + 1.5
+    requests = 0
+    while time.monotonic() < deadline:
+        assert http_request("GET", file_pager.base_url + "/healthz")[0] == 503
+        requests += 1
+    told = [r for r in caplog.records if "event=config.problem" in r.getMessage()]
+    assert requests > 20 and 2 <= len(told) <= 3, (requests, len(told))
