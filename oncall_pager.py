@@ -232,12 +232,42 @@ def backoff(attempts: int, base: float, cap: float) -> float:
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
 
 
+# What XML 1.0 (its Char production) or UTF-8 cannot carry: lone surrogates (a JSON "\ud83d",
+# half an emoji that a JavaScript monitor cut) and U+FFFE, U+FFFF; with them the other
+# noncharacters (U+FDD0-U+FDEF, the last two code points of every plane), which no sender
+# means as text. One of them in a summary made its SMS fail (UnicodeEncodeError) and its
+# call's TwiML not XML.
+UNCARRIED = re.compile("[\ud800-\udfff\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+REPLACEMENT = "\ufffd"
+
+
 def clean_text(value: str) -> str:
-    """Caller-supplied text (CallerName, FromCity, an SMS Body ...) as it may travel on: every
-    run of control characters becomes one space. Applied where the text enters the program,
-    so no e-mail header, SMS, TwiML or log line downstream can be split by it. A space, not
-    nothing: "+1919555\\x001002" must not turn into a member's phone number."""
-    return CONTROL_CHARACTERS.sub(" ", value).strip() if value else value
+    """Text from outside (an alert's summary, CallerName, FromCity, an SMS Body, a transcript
+    ...) as it may travel on: every run of control characters becomes one space, and every
+    character that XML 1.0 or UTF-8 cannot carry becomes U+FFFD. Applied once, where the
+    text enters the program, so no e-mail, SMS, TwiML, log line or CLI listing downstream
+    can be split or broken by it. A space, not nothing: "+1919555\\x001002" must not turn
+    into a member's phone number. What is left with nothing but spaces and U+FFFD says
+    nothing: it is "", so a field made only of controls or junk counts as missing."""
+    if not value:
+        return value
+    cleaned = UNCARRIED.sub(REPLACEMENT, CONTROL_CHARACTERS.sub(" ", value)).strip()
+    return cleaned if cleaned.strip(" " + REPLACEMENT) else ""
+
+
+def clean_json(value: object) -> object:
+    """A JSON value from outside (an alert's custom_details) with every string, keys too,
+    cleared of what XML 1.0 or UTF-8 cannot carry (U+FFFD instead). Controls stay: wherever
+    the value is shown it is shown as JSON, which escapes them. Its nesting is bounded
+    (MAX_NESTING) before it gets here."""
+    if isinstance(value, str):
+        return UNCARRIED.sub(REPLACEMENT, value)
+    if isinstance(value, list):
+        return [clean_json(item) for item in value]
+    if isinstance(value, dict):
+        return {UNCARRIED.sub(REPLACEMENT, key): clean_json(item) for key, item in value.items()}
+    return value
 
 
 PLAIN_LOG_VALUE = re.compile(r"[\w./:@+\-,%]{1,200}", re.ASCII)
@@ -1992,13 +2022,15 @@ def joins(page: dict, now: float) -> bool:
 
 
 def parse_event(event: object) -> tuple[dict, list[str]]:
-    """An Events API v2 event, its text cleaned of control characters, and what is wrong
+    """An Events API v2 event, its text cleaned (clean_text, clean_json), and what is wrong
     with it in PagerDuty's words (empty when nothing is)."""
     if not isinstance(event, dict):
         return {}, ["Event object is invalid"]
     errors = []
 
     def text(value: object, name: str, limit: int, required: bool = False) -> str | None:
+        if isinstance(value, str) and len(value) <= limit:
+            value = clean_text(value)  # only controls, spaces or junk: blank
         if value is None or value == "":
             if required:
                 errors.append(f"'{name}' is missing or blank")
@@ -2006,7 +2038,7 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
         if not isinstance(value, str) or len(value) > limit:
             errors.append(f"'{name}' must be a string of at most {limit} characters")
             return None
-        return clean_text(value)
+        return value
 
     action = event.get("event_action")
     if action not in EVENT_ACTIONS:
@@ -2039,6 +2071,8 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
     alert["custom_details"] = payload.get("custom_details")
     if nesting(alert["custom_details"]) > MAX_NESTING:  # kept in the page, and e-mailed
         errors.append(f"'payload.custom_details' nests deeper than {MAX_NESTING} levels")
+    else:
+        alert["custom_details"] = clean_json(alert["custom_details"])
     for name in ("client", "client_url"):
         alert[name] = text(event.get(name), name, 1024)
     for name, field in (("links", "href"), ("images", "src")):
@@ -2047,8 +2081,8 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
                 isinstance(i, dict) and isinstance(i.get(field), str) for i in items):
             errors.append(f"'{name}' must be a list of objects with '{field}'")
             items = []
-        alert[name] = [{k: clean_text(v) for k, v in i.items() if isinstance(v, str)}
-                       for i in items[:50]]
+        alert[name] = [{clean_text(k): clean_text(v) for k, v in i.items()
+                        if isinstance(v, str)} for i in items[:50]]
     parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
     return parsed, errors
 
@@ -5379,7 +5413,7 @@ class WebApp:
         """`POST /heartbeat/NAME` with any integration's routing key (`Authorization: Bearer
         KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong one, 404 for a heartbeat
         the config does not name."""
-        name = request.path.removeprefix("/heartbeat/")
+        name = clean_text(request.path.removeprefix("/heartbeat/"))
         bearer = request.authorization.partition(" ")
         key = (bearer[2].strip() if bearer[0].lower() == "bearer"
                else request.query.get("key", ""))
@@ -6129,8 +6163,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def vcard_text(value: str) -> str:
-    """A vCard 3.0 text value: backslash, comma and semicolon escaped (RFC 2426)."""
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+    """A vCard 3.0 text value: backslash, comma and semicolon escaped, a line break written
+    as \\n (RFC 2426 5.8.4, RFC 6350 3.4), so a team name cannot add a line or a field to
+    the card; other control characters become spaces."""
+    value = value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+    value = re.sub(r"\r\n|\r|\n", r"\\n", value)
+    return CONTROL_CHARACTERS.sub(" ", value)
 
 
 def cmd_vcard(args: argparse.Namespace) -> int:
@@ -6261,7 +6299,15 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(logging.NullHandler())
         log.propagate = False
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a reader gone (`pages | head`) shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader of our output closed it (`oncall-pager pages | head`): it has what it
+        # wanted. End quietly, as a tool killed by SIGPIPE does (128 + 13), and point stdout
+        # at /dev/null so the interpreter's last flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
