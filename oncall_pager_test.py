@@ -6487,3 +6487,155 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
+
+
+# ==============================================================================================
+# === Section 19: text that cannot travel, the abuse fuzz over every route, small ones ===
+# ==============================================================================================
+
+# What a JavaScript monitor makes when it cuts an emoji in half, and a noncharacter: neither
+# UTF-8 nor XML 1.0 can carry them.
+JUNK = {"surrogate": "\ud83d", "noncharacter": "\ufffe"}
+
+
+def carries(text: str) -> bool:
+    """Whether a text can travel: it encodes as UTF-8 and holds nothing XML 1.0 refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return re.search(NOT_XML, text) is None
+
+
+# Outside XML 1.0's Char production, and the noncharacters: written out here, apart from the
+# module's own list, so the test does not take the module's word for it.
+NOT_XML = ("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+           + "".join(chr(p * 0x10000 + 0xFFFE) + chr(p * 0x10000 + 0xFFFF)
+                     for p in range(1, 17)) + "]")
+
+
+def parse_twiml(text: str) -> Any:
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(text)
+
+
+def sent_problems(twilio: TwilioFake, smtp: SMTPSink) -> list[str]:
+    """Every SMS the fake Twilio took and every e-mail aiosmtpd took, that could not travel."""
+    problems = [f"sms {m.params['Body'][0]!r}" for m in twilio.messages()
+                if not carries(m.params["Body"][0])]
+    for mail in smtp.messages:
+        raw = mail.as_bytes()
+        text = f"{mail['Subject']}\n{mail.get_body(('plain',)).get_content()}"
+        if not carries(raw.decode("utf-8", "surrogateescape")) or not carries(text):
+            problems.append(f"e-mail {mail['Subject']!r}")
+    return problems
+
+
+@pytest.mark.parametrize("junk", JUNK.values(), ids=JUNK.keys())
+def test_an_alert_with_text_that_cannot_travel_is_texted_e_mailed_called_and_listed_with_u_fffd(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink, junk: str) -> None:
+    """SPEC 19, text that cannot travel: the summary, source, a link's text and
+    custom_details hold the junk (as JSON escapes, as a monitor sends it). Every channel
+    carries U+FFFD in its place: the SMS reaches Twilio (it failed with UnicodeEncodeError
+    and was retried all day), the e-mail is sent (it was given up), the call's TwiML is XML
+    (Twilio played an application error), STATUS and ACK answer, `pages` lists it."""
+    with_integration(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1,
+                                                 "escalate_to": []})
+    event = alertmanager_event()
+    event["payload"].update(summary=f"Disk {junk} full", source=f"db1{junk}",
+                            custom_details={f"note{junk}": f"half an emoji {junk}"})
+    event["links"][0]["text"] = f"Runbook{junk}"
+    problems = []
+    status, answer = post_event(s3_pager, event)
+    assert status == 202, answer
+    if not twilio.wait_for(lambda: messages_to(twilio, ALICE), 5):
+        problems.append("no SMS reached Twilio")
+    elif messages_to(twilio, ALICE) != ["Page 1 [critical] Disk \ufffd full (db1\ufffd). "
+                                        "Reply ACK 1 to acknowledge."]:
+        problems.append(f"SMS: {messages_to(twilio, ALICE)!r}")
+    if not twilio.wait_for(lambda: bool(smtp.messages), 5):
+        problems.append("no e-mail was sent")
+    else:
+        mail = smtp.messages[0]
+        body = mail.get_content()
+        if mail["Subject"] != "[critical] Disk \ufffd full (db1\ufffd)" or \
+                "Runbook\ufffd" not in body or "half an emoji \\ufffd" not in body:
+            problems.append(f"e-mail: {mail['Subject']!r} {body!r}")
+    if not twilio.wait_for(lambda: calls_to(twilio, ALICE), 5):
+        problems.append("no call")
+    else:
+        _, text = twilio.post_callback(calls_to(twilio, ALICE)[0].params["Url"][0], {
+            "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+            "AccountSid": ACCOUNT_SID})
+        try:
+            said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+            if "a critical alert from db1\ufffd: Disk \ufffd full." not in said:
+                problems.append(f"call says {said!r}")
+        except Exception as e:
+            problems.append(f"call TwiML is not XML: {e} {text!r}")
+    for command, expected in (("STATUS", "Disk \ufffd full"), ("ACK 1", "acknowledged")):
+        status, text = s3_pager.post("/msgcontrol/entry", sms_params(ALICE, command))
+        try:
+            reply = "".join(parse_twiml(text).itertext())
+            if status != 200 or expected not in reply:
+                problems.append(f"{command}: {status} {reply!r}")
+        except Exception as e:
+            problems.append(f"{command}: {status}, reply not XML: {e} {text!r}")
+    listing = run_cli("pages", "-c", str(s3_pager.config_path))
+    if listing.returncode != 0 or "Disk \ufffd full" not in listing.stdout:
+        problems.append(f"pages: exit {listing.returncode} {listing.stderr[-300:]!r}")
+    problems += sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+
+
+def test_a_dedup_key_with_a_lone_surrogate_triggers_and_resolves_instead_of_a_500(
+        s3_pager: RunningPager) -> None:
+    """It answered 500 (the page id is a hash of the key's UTF-8); cleaned where it enters,
+    the trigger and the resolve that repeats the key meet on the same page."""
+    with_integration(s3_pager.store)
+    for action in ("trigger", "resolve", "acknowledge"):
+        status, answer = post_event(s3_pager, alertmanager_event(action, dedup_key="k\udc00"))
+        assert (status, answer["dedup_key"]) == (202, "k\ufffd"), (action, answer)
+    (page,) = alert_pages(s3_pager.store)
+    assert page["state"] == "resolved"
+
+
+@pytest.mark.parametrize("summary", ["\x00\x01\x1b", "\u202e\u2028\x85", "  \t ", "\ud83d",
+                                     "\ufffe\uffff", "\ufffd \udc00"])
+def test_a_summary_of_controls_or_junk_only_is_a_400_and_changes_nothing(
+        file_pager: RunningPager, summary: str) -> None:
+    """SPEC 19, small ones: a field that is empty once cleaned is missing, as PagerDuty says
+    of a blank one; before, the page went out with an empty summary."""
+    with_integration(file_pager.store)
+    before = store_state(file_pager.store)
+    event = alertmanager_event()
+    event["payload"]["summary"] = summary
+    status, answer = post_event(file_pager, event)
+    assert (status, answer["errors"]) == (400, ["'payload.summary' is missing or blank"])
+    assert store_state(file_pager.store) == before
+
+
+def test_caller_fields_with_a_noncharacter_reach_the_engineer_as_u_fffd(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Caller-ID names come from the phone network: U+FFFE in CallerName made the page
+    call's TwiML (and the live screening whisper) not XML."""
+    set_team(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1,
+                                         "escalate_to": []})
+    call = call_params(CallerName="ACME\ufffeCORP", FromCity="RAL\uffffEIGH")
+    leave_voicemail(s3_pager, twilio, call=call)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert "from ACME\ufffdCORP <" in messages_to(twilio, ALICE)[0]
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    _, text = twilio.post_callback(calls_to(twilio, ALICE)[0].params["Url"][0], {
+        "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+        "AccountSid": ACCOUNT_SID})
+    said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+    assert "voicemail from ACME\ufffdCORP <+15551230000>." in said
+    query = urllib.parse.urlencode({"caller": CALLER, "name": "ACME\ufffeCORP",
+                                    "call": call["CallSid"], "member": "alice"})
+    status, text = s3_pager.post(f"/public/screen?{query}", call_params())
+    said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+    assert status == 200 and "from ACME\ufffdCORP <+15551230000>" in said
+    wait_until(lambda: smtp.messages, 5)
+    assert sent_problems(twilio, smtp) == []
