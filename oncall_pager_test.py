@@ -6639,3 +6639,49 @@ def test_caller_fields_with_a_noncharacter_reach_the_engineer_as_u_fffd(
     assert status == 200 and "from ACME\ufffdCORP <+15551230000>" in said
     wait_until(lambda: smtp.messages, 5)
     assert sent_problems(twilio, smtp) == []
+
+
+def test_vcard_escapes_a_team_name_that_would_add_lines_or_fields(file_cli: Cli, tmp_path: Path
+                                                                  ) -> None:
+    """SPEC 19, small ones: a newline in team_name wrote a line of its own into the card (a
+    second card, a field of the author's choosing). Escaped as RFC 2426 and RFC 6350 say."""
+    doc = cli_team()
+    doc["current_config"]["team_name"] = "Ops\r\nEND:VCARD\nBEGIN:VCARD\rTEL:+15550001;x,y\\"
+    put_team(file_cli.store, doc)
+    out = tmp_path / "pager.vcf"
+    result = file_cli.run("vcard", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_bytes().decode().split("\r\n")
+    name = "Ops\\nEND:VCARD\\nBEGIN:VCARD\\nTEL:+15550001\\;x\\,y\\\\ pager"
+    assert lines[:5] == ["BEGIN:VCARD", "VERSION:3.0", f"FN:{name}", f"N:{name};;;;",
+                         f"ORG:{name.removesuffix(' pager')}"]
+    assert len(lines) == 10 and lines[-2:] == ["END:VCARD", ""]
+    assert not [line for line in lines if "\r" in line or "\n" in line]
+    assert [line for line in lines if line.startswith(("BEGIN", "END", "TEL"))] == [
+        "BEGIN:VCARD", f"TEL;TYPE=CELL,VOICE:{PAGER_PHONE}", f"TEL;TYPE=CELL,MSG:{FROM_PHONE}",
+        "END:VCARD"]
+
+
+def test_pages_into_a_pipe_closed_early_ends_quietly(file_cli: Cli, tmp_path: Path) -> None:
+    """`oncall-pager pages | head`: the listing is longer than the pipe holds and the reader
+    goes after one line. It ended with a BrokenPipeError traceback; now quietly, with the
+    status of a tool that SIGPIPE ended (141), as `yes | head` does."""
+    done = tmp_path / "var" / "pages-done"
+    done.mkdir(parents=True)
+    for n in range(3000):
+        page_id = f"RE{n:032d}"
+        (done / f"{page_id}.json").write_text(json.dumps({
+            "id": page_id, "number": n + 1, "kind": "voicemail", "duration": 12,
+            "opened": 1764201600 + n, "state": "acknowledged", "acked_by": "alice",
+            "oncall": {"id": "alice"}, "caller": {"number": CALLER, "name": "ACME CORP"},
+            "deliveries": {"mms": {"state": "sent"}, "email": {"state": "sent"}}}))
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "oncall_pager.py"), "pages", "-c", str(file_cli.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # what head does after its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(30) == 141, stderr
+    assert first.startswith(b"#1  2025-11-27 00:00 UTC  acknowledged")
+    assert stderr == ""
