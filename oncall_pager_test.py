@@ -6685,3 +6685,196 @@ def test_pages_into_a_pipe_closed_early_ends_quietly(file_cli: Cli, tmp_path: Pa
     assert process.wait(30) == 141, stderr
     assert first.startswith(b"#1  2025-11-27 00:00 UTC  acknowledged")
     assert stderr == ""
+
+
+# --- the abuse fuzz: every route, the Events API, the caller's fields -------------------------
+
+HOSTILE_CHARACTERS = ("\ud83d", "\udc00", "\ufffe", "\uffff", "\ufdd0", "\U0001fffe",
+                      "\U0010ffff", "\x00", "\x08", "\x1b", "\x7f", "\x85", "\u2028", "\u202e",
+                      "\t", "\n", "\r", " ", "\ufffd", "&", "<", ">", "]", '"', "\\", "%", "+",
+                      "é", "\U0001f600")
+# The one 5xx a caller may see here: the once-a-second look-up of unknown routing keys (a
+# refusal for rate; SPEC 19 makes it a 429).
+KEY_LOOKUP_LIMITED = "unknown routing key; try again in a second"
+HEARTBEAT = "nightly"
+
+
+def hostile_texts(surrogates: bool) -> Any:
+    """Text as a hostile or broken sender makes it: controls, noncharacters, XML's own
+    specials, astral characters, and (where the carrier can hold them: JSON escapes, not a
+    UTF-8 form) lone surrogates."""
+    from hypothesis import strategies as st
+
+    junk = [c for c in HOSTILE_CHARACTERS if surrogates or not "\ud800" <= c <= "\udfff"]
+    alphabet = st.one_of(st.sampled_from(junk), st.characters(), st.sampled_from("ab 1"))
+    return st.one_of(st.text(alphabet, max_size=24),
+                     st.sampled_from(["", "Disk full", "ACME CORP", "STATUS", "ACK 1", "]]>"]))
+
+
+def json_values() -> Any:
+    """Any JSON value with hostile strings (keys too) and numbers of any size."""
+    from hypothesis import strategies as st
+
+    text = hostile_texts(surrogates=True)
+    return st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(10 ** 300), 10 ** 300), st.floats(),
+                  text),
+        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                st.dictionaries(text, inner, max_size=3)), max_leaves=10)
+
+
+def mostly(usual: Any, other: Any, odds: int = 10) -> Any:
+    """`usual`, and once in `odds` times `other` (st.one_of would pick each half the time):
+    so that most events are valid, and a fuzz opens pages and delivers them."""
+    from hypothesis import strategies as st
+
+    return st.integers(1, odds).flatmap(lambda n: other if n == odds else usual)
+
+
+def event_bodies(key: str) -> Any:
+    """Bodies for the Events API: mostly events whose every field may be hostile, sent with
+    surrogates as JSON escapes or as raw (surrogate-passing) bytes; sometimes any JSON, or
+    a body a parser chokes on (deep nesting, a number of 5,000 digits)."""
+    from hypothesis import strategies as st
+
+    text, anything = hostile_texts(surrogates=True), json_values()
+    # mostly something said around the junk, so that most events are valid and open pages
+    said = mostly(st.tuples(st.sampled_from(["Disk full ", "db1 "]), text).map("".join), text,
+                  odds=5)
+    link = st.fixed_dictionaries({"href": text}, optional={"text": text})
+    payload = st.fixed_dictionaries(
+        {"summary": said, "source": said,
+         "severity": mostly(st.sampled_from(op.SEVERITIES), text)},
+        optional={"component": text, "group": text, "class": text, "custom_details": anything,
+                  "timestamp": mostly(st.just("2026-12-02T17:00:00Z"), text)})
+    event = st.fixed_dictionaries(
+        {"routing_key": mostly(st.just(key), text),
+         "event_action": mostly(st.just("trigger"), st.sampled_from(
+             ["acknowledge", "resolve", "snooze", "\ud83d"]), odds=5),
+         "payload": mostly(payload, anything)},
+        optional={"dedup_key": st.one_of(text, st.sampled_from(["k1", "k2"])),
+                  "client": text, "client_url": text,
+                  "links": mostly(st.lists(link, max_size=3), anything),
+                  "images": st.lists(st.fixed_dictionaries({"src": text}), max_size=2)})
+    encoded = st.tuples(mostly(event, anything), st.booleans()).map(
+        lambda pair: json.dumps(pair[0]).encode() if pair[1] else json.dumps(
+            pair[0], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    deep = {"routing_key": key, "event_action": "trigger", "payload": {
+        "summary": "s", "source": "s", "severity": "critical", "custom_details": []}}
+    for _ in range(40):
+        deep["payload"]["custom_details"] = [deep["payload"]["custom_details"]]
+    return mostly(encoded, st.sampled_from([
+        json.dumps(deep).encode(), b'{"routing_key": "' + key.encode() + b'", "payload": '
+        + b"1" * 5000 + b"}", b'{"routing_key": 1e999999, "event_action": "trigger"}',
+        b'"\\ud83d"', b"[" * 5000]))
+
+
+@pytest.fixture
+def hostile_pager(tmp_path: Path, twilio: TwilioFake, smtp: SMTPSink,
+                  start_pager: Callable[[Path], RunningPager]) -> RunningPager:
+    """A live pager (fake Twilio, aiosmtpd, the directory store) with everything a route can
+    reach switched on: an integration, a heartbeat, live answer, transcripts, /metrics. Pages
+    ring once (a text) and call nobody during a fuzz: ack_timeout is an hour."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, transcribe=True, live_answer={"enabled": True},
+                             heartbeats={HEARTBEAT: {"interval": 3600}},
+                             escalation={"ack_timeout": 3600, "call_attempts": 1}))
+    with_integration(store)
+    config = with_metrics_token(write_config(tmp_path, "file:var",
+                                             api_base_url=twilio.base_url))
+    return start_pager(config)
+
+
+def quiet_state(store: op.Store, timeout: float = 10.0) -> dict[str, bytes]:
+    """The store once the pager is done with what it was asked (no delivery pending, nothing
+    written for a moment): what a rejected request must leave as it is. Fails naming the
+    deliveries still pending, with their errors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = store_state(store)
+        pending = [f"{key} {channel}: {delivery.get('last_error')}"
+                   for key, data in state.items() if key.startswith(("pages/", "jobs/"))
+                   for channel, delivery in json.loads(data).get("deliveries", {
+                       "job": json.loads(data)}).items()
+                   if isinstance(delivery, dict) and delivery.get("state") == "pending"]
+        if not pending:
+            time.sleep(0.05)
+            if store_state(store) == state:
+                return state
+        elif time.monotonic() > deadline:
+            pytest.fail("deliveries still pending: " + "; ".join(pending)[:2000])
+
+
+def answer_problems(method: str, target: str, status: int, text: str, content_type: str
+                    ) -> list[str]:
+    """What is wrong with one answer: a 5xx, a traceback, TwiML that is not XML."""
+    where = f"{method} {target[:120]!r}: {status}"
+    if status >= 500 and KEY_LOOKUP_LIMITED not in text:
+        return [f"{where} {text[:200]!r}"]
+    if "Traceback" in text:
+        return [f"{where} traceback"]
+    if content_type.startswith("text/xml") and text:
+        try:
+            parse_twiml(text)
+        except Exception as e:
+            return [f"{where} TwiML not XML ({e}): {text[:300]!r}"]
+    return []
+
+
+def page_call_problems(pager: RunningPager, store: op.Store) -> list[str]:
+    """Every page's call TwiML (/oncall/answer) and the team's STATUS reply, as XML."""
+    problems = []
+    for key in store.list("pages/"):
+        path = f"/oncall/answer?page={key.removeprefix('pages/').removesuffix('.json')}"
+        status, text = pager.post(path, {"CallSid": "CA" + uuid.uuid4().hex, "To": ALICE,
+                                         "From": PAGER_PHONE, "AccountSid": ACCOUNT_SID})
+        problems += answer_problems("POST", path, status, text, "text/xml")
+    status, text = pager.post("/msgcontrol/entry", sms_params(ALICE, "STATUS"))
+    return problems + answer_problems("POST", "STATUS", status, text, "text/xml")
+
+
+def send(pager: RunningPager, method: str, target: str, body: bytes, headers: dict[str, str]
+         ) -> tuple[int, str, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", pager.server.effective_port,
+                                            timeout=15)
+    try:
+        connection.request(method, target, body=body or None, headers=headers)
+        answer = connection.getresponse()
+        return (answer.status, answer.read().decode("utf-8", "replace"),
+                answer.getheader("Content-Type", ""))
+    finally:
+        connection.close()
+
+
+def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
+        hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """SPEC 19: a property-based fuzz of /v2/enqueue. Any JSON, any string (lone surrogates
+    as escapes and as raw bytes, noncharacters, controls), numbers of any size, deep
+    nesting: never a 5xx; a refused event leaves the store as it was; every page opened is
+    delivered (its SMS at Twilio, its e-mail at the SMTP server: nothing pending, nothing that
+    cannot travel), its call's TwiML and the STATUS reply are XML."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    pager, store = hostile_pager, hostile_pager.store
+    problems: list[str] = []
+    statuses: list[int] = []
+
+    @settings(max_examples=60, deadline=None, database=None,
+              phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+    @given(body=event_bodies(ALERTMANAGER_KEY))
+    def probe(body: bytes) -> None:
+        before = quiet_state(store)
+        status, text, content_type = send(pager, "POST", "/v2/enqueue", body,
+                                          {"Content-Type": "application/json"})
+        problems.extend(answer_problems("POST", repr(body[:200]), status, text, content_type))
+        statuses.append(status)
+        assert content_type == "application/json" or KEY_LOOKUP_LIMITED in text, text
+        if 400 <= status < 500:
+            assert quiet_state(store) == before, body[:300]
+        elif status == 202:
+            assert quiet_state(store) is not None  # every delivery done, none pending
+
+    probe()
+    problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+    assert statuses.count(202) >= 10 and len(store.list("pages/")) >= 5, statuses
