@@ -6705,9 +6705,11 @@ def hostile_texts(surrogates: bool) -> Any:
     UTF-8 form) lone surrogates."""
     from hypothesis import strategies as st
 
-    junk = [c for c in HOSTILE_CHARACTERS if surrogates or not "\ud800" <= c <= "\udfff"]
-    alphabet = st.one_of(st.sampled_from(junk), st.characters(), st.sampled_from("ab 1"))
-    return st.one_of(st.text(alphabet, max_size=24),
+    junk = st.sampled_from([c for c in HOSTILE_CHARACTERS
+                            if surrogates or not "\ud800" <= c <= "\udfff"])
+    return st.one_of(st.text(junk, min_size=1, max_size=8),
+                     st.text(st.one_of(junk, st.characters(), st.sampled_from("ab 1")),
+                             max_size=24),
                      st.sampled_from(["", "Disk full", "ACME CORP", "STATUS", "ACK 1", "]]>"]))
 
 
@@ -6741,10 +6743,14 @@ def event_bodies(key: str) -> Any:
     # mostly something said around the junk, so that most events are valid and open pages
     said = mostly(st.tuples(st.sampled_from(["Disk full ", "db1 "]), text).map("".join), text,
                   odds=5)
+    ringing = {"routing_key": key, "event_action": "trigger", "payload": {
+        "summary": "Disk \ud83d full \ufffe", "source": "db1\x00\uffff", "severity": "critical"},
+        "dedup_key": "half \udc00 an emoji", "links": [{"href": "\ud83d", "\ud83d": "x"}]}
     link = st.fixed_dictionaries({"href": text}, optional={"text": text})
     payload = st.fixed_dictionaries(
         {"summary": said, "source": said,
-         "severity": mostly(st.sampled_from(op.SEVERITIES), text)},
+         "severity": mostly(st.sampled_from(["critical", "error", "critical", "warning",
+                                             "info"]), text)},
         optional={"component": text, "group": text, "class": text, "custom_details": anything,
                   "timestamp": mostly(st.just("2026-12-02T17:00:00Z"), text)})
     event = st.fixed_dictionaries(
@@ -6764,8 +6770,9 @@ def event_bodies(key: str) -> Any:
     for _ in range(40):
         deep["payload"]["custom_details"] = [deep["payload"]["custom_details"]]
     return mostly(encoded, st.sampled_from([
-        json.dumps(deep).encode(), b'{"routing_key": "' + key.encode() + b'", "payload": '
-        + b"1" * 5000 + b"}", b'{"routing_key": 1e999999, "event_action": "trigger"}',
+        json.dumps(ringing).encode(), json.dumps(deep).encode(),
+        b'{"routing_key": "' + key.encode() + b'", "payload": ' + b"1" * 5000 + b"}",
+        b'{"routing_key": 1e999999, "event_action": "trigger"}',
         b'"\\ud83d"', b"[" * 5000]))
 
 
