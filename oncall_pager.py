@@ -4811,6 +4811,12 @@ def signed_url(cfg: AppConfig, environ: dict) -> str:
     return cfg.public_url.rstrip("/") + raw
 
 
+def tried_query(tried: list[str]) -> str:
+    """`tried=alice,bob` for the next callback URL, quoted: an id is text, and TwiML's
+    URLs must stay URLs (and XML)."""
+    return urllib.parse.urlencode({"tried": ",".join(tried)}, safe=",")
+
+
 def twiml(response: Any) -> Response:
     return Response(200, str(response))
 
@@ -5079,7 +5085,7 @@ class WebApp:
             return twiml(voice)
         target = targets[0]
         settings = live_settings(doc)
-        query = self.caller_query(request) + "&tried=" + ",".join([*tried, target["id"]])
+        query = self.caller_query(request) + "&" + tried_query([*tried, target["id"]])
         if not tried:
             voice.say("Connecting you to the on-call engineer. Please hold.", **said)
         dial = voice.dial(caller_id=doc["current_config"]["pager_phone"],
@@ -5095,7 +5101,9 @@ class WebApp:
         return twiml(voice)
 
     def live_tried(self, request: Request) -> list[str]:
-        return [m for m in request.query.get("tried", "").split(",") if m][:10]
+        """Who was rung already, from the pager's own URL: cleaned all the same (a signed
+        request can carry anything there)."""
+        return [m for m in map(clean_text, request.query.get("tried", "").split(",")) if m][:10]
 
     def public_screen(self, request: Request) -> Response:
         """The engineer's leg, before it is connected: who calls, and 1 to accept. No key
@@ -5151,7 +5159,7 @@ class WebApp:
         query = self.caller_query(request)
         tried = tried if tried is not None else self.live_tried(request)  # a second chance
         if tried:
-            query += "&tried=" + ",".join(tried)
+            query += "&" + tried_query(tried)
         doc = self.voice_config()
         transcribe = bool((doc or {}).get("current_config", {}).get("transcribe"))
         voice.record(action=self.cfg.url("/public/afterrec?" + query
@@ -5232,8 +5240,7 @@ class WebApp:
                 self.pager.live_recorded(query["call"], sid, url, seconds)
                 return empty_messaging()
             self.pager.open_page(sid, "voicemail", caller, call_sid, url, seconds,
-                                 live_tried=[m for m in query.get("tried", "").split(",")
-                                             if m][:10] or None)
+                                 live_tried=self.live_tried(request) or None)
         elif status in ("absent", "failed"):
             if not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
                 raise HTTPError(400, "CallSid is not a call sid")

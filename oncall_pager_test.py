@@ -6708,7 +6708,9 @@ def hostile_texts(surrogates: bool) -> Any:
     junk = st.sampled_from([c for c in HOSTILE_CHARACTERS
                             if surrogates or not "\ud800" <= c <= "\udfff"])
     return st.one_of(st.text(junk, min_size=1, max_size=8),
-                     st.text(st.one_of(junk, st.characters(), st.sampled_from("ab 1")),
+                     st.text(st.one_of(junk, st.characters(codec=None if surrogates
+                                                           else "utf-8"),
+                                       st.sampled_from("ab 1")),
                              max_size=24),
                      st.sampled_from(["", "Disk full", "ACME CORP", "STATUS", "ACK 1", "]]>"]))
 
@@ -6885,3 +6887,105 @@ def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
     problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
     assert problems == [], "\n".join(problems)
     assert statuses.count(202) >= 10 and len(store.list("pages/")) >= 5, statuses
+
+
+def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refusals_change_nothing(
+        hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """SPEC 19, the abuse fuzz covers every route: each route of the module's table (a new
+    one is in it by itself), Twilio's signed as Twilio signs them, with hostile text in the
+    caller's fields (CallerName, FromCity, FromState, From, Body, TranscriptionText, Digits)
+    and in the query the pager's own URLs carry them in; the Events API, heartbeats, /metrics
+    and /healthz with hostile bodies, names and keys. Never a 5xx; every TwiML answer is XML;
+    a refused (4xx) request leaves the store as it was; every page is delivered, its call's
+    TwiML is XML, and every text and e-mail sent can travel. Lone surrogates cannot be in a
+    UTF-8 form: such a body is a 400 (test_garbage_bodies_never_give_a_500)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    pager, store = hostile_pager, hostile_pager.store
+    text = hostile_texts(surrogates=False)
+    key_text = st.text(alphabet="0f-_ aZ", max_size=12)  # what an HTTP header can hold
+    problems: list[str] = []
+    statuses: dict[str, list[int]] = {}
+
+    def page_ids(prefix: str = "") -> list[str]:
+        return [k.removeprefix("pages/").removesuffix(".json")
+                for k in store.list("pages/" + prefix)]
+
+    def twilio_request(data: Any, path: str) -> tuple[str, bytes, dict[str, str]]:
+        """A signed form and query with hostile text in every field a caller sets."""
+        # drawn alike whatever the store holds (hypothesis replays the draws)
+        voicemails, pages, pick = page_ids("RE"), page_ids() or ["x"], data.draw(
+            st.integers(0, 999))
+        recording = voicemails[pick % len(voicemails)] if voicemails and data.draw(
+            st.booleans()) else new_sid("RE")
+        twilio.add_recording(recording, RECORDING)
+        call_sid = new_sid("CA")
+        caller = data.draw(st.one_of(st.sampled_from([CALLER, ALICE, BOB]), text))
+        form = {
+            "AccountSid": ACCOUNT_SID, "CallSid": call_sid, "MessageSid": new_sid("SM"),
+            "From": caller, "To": data.draw(st.sampled_from([PAGER_PHONE, FROM_PHONE, ALICE])),
+            "Body": data.draw(st.one_of(st.sampled_from(
+                ["STATUS", "WHO", "ACK", "ACK 1", "TAKE", "HALP", "NEXT", "LOOK"]), text)),
+            "CallerName": data.draw(text), "FromCity": data.draw(text),
+            "FromState": data.draw(text),
+            "Digits": data.draw(st.one_of(st.sampled_from(["1", "2"]), text)),
+            "RecordingSid": recording, "RecordingUrl": twilio.recording_url(recording),
+            "RecordingStatus": data.draw(st.sampled_from(["completed", "absent"])),
+            "RecordingDuration": "5",
+            "TranscriptionStatus": data.draw(st.sampled_from(["completed", "failed"])),
+            "TranscriptionText": data.draw(text),
+            "MessageStatus": data.draw(st.sampled_from(["failed", "undelivered", "sent"])),
+            "ErrorCode": data.draw(st.sampled_from(["30003", "30005", ""])),
+            "CallStatus": data.draw(st.sampled_from(["no-answer", "completed", "busy"]))}
+        query = {"caller": caller, "name": data.draw(text), "city": data.draw(text),
+                 "state": data.draw(text), "call": call_sid,
+                 "member": data.draw(st.one_of(st.sampled_from(["alice", "bob"]), text)),
+                 "tried": data.draw(st.one_of(st.just("alice"), text)),
+                 "page": data.draw(st.one_of(st.just(pages[pick % len(pages)]), text)),
+                 "step": "0", "channel": "mms"}
+        query = {k: v for k, v in query.items() if data.draw(st.booleans())}
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"Content-Type": "application/x-www-form-urlencoded",
+                   "X-Twilio-Signature": sign(pager.cfg.public_url, target, form)}
+        return target, urllib.parse.urlencode(form).encode(), headers
+
+    def other_request(data: Any, path: str, method: str) -> tuple[str, bytes, dict[str, str]]:
+        """A monitoring tool's request: a hostile name in the path, a key or token that
+        may be right, a hostile event as the body."""
+        name = data.draw(st.one_of(st.just(HEARTBEAT), text))
+        path = path.replace("*", urllib.parse.quote(name, safe="") or "x")
+        key = data.draw(st.one_of(st.sampled_from([ALERTMANAGER_KEY, METRICS_TOKEN]), key_text))
+        headers = {"Content-Type": "application/json"}
+        if data.draw(st.booleans()):
+            headers["Authorization"] = f"Bearer {key}"
+        elif data.draw(st.booleans()):
+            path += "?" + urllib.parse.urlencode({"key": key})
+        body = b"" if method in ("GET", "HEAD") else data.draw(event_bodies(ALERTMANAGER_KEY))
+        return path, body, headers
+
+    def probe_route(pattern: str, route: op.Route) -> None:
+        @settings(max_examples=4, deadline=None, database=None,
+                  phases=(Phase.explicit, Phase.generate),
+                  suppress_health_check=list(HealthCheck))
+        @given(data=st.data())
+        def probe(data: Any) -> None:
+            method = data.draw(st.sampled_from(route.methods))
+            before = quiet_state(store)
+            target, body, headers = (twilio_request(data, pattern) if route.signed
+                                     else other_request(data, pattern, method))
+            status, answer, content_type = send(pager, method, target, body, headers)
+            statuses.setdefault(pattern, []).append(status)
+            problems.extend(answer_problems(method, target, status, answer, content_type))
+            if 400 <= status < 500:
+                assert quiet_state(store) == before, (method, target, body[:300], status)
+
+        probe()
+
+    for pattern, route in op.ROUTES.items():
+        probe_route(pattern, route)
+    quiet_state(store)  # every delivery done
+    problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+    assert set(statuses) == set(op.ROUTES)
+    assert [k for k in store.list("pages/") if k.startswith("pages/RE")], statuses
