@@ -270,6 +270,13 @@ def clean_json(value: object) -> object:
     return value
 
 
+def whole_number(text: str, digits: int = 9) -> int | None:
+    """A whole number as a request spells it (a duration, a step, an error code, a page
+    number): ASCII digits, at most `digits` of them; else None. `str.isdigit` also says yes
+    to "²", and int() refuses more than 4,300 digits: either was a 500."""
+    return int(text) if text.isascii() and text.isdecimal() and len(text) <= digits else None
+
+
 PLAIN_LOG_VALUE = re.compile(r"[\w./:@+\-,%]{1,200}", re.ASCII)
 
 
@@ -3245,7 +3252,8 @@ class Pager:
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
         if args and args[0].isdecimal() and args[0].isascii():
-            page = self.page_by_number(int(args[0]))
+            number = whole_number(args[0])
+            page = self.page_by_number(number) if number is not None else None
             if page is None:
                 return f"There is no recent page {args[0]}."
             targets = [page]
@@ -5201,7 +5209,7 @@ class WebApp:
         from twilio.twiml.voice_response import VoiceResponse
 
         duration = request.form.get("RecordingDuration", "0")
-        seconds = int(duration) if duration.isdigit() else 0
+        seconds = whole_number(duration) or 0
         if seconds > 0 and request.form.get("RecordingUrl"):
             team = team_name(self.voice_config() or {"current_config": {}})
             who = f"the {team} on-call engineer" if team else "the on-call engineer"
@@ -5235,7 +5243,7 @@ class WebApp:
                     self.pager.open_page(call_sid, "missed", caller, call_sid)
                 raise HTTPError(400, "recording URL is not one of this account's recordings")
             duration = form.get("RecordingDuration", "0")
-            seconds = int(duration) if duration.isdigit() else 0
+            seconds = whole_number(duration) or 0
             if query.get("live") == "1" and PAGE_ID.fullmatch(query.get("call", "")):
                 self.pager.live_recorded(query["call"], sid, url, seconds)
                 return empty_messaging()
@@ -5255,7 +5263,7 @@ class WebApp:
         form, query = request.form, request.query
         status = form["MessageStatus"]
         code_text = form.get("ErrorCode", "")
-        code = int(code_text) if code_text.isdecimal() and code_text.isascii() else None
+        code = whole_number(code_text)
         page_id, channel = query.get("page", ""), query.get("channel", "mms")
         log.info("event=text.status page=%s channel=%s job=%s status=%s code=%s",
                  log_value(page_id, 40), log_value(channel, 60),
@@ -5366,11 +5374,11 @@ class WebApp:
     def oncall_callstatus(self, request: Request) -> Response:
         page = self.page_for(request)
         status = request.form["CallStatus"]
-        step = request.query.get("step", "")
+        step = whole_number(request.query.get("step", ""))
         log.info("event=call.status page=%s status=%s", (page or {}).get("id"),
                  log_value(status))
-        if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
-            self.pager.call_unanswered(page["id"], int(step))
+        if page and status in ("busy", "no-answer", "failed", "canceled") and step is not None:
+            self.pager.call_unanswered(page["id"], step)
         return empty_messaging()
 
     # --- alerts from monitoring: not Twilio's routes, the routing key is the credential ------
