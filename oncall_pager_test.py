@@ -4334,9 +4334,15 @@ def test_fuzz_every_route_never_500_and_nothing_changes_without_a_valid_signatur
             connection.request(method, target, body=body, headers=headers)
             answer = connection.getresponse()
             status, text = answer.status, answer.read().decode("utf-8", "replace")
+            content_type = answer.getheader("Content-Type", "")
         finally:
             connection.close()
         assert status != 500 and "Traceback" not in text, (status, text)
+        # every TwiML answer is XML (SPEC 19); the one 5xx left is waitress's own 501 for a
+        # Transfer-Encoding it does not implement, before the app is asked
+        assert status < 500 or "Transfer-Encoding requested" in text, (status, text)
+        assert status >= 500 or answer_problems(method, target, status, text,
+                                                content_type) == []
         if not valid:
             pager.worker.scan()
             assert store_state(store) == before, (method, target, form, signing)
