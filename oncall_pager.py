@@ -252,6 +252,8 @@ def clean_text(value: str) -> str:
     nothing: it is "", so a field made only of controls or junk counts as missing."""
     if not value:
         return value
+    if value.isascii() and value.isprintable():  # most text: nothing to replace (fast)
+        return value.strip()
     cleaned = UNCARRIED.sub(REPLACEMENT, CONTROL_CHARACTERS.sub(" ", value)).strip()
     return cleaned if cleaned.strip(" " + REPLACEMENT) else ""
 
