@@ -3257,7 +3257,7 @@ class Pager:
             number = whole_number(args[0])
             page = self.page_by_number(number) if number is not None else None
             if page is None:
-                return f"There is no recent page {args[0]}."
+                return f"There is no recent page {args[0][:12]}."
             targets = [page]
         else:
             recent = self.recent_pages(fresh=False, skip_quiet=True)
