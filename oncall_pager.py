@@ -251,12 +251,51 @@ def backoff(attempts: int, base: float, cap: float) -> float:
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
 
 
+# What XML 1.0 (its Char production) or UTF-8 cannot carry: lone surrogates (a JSON "\ud83d",
+# half an emoji that a JavaScript monitor cut) and U+FFFE, U+FFFF; with them the other
+# noncharacters (U+FDD0-U+FDEF, the last two code points of every plane), which no sender
+# means as text. One of them in a summary made its SMS fail (UnicodeEncodeError) and its
+# call's TwiML not XML.
+UNCARRIED = re.compile("[\ud800-\udfff\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+REPLACEMENT = "\ufffd"
+
+
 def clean_text(value: str) -> str:
-    """Caller-supplied text (CallerName, FromCity, an SMS Body ...) as it may travel on: every
-    run of control characters becomes one space. Applied where the text enters the program,
-    so no e-mail header, SMS, TwiML or log line downstream can be split by it. A space, not
-    nothing: "+1919555\\x001002" must not turn into a member's phone number."""
-    return CONTROL_CHARACTERS.sub(" ", value).strip() if value else value
+    """Text from outside (an alert's summary, CallerName, FromCity, an SMS Body, a transcript
+    ...) as it may travel on: every run of control characters becomes one space, and every
+    character that XML 1.0 or UTF-8 cannot carry becomes U+FFFD. Applied once, where the
+    text enters the program, so no e-mail, SMS, TwiML, log line or CLI listing downstream
+    can be split or broken by it. A space, not nothing: "+1919555\\x001002" must not turn
+    into a member's phone number. What is left with nothing but spaces and U+FFFD says
+    nothing: it is "", so a field made only of controls or junk counts as missing."""
+    if not value:
+        return value
+    if value.isascii() and value.isprintable():  # most text: nothing to replace (fast)
+        return value.strip()
+    cleaned = UNCARRIED.sub(REPLACEMENT, CONTROL_CHARACTERS.sub(" ", value)).strip()
+    return cleaned if cleaned.strip(" " + REPLACEMENT) else ""
+
+
+def clean_json(value: object) -> object:
+    """A JSON value from outside (an alert's custom_details) with every string, keys too,
+    cleared of what XML 1.0 or UTF-8 cannot carry (U+FFFD instead). Controls stay: wherever
+    the value is shown it is shown as JSON, which escapes them. Its nesting is bounded
+    (MAX_NESTING) before it gets here."""
+    if isinstance(value, str):
+        return UNCARRIED.sub(REPLACEMENT, value)
+    if isinstance(value, list):
+        return [clean_json(item) for item in value]
+    if isinstance(value, dict):
+        return {UNCARRIED.sub(REPLACEMENT, key): clean_json(item) for key, item in value.items()}
+    return value
+
+
+def whole_number(text: str, digits: int = 9) -> int | None:
+    """A whole number as a request spells it (a duration, a step, an error code, a page
+    number): ASCII digits, at most `digits` of them; else None. `str.isdigit` also says yes
+    to "²", and int() refuses more than 4,300 digits: either was a 500."""
+    return int(text) if text.isascii() and text.isdecimal() and len(text) <= digits else None
 
 
 PLAIN_LOG_VALUE = re.compile(r"[\w./:@+\-,%]{1,200}", re.ASCII)
@@ -2085,13 +2124,15 @@ def joins(page: dict, now: float) -> bool:
 
 
 def parse_event(event: object) -> tuple[dict, list[str]]:
-    """An Events API v2 event, its text cleaned of control characters, and what is wrong
+    """An Events API v2 event, its text cleaned (clean_text, clean_json), and what is wrong
     with it in PagerDuty's words (empty when nothing is)."""
     if not isinstance(event, dict):
         return {}, ["Event object is invalid"]
     errors = []
 
     def text(value: object, name: str, limit: int, required: bool = False) -> str | None:
+        if isinstance(value, str) and len(value) <= limit:
+            value = clean_text(value)  # only controls, spaces or junk: blank
         if value is None or value == "":
             if required:
                 errors.append(f"'{name}' is missing or blank")
@@ -2099,7 +2140,7 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
         if not isinstance(value, str) or len(value) > limit:
             errors.append(f"'{name}' must be a string of at most {limit} characters")
             return None
-        return clean_text(value)
+        return value
 
     action = event.get("event_action")
     if action not in EVENT_ACTIONS:
@@ -2131,7 +2172,8 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
     alert["severity"] = payload.get("severity")
     if nesting(payload.get("custom_details")) > MAX_NESTING:
         errors.append(f"'payload.custom_details' nests deeper than {MAX_NESTING} levels")
-    alert["custom_details"] = kept_details(payload.get("custom_details"))
+    else:
+        alert["custom_details"] = kept_details(clean_json(payload.get("custom_details")))
     for name in ("client", "client_url"):
         alert[name] = text(event.get(name), name, 1024)
     for name, field in (("links", "href"), ("images", "src")):
@@ -2155,7 +2197,6 @@ DETAILS_CUT = "…cut at 8 KiB"
 KEPT_LINKS = 10  # links, and images
 KEPT_LINK_TEXT = 2048  # characters of each of their fields (PagerDuty's, the rest dropped)
 LINK_FIELDS = {"links": ("href", "text"), "images": ("src", "href", "alt")}
-SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def kept_details(details: object) -> object:
@@ -2166,7 +2207,7 @@ def kept_details(details: object) -> object:
     if details is None:
         return None
     text = json.dumps(details, separators=(",", ":"), ensure_ascii=False)
-    data = SURROGATES.sub("\ufffd", text).encode()  # (UTF-8 cannot carry a lone surrogate)
+    data = text.encode()  # cleaned before (clean_json): every character travels in UTF-8
     if len(data) <= KEPT_DETAILS:
         return details
     room = KEPT_DETAILS - len(DETAILS_CUT.encode())
@@ -3766,9 +3807,10 @@ class Pager:
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
         if args and args[0].isdecimal() and args[0].isascii():
-            page = self.page_by_number(int(args[0]))
+            number = whole_number(args[0])
+            page = self.page_by_number(number) if number is not None else None
             if page is None:
-                return f"There is no recent page {args[0]}."
+                return f"There is no recent page {args[0][:12]}."
             targets = [page]
         else:
             recent = self.recent_pages(fresh=False, skip_quiet=True)
@@ -5502,6 +5544,12 @@ def signed_url(cfg: AppConfig, environ: dict) -> str:
     return cfg.public_url.rstrip("/") + raw
 
 
+def tried_query(tried: list[str]) -> str:
+    """`tried=alice,bob` for the next callback URL, quoted: an id is text, and TwiML's
+    URLs must stay URLs (and XML)."""
+    return urllib.parse.urlencode({"tried": ",".join(tried)}, safe=",")
+
+
 def twiml(response: Any) -> Response:
     return Response(200, str(response))
 
@@ -5804,7 +5852,7 @@ class WebApp:
             return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT if tried
                                        else LIVE_HELD_TEXT, tried)
         settings = live_settings(doc)
-        query = self.caller_query(request) + "&tried=" + ",".join([*tried, target["id"]])
+        query = self.caller_query(request) + "&" + tried_query([*tried, target["id"]])
         if not tried:
             voice.say("Connecting you to the on-call engineer. Please hold.", **said)
         dial = voice.dial(caller_id=doc["current_config"]["pager_phone"],
@@ -5820,7 +5868,9 @@ class WebApp:
         return twiml(voice)
 
     def live_tried(self, request: Request) -> list[str]:
-        return [m for m in request.query.get("tried", "").split(",") if m][:10]
+        """Who was rung already, from the pager's own URL: cleaned all the same (a signed
+        request can carry anything there)."""
+        return [m for m in map(clean_text, request.query.get("tried", "").split(",")) if m][:10]
 
     def public_screen(self, request: Request) -> Response:
         """The engineer's leg, before it is connected: who calls, and 1 to accept. No key
@@ -5887,7 +5937,7 @@ class WebApp:
         query = self.caller_query(request)
         tried = tried if tried is not None else self.live_tried(request)  # a second chance
         if tried:
-            query += "&tried=" + ",".join(tried)
+            query += "&" + tried_query(tried)
         doc = self.voice_config()
         transcribe = bool((doc or {}).get("current_config", {}).get("transcribe"))
         voice.record(action=self.cfg.url("/public/afterrec?" + query
@@ -5929,7 +5979,7 @@ class WebApp:
         from twilio.twiml.voice_response import VoiceResponse
 
         duration = request.form.get("RecordingDuration", "0")
-        seconds = int(duration) if duration.isdigit() else 0
+        seconds = whole_number(duration) or 0
         if seconds > 0 and request.form.get("RecordingUrl"):
             team = team_name(self.voice_config() or {"current_config": {}})
             who = f"the {team} on-call engineer" if team else "the on-call engineer"
@@ -5963,13 +6013,12 @@ class WebApp:
                     self.pager.open_page(call_sid, "missed", caller, call_sid)
                 raise HTTPError(400, "recording URL is not one of this account's recordings")
             duration = form.get("RecordingDuration", "0")
-            seconds = int(duration) if duration.isdigit() else 0
+            seconds = whole_number(duration) or 0
             if query.get("live") == "1" and PAGE_ID.fullmatch(query.get("call", "")):
                 self.pager.live_recorded(query["call"], sid, url, seconds)
                 return empty_messaging()
             self.pager.open_page(sid, "voicemail", caller, call_sid, url, seconds,
-                                 live_tried=[m for m in query.get("tried", "").split(",")
-                                             if m][:10] or None)
+                                 live_tried=self.live_tried(request) or None)
         elif status in ("absent", "failed"):
             if not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
                 raise HTTPError(400, "CallSid is not a call sid")
@@ -5984,7 +6033,7 @@ class WebApp:
         form, query = request.form, request.query
         status = form["MessageStatus"]
         code_text = form.get("ErrorCode", "")
-        code = int(code_text) if code_text.isdecimal() and code_text.isascii() else None
+        code = whole_number(code_text)
         page_id, channel = query.get("page", ""), query.get("channel", "mms")
         log.info("event=text.status page=%s channel=%s job=%s status=%s code=%s",
                  log_value(page_id, 40), log_value(channel, 60),
@@ -6097,11 +6146,11 @@ class WebApp:
     def oncall_callstatus(self, request: Request) -> Response:
         page = self.page_for(request)
         status = request.form["CallStatus"]
-        step = request.query.get("step", "")
+        step = whole_number(request.query.get("step", ""))
         log.info("event=call.status page=%s status=%s", (page or {}).get("id"),
                  log_value(status))
-        if page and status in ("busy", "no-answer", "failed", "canceled") and step.isdigit():
-            self.pager.call_unanswered(page["id"], int(step))
+        if page and status in ("busy", "no-answer", "failed", "canceled") and step is not None:
+            self.pager.call_unanswered(page["id"], step)
         return empty_messaging()
 
     # --- alerts from monitoring: not Twilio's routes, the routing key is the credential ------
@@ -6151,7 +6200,7 @@ class WebApp:
         """`POST /heartbeat/NAME` with any integration's routing key (`Authorization: Bearer
         KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong one, 404 for a heartbeat
         the config does not name."""
-        name = request.path.removeprefix("/heartbeat/")
+        name = clean_text(request.path.removeprefix("/heartbeat/"))
         bearer = request.authorization.partition(" ")
         key = (bearer[2].strip() if bearer[0].lower() == "bearer"
                else request.query.get("key", ""))
@@ -6935,8 +6984,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def vcard_text(value: str) -> str:
-    """A vCard 3.0 text value: backslash, comma and semicolon escaped (RFC 2426)."""
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+    """A vCard 3.0 text value: backslash, comma and semicolon escaped, a line break written
+    as \\n (RFC 2426 5.8.4, RFC 6350 3.4), so a team name cannot add a line or a field to
+    the card; other control characters become spaces."""
+    value = value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+    value = re.sub(r"\r\n|\r|\n", r"\\n", value)
+    return CONTROL_CHARACTERS.sub(" ", value)
 
 
 def cmd_vcard(args: argparse.Namespace) -> int:
@@ -7067,7 +7120,15 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(logging.NullHandler())
         log.propagate = False
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a reader gone (`pages | head`) shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader of our output closed it (`oncall-pager pages | head`): it has what it
+        # wanted. End quietly, as a tool killed by SIGPIPE does (128 + 13), and point stdout
+        # at /dev/null so the interpreter's last flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)

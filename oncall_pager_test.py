@@ -4336,9 +4336,15 @@ def test_fuzz_every_route_never_500_and_nothing_changes_without_a_valid_signatur
             connection.request(method, target, body=body, headers=headers)
             answer = connection.getresponse()
             status, text = answer.status, answer.read().decode("utf-8", "replace")
+            content_type = answer.getheader("Content-Type", "")
         finally:
             connection.close()
         assert status != 500 and "Traceback" not in text, (status, text)
+        # every TwiML answer is XML (SPEC 19); the one 5xx left is waitress's own 501 for a
+        # Transfer-Encoding it does not implement, before the app is asked
+        assert status < 500 or "Transfer-Encoding requested" in text, (status, text)
+        assert status >= 500 or answer_problems(method, target, status, text,
+                                                content_type) == []
         if not valid:
             pager.worker.scan()
             assert store_state(store) == before, (method, target, form, signing)
@@ -7586,3 +7592,539 @@ def test_a_lasting_config_problem_is_logged_once_a_minute_not_once_a_request(
         requests += 1
     told = [r for r in caplog.records if "event=config.problem" in r.getMessage()]
     assert requests > 20 and 2 <= len(told) <= 3, (requests, len(told))
+
+
+# ==============================================================================================
+# === Section 19: text that cannot travel, the abuse fuzz over every route, small ones ===
+# ==============================================================================================
+
+# What a JavaScript monitor makes when it cuts an emoji in half, and a noncharacter: neither
+# UTF-8 nor XML 1.0 can carry them.
+JUNK = {"surrogate": "\ud83d", "noncharacter": "\ufffe"}
+
+
+def carries(text: str) -> bool:
+    """Whether a text can travel: it encodes as UTF-8 and holds nothing XML 1.0 refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return re.search(NOT_XML, text) is None
+
+
+# Outside XML 1.0's Char production, and the noncharacters: written out here, apart from the
+# module's own list, so the test does not take the module's word for it.
+NOT_XML = ("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+           + "".join(chr(p * 0x10000 + 0xFFFE) + chr(p * 0x10000 + 0xFFFF)
+                     for p in range(1, 17)) + "]")
+
+
+def parse_twiml(text: str) -> Any:
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(text)
+
+
+def sent_problems(twilio: TwilioFake, smtp: SMTPSink) -> list[str]:
+    """Every SMS the fake Twilio took and every e-mail aiosmtpd took, that could not travel."""
+    problems = [f"sms {m.params['Body'][0]!r}" for m in twilio.messages()
+                if not carries(m.params["Body"][0])]
+    for mail in smtp.messages:
+        raw = mail.as_bytes()
+        text = f"{mail['Subject']}\n{mail.get_body(('plain',)).get_content()}"
+        if not carries(raw.decode("utf-8", "surrogateescape")) or not carries(text):
+            problems.append(f"e-mail {mail['Subject']!r}")
+    return problems
+
+
+@pytest.mark.parametrize("junk", JUNK.values(), ids=JUNK.keys())
+def test_an_alert_with_text_that_cannot_travel_is_texted_e_mailed_called_and_listed_with_u_fffd(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink, junk: str) -> None:
+    """SPEC 19, text that cannot travel: the summary, source, a link's text and
+    custom_details hold the junk (as JSON escapes, as a monitor sends it). Every channel
+    carries U+FFFD in its place: the SMS reaches Twilio (it failed with UnicodeEncodeError
+    and was retried all day), the e-mail is sent (it was given up), the call's TwiML is XML
+    (Twilio played an application error), STATUS and ACK answer, `pages` lists it."""
+    with_integration(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1,
+                                                 "escalate_to": []})
+    event = alertmanager_event()
+    event["payload"].update(summary=f"Disk {junk} full", source=f"db1{junk}",
+                            custom_details={f"note{junk}": f"half an emoji {junk}"})
+    event["links"][0]["text"] = f"Runbook{junk}"
+    problems = []
+    status, answer = post_event(s3_pager, event)
+    assert status == 202, answer
+    if not twilio.wait_for(lambda: messages_to(twilio, ALICE), 5):
+        problems.append("no SMS reached Twilio")
+    elif messages_to(twilio, ALICE) != ["Page 1 [critical] Disk \ufffd full (db1\ufffd). "
+                                        "Reply ACK 1 to acknowledge."]:
+        problems.append(f"SMS: {messages_to(twilio, ALICE)!r}")
+    if not twilio.wait_for(lambda: bool(smtp.messages), 5):
+        problems.append("no e-mail was sent")
+    else:
+        mail = smtp.messages[0]
+        body = mail.get_content()
+        if mail["Subject"] != "[critical] Disk \ufffd full (db1\ufffd)" or \
+                "Runbook\ufffd" not in body or "half an emoji \\ufffd" not in body:
+            problems.append(f"e-mail: {mail['Subject']!r} {body!r}")
+    if not twilio.wait_for(lambda: calls_to(twilio, ALICE), 5):
+        problems.append("no call")
+    else:
+        _, text = twilio.post_callback(calls_to(twilio, ALICE)[0].params["Url"][0], {
+            "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+            "AccountSid": ACCOUNT_SID})
+        try:
+            said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+            if "a critical alert from db1\ufffd: Disk \ufffd full." not in said:
+                problems.append(f"call says {said!r}")
+        except Exception as e:
+            problems.append(f"call TwiML is not XML: {e} {text!r}")
+    for command, expected in (("STATUS", "Disk \ufffd full"), ("ACK 1", "acknowledged")):
+        status, text = s3_pager.post("/msgcontrol/entry", sms_params(ALICE, command))
+        try:
+            reply = "".join(parse_twiml(text).itertext())
+            if status != 200 or expected not in reply:
+                problems.append(f"{command}: {status} {reply!r}")
+        except Exception as e:
+            problems.append(f"{command}: {status}, reply not XML: {e} {text!r}")
+    listing = run_cli("pages", "-c", str(s3_pager.config_path))
+    if listing.returncode != 0 or "Disk \ufffd full" not in listing.stdout:
+        problems.append(f"pages: exit {listing.returncode} {listing.stderr[-300:]!r}")
+    problems += sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+
+
+def test_a_dedup_key_with_a_lone_surrogate_triggers_and_resolves_instead_of_a_500(
+        s3_pager: RunningPager) -> None:
+    """It answered 500 (the page id is a hash of the key's UTF-8); cleaned where it enters,
+    the trigger and the resolve that repeats the key meet on the same page."""
+    with_integration(s3_pager.store)
+    for action in ("trigger", "resolve", "acknowledge"):
+        status, answer = post_event(s3_pager, alertmanager_event(action, dedup_key="k\udc00"))
+        assert (status, answer["dedup_key"]) == (202, "k\ufffd"), (action, answer)
+    (page,) = alert_pages(s3_pager.store)
+    assert page["state"] == "resolved"
+
+
+@pytest.mark.parametrize("summary", ["\x00\x01\x1b", "\u202e\u2028\x85", "  \t ", "\ud83d",
+                                     "\ufffe\uffff", "\ufffd \udc00"])
+def test_a_summary_of_controls_or_junk_only_is_a_400_and_changes_nothing(
+        file_pager: RunningPager, summary: str) -> None:
+    """SPEC 19, small ones: a field that is empty once cleaned is missing, as PagerDuty says
+    of a blank one; before, the page went out with an empty summary."""
+    with_integration(file_pager.store)
+    before = store_state(file_pager.store)
+    event = alertmanager_event()
+    event["payload"]["summary"] = summary
+    status, answer = post_event(file_pager, event)
+    assert (status, answer["errors"]) == (400, ["'payload.summary' is missing or blank"])
+    assert store_state(file_pager.store) == before
+
+
+def test_caller_fields_with_a_noncharacter_reach_the_engineer_as_u_fffd(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """Caller-ID names come from the phone network: U+FFFE in CallerName made the page
+    call's TwiML (and the live screening whisper) not XML."""
+    set_team(s3_pager.store, escalation={"ack_timeout": 1, "call_attempts": 1,
+                                         "escalate_to": []})
+    call = call_params(CallerName="ACME\ufffeCORP", FromCity="RAL\uffffEIGH")
+    leave_voicemail(s3_pager, twilio, call=call)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert "from ACME\ufffdCORP <" in messages_to(twilio, ALICE)[0]
+    assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5)
+    _, text = twilio.post_callback(calls_to(twilio, ALICE)[0].params["Url"][0], {
+        "CallSid": "CA" + uuid.uuid4().hex, "To": ALICE, "From": PAGER_PHONE,
+        "AccountSid": ACCOUNT_SID})
+    said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+    assert "voicemail from ACME\ufffdCORP <+15551230000>." in said
+    query = urllib.parse.urlencode({"caller": CALLER, "name": "ACME\ufffeCORP",
+                                    "call": call["CallSid"], "member": "alice"})
+    status, text = s3_pager.post(f"/public/screen?{query}", call_params())
+    said = " ".join(e.text or "" for e in parse_twiml(text).iter("Say"))
+    assert status == 200 and "from ACME\ufffdCORP <+15551230000>" in said
+    wait_until(lambda: smtp.messages, 5)
+    assert sent_problems(twilio, smtp) == []
+
+
+def test_vcard_escapes_a_team_name_that_would_add_lines_or_fields(file_cli: Cli, tmp_path: Path
+                                                                  ) -> None:
+    """SPEC 19, small ones: a newline in team_name wrote a line of its own into the card (a
+    second card, a field of the author's choosing). Escaped as RFC 2426 and RFC 6350 say."""
+    doc = cli_team()
+    doc["current_config"]["team_name"] = "Ops\r\nEND:VCARD\nBEGIN:VCARD\rTEL:+15550001;x,y\\"
+    put_team(file_cli.store, doc)
+    out = tmp_path / "pager.vcf"
+    result = file_cli.run("vcard", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_bytes().decode().split("\r\n")
+    name = "Ops\\nEND:VCARD\\nBEGIN:VCARD\\nTEL:+15550001\\;x\\,y\\\\ pager"
+    assert lines[:5] == ["BEGIN:VCARD", "VERSION:3.0", f"FN:{name}", f"N:{name};;;;",
+                         f"ORG:{name.removesuffix(' pager')}"]
+    assert len(lines) == 10 and lines[-2:] == ["END:VCARD", ""]
+    assert not [line for line in lines if "\r" in line or "\n" in line]
+    assert [line for line in lines if line.startswith(("BEGIN", "END", "TEL"))] == [
+        "BEGIN:VCARD", f"TEL;TYPE=CELL,VOICE:{PAGER_PHONE}", f"TEL;TYPE=CELL,MSG:{FROM_PHONE}",
+        "END:VCARD"]
+
+
+def test_pages_into_a_pipe_closed_early_ends_quietly(file_cli: Cli, tmp_path: Path) -> None:
+    """`oncall-pager pages | head`: the listing is longer than the pipe holds and the reader
+    goes after one line. It ended with a BrokenPipeError traceback; now quietly, with the
+    status of a tool that SIGPIPE ended (141), as `yes | head` does."""
+    done = tmp_path / "var" / "pages-done"
+    done.mkdir(parents=True)
+    for n in range(3000):
+        page_id = f"RE{n:032d}"
+        (done / f"{page_id}.json").write_text(json.dumps({
+            "id": page_id, "number": n + 1, "kind": "voicemail", "duration": 12,
+            "opened": 1764201600 + n, "state": "acknowledged", "acked_by": "alice",
+            "oncall": {"id": "alice"}, "caller": {"number": CALLER, "name": "ACME CORP"},
+            "deliveries": {"mms": {"state": "sent"}, "email": {"state": "sent"}}}))
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "oncall_pager.py"), "pages", "-c", str(file_cli.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # what head does after its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(30) == 141, stderr
+    assert first.startswith(b"#1  2025-11-27 00:00 UTC  acknowledged")
+    assert stderr == ""
+
+
+# --- the abuse fuzz: every route, the Events API, the caller's fields -------------------------
+
+HOSTILE_CHARACTERS = ("\ud83d", "\udc00", "\ufffe", "\uffff", "\ufdd0", "\U0001fffe",
+                      "\U0010ffff", "\x00", "\x08", "\x1b", "\x7f", "\x85", "\u2028", "\u202e",
+                      "\t", "\n", "\r", " ", "\ufffd", "&", "<", ">", "]", '"', "\\", "%", "+",
+                      "é", "\U0001f600")
+# The one 5xx a caller may see here: the once-a-second look-up of unknown routing keys (a
+# refusal for rate; SPEC 19 makes it a 429).
+KEY_LOOKUP_LIMITED = "unknown routing key; try again in a second"
+HEARTBEAT = "nightly"
+
+
+def hostile_texts(surrogates: bool) -> Any:
+    """Text as a hostile or broken sender makes it: controls, noncharacters, XML's own
+    specials, astral characters, and (where the carrier can hold them: JSON escapes, not a
+    UTF-8 form) lone surrogates."""
+    from hypothesis import strategies as st
+
+    junk = st.sampled_from([c for c in HOSTILE_CHARACTERS
+                            if surrogates or not "\ud800" <= c <= "\udfff"])
+    return st.one_of(st.text(junk, min_size=1, max_size=8),
+                     st.text(st.one_of(junk, st.characters(codec=None if surrogates
+                                                           else "utf-8"),
+                                       st.sampled_from("ab 1")),
+                             max_size=24),
+                     st.sampled_from(["", "Disk full", "ACME CORP", "STATUS", "ACK 1", "]]>"]))
+
+
+def json_values() -> Any:
+    """Any JSON value with hostile strings (keys too) and numbers of any size."""
+    from hypothesis import strategies as st
+
+    text = hostile_texts(surrogates=True)
+    return st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(10 ** 300), 10 ** 300), st.floats(),
+                  text),
+        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                st.dictionaries(text, inner, max_size=3)), max_leaves=10)
+
+
+def mostly(usual: Any, other: Any, odds: int = 10) -> Any:
+    """`usual`, and once in `odds` times `other` (st.one_of would pick each half the time):
+    so that most events are valid, and a fuzz opens pages and delivers them."""
+    from hypothesis import strategies as st
+
+    return st.integers(1, odds).flatmap(lambda n: other if n == odds else usual)
+
+
+def event_bodies(key: str) -> Any:
+    """Bodies for the Events API: mostly events whose every field may be hostile, sent with
+    surrogates as JSON escapes or as raw (surrogate-passing) bytes; sometimes any JSON, or
+    a body a parser chokes on (deep nesting, a number of 5,000 digits)."""
+    from hypothesis import strategies as st
+
+    text, anything = hostile_texts(surrogates=True), json_values()
+    # mostly something said around the junk, so that most events are valid and open pages
+    said = mostly(st.tuples(st.sampled_from(["Disk full ", "db1 "]), text).map("".join), text,
+                  odds=5)
+    ringing = {"routing_key": key, "event_action": "trigger", "payload": {
+        "summary": "Disk \ud83d full \ufffe", "source": "db1\x00\uffff", "severity": "critical"},
+        "dedup_key": "half \udc00 an emoji", "links": [{"href": "\ud83d", "\ud83d": "x"}]}
+    link = st.fixed_dictionaries({"href": text}, optional={"text": text})
+    payload = st.fixed_dictionaries(
+        {"summary": said, "source": said,
+         "severity": mostly(st.sampled_from(["critical", "error", "critical", "warning",
+                                             "info"]), text)},
+        optional={"component": text, "group": text, "class": text, "custom_details": anything,
+                  "timestamp": mostly(st.just("2026-12-02T17:00:00Z"), text)})
+    event = st.fixed_dictionaries(
+        {"routing_key": mostly(st.just(key), text),
+         "event_action": mostly(st.just("trigger"), st.sampled_from(
+             ["acknowledge", "resolve", "snooze", "\ud83d"]), odds=5),
+         "payload": mostly(payload, anything)},
+        optional={"dedup_key": st.one_of(text, st.sampled_from(["k1", "k2"])),
+                  "client": text, "client_url": text,
+                  "links": mostly(st.lists(link, max_size=3), anything),
+                  "images": st.lists(st.fixed_dictionaries({"src": text}), max_size=2)})
+    encoded = st.tuples(mostly(event, anything), st.booleans()).map(
+        lambda pair: json.dumps(pair[0]).encode() if pair[1] else json.dumps(
+            pair[0], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    deep = {"routing_key": key, "event_action": "trigger", "payload": {
+        "summary": "s", "source": "s", "severity": "critical", "custom_details": []}}
+    for _ in range(40):
+        deep["payload"]["custom_details"] = [deep["payload"]["custom_details"]]
+    return mostly(encoded, st.sampled_from([
+        json.dumps(ringing).encode(), json.dumps(deep).encode(),
+        b'{"routing_key": "' + key.encode() + b'", "payload": ' + b"1" * 5000 + b"}",
+        b'{"routing_key": 1e999999, "event_action": "trigger"}',
+        b'"\\ud83d"', b"[" * 5000]))
+
+
+@pytest.fixture
+def hostile_pager(tmp_path: Path, twilio: TwilioFake, smtp: SMTPSink,
+                  start_pager: Callable[[Path], RunningPager]) -> RunningPager:
+    """A live pager (fake Twilio, aiosmtpd, the directory store) with everything a route can
+    reach switched on: an integration, a heartbeat, live answer, transcripts, /metrics. Pages
+    ring once (a text) and call nobody during a fuzz: ack_timeout is an hour."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, transcribe=True, live_answer={"enabled": True},
+                             heartbeats={HEARTBEAT: {"interval": 3600}},
+                             escalation={"ack_timeout": 3600, "call_attempts": 1}))
+    with_integration(store)
+    config = with_metrics_token(write_config(tmp_path, "file:var",
+                                             api_base_url=twilio.base_url))
+    return start_pager(config)
+
+
+def quiet_state(store: op.Store, timeout: float = 10.0) -> dict[str, bytes]:
+    """The store once the pager is done with what it was asked (no delivery pending, nothing
+    written for a moment): what a rejected request must leave as it is. Fails naming the
+    deliveries still pending, with their errors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = store_state(store)
+        pending = [f"{key} {channel}: {delivery.get('last_error')}"
+                   for key, data in state.items() if key.startswith(("pages/", "jobs/"))
+                   for channel, delivery in json.loads(data).get("deliveries", {
+                       "job": json.loads(data)}).items()
+                   if isinstance(delivery, dict) and delivery.get("state") == "pending"]
+        if not pending:
+            time.sleep(0.05)
+            if store_state(store) == state:
+                return state
+        elif time.monotonic() > deadline:
+            pytest.fail("deliveries still pending: " + "; ".join(pending)[:2000])
+
+
+def answer_problems(method: str, target: str, status: int, text: str, content_type: str
+                    ) -> list[str]:
+    """What is wrong with one answer: a 5xx, a traceback, TwiML that is not XML."""
+    where = f"{method} {target[:120]!r}: {status}"
+    if status >= 500 and KEY_LOOKUP_LIMITED not in text:
+        return [f"{where} {text[:200]!r}"]
+    if "Traceback" in text:
+        return [f"{where} traceback"]
+    if content_type.startswith("text/xml") and text:
+        try:
+            parse_twiml(text)
+        except Exception as e:
+            return [f"{where} TwiML not XML ({e}): {text[:300]!r}"]
+    return []
+
+
+def page_call_problems(pager: RunningPager, store: op.Store) -> list[str]:
+    """Every page's call TwiML (/oncall/answer) and the team's STATUS reply, as XML."""
+    problems = []
+    for key in store.list("pages/"):
+        path = f"/oncall/answer?page={key.removeprefix('pages/').removesuffix('.json')}"
+        status, text = pager.post(path, {"CallSid": "CA" + uuid.uuid4().hex, "To": ALICE,
+                                         "From": PAGER_PHONE, "AccountSid": ACCOUNT_SID})
+        problems += answer_problems("POST", path, status, text, "text/xml")
+    status, text = pager.post("/msgcontrol/entry", sms_params(ALICE, "STATUS"))
+    return problems + answer_problems("POST", "STATUS", status, text, "text/xml")
+
+
+def send(pager: RunningPager, method: str, target: str, body: bytes, headers: dict[str, str]
+         ) -> tuple[int, str, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", pager.server.effective_port,
+                                            timeout=15)
+    try:
+        connection.request(method, target, body=body or None, headers=headers)
+        answer = connection.getresponse()
+        return (answer.status, answer.read().decode("utf-8", "replace"),
+                answer.getheader("Content-Type", ""))
+    finally:
+        connection.close()
+
+
+def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
+        hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """SPEC 19: a property-based fuzz of /v2/enqueue. Any JSON, any string (lone surrogates
+    as escapes and as raw bytes, noncharacters, controls), numbers of any size, deep
+    nesting: never a 5xx; a refused event leaves the store as it was; every page opened is
+    delivered (its SMS at Twilio, its e-mail at the SMTP server: nothing pending, nothing that
+    cannot travel), its call's TwiML and the STATUS reply are XML."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    pager, store = hostile_pager, hostile_pager.store
+    problems: list[str] = []
+    statuses: list[int] = []
+
+    @settings(max_examples=50, deadline=None, database=None,
+              phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+    @given(body=event_bodies(ALERTMANAGER_KEY))
+    def probe(body: bytes) -> None:
+        before = quiet_state(store)
+        status, text, content_type = send(pager, "POST", "/v2/enqueue", body,
+                                          {"Content-Type": "application/json"})
+        problems.extend(answer_problems("POST", repr(body[:200]), status, text, content_type))
+        statuses.append(status)
+        assert content_type == "application/json" or KEY_LOOKUP_LIMITED in text, text
+        if 400 <= status < 500:
+            assert quiet_state(store) == before, body[:300]
+        elif status == 202:
+            assert quiet_state(store) is not None  # every delivery done, none pending
+
+    probe()
+    problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+    assert statuses.count(202) >= 10 and len(store.list("pages/")) >= 5, statuses
+
+
+def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refusals_change_nothing(
+        hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """SPEC 19, the abuse fuzz covers every route: each route of the module's table (a new
+    one is in it by itself), Twilio's signed as Twilio signs them, with hostile text in the
+    caller's fields (CallerName, FromCity, FromState, From, Body, TranscriptionText, Digits)
+    and in the query the pager's own URLs carry them in; the Events API, heartbeats, /metrics
+    and /healthz with hostile bodies, names and keys. Never a 5xx; every TwiML answer is XML;
+    a refused (4xx) request leaves the store as it was; every page is delivered, its call's
+    TwiML is XML, and every text and e-mail sent can travel. Lone surrogates cannot be in a
+    UTF-8 form: such a body is a 400 (test_garbage_bodies_never_give_a_500)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    pager, store = hostile_pager, hostile_pager.store
+    text = hostile_texts(surrogates=False)
+    key_text = st.text(alphabet="0f-_ aZ", max_size=12)  # what an HTTP header can hold
+    numbers = st.one_of(st.sampled_from(["²", "٣", "-1", "1e3", "9" * 40]),
+                        st.integers(0, 10 ** 12).map(str))
+    problems: list[str] = []
+    statuses: dict[str, list[int]] = {}
+
+    def page_ids(prefix: str = "") -> list[str]:
+        return [k.removeprefix("pages/").removesuffix(".json")
+                for k in store.list("pages/" + prefix)]
+
+    def twilio_request(data: Any, path: str) -> tuple[str, bytes, dict[str, str]]:
+        """A signed form and query with hostile text in every field a caller sets."""
+        # drawn alike whatever the store holds (hypothesis replays the draws)
+        voicemails, pages, pick = page_ids("RE"), page_ids() or ["x"], data.draw(
+            st.integers(0, 999))
+        recording = voicemails[pick % len(voicemails)] if voicemails and data.draw(
+            st.booleans()) else new_sid("RE")
+        twilio.add_recording(recording, RECORDING)
+        call_sid = new_sid("CA")
+        caller = data.draw(st.one_of(st.sampled_from([CALLER, ALICE, BOB]), text))
+        form = {
+            "AccountSid": ACCOUNT_SID, "CallSid": call_sid, "MessageSid": new_sid("SM"),
+            "From": caller, "To": data.draw(st.sampled_from([PAGER_PHONE, FROM_PHONE, ALICE])),
+            "Body": data.draw(st.one_of(st.sampled_from(
+                ["STATUS", "WHO", "ACK", "ACK 1", "TAKE", "HALP", "NEXT", "LOOK"]), text,
+                numbers.map("ACK ".__add__))),
+            "CallerName": data.draw(text), "FromCity": data.draw(text),
+            "FromState": data.draw(text),
+            "Digits": data.draw(st.one_of(st.sampled_from(["1", "2"]), text)),
+            "RecordingSid": recording, "RecordingUrl": twilio.recording_url(recording),
+            "RecordingStatus": data.draw(st.sampled_from(["completed", "absent"])),
+            "RecordingDuration": data.draw(st.one_of(st.just("5"), numbers)),
+            "TranscriptionStatus": data.draw(st.sampled_from(["completed", "failed"])),
+            "TranscriptionText": data.draw(text),
+            "MessageStatus": data.draw(st.sampled_from(["failed", "undelivered", "sent"])),
+            "ErrorCode": data.draw(st.one_of(st.sampled_from(["30003", "30005", ""]), numbers)),
+            "CallStatus": data.draw(st.sampled_from(["no-answer", "completed", "busy"]))}
+        query = {"caller": caller, "name": data.draw(text), "city": data.draw(text),
+                 "state": data.draw(text), "call": call_sid,
+                 "member": data.draw(st.one_of(st.sampled_from(["alice", "bob"]), text)),
+                 "tried": data.draw(st.one_of(st.just("alice"), text)),
+                 "page": data.draw(st.one_of(st.just(pages[pick % len(pages)]), text)),
+                 "step": data.draw(st.one_of(st.just("0"), numbers)), "channel": "mms"}
+        query = {k: v for k, v in query.items() if data.draw(st.booleans())}
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"Content-Type": "application/x-www-form-urlencoded",
+                   "X-Twilio-Signature": sign(pager.cfg.public_url, target, form)}
+        return target, urllib.parse.urlencode(form).encode(), headers
+
+    def other_request(data: Any, path: str, method: str) -> tuple[str, bytes, dict[str, str]]:
+        """A monitoring tool's request: a hostile name in the path, a key or token that
+        may be right, a hostile event as the body."""
+        name = data.draw(st.one_of(st.just(HEARTBEAT), text))
+        path = path.replace("*", urllib.parse.quote(name, safe="") or "x")
+        key = data.draw(st.one_of(st.sampled_from([ALERTMANAGER_KEY, METRICS_TOKEN]), key_text))
+        headers = {"Content-Type": "application/json"}
+        if data.draw(st.booleans()):
+            headers["Authorization"] = f"Bearer {key}"
+        elif data.draw(st.booleans()):
+            path += "?" + urllib.parse.urlencode({"key": key})
+        body = b"" if method in ("GET", "HEAD") else data.draw(event_bodies(ALERTMANAGER_KEY))
+        return path, body, headers
+
+    def probe_route(pattern: str, route: op.Route) -> None:
+        @settings(max_examples=4, deadline=None, database=None,
+                  phases=(Phase.explicit, Phase.generate),
+                  suppress_health_check=list(HealthCheck))
+        @given(data=st.data())
+        def probe(data: Any) -> None:
+            method = data.draw(st.sampled_from(route.methods))
+            before = quiet_state(store)
+            target, body, headers = (twilio_request(data, pattern) if route.signed
+                                     else other_request(data, pattern, method))
+            status, answer, content_type = send(pager, method, target, body, headers)
+            statuses.setdefault(pattern, []).append(status)
+            problems.extend(answer_problems(method, target, status, answer, content_type))
+            if 400 <= status < 500:
+                assert quiet_state(store) == before, (method, target, body[:300], status)
+
+        probe()
+
+    for pattern, route in op.ROUTES.items():
+        probe_route(pattern, route)
+    quiet_state(store)  # every delivery done
+    problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
+    assert problems == [], "\n".join(problems)
+    assert set(statuses) == set(op.ROUTES)
+    assert [k for k in store.list("pages/") if k.startswith("pages/RE")], statuses
+
+
+def test_numbers_that_int_cannot_read_are_no_500(hostile_pager: RunningPager,
+                                                 twilio: TwilioFake) -> None:
+    """Found by the fuzz: `str.isdigit` says yes to "²", and int() refuses 5,000 digits; a
+    duration, a step, an error code or a page number from a request was a 500. Now it is
+    ASCII digits, and short, or no number."""
+    pager = hostile_pager
+    for number in ("²", "9" * 5000):
+        call = call_params()
+        status, text = pager.post("/public/afterrec", {**call, "RecordingDuration": number,
+                                                       "RecordingUrl": "x"})
+        assert status == 200 and parse_twiml(text) is not None, text
+        sid = new_sid("RE")
+        twilio.add_recording(sid, RECORDING)
+        status, text = pager.post("/public/recordingcb", {
+            **call, "RecordingSid": sid, "RecordingUrl": twilio.recording_url(sid),
+            "RecordingStatus": "completed", "RecordingDuration": number})
+        assert status == 200, text
+        status, text = pager.post(f"/public/mmsstatuscb?page={sid}&channel=mms", {
+            "MessageSid": new_sid("SM"), "MessageStatus": "failed", "ErrorCode": number,
+            "AccountSid": ACCOUNT_SID})
+        assert status == 200, text
+        status, text = pager.post("/msgcontrol/entry", sms_params(ALICE, f"ACK {number}"))
+        assert status == 200 and parse_twiml(text) is not None, text
+        if number.isascii():
+            assert reply_text(text) == "There is no recent page 999999999999.", text
+        step = urllib.parse.quote(number[:50])
+        status, text = pager.post(f"/oncall/callstatus?page={sid}&step={step}",
+                                  {**call, "CallStatus": "no-answer"})
+        assert status == 200, text
