@@ -5842,7 +5842,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     refused: list[str] = []
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(1 if refused else 0)
+        raise SystemExit(0)
 
     def refuse(problem: str) -> None:
         refused.append(problem)
@@ -5870,7 +5870,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker.stop()
         server.close()
         log.info("event=serve.stopped")
-    return 0
+    return 1 if refused else 0  # waitress's run() takes the SystemExit of stop() itself
 
 
 def load_json_file(path: Path) -> dict:
