@@ -1482,12 +1482,13 @@ def probe_store(store: Store) -> str | None:
     """Whether the store honours the conditions every guarantee rests on (no double page, no
     lost update, one step per instance): a create under `probe/<random>` with If-None-Match:
     *, then at once the same create again and a PUT with a wrong If-Match (each must be
-    refused: 412, StoreConflict), then a delete. Three round trips; the two refusals are
-    independent, so they go together. Some S3-compatible stores (and older versions of
-    others) accept the headers and overwrite anyway; one that answers NotImplemented does not
-    pretend, but cannot be used either. Returns None when the store passed, else one line
-    naming the store and the header it ignored. StoreUnavailable when it could not be asked:
-    an unreachable store is not one that ignores conditions, the caller decides."""
+    refused: 412, StoreConflict), then a delete, sent without waiting for it. Two round
+    trips to the answer: the two refusals are independent, so they go together. Some
+    S3-compatible stores (and older versions of others) accept the headers and overwrite
+    anyway; one that answers NotImplemented does not pretend, but cannot be used either.
+    Returns None when the store passed, else one line naming the store and the header it
+    ignored. StoreUnavailable when it could not be asked: an unreachable store is not one
+    that ignores conditions, the caller decides."""
     key = f"probe/{uuid.uuid4().hex}.json"
     where = store.describe()
 
@@ -1509,13 +1510,16 @@ def probe_store(store: Store) -> str | None:
     if first != "accepted":
         return (f"store {where} {first} a create with If-None-Match: * of {key}, which did "
                 "not exist: conditional writes do not work there")
+    def delete() -> None:
+        with contextlib.suppress(StoreUnavailable):
+            store.delete(key)
+
     try:
         again, wrong = in_parallel(
             IO_POOL, lambda: refused(lambda: store.put(key, body("again"), if_absent=True)),
             lambda: refused(lambda: store.put(key, body("wrong"), if_match=PROBE_WRONG_ETAG)))
     finally:
-        with contextlib.suppress(StoreUnavailable):
-            store.delete(key)
+        IO_POOL.submit(delete)  # the pool's threads finish it before the process exits
     ignored = [f"{header} ({what if verdict == 'accepted' else 'answered NotImplemented'})"
                for header, what, verdict in (
                    ("If-None-Match: *", "a second create of the same key was accepted", again),
@@ -5777,13 +5781,16 @@ class ServiceNotifier:
         self.send("STOPPING=1")
 
 
-def probe_at_start(probing: Future) -> bool:
+def probe_at_start(probing: Future, reachable: bool) -> bool:
     """serve's probe of the store (probe_store, started with the first reads so that it
     costs no round trip of its own): a store that ignores conditional writes is refused
     before anything listens (ConfigError: one line, exit 1), since a pager that cannot detect
     a double page must not pretend to. An unreachable store is not one that ignores them:
-    serve starts as it always has (from the last good copy), and the answer is True, for
-    probe_until_answered to ask again."""
+    serve starts as it always has (from the last good copy), without waiting for the probe's
+    own time-outs, and the answer is True, for probe_until_answered to finish it."""
+    if not reachable and not probing.done():
+        log.warning("event=store.probe_deferred problem=unreachable")
+        return True
     try:
         problem = probing.result()
     except StoreUnavailable as e:
@@ -5795,21 +5802,23 @@ def probe_at_start(probing: Future) -> bool:
     return False
 
 
-def probe_until_answered(store: Store, every: float, refuse: Callable[[str], None]) -> None:
-    """The probe of a store that was unreachable at start, every `every` seconds until the
-    store answers once; a store found ignoring conditions then stops serve (`refuse`), as it
-    would have been refused at start."""
+def probe_until_answered(store: Store, probing: Future, every: float,
+                         refuse: Callable[[str], None]) -> None:
+    """The probe of a store that was unreachable at start: the one under way, then another
+    every `every` seconds until the store answers once. A store then found ignoring
+    conditions stops serve (`refuse`), as it would have been refused at start."""
+    answer: Callable[[], str | None] = probing.result
     while True:
-        time.sleep(every)
         try:
-            problem = probe_store(store)
+            problem = answer()
+            break
         except StoreUnavailable:
-            continue
-        if problem:
-            refuse(problem)
-        else:
-            log.info("event=store.probed conditions=honoured late=yes")
-        return
+            time.sleep(every)
+            answer = functools.partial(probe_store, store)
+    if problem:
+        refuse(problem)
+    else:
+        log.info("event=store.probed conditions=honoured late=yes")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -5834,7 +5843,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = Worker(pager, telephony)
     with contextlib.suppress(NoConfig, ConfigError, StoreUnavailable):
         pager.team.reconcile()
-    probe_later = probe_at_start(probing)
+    probe_later = probe_at_start(probing, pager.team.reachable)
     server = waitress.create_server(
         WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
         max_request_body_size=WAITRESS_BODY_LIMIT, ident="oncall-pager")
@@ -5854,7 +5863,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     if probe_later:
         threading.Thread(target=probe_until_answered, name="probe", daemon=True,
-                         args=(pager.store, cfg.poll_interval, refuse)).start()
+                         args=(pager.store, probing, cfg.poll_interval, refuse)).start()
     # The systemd watchdog kills a stuck pager with SIGABRT: every thread's stack goes to
     # the journal first, to show where it was stuck.
     faulthandler.enable()
