@@ -47,7 +47,11 @@ How data flows
             the event's custom_details (kept_details), not the event. Per integration,
             alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
             rest are held: listed and e-mailed, and the first held one texts once
-    heartbeat -> /heartbeat/<name> -> Pager.heartbeat_ping (resolves the page of a miss);
+    change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
+         -> Pager.change_received: audited (change.received), nothing rings
+    heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
+            with --heartbeats-only, which cannot trigger) -> Pager.heartbeat_ping (resolves
+            the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
 
@@ -81,10 +85,14 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
     audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
     outbox/...                              dry-run mode only: what would have been sent
+    probe/<random>.json                     check's and serve's probe that the store honours
+                                            If-None-Match and If-Match (probe_store; deleted)
 
 Every state change is a conditional write (S3 If-Match / If-None-Match; the directory store
 has the same semantics under a lock) and one audit entry, which travels inside the object it
-describes until it is written, so a stop between the two loses neither.
+describes until it is written, so a stop between the two loses neither. A store that accepts
+those headers and ignores them would silently undo all of that: `check` and `serve` probe it
+first (probe_store) and refuse one that does.
 
 Run it
     oncall-pager serve -c config.ini        (see README.md; `make run` for the local default)
@@ -140,7 +148,7 @@ import uuid
 import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from configparser import ConfigParser
 from configparser import Error as ConfigParserError
 from pathlib import Path
@@ -921,8 +929,9 @@ def named_objects(block: object, where: str) -> tuple[list[str], dict[str, dict]
 
 
 def check_integrations(integrations: object) -> list[str]:
-    """`current_config.integrations`: name -> {key_sha256, created}; only the hash of a
-    routing key is ever stored (see `oncall-pager integration add`)."""
+    """`current_config.integrations`: name -> {key_sha256, created, heartbeats_only}; only
+    the hash of a routing key is ever stored (see `oncall-pager integration add`). A
+    heartbeats-only key (the one a cron line carries) can ping and cannot page."""
     where = "current_config.integrations"
     errors, found = named_objects(integrations, where)
     for name, integration in found.items():
@@ -931,6 +940,8 @@ def check_integrations(integrations: object) -> list[str]:
             errors.append(f"{where}.{name}.key_sha256 is not a SHA-256 in hex")
         elif "created" in integration and not positive_number(integration["created"]):
             errors.append(f"{where}.{name}.created is not a time (epoch seconds)")
+        elif not isinstance(integration.get("heartbeats_only", False), bool):
+            errors.append(f"{where}.{name}.heartbeats_only is not true or false")
     return errors
 
 
@@ -1002,6 +1013,12 @@ def integrations(doc: dict) -> dict[str, dict]:
 
 def heartbeats(doc: dict) -> dict[str, dict]:
     return doc["current_config"].get("heartbeats", {})
+
+
+def heartbeats_only(doc: dict, integration: str) -> bool:
+    """Whether an integration's key may only ping heartbeats (`integration add NAME
+    --heartbeats-only`): a key copied into crontabs must not be able to page anybody."""
+    return integrations(doc).get(integration, {}).get("heartbeats_only", False) is True
 
 
 def integration_of(doc: dict, routing_key: str) -> str | None:
@@ -1557,6 +1574,64 @@ def in_parallel(pool: ThreadPoolExecutor, *calls: Callable[[], Any]) -> list[Any
     return results
 
 
+PROBE_WRONG_ETAG = "0" * 32  # an ETag no object has: a PUT that names it must be refused
+
+
+def probe_store(store: Store) -> str | None:
+    """Whether the store honours the conditions every guarantee rests on (no double page, no
+    lost update, one step per instance): a create under `probe/<random>` with If-None-Match:
+    *, then at once the same create again and a PUT with a wrong If-Match (each must be
+    refused: 412, StoreConflict), then a delete, sent without waiting for it. Two round
+    trips to the answer: the two refusals are independent, so they go together. Some
+    S3-compatible stores (and older versions of others) accept the headers and overwrite
+    anyway; one that answers NotImplemented does not pretend, but cannot be used either.
+    Returns None when the store passed, else one line naming the store and the header it
+    ignored. StoreUnavailable when it could not be asked: an unreachable store is not one
+    that ignores conditions, the caller decides."""
+    key = f"probe/{uuid.uuid4().hex}.json"
+    where = store.describe()
+
+    def refused(write: Callable[[], Any]) -> str:
+        try:
+            write()
+        except StoreConflict:
+            return "refused"
+        except StoreUnavailable as e:
+            if "NotImplemented" in str(e):
+                return "not implemented"
+            raise
+        return "accepted"
+
+    def body(step: str) -> bytes:
+        return to_json({"probe": step, "time": iso_time(time.time())})
+
+    first = refused(lambda: store.put(key, body("create"), if_absent=True))
+    if first != "accepted":
+        return (f"store {where} {first} a create with If-None-Match: * of {key}, which did "
+                "not exist: conditional writes do not work there")
+    def delete() -> None:
+        with contextlib.suppress(StoreUnavailable):
+            store.delete(key)
+
+    try:
+        again, wrong = in_parallel(
+            IO_POOL, lambda: refused(lambda: store.put(key, body("again"), if_absent=True)),
+            lambda: refused(lambda: store.put(key, body("wrong"), if_match=PROBE_WRONG_ETAG)))
+    finally:
+        IO_POOL.submit(delete)  # the pool's threads finish it before the process exits
+    ignored = [f"{header} ({what if verdict == 'accepted' else 'answered NotImplemented'})"
+               for header, what, verdict in (
+                   ("If-None-Match: *", "a second create of the same key was accepted", again),
+                   ("If-Match", "a PUT naming an ETag the object does not have was accepted",
+                    wrong))
+               if verdict != "refused"]
+    if not ignored:
+        return None
+    return (f"store {where} ignores {' and '.join(ignored)} on PUT: on it the pager could "
+            "page twice and lose updates; use a store that honours conditional writes (AWS "
+            "S3, recent MinIO or R2)")
+
+
 # ==============================================================================================
 # Domain: the audit log, the operational config, TAKE sessions, rotation, pages, commands
 # ==============================================================================================
@@ -1587,6 +1662,7 @@ AUDIT_EVENTS = (
     "live.hunted",           # a caller pressed 2 and is put through (live/<number>.json)
     "live.held",             # a caller pressed 2 and went straight to voicemail (the reason)
     "page.waiting",          # a voicemail or missed call kept while no config is valid
+    "change.received",       # a Change Event (/v2/change/enqueue): a deploy, a push; rings nobody
 )
 
 
@@ -2186,6 +2262,38 @@ def parse_event(event: object) -> tuple[dict, list[str]]:
                         if isinstance(i.get(k), str)} for i in items[:KEPT_LINKS]]
     parsed["alert"] = {k: v for k, v in alert.items() if v not in (None, [])}
     return parsed, errors
+
+
+def parse_change_event(event: object) -> tuple[dict, list[str]]:
+    """A Change Event (PagerDuty's `/v2/change/enqueue`: `routing_key`, `payload.summary`,
+    optional `payload.source` and `payload.timestamp`; `custom_details` and `links` are taken
+    and not kept), its texts cleaned, and what is wrong with it in PagerDuty's words."""
+    if not isinstance(event, dict):
+        return {}, ["Event object is invalid"]
+    errors = []
+    routing_key = event.get("routing_key")
+    if not isinstance(routing_key, str) or not routing_key.strip():
+        errors.append("'routing_key' is missing or blank")
+    payload = event.get("payload")
+    if not isinstance(payload, dict):
+        return {}, [*errors, "'payload' is missing or not an object"]
+    change: dict[str, Any] = {"routing_key": routing_key}
+    for name, limit, required in (("summary", 1024, True), ("source", 255, False),
+                                  ("timestamp", 64, False)):
+        value = payload.get(name)
+        if isinstance(value, str) and len(value) <= limit:
+            change[name] = clean_text(value) or None
+        elif value is not None:
+            errors.append(f"'payload.{name}' must be a string of at most {limit} characters")
+            continue
+        if required and not change.get(name):
+            errors.append(f"'payload.{name}' is missing or blank")
+    if change.get("timestamp"):
+        try:
+            dt.datetime.fromisoformat(change["timestamp"])
+        except ValueError:
+            errors.append("'payload.timestamp' is not an ISO 8601 time")
+    return change, errors
 
 
 MAX_NESTING = 32
@@ -3476,6 +3584,14 @@ class Pager:
         else:
             self.resolve(found[0]["id"], f"events:{integration}", via="events")
         return dedup_key
+
+    def change_received(self, integration: str, change: dict) -> None:
+        """A Change Event (a deploy, a config push): recorded for whoever reads the audit log
+        next to the pages around it; nothing rings, no page opens. An audit entry that cannot
+        be written now waits for the store (AuditLog.write), so the sender is answered 202."""
+        self.audit.record("change.received", f"events:{integration}", {
+            "integration": integration, "summary": change["summary"],
+            "source": change.get("source") or ""})
 
     def trigger(self, integration: str, dedup_key: str, alert: dict) -> tuple[dict, bool]:
         """A trigger: the page of its dedup_key that it joins (see joins) gets it as a repeat
@@ -5491,7 +5607,8 @@ class FormFields(dict):
 
 STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
                403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-               413: "Content Too Large", 414: "URI Too Long", 500: "Internal Server Error",
+               413: "Content Too Large", 414: "URI Too Long", 429: "Too Many Requests",
+               500: "Internal Server Error",
                503: "Service Unavailable"}
 
 
@@ -5614,11 +5731,16 @@ def json_response(status: int, body: dict, headers: tuple = ()) -> Response:
     return Response(status, json.dumps(body) + "\n", "application/json", headers)
 
 
+RETRY_AFTER = (("Retry-After", "1"),)  # seconds: what a refusal for rate asks the sender
+
+
 def busy() -> Response:
-    """Too many writers at once on one object: the sender retries (monitors do on a 5xx)."""
+    """Too many writers at once on one object (a flood of one dedup_key or one heartbeat): a
+    refusal for rate, so a 429 with Retry-After, as PagerDuty answers a flood. Monitors retry
+    it as they retry a 5xx, but a 5xx reads as the pager being broken."""
     log.warning("event=request.busy")
-    return json_response(503, {"status": "busy", "message": "too many concurrent changes; "
-                                                            "try again"})
+    return json_response(429, {"status": "busy", "message": "too many concurrent changes; "
+                                                            "try again"}, RETRY_AFTER)
 
 
 def invalid_event(errors: list[str]) -> Response:
@@ -5634,6 +5756,21 @@ class Route:
     required: tuple[str, ...] = ()
     signed: bool = True
     max_body: int = MAX_BODY
+
+
+JSON_PATHS = ("/v2/", "/heartbeat/")  # the monitors' routes: every answer there is JSON
+
+
+def error_response(path: str, error: HTTPError) -> Response:
+    """An HTTPError as the caller reads it: JSON on the monitors' routes (a PagerDuty client
+    parses any answer from /v2/ as JSON, so even a 404 or a 429 there is JSON), plain text
+    everywhere else (Twilio's routes, /healthz, /metrics)."""
+    if path.startswith(JSON_PATHS):
+        word = STATUS_TEXT.get(error.status, "error").lower()
+        return json_response(error.status, {"status": word, "message": error.message},
+                             error.headers)
+    return Response(error.status, error.message + "\n", "text/plain; charset=utf-8",
+                    error.headers)
 
 
 def route_pattern(path: str) -> str | None:
@@ -5682,8 +5819,7 @@ class WebApp:
         try:
             response = self.dispatch(environ, method, path)
         except HTTPError as e:
-            response = Response(e.status, e.message + "\n", "text/plain; charset=utf-8",
-                                e.headers)
+            response = error_response(path, e)
         except StoreUnavailable:
             response = Response(503, "store unavailable\n", "text/plain; charset=utf-8")
         except (ConfigError, NoConfig):
@@ -5698,6 +5834,8 @@ class WebApp:
                    *response.headers]
         start_response(f"{response.status} {STATUS_TEXT.get(response.status, 'Error')}",
                        headers)
+        if method == "HEAD":  # the headers GET would have, no body (waitress sends what it gets)
+            body = b""
         seconds = time.perf_counter() - started
         log.info("event=request method=%s path=%s status=%d ms=%.1f", log_value(method),
                  log_value(path, 80), response.status, seconds * 1000)
@@ -5716,7 +5854,9 @@ class WebApp:
             raise HTTPError(414, f"query string over {MAX_QUERY} bytes")
         pattern = route_pattern(path)
         if pattern is None:
-            raise HTTPError(404, "not found")
+            raise HTTPError(404, "not found" if not path.startswith("/v2/") else
+                            "no such endpoint: the Events API is POST /v2/enqueue, Change "
+                            "Events POST /v2/change/enqueue")
         route = ROUTES[pattern]
         if method not in route.methods:
             raise HTTPError(405, "method not allowed", (("Allow", ", ".join(route.methods)),))
@@ -6160,14 +6300,16 @@ class WebApp:
         memory first (as on the page path); a key it does not know is looked up once more in
         the store, so a key added a moment ago (on any host) works at once: at most once a
         second, so that a flood of bad keys cannot become a flood of store requests. A key
-        that could not be looked up for that limit is HTTPError 503, which monitors retry
-        (a 400 would lose the alert of a key just added)."""
+        that could not be looked up for that limit is refused for rate: HTTPError 429 with
+        Retry-After, which monitors retry (a 400 would lose the alert of a key just added;
+        a 5xx would read as the pager being broken)."""
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
         if integration is None:
             if time.monotonic() - self._key_lookup < 1.0:
                 log.warning("event=request.key_lookup_limited")
-                raise HTTPError(503, "unknown routing key; try again in a second")
+                raise HTTPError(429, "unknown routing key; try again in a second",
+                                RETRY_AFTER)
             self._key_lookup = time.monotonic()
             doc = self.pager.team.read().doc
             integration = integration_of(doc, routing_key)
@@ -6183,10 +6325,9 @@ class WebApp:
         parsed, errors = parse_event(event)
         if errors:
             return invalid_event(errors)
-        integration, _ = self.integration_for(parsed["routing_key"])
-        if integration is None:
-            log.warning("event=events.unknown_key")
-            return invalid_event(["Invalid routing key"])
+        integration = self.event_integration(parsed["routing_key"])
+        if isinstance(integration, Response):
+            return integration
         try:
             dedup_key = self.pager.alert_event(integration, parsed)
         except StoreConflict:
@@ -6196,10 +6337,46 @@ class WebApp:
         return json_response(202, {"status": "success", "message": "Event processed",
                                    "dedup_key": dedup_key})
 
+    def event_integration(self, routing_key: str) -> str | Response:
+        """The integration that may send events with this key, or PagerDuty's 400 "Invalid
+        routing key". A heartbeats-only key gets that 400 too, with a reason: it is what a
+        PagerDuty client does not retry and shows its user (pdpyras, pdjs, Alertmanager log
+        `errors`), where a 401/403 is not a status the Events API answers and a 5xx or 429
+        would be retried for ever. The key still cannot page."""
+        integration, doc = self.integration_for(routing_key)
+        if integration is None:
+            log.warning("event=events.unknown_key")
+            return invalid_event(["Invalid routing key"])
+        if heartbeats_only(doc, integration):
+            log.warning("event=events.heartbeats_only_key integration=%s", integration)
+            return invalid_event([f"Invalid routing key: the key of {integration} is for "
+                                  "heartbeats only (it can ping /heartbeat/NAME, not send "
+                                  "events)"])
+        return integration
+
+    def change_enqueue(self, request: Request) -> Response:
+        """PagerDuty's Change Events (`/v2/change/enqueue`, sent by the `pagerduty` and `pdjs`
+        clients, CI pipelines, deploy tools): audited for whoever reads what happened before a
+        page; nothing rings. Refused in the words of /v2/enqueue."""
+        try:
+            event = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return invalid_event(["Event object is invalid: the body is not JSON"])
+        change, errors = parse_change_event(event)
+        if errors:
+            return invalid_event(errors)
+        integration = self.event_integration(change["routing_key"])
+        if isinstance(integration, Response):
+            return integration
+        self.pager.change_received(integration, change)
+        log.info("event=events.change integration=%s", integration)
+        return json_response(202, {"status": "success", "message": "Change event processed"})
+
     def heartbeat(self, request: Request) -> Response:
-        """`POST /heartbeat/NAME` with any integration's routing key (`Authorization: Bearer
-        KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong one, 404 for a heartbeat
-        the config does not name."""
+        """`GET`, `HEAD` or `POST /heartbeat/NAME` (cron's `curl URL`, healthchecks-style
+        pingers send GET) with any integration's routing key, heartbeats-only or not
+        (`Authorization: Bearer KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong
+        one, 404 for a heartbeat the config does not name."""
         name = clean_text(request.path.removeprefix("/heartbeat/"))
         bearer = request.authorization.partition(" ")
         key = (bearer[2].strip() if bearer[0].lower() == "bearer"
@@ -6300,7 +6477,9 @@ ROUTES: dict[str, Route] = {
     "/metrics": Route(("GET",), WebApp.metrics, signed=False),
     "/v2/enqueue": Route(("POST",), WebApp.events_enqueue, signed=False,
                          max_body=MAX_EVENT_BODY),
-    "/heartbeat/*": Route(("POST",), WebApp.heartbeat, signed=False),
+    "/v2/change/enqueue": Route(("POST",), WebApp.change_enqueue, signed=False,
+                                max_body=MAX_EVENT_BODY),
+    "/heartbeat/*": Route(("GET", "HEAD", "POST"), WebApp.heartbeat, signed=False),
 }
 
 
@@ -6429,12 +6608,53 @@ class ServiceNotifier:
         self.send("STOPPING=1")
 
 
+def probe_at_start(probing: Future, reachable: bool) -> bool:
+    """serve's probe of the store (probe_store, started with the first reads so that it
+    costs no round trip of its own): a store that ignores conditional writes is refused
+    before anything listens (ConfigError: one line, exit 1), since a pager that cannot detect
+    a double page must not pretend to. An unreachable store is not one that ignores them:
+    serve starts as it always has (from the last good copy), without waiting for the probe's
+    own time-outs, and the answer is True, for probe_until_answered to finish it."""
+    if not reachable and not probing.done():
+        log.warning("event=store.probe_deferred problem=unreachable")
+        return True
+    try:
+        problem = probing.result()
+    except StoreUnavailable as e:
+        log.warning("event=store.probe_deferred problem=%s", log_value(str(e)))
+        return True
+    if problem:
+        raise ConfigError([problem])
+    log.info("event=store.probed conditions=honoured")
+    return False
+
+
+def probe_until_answered(store: Store, probing: Future, every: float,
+                         refuse: Callable[[str], None]) -> None:
+    """The probe of a store that was unreachable at start: the one under way, then another
+    every `every` seconds until the store answers once. A store then found ignoring
+    conditions stops serve (`refuse`), as it would have been refused at start."""
+    answer: Callable[[], str | None] = probing.result
+    while True:
+        try:
+            problem = answer()
+            break
+        except StoreUnavailable:
+            time.sleep(every)
+            answer = functools.partial(probe_store, store)
+    if problem:
+        refuse(problem)
+    else:
+        log.info("event=store.probed conditions=honoured late=yes")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import waitress
 
     cfg = load_app_config(args.config)
     setup_logging(cfg.log_level)
     pager = build_pager(cfg)
+    probing = IO_POOL.submit(probe_store, pager.store)
     for problem in local_file_problems(cfg):
         log.error("event=serve.unwritable problem=%s", log_value(problem, 400))
     initialise_if_empty(cfg, pager)
@@ -6453,15 +6673,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = Worker(pager, telephony)
     with contextlib.suppress(NoConfig, ConfigError, StoreUnavailable):
         pager.team.reconcile()
+    probe_later = probe_at_start(probing, pager.team.reachable)
     server = waitress.create_server(
         WebApp(cfg, pager, worker), host=cfg.host, port=cfg.port, threads=cfg.threads,
         max_request_body_size=WAITRESS_BODY_LIMIT, ident="oncall-pager")
 
+    refused: list[str] = []
+
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)
 
+    def refuse(problem: str) -> None:
+        refused.append(problem)
+        log.error("event=serve.refused problem=%s", log_value(problem, 400))
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if probe_later:
+        threading.Thread(target=probe_until_answered, name="probe", daemon=True,
+                         args=(pager.store, probing, cfg.poll_interval, refuse)).start()
     # The systemd watchdog kills a stuck pager with SIGABRT: every thread's stack goes to
     # the journal first, to show where it was stuck.
     faulthandler.enable()
@@ -6477,7 +6709,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker.stop()
         server.close()
         log.info("event=serve.stopped")
-    return 0
+    return 1 if refused else 0  # waitress's run() takes the SystemExit of stop() itself
 
 
 def load_json_file(path: Path) -> dict:
@@ -6494,7 +6726,8 @@ def load_json_file(path: Path) -> dict:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Exit 0 when both configs are valid (warnings are printed), 1 with a line per error."""
+    """Exit 0 when both configs are valid and the store honours conditional writes
+    (probe_store; warnings are printed), 1 with a line per error."""
     cfg = load_app_config(args.config)
     warnings = []
     mode = os.stat(args.config).st_mode
@@ -6519,10 +6752,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError([*local, f"{cfg.config_key}: not valid JSON: {e}"]) from None
     errors, more = check_oncall_config(doc)
+    try:
+        ignored = probe_store(store)
+    except StoreUnavailable as e:
+        ignored = (f"store {store.describe()} could not be probed for conditional writes (a "
+                   f"write under probe/ failed: {e})")
     for line in warnings + more:
         print(f"warning: {line}", file=sys.stderr)
-    if local or errors:
-        raise ConfigError(local + errors)
+    if local or errors or ignored:
+        raise ConfigError(local + errors + ([ignored] if ignored else []))
     print(f"ok: {args.config} and {store.describe()}{cfg.config_key} are valid "
           f"({len(members(doc))} members, on call: {oncall_member(doc)['id']})")
     return 0
@@ -6811,11 +7049,13 @@ def cmd_integration(args: argparse.Namespace) -> int:
             print("no integrations (add one with: oncall-pager integration add NAME)")
         for name, integration in sorted(found.items()):
             created = integration.get("created")
-            print(f"{name:<24} created {short_time(created) if created else '-'}")
+            print(f"{name:<24} created {short_time(created) if created else '-'}"
+                  + ("  heartbeats only" if integration.get("heartbeats_only") else ""))
         return 0
     if not NAME.fullmatch(args.name):
         raise UsageError(f"{args.name!r} is not a name (letters, digits, . _ -; at most 64)")
     key = secrets.token_hex(16)
+    pings_only = getattr(args, "heartbeats_only", False)
 
     def add(doc: dict) -> str:
         added = doc["current_config"].setdefault("integrations", {})
@@ -6824,6 +7064,9 @@ def cmd_integration(args: argparse.Namespace) -> int:
                              "change its key)")
         added[args.name] = {"key_sha256": hashlib.sha256(key.encode()).hexdigest(),
                             "created": int(time.time())}
+        if pings_only:
+            added[args.name]["heartbeats_only"] = True
+            return f"added integration {args.name} (heartbeats only)"
         return f"added integration {args.name}"
 
     def remove(doc: dict) -> str:
@@ -6835,8 +7078,12 @@ def cmd_integration(args: argparse.Namespace) -> int:
     if change_config(pager, args, add if args.action == "add" else remove) == 0 and \
             args.action == "add":
         print(f"routing key: {key}")
-        print("It is shown only this once: put it into the monitor now "
-              f"(events: {cfg.url('/v2/enqueue')}).")
+        if pings_only:
+            print("It is shown only this once: put it into the cron line now (curl "
+                  f"{cfg.url('/heartbeat/NAME')}?key=KEY); it cannot send events.")
+        else:
+            print("It is shown only this once: put it into the monitor now "
+                  f"(events: {cfg.url('/v2/enqueue')}).")
     return 0
 
 
@@ -7080,8 +7327,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the Events API at /v2/enqueue, heartbeats)")
     integration.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
     kinds = integration.add_subparsers(dest="action", required=True, metavar="ACTION")
-    action("add", "add an integration and print its new routing key (once)",
-           kinds).add_argument("name")
+    added = action("add", "add an integration and print its new routing key (once)", kinds)
+    added.add_argument("name")
+    added.add_argument("--heartbeats-only", action="store_true",
+                       help="a key that can ping /heartbeat/NAME and cannot send events "
+                       "(the one to put into crontabs)")
     action("list", "list the integrations (names and when added; never keys)", kinds)
     action("remove", "remove an integration: its routing key stops working",
            kinds).add_argument("name")

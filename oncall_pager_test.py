@@ -6451,10 +6451,10 @@ def test_unknown_keys_ask_the_store_once_a_second_and_a_key_just_added_works_at_
     status, answer = post_event(file_pager, alertmanager_event(key="1" * 32))
     assert (status, answer["errors"]) == (400, ["Invalid routing key"])
     # within the second: not looked up (a flood costs one read a second), but not refused
-    # either: a 503, which monitors retry (a machine too slow to ask within the second is
-    # answered after a look-up)
+    # either: a 429 (SPEC 19: a refusal for rate), which monitors retry (a machine too slow
+    # to ask within the second is answered after a look-up)
     status = post_event(file_pager, alertmanager_event(key="2" * 32))[0]
-    assert status == 503 or (status == 400 and time.monotonic() - looked_up >= 1.0)
+    assert status == 429 or (status == 400 and time.monotonic() - looked_up >= 1.0)
     time.sleep(1.0)
     new_key = "3" * 32
     with_integration(file_pager.store, key=new_key, name="grafana")
@@ -8128,3 +8128,340 @@ def test_numbers_that_int_cannot_read_are_no_500(hostile_pager: RunningPager,
         status, text = pager.post(f"/oncall/callstatus?page={sid}&step={step}",
                                   {**call, "CallStatus": "no-answer"})
         assert status == 200, text
+
+
+# === Section 19: edges a monitor meets, a store ignoring conditions, refusals for rate ===
+
+
+def post_json(pager: RunningPager, path: str, event: dict | bytes) -> tuple[int, Any, dict]:
+    """POST JSON as a PagerDuty client does; the answer as JSON (it must be JSON) and headers."""
+    body = event if isinstance(event, bytes) else json.dumps(event).encode()
+    status, text, headers = http_request("POST", pager.base_url + path, body,
+                                         {"Content-Type": "application/json"})
+    assert headers.get("Content-Type") == "application/json", (status, text)
+    return status, json.loads(text), headers
+
+
+def change_event(key: str = ALERTMANAGER_KEY, summary: str = "Deployed shop v1.42") -> dict:
+    """What `@pagerduty/pdjs` sendChangeEvent and the `pagerduty` client's
+    send_change_event post to /v2/change/enqueue."""
+    return {"routing_key": key,
+            "payload": {"summary": summary, "source": "github-actions",
+                        "timestamp": "2026-12-02T17:00:00.000Z",
+                        "custom_details": {"build": "1234", "commit": "abc123"}},
+            "links": [{"href": "https://ci.example.com/builds/1234", "text": "Build"}]}
+
+
+def test_a_change_event_is_processed_audited_and_rings_nobody(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    with_integration(s3_pager.store)
+    status, answer, _ = post_json(s3_pager, "/v2/change/enqueue",
+                                  change_event(summary="Deployed\x00shop\u2028v1.42 "))
+    assert (status, answer) == (202, {"status": "success", "message": "Change event processed"})
+    (entry,) = audit_events(s3_pager.store, "change.received")
+    assert entry["actor"] == "events:alertmanager"
+    assert entry["details"] == {"integration": "alertmanager", "summary": "Deployed shop v1.42",
+                                "source": "github-actions"}
+    time.sleep(1.0)  # a few worker scans: nothing is sent because of it
+    assert s3_pager.store.list("pages/") == []
+    assert twilio.messages() == [] and twilio.calls() == [] and smtp.messages == []
+
+
+@pytest.mark.parametrize("event, error", [
+    (change_event(key="1" * 32), "Invalid routing key"),
+    ({"routing_key": ALERTMANAGER_KEY, "payload": {"source": "ci"}},
+     "'payload.summary' is missing or blank"),
+    (change_event(summary="\x01\x02\x1b "), "'payload.summary' is missing or blank"),
+    (change_event(summary="s" * 1025),
+     "'payload.summary' must be a string of at most 1024 characters"),
+    ({"routing_key": ALERTMANAGER_KEY}, "'payload' is missing or not an object"),
+    (b"not json", "Event object is invalid: the body is not JSON"),
+    ([1, 2], "Event object is invalid"),
+], ids=["unknown-key", "no-summary", "control-only-summary", "long-summary", "no-payload",
+        "not-json", "not-an-object"])
+def test_a_bad_change_event_gets_pagerdutys_400_and_changes_nothing(
+        file_pager: RunningPager, event: Any, error: str) -> None:
+    with_integration(file_pager.store)
+    status, answer, _ = post_json(file_pager, "/v2/change/enqueue",
+                                  event if isinstance(event, bytes) else json.dumps(event).encode())
+    assert status == 400, answer
+    assert answer["status"] == "invalid event" and error in answer["errors"]
+    assert audit_events(file_pager.store) == [] and file_pager.store.list("pages/") == []
+
+
+def test_unknown_paths_and_wrong_methods_under_v2_answer_json(file_pager: RunningPager) -> None:
+    for method, path in (("POST", "/v2/nope"), ("GET", "/v2/"), ("POST", "/v2/change"),
+                         ("POST", "/v2/change/enqueue/x"), ("GET", "/v2/enqueu?x=%0a")):
+        status, text, headers = http_request(method, file_pager.base_url + path, b"{}")
+        assert status == 404, (path, status)
+        assert headers["Content-Type"] == "application/json", path
+        answer = json.loads(text)
+        assert answer["status"] == "not found" and "/v2/enqueue" in answer["message"]
+    status, text, headers = http_request("GET", file_pager.base_url + "/v2/change/enqueue")
+    assert (status, headers["Allow"]) == (405, "POST")
+    assert json.loads(text) == {"status": "method not allowed", "message": "method not allowed"}
+    # Twilio's routes and the rest keep their plain text
+    status, text, headers = http_request("POST", file_pager.base_url + "/nope", b"x=1")
+    assert (status, text) == (404, "not found\n")
+
+
+def head_bytes(base_url: str, path: str, headers: dict[str, str]) -> bytes:
+    """Everything the server sends to one HEAD (Connection: close), as bytes: a body after
+    the headers would show here, where http.client would hide it."""
+    parts = urllib.parse.urlsplit(base_url)
+    lines = [f"HEAD {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
+             *[f"{k}: {v}" for k, v in headers.items()], "", ""]
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as conn:
+        conn.sendall("\r\n".join(lines).encode())
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received
+
+
+def last_ping(store: op.Store, name: str = "nightly-backup") -> float:
+    return json.loads(store.get(f"heartbeats/{name}.json").data)["last_ping"]
+
+
+def test_a_heartbeat_is_pinged_by_get_as_cron_curl_sends_and_by_head_without_a_body(
+        file_pager: RunningPager) -> None:
+    with_integration(file_pager.store, heartbeats={"nightly-backup": {"interval": 86400,
+                                                                      "grace": 3600}})
+    url = f"{file_pager.base_url}/heartbeat/nightly-backup?key={ALERTMANAGER_KEY}"
+    curl = subprocess.run(["curl", "-fsS", "--max-time", "10", url], capture_output=True,
+                          text=True, timeout=20)
+    assert curl.returncode == 0, curl.stderr
+    answer = json.loads(curl.stdout)
+    assert (answer["status"], answer["heartbeat"]) == ("ok", "nightly-backup")
+    first = last_ping(file_pager.store)
+    time.sleep(0.01)
+    received = head_bytes(file_pager.base_url, "/heartbeat/nightly-backup",
+                          {"Authorization": f"Bearer {ALERTMANAGER_KEY}"})
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"Content-Type: application/json" in head and body == b"", received
+    assert last_ping(file_pager.store) > first, "the HEAD was a ping"
+    # a wrong key by GET or HEAD is refused as by POST
+    assert http_request("GET", url.replace(ALERTMANAGER_KEY, "9" * 32))[0] == 403
+    time.sleep(1.1)  # an unknown key is looked up at most once a second (else 429)
+    assert head_bytes(file_pager.base_url, "/heartbeat/nightly-backup",
+                      {"Authorization": "Bearer " + "9" * 32}).startswith(b"HTTP/1.1 403 ")
+    assert file_pager.store.list("pages/") == []
+
+
+def test_a_heartbeats_only_key_pings_and_cannot_page(
+        file_cli: Cli, start_pager: Callable[[Path], RunningPager]) -> None:
+    added = file_cli.run("integration", "add", "cron", "--heartbeats-only", "--as", "alice")
+    assert added.returncode == 0, added.stderr
+    key = re.search(r"routing key: ([0-9a-f]{32})\n", added.stdout).group(1)
+    assert "/heartbeat/NAME?key=KEY" in added.stdout and "cannot send events" in added.stdout
+    assert file_cli.run("integration", "add", "alertmanager").returncode == 0
+    stored = file_cli.doc()["current_config"]["integrations"]
+    assert stored["cron"] == {"key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                              "created": stored["cron"]["created"], "heartbeats_only": True}
+    assert "heartbeats_only" not in stored["alertmanager"]
+    listed = file_cli.run("integration", "list").stdout.splitlines()
+    assert listed[0].startswith("alertmanager ") and "heartbeats only" not in listed[0]
+    assert listed[1].startswith("cron ") and listed[1].endswith("heartbeats only")
+    checked = file_cli.run("check")
+    assert checked.returncode == 0, checked.stderr
+    set_team(file_cli.store, heartbeats={"nightly-backup": {"interval": 86400, "grace": 3600}})
+    pager = start_pager(file_cli.config)
+    assert heartbeat(pager, key=key)[0] == 200
+    status, answer, _ = post_json(pager, "/v2/enqueue", alertmanager_event(key=key))
+    assert status == 400 and answer["status"] == "invalid event"
+    (error,) = answer["errors"]
+    assert error.startswith("Invalid routing key") and "heartbeats only" in error
+    status, answer, _ = post_json(pager, "/v2/change/enqueue", change_event(key=key))
+    assert status == 400 and "heartbeats only" in answer["errors"][0]
+    assert pager.store.list("pages/") == []
+    assert [e["event"] for e in audit_events(pager.store)] == ["config.changed"] * 2
+
+
+def test_check_refuses_a_heartbeats_only_flag_that_is_not_a_boolean() -> None:
+    errors, _ = op.check_oncall_config(team_doc(integrations={
+        "cron": {"key_sha256": "0" * 64, "heartbeats_only": "yes"}}))
+    assert "current_config.integrations.cron.heartbeats_only is not true or false" in errors
+
+
+class IgnoringProxy:
+    """An S3-compatible store that ignores conditions, as some services and older versions
+    do: a proxy in front of moto that drops the named headers (If-None-Match, If-Match) from
+    every PUT and forwards everything else as it came."""
+
+    def __init__(self, upstream: str, drop: tuple[str, ...], port: int = 0):
+        target = urllib.parse.urlsplit(upstream)
+        dropped = {name.lower() for name in drop}
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "expect")
+                           and not (self.command == "PUT" and k.lower() in dropped)}
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection",
+                                            "date", "server"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Forward)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def ignoring_proxy(s3_endpoint: str) -> Iterator[Callable[..., IgnoringProxy]]:
+    started: list[IgnoringProxy] = []
+
+    def start(drop: tuple[str, ...], port: int = 0) -> IgnoringProxy:
+        proxy = IgnoringProxy(s3_endpoint, drop, port)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+BOTH = ("If-None-Match", "If-Match")
+
+
+def test_moto_and_the_file_store_honour_conditions_and_the_proxy_really_ignores_them(
+        tmp_path: Path, s3_endpoint: str, bucket: str,
+        ignoring_proxy: Callable[..., IgnoringProxy]) -> None:
+    for store in (op.S3Store(bucket, "team", s3_endpoint), op.DirectoryStore(tmp_path / "var")):
+        assert op.probe_store(store) is None, store.describe()
+        wait_until(lambda s=store: s.list("probe/") == [], 5)  # the probe deletes its key
+    # through the proxy, moto overwrites where it would have refused
+    ignoring = op.S3Store(bucket, "team", ignoring_proxy(BOTH).url)
+    ignoring.put("x.json", b"1", if_absent=True)
+    ignoring.put("x.json", b"2", if_absent=True)
+    ignoring.put("x.json", b"3", if_match="0" * 32)
+    assert ignoring.get("x.json").data == b"3"
+
+
+@pytest.mark.parametrize("drop, ignored", [
+    (("If-None-Match",), ["If-None-Match: *"]),
+    (("If-Match",), ["If-Match"]),
+    (BOTH, ["If-None-Match: *", "If-Match"]),
+], ids=["if-none-match", "if-match", "both"])
+def test_check_and_serve_refuse_a_store_that_ignores_conditions(
+        tmp_path: Path, bucket: str, ignoring_proxy: Callable[..., IgnoringProxy],
+        serve_process: Callable[[Path], ServeProcess], drop: tuple[str, ...],
+        ignored: list[str]) -> None:
+    proxy = ignoring_proxy(drop)
+    put_team(op.S3Store(bucket, "", proxy.url))
+    config = write_config(tmp_path, f"s3://{bucket}", s3_endpoint_url=proxy.url, mode="dry-run")
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 1 and checked.stdout == ""
+    (line,) = checked.stderr.splitlines()
+    assert line.startswith(f"error: store s3://{bucket}/ ignores "), line
+    for header in ("If-None-Match: *", "If-Match"):
+        assert (f" {header} (" in line) == (header in ignored), line
+    server = serve_process(config)
+    assert server.process.wait(30) == 1
+    output = server.log.read_text()
+    assert f"error: store s3://{bucket}/ ignores " in output and "event=serve.started" not in output
+    assert [ln for ln in output.splitlines() if ln.startswith("error: ")] == [line]
+    with pytest.raises(OSError):
+        http_request("GET", server.base_url + "/healthz", timeout=1)
+    assert op.S3Store(bucket, "", proxy.url).list("probe/") == [], "check and serve deleted it"
+
+
+def test_check_and_serve_pass_the_probe_on_moto_and_on_the_file_store(
+        tmp_path: Path, s3_endpoint: str, bucket: str,
+        serve_process: Callable[[Path], ServeProcess]) -> None:
+    s3 = write_config(tmp_path / "s3", f"s3://{bucket}", s3_endpoint_url=s3_endpoint,
+                      mode="dry-run")
+    put_team(op.S3Store(bucket, "", s3_endpoint))
+    local = write_config(tmp_path / "file", "file:var", mode="dry-run")
+    put_team(op.DirectoryStore(tmp_path / "file" / "var"))
+    for config in (s3, local):
+        checked = run_cli("check", "-c", str(config))
+        assert checked.returncode == 0 and checked.stdout.startswith("ok: "), checked.stderr
+        started = time.monotonic()
+        server = serve_process(config)
+        assert server.wait_healthy(timeout=10)["store"] == "reachable"
+        if config == local:  # as test_serve_answers_healthz_within_2_s...: the probe fits
+            assert time.monotonic() - started < 2.0 + 1.0  # the 2 s target, 1 s of slack
+        assert server.terminate() == 0
+        assert "event=store.probed conditions=honoured" in server.log.read_text()
+
+
+def test_a_store_unreachable_at_start_is_probed_once_it_answers(
+        tmp_path: Path, bucket: str, ignoring_proxy: Callable[..., IgnoringProxy],
+        serve_process: Callable[[Path], ServeProcess]) -> None:
+    """Unreachable is not ignoring: serve starts as before (503 from /healthz) and probes
+    again every poll_interval; once the store answers and ignores a condition, serve stops
+    with the same error line, exit 1."""
+    port = free_port()
+    put_team(op.S3Store(bucket, "", ignoring_proxy(BOTH).url))
+    config = write_config(tmp_path, f"s3://{bucket}", s3_endpoint_url=f"http://127.0.0.1:{port}",
+                          mode="dry-run")
+    server = serve_process(config)
+    assert server.wait_healthy(expect=503)["store"] == "unreachable"
+    assert server.process.poll() is None
+    ignoring_proxy(BOTH, port=port)
+    assert server.process.wait(30) == 1
+    output = server.log.read_text()
+    assert "event=store.probe_deferred" in output and "event=serve.refused" in output
+    assert f"error: store s3://{bucket}/ ignores If-None-Match: * (" in output
+
+
+def test_a_flood_of_unknown_keys_is_refused_with_429_and_retry_after_never_a_5xx(
+        file_pager: RunningPager) -> None:
+    with_integration(file_pager.store, heartbeats={"nightly-backup": {"interval": 60}})
+    file_pager.pager.team.read()
+
+    def send(n: int) -> tuple[str, int, dict, str]:
+        key = f"{n:032x}"
+        path, body, method, headers = [
+            ("/v2/enqueue", json.dumps(alertmanager_event(key=key)).encode(), "POST", {}),
+            ("/v2/change/enqueue", json.dumps(change_event(key=key)).encode(), "POST", {}),
+            (f"/heartbeat/nightly-backup?key={key}", b"", "GET", {}),
+            ("/heartbeat/nightly-backup", b"", "POST", {"Authorization": f"Bearer {key}"}),
+        ][n % 4]
+        status, text, answer_headers = http_request(
+            method, file_pager.base_url + path, body, {"Content-Type": "application/json",
+                                                       **headers})
+        return path, status, answer_headers, text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(1, 121)))
+    statuses = {status for _, status, _, _ in answers}
+    assert statuses <= {400, 403, 429}, statuses
+    limited = [a for a in answers if a[1] == 429]
+    assert len(limited) >= 60, "a flood costs the store at most a read a second"
+    for path, _, headers, text in limited:
+        assert headers["Retry-After"].isdigit() and int(headers["Retry-After"]) >= 1, path
+        assert headers["Content-Type"] == "application/json"
+        assert json.loads(text)["status"] == "too many requests"
+    assert {path.split("?")[0] for path, *_ in limited} >= {"/v2/enqueue", "/v2/change/enqueue",
+                                                           "/heartbeat/nightly-backup"}
+    assert file_pager.store.list("pages/") == [] and audit_events(file_pager.store) == []
