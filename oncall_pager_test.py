@@ -120,10 +120,33 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, every: float
 # ----------------------------------------------------------------------------------------------
 
 
+MOTO_PUT_LOCK = threading.Lock()
+
+
+def atomic_conditional_puts() -> None:
+    """S3 decides a conditional PUT (If-None-Match: *, If-Match) atomically; moto checks the
+    condition and then writes, on its server's many threads, so under load two racing writers
+    could both pass (seen as a lost `config user-add` and two winners of a race). Every PUT of
+    this process's moto servers runs under one lock, as S3 behaves. Idempotent."""
+    from moto.s3.responses import S3Response
+
+    put_object = S3Response.put_object
+    if getattr(put_object, "atomic", False):
+        return
+
+    def atomic_put_object(self: Any) -> Any:
+        with MOTO_PUT_LOCK:
+            return put_object(self)
+
+    atomic_put_object.atomic = True  # type: ignore[attr-defined]
+    S3Response.put_object = atomic_put_object  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    atomic_conditional_puts()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -4192,6 +4215,7 @@ def own_s3() -> Iterator[Callable[[], Any]]:
     servers: list[Any] = []
 
     def start() -> str:
+        atomic_conditional_puts()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         servers.append(server)
