@@ -6306,14 +6306,20 @@ class WebApp:
         doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
         if integration is None:
-            if time.monotonic() - self._key_lookup < 1.0:
-                log.warning("event=request.key_lookup_limited")
-                raise HTTPError(429, "unknown routing key; try again in a second",
-                                RETRY_AFTER)
-            self._key_lookup = time.monotonic()
-            doc = self.pager.team.read().doc
+            doc = self.fresh_config("unknown routing key")
             integration = integration_of(doc, routing_key)
         return integration, doc
+
+    def fresh_config(self, what: str) -> dict:
+        """The config read from the store now, for a name or key the copy in memory does not
+        know (one added a moment ago, on any host, works at once): at most once a second
+        across all callers, else a refusal for rate (429 with Retry-After, which monitors
+        retry), so that a flood of bad names cannot become a flood of store requests."""
+        if time.monotonic() - self._key_lookup < 1.0:
+            log.warning("event=request.key_lookup_limited")
+            raise HTTPError(429, f"{what}; try again in a second", RETRY_AFTER)
+        self._key_lookup = time.monotonic()
+        return self.pager.team.read().doc
 
     def events_enqueue(self, request: Request) -> Response:
         """PagerDuty's Events API v2 (`/v2/enqueue`), answered in PagerDuty's words, so
@@ -6376,7 +6382,8 @@ class WebApp:
         """`GET`, `HEAD` or `POST /heartbeat/NAME` (cron's `curl URL`, healthchecks-style
         pingers send GET) with any integration's routing key, heartbeats-only or not
         (`Authorization: Bearer KEY`, or `?key=KEY`): 401 without a key, 403 with a wrong
-        one, 404 for a heartbeat the config does not name."""
+        one, 404 for a heartbeat the config does not name (asked of the store once more, see
+        fresh_config)."""
         name = clean_text(request.path.removeprefix("/heartbeat/"))
         bearer = request.authorization.partition(" ")
         key = (bearer[2].strip() if bearer[0].lower() == "bearer"
@@ -6390,6 +6397,8 @@ class WebApp:
             log.warning("event=heartbeat.unknown_key")
             return json_response(403, {"status": "forbidden", "message": "unknown routing key"})
         settings = heartbeats(doc).get(name)
+        if settings is None and NAME.fullmatch(name):  # one added a moment ago pings at once
+            settings = heartbeats(self.fresh_config("unknown heartbeat")).get(name)
         if settings is None:
             return json_response(404, {"status": "not found",
                                        "message": "no heartbeat of that name is configured"})
