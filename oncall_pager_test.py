@@ -6487,3 +6487,78 @@ def test_two_instances_open_one_page_for_one_miss_and_see_each_others_pings(
     assert len(first.store.list("pages/")) == 1
     assert len(messages_to(twilio, ALICE)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
+
+
+# === Section 19: Restart with a long history ===
+
+
+def a_long_history(root: Path, done: int, open_: int, now: float) -> list[str]:
+    """`done` pages done with (acknowledged, nothing to send), changed at times spread over the
+    last two days, and `open_` open pages whose first escalation step is overdue, last written
+    ten minutes ago (some done pages changed since): written straight to the directory, as a
+    busy pager would have left them. Returns the open pages' ids."""
+    doc = team_doc()
+    pages = root / "pages"
+    pages.mkdir(parents=True, exist_ok=True)
+    open_ids = []
+    for n in range(done + open_):
+        page_id = "RE" + uuid.uuid4().hex
+        page = op.new_page(page_id, "voicemail", doc, caller={"number": CALLER},
+                           call_sid="CA" + uuid.uuid4().hex, recording_url=PAGE_URL,
+                           duration=10)
+        if n < done:
+            changed = now - 60 - (2 * op.DAY - 3600) * n / done
+            page.update(state="acknowledged", acked_by="bob", acked_at=changed,
+                        opened=changed - 120, number=n + 1)
+        else:
+            changed = now - 600
+            page.update(opened=changed, number=n + 1)
+            page["escalation"]["next_due"] = changed + 60
+            open_ids.append(page_id)
+        path = pages / f"{page_id}.json"
+        path.write_bytes(op.to_json(page))
+        os.utime(path, (changed, changed))
+    return open_ids
+
+
+def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_and_stays_alive(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager], twilio: TwilioFake,
+        smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 19, restart with a long history: 3,000 pages done with and changed within two
+    days, 3 open ones overdue, every store request 20 ms away. The first listing after the
+    start once read them one at a time (a minute here, 5 minutes at 10,000 pages and RTT 30)
+    with the watchdog unfed: the open pages rang only when their turn came, and systemd
+    killed the pager before that. Now /healthz answers at once, the open pages' first calls
+    go out within seconds, and the worker stays alive throughout."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, escalation={"ack_timeout": 60, "call_attempts": 2,
+                                                    "escalate_to": ["alice", "bob"]}))
+    open_ids = a_long_history(tmp_path / "var", 3000, 3, time.time())
+    rtt = 0.02
+    request = op.store_request
+
+    def far_away(store_name: str, operation: str, send: Callable[[], Any]) -> Any:
+        time.sleep(rtt)
+        return request(store_name, operation, send)
+
+    monkeypatch.setattr(op, "store_request", far_away)
+    started = time.monotonic()
+    pager = start_pager(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    pager.worker.stuck_after = 5.0  # the watchdog's bound, shortened to fit a test
+    status, _, _ = http_request("GET", pager.base_url + "/healthz")
+    assert status == 200 and time.monotonic() - started < 2
+    alive: list[bool] = []
+    called_after = None
+    while time.monotonic() - started < 20 and not (pager.pager.book.listed and called_after):
+        alive.append(pager.worker.alive())
+        if called_after is None and len(calls_to(twilio, ALICE)) >= 3:
+            called_after = time.monotonic() - started
+        time.sleep(0.05)
+    assert all(alive), f"the watchdog went unfed {alive.count(False)} times of {len(alive)}"
+    assert called_after is not None and called_after < 10, "open pages not called in time"
+    assert pager.pager.book.listed, "the first listing did not finish within 20 s"
+    called = {urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["Url"][0]).query).get(
+        "page", [""])[0] for c in calls_to(twilio, ALICE)}
+    assert called == set(open_ids)
+    for page_id in open_ids:
+        assert page_of(pager.store, page_id)["escalation"]["step"] == 1
