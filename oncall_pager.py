@@ -3913,6 +3913,8 @@ class Worker:
                 first_seen.add(key)
         self.progress = time.monotonic()
         changed.sort(reverse=True)
+        # a page in the local spool too is worked on from there (see scan), never from here
+        spooled = set(self.pager.spool.list("pages/")) if self.pager.spool else set()
         for key, found in self._read_pages([key for _, key in changed]):
             self.progress = time.monotonic()
             if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
@@ -3923,8 +3925,11 @@ class Worker:
             if key in first_seen and found[0].get("audit_due"):
                 self._submit(f"{found[0]['id']}/audit",
                              lambda page=found[0]: self._write_due(page))
-            if has_work(found[0]):
+            if has_work(found[0]) and key not in spooled:
                 self._look_at(self.store, *found, time.time())
+        if not self.pager.book.listed:  # how long a start took to know the store, for the log
+            log.info("event=worker.first_listing pages=%d read=%d seconds=%.1f", len(seen),
+                     len(changed), time.monotonic() - listed_at)
         self.pager.book.keep_only(seen, listed_at)
 
     def _read_pages(self, keys: list[str]) -> Iterator[tuple[str, tuple[dict, str] | None]]:
