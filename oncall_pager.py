@@ -3798,6 +3798,8 @@ class Worker:
             self._next_listing = time.monotonic() + self.cfg.poll_interval
             self._listings += 1
             try:
+                if self._listings == 1:
+                    self._read_recent_pages()
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
@@ -3913,24 +3915,45 @@ class Worker:
                 first_seen.add(key)
         self.progress = time.monotonic()
         changed.sort(reverse=True)
-        # a page in the local spool too is worked on from there (see scan), never from here
-        spooled = set(self.pager.spool.list("pages/")) if self.pager.spool else set()
+        spooled = self._spooled()
         for key, found in self._read_pages([key for _, key in changed]):
-            self.progress = time.monotonic()
-            if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
-                    not isinstance(found[0].get("opened"), (int, float)):
-                log.error("event=worker.page_unreadable key=%s", log_value(key, 80))
-                continue
-            self.pager.book.put(*found)
-            if key in first_seen and found[0].get("audit_due"):
-                self._submit(f"{found[0]['id']}/audit",
-                             lambda page=found[0]: self._write_due(page))
-            if has_work(found[0]) and key not in spooled:
-                self._look_at(self.store, *found, time.time())
+            self._take_in(key, found, key in first_seen, spooled)
         if not self.pager.book.listed:  # how long a start took to know the store, for the log
             log.info("event=worker.first_listing pages=%d read=%d seconds=%.1f", len(seen),
                      len(changed), time.monotonic() - listed_at)
         self.pager.book.keep_only(seen, listed_at)
+
+    def _read_recent_pages(self) -> None:
+        """At a start, before the first listing, which over a long history costs a LIST
+        request per 1,000 pages and then thousands of reads: the pages of counters/pages.json's
+        recent list (one read, then RECENT_PAGES at once), where an open page is, so that it
+        rings within a few round trips of the start. The listing finds them known, unchanged,
+        and does not read them again."""
+        keys = [f"pages/{item['id']}.json" for item in self.pager.recent_items()
+                if PAGE_ID.fullmatch(str(item.get("id", "")))]
+        spooled = self._spooled()
+        for key, found in self._read_pages(keys):
+            if found is not None:  # None: moved to pages-done/ (or never stored)
+                self._take_in(key, found, True, spooled)
+
+    def _spooled(self) -> set[str]:
+        """The keys of the pages in the local spool: the spool works on those (see scan)."""
+        return set(self.pager.spool.list("pages/")) if self.pager.spool else set()
+
+    def _take_in(self, key: str, found: tuple[dict, str] | None, first_seen: bool,
+                 spooled: set[str]) -> None:
+        """A page just read into the book; seen for the first time, its due audit entries are
+        written again (its writer may have stopped before); with work, it is looked at now."""
+        self.progress = time.monotonic()
+        if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
+                not isinstance(found[0].get("opened"), (int, float)):
+            log.error("event=worker.page_unreadable key=%s", log_value(key, 80))
+            return
+        self.pager.book.put(*found)
+        if first_seen and found[0].get("audit_due"):
+            self._submit(f"{found[0]['id']}/audit", lambda page=found[0]: self._write_due(page))
+        if has_work(found[0]) and key not in spooled:
+            self._look_at(self.store, *found, time.time())
 
     def _read_pages(self, keys: list[str]) -> Iterator[tuple[str, tuple[dict, str] | None]]:
         """Each of `keys` read (read_json) on the reader threads, LISTING_READERS at once and
