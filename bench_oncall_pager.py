@@ -1749,7 +1749,8 @@ def fill_history(lab: Lab, bucket: str, pages: int) -> None:
     """`pages` pages in the bucket, put straight into moto's backend (through HTTP, 10,000
     would take minutes here): SCALE_OPEN open ones last written ten minutes ago with their
     first call overdue, the rest acknowledged and changed at times spread over the last two
-    days (a tenth of them after the open ones), as a busy pager leaves pages/ behind."""
+    days (a few dozen after the open ones), as a busy pager leaves pages/ behind, with
+    counters/pages.json listing the last RECENT_PAGES opened."""
     from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
 
@@ -1759,6 +1760,7 @@ def fill_history(lab: Lab, bucket: str, pages: int) -> None:
                            caller={"number": "+15551230000"}, call_sid="CA" + "0" * 32,
                            recording_url="https://api.twilio.com/x/Recordings/RE0", duration=10)
     done = pages - SCALE_OPEN
+    opened: list[dict] = []
     for n in range(pages):
         page = {**template, "id": "RE" + uuid.uuid4().hex, "number": n + 1,
                 "escalation": dict(template["escalation"])}
@@ -1770,9 +1772,15 @@ def fill_history(lab: Lab, bucket: str, pages: int) -> None:
             changed = now - 600
             page["opened"] = changed
             page["escalation"]["next_due"] = changed + 60
+        opened.append({"number": n + 1, "id": page["id"], "opened": page["opened"]})
         key = backend.put_object(bucket, f"pages/{page['id']}.json", op.to_json(page))
         key.last_modified = datetime.datetime.fromtimestamp(changed, datetime.UTC).replace(
             tzinfo=None)
+    opened.sort(key=lambda item: item["opened"])
+    for number, item in enumerate(opened, 1):
+        item["number"] = number
+    backend.put_object(bucket, "counters/pages.json", op.to_json(
+        {"next": pages + 1, "recent": opened[-op.RECENT_PAGES:]}))
 
 
 class NotifySocket:

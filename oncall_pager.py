@@ -18,7 +18,8 @@ How data flows
             queue entry and this instance's claim on its first deliveries
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
-            work (found by listing pages/ every poll_interval; only changed pages are read)
+            work (found by listing pages/ every poll_interval; only changed pages are read;
+            after a start the recent pages first, then the changed ones, in parallel)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
     live -> /public/keypress 2 -> screened <Dial> (/public/screen, /public/screenkey: only the
             engineer's 1 connects; Pager.live_accepted opens a page of kind call, acknowledged)
