@@ -3954,7 +3954,9 @@ class Worker:
         if first_seen and found[0].get("audit_due"):
             self._submit(f"{found[0]['id']}/audit", lambda page=found[0]: self._write_due(page))
         if has_work(found[0]) and key not in spooled:
-            self._look_at(self.store, *found, time.time())
+            # without a valid config the listing goes on; the scan meets the problem after it
+            with contextlib.suppress(NoConfig, ConfigError):
+                self._look_at(self.store, *found, time.time())
 
     def _read_pages(self, keys: list[str]) -> Iterator[tuple[str, tuple[dict, str] | None]]:
         """Each of `keys` read (read_json) on the reader threads, LISTING_READERS at once and
