@@ -44,6 +44,12 @@ Section 13, S3 at a simulated round-trip time (at each of --rtts, default 0, 30 
       MMS POST hangs at Twilio, Twilio recovers, and the other instance must send the MMS.
     The report puts the SPEC's figures for the predecessor and the first release beside them.
 
+Section 20, a start over a long history (--scale-pages at each of --scale-rtts)
+ 6. A bucket of 100, 1,000 and 10,000 pages (3 open with their first call overdue, the rest
+    done and changed within two days), then `serve` on it behind the delaying proxy, under a
+    notify socket with a 2 s watchdog: start -> /healthz, start -> the open pages' first
+    calls at the Twilio fake, start -> the first scan done, RSS, the longest unfed gap.
+
 Method, so the figures can be trusted
  - Load generator: --clients processes (multiprocessing, spawn), each with one keep-alive
    connection and a minimal HTTP/1.1 client on a raw socket, closed loop, a 0.5 s warm-up and
@@ -75,6 +81,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import http.client
 import itertools
 import json
@@ -742,7 +749,8 @@ class Server:
     """One server under test as a subprocess, stdout and stderr to a log file (never a pipe
     that nobody reads). stop() always ends it."""
 
-    def __init__(self, name: str, argv: list[str], config: Path, cpus: list[int] | None):
+    def __init__(self, name: str, argv: list[str], config: Path, cpus: list[int] | None,
+                 env: dict[str, str] | None = None):
         self.name = name
         self.config = config
         self.port = op.load_app_config(config).port
@@ -751,13 +759,16 @@ class Server:
         self._log = open(self.log_path, "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=subprocess_env(),
+                                     stderr=subprocess.STDOUT,
+                                     env=subprocess_env() | (env or {}),
                                      cwd=config.parent)
         pin(self.proc.pid, cpus)   # before the interpreter starts any thread
 
     @classmethod
-    def pager(cls, name: str, config: Path, cpus: list[int] | None) -> Server:
-        return cls(name, [sys.executable, str(APP), "serve", "-c", str(config)], config, cpus)
+    def pager(cls, name: str, config: Path, cpus: list[int] | None,
+              env: dict[str, str] | None = None) -> Server:
+        return cls(name, [sys.executable, str(APP), "serve", "-c", str(config)], config, cpus,
+                   env)
 
     @classmethod
     def trivial(cls, name: str, config: Path, cpus: list[int] | None) -> Server:
@@ -895,8 +906,8 @@ class Lab:
         self._servers.append(server)
         return server
 
-    def pager(self, name: str, config: Path) -> Server:
-        return self.start(Server.pager(name, config, self.server_cpus))
+    def pager(self, name: str, config: Path, env: dict[str, str] | None = None) -> Server:
+        return self.start(Server.pager(name, config, self.server_cpus, env))
 
     def trivial(self, name: str, config: Path) -> Server:
         return self.start(Server.trivial(name, config, self.server_cpus))
@@ -993,6 +1004,7 @@ class Report:
         lines: list[str] = []
         ten = [f for f in self.figures if f.section == "10"]
         thirteen = [f for f in self.figures if f.section == "13"]
+        twenty = [f for f in self.figures if f.section == "20"]
         if ten:
             lines += ["Section 10 (loopback, no simulated RTT):", "",
                       "| figure | value | target | verdict |", "|---|---|---|---|"]
@@ -1004,6 +1016,12 @@ class Report:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} | "
                       f"{f.predecessor or '—'} | {f.first_release or '—'} |" for f in thirteen]
+        if twenty:
+            lines += [""] if lines else []
+            lines += ["Section 20, start-up over a long history (S3 behind the delaying proxy; "
+                      "3 open pages, the rest done and changed within two days):", "",
+                      "| figure | value | target | verdict |", "|---|---|---|---|"]
+            lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} |" for f in twenty]
         m = self.machine
         lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']} on "
                       f"{m['platform']}; {m['pinning']}."]
@@ -1370,7 +1388,7 @@ def rtt_pager(lab: Lab, name: str, *, default_worker: bool = False,
     return lab.pager(name, config)
 
 
-def attempt(report: Report, what: str, part: Callable[[], None]) -> None:
+def attempt(report: Report, what: str, part: Callable[[], None], section: str = "13") -> None:
     """Run one part of section 13. If the app fails it (an error answer, a crash, a timeout),
     the report says so in a FAIL row and the next part still runs: the app may be half-way
     through a redesign, and one broken flow should not hide the other figures."""
@@ -1379,7 +1397,7 @@ def attempt(report: Report, what: str, part: Callable[[], None]) -> None:
     except (BenchError, OSError) as e:   # OSError: the app refused or dropped a connection
         note(f"{what}: could not measure: {e}")
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        report.add(Figure(what, math.nan, "", section="13", ok=False,
+        report.add(Figure(what, math.nan, "", section=section, ok=False,
                           detail=f"(not measured: {first_line})"))
         report.notes.append(f"{what} could not be measured: {e}")
 
@@ -1719,6 +1737,156 @@ def measure_section_13(lab: Lab, report: Report, settings: argparse.Namespace) -
 
 
 # ==============================================================================================
+# 6. Section 20: a start over a long history (100, 1,000, 10,000 pages at RTT 0 and 30 ms)
+# ==============================================================================================
+
+SCALE_OPEN = 3             # open pages among them, their first escalation step overdue
+SCALE_WAIT = 900.0         # s a start gets to finish its first scan before the part fails
+SCALE_TARGETS = {"healthz": 2.0, "call": 30.0, "scan": 60.0, "rss": 100.0}  # at 10,000, RTT 30
+
+
+def fill_history(lab: Lab, bucket: str, pages: int) -> None:
+    """`pages` pages in the bucket, put straight into moto's backend (through HTTP, 10,000
+    would take minutes here): SCALE_OPEN open ones last written ten minutes ago with their
+    first call overdue, the rest acknowledged and changed at times spread over the last two
+    days (a few dozen after the open ones), as a busy pager leaves pages/ behind, with
+    counters/pages.json listing the last RECENT_PAGES opened."""
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    now = time.time()
+    template = op.new_page("RE" + "0" * 32, "voicemail", lab.kit.team_doc(lab.smtp.port),
+                           caller={"number": "+15551230000"}, call_sid="CA" + "0" * 32,
+                           recording_url="https://api.twilio.com/x/Recordings/RE0", duration=10)
+    done = pages - SCALE_OPEN
+    opened: list[dict] = []
+    for n in range(pages):
+        page = {**template, "id": "RE" + uuid.uuid4().hex, "number": n + 1,
+                "escalation": dict(template["escalation"])}
+        if n < done:
+            changed = now - 60 - (2 * op.DAY - 3600) * ((n * 9 + 1) % done) / done
+            page.update(state="acknowledged", acked_by="bob", acked_at=changed,
+                        opened=changed - 120)
+        else:
+            changed = now - 600
+            page["opened"] = changed
+            page["escalation"]["next_due"] = changed + 60
+        opened.append({"number": n + 1, "id": page["id"], "opened": page["opened"]})
+        key = backend.put_object(bucket, f"pages/{page['id']}.json", op.to_json(page))
+        key.last_modified = datetime.datetime.fromtimestamp(changed, datetime.UTC).replace(
+            tzinfo=None)
+    opened.sort(key=lambda item: item["opened"])
+    for number, item in enumerate(opened, 1):
+        item["number"] = number
+    backend.put_object(bucket, "counters/pages.json", op.to_json(
+        {"next": pages + 1, "recent": opened[-op.RECENT_PAGES:]}))
+
+
+class NotifySocket:
+    """systemd's side of the notify protocol: a datagram socket that keeps when each
+    WATCHDOG=1 arrived, so the benchmark sees whether the watchdog was fed throughout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.fed: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                if b"WATCHDOG=1" in self.sock.recv(4096):
+                    self.fed.append(time.monotonic())
+
+    def longest_gap(self, since: float, until: float) -> float:
+        moments = [since] + [t for t in self.fed if since <= t <= until] + [until]
+        return max(b - a for a, b in itertools.pairwise(moments))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def measure_start_over(lab: Lab, report: Report, pages: int, rtt_ms: float) -> None:
+    """One start of `serve` (under a notify socket with a 2 s watchdog, fed every 0.5 s
+    while the worker is alive) on a bucket of `pages` pages: start -> /healthz, start -> the
+    first escalation call at the Twilio fake, start -> the first scan done (its log line),
+    RSS then, and the longest time the watchdog went unfed in between."""
+    bucket = lab.s3_store()[len("s3://"):]
+    note(f"section 20: {pages:,} pages at RTT {rtt_ms:g} ms (filling the bucket)")
+    fill_history(lab, bucket, pages)
+    lab.proxy.rtt = rtt_ms / 1000
+    config = lab.config(f"scale-{pages}-{rtt_ms:g}", f"s3://{bucket}", log_level="INFO",
+                        s3_endpoint_url=lab.proxy.url)
+    notify = NotifySocket(config.parent / "notify.sock")
+    mark = lab.proxy.mark()
+    try:
+        server = lab.pager(f"scale-{pages}", config, env={
+            "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"})
+        healthz = server.wait_healthy(timeout=SCALE_WAIT)
+        called = scanned = None
+        while time.monotonic() - server.started < SCALE_WAIT and scanned is None:
+            if called is None and len([r for r in lab.arrivals.since(server.started)
+                                       if r.path.endswith("/Calls.json")]) >= SCALE_OPEN:
+                called = time.monotonic() - server.started
+            if "event=worker.first_listing" in server.log_path.read_text(errors="replace"):
+                scanned = time.monotonic() - server.started
+            if server.proc.poll() is not None:
+                raise BenchError(f"serve exited:\n{server.log_tail()}")
+            time.sleep(0.05)
+        if scanned is None:
+            raise BenchError(f"no first scan within {SCALE_WAIT:g} s")
+        rss = rss_mb(server.pid)
+        cpu = cpu_seconds(server.pid)
+        gap = notify.longest_gap(server.started + healthz, time.monotonic())
+        lab.stop(server)
+    finally:
+        notify.close()
+        lab.proxy.rtt = 0.0
+    at_target = pages >= 10_000 and rtt_ms >= 30
+    where = f"{pages:,} pages, RTT {rtt_ms:g} ms"
+
+    def figure(name: str, value: float, unit: str, target: str, limit: float) -> None:
+        report.add(Figure(f"{name}, {where}", value, unit, section="20",
+                          target=target if at_target else "—",
+                          ok=(value < limit) if at_target else None))
+
+    figure("start → /healthz 200", healthz, "s", f"< {SCALE_TARGETS['healthz']:g} s",
+           SCALE_TARGETS["healthz"])
+    figure(f"start → {SCALE_OPEN} open pages' first escalation calls",
+           math.nan if called is None else called, "s", f"< {SCALE_TARGETS['call']:g} s",
+           SCALE_TARGETS["call"] if called is not None else -1)
+    figure("start → first scan done", scanned, "s", f"< {SCALE_TARGETS['scan']:g} s",
+           SCALE_TARGETS["scan"])
+    figure("RSS after the first scan", rss, "MB", f"< {SCALE_TARGETS['rss']:g} MiB",
+           SCALE_TARGETS["rss"])
+    figure("longest time the watchdog went unfed (fed every 0.5 s)", gap, "s", "< 2 s", 2.0)
+    requests = [r for r in lab.proxy.since(mark) if r.end]
+    service = [(r.end - r.start) * 1000 - rtt_ms for r in requests]
+    report.add(Figure(f"for reference: the pager's CPU until then, {where}", cpu, "s",
+                      section="20", detail=(
+                          f"({len(requests):,} S3 requests; moto took "
+                          f"{percentile(service, 50):.1f} ms p50 on top of the RTT for each)")))
+
+
+def measure_startup_scale(lab: Lab, report: Report, settings: argparse.Namespace) -> None:
+    for pages in settings.scale_pages:
+        for rtt_ms in settings.scale_rtts:
+            attempt(report, f"Start over {pages:,} pages, RTT {rtt_ms:g} ms",
+                    lambda p=pages, r=rtt_ms: measure_start_over(lab, report, p, r), "20")
+    report.notes.append(
+        "Section 20: the pages are put straight into moto's backend, then `serve` starts on "
+        "the bucket behind the delaying proxy (moto's own time per request, several ms here, "
+        "comes on top of the RTT); 'first scan done' is the worker's first_listing log line.")
+
+
+# ==============================================================================================
 # Command line
 # ==============================================================================================
 
@@ -1731,6 +1899,16 @@ def parse_rtts(text: str) -> list[float]:
     if not rtts or min(rtts) < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more RTTs ≥ 0, like 0,30,80")
     return rtts
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+    if not counts or min(counts) < 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts of 4 or more")
+    return counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1756,7 +1934,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of idle S3 traffic counted (scaled to an hour)")
     parser.add_argument("--no-failover", dest="failover", action="store_false",
                         help="skip the failover figure (it takes up to ~90 s)")
-    parser.add_argument("--only", choices=("10", "13"),
+    parser.add_argument("--scale-pages", type=parse_counts, default=parse_counts("100,1000,10000"),
+                        metavar="N,N,...",
+                        help="pages in the store for section 20's start-up figures")
+    parser.add_argument("--scale-rtts", type=parse_rtts, default=parse_rtts("0,30"),
+                        metavar="MS,MS,...", help="RTTs of section 20's start-up figures")
+    parser.add_argument("--only", choices=("10", "13", "20"),
                         help="measure only the figures of this SPEC section")
     parser.add_argument("--json", type=Path, default=Path("bench_results.json"),
                         help="where to write the results as JSON")
@@ -1801,7 +1984,7 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                        "keep-alive connection each, minimal HTTP/1.1 client on a raw socket, "
                        f"closed loop, {BODIES_PER_CLIENT} pre-signed WHO bodies per process"))
         note(f"temporary folder {lab.tmp}; {report.machine['pinning']}")
-        if args.only != "13":
+        if args.only in (None, "10"):
             note("1/5 throughput: WHO (file, S3, file at INFO) and the trivial app")
             measure_throughput(lab, report, args)
             note("2/5 S3 requests per webhook")
@@ -1821,9 +2004,12 @@ def run_benchmark(args: argparse.Namespace) -> Report:
                 "The S3 rows run against moto in the benchmark's own process, on the "
                 "generator's CPU: they measure the app plus moto on loopback, not AWS.",
             ]
-        if args.only != "10":
+        if args.only in (None, "13"):
             note(f"5/5 section 13 at RTT {', '.join(f'{r:g}' for r in args.rtts)} ms")
             measure_section_13(lab, report, args)
+        if args.only in (None, "20"):
+            note("section 20: start-up over a long history")
+            measure_startup_scale(lab, report, args)
     report.elapsed_s = time.monotonic() - began
     return report
 

@@ -18,7 +18,8 @@ How data flows
             queue entry and this instance's claim on its first deliveries
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
-            work (found by listing pages/ every poll_interval; only changed pages are read)
+            work (found by listing pages/ every poll_interval; only changed pages are read;
+            after a start the recent pages first, then the changed ones, in parallel)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
          (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
             nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
@@ -147,8 +148,9 @@ import urllib.request
 import uuid
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_any
 from configparser import ConfigParser
 from configparser import Error as ConfigParserError
 from pathlib import Path
@@ -1474,12 +1476,17 @@ class S3Store(Store):
         self._call("delete_object", Key=self.prefix + check_key(key))
 
 
+# Pages the worker reads at once when a listing finds many changed, as the first one after a
+# start does (Worker._list_pages): each S3 client keeps a connection for each of them.
+LISTING_READERS = 16
+
+
 def open_store(cfg: AppConfig) -> Store:
     if cfg.store_url.startswith("file:"):
         return DirectoryStore(resolve_path(cfg, cfg.store_url[len("file:"):]))
     bucket, _, prefix = cfg.store_url[len("s3://"):].partition("/")
     return S3Store(bucket, prefix, cfg.s3_endpoint_url, cfg.region, cfg.http_timeout,
-                   pool=cfg.threads + cfg.worker_threads + 2)
+                   pool=cfg.threads + cfg.worker_threads + LISTING_READERS + 2)
 
 
 def json_object(data: bytes) -> dict | None:
@@ -4489,6 +4496,9 @@ class Worker:
         # and archive threads cannot hold back an MMS or an escalation call.
         self._urgent = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="send")
         self._pool = ThreadPoolExecutor(self.cfg.worker_threads, thread_name_prefix="deliver")
+        # Reads of a listing's changed pages, apart from both, so that thousands of them after
+        # a start queue behind neither a delivery nor a webhook's writes (IO_POOL).
+        self._readers = ThreadPoolExecutor(LISTING_READERS, thread_name_prefix="read")
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._recordings: OrderedDict[str, bytes] = OrderedDict()
@@ -4520,6 +4530,7 @@ class Worker:
             self._thread.join(timeout)
         self._urgent.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -4572,6 +4583,8 @@ class Worker:
             self._next_listing = time.monotonic() + self.cfg.poll_interval
             self._listings += 1
             try:
+                if self._listings == 1:
+                    self._read_recent_pages()
                 self._list_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
@@ -4689,10 +4702,18 @@ class Worker:
     def _list_pages(self) -> None:
         """One listing of pages/: read the pages whose ETag is not the book's. A page seen for
         the first time (another instance's, or any page after a restart) gets its due audit
-        entries written again, in case its writer stopped before writing them."""
+        entries written again, in case its writer stopped before writing them.
+
+        After a start that is every page changed within QUIET_AFTER, thousands after a busy
+        day, so the reads are bounded and in parallel (LISTING_READERS at once), newest first
+        (an open page is written at every escalation step; a done one is not written again),
+        and a page with work is looked at as soon as it is read: an open page rings before
+        the old ones are read. Each page read counts as progress for the watchdog."""
         listed_at = time.monotonic()
         now = time.time()
         seen = set()
+        changed: list[tuple[float, str]] = []
+        first_seen = set()
         for key, (etag, modified) in self.store.versions("pages/").items():
             page_id = key[len("pages/"):].removesuffix(".json")
             seen.add(page_id)
@@ -4702,15 +4723,74 @@ class Worker:
             if known is None and modified < now - QUIET_AFTER:
                 self.pager.book.note_quiet(page_id, etag)
                 continue
-            found = read_json(self.store, key)
-            if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
-                    not isinstance(found[0].get("opened"), (int, float)):
-                log.error("event=worker.page_unreadable key=%s", log_value(key, 80))
-                continue
-            self.pager.book.put(*found)
-            if known is None and found[0].get("audit_due"):
-                self._submit(f"{page_id}/audit", lambda page=found[0]: self._write_due(page))
+            changed.append((modified, key))
+            if known is None:
+                first_seen.add(key)
+        self.progress = time.monotonic()
+        changed.sort(reverse=True)
+        spooled = self._spooled()
+        for key, found in self._read_pages([key for _, key in changed]):
+            self._take_in(key, found, key in first_seen, spooled)
+        if not self.pager.book.listed:  # how long a start took to know the store, for the log
+            log.info("event=worker.first_listing pages=%d read=%d seconds=%.1f", len(seen),
+                     len(changed), time.monotonic() - listed_at)
         self.pager.book.keep_only(seen, listed_at)
+
+    def _read_recent_pages(self) -> None:
+        """At a start, before the first listing, which over a long history costs a LIST
+        request per 1,000 pages and then thousands of reads: the pages of counters/pages.json's
+        recent list (one read, then RECENT_PAGES at once), where an open page is, so that it
+        rings within a few round trips of the start. The listing finds them known, unchanged,
+        and does not read them again."""
+        keys = [f"pages/{item['id']}.json" for item in self.pager.recent_items()
+                if PAGE_ID.fullmatch(str(item.get("id", "")))]
+        spooled = self._spooled()
+        for key, found in self._read_pages(keys):
+            if found is not None:  # None: moved to pages-done/ (or never stored)
+                self._take_in(key, found, True, spooled)
+
+    def _spooled(self) -> set[str]:
+        """The keys of the pages in the local spool: the spool works on those (see scan)."""
+        return set(self.pager.spool.list("pages/")) if self.pager.spool else set()
+
+    def _take_in(self, key: str, found: tuple[dict, str] | None, first_seen: bool,
+                 spooled: set[str]) -> None:
+        """A page just read into the book; seen for the first time, its due audit entries are
+        written again (its writer may have stopped before); with work, it is looked at now."""
+        self.progress = time.monotonic()
+        if found is None or not PAGE_ID.fullmatch(str(found[0].get("id", ""))) or \
+                not isinstance(found[0].get("opened"), (int, float)):
+            log.error("event=worker.page_unreadable key=%s", log_value(key, 80))
+            return
+        self.pager.book.put(*found)
+        if first_seen and found[0].get("audit_due"):
+            self._submit(f"{found[0]['id']}/audit", lambda page=found[0]: self._write_due(page))
+        if has_work(found[0]) and key not in spooled:
+            # without a valid config the listing goes on; the scan meets the problem after it
+            with contextlib.suppress(NoConfig, ConfigError):
+                self._look_at(self.store, *found, time.time())
+
+    def _read_pages(self, keys: list[str]) -> Iterator[tuple[str, tuple[dict, str] | None]]:
+        """Each of `keys` read (read_json) on the reader threads, LISTING_READERS at once and
+        as many more queued, so memory stays bounded however many there are: (key, what was
+        read), in the order the reads finish. A failed read stops the rest and raises: the
+        pages not read yet are read at the next listing."""
+        todo = iter(keys)
+        running: dict[Future, str] = {}
+        try:
+            while True:
+                for key in todo:
+                    running[self._readers.submit(read_json, self.store, key)] = key
+                    if len(running) >= 2 * LISTING_READERS:
+                        break
+                if not running:
+                    return
+                finished, _ = wait_for_any(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield running.pop(future), future.result()
+        finally:
+            for future in running:
+                future.cancel()
 
     def _check_heartbeats(self, now: float) -> float:
         """Open a page for each heartbeat that missed its ping; returns when the next one is

@@ -8495,3 +8495,91 @@ def test_a_flood_of_unknown_keys_is_refused_with_429_and_retry_after_never_a_5xx
     assert {path.split("?")[0] for path, *_ in limited} >= {"/v2/enqueue", "/v2/change/enqueue",
                                                            "/heartbeat/nightly-backup"}
     assert file_pager.store.list("pages/") == [] and audit_events(file_pager.store) == []
+
+
+# === Section 19: Restart with a long history ===
+
+
+def a_long_history(root: Path, done: int, open_: int, now: float, counter: bool) -> list[str]:
+    """`done` pages done with (acknowledged, nothing to send), changed at times spread over the
+    last two days, and `open_` open pages whose first escalation step is overdue, last written
+    ten minutes ago (some done pages changed since): written straight to the directory, as a
+    busy pager would have left them; with `counter`, counters/pages.json lists the pages
+    opened last (the open ones among them). Returns the open pages' ids."""
+    template = op.new_page("RE" + "0" * 32, "voicemail", team_doc(), caller={"number": CALLER},
+                           call_sid="CA" + "0" * 32, recording_url=PAGE_URL, duration=10)
+    pages = root / "pages"
+    pages.mkdir(parents=True, exist_ok=True)
+    open_ids, opened = [], []
+    for n in range(done + open_):
+        page = {**template, "id": "RE" + uuid.uuid4().hex, "number": n + 1,
+                "escalation": dict(template["escalation"])}
+        if n < done:
+            changed = now - 60 - (2 * op.DAY - 3600) * n / done
+            page.update(state="acknowledged", acked_by="bob", acked_at=changed,
+                        opened=changed - 120)
+        else:
+            changed = now - 600
+            page["opened"] = changed
+            page["escalation"]["next_due"] = changed + 60
+            open_ids.append(page["id"])
+        opened.append({"number": n + 1, "id": page["id"], "opened": page["opened"]})
+        path = pages / f"{page['id']}.json"
+        path.write_bytes(op.to_json(page))
+        os.utime(path, (changed, changed))
+    if counter:
+        (root / "counters").mkdir()
+        (root / "counters" / "pages.json").write_bytes(op.to_json({
+            "next": done + open_ + 1, "recent": sorted(
+                opened, key=lambda item: item["opened"])[-op.RECENT_PAGES:]}))
+    return open_ids
+
+
+@pytest.mark.parametrize("counter", [False, True], ids=["listing", "recent"])
+def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_and_stays_alive(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager], twilio: TwilioFake,
+        smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch, counter: bool) -> None:
+    """SPEC 19, restart with a long history: 3,000 pages done with and changed within two
+    days, 3 open ones overdue, every store request 20 ms away. The first listing after the
+    start once read them one at a time (a minute here, 5 minutes at 10,000 pages and RTT 30)
+    with the watchdog unfed: the open pages rang only when their turn came, and systemd
+    killed the pager before that. Now /healthz answers at once, the open pages' first calls
+    go out within seconds (found by the listing, newest first, or, when counters/pages.json
+    lists them as recent, before the listing is done), and the worker stays alive
+    throughout."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(smtp.port, escalation={"ack_timeout": 60, "call_attempts": 2,
+                                                    "escalate_to": ["alice", "bob"]}))
+    open_ids = a_long_history(tmp_path / "var", 3000, 3, time.time(), counter)
+    rtt = 0.02
+    request = op.store_request
+
+    def far_away(store_name: str, operation: str, send: Callable[[], Any]) -> Any:
+        time.sleep(rtt)
+        return request(store_name, operation, send)
+
+    monkeypatch.setattr(op, "store_request", far_away)
+    started = time.monotonic()
+    pager = start_pager(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    pager.worker.stuck_after = 5.0  # the watchdog's bound, shortened to fit a test
+    status, _, _ = http_request("GET", pager.base_url + "/healthz")
+    assert status == 200 and time.monotonic() - started < 2
+    alive: list[bool] = []
+    called_after = None
+    listed_when_called = None
+    while time.monotonic() - started < 20 and not (pager.pager.book.listed and called_after):
+        alive.append(pager.worker.alive())
+        if called_after is None and len(calls_to(twilio, ALICE)) >= 3:
+            called_after = time.monotonic() - started
+            listed_when_called = pager.pager.book.listed
+        time.sleep(0.05)
+    assert all(alive), f"the watchdog went unfed {alive.count(False)} times of {len(alive)}"
+    assert called_after is not None and called_after < 10, "open pages not called in time"
+    assert pager.pager.book.listed, "the first listing did not finish within 20 s"
+    if counter:
+        assert not listed_when_called, "the recent pages waited for the listing"
+    called = {urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["Url"][0]).query).get(
+        "page", [""])[0] for c in calls_to(twilio, ALICE)}
+    assert called == set(open_ids)
+    for page_id in open_ids:
+        assert page_of(pager.store, page_id)["escalation"]["step"] == 1
