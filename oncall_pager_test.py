@@ -4366,7 +4366,8 @@ def test_fuzz_every_route_never_500_and_nothing_changes_without_a_valid_signatur
         assert status != 500 and "Traceback" not in text, (status, text)
         # every TwiML answer is XML (SPEC 19); the one 5xx left is waitress's own 501 for a
         # Transfer-Encoding it does not implement, before the app is asked
-        assert status < 500 or "Transfer-Encoding requested" in text, (status, text)
+        assert status < 500 or (status == 501 and "Transfer-Encoding" in headers), (
+            status, text)
         assert status >= 500 or answer_problems(method, target, status, text,
                                                 content_type) == []
         if not valid:
