@@ -6404,16 +6404,10 @@ class WebApp:
     def events_enqueue(self, request: Request) -> Response:
         """PagerDuty's Events API v2 (`/v2/enqueue`), answered in PagerDuty's words, so
         Alertmanager, Grafana, Uptime Kuma and the rest page through it unchanged."""
-        try:
-            event = json.loads(request.body)
-        except (ValueError, RecursionError):
-            return invalid_event(["Event object is invalid: the body is not JSON"])
-        parsed, errors = parse_event(event)
-        if errors:
-            return invalid_event(errors)
-        integration = self.event_integration(parsed["routing_key"])
-        if isinstance(integration, Response):
-            return integration
+        accepted = self.accepted_event(request, parse_event)
+        if isinstance(accepted, Response):
+            return accepted
+        parsed, integration = accepted
         try:
             dedup_key = self.pager.alert_event(integration, parsed)
         except StoreConflict:
@@ -6422,6 +6416,23 @@ class WebApp:
                  parsed["event_action"])
         return json_response(202, {"status": "success", "message": "Event processed",
                                    "dedup_key": dedup_key})
+
+    def accepted_event(self, request: Request,
+                       parse: Callable[[object], tuple[dict, list[str]]]
+                       ) -> tuple[dict, str] | Response:
+        """An Events API body (an event, or a Change Event), parsed, and the integration its
+        routing key names; or the 400 that refuses it in PagerDuty's words."""
+        try:
+            event = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return invalid_event(["Event object is invalid: the body is not JSON"])
+        parsed, errors = parse(event)
+        if errors:
+            return invalid_event(errors)
+        integration = self.event_integration(parsed["routing_key"])
+        if isinstance(integration, Response):
+            return integration
+        return parsed, integration
 
     def event_integration(self, routing_key: str) -> str | Response:
         """The integration that may send events with this key, or PagerDuty's 400 "Invalid
@@ -6444,16 +6455,10 @@ class WebApp:
         """PagerDuty's Change Events (`/v2/change/enqueue`, sent by the `pagerduty` and `pdjs`
         clients, CI pipelines, deploy tools): audited for whoever reads what happened before a
         page; nothing rings. Refused in the words of /v2/enqueue."""
-        try:
-            event = json.loads(request.body)
-        except (ValueError, RecursionError):
-            return invalid_event(["Event object is invalid: the body is not JSON"])
-        change, errors = parse_change_event(event)
-        if errors:
-            return invalid_event(errors)
-        integration = self.event_integration(change["routing_key"])
-        if isinstance(integration, Response):
-            return integration
+        accepted = self.accepted_event(request, parse_change_event)
+        if isinstance(accepted, Response):
+            return accepted
+        change, integration = accepted
         self.pager.change_received(integration, change)
         log.info("event=events.change integration=%s", integration)
         return json_response(202, {"status": "success", "message": "Change event processed"})
