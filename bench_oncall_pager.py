@@ -1613,6 +1613,10 @@ def measure_idle(lab: Lab, report: Report, settings: argparse.Namespace,
     finally:
         lab.stop(server)
     per_hour = len(idle) * 3600 / settings.idle_seconds
+    # SPEC 13 as section 19 amends it: at most 72 LIST/PUT/DELETE an hour, plus up to 66
+    # conditional GETs of the config (one with every listing, so a change made elsewhere acts
+    # within poll_interval)
+    reads = sum(r.describe().startswith("GET ") for r in idle) * 3600 / settings.idle_seconds
     report.s3_operations[f"start-up, one instance, default settings, RTT {rtt_ms:g} ms"] = [
         [r.describe() for r in startup]]
     report.s3_operations[f"idle for {settings.idle_seconds:g} s after start-up (sorted)"] = [
@@ -1620,10 +1624,12 @@ def measure_idle(lab: Lab, report: Report, settings: argparse.Namespace,
     report.add(Figure(
         f"S3 requests per hour while idle, one instance, default worker settings, "
         f"RTT {rtt_ms:g} ms", per_hour, "requests", samples=[len(idle)], section="13",
-        target="≤ 72", ok=per_hour <= 72,
+        target="≤ 72 LIST/PUT/DELETE + 66 GET",
+        ok=per_hour - reads <= 72 and reads <= 66,
         detail=f"({len(idle)} in {settings.idle_seconds:g} s, scaled: one request is "
                f"{3600 / settings.idle_seconds:g}/h; "
-               f"{sum(r.describe().startswith('LIST') for r in idle)} of them LIST)",
+               f"{sum(r.describe().startswith('LIST') for r in idle)} of them LIST, "
+               f"{reads:g}/h GET)",
         **before("idle")))
     report.add(Figure(
         "… S3 requests at start-up (until quiet for 1 s), same instance", len(startup),
