@@ -116,6 +116,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import csv
 import dataclasses
 import datetime as dt
 import email.message
@@ -137,6 +138,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -7284,6 +7286,234 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_READERS = 32    # audit entries `report` reads at once
+REPORT_MAX_DAYS = 366  # the longest range one report reads
+REPORT_EVENTS = ("page.opened", "page.acknowledged", "page.escalated", "page.resolved",
+                 "page.closed", "oncall.changed")
+NIGHT = (22, 7)        # pages opened from 22:00 to 07:00 local time count as at night
+
+
+def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
+    """The team's time zone: the rotation's, else UTC."""
+    name = (doc.get("current_config", {}).get("rotation") or {}).get("timezone") or "UTC"
+    return zoneinfo.ZoneInfo(name)
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile: the smallest value with `share` of them at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+class Report:
+    """`oncall-pager report`: what happened to each page opened in a range, time to
+    acknowledge, pages at night and on-call hours per member, from the audit log alone. It
+    lists each UTC day's prefix once and reads the entries REPORT_READERS at a time, keeping
+    only the REPORT_EVENTS. Who was on call when the range starts is the `from` of its first
+    on-call change; with none in the range, the days after it are read until one is found,
+    or the config says who is on call now."""
+
+    def __init__(self, store: Store, doc: dict, start: float, end: float):
+        self.store, self.doc, self.start, self.end = store, doc, start, end
+        self.zone = team_zone(doc)
+        self.pages: dict[str, dict] = {}
+        self.changes: list[dict] = []  # oncall.changed entries in the range, oldest first
+
+    def read(self) -> Report:
+        for entry in self._entries(self.start, self.end):
+            self._take(entry)
+        oncall_at_start = self._oncall_at_start()
+        self.hours = self._oncall_hours(oncall_at_start)
+        return self
+
+    def _entries(self, start: float, end: float) -> list[dict]:
+        keys = [key for day in utc_days(start, end) for key in self.store.list(f"audit/{day}/")]
+        with ThreadPoolExecutor(REPORT_READERS, thread_name_prefix="report") as pool:
+            found = [doc for doc in pool.map(self._read_entry, keys) if doc is not None]
+        low, high = iso_time(start), iso_time(end)
+        return sorted((e for e in found if low <= e["time"] < high), key=lambda e: e["time"])
+
+    def _read_entry(self, key: str) -> dict | None:
+        found = read_json(self.store, key)
+        entry = found[0] if found else None
+        if (entry is None or entry.get("event") not in REPORT_EVENTS
+                or not isinstance(entry.get("time"), str)
+                or not isinstance(entry.get("details"), dict)):
+            return None
+        return entry
+
+    def _take(self, entry: dict) -> None:
+        event, details, when = entry["event"], entry["details"], parse_iso(entry["time"])
+        if event == "oncall.changed":
+            self.changes.append({"time": when, "from": str(details.get("from", "")),
+                                 "to": str(details.get("to", ""))})
+            return
+        page_id = str(details.get("page", ""))
+        if event == "page.opened":
+            self.pages.setdefault(page_id, {
+                "id": page_id, "number": None, "kind": str(details.get("kind", "")),
+                "opened": when, "from": opened_from(details),
+                "acked_by": "", "acked": None, "steps": 0, "ended": "", "ended_at": None})
+            return
+        page = self.pages.get(page_id)
+        if page is None:  # opened before the range
+            return
+        if isinstance(details.get("number"), int):
+            page["number"] = details["number"]
+        if event == "page.acknowledged" and page["acked"] is None:
+            page["acked"], page["acked_by"] = when, entry.get("actor", "")
+            page["via"] = details.get("via", "")
+        elif event == "page.escalated":
+            page["steps"] += 1
+        elif event in ("page.resolved", "page.closed") and not page["ended"]:
+            page["ended"] = event.removeprefix("page.")
+            page["ended_at"] = when
+
+    def _oncall_at_start(self) -> str:
+        if self.changes:
+            return self.changes[0]["from"]
+        day, now = self.end, time.time()
+        while day < now:  # the first change after the range says who had it
+            later = [e for e in self._entries(day, min(day + 7 * DAY, now))
+                     if e["event"] == "oncall.changed"]
+            if later:
+                return str(later[0]["details"].get("from", ""))
+            day += 7 * DAY
+        return oncall_id_of(self.doc)
+
+    def _oncall_hours(self, first: str) -> dict[str, float]:
+        hours: dict[str, float] = {}
+        holder, since = first, self.start
+        for change in [*self.changes, {"time": min(self.end, time.time()), "to": ""}]:
+            if holder:
+                hours[holder] = hours.get(holder, 0.0) + (change["time"] - since) / 3600
+            holder, since = change["to"], change["time"]
+        return hours
+
+    def rows(self) -> list[dict]:
+        return sorted(self.pages.values(), key=lambda p: p["opened"])
+
+    def local(self, ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, self.zone).strftime("%Y-%m-%d %H:%M")
+
+    def at_night(self, page: dict) -> bool:
+        hour = dt.datetime.fromtimestamp(page["opened"], self.zone).hour
+        return hour >= NIGHT[0] or hour < NIGHT[1]
+
+    def to_ack(self, page: dict) -> float | None:
+        """Seconds from opening to the first acknowledgement; a live call is answered by
+        the engineer who acknowledges it, so it does not count."""
+        if page["acked"] is None or page.get("via") == "live":
+            return None
+        return max(0.0, page["acked"] - page["opened"])
+
+    def totals(self) -> list[str]:
+        rows = self.rows()
+        kinds: dict[str, int] = {}
+        for page in rows:
+            kinds[page["kind"]] = kinds.get(page["kind"], 0) + 1
+        waits = [w for w in map(self.to_ack, rows) if w is not None]
+        lines = [f"{len(rows)} page{'' if len(rows) == 1 else 's'}" + (": " + ", ".join(
+            f"{n} {kind}" for kind, n in sorted(kinds.items())) if rows else "")]
+        if waits:
+            lines.append(f"time to acknowledge ({len(waits)} pages): median "
+                         f"{duration_text(statistics.median(waits))}, 90th percentile "
+                         f"{duration_text(percentile(waits, 0.9))}")
+        else:
+            lines.append("time to acknowledge: no page was acknowledged")
+        lines.append(f"at night ({NIGHT[0]:02d}:00-{NIGHT[1]:02d}:00 {self.zone.key}): "
+                     f"{sum(map(self.at_night, rows))}")
+        lines.append("on-call hours: " + (", ".join(
+            f"{member} {hours:.1f}" for member, hours in sorted(self.hours.items()))
+            or "nobody"))
+        return lines
+
+    def print_text(self) -> None:
+        print(f"Pages opened from {self.local(self.start)} to {self.local(self.end)} "
+              f"({self.zone.key})")
+        for page in self.rows():
+            wait = self.to_ack(page)
+            ended = f"{page['ended']} {self.local(page['ended_at'])}" if page["ended"] else "-"
+            print(f"#{page['number'] or '-'}  {self.local(page['opened'])}  {page['kind']:<9} "
+                  f"{page['from'] or '-'}  acked_by={page['acked_by'] or '-'}  "
+                  f"to_ack={duration_text(wait) if wait is not None else '-'}  "
+                  f"steps={page['steps']}  ended={ended}")
+        print("\n".join(self.totals()))
+
+    def print_csv(self) -> None:
+        """Two tables, each with its header row: the pages, then the on-call hours."""
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["number", "page", "kind", "opened", "from", "acked_by",
+                      "seconds_to_ack", "escalation_steps", "ended", "ended_at", "at_night"])
+        for page in self.rows():
+            wait = self.to_ack(page)
+            out.writerow([page["number"] or "", page["id"], page["kind"],
+                          iso_time(page["opened"]), page["from"], page["acked_by"],
+                          "" if wait is None else round(wait), page["steps"], page["ended"],
+                          iso_time(page["ended_at"]) if page["ended_at"] else "",
+                          int(self.at_night(page))])
+        out.writerow([])
+        out.writerow(["member", "oncall_hours"])
+        for member, hours in sorted(self.hours.items()):
+            out.writerow([member, f"{hours:.2f}"])
+
+
+def opened_from(details: dict) -> str:
+    """Who or what opened a page, from its `page.opened` entry: the caller, or the alert's
+    or missed heartbeat's summary."""
+    if isinstance(details.get("caller"), dict):
+        return caller_text(details)
+    return str(details.get("summary") or details.get("caller") or "")
+
+
+def utc_days(start: float, end: float) -> list[str]:
+    """The audit log's day prefixes (YYYY/MM/DD, UTC) from `start` up to `end`."""
+    day = dt.datetime.fromtimestamp(start, dt.UTC).date()
+    last = dt.datetime.fromtimestamp(max(start, end - 0.001), dt.UTC).date()
+    days = []
+    while day <= last:
+        days.append(day.strftime("%Y/%m/%d"))
+        day += dt.timedelta(days=1)
+    return days
+
+
+def parse_iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def report_range(args: argparse.Namespace, zone: zoneinfo.ZoneInfo) -> tuple[float, float]:
+    """--from and --to are whole local days, both included; by default the last 30."""
+    def day(text: str, option: str) -> dt.date:
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            raise UsageError(f"{option} {text!r} is not a date like 2026-11-26") from None
+
+    last = day(args.to, "--to") if args.to else dt.datetime.now(zone).date()
+    first = day(args.since, "--from") if args.since else last - dt.timedelta(days=29)
+    if first > last:
+        raise UsageError(f"--from {first} is after --to {last}")
+    if (last - first).days >= REPORT_MAX_DAYS:
+        raise UsageError(f"give at most {REPORT_MAX_DAYS} days (from {first} to {last} is "
+                         f"{(last - first).days + 1})")
+    start = dt.datetime.combine(first, dt.time(), zone).timestamp()
+    end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), zone).timestamp()
+    return start, end
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    doc = pager.team.read().doc
+    start, end = report_range(args, team_zone(doc))
+    report = Report(pager.store, doc, start, end).read()
+    if args.csv:
+        report.print_csv()
+    else:
+        report.print_text()
+    return 0
+
+
 def cmd_pages(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     pager = build_pager(cfg)
@@ -7447,6 +7677,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("-n", type=int, default=None, help="only the last N entries")
     audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")
     audit.add_argument("--json", action="store_true")
+    report = command("report", cmd_report, "pages, time to acknowledge, night pages and "
+                     "on-call hours, from the audit log")
+    report.add_argument("--from", dest="since", metavar="DATE",
+                        help="first day, YYYY-MM-DD in the team's time zone (default: 29 days "
+                        "before --to)")
+    report.add_argument("--to", metavar="DATE", help="last day, included (default: today)")
+    report.add_argument("--csv", action="store_true",
+                        help="CSV: the pages, a blank line, then on-call hours per member")
     pages = command("pages", cmd_pages, "list the pages")
     pages.add_argument("--open", action="store_true", help="only open pages")
     pages.add_argument("--json", action="store_true")

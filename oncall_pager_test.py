@@ -13,6 +13,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import csv
 import email
 import email.policy
 import email.utils
@@ -21,6 +22,7 @@ import hashlib
 import http
 import http.client
 import http.server
+import io
 import json
 import logging
 import math
@@ -8625,4 +8627,102 @@ def test_check_of_the_shipped_example_config_warns_about_nothing(tmp_path: Path)
     result = run_cli("check", "-c", "config.ini.example", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.startswith("ok: config.ini.example and file:")
+
+
+# ====== s23-reports: `oncall-pager report` from the audit log (SPEC 22) ======
+
+
+def put_audit(store: op.Store, when: str, event: str, actor: str, **details: Any) -> None:
+    """An audit entry as the pager writes it, at a given UTC time (`2026-11-02T03:00`)."""
+    ts = datetime.fromisoformat(when).replace(tzinfo=UTC).timestamp()
+    day = datetime.fromtimestamp(ts, UTC).strftime("%Y/%m/%d")
+    store.put(f"audit/{day}/{op.sortable_stamp(ts)}-{uuid.uuid4().hex}.json", op.to_json({
+        "time": op.iso_time(ts), "event": event, "actor": actor, "instance": "test",
+        "details": details}))
+
+
+def test_report_gives_each_page_time_to_acknowledge_night_pages_and_oncall_hours(
+        file_cli: Cli) -> None:
+    store = file_cli.store
+    put_audit(store, "2026-11-01T20:00", "page.opened", "twilio", page="RE0", kind="voicemail")
+    put_audit(store, "2026-11-02T01:00", "page.acknowledged", "alice", page="RE0", number=9)
+    put_audit(store, "2026-11-02T03:00", "page.opened", "twilio", page="REa", kind="voicemail",
+              caller={"number": "+15551230000", "name": "ACME CORP"}, oncall="alice")
+    put_audit(store, "2026-11-02T03:01", "page.escalated", "worker", page="REa", number=10,
+              step=1, kind="oncall", targets=["alice"])
+    put_audit(store, "2026-11-02T03:02", "page.acknowledged", "alice", page="REa", number=10,
+              via="sms")
+    put_audit(store, "2026-11-02T10:00", "page.opened", "worker", page="ALb", kind="alert",
+              summary="Disk full, db1", oncall="alice")
+    for minute in ("01", "05"):
+        put_audit(store, f"2026-11-02T10:{minute}", "page.escalated", "worker", page="ALb",
+                  number=11, step=1, kind="team", targets=["bob"])
+    put_audit(store, "2026-11-02T10:10", "page.acknowledged", "bob", page="ALb", number=11)
+    put_audit(store, "2026-11-02T10:30", "page.resolved", "monitor", page="ALb", number=11)
+    put_audit(store, "2026-11-02T12:00", "oncall.changed", "bob", **{"from": "alice", "to": "bob"})
+    put_audit(store, "2026-11-02T12:00", "page.delivered", "worker", page="ALb", channel="sms")
+    put_audit(store, "2026-11-02T23:30", "page.opened", "twilio", page="CAc", kind="call",
+              caller="+15557770000")
+    put_audit(store, "2026-11-02T23:30", "page.acknowledged", "bob", page="CAc", number=12,
+              via="live")
+    put_audit(store, "2026-11-03T08:00", "page.opened", "twilio", page="REd", kind="voicemail",
+              caller="+15551230000")
+    put_audit(store, "2026-11-04T08:00", "page.closed", "worker", page="REd", number=13)
+    result = file_cli.run("report", "--from", "2026-11-02", "--to", "2026-11-03")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        "Pages opened from 2026-11-02 00:00 to 2026-11-04 00:00 (UTC)",
+        "#10  2026-11-02 03:00  voicemail ACME CORP <+15551230000>  acked_by=alice  "
+        "to_ack=2 min  steps=1  ended=-",
+        "#11  2026-11-02 10:00  alert     Disk full, db1  acked_by=bob  to_ack=10 min  steps=2  "
+        "ended=resolved 2026-11-02 10:30",
+        "#12  2026-11-02 23:30  call      +15557770000  acked_by=bob  to_ack=-  steps=0  ended=-",
+        "#-  2026-11-03 08:00  voicemail +15551230000  acked_by=-  to_ack=-  steps=0  ended=-",
+        "4 pages: 1 alert, 1 call, 2 voicemail",
+        "time to acknowledge (2 pages): median 6 min, 90th percentile 10 min",
+        "at night (22:00-07:00 UTC): 2",
+        "on-call hours: alice 12.0, bob 36.0"]
+    csv_out = file_cli.run("report", "--from", "2026-11-02", "--to", "2026-11-03", "--csv")
+    pages, hours = csv_out.stdout.split("\n\n")
+    rows = list(csv.DictReader(io.StringIO(pages)))
+    assert [(r["number"], r["page"], r["seconds_to_ack"], r["at_night"]) for r in rows] == [
+        ("10", "REa", "120", "1"), ("11", "ALb", "600", "0"), ("12", "CAc", "", "1"),
+        ("", "REd", "", "0")]
+    assert rows[1]["from"] == "Disk full, db1" and rows[1]["ended_at"].startswith(
+        "2026-11-02T10:30:00")
+    assert list(csv.reader(io.StringIO(hours))) == [
+        ["member", "oncall_hours"], ["alice", "12.00"], ["bob", "36.00"]]
+    # no on-call change within the range: the first one after it says who had it
+    put_audit(store, "2026-11-05T09:00", "oncall.changed", "carol",
+              **{"from": "bob", "to": "carol"})
+    later = file_cli.run("report", "--from", "2026-11-03", "--to", "2026-11-03")
+    assert later.stdout.splitlines()[-1] == "on-call hours: bob 24.0"
+
+
+def test_report_refuses_a_bad_range_with_one_line(file_cli: Cli) -> None:
+    for args, error in (
+            (("--from", "2026-13-01"), "--from '2026-13-01' is not a date like 2026-11-26"),
+            (("--from", "2026-11-05", "--to", "2026-11-04"),
+             "--from 2026-11-05 is after --to 2026-11-04"),
+            (("--from", "2025-01-01", "--to", "2026-11-04"),
+             "give at most 366 days (from 2025-01-01 to 2026-11-04 is 673)")):
+        result = file_cli.run("report", *args)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {error}\n")
+
+
+def test_report_of_a_running_pager_shows_its_voicemail_and_who_was_on_call(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    leave_voicemail(s3_pager, twilio)
+    assert twilio.wait_for(lambda: twilio.messages(), 5)
+    assert s3_pager.sms(ALICE, "ACK").startswith("Page 1 acknowledged")
+    assert "reply C to confirm" in s3_pager.sms(BOB, "TAKE")
+    assert s3_pager.sms(BOB, "C").startswith("Okay, Bob, you are now on call.")
+    result = run_cli("report", "--csv", "-c", str(s3_pager.config_path))
+    assert result.returncode == 0, result.stderr
+    pages, hours = result.stdout.split("\n\n")
+    (row,) = csv.DictReader(io.StringIO(pages))
+    assert (row["number"], row["kind"], row["from"], row["acked_by"]) == (
+        "1", "voicemail", "ACME CORP <+15551230000>", "alice")
+    assert 0 <= int(row["seconds_to_ack"]) < 30
+    assert [r["member"] for r in csv.DictReader(io.StringIO(hours))] == ["alice", "bob"]
 
