@@ -1892,6 +1892,85 @@ def measure_startup_scale(lab: Lab, report: Report, settings: argparse.Namespace
         "comes on top of the RTT); 'first scan done' is the worker's first_listing log line.")
 
 
+REPORT_ENTRIES = 10_000    # audit entries over REPORT_DAYS for section 22's report figure
+REPORT_DAYS = 30
+REPORT_TARGET = 10.0       # s for `oncall-pager report` over them at RTT 30
+
+
+def fill_audit(bucket: str, entries: int, days: int) -> None:
+    """`entries` audit entries over the last `days` days, put straight into moto's backend:
+    pages opened, escalated, acknowledged and resolved, and a few on-call changes, as a
+    busy pager's log holds them (a quarter of them deliveries, which the report skips)."""
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    now, span = time.time(), days * op.DAY
+    for n in range(entries):
+        ts = now - span + span * n / entries
+        page = f"RE{n // 8:032d}"
+        event, actor, details = [
+            ("page.opened", "twilio", {"page": page, "kind": "voicemail",
+                                       "caller": {"number": "+15551230000"}}),
+            ("page.delivered", "worker", {"page": page, "channel": "mms"}),
+            ("page.delivered", "worker", {"page": page, "channel": "email"}),
+            ("page.escalated", "worker", {"page": page, "number": n // 8, "step": 1}),
+            ("page.acknowledged", "bob", {"page": page, "number": n // 8, "via": "sms"}),
+            ("page.resolved", "monitor", {"page": page, "number": n // 8}),
+            ("config.changed", "alice", {}),
+            ("oncall.changed", "alice", {"from": "alice", "to": "bob"} if n % 16 == 6
+             else {"from": "bob", "to": "alice"}),
+        ][n % 8]
+        day = datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y/%m/%d")
+        told = op.audit_key_name(event, actor, details)
+        backend.put_object(bucket, f"audit/{day}/{op.sortable_stamp(ts)}-{n:08d}{told}.json",
+                           op.to_json({"time": op.iso_time(ts), "event": event, "actor": actor,
+                                       "instance": "bench", "details": details}))
+
+
+def measure_report(lab: Lab, report: Report, rtt_ms: float) -> None:
+    """`oncall-pager report --csv` over REPORT_ENTRIES audit entries of the last REPORT_DAYS
+    days, as its own process against the bucket behind the delaying proxy."""
+    bucket = lab.s3_store()[len("s3://"):]
+    note(f"section 22: report over {REPORT_ENTRIES:,} audit entries at RTT {rtt_ms:g} ms")
+    fill_audit(bucket, REPORT_ENTRIES, REPORT_DAYS)
+    config = lab.config(f"report-{rtt_ms:g}", f"s3://{bucket}", s3_endpoint_url=lab.proxy.url)
+    lab.proxy.rtt = rtt_ms / 1000
+    mark = lab.proxy.mark()
+    try:
+        began = time.monotonic()
+        done = subprocess.run([sys.executable, str(HERE / "oncall_pager.py"), "report", "--csv",
+                               "--from", (datetime.date.today() - datetime.timedelta(
+                                   days=REPORT_DAYS)).isoformat(), "-c", str(config)],
+                              capture_output=True, text=True, timeout=300, env=subprocess_env())
+        took = time.monotonic() - began
+    finally:
+        lab.proxy.rtt = 0.0
+    if done.returncode != 0:
+        raise BenchError(f"report failed: {done.stderr.strip()[-500:]}")
+    pages = done.stdout.split("\n\n")[0].count("\n") - 1
+    requests = [r for r in lab.proxy.since(mark) if r.end]
+    service = [(r.end - r.start) * 1000 - rtt_ms for r in requests] or [0.0]
+    at_target = rtt_ms >= 30
+    report.add(Figure(f"report over {REPORT_ENTRIES:,} audit entries ({REPORT_DAYS} days), "
+                      f"RTT {rtt_ms:g} ms", took, "s", section="22",
+                      target=f"< {REPORT_TARGET:g} s" if at_target else "—",
+                      ok=(took < REPORT_TARGET) if at_target else None,
+                      detail=f"({pages:,} pages; {len(requests):,} S3 requests, moto took "
+                             f"{percentile(service, 50):.0f} ms p50 and "
+                             f"{max(service, default=0):.0f} ms at most on top of the RTT)"))
+
+
+def measure_section_22(lab: Lab, report: Report, settings: argparse.Namespace) -> None:
+    for rtt_ms in settings.scale_rtts:
+        attempt(report, f"Report at RTT {rtt_ms:g} ms",
+                lambda r=rtt_ms: measure_report(lab, report, r), "22")
+    report.notes.append(
+        "Section 22: the audit entries are put straight into moto's backend; `report` runs as "
+        "its own process against the bucket behind the delaying proxy (moto's own time per "
+        "request comes on top of the RTT).")
+
+
 # ==============================================================================================
 # Command line
 # ==============================================================================================
@@ -1945,7 +2024,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pages in the store for section 20's start-up figures")
     parser.add_argument("--scale-rtts", type=parse_rtts, default=parse_rtts("0,30"),
                         metavar="MS,MS,...", help="RTTs of section 20's start-up figures")
-    parser.add_argument("--only", choices=("10", "13", "20"),
+    parser.add_argument("--only", choices=("10", "13", "20", "22"),
                         help="measure only the figures of this SPEC section")
     parser.add_argument("--json", type=Path, default=Path("bench_results.json"),
                         help="where to write the results as JSON")
@@ -2016,6 +2095,9 @@ def run_benchmark(args: argparse.Namespace) -> Report:
         if args.only in (None, "20"):
             note("section 20: start-up over a long history")
             measure_startup_scale(lab, report, args)
+        if args.only in (None, "22"):
+            note("section 22: a report over a month of the audit log")
+            measure_section_22(lab, report, args)
     report.elapsed_s = time.monotonic() - began
     return report
 

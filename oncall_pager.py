@@ -1675,6 +1675,44 @@ AUDIT_EVENTS = (
 )
 
 
+# What an audit entry's key says of it besides its time, event and actor, so that `report`
+# reads the log with LISTs alone: <stamp>-<uuid>~<event>~<actor>~<fact>....json
+AUDIT_KEY_FACTS = {
+    "page.opened": ("page", "kind"),
+    "page.acknowledged": ("page", "number", "via"),
+    "page.escalated": ("page", "number"),
+    "page.resolved": ("page", "number"),
+    "page.closed": ("page", "number"),
+    "oncall.changed": ("from", "to"),
+}
+KEY_FACT_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@+-]")
+
+
+def audit_key_name(event: str, actor: str, details: dict) -> str:
+    """`~event~actor~fact...`: each fact's characters outside a safe set become `_`, at
+    most 64 of them (ids and numbers are short; a fact is for reading, not for proof)."""
+    facts = [event, actor, *(str(details.get(name, "")) for name in AUDIT_KEY_FACTS.get(event, ()))]
+    return "".join("~" + KEY_FACT_UNSAFE.sub("_", fact)[:64] for fact in facts)
+
+
+def audit_key_facts(key: str) -> dict | None:
+    """The time, event, actor and facts an audit key carries, or None for a key written
+    before keys carried them (its entry must be read)."""
+    name = key.rsplit("/", 1)[-1].removesuffix(".json")
+    stamp, sep, rest = name.partition("~")
+    if not sep:
+        return None
+    event, _, rest = rest.partition("~")
+    actor, _, rest = rest.partition("~")
+    values = rest.split("~") if rest else []
+    try:
+        moment = dt.datetime.strptime(stamp[:23], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return {"time": moment.timestamp(), "event": event, "actor": actor,
+            "details": dict(zip(AUDIT_KEY_FACTS.get(event, ()), values, strict=False))}
+
+
 class AuditLog:
     """Append-only: one new object per event under audit/YYYY/MM/DD/, nothing is rewritten.
     An entry can be built apart from writing it (`entry`), so that a state change carries its
@@ -1700,7 +1738,8 @@ class AuditLog:
         entry = {"time": iso_time(now), "event": event, "actor": actor,
                  "instance": self.instance, "details": details or {}}
         day = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y/%m/%d")
-        return f"audit/{day}/{sortable_stamp(now)}-{uuid.uuid4().hex}.json", entry
+        return (f"audit/{day}/{sortable_stamp(now)}-{uuid.uuid4().hex}"
+                f"{audit_key_name(event, actor, entry['details'])}.json", entry)
 
     def record(self, event: str, actor: str, details: dict | None = None) -> None:
         self.write(*self.entry(event, actor, details))
@@ -7307,67 +7346,79 @@ def percentile(values: list[float], share: float) -> float:
 
 class Report:
     """`oncall-pager report`: what happened to each page opened in a range, time to
-    acknowledge, pages at night and on-call hours per member, from the audit log alone. It
-    lists each UTC day's prefix once and reads the entries REPORT_READERS at a time, keeping
-    only the REPORT_EVENTS. Who was on call when the range starts is the `from` of its first
-    on-call change; with none in the range, the days after it are read until one is found,
-    or the config says who is on call now."""
+    acknowledge, pages at night and on-call hours per member, from the audit log alone. Its
+    keys say what the report needs (audit_key_facts), so it LISTs each UTC day's prefix once
+    (REPORT_READERS days at a time) and reads no entry but those written before keys said
+    it. Who was on call when the range starts is the `from` of its first on-call change; with
+    none in the range, the days after it are listed until one is found, or the config says
+    who is on call now."""
 
     def __init__(self, store: Store, doc: dict, start: float, end: float):
         self.store, self.doc, self.start, self.end = store, doc, start, end
         self.zone = team_zone(doc)
         self.pages: dict[str, dict] = {}
         self.changes: list[dict] = []  # oncall.changed entries in the range, oldest first
+        self.hours: dict[str, float] = {}
 
     def read(self) -> Report:
-        for entry in self._entries(self.start, self.end):
+        # the pages first: another instance's clock may put an acknowledgement a moment
+        # before the opening it acknowledges
+        for entry in sorted(self._entries(self.start, self.end),
+                            key=lambda e: e["event"] != "page.opened"):
             self._take(entry)
-        oncall_at_start = self._oncall_at_start()
-        self.hours = self._oncall_hours(oncall_at_start)
+        self.hours = self._oncall_hours(self._oncall_at_start())
         return self
 
     def _entries(self, start: float, end: float) -> list[dict]:
-        keys = [key for day in utc_days(start, end) for key in self.store.list(f"audit/{day}/")]
         with ThreadPoolExecutor(REPORT_READERS, thread_name_prefix="report") as pool:
-            found = [doc for doc in pool.map(self._read_entry, keys) if doc is not None]
-        low, high = iso_time(start), iso_time(end)
-        return sorted((e for e in found if low <= e["time"] < high), key=lambda e: e["time"])
+            keys = [key for day in pool.map(lambda d: self.store.list(f"audit/{d}/"),
+                                            utc_days(start, end)) for key in day]
+            told = [(key, audit_key_facts(key)) for key in keys]
+            found = [facts for _, facts in told if facts is not None]
+            found += [entry for entry in pool.map(self._read_entry, [
+                key for key, facts in told if facts is None]) if entry is not None]
+        return sorted((e for e in found if e["event"] in REPORT_EVENTS
+                       and start <= e["time"] < end), key=lambda e: e["time"])
 
     def _read_entry(self, key: str) -> dict | None:
+        """An entry written before its key told what it was."""
         found = read_json(self.store, key)
         entry = found[0] if found else None
-        if (entry is None or entry.get("event") not in REPORT_EVENTS
-                or not isinstance(entry.get("time"), str)
+        if (entry is None or not isinstance(entry.get("time"), str)
                 or not isinstance(entry.get("details"), dict)):
             return None
-        return entry
+        try:
+            when = dt.datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+        return {"time": when, "event": entry.get("event"), "actor": str(entry.get("actor")),
+                "details": {k: str(v) for k, v in entry["details"].items()}}
 
     def _take(self, entry: dict) -> None:
-        event, details, when = entry["event"], entry["details"], parse_iso(entry["time"])
+        event, details, when = entry["event"], entry["details"], entry["time"]
         if event == "oncall.changed":
-            self.changes.append({"time": when, "from": str(details.get("from", "")),
-                                 "to": str(details.get("to", ""))})
+            self.changes.append({"time": when, "from": details.get("from", ""),
+                                 "to": details.get("to", "")})
             return
-        page_id = str(details.get("page", ""))
+        page_id = details.get("page", "")
         if event == "page.opened":
             self.pages.setdefault(page_id, {
-                "id": page_id, "number": None, "kind": str(details.get("kind", "")),
-                "opened": when, "from": opened_from(details),
-                "acked_by": "", "acked": None, "steps": 0, "ended": "", "ended_at": None})
+                "id": page_id, "number": "", "kind": details.get("kind", ""), "opened": when,
+                "acked_by": "", "acked": None, "via": "", "steps": 0, "ended": "",
+                "ended_at": None})
             return
         page = self.pages.get(page_id)
         if page is None:  # opened before the range
             return
-        if isinstance(details.get("number"), int):
+        if details.get("number", "").isdigit():
             page["number"] = details["number"]
         if event == "page.acknowledged" and page["acked"] is None:
-            page["acked"], page["acked_by"] = when, entry.get("actor", "")
+            page["acked"], page["acked_by"] = when, entry["actor"]
             page["via"] = details.get("via", "")
         elif event == "page.escalated":
             page["steps"] += 1
         elif event in ("page.resolved", "page.closed") and not page["ended"]:
-            page["ended"] = event.removeprefix("page.")
-            page["ended_at"] = when
+            page["ended"], page["ended_at"] = event.removeprefix("page."), when
 
     def _oncall_at_start(self) -> str:
         if self.changes:
@@ -7377,7 +7428,7 @@ class Report:
             later = [e for e in self._entries(day, min(day + 7 * DAY, now))
                      if e["event"] == "oncall.changed"]
             if later:
-                return str(later[0]["details"].get("from", ""))
+                return later[0]["details"].get("from", "")
             day += 7 * DAY
         return oncall_id_of(self.doc)
 
@@ -7403,7 +7454,7 @@ class Report:
     def to_ack(self, page: dict) -> float | None:
         """Seconds from opening to the first acknowledgement; a live call is answered by
         the engineer who acknowledges it, so it does not count."""
-        if page["acked"] is None or page.get("via") == "live":
+        if page["acked"] is None or page["via"] == "live":
             return None
         return max(0.0, page["acked"] - page["opened"])
 
@@ -7435,7 +7486,7 @@ class Report:
             wait = self.to_ack(page)
             ended = f"{page['ended']} {self.local(page['ended_at'])}" if page["ended"] else "-"
             print(f"#{page['number'] or '-'}  {self.local(page['opened'])}  {page['kind']:<9} "
-                  f"{page['from'] or '-'}  acked_by={page['acked_by'] or '-'}  "
+                  f"acked_by={page['acked_by'] or '-'}  "
                   f"to_ack={duration_text(wait) if wait is not None else '-'}  "
                   f"steps={page['steps']}  ended={ended}")
         print("\n".join(self.totals()))
@@ -7443,27 +7494,18 @@ class Report:
     def print_csv(self) -> None:
         """Two tables, each with its header row: the pages, then the on-call hours."""
         out = csv.writer(sys.stdout, lineterminator="\n")
-        out.writerow(["number", "page", "kind", "opened", "from", "acked_by",
-                      "seconds_to_ack", "escalation_steps", "ended", "ended_at", "at_night"])
+        out.writerow(["number", "page", "kind", "opened", "acked_by", "seconds_to_ack",
+                      "escalation_steps", "ended", "ended_at", "at_night"])
         for page in self.rows():
             wait = self.to_ack(page)
-            out.writerow([page["number"] or "", page["id"], page["kind"],
-                          iso_time(page["opened"]), page["from"], page["acked_by"],
-                          "" if wait is None else round(wait), page["steps"], page["ended"],
-                          iso_time(page["ended_at"]) if page["ended_at"] else "",
+            out.writerow([page["number"], page["id"], page["kind"], iso_time(page["opened"]),
+                          page["acked_by"], "" if wait is None else round(wait), page["steps"],
+                          page["ended"], iso_time(page["ended_at"]) if page["ended_at"] else "",
                           int(self.at_night(page))])
         out.writerow([])
         out.writerow(["member", "oncall_hours"])
         for member, hours in sorted(self.hours.items()):
             out.writerow([member, f"{hours:.2f}"])
-
-
-def opened_from(details: dict) -> str:
-    """Who or what opened a page, from its `page.opened` entry: the caller, or the alert's
-    or missed heartbeat's summary."""
-    if isinstance(details.get("caller"), dict):
-        return caller_text(details)
-    return str(details.get("summary") or details.get("caller") or "")
 
 
 def utc_days(start: float, end: float) -> list[str]:
@@ -7475,10 +7517,6 @@ def utc_days(start: float, end: float) -> list[str]:
         days.append(day.strftime("%Y/%m/%d"))
         day += dt.timedelta(days=1)
     return days
-
-
-def parse_iso(text: str) -> float:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def report_range(args: argparse.Namespace, zone: zoneinfo.ZoneInfo) -> tuple[float, float]:
