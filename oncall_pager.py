@@ -1672,6 +1672,8 @@ AUDIT_EVENTS = (
     "live.held",             # a caller pressed 2 and went straight to voicemail (the reason)
     "page.waiting",          # a voicemail or missed call kept while no config is valid
     "change.received",       # a Change Event (/v2/change/enqueue): a deploy, a push; rings nobody
+    "contact.tested",        # a test text (or call) went to a member: `oncall-pager test`, TEST
+    "contact.confirmed",     # the member answered it: OK by SMS, or 1 on the test call
 )
 
 
@@ -2026,7 +2028,7 @@ class TeamConfig:
 COMMAND_WORDS = {
     "WHO": "who", "TAKE": "take", "C": "confirm", "CONFIRM": "confirm", "X": "cancel",
     "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help", "LOOK": "look",
-    "NEXT": "next",
+    "NEXT": "next", "TEST": "test", "OK": "ok",
 }
 # Twilio's opt-out and opt-in words (the whole message): Twilio blocks texts to a number that
 # sent one of the first until it sends one of the second, and forwards both to the webhook.
@@ -2054,7 +2056,7 @@ def parse_command(body: str) -> tuple[str | None, list[str]]:
 
 HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
              "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
-             "NEXT (the next handoff), HALP (this list).")
+             "NEXT (the next handoff), TEST (a test text), HALP (this list).")
 NO_ROTATION_TEXT = "No rotation is set: on-call changes only by TAKE."
 LOOK_TEXT = ("You are in a maze of twisty little passages, all alike. "
              "There is a pager here. It is ringing.")
@@ -2065,7 +2067,7 @@ RECENT_PAGES = 50
 STATUS_LINES = 5  # pages STATUS shows one a line; more are counted (an SMS stays readable)
 # Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
-STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin")
+STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin", "test", "ok")
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
 REPLY_KEEP_DAYS = 7
 
@@ -2540,6 +2542,70 @@ class PageBook:
             return dict(self._active)
 
 
+CONTACT_TEST_TEXT = "Test from oncall-pager: reply OK"
+CONTACT_TEST_HOURS = 24  # an OK (or 1) counts within this long of the test
+
+
+class ContactTests:
+    """Whether a member's phone really gets the pager's texts and calls: a test (the command
+    line's `test MEMBER [--call]`, or TEST by SMS) is noted in contacts/<member id>.json,
+    and the member's OK (or 1 on the test call) within CONTACT_TEST_HOURS confirms it. Each
+    is one conditional write with its audit entry; `config show` lists the confirmations."""
+
+    def __init__(self, store: Store, audit: AuditLog):
+        self.store = store
+        self.audit = audit
+
+    def state(self, member_id: str) -> tuple[dict, str | None]:
+        found = read_json(self.store, f"contacts/{member_id}.json")
+        return found if found else ({"member": member_id}, None)
+
+    def _write(self, member_id: str, change: Callable[[dict], bool], event: str, actor: str,
+               details: dict) -> bool:
+        """Read, change, write conditionally (again over a newer version); False when
+        `change` found nothing to do."""
+        for _ in range(CONFIG_CHANGE_TRIES):
+            record, etag = self.state(member_id)
+            record = copy.deepcopy(record)
+            if not change(record):
+                return False
+            try:
+                self.store.put(f"contacts/{member_id}.json", to_json(record),
+                               **({"if_match": etag} if etag else {"if_absent": True}))
+            except StoreConflict:
+                continue
+            self.audit.record(event, actor, {"member": member_id, **details})
+            return True
+        raise StoreUnavailable("contacts/ kept changing")
+
+    def tested(self, member_id: str, via: str, actor: str) -> None:
+        def note(record: dict) -> bool:
+            record["tested"], record["tested_via"] = time.time(), via
+            return True
+        self._write(member_id, note, "contact.tested", actor, {"via": via})
+
+    def confirmed(self, member_id: str, via: str) -> bool:
+        """The member's answer: True when a test within CONTACT_TEST_HOURS waited for it."""
+        def note(record: dict) -> bool:
+            tested = record.get("tested") or 0
+            if time.time() - tested > CONTACT_TEST_HOURS * 3600 or (
+                    record.get("confirmed") or 0) >= tested:
+                return False
+            record["confirmed"], record["confirmed_via"] = time.time(), via
+            return True
+        return self._write(member_id, note, "contact.confirmed", member_id, {"via": via})
+
+    def summary(self, doc: dict) -> str:
+        """`contact last confirmed: alice 2026-12-06 15:02 UTC (sms), bob never`."""
+        said = []
+        for member_id in members(doc):
+            record, _ = self.state(member_id)
+            when = record.get("confirmed")
+            said.append(f"{member_id} {short_time(when)} ({record.get('confirmed_via')})"
+                        if when else f"{member_id} never")
+        return "contact last confirmed: " + ", ".join(said)
+
+
 class Pager:
     """The domain: every state change of the pager goes through one method here. It knows the
     store only through the Store interface, and sends nothing itself: outbound messages are
@@ -2562,6 +2628,7 @@ class Pager:
         self.spool = (DirectoryStore(resolve_path(cfg, cfg.spool_dir))
                       if isinstance(store, S3Store) and cfg.spool_dir else None)
         self.book = PageBook()
+        self.contacts = ContactTests(store, self.audit)
         self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
         self._reminded: set[str] = set()  # reminders this process queued or found queued
         self._settled: set[float] = set()  # shift starts whose handoff this process made whole
@@ -4194,6 +4261,16 @@ class Pager:
                 return self.next_handoff(snap.doc) or NO_ROTATION_TEXT
             if command == "look":
                 return LOOK_TEXT
+            if command == "test":  # the reply is the test text
+                self.contacts.tested(member["id"], "sms", member["id"])
+                return CONTACT_TEST_TEXT
+            if command == "ok":
+                if self.contacts.confirmed(member["id"], "sms"):
+                    return (f"Thanks, {first_name(member)}: your phone gets the pager's texts "
+                            "(recorded).")
+                # no test waits for an answer: an OK is then like any unknown word
+                return HELP_TEXT if self.help_limiter.allow(member["phone"], time.time()) \
+                    else None
             return HELP_TEXT
         except StoreUnavailable:
             return STORE_DOWN_TEXT
@@ -4290,9 +4367,11 @@ class LiveTelephony(Telephony):
         return self._send(lambda client: client.messages.create(**params))
 
     def place_call(self, to: str, from_: str, url: str, status_callback: str) -> str:
+        """A call; without a status_callback (a contact test) Twilio reports nothing back."""
+        told = {"status_callback": status_callback, "status_callback_method": "POST",
+                "status_callback_event": ["completed"]} if status_callback else {}
         return self._send(lambda client: client.calls.create(
-            to=to, from_=from_, url=url, method="POST", status_callback=status_callback,
-            status_callback_method="POST", status_callback_event=["completed"]))
+            to=to, from_=from_, url=url, method="POST", **told))
 
 
 class DryRunTelephony(Telephony):
@@ -6404,6 +6483,26 @@ class WebApp:
         voice.redirect(self.cfg.url(f"/oncall/answer?page={page['id']}"), method="POST")
         return twiml(voice)
 
+    def oncall_test(self, request: Request) -> Response:
+        """The test call (`oncall-pager test MEMBER --call`) asks the member for a 1."""
+        from twilio.twiml.voice_response import VoiceResponse
+
+        said = speech(self.voice_config())
+        voice = VoiceResponse()
+        gather = voice.gather(num_digits=1, method="POST", timeout=8,
+                              action=self.cfg.url("/oncall/testkey"))
+        gather.say("Test from oncall-pager. Press 1 to confirm that pages reach you.", **said)
+        voice.say("Not confirmed. Goodbye.", **said)
+        voice.hangup()
+        return twiml(voice)
+
+    def oncall_testkey(self, request: Request) -> Response:
+        member = member_by_phone(self.pager.team.read().doc, request.form.get("To", ""))
+        if member is None or request.form.get("Digits", "") != "1":
+            return self.say_and_hang_up("Not confirmed. Goodbye.")
+        self.pager.contacts.confirmed(member["id"], "call")
+        return self.say_and_hang_up(f"Confirmed. Thank you, {first_name(member)}. Goodbye.")
+
     def oncall_callstatus(self, request: Request) -> Response:
         page = self.page_for(request)
         status = request.form["CallStatus"]
@@ -6608,6 +6707,8 @@ ROUTES: dict[str, Route] = {
     "/oncall/answer": Route(("POST",), WebApp.oncall_answer, ("CallSid",)),
     "/oncall/keypress": Route(("POST",), WebApp.oncall_keypress, ("CallSid",)),
     "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
+    "/oncall/test": Route(("POST",), WebApp.oncall_test, ("CallSid",)),
+    "/oncall/testkey": Route(("POST",), WebApp.oncall_testkey, ("CallSid",)),
     "/healthz": Route(("GET",), WebApp.healthz, signed=False),
     "/metrics": Route(("GET",), WebApp.metrics, signed=False),
     "/v2/enqueue": Route(("POST",), WebApp.events_enqueue, signed=False,
@@ -7138,7 +7239,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     pager = build_pager(cfg)
     if args.action == "show":
-        print(json.dumps(masked(pager.team.read().doc), indent=2, sort_keys=True))
+        doc = pager.team.read().doc
+        print(json.dumps(masked(doc), indent=2, sort_keys=True))
+        # for the reader, beside the JSON (which stays the config, for jq and config edit)
+        print(pager.contacts.summary(doc), file=sys.stderr)
         return 0
     if args.action == "user-add":
         def add(doc: dict) -> str:
@@ -7552,6 +7656,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    """A test text (and with --call a test call) to a member, sent at once from here; the
+    member's OK (or 1) is recorded by the running pager."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    doc = pager.team.read().doc
+    member = members(doc).get(args.member)
+    if member is None:
+        raise UsageError(f"there is no member {args.member!r}")
+    current = doc["current_config"]
+    telephony = DryRunTelephony(pager.store) if cfg.dry_run else LiveTelephony(cfg)
+    pager.contacts.tested(member["id"], "call" if args.call else "sms", operator(args))
+    try:
+        if not member.get("opted_out"):
+            telephony.send_sms(member["phone"], current["from_phone"], CONTACT_TEST_TEXT)
+        if args.call:
+            telephony.place_call(member["phone"], current["pager_phone"],
+                                 cfg.url("/oncall/test"), "")
+    except DeliveryError as e:
+        raise UsageError(f"Twilio refused the test: {e}") from None
+    what = ("a test text" if not member.get("opted_out") else "no text (opted out)") + (
+        " and a test call" if args.call else "")
+    print(f"sent {what} to {member['name']} <{member['phone']}>; their OK (or 1) within "
+          f"{CONTACT_TEST_HOURS} h is recorded by the running pager (config show lists it)")
+    return 0
+
+
 def cmd_pages(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
     pager = build_pager(cfg)
@@ -7715,6 +7846,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("-n", type=int, default=None, help="only the last N entries")
     audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")
     audit.add_argument("--json", action="store_true")
+    test = command("test", cmd_test, "a test text (and call) to a member, who replies OK")
+    test.add_argument("member", metavar="MEMBER")
+    test.add_argument("--call", action="store_true", help="also a call that asks for a 1")
+    test.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
     report = command("report", cmd_report, "pages, time to acknowledge, night pages and "
                      "on-call hours, from the audit log")
     report.add_argument("--from", dest="since", metavar="DATE",

@@ -1776,7 +1776,8 @@ def stamped(doc: dict, written: dict, actor: str) -> dict:
 
 def test_config_show_masks_the_mail_password_and_shows_the_rest(cli: Cli) -> None:
     result = cli.run("config", "show")
-    assert (result.returncode, result.stderr) == (0, "")
+    assert (result.returncode, result.stderr) == (
+        0, "contact last confirmed: alice never, bob never, carol never\n")
     expected = cli_team()
     expected["current_config"]["mail_settings"]["mail_password"] = "********"
     assert json.loads(result.stdout) == expected
@@ -8725,4 +8726,61 @@ def test_report_of_a_running_pager_shows_its_voicemail_and_who_was_on_call(
     assert (row["number"], row["kind"], row["acked_by"]) == ("1", "voicemail", "alice")
     assert 0 <= int(row["seconds_to_ack"]) < 30
     assert [r["member"] for r in csv.DictReader(io.StringIO(hours))] == ["alice", "bob"]
+
+
+# ====== s23-reports: a contact test (SPEC 22) ======
+
+
+def test_a_contact_test_by_the_command_line_is_confirmed_by_ok_or_by_1_on_its_call(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    config = str(s3_pager.config_path)
+    sent = run_cli("test", "alice", "--as", "carol", "-c", config)
+    assert (sent.returncode, sent.stderr) == (0, "")
+    assert sent.stdout == ("sent a test text to Alice McAlister <+19195551001>; their OK (or 1) "
+                           "within 24 h is recorded by the running pager (config show lists it)\n")
+    assert messages_to(twilio, ALICE) == [op.CONTACT_TEST_TEXT] and twilio.calls() == []
+    assert s3_pager.sms(ALICE, "OK").startswith("Thanks, Alice: your phone gets the pager's")
+    assert s3_pager.sms(ALICE, "OK") == op.HELP_TEXT  # nothing waits for a second one
+    # the call: Twilio fetches its TwiML, Bob presses 1
+    assert run_cli("test", "bob", "--call", "-c", config).returncode == 0
+    (call,) = twilio.calls()
+    assert call.params["To"] == [BOB] and call.params["Url"] == [
+        s3_pager.cfg.url("/oncall/test")]
+    leg = {"CallSid": "CA" + uuid.uuid4().hex, "To": BOB, "From": PAGER_PHONE,
+           "AccountSid": ACCOUNT_SID}
+    status, text = twilio.post_callback(call.params["Url"][0], leg)
+    assert status == 200 and "Press 1 to confirm that pages reach you." in text
+    action = re.search(r'<Gather action="([^"]+)"', text).group(1)
+    status, text = twilio.post_callback(action, {**leg, "Digits": "1"})
+    assert status == 200 and "Confirmed. Thank you, Bob." in text
+    events = [(e["event"], e["actor"], e["details"]) for e in audit_events(s3_pager.store)
+              if e["event"].startswith("contact.")]
+    assert events == [
+        ("contact.tested", "carol", {"member": "alice", "via": "sms"}),
+        ("contact.confirmed", "alice", {"member": "alice", "via": "sms"}),
+        ("contact.tested", getpass.getuser(), {"member": "bob", "via": "call"}),
+        ("contact.confirmed", "bob", {"member": "bob", "via": "call"})]
+    shown = run_cli("config", "show", "-c", config)
+    assert re.fullmatch(r"contact last confirmed: alice \d{4}-\d\d-\d\d \d\d:\d\d UTC \(sms\), "
+                        r"bob \S+ \S+ UTC \(call\), carol never\n", shown.stderr), shown.stderr
+
+
+def test_test_by_sms_texts_back_and_ok_confirms_once(s3_pager: RunningPager) -> None:
+    assert s3_pager.sms(BOB, "TEST") == op.CONTACT_TEST_TEXT
+    params = sms_params(BOB, "ok")
+    status, first = s3_pager.post("/msgcontrol/entry", params)
+    assert status == 200 and "Thanks, Bob" in reply_text(first)
+    status, again = s3_pager.post("/msgcontrol/entry", params)  # Twilio retries the webhook
+    assert (status, reply_text(again)) == (200, reply_text(first))
+    assert [e["details"]["via"] for e in audit_events(s3_pager.store, "contact.confirmed")] == [
+        "sms"]
+    assert s3_pager.sms(STRANGER, "TEST") == ""
+    assert s3_pager.store.list("contacts/") == ["contacts/bob.json"]
+
+
+def test_contact_test_of_an_unknown_member_is_a_usage_error(file_cli: Cli) -> None:
+    result = file_cli.run("test", "zoe")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "error: there is no member 'zoe'\n")
+    assert file_cli.store.list("contacts/") == []
 
