@@ -48,6 +48,9 @@ How data flows
             the event's custom_details (kept_details), not the event. Per integration,
             alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
             rest are held: listed and e-mailed, and the first held one texts once
+    test -> `oncall-pager test MEMBER [--call]` or TEST by SMS: ContactTests.tested; the
+            member's OK (or 1 on /oncall/test) -> ContactTests.confirmed
+    report -> `oncall-pager report`: Report, from the audit log's keys (one LIST a day)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -84,7 +87,9 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
                                             dedup_keys that rang, those held (listed only)
     numbers/<n>.json                        page number n -> page id (ACK n for any page)
     recordings/<UTC stamp>_<sid>.mp3|.json  archived voicemails
-    audit/YYYY/MM/DD/<UTC stamp>-<uuid>.json      one immutable object per event
+    audit/YYYY/MM/DD/<UTC stamp>-<uuid>~<event>~<actor>~<facts>.json   one immutable object
+                                            per event; its key says what `report` needs
+    contacts/<member id>.json               the member's last contact test and confirmation
     outbox/...                              dry-run mode only: what would have been sent
     probe/<random>.json                     check's and serve's probe that the store honours
                                             If-None-Match and If-Match (probe_store; deleted)
