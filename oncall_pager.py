@@ -6,11 +6,13 @@ What it does
     once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
-    (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
+    (WHO, TAKE + C/X, ACK, STATUS, NEXT, QUIET + C/X, HALP, LOOK; STOP/START as the carriers
+    define them).
     Messages from anybody else are ignored. An optional rotation hands on-call over at each
     shift start by itself, and reminds the next engineer before. Monitoring pages through
     PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
-    stops pinging pages too.
+    stops pinging pages too; quiet hours (QUIET 2h) list those instead of ringing, for a
+    maintenance window, and never silence callers.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -48,6 +50,13 @@ How data flows
             the event's custom_details (kept_details), not the event. Per integration,
             alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
             rest are held: listed and e-mailed, and the first held one texts once
+    quiet -> QUIET 2h [reason] + C (or `oncall-pager quiet 2h`) -> QuietHours.start: one
+            conditional write of current_config.quiet {since, until, reason, by}. While it
+            lasts (quiet_until), Pager.trigger and heartbeat_missed open their pages listed
+            and *hushed* (e-mail only), and the worker holds the escalation of alert pages.
+            At `until` (or QUIET OFF) QuietHours.end removes it in one write that carries the
+            one "Quiet ended: N alerts still open." text (a job keyed by the window); then
+            every hushed page rings (Worker._ring_after_quiet: ring_after_quiet, page.ringing)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -75,7 +84,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
                                             its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
-    jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
+    jobs/msg-*.json                         single SMS (handoffs, reminders, the end of quiet
+                                            hours), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     live/<caller number>.json               when that caller last reached the live hunt (a
                                             repeat within 10 minutes goes to voicemail)
@@ -1699,7 +1709,8 @@ def probe_store(store: Store) -> str | None:
 
 
 # ==============================================================================================
-# Domain: the audit log, the operational config, TAKE sessions, rotation, pages, commands
+# Domain: the audit log, the operational config, TAKE sessions, rotation, quiet hours, pages,
+# commands
 # ==============================================================================================
 
 
@@ -4801,7 +4812,8 @@ class Worker:
     doubles it, and the next step follows anyway. Each channel has its own attempts and
     capped exponential backoff, and runs in its own thread from a small pool, so a dead SMTP
     server does not delay the MMS. The scan also opens the page of a heartbeat that missed
-    its ping (`_check_heartbeats`, planned from memory like the rest).
+    its ping (`_check_heartbeats`, planned from memory like the rest), and ends quiet hours
+    at their `until` (`_plan_quiet_end`), after which the hushed pages ring.
     """
 
     def __init__(self, pager: Pager, telephony: Telephony):
@@ -7747,7 +7759,7 @@ def cmd_quiet(args: argparse.Namespace) -> int:
             print("quiet hours are off already: alerts ring; nothing changed")
             return 0
         print(f"quiet hours ended: {still_open} alert{'s' if still_open != 1 else ''} still "
-              "open ring again; a running pager texts the on-call engineer")
+              "open, ringing now; a running pager texts the on-call engineer")
         return 0
     seconds = quiet_length(args.length)
     if seconds is None:

@@ -8065,7 +8065,8 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
             "AccountSid": ACCOUNT_SID, "CallSid": call_sid, "MessageSid": new_sid("SM"),
             "From": caller, "To": data.draw(st.sampled_from([PAGER_PHONE, FROM_PHONE, ALICE])),
             "Body": data.draw(st.one_of(st.sampled_from(
-                ["STATUS", "WHO", "ACK", "ACK 1", "TAKE", "HALP", "NEXT", "LOOK"]), text,
+                ["STATUS", "WHO", "ACK", "ACK 1", "TAKE", "HALP", "NEXT", "LOOK", "QUIET 2h",
+                 "QUIET OFF"]), text,
                 numbers.map("ACK ".__add__))),
             "CallerName": data.draw(text), "FromCity": data.draw(text),
             "FromState": data.draw(text),
@@ -8807,7 +8808,7 @@ def test_quiet_command_line_starts_shows_and_ends_them_with_a_cleaned_reason(
         in shown.stdout
     done = file_cli.run("quiet", "off", "--as", "carol")
     assert (done.returncode, done.stdout) == (
-        0, "quiet hours ended: 0 alerts still open ring again; a running pager texts the "
+        0, "quiet hours ended: 0 alerts still open, ringing now; a running pager texts the "
            "on-call engineer\n")
     assert file_cli.run("quiet").stdout == "quiet hours are off: alerts ring\n"
     assert file_cli.run("quiet", "off").stdout == ("quiet hours are off already: alerts ring; "
