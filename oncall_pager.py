@@ -7748,6 +7748,8 @@ def cmd_quiet(args: argparse.Namespace) -> int:
     pager = build_pager(cfg)
     actor = quiet_reason(operator(args))
     if args.length is None:
+        if args.reason is not None:
+            raise UsageError("--reason goes with a length: quiet 2h --reason TEXT")
         doc = pager.team.read().doc
         print(quiet_status(doc, time.time()) or "quiet hours are off: alerts ring")
         return 0

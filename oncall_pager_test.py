@@ -8786,7 +8786,9 @@ def test_quiet_over_8_hours_or_without_a_length_is_refused_clearly_and_changes_n
     for args, error in ((["quiet", "9h"], "error: quiet 9h: quiet hours last at most 8h; "
                                           "nothing changed\n"),
                         (["quiet", "later"], "error: quiet 'later': give a length such as 2h, "
-                                             "30m or 1h30m (at most 8h), or off\n")):
+                                             "30m or 1h30m (at most 8h), or off\n"),
+                        (["quiet", "--reason", "x"], "error: --reason goes with a length: quiet "
+                                                     "2h --reason TEXT\n")):
         done = file_cli.run(*args)
         assert (done.returncode, done.stdout, done.stderr) == (2, "", error)
     assert quiet_of(file_cli.store) is None and audit_events(file_cli.store) == []
@@ -8886,7 +8888,7 @@ def test_quiet_with_a_hostile_reason_answers_xml_and_keeps_one_clean_line(
         file_pager: RunningPager) -> None:
     from hypothesis import HealthCheck, given, settings
 
-    @settings(max_examples=25, deadline=None, database=None,
+    @settings(max_examples=12, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(reason=hostile_texts(surrogates=False))
     def quiet_with(reason: str) -> None:
