@@ -1007,7 +1007,7 @@ def check_quiet(quiet: object) -> list[str]:
         if value is None:
             errors.append(f"{where}.{field} {quiet.get(field)!r} is not a UTC time "
                           "(2026-12-06T18:00:00Z)")
-    if since is not None and until is not None and not 0 < until - since <= QUIET_MAX:
+    if since is not None and until is not None and not 0 < until - since < QUIET_MAX + 1:
         errors.append(f"{where}.until {quiet['until']!r} is not within 8 hours after since")
     for field in ("reason", "by"):
         value = quiet.get(field, "")
@@ -2741,7 +2741,7 @@ class QuietHours:
         for _ in range(CONFIG_CHANGE_TRIES):
             if snap.stale:
                 raise StoreUnavailable(self.team.problem or "store unreachable")
-            now = time.time()
+            now = float(int(time.time()))  # whole seconds: `until - since` is exact
             doc = copy.deepcopy(snap.doc)
             previous = quiet_window(doc)
             window = {"since": iso_time(now), "until": iso_time(now + seconds),
