@@ -8907,6 +8907,19 @@ def test_quiet_with_a_hostile_reason_answers_xml_and_keeps_one_clean_line(
     quiet_with()
 
 
+def test_systemd_status_says_until_when_it_is_quiet(tmp_path: Path) -> None:
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var", mode="dry-run")),
+                     store)
+    notifier = op.ServiceNotifier(pager, op.Worker(pager, op.DryRunTelephony(store)), {})
+    pager.team.read()
+    assert notifier.status().startswith("queue 0, store reachable")
+    written = pager.quiet_hours.start("alice", 3600, "", via="cli")
+    until = op.quiet_until(written.doc, time.time())
+    assert notifier.status().startswith(f"queue 0, quiet until {op.short_time(until)}, store ")
+
+
 def quiet_hours_over(process: Process) -> None:
     """The clock past the two hours (an absolute time: the step may run again)."""
     process.advance_to(2 * 3600 + 60)
