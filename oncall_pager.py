@@ -6,11 +6,13 @@ What it does
     once (MMS with the recording, an e-mail copy with the mp3 attached, the recording
     archived in the store); until somebody acknowledges, the pager phones the on-call engineer
     and then the rest of the team. Team members run it by SMS to the *control number*
-    (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
+    (WHO, TAKE + C/X, ACK, STATUS, NEXT, QUIET + C/X, HALP, LOOK; STOP/START as the carriers
+    define them).
     Messages from anybody else are ignored. An optional rotation hands on-call over at each
     shift start by itself, and reminds the next engineer before. Monitoring pages through
     PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
-    stops pinging pages too.
+    stops pinging pages too; quiet hours (QUIET 2h) list those instead of ringing, for a
+    maintenance window, and never silence callers.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -51,6 +53,14 @@ How data flows
     test -> `oncall-pager test MEMBER [--call]` or TEST by SMS: ContactTests.tested; the
             member's OK (or 1 on /oncall/test) -> ContactTests.confirmed
     report -> `oncall-pager report`: Report, from the audit log's keys (one LIST a day)
+
+    quiet -> QUIET 2h [reason] + C (or `oncall-pager quiet 2h`) -> QuietHours.start: one
+            conditional write of current_config.quiet {since, until, reason, by}. While it
+            lasts (quiet_until), Pager.trigger and heartbeat_missed open their pages listed
+            and *hushed* (e-mail only), and the worker holds the escalation of alert pages.
+            At `until` (or QUIET OFF) QuietHours.end removes it in one write that carries the
+            one "Quiet ended: N alerts still open." text (a job keyed by the window); then
+            every hushed page rings (Worker._ring_after_quiet: ring_after_quiet, page.ringing)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -78,7 +88,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
                                             its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
-    jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
+    jobs/msg-*.json                         single SMS (handoffs, reminders, the end of quiet
+                                            hours), kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     live/<caller number>.json               when that caller last reached the live hunt (a
                                             repeat within 10 minutes goes to voicemail)
@@ -363,6 +374,10 @@ METRIC_FAMILIES = {
         "config missing or invalid) and the last good copy answers, else 0."),
     "oncall_store_reachable": (
         "gauge", "1 when the last read of the operational config reached the store, else 0."),
+    "oncall_quiet": (
+        "gauge", "1 while quiet hours are on (alerts listed and e-mailed, not rung; "
+        "voicemails and calls page as always), else 0; by the config as this process last "
+        "read it."),
     "oncall_worker_busy_seconds": (
         "gauge", "Seconds the worker loop has been busy without coming round or making "
         "progress (0 while it waits for work); from 180 s (or 12 x http_timeout) on it counts "
@@ -773,6 +788,8 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                       "change")
     errors += check_integrations(current.get("integrations", {}))
     errors += check_heartbeats(current.get("heartbeats", {}))
+    if "quiet" in current:
+        errors += check_quiet(current["quiet"])
     return errors, warnings
 
 
@@ -969,6 +986,46 @@ def check_heartbeats(heartbeats: object) -> list[str]:
     return errors
 
 
+# Quiet hours for monitoring (SPEC 21): at most this long, and the reason's length (a line).
+QUIET_MAX = 8 * 3600
+QUIET_REASON_MAX = 100
+
+
+def utc_seconds(text: object) -> float | None:
+    """An ISO 8601 time with its offset (`2026-11-26T23:05:55.123Z`, as iso_time writes
+    it) as epoch seconds; None for anything else (a time without an offset says nothing)."""
+    if not isinstance(text, str) or len(text) > 40:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def check_quiet(quiet: object) -> list[str]:
+    """`current_config.quiet`: {since, until, reason, by}, written by QUIET and `oncall-pager
+    quiet` (a window of at most 8 hours), removed when it ends."""
+    where = "current_config.quiet"
+    if not isinstance(quiet, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    since, until = utc_seconds(quiet.get("since")), utc_seconds(quiet.get("until"))
+    for field, value in (("since", since), ("until", until)):
+        if value is None:
+            errors.append(f"{where}.{field} {quiet.get(field)!r} is not a UTC time "
+                          "(2026-12-06T18:00:00Z)")
+    if since is not None and until is not None and not 0 < until - since < QUIET_MAX + 1:
+        errors.append(f"{where}.until {quiet['until']!r} is not within 8 hours after since")
+    for field in ("reason", "by"):
+        value = quiet.get(field, "")
+        if not isinstance(value, str) or len(value) > QUIET_REASON_MAX or \
+                value != clean_text(value):
+            errors.append(f"{where}.{field} is not one line of at most {QUIET_REASON_MAX} "
+                          "characters")
+    return errors
+
+
 def parse_oncall_config(data: bytes) -> dict:
     """Bytes from the store to a validated document, or ConfigError with field paths."""
     try:
@@ -1022,6 +1079,19 @@ def integrations(doc: dict) -> dict[str, dict]:
 
 def heartbeats(doc: dict) -> dict[str, dict]:
     return doc["current_config"].get("heartbeats", {})
+
+
+def quiet_window(doc: dict) -> dict | None:
+    """The quiet hours block (`current_config.quiet`) while it is in the config: from QUIET
+    until its end is written (by the worker at `until`, or by QUIET OFF)."""
+    return doc["current_config"].get("quiet")
+
+
+def quiet_until(doc: dict, now: float) -> float | None:
+    """When the quiet hours in force at `now` end; None when alerts ring as usual."""
+    window = quiet_window(doc)
+    until = utc_seconds(window.get("until")) if window else None
+    return until if until is not None and until > now else None
 
 
 def heartbeats_only(doc: dict, integration: str) -> bool:
@@ -1647,7 +1717,8 @@ def probe_store(store: Store) -> str | None:
 
 
 # ==============================================================================================
-# Domain: the audit log, the operational config, TAKE sessions, rotation, pages, commands
+# Domain: the audit log, the operational config, TAKE sessions, rotation, quiet hours, pages,
+# commands
 # ==============================================================================================
 
 
@@ -1679,6 +1750,10 @@ AUDIT_EVENTS = (
     "change.received",       # a Change Event (/v2/change/enqueue): a deploy, a push; rings nobody
     "contact.tested",        # a test text (or call) went to a member: `oncall-pager test`, TEST
     "contact.confirmed",     # the member answered it: OK by SMS, or 1 on the test call
+
+    "quiet.started",         # QUIET + C, or `oncall-pager quiet`: alerts are listed, not rung
+    "quiet.ended",           # the quiet hours ran out, or QUIET OFF: alerts ring again
+    "page.ringing",          # an alert listed during quiet hours rings now that they ended
 )
 
 
@@ -2034,6 +2109,7 @@ COMMAND_WORDS = {
     "WHO": "who", "TAKE": "take", "C": "confirm", "CONFIRM": "confirm", "X": "cancel",
     "ACK": "ack", "STATUS": "status", "HALP": "help", "HELP": "help", "LOOK": "look",
     "NEXT": "next", "TEST": "test", "OK": "ok",
+    "QUIET": "quiet",  # quiet hours for monitoring (QuietHours)
 }
 # Twilio's opt-out and opt-in words (the whole message): Twilio blocks texts to a number that
 # sent one of the first until it sends one of the second, and forwards both to the webhook.
@@ -2061,7 +2137,9 @@ def parse_command(body: str) -> tuple[str | None, list[str]]:
 
 HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
              "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
-             "NEXT (the next handoff), TEST (a test text), HALP (this list).")
+             "NEXT (the next handoff), "
+             "QUIET 2h [reason] / QUIET OFF (alerts listed, not rung; C to confirm), "
+             "TEST (a test text), HALP (this list).")
 NO_ROTATION_TEXT = "No rotation is set: on-call changes only by TAKE."
 LOOK_TEXT = ("You are in a maze of twisty little passages, all alike. "
              "There is a pager here. It is ringing.")
@@ -2072,7 +2150,8 @@ RECENT_PAGES = 50
 STATUS_LINES = 5  # pages STATUS shows one a line; more are counted (an SMS stays readable)
 # Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
-STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin", "test", "ok")
+STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin", "quiet", "test",
+                  "ok")
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
 REPLY_KEEP_DAYS = 7
 
@@ -2182,10 +2261,17 @@ def page_id_of(message: dict) -> str:
     return message.get("page_id", message["id"])
 
 
+def hushed(page: dict) -> bool:
+    """An alert page (or a missed heartbeat) that would have rung during quiet hours: listed
+    (e-mailed, nobody rung), and it rings once they end (see ring_after_quiet)."""
+    return page.get("state") == "listed" and bool(page.get("alert", {}).get("quiet_hours"))
+
+
 def has_work(page: dict) -> bool:
     """Open (escalation may be due), waiting for a valid config to open (see
-    Pager.open_waiting), or a channel still to send: the worker keeps an eye on it."""
-    return page.get("state") in ("open", "waiting") or any(
+    Pager.open_waiting), hushed by quiet hours (it rings when they end), or a channel still
+    to send: the worker keeps an eye on it."""
+    return page.get("state") in ("open", "waiting") or hushed(page) or any(
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
 
 
@@ -2199,6 +2285,8 @@ def archivable(page: dict) -> bool:
 
 
 def page_state(page: dict, doc: dict | None) -> str:
+    if hushed(page):
+        return "listed (quiet hours: it rings when they end)"
     if page.get("state") == "acknowledged":
         member = members(doc).get(page.get("acked_by"), {}) if doc else {}
         return f"acknowledged by {member.get('name', page.get('acked_by'))}"
@@ -2418,6 +2506,64 @@ def held_text(held: int, integration: str) -> str:
             "(listed and e-mailed, not rung). STATUS lists them.")
 
 
+# Quiet hours for monitoring (SPEC 21): the length QUIET and `oncall-pager quiet` take, in
+# hours and minutes (2h, 30m, 1h30m; at most QUIET_MAX); the window itself is quiet_window.
+QUIET_LENGTH = re.compile(r"(?:([0-9]{1,2})h)?(?:([0-9]{1,3})m(?:in)?)?", re.ASCII | re.I)
+QUIET_USAGE = "QUIET 2h [reason] or QUIET 30m [reason] (at most 8 h), or QUIET OFF"
+
+
+def quiet_length(text: str) -> int | None:
+    """Seconds, from `2h`, `30m`, `1h30m`; None when it is not a length (0 is not one)."""
+    found = QUIET_LENGTH.fullmatch(text)
+    if found is None or not any(found.groups()):
+        return None
+    seconds = int(found.group(1) or 0) * 3600 + int(found.group(2) or 0) * 60
+    return seconds or None
+
+
+def quiet_reason(text: str) -> str:
+    """A reason as it is kept: cleaned where it entered (clean_text: an SMS body is already),
+    one line, at most QUIET_REASON_MAX characters."""
+    reason = " ".join(clean_text(text).split())
+    return reason if len(reason) <= QUIET_REASON_MAX else reason[:QUIET_REASON_MAX - 3] + "..."
+
+
+def quiet_status(doc: dict, now: float) -> str | None:
+    """STATUS's first line while quiet hours are on (None otherwise)."""
+    until = quiet_until(doc, now)
+    if until is None:
+        return None
+    window = quiet_window(doc) or {}
+    by = members(doc).get(window.get("by", ""), {}).get("name", window.get("by") or "?")
+    reason = f": {window['reason']}" if window.get("reason") else ""
+    return (f"Quiet hours until {short_time(until)} (in {duration_text(until - now)}; "
+            f"{by}{reason}): alerts are listed and e-mailed, not rung. QUIET OFF ends them.")
+
+
+def quiet_ended_text(still_open: int) -> str:
+    """The one text when quiet hours end, to the on-call engineer."""
+    return (f"Quiet ended: {still_open} alert{'s' if still_open != 1 else ''} still open."
+            + (" STATUS lists them; ACK acknowledges them." if still_open else ""))
+
+
+def rings_after_quiet(page: dict) -> bool:
+    """An alert page that rings once quiet hours end: hushed, or open (its escalation was
+    held while they lasted: see Worker._consider_page)."""
+    return page.get("kind") in ("alert", "heartbeat") and (
+        page.get("state") == "open" or hushed(page))
+
+
+def ring_after_quiet(page: dict, doc: dict, now: float) -> None:
+    """A hushed page rings now that quiet hours ended, as if it had been opened now: the
+    on-call engineer is paged (no text of its own: the one "Quiet ended" text stands for
+    all of them), the first call `ack_timeout` from now (at once for an engineer opted out
+    of texts), its day to ring counted from now."""
+    oncall = oncall_member(doc)
+    page.update(state="open", oncall=dict(oncall), paged=[oncall["id"]], ringing_since=now)
+    page["escalation"]["next_due"] = now if oncall.get("opted_out") else (
+        now + escalation_settings(doc)["ack_timeout"])
+
+
 # A ping this close to its deadline also looks for the page of the miss: another instance,
 # its clock a little ahead, may have opened it.
 HEARTBEAT_SLACK = 60.0
@@ -2611,6 +2757,173 @@ class ContactTests:
         return "contact last confirmed: " + ", ".join(said)
 
 
+class QuietHours:
+    """Quiet hours for monitoring (SPEC 21): a maintenance window in which alert triggers
+    and missed heartbeats are recorded, e-mailed and listed and nothing rings for them (their
+    pages are *hushed*; the escalation of alert pages open already waits, see
+    Worker._consider_page), while voicemails and live calls page as always: customers are
+    never silenced. By SMS (`QUIET 2h [reason]`, confirmed with C like TAKE; `QUIET OFF`)
+    or `oncall-pager quiet`.
+
+    The window is `current_config.quiet` ({since, until, reason, by}): started and ended with
+    one conditional write of the config each, with its audit entry (`quiet.started`,
+    `quiet.ended`). It ends by itself: once `until` has passed, the worker of any instance
+    writes its end (after a stop too, at the next start), and the one text "Quiet ended: N
+    alerts still open." travels with that write as a message job keyed by the window (as a
+    handoff's texts do), so it is sent once however many instances look. The hushed pages
+    then ring, each by its own conditional write (Worker._ring_after_quiet), whoever sees
+    the config without a window first: a stop in between loses none of them."""
+
+    def __init__(self, team: TeamConfig, store: Store, book: PageBook, audit: AuditLog,
+                 message_job: Callable[..., tuple[str, dict]],
+                 start_message: Callable[[str, dict], None]):
+        self.team = team
+        self.store = store
+        self.book = book
+        self.audit = audit
+        self.message_job = message_job
+        self.start_message = start_message
+
+    # --- by SMS: QUIET 2h [reason], C, QUIET OFF (X is Pager.cancel) -------------------------
+
+    def command(self, snap: Snapshot, member: dict, args: list[str], body: str) -> str:
+        """QUIET alone: whether quiet hours are on. QUIET OFF: they end now. QUIET 2h
+        [reason]: a pending confirmation (sessions/<member>.json, as TAKE's), replaced by a
+        later TAKE or QUIET; nothing changes before C."""
+        now = time.time()
+        if not args:
+            return quiet_status(snap.doc, now) or (
+                f"Quiet hours are off: alerts ring. Send {QUIET_USAGE}.")
+        if args[0].upper() == "OFF":
+            if snap.stale:
+                return STORE_DOWN_TEXT
+            oncall = oncall_member(snap.doc)
+            ended, still_open = self.end(member["id"], via="sms",
+                                         tell=oncall["id"] != member["id"], snap=snap)
+            if ended is None:
+                return "Quiet hours are off already: alerts ring. Nothing changes."
+            told = ("" if oncall["id"] == member["id"] else
+                    f" {first_name(oncall)} has been told.")
+            return f"Okay, {first_name(member)}. {quiet_ended_text(still_open)}{told}"
+        seconds = quiet_length(args[0])
+        if seconds is None:
+            return f"Send {QUIET_USAGE}."
+        if seconds > QUIET_MAX:
+            return (f"Quiet hours last at most 8 h ({args[0]} is longer). Nothing changes; "
+                    "send QUIET 8h or less.")
+        parts = body.split(maxsplit=2)
+        reason = quiet_reason(parts[2]) if len(parts) > 2 else ""
+        lifetime = session_lifetime(snap.doc)
+        session = {"member": member["id"], "created": now, "expires": now + lifetime,
+                   "action": "quiet", "seconds": seconds, "reason": reason}
+        in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
+                                                    to_json(session)),
+                    lambda: self.audit.record("session.started", member["id"], {
+                        "action": "quiet", "seconds": seconds,
+                        "expires": iso_time(now + lifetime)}))
+        why = f" ({reason})" if reason else ""
+        return (f"Quiet hours for {duration_text(seconds)}{why}: alerts will be listed and "
+                "e-mailed, not rung; voicemails and calls still page. Reply C to confirm or "
+                f"X to cancel (within {lifetime} seconds).")
+
+    def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str]) -> str:
+        """C after QUIET: the window starts now. A C sent again after a stop between the
+        write and the session's delete finds its window (`asked`) and writes nothing."""
+        asked = session[0]
+        lifetime = session_lifetime(snap.doc)
+        if asked.get("expires", 0) < time.time():
+            return (f"No pending QUIET. Send QUIET again and reply C within {lifetime} "
+                    "seconds.")
+        window = quiet_window(snap.doc)
+        if not window or window.get("asked") != asked.get("created"):
+            snap = self.start(member["id"], int(asked["seconds"]), str(asked.get("reason", "")),
+                              via="sms", asked=asked.get("created"), snap=snap)
+        with contextlib.suppress(StoreUnavailable):
+            self.store.delete(f"sessions/{member['id']}.json")
+        until = quiet_until(snap.doc, time.time()) or time.time()
+        return (f"Okay, {first_name(member)}, quiet hours until {short_time(until)}: alerts "
+                "are listed and e-mailed, not rung; voicemails and calls still page. "
+                "QUIET OFF ends them.")
+
+    # --- the window: one conditional write of the config to start it, one to end it -------
+
+    def start(self, actor: str, seconds: int, reason: str, via: str,
+              asked: float | None = None, snap: Snapshot | None = None) -> Snapshot:
+        """Quiet hours from now for `seconds` (at most QUIET_MAX: the config's check refuses
+        more). A window in force is replaced (its end text is not sent: the new one's is).
+        A race with another config change is made again over it."""
+        snap = snap or self.team.read()
+        for _ in range(CONFIG_CHANGE_TRIES):
+            if snap.stale:
+                raise StoreUnavailable(self.team.problem or "store unreachable")
+            now = float(int(time.time()))  # whole seconds: `until - since` is exact
+            doc = copy.deepcopy(snap.doc)
+            previous = quiet_window(doc)
+            window = {"since": iso_time(now), "until": iso_time(now + seconds),
+                      "reason": reason, "by": actor}
+            if asked is not None:
+                window["asked"] = asked
+            doc["current_config"]["quiet"] = window
+            details = {"via": via, "since": window["since"], "until": window["until"],
+                       "reason": reason}
+            if previous:
+                details["replaces"] = previous.get("until")
+            try:
+                return self.team.write(doc, base=snap, actor=actor, details=details,
+                                       event="quiet.started")
+            except StoreConflict:
+                snap = self.team.read()
+        raise StoreUnavailable("the config kept changing")
+
+    def end(self, actor: str, via: str, tell: bool = True, snap: Snapshot | None = None
+            ) -> tuple[Snapshot | None, int]:
+        """The window ends now (`via` expired: only if `until` has passed, as the config
+        says now). Returns the config written (None: no window to end) and how many alert
+        pages ring again; with `tell`, the on-call engineer gets quiet_ended_text, queued
+        with the write."""
+        snap = snap or self.team.read()
+        for _ in range(CONFIG_CHANGE_TRIES):
+            if snap.stale:
+                raise StoreUnavailable(self.team.problem or "store unreachable")
+            window = quiet_window(snap.doc)
+            if window is None or (via == "expired" and
+                                  quiet_until(snap.doc, time.time()) is not None):
+                return None, 0
+            still_open = self.still_ringing()
+            doc = copy.deepcopy(snap.doc)
+            del doc["current_config"]["quiet"]
+            oncall = oncall_member(doc)
+            since = utc_seconds(window.get("since")) or time.time()
+            told = [self.message_job(oncall["phone"], quiet_ended_text(still_open), "quiet",
+                                     name=f"quiet-{sortable_stamp(since)}")
+                    ] if tell and not oncall.get("opted_out") else []
+            details = {"via": via, "still_open": still_open,
+                       **{k: window.get(k) for k in ("since", "until", "reason", "by")}}
+            try:
+                new = self.team.write(doc, base=snap, actor=actor, details=details,
+                                      messages=told, event="quiet.ended")
+            except StoreConflict:
+                snap = self.team.read()
+                continue
+            log.info("event=quiet.ended via=%s still_open=%d", via, still_open)
+            for message in new.queued:
+                self.start_message(*message)
+            return new, still_open
+        raise StoreUnavailable("the config kept changing")
+
+    def still_ringing(self) -> int:
+        """Alert pages that ring once quiet hours end (rings_after_quiet): from the book when
+        the worker here has listed pages/; otherwise (the command line) the alert and
+        heartbeat pages changed in the store within two days, read at once."""
+        if self.book.listed:
+            return sum(1 for page, _ in self.book.working() if rings_after_quiet(page))
+        since = time.time() - 2 * DAY
+        keys = [key for key, (_, modified) in self.store.versions("pages/").items()
+                if modified >= since and key.startswith(("pages/AL", "pages/HB"))]
+        found = IO_POOL.map(lambda key: read_json(self.store, key), keys)
+        return sum(1 for item in found if item and rings_after_quiet(item[0]))
+
+
 class Pager:
     """The domain: every state change of the pager goes through one method here. It knows the
     store only through the Store interface, and sends nothing itself: outbound messages are
@@ -2650,6 +2963,9 @@ class Pager:
         self.start_work: Callable[..., None] | None = None
         self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
+        self.quiet_hours = QuietHours(
+            self.team, store, self.book, self.audit, self.message_job,
+            lambda key, job: self.start_message(key, job) if self.start_message else None)
 
     def hand_over(self, store: Store, page: dict, etag: str, channels: list[str],
                   doc: dict | None = None) -> None:
@@ -2769,9 +3085,15 @@ class Pager:
 
     def cancel(self, doc: dict, member: dict) -> str:
         key = f"sessions/{member['id']}.json"
-        if read_json(self.store, key) is not None:
+        session = read_json(self.store, key)
+        if session is not None:
             self.store.delete(key)
             self.audit.record("session.cancelled", member["id"])
+        if session is not None and session[0].get("action") == "quiet":  # (QuietHours)
+            until = quiet_until(doc, time.time())
+            return f"Okay, {first_name(member)}, nothing changes: " + (
+                f"quiet hours stay until {short_time(until)}." if until else
+                "alerts ring as usual.")
         oncall = oncall_member(doc)
         return f"Okay, {first_name(member)}, nothing changes: {first_name(oncall)} remains on call."
 
@@ -3362,7 +3684,7 @@ class Pager:
         notices: list[str] = []
 
         def ack(page: dict | None) -> dict | None:
-            if page is None or page.get("state") != "open":
+            if page is None or not (page.get("state") == "open" or hushed(page)):
                 return None
             page.update(state="acknowledged", acked_by=member["id"], acked_at=time.time(),
                         number=page.get("number") or number)
@@ -3726,6 +4048,8 @@ class Pager:
         wrong (the trigger joins a page after all) is taken back off the answer's path."""
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
         rings = alert["severity"] in RINGING
+        # quiet hours: what would ring is listed (hushed) and rings when they end
+        quiet = rings and quiet_until(snap.doc, time.time()) is not None
         counted: list[tuple[int, bool]] = []  # count_alert's answer, once asked
         for _ in range(4):
             if rings and not counted and not self._knows_alert(integration, dedup_key):
@@ -3755,13 +4079,15 @@ class Pager:
             if rings and not counted:
                 counted = [self.count_alert(snap.doc, integration, dedup_key)]
             held = counted[0][0] if counted else 0
+            ring_now = rings and not held and not quiet
             page = new_page(alert_page_id(integration, dedup_key, generation), "alert",
-                            snap.doc, state="open" if rings and not held else "listed",
+                            snap.doc, state="open" if ring_now else "listed",
                             alert={**alert, "integration": integration,
-                                   "dedup_key": dedup_key, "generation": generation})
-            channels = ["sms", "email"] if rings and not held else ["email"]
+                                   "dedup_key": dedup_key, "generation": generation,
+                                   **({"quiet_hours": True} if quiet and not held else {})})
+            channels = ["sms", "email"] if ring_now else ["email"]
             if held:
-                channels += self._hold(page, held, snap.doc)
+                channels += self._hold(page, held, snap.doc, quiet)
             page, created = self._create_page(
                 self.store, page, channels, snap.doc,
                 f"events:{integration}", {"dedup_key": dedup_key,
@@ -3857,11 +4183,11 @@ class Pager:
             return 0
         return int(known[0].get("held_count", 0))
 
-    def _hold(self, page: dict, held: int, doc: dict) -> list[str]:
+    def _hold(self, page: dict, held: int, doc: dict, quiet: bool = False) -> list[str]:
         """An alert page over its integration's budget: listed, marked held, audited
         (`alert.held`); the first one held in the hour also texts the on-call engineer once
-        (held_text, queued in the same write, claimed like a page's first text). Returns
-        the channels it queued."""
+        (held_text, queued in the same write, claimed like a page's first text), unless
+        during quiet hours (nothing rings then). Returns the channels it queued."""
         alert = page["alert"]
         alert["held"] = held
         limit = escalation_settings(doc)["alert_pages_per_hour"]
@@ -3870,7 +4196,7 @@ class Pager:
             "held_this_hour": held, "alert_pages_per_hour": limit})
         page.setdefault("audit_due", []).append({"key": key, "entry": entry})
         oncall = oncall_member(doc)
-        if held != 1 or oncall.get("opted_out"):
+        if held != 1 or oncall.get("opted_out") or quiet:
             return []
         channel = f"held:{oncall['id']}"
         add_delivery(page, channel, self.claim_until(), to=oncall["phone"])
@@ -3919,9 +4245,12 @@ class Pager:
             page["alert"]["repeated"] = page["alert"].get("repeated", 0) + 1
             starts = (page["state"] == "listed" and alert["severity"] in RINGING
                       and not page["alert"].get("held"))
+            quiet = starts and quiet_until(doc, time.time()) is not None
             if starts and held:
                 page["alert"].update(alert)
-                channels.extend(self._hold(page, held, doc))
+                channels.extend(self._hold(page, held, doc, quiet))
+            elif quiet:  # it rings when quiet hours end (hushed)
+                page["alert"].update(alert, quiet_hours=True)
             elif starts:
                 now = time.time()
                 oncall = oncall_member(doc)  # who is on call now, not when it was listed
@@ -4031,10 +4360,14 @@ class Pager:
         ago = elapsed(time.time() - basis)
         summary = (f"Heartbeat {name} missed: last ping {ago} ago" if state.get("last_ping")
                    else f"Heartbeat {name} missed: no ping since it was set up {ago} ago")
-        page = new_page(heartbeat_page_id(name, basis), "heartbeat", snap.doc, alert={
-            "summary": summary, "source": "heartbeat", "severity": "critical",
-            "heartbeat": name, "basis": basis})
-        page, created = self._create_page(self.store, page, ["sms", "email"], snap.doc,
+        quiet = quiet_until(snap.doc, time.time()) is not None  # listed, rung when it ends
+        page = new_page(heartbeat_page_id(name, basis), "heartbeat", snap.doc,
+                        state="listed" if quiet else "open", alert={
+                            "summary": summary, "source": "heartbeat", "severity": "critical",
+                            "heartbeat": name, "basis": basis,
+                            **({"quiet_hours": True} if quiet else {})})
+        page, created = self._create_page(self.store, page,
+                                          ["email"] if quiet else ["sms", "email"], snap.doc,
                                           "heartbeat", {"heartbeat": name,
                                                         "summary": summary})
         if created and heartbeat_basis(self.heartbeat_state(name)[0]) != basis:
@@ -4131,11 +4464,14 @@ class Pager:
         listed ones and the recent others as space allows (the listed ones left out are
         counted), so that the SMS stays readable."""
         ringing, listed, recent, unread = self.status_pages()
+        quiet = quiet_status(doc, time.time())
         if not (ringing or listed or recent) and not any(
                 m.get("opted_out") for m in members(doc).values()):
-            return "No open pages."
+            return f"{quiet}\nNo open pages." if quiet else "No open pages."
         open_count = sum(1 for p in ringing if p.get("state") == "open")
         lines = [f"{open_count} open." if open_count else "No open pages."]
+        if quiet:
+            lines.insert(0, quiet)
 
         def line(page: dict) -> str:
             failures = list(dict.fromkeys(  # once each: an MMS and its SMS often share one
@@ -4226,7 +4562,7 @@ class Pager:
                 return STORE_DOWN_TEXT
             if command == "confirm" and not session_read:
                 session = done[-1]
-            reply = self.run_command(command, args, snap, member, session)
+            reply = self.run_command(command, args, snap, member, session, body=body)
         if marker is not None:  # after the answer: a replay in between gets no reply
             IO_POOL.submit(self._keep_reply, marker, {**record, "member": member["id"],
                                                       "reply": reply, "done": True})
@@ -4245,8 +4581,12 @@ class Pager:
             log.warning("event=sms.reply_unkept marker=%s", marker)
 
     def run_command(self, command: str, args: list[str], snap: Snapshot, member: dict,
-                    session: tuple[dict, str] | None = None) -> str | None:
+                    session: tuple[dict, str] | None = None, body: str = "") -> str | None:
         try:
+            if command == "quiet":
+                return self.quiet_hours.command(snap, member, args, body)
+            if command == "confirm" and session and session[0].get("action") == "quiet":
+                return self.quiet_hours.confirm(snap, member, session)
             if command == "who":
                 return self.who(snap)
             if command == "take":
@@ -4600,7 +4940,8 @@ class Worker:
     doubles it, and the next step follows anyway. Each channel has its own attempts and
     capped exponential backoff, and runs in its own thread from a small pool, so a dead SMTP
     server does not delay the MMS. The scan also opens the page of a heartbeat that missed
-    its ping (`_check_heartbeats`, planned from memory like the rest).
+    its ping (`_check_heartbeats`, planned from memory like the rest), and ends quiet hours
+    at their `until` (`_plan_quiet_end`), after which the hushed pages ring.
     """
 
     def __init__(self, pager: Pager, telephony: Telephony):
@@ -4635,6 +4976,7 @@ class Worker:
         self._listings = 0
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
+        self._next_quiet_end = 0.0  # time.time() before which ending quiet hours is not retried
         self._adopted_from = ""  # the config version whose unclaimed texts were looked at
         # each heartbeat missed here: (the ping it missed, when this instance last read it)
         self._heartbeat_misses: dict[str, tuple[float, float]] = {}
@@ -4727,7 +5069,8 @@ class Worker:
             self._submit("prune-live", self._prune_hunts)
             self._submit("archive", self._archive_pages)
         next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
-                       self._apart("rotation", lambda: self._plan_rotation(now), now))
+                       self._apart("rotation", lambda: self._plan_rotation(now), now),
+                       self._apart("quiet", lambda: self._plan_quiet_end(now), now))
         depth = 0
         spool = self.pager.spool
         spooled: list[str] = []
@@ -4814,6 +5157,65 @@ class Worker:
             self.pager.rotate()
         except (StoreUnavailable, NoConfig, ConfigError) as e:
             log.warning("event=rotation.deferred error=%r", str(e))
+
+    def _plan_quiet_end(self, now: float) -> float:
+        """End the quiet hours once their `until` has passed, by the config in memory (it
+        is checked with every listing): planned like a handoff, and only once this instance
+        has listed pages/, so that it can count the alerts still open."""
+        known = self.pager.team.last_known()
+        window = quiet_window(known.doc) if known is not None else None
+        if window is None:
+            return math.inf
+        until = utc_seconds(window.get("until")) or now
+        if until > now:
+            return until
+        if not self.pager.book.listed or self._busy("quiet"):
+            return math.inf  # the listing, or the task's end, wakes the worker
+        if now < self._next_quiet_end:
+            return self._next_quiet_end
+        self._next_quiet_end = now + self.cfg.retry_base
+        self._submit("quiet", self._end_quiet, urgent=True)
+        return math.inf
+
+    def _end_quiet(self) -> None:
+        try:
+            self.pager.quiet_hours.end("worker", via="expired")
+        except (StoreUnavailable, NoConfig, ConfigError) as e:
+            log.warning("event=quiet.end_deferred error=%r", str(e))
+        known = self.pager.team.last_known()
+        if known is not None and quiet_window(known.doc) is None:
+            for page, _ in self.pager.book.working():  # at once, not at the next scan
+                if hushed(page) and not self._busy(f"{page['id']}/ring"):
+                    self._submit(f"{page['id']}/ring",
+                                 lambda page_id=page["id"]: self._ring_after_quiet(page_id),
+                                 urgent=True)
+
+    def _ring_after_quiet(self, page_id: str) -> None:
+        """A hushed page rings, once no quiet hours are in the config (ring_after_quiet):
+        one conditional write with its `page.ringing` entry; its calls follow from the
+        escalation as for any page."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        if quiet_window(doc) is not None:
+            return
+
+        def ring(page: dict | None) -> dict | None:
+            if page is None or not hushed(page):
+                return None
+            ring_after_quiet(page, doc, time.time())
+            key, entry = self.pager.audit.entry("page.ringing", "worker", {
+                "page": page_id, "number": page.get("number"), "oncall": page["oncall"]["id"],
+                "reason": "quiet hours ended"})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        try:
+            written = self.pager.write_page(self.store, page_id, ring)
+        except (StoreUnavailable, StoreConflict) as e:
+            log.warning("event=page.ring_deferred page=%s error=%r", page_id, str(e)[:200])
+            return
+        if written is not None:
+            self._write_due(written[0])
+            self.wake()
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
         self.progress = time.monotonic()  # progress: a long scan in an outage is not stuck
@@ -4966,8 +5368,8 @@ class Worker:
         for page, _ in self.pager.book.working():
             alert = page.get("alert", {})
             known = self.pager.heartbeats.get(alert.get("heartbeat", ""))
-            if page.get("kind") == "heartbeat" and page.get("state") == "open" and known \
-                    and heartbeat_basis(known[0]) > alert["basis"]:
+            if page.get("kind") == "heartbeat" and (page.get("state") == "open" or hushed(page)) \
+                    and known and heartbeat_basis(known[0]) > alert["basis"]:
                 with contextlib.suppress(StoreUnavailable, StoreConflict):
                     self.pager.resolve(page["id"], "heartbeat", via="ping")
         return next_due
@@ -5226,11 +5628,19 @@ class Worker:
             else:
                 next_due = min(next_due or due, due)
         escalate = False
+        known = self.pager.team.last_known()
+        quiet = quiet_until(known.doc, now) if known is not None else None
+        if hushed(page) and known is not None and quiet_window(known.doc) is None and \
+                store is self.store and not self._busy(f"{page_id}/ring"):
+            self._submit(f"{page_id}/ring", lambda: self._ring_after_quiet(page_id),
+                         urgent=True)
         # A spooled page waits for the store to escalate, except for its first call: during
         # an outage that call may be all that reaches an opted-out engineer.
         if page.get("state") == "open" and (store is self.store
                                             or page["escalation"]["step"] == 0):
             due = page["escalation"]["next_due"]
+            if quiet is not None and page.get("kind") in ("alert", "heartbeat"):
+                due = max(due, quiet)  # nothing rings for alerts during quiet hours
             if due <= now and not self._busy(f"{page_id}/escalate"):
                 escalate = True
             else:
@@ -5602,6 +6012,7 @@ class Worker:
         """An alert's e-mail: what it is, whether it rings, and what the monitor sent along."""
         alert = page["alert"]
         rings = (f"on call: {page['oncall']['name']}" if page["state"] != "listed" else
+                 "quiet hours: listed, nobody is called until they end" if hushed(page) else
                  f"listed only, nobody is called ({alert['severity']})")
         if alert.get("held"):
             rings = (f"held, nobody is called: alert {alert['held']} from "
@@ -6655,6 +7066,8 @@ class WebApp:
         except StoreUnavailable:
             config = "unavailable"
         healthy = self.pager.team.reachable and config == "loaded"
+        known = self.pager.team.last_known()
+        quiet = known is not None and quiet_until(known.doc, time.time()) is not None
         # Status words only: the reason (which can quote the config) goes to the log, once
         # per change, and to `oncall-pager check`; this endpoint is public.
         # `config-invalid`: the pager runs but pages nobody (calls are answered and their
@@ -6664,6 +7077,7 @@ class WebApp:
                 "store": "reachable" if self.pager.team.reachable else "unreachable",
                 "config": config,
                 "queue_depth": self.worker.queue_depth if self.worker else 0,
+                "quiet": "on" if quiet else "off",  # quiet hours: alerts listed, not rung
                 "version": VERSION}
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
 
@@ -6688,6 +7102,8 @@ class WebApp:
             "oncall_outbound_budget_left": [] if left is None else [((), float(left))],
             "oncall_config_stale": [((), float(config_stale(team)))],
             "oncall_store_reachable": [((), float(team.reachable))],
+            "oncall_quiet": [((), float(known is not None and
+                                       quiet_until(known.doc, time.time()) is not None))],
             "oncall_worker_busy_seconds": [((), self.worker.busy_for())] if self.worker else [],
         }
         return Response(200, METRICS.render(gauges), "text/plain; version=0.0.4; charset=utf-8")
@@ -6811,8 +7227,11 @@ class ServiceNotifier:
     def status(self) -> str:
         team = self.pager.team
         busy = self.worker.busy_for()
+        known = team.last_known()
+        until = quiet_until(known.doc, time.time()) if known is not None else None
         return (f"queue {self.worker.queue_depth}, "
-                f"store {'reachable' if team.reachable else 'unreachable'}, "
+                + (f"quiet until {short_time(until)}, " if until else "")
+                + f"store {'reachable' if team.reachable else 'unreachable'}, "
                 f"config {'stale' if config_stale(team) else 'current'}, "
                 f"worker {'alive' if self.worker.alive() else f'stuck for {busy:.0f} s'}")
 
@@ -7742,6 +8161,43 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quiet(args: argparse.Namespace) -> int:
+    """Quiet hours for monitoring (QuietHours): `quiet 2h [--reason TEXT]` starts them now
+    (one conditional write, audited as the operator), `quiet off` ends them, `quiet` alone
+    says whether they are on. A running pager sends the "Quiet ended" text."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    actor = quiet_reason(operator(args))
+    if args.length is None:
+        if args.reason is not None:
+            raise UsageError("--reason goes with a length: quiet 2h --reason TEXT")
+        doc = pager.team.read().doc
+        print(quiet_status(doc, time.time()) or "quiet hours are off: alerts ring")
+        return 0
+    if args.length.lower() == "off":
+        if args.reason is not None:
+            raise UsageError("quiet off takes no --reason")
+        ended, still_open = pager.quiet_hours.end(actor, via="cli")
+        if ended is None:
+            print("quiet hours are off already: alerts ring; nothing changed")
+            return 0
+        print(f"quiet hours ended: {still_open} alert{'s' if still_open != 1 else ''} still "
+              "open, ringing now; a running pager texts the on-call engineer")
+        return 0
+    seconds = quiet_length(args.length)
+    if seconds is None:
+        raise UsageError(f"quiet {args.length!r}: give a length such as 2h, 30m or 1h30m "
+                         "(at most 8h), or off")
+    if seconds > QUIET_MAX:
+        raise UsageError(f"quiet {args.length}: quiet hours last at most 8h; nothing changed")
+    reason = quiet_reason(args.reason or "")
+    written = pager.quiet_hours.start(actor, seconds, reason, via="cli")
+    until = quiet_until(written.doc, time.time()) or time.time()
+    print(f"quiet hours until {short_time(until)}" + (f" ({reason})" if reason else "")
+          + ": alerts are listed and e-mailed, not rung; voicemails and calls still page")
+    return 0
+
+
 def vcard_text(value: str) -> str:
     """A vCard 3.0 text value: backslash, comma and semicolon escaped, a line break written
     as \\n (RFC 2426 5.8.4, RFC 6350 3.4), so a team name cannot add a line or a field to
@@ -7869,6 +8325,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = command("schedule", cmd_schedule, "the rotation: the current shift and the "
                        "next ones")
     schedule.add_argument("-n", type=int, default=8, help="how many shifts (default 8)")
+    quiet = command("quiet", cmd_quiet, "quiet hours for monitoring: alerts are listed and "
+                    "e-mailed, not rung (voicemails and calls still page)")
+    quiet.add_argument("length", nargs="?", metavar="LENGTH|off",
+                       help="2h, 30m or 1h30m from now (at most 8h), or off; none: show them")
+    quiet.add_argument("--reason", help="why (shown by STATUS, kept in the audit log)")
+    quiet.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")
