@@ -126,6 +126,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import html
 import json
 import logging
 import math
@@ -766,6 +767,7 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
                       "change")
     errors += check_integrations(current.get("integrations", {}))
     errors += check_heartbeats(current.get("heartbeats", {}))
+    errors += check_feed_tokens(current.get("feed_tokens", {}))
     return errors, warnings
 
 
@@ -945,6 +947,25 @@ def check_integrations(integrations: object) -> list[str]:
         elif not isinstance(integration.get("heartbeats_only", False), bool):
             errors.append(f"{where}.{name}.heartbeats_only is not true or false")
     return errors
+
+
+def check_feed_tokens(tokens: object) -> list[str]:
+    """`current_config.feed_tokens`: calendar / status -> {sha256, created}: the hash of the
+    token in the URL of the calendar feed and of the status page, never the token."""
+    where = "current_config.feed_tokens"
+    if not isinstance(tokens, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    for name, token in tokens.items():
+        if name not in FEEDS:
+            errors.append(f"{where}.{name} is not one of {', '.join(FEEDS)}")
+        elif not isinstance(token, dict) or not isinstance(token.get("sha256"), str) or \
+                not SHA256_HEX.fullmatch(token["sha256"]):
+            errors.append(f"{where}.{name}.sha256 is not a SHA-256 in hex")
+    return errors
+
+
+FEEDS = ("calendar", "status")  # the read-only views a token in their URL opens
 
 
 def check_heartbeats(heartbeats: object) -> list[str]:
@@ -1145,6 +1166,184 @@ def oncall_change(doc: dict) -> tuple[float, str] | None:
     if current.get("last_modified_time"):
         return current["last_modified_time"], str(current.get("last_modified_user_id"))
     return None
+
+
+# --- the schedule as stretches of time: the calendar feed, the status page --------------------
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+    """One stretch of on-call, [start, end) in epoch seconds: `member` (an id) is on call;
+    `covering` names whose rotation shift an override takes over ('' for a shift of the
+    rotation itself, or the engineer on call before, with no rotation)."""
+
+    start: float
+    end: float
+    member: str
+    covering: str = ""
+
+
+MAX_SHIFTS = 2000  # stretches one look at the schedule lists at most (seconds-long test shifts)
+
+
+def override_time(value: object, zone: dt.tzinfo) -> float | None:
+    """An override's `start` / `end`: ISO 8601, with an offset, or local to the team's zone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).timestamp()
+
+
+def team_zone(doc: dict) -> dt.tzinfo:
+    """The team's time zone: `rotation.timezone`, else `current_config.timezone`, else UTC."""
+    current = doc["current_config"]
+    for name in (current.get("rotation", {}).get("timezone"), current.get("timezone")):
+        if isinstance(name, str):
+            with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
+                return zoneinfo.ZoneInfo(name)
+    return dt.UTC
+
+
+def overrides(doc: dict) -> list[Shift]:
+    """`current_config.overrides` ([{member, start, end, by}]) as stretches, by start; one
+    that names no member or no time span is left out (check reports it)."""
+    zone, users = team_zone(doc), members(doc)
+    found = []
+    for item in doc["current_config"].get("overrides") or []:
+        if not isinstance(item, dict) or item.get("member") not in users:
+            continue
+        start, end = override_time(item.get("start"), zone), override_time(item.get("end"), zone)
+        if start is not None and end is not None and start < end:
+            found.append(Shift(start, end, item["member"]))
+    return sorted(found, key=lambda shift: shift.start)
+
+
+def shifts(doc: dict, since: float, until: float, now: float | None = None) -> list[Shift]:
+    """Who is on call from `since` to `until`, as stretches in time order (at most
+    MAX_SHIFTS): the rotation's shifts (Rotation), each override cut into them (the part of a
+    shift it covers belongs to the override's member, `covering` the shift's). With no
+    rotation, one stretch for whoever is on call now, from when on-call last changed (or
+    `since`) on, with the overrides cut in: who is on call later is not known."""
+    now = time.time() if now is None else now
+    rotation = Rotation.of(doc)
+    base: list[Shift] = []
+    if rotation is None:
+        changed = oncall_change(doc)
+        start = min(changed[0], now) if changed else since
+        base.append(Shift(start, until, oncall_member(doc)["id"]))
+    else:
+        k = max(rotation.shift_at(since), 0)
+        while rotation.starts(k) < until and len(base) < MAX_SHIFTS:
+            base.append(Shift(rotation.starts(k), rotation.starts(k + 1), rotation.member(k)))
+            k += 1
+    for cover in overrides(doc):
+        if cover.end <= since or cover.start >= until:
+            continue
+        cut, covering = [], ""
+        for shift in base:
+            if shift.end <= cover.start or shift.start >= cover.end:
+                cut.append(shift)
+                continue
+            if shift.start < cover.start:
+                cut.append(dataclasses.replace(shift, end=cover.start))
+            if cover.end < shift.end:
+                cut.append(dataclasses.replace(shift, start=cover.end))
+            covering = covering or shift.covering or shift.member
+        cut.append(Shift(cover.start, cover.end, cover.member,
+                         covering if covering != cover.member else ""))
+        base = sorted(cut, key=lambda shift: shift.start)
+    joined: list[Shift] = []
+    for shift in base:  # an override of one's own shift leaves it one stretch
+        if joined and joined[-1].end == shift.start and (joined[-1].member, joined[-1].covering
+                                                         ) == (shift.member, shift.covering):
+            joined[-1] = dataclasses.replace(joined[-1], end=shift.end)
+        else:
+            joined.append(shift)
+    return [s for s in joined if s.end > since and s.start < until][:MAX_SHIFTS]
+
+
+def handoffs(doc: dict, now: float, count: int) -> list[Shift]:
+    """The next `count` stretches after `now` with somebody else on call (within a year)."""
+    found: list[Shift] = []
+    current = None
+    for shift in shifts(doc, now, now + 366 * DAY, now):
+        if shift.start > now and shift.member != current:
+            found.append(shift)
+        current = shift.member
+    return found[:count]
+
+
+def feed_token(doc: dict, name: str, token: str) -> bool:
+    """Whether `token` is the one `oncall-pager calendar-token` / `status-token` made: its
+    SHA-256 is compared with the stored one in constant time (the store keeps only the hash,
+    as for routing keys). Always compared, even without a stored one."""
+    stored = doc["current_config"].get("feed_tokens", {}).get(name, {}).get("sha256")
+    digest = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+    known = isinstance(stored, str)
+    return hmac.compare_digest(digest, stored if known else "-" * 64) and known
+
+
+def ical_text(value: str) -> str:
+    """An iCalendar TEXT value (RFC 5545 3.3.11): backslash, semicolon and comma escaped, a
+    line break as \\n, other control characters as spaces, so that a name cannot add a line
+    or a property to the feed."""
+    value = value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+    value = re.sub(r"\r\n|\r|\n", r"\\n", value)
+    return CONTROL_CHARACTERS.sub(" ", value)
+
+
+def ical_fold(line: str) -> str:
+    """A content line folded at 75 octets (RFC 5545 3.1): CRLF and a space before each
+    further piece, never inside a UTF-8 sequence."""
+    pieces, piece, size = [], "", 0
+    for char in line:
+        octets = len(char.encode("utf-8"))
+        if size + octets > 75:
+            pieces.append(piece)
+            piece, size = " ", 1
+        piece += char
+        size += octets
+    pieces.append(piece)
+    return "\r\n".join(pieces)
+
+
+def ical_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+CALENDAR_PAST, CALENDAR_AHEAD = 30 * DAY, 180 * DAY
+
+
+def calendar_feed(doc: dict, now: float, domain: str) -> str:
+    """The iCalendar feed (RFC 5545) of `GET /calendar/TOKEN.ics`: one VEVENT per stretch of
+    on-call from 30 days ago to 180 days ahead (shifts), in UTC, transparent (a shift does not
+    make the day busy). A UID is the stretch's start and the team's domain, so a calendar
+    app that fetches the feed again updates an event rather than adding a second; when the
+    stretch's end or member changes, its SEQUENCE (the stored config's last change) goes up.
+    With no rotation, one event for whoever is on call, to the end of the feed's span."""
+    users = members(doc)
+    team = team_name(doc) or "on-call"
+    sequence = int(doc["current_config"].get("last_modified_time") or 0) % 2 ** 31
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//oncall-pager//calendar " + VERSION
+             + "//EN", "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
+             "X-WR-CALNAME:" + ical_text(f"On call: {team}"),
+             "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
+    for shift in shifts(doc, now - CALENDAR_PAST, now + CALENDAR_AHEAD, now):
+        member = users[shift.member]
+        summary = f"On call: {member['name']}"
+        if shift.covering:
+            summary += f" (covering {users.get(shift.covering, {}).get('name', shift.covering)})"
+        lines += ["BEGIN:VEVENT", f"UID:{ical_time(shift.start)}-oncall@{domain}",
+                  f"DTSTAMP:{ical_time(now)}", f"DTSTART:{ical_time(shift.start)}",
+                  f"DTEND:{ical_time(shift.end)}", f"SEQUENCE:{sequence}",
+                  "SUMMARY:" + ical_text(summary),
+                  "DESCRIPTION:" + ical_text(f"{member['name']} ({member['id']}) is on call "
+                                             f"for {team}."),
+                  "TRANSP:TRANSPARENT", "END:VEVENT"]
+    lines.append("END:VCALENDAR")
+    return "".join(ical_fold(line) + "\r\n" for line in lines)
 
 
 # ==============================================================================================
@@ -5647,6 +5846,207 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
 
 
 # ==============================================================================================
+# Views: the status page and its command-line twin (read-only; the calendar feed is pure,
+# calendar_feed, above)
+# ==============================================================================================
+
+
+def health_words(pager: Pager, worker: Worker | None) -> tuple[bool, dict]:
+    """The pager's status words (GET /healthz, the status page): whether it is healthy, and
+    words only: the reason, which can quote the config, goes to the log and to `check`."""
+    try:
+        # a copy from memory because the store's config is invalid is `invalid` (it
+        # must not depend on whether this instance had read a good one before)
+        config = ("loaded" if not pager.team.read().stale else
+                  "stale" if not pager.team.reachable else "invalid")
+    except NoConfig:
+        config = "missing"
+    except ConfigError:
+        config = "invalid"
+    except StoreUnavailable:
+        config = "unavailable"
+    healthy = pager.team.reachable and config == "loaded"
+    # `config-invalid`: the pager runs but pages nobody (calls are answered and their
+    # pages wait for a valid config): what the operator must fix first
+    return healthy, {"status": "ok" if healthy else "config-invalid" if config == "invalid"
+                     else "unhealthy",
+                     "store": "reachable" if pager.team.reachable else "unreachable",
+                     "config": config, "queue_depth": worker.queue_depth if worker else 0,
+                     "version": VERSION}
+
+
+def quiet_window(doc: dict, now: float) -> tuple[float, str] | None:
+    """The quiet window running (`current_config.quiet`: until when, and why), or None."""
+    quiet = doc["current_config"].get("quiet")
+    if not isinstance(quiet, dict):
+        return None
+    until = quiet.get("until", quiet.get("end"))
+    if isinstance(until, str):
+        until = override_time(until, dt.UTC)
+    if not isinstance(until, (int, float)) or until <= now:
+        return None
+    return float(until), str(quiet.get("reason") or "")
+
+
+class StatusBoard:
+    """What the status page (`GET /status/TOKEN`) and `oncall-pager status` show: who is on
+    call and until when, the next handoffs, the open pages, the last pages, the health words.
+
+    The cost is bounded whatever the number of pages: the open pages come from the page book
+    (the worker's copies of every page in pages/ that rings, waits or is listed), the last
+    ones from the counter's recent list (one conditional read), each page from the book's
+    copy where it has one. Where no worker has listed pages/ (the command line, a pager just
+    started) one listing of pages/ stands in for the book: the pages changed in the last two
+    days (an open page changes at least daily), the newest OPEN_READ of them read."""
+
+    OPEN_SHOWN = 50  # open pages listed one a line; more are counted
+    OPEN_READ = 200  # pages read at most to find the open ones (a storm: the newest)
+    LAST = 20
+
+    def __init__(self, pager: Pager, worker: Worker | None = None):
+        self.pager = pager
+        self.worker = worker
+
+    def gather(self, doc: dict, now: float) -> dict:
+        users = members(doc)
+        oncall = oncall_member(doc)
+        current = next((s for s in shifts(doc, now, now + 1, now) if s.start <= now), None)
+        # a TAKE holds until the stretch running ends, as the rotation's shift does; with no
+        # rotation and no override, on-call changes only by TAKE: no end
+        until = current.end if current and (Rotation.of(doc) or current.covering) else None
+        covering = (users.get(current.covering, {}).get("name", current.covering)
+                    if current and current.covering and current.member == oncall["id"] else "")
+        open_pages, more, last = self.pages(now)
+        healthy, health = health_words(self.pager, self.worker)
+        return {"team": team_name(doc) or "on-call", "now": now, "zone": team_zone(doc),
+                "oncall": oncall, "until": until, "covering": covering,
+                "quiet": quiet_window(doc, now),
+                "handoffs": [(s, users[s.member]) for s in handoffs(doc, now, 5)],
+                "open": open_pages, "open_more": more, "last": last, "doc": doc,
+                "healthy": healthy, "health": health}
+
+    def pages(self, now: float) -> tuple[list[dict], int, list[dict]]:
+        """(open pages newest first, up to OPEN_SHOWN; how many more; the last LAST pages)."""
+        book = self.pager.book
+        opened = {page_id: when for page_id, (_, when) in book.active().items()}
+        if not book.listed:  # the one listing
+            since = now - QUIET_AFTER
+            opened.update((key.removeprefix("pages/").removesuffix(".json"), modified)
+                          for key, (_, modified) in self.pager.store.versions("pages/").items()
+                          if modified >= since)
+        candidates = sorted(opened, key=lambda page_id: opened[page_id],
+                            reverse=True)[:self.OPEN_READ]
+        recent = [item["id"] for item in self.pager.recent_items()[:self.LAST]]
+        wanted = list(dict.fromkeys(candidates + recent))
+
+        def read(page_id: str) -> Callable[[], tuple[dict, str] | None]:
+            return lambda: self.pager.book.get(page_id) or self.pager.find_page(page_id)
+
+        found = in_parallel(IO_POOL, *map(read, wanted)) if wanted else []
+        pages = {page_id: page[0] for page_id, page in zip(wanted, found, strict=True)
+                 if page is not None}
+        open_pages = sorted((p for p in pages.values() if p.get("state") in SHOWN_FIRST or (
+            p.get("state") == "acknowledged" and p.get("kind") in ("alert", "heartbeat"))),
+            key=lambda page: float(page.get("opened") or 0), reverse=True)
+        return (open_pages[:self.OPEN_SHOWN], max(0, len(open_pages) - self.OPEN_SHOWN),
+                [pages[p] for p in recent if p in pages])
+
+    def row(self, page: dict, board: dict) -> dict[str, str]:
+        """One page as the page and the terminal show it (text from outside, not escaped)."""
+        users = members(board["doc"])
+        paged = [users.get(m, {}).get("name", str(m)) for m in page.get("paged") or []]
+        state = page_state(page, board["doc"])
+        return {"number": str(self.pager.number_of(page)), "kind": str(page.get("kind")),
+                "summary": page_summary(page),
+                "age": elapsed(max(0.0, board["now"] - float(page.get("opened") or 0))),
+                "paged": ", ".join(paged) or "nobody (listed)",
+                "ack": state if state.startswith("acknowledged") else f"not acknowledged "
+                f"({state})" if state in ("open", "waiting") else state}
+
+    def local(self, ts: float, board: dict) -> str:
+        return dt.datetime.fromtimestamp(ts, board["zone"]).strftime("%a %Y-%m-%d %H:%M %Z")
+
+    def headline(self, board: dict) -> list[str]:
+        """Who is on call, until when, covering whom; the quiet window."""
+        line = f"On call: {board['oncall']['name']}"
+        if board["until"] is not None:
+            line += f" until {self.local(board['until'], board)}"
+        else:
+            line += " (no rotation: until somebody TAKEs on-call)"
+        if board["covering"]:
+            line += f", covering {board['covering']}"
+        lines = [line + "."]
+        if board["quiet"]:
+            until, reason = board["quiet"]
+            lines.append(f"Quiet until {self.local(until, board)}"
+                         + (f" ({reason})" if reason else "") + ": alerts ring nobody.")
+        return lines
+
+    def text(self, board: dict) -> str:
+        """The terminal's version (`oncall-pager status`)."""
+        lines = [f"{board['team']}: status at {self.local(board['now'], board)}",
+                 *self.headline(board), "", "Next handoffs:"]
+        lines += [f"  {self.local(s.start, board)}  {m['name']}" for s, m in board["handoffs"]
+                  ] or ["  none (no rotation)"]
+        for title, pages in (("Open pages:", board["open"]), ("Last pages:", board["last"])):
+            lines += ["", title]
+            for page in pages:
+                r = self.row(page, board)
+                lines.append(f"  #{r['number']}  {r['kind']:<9} {r['age']:>7} ago  "
+                             f"{r['summary']}  paged: {r['paged']}  {r['ack']}")
+            if not pages:
+                lines.append("  none")
+            if title == "Open pages:" and board["open_more"]:
+                lines.append(f"  +{board['open_more']} more open")
+        health = board["health"]
+        lines += ["", "Health: " + " ".join(f"{k}={v}" for k, v in health.items())]
+        return "\n".join(CONTROL_CHARACTERS.sub(" ", line) for line in lines) + "\n"
+
+    def html(self, board: dict) -> str:
+        """The page: server-rendered, no script, readable on a phone (the viewport), fetched
+        again every 60 s (meta refresh). Every value is HTML-escaped here, once."""
+        def e(value: object) -> str:
+            return html.escape(str(value), quote=True)
+
+        def table(pages: list[dict], empty: str) -> str:
+            if not pages:
+                return f"<p class=none>{e(empty)}</p>"
+            rows = "".join(
+                "<tr>" + "".join(f"<td class={name}>{e(value)}</td>"
+                                 for name, value in self.row(page, board).items()) + "</tr>"
+                for page in pages)
+            return ("<table><thead><tr><th>#</th><th>kind</th><th>what</th><th>age</th>"
+                    "<th>paged</th><th>acknowledged</th></tr></thead><tbody>" + rows
+                    + "</tbody></table>")
+
+        handoff_items = "".join(
+            f"<li><time>{e(self.local(s.start, board))}</time> {e(m['name'])}</li>"
+            for s, m in board["handoffs"]) or "<li>none (no rotation)</li>"
+        more = (f"<p class=more>+{board['open_more']} more open</p>" if board["open_more"]
+                else "")
+        health = " ".join(f"{k}={v}" for k, v in board["health"].items())
+        return "".join([
+            "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+            '<meta name=viewport content="width=device-width, initial-scale=1">',
+            '<meta http-equiv=refresh content="60">',
+            f"<title>{e(board['team'])}: on call</title><style>",
+            "body{font:16px/1.4 system-ui,sans-serif;margin:1em;max-width:60em}",
+            "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;",
+            "padding:.3em;text-align:left;vertical-align:top}.ok{color:#060}.bad{color:#b00}",
+            "@media (max-width:40em){thead{display:none}td{display:block;border:0}",
+            "tr{display:block;border-bottom:1px solid #ccc;padding:.4em 0}}</style></head><body>",
+            f"<h1>{e(board['team'])}</h1>",
+            "".join(f"<p class=oncall>{e(line)}</p>" for line in self.headline(board)),
+            f"<h2>Next handoffs</h2><ol class=handoffs>{handoff_items}</ol>",
+            f"<h2>Open pages</h2><div id=open>{table(board['open'], 'No open pages.')}{more}",
+            f"</div><h2>Last {self.LAST} pages</h2><div id=last>",
+            f"{table(board['last'], 'No pages yet.')}</div>",
+            f"<p id=health class={'ok' if board['healthy'] else 'bad'}>Health: {e(health)}</p>",
+            f"<p><small>As of {e(self.local(board['now'], board))}; this page refreshes every",
+            " 60 s.</small></p></body></html>\n"])
+
+
+# ==============================================================================================
 # Web: request parsing, the signature gate, the router, one short handler per webhook
 # ==============================================================================================
 
@@ -5872,6 +6272,12 @@ def config_stale(team: TeamConfig) -> bool:
     """Whether the last read of the operational config failed (store unreachable, config
     missing or invalid), so that the last good copy answers: from memory, no request."""
     return not team.reachable or bool(team.problem)
+
+
+STATUS_PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+    ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"))
 
 
 class WebApp:
@@ -6498,29 +6904,39 @@ class WebApp:
     # --- monitoring ----------------------------------------------------------------------------
 
     def healthz(self, request: Request) -> Response:
-        try:
-            # a copy from memory because the store's config is invalid is `invalid` (it
-            # must not depend on whether this instance had read a good one before)
-            config = ("loaded" if not self.pager.team.read().stale else
-                      "stale" if not self.pager.team.reachable else "invalid")
-        except NoConfig:
-            config = "missing"
-        except ConfigError:
-            config = "invalid"
-        except StoreUnavailable:
-            config = "unavailable"
-        healthy = self.pager.team.reachable and config == "loaded"
-        # Status words only: the reason (which can quote the config) goes to the log, once
-        # per change, and to `oncall-pager check`; this endpoint is public.
-        # `config-invalid`: the pager runs but pages nobody (calls are answered and their
-        # pages wait for a valid config): what the operator must fix first
-        body = {"status": "ok" if healthy else "config-invalid" if config == "invalid"
-                else "unhealthy",
-                "store": "reachable" if self.pager.team.reachable else "unreachable",
-                "config": config,
-                "queue_depth": self.worker.queue_depth if self.worker else 0,
-                "version": VERSION}
+        healthy, body = health_words(self.pager, self.worker)
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
+
+    # --- read-only views behind a token in the URL (SPEC 21) ----------------------------------
+
+    def feed_config(self, feed: str, token: str) -> dict:
+        """The config, when `token` opens `feed` (from memory, at most PAGE_CONFIG_MAX_AGE
+        old: a new token works within seconds); else 404, as for a page that is not there,
+        and never a store request a stranger can cause."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        if not feed_token(doc, feed, token):
+            log.warning("event=%s.unknown_token", feed)
+            raise HTTPError(404, "not found")
+        return doc
+
+    def calendar(self, request: Request) -> Response:
+        """`GET /calendar/TOKEN.ics`: the on-call shifts as an iCalendar feed."""
+        name = request.path.removeprefix("/calendar/")
+        doc = self.feed_config("calendar", name.removesuffix(".ics") if name.endswith(".ics")
+                               else "")
+        domain = urllib.parse.urlsplit(self.cfg.public_url).hostname or "oncall-pager"
+        return Response(200, calendar_feed(doc, time.time(), domain),
+                        "text/calendar; charset=utf-8",
+                        (("Cache-Control", "private, max-age=300"),
+                         ("Content-Disposition", 'inline; filename="oncall.ics"')))
+
+    def status_page(self, request: Request) -> Response:
+        """`GET /status/TOKEN`: the status page (StatusBoard), locked down: no script may
+        run, no frame may hold it, no referrer leaks the token, no cache keeps it."""
+        doc = self.feed_config("status", request.path.removeprefix("/status/"))
+        board = StatusBoard(self.pager, self.worker)
+        return Response(200, board.html(board.gather(doc, time.time())),
+                        "text/html; charset=utf-8", STATUS_PAGE_HEADERS)
 
     def metrics(self, request: Request) -> Response:
         """Prometheus's text format, for a scraper holding `[server] metrics_token` as a
@@ -6574,6 +6990,8 @@ ROUTES: dict[str, Route] = {
     "/v2/change/enqueue": Route(("POST",), WebApp.change_enqueue, signed=False,
                                 max_body=MAX_EVENT_BODY),
     "/heartbeat/*": Route(("GET", "HEAD", "POST"), WebApp.heartbeat, signed=False),
+    "/calendar/*": Route(("GET", "HEAD"), WebApp.calendar, signed=False),
+    "/status/*": Route(("GET", "HEAD"), WebApp.status_page, signed=False),
 }
 
 
