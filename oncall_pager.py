@@ -7599,6 +7599,44 @@ def cmd_integration(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feed_token(args: argparse.Namespace) -> int:
+    """`calendar-token` / `status-token`: a new random token for the calendar feed or the
+    status page, printed once in its URL; the config keeps only its SHA-256 (one conditional
+    write and its audit entry), and the previous token stops working."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    token = secrets.token_urlsafe(24)
+
+    def make(doc: dict) -> str:
+        tokens = doc["current_config"].setdefault("feed_tokens", {})
+        replaced = args.feed in tokens
+        tokens[args.feed] = {"sha256": hashlib.sha256(token.encode()).hexdigest(),
+                             "created": int(time.time())}
+        return f"made a new {args.feed} token" + ("; the previous one no longer works"
+                                                   if replaced else "")
+
+    change_config(pager, args, make)
+    path = f"/calendar/{token}.ics" if args.feed == "calendar" else f"/status/{token}"
+    print(f"{args.feed} URL: {cfg.url(path)}")
+    print("It is shown only this once: whoever has the URL can read "
+          + ("the on-call schedule." if args.feed == "calendar" else
+             "the status page (who is on call, the pages and their callers)."))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The status page in the terminal (StatusBoard, as GET /status/TOKEN shows it)."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    snap = pager.team.read()
+    board = StatusBoard(pager)
+    sys.stdout.write(board.text(board.gather(snap.doc, time.time())))
+    if snap.stale:
+        print(f"warning: the store's config could not be read ({pager.team.problem}); "
+              "this is the last copy known here", file=sys.stderr)
+    return 0
+
+
 def config_edit(pager: Pager, args: argparse.Namespace) -> int:
     """$EDITOR on the JSON as stored (so an invalid config can be repaired here too);
     validated and written conditionally over what was read, or nothing is written."""
@@ -7857,6 +7895,14 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = command("schedule", cmd_schedule, "the rotation: the current shift and the "
                        "next ones")
     schedule.add_argument("-n", type=int, default=8, help="how many shifts (default 8)")
+    for feed, what in (("calendar", "the calendar feed (iCalendar, GET /calendar/TOKEN.ics)"),
+                       ("status", "the status page (GET /status/TOKEN)")):
+        token = command(f"{feed}-token", cmd_feed_token, f"make a new token for {what}, print "
+                        "its URL once (the previous token stops working)")
+        token.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+        token.set_defaults(feed=feed)
+    command("status", cmd_status, "who is on call, the next handoffs, the open and the last "
+            "pages, health: the status page in the terminal")
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")

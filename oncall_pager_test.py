@@ -18,6 +18,7 @@ import email.policy
 import email.utils
 import getpass
 import hashlib
+import html
 import http
 import http.client
 import http.server
@@ -45,7 +46,7 @@ import zoneinfo
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -8584,3 +8585,196 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
     assert called == set(open_ids)
     for page_id in open_ids:
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
+
+
+# ====== s22-calendar: the calendar feed and the status page (SPEC 21) ======
+
+
+def feed_url(cli: Cli, feed: str) -> str:
+    """Make a token with `oncall-pager FEED-token` (as alice); the URL it printed once."""
+    made = cli.run(f"{feed}-token", "--as", "alice")
+    assert made.returncode == 0, made.stderr
+    return re.search(rf"{feed} URL: (http://\S+)\n", made.stdout).group(1)
+
+
+def ical_events(body: str) -> list[Any]:
+    """The feed parsed by a real iCalendar parser (the `icalendar` package), its events."""
+    import icalendar
+
+    calendar = icalendar.Calendar.from_ical(body)
+    return [c for c in calendar.walk() if c.name == "VEVENT"]
+
+
+def berlin_start(day: str) -> float:
+    return datetime.fromisoformat(day + "T09:00").replace(tzinfo=BERLIN).timestamp()
+
+
+def test_calendar_token_is_shown_once_stored_hashed_and_a_wrong_token_is_404(
+        file_cli: Cli, start_pager: Callable[[Path], RunningPager]) -> None:
+    url = feed_url(file_cli, "calendar")
+    token = url.rsplit("/", 1)[1].removesuffix(".ics")
+    stored = file_cli.doc()["current_config"]["feed_tokens"]["calendar"]
+    assert stored["sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in file_cli.raw().decode()
+    assert changes(file_cli) == [("config.changed", "alice",
+                                  {"via": "cli", "change": "made a new calendar token",
+                                   "oncall": "alice"})]
+    pager = start_pager(file_cli.config)
+    base = pager.base_url
+    status, body, headers = http_request("GET", f"{base}/calendar/{token}.ics")
+    assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
+    assert len(ical_events(body)) == 1  # no rotation: one event for whoever is on call
+    for wrong in (f"/calendar/{token[:-1]}x.ics", f"/calendar/{token}", "/calendar/.ics",
+                  f"/calendar/{token}.ics/x", f"/status/{token}", "/calendar/"):
+        assert http_request("GET", base + wrong)[0] == 404, wrong
+    status, _, headers = http_request("POST", f"{base}/calendar/{token}.ics", b"x=1")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    head, _, rest = head_bytes(base, f"/calendar/{token}.ics", {}).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/calendar" in head and rest == b""
+    # a new token replaces the old one: the old URL is a 404 (within the config's max age)
+    feed_url(file_cli, "calendar")
+    assert changes(file_cli)[-1][2]["change"] == ("made a new calendar token; the previous "
+                                                  "one no longer works")
+    wait_until(lambda: http_request("GET", f"{base}/calendar/{token}.ics")[0] == 404,
+               timeout=op.PAGE_CONFIG_MAX_AGE + 5, every=0.5)
+
+
+def test_calendar_feed_has_a_transparent_utc_event_per_shift_overrides_and_dst(
+        file_cli: Cli, start_pager: Callable[[Path], RunningPager]) -> None:
+    """A weekly rotation in Europe/Berlin at 09:00 local: across the change to summer time
+    (2027-03-28) the shifts start at 08:00 UTC, then 07:00 UTC; an override cuts Bob's shift
+    (Carol, covering); names that would break a line or a property are escaped and folded."""
+    url = feed_url(file_cli, "calendar")
+    long_name = "Carol Überlänge-Lindqvist 🚨 " * 4 + "; SUMMARY:x, \\ END:VEVENT"
+    doc = file_cli.doc()
+    doc["available_users"]["users"]["carol"]["name"] = long_name
+    doc["current_config"].update(
+        team_name="Ops, Nord;\nEND:VCALENDAR",
+        rotation={"members": ["alice", "bob", "carol"], "start": "2026-11-02T09:00",
+                  "timezone": "Europe/Berlin", "shift_hours": 168},
+        overrides=[{"member": "carol", "start": "2027-01-13T12:00:00+01:00",
+                    "end": "2027-01-15T09:00:00+01:00", "by": "bob"}])
+    file_cli.store.put(CONFIG_KEY, op.to_json(doc))
+    assert file_cli.run("check").returncode == 0
+    pager = start_pager(file_cli.config)
+    status, body, headers = http_request("GET", url)
+    assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
+    lines = body.split("\r\n")
+    assert lines[-1] == "" and all(len(line.encode()) <= 75 for line in lines), lines
+    assert body.count("\r\nEND:VCALENDAR\r\n") == 1 and "\r\nSUMMARY:x" not in body
+    events = ical_events(body)
+    now = time.time()
+    starts = [e.decoded("dtstart").timestamp() for e in events]
+    assert starts == sorted(starts)
+    assert starts[0] <= now - 30 * op.DAY < starts[1] and \
+        starts[-1] < now + 180 * op.DAY <= events[-1].decoded("dtend").timestamp()
+    assert all(str(e["transp"]) == "TRANSPARENT" for e in events)
+    assert all(e.decoded("dtstart").utcoffset() == timedelta(0) for e in events)
+    assert len({str(e["uid"]) for e in events}) == len(events)
+    names = {"alice": "Alice McAlister", "bob": "Bob Roberts", "carol": long_name}
+    by_start = {e.decoded("dtstart").timestamp(): str(e["summary"]) for e in events}
+    # DST: 09:00 CET is 08:00 UTC, 09:00 CEST is 07:00 UTC
+    winter, summer = berlin_start("2027-03-22"), berlin_start("2027-03-29")
+    assert datetime.fromtimestamp(winter, UTC).hour == 8
+    assert datetime.fromtimestamp(summer, UTC).hour == 7
+    assert summer - winter == 7 * op.DAY - 3600
+    k_winter = round((winter - berlin_start("2026-11-02")) / (7 * op.DAY))
+    assert by_start[winter] == f"On call: {names[['alice', 'bob', 'carol'][k_winter % 3]]}"
+    assert by_start[summer] == f"On call: {names[['alice', 'bob', 'carol'][(k_winter + 1) % 3]]}"
+    # the override: Bob's week of 2027-01-11 in three stretches, Carol's in the middle
+    bob = berlin_start("2027-01-11")
+    cover = datetime.fromisoformat("2027-01-13T12:00:00+01:00").timestamp()
+    back = datetime.fromisoformat("2027-01-15T09:00:00+01:00").timestamp()
+    assert [(s, by_start[s]) for s in sorted(by_start) if bob <= s < bob + 7 * op.DAY] == [
+        (bob, "On call: Bob Roberts"), (cover, f"On call: {long_name} (covering Bob Roberts)"),
+        (back, "On call: Bob Roberts")]
+    assert str(events[0]["description"]).endswith(" is on call for Ops, Nord;\nEND:VCALENDAR.")
+    # fetched again (another DTSTAMP): the same UIDs for the same shifts
+    time.sleep(1.1)
+    again = ical_events(http_request("GET", url)[1])
+    assert [str(e["uid"]) for e in again] == [str(e["uid"]) for e in events]
+    assert again[0].decoded("dtstamp") > events[0].decoded("dtstamp")
+    pager.stop()
+
+
+def status_token(cli: Cli) -> str:
+    return feed_url(cli, "status")
+
+
+HOSTILE_SUMMARY = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>&amp;"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    return found
+
+
+def browse(browser: str, url: str, tmp_path: Path, *extra: str) -> str:
+    """Chromium headless, as its own command line drives it (no Python dependency)."""
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+         "--window-size=412,1400", *extra, url],
+        capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_status_page_in_a_headless_browser_escapes_every_value_and_is_locked_down(
+        file_cli: Cli, tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    browser = chromium()
+    url = status_token(file_cli)
+    with_integration(file_cli.store, rotation={
+        "members": ["alice", "bob", "carol"], "start": "2026-11-02T09:00",
+        "timezone": "Europe/Berlin", "shift_hours": 168})
+    doc = file_cli.doc()
+    doc["available_users"]["users"]["bob"]["name"] = "Bob <b>Roberts</b>"
+    file_cli.store.put(CONFIG_KEY, op.to_json(doc))
+    pager = start_pager(file_cli.config)
+    event = alertmanager_event()
+    event["payload"]["summary"] = HOSTILE_SUMMARY
+    assert post_event(pager, event)[0] == 202
+    assert post_event(pager, alertmanager_event(severity="warning", dedup_key="w1"))[0] == 202
+    wait_until(lambda: len(pager.store.list("pages/")) == 2)
+    status, body, headers = http_request("GET", url)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Content-Security-Policy"] == "default-src 'none'; style-src 'unsafe-inline'"
+    assert (headers["X-Frame-Options"], headers["Referrer-Policy"], headers["Cache-Control"]) \
+        == ("DENY", "no-referrer", "no-store")
+    assert "<script" not in body and "&lt;script&gt;" in body
+    assert '<meta http-equiv=refresh content="60">' in body and "width=device-width" in body
+    shot = tmp_path / "status.png"
+    browse(browser, url, tmp_path, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    dom = browse(browser, url, tmp_path, "--dump-dom")
+    assert "<title>" in dom and "pwned" not in dom.split("</title>")[0]
+    assert "<script" not in dom.lower() and "<img" not in dom.lower()
+    assert "<b>" not in dom and "Bob &lt;b&gt;Roberts&lt;/b&gt;" in dom
+    opened = dom.split('<div id="open">')[1].split("</div>")[0]
+    assert html.escape(HOSTILE_SUMMARY, quote=False) in opened
+    assert "not acknowledged" in opened
+    assert opened.index("[FIRING:1] DiskFull (db1 warning)") < opened.index("&lt;script&gt;")
+    # the rotation's shift of this week is Bob's (weekly from 2026-11-02: alice, bob, carol)
+    k = math.floor((time.time() - berlin_start("2026-11-02")) / (7 * op.DAY))
+    oncall = ["Alice McAlister", "Bob &lt;b&gt;Roberts&lt;/b&gt;", "Carol Cruz"][k % 3]
+    wait_until(lambda: op.oncall_id_of(file_cli.doc()) == ["alice", "bob", "carol"][k % 3])
+    dom = browse(browser, url, tmp_path, "--dump-dom")
+    assert "Next handoffs" in dom and f"On call: {oncall} until " in dom
+    assert "status=ok" in dom.split('id="health"')[1]
+    handoffs = dom.split('class="handoffs">')[1].split("</ol>")[0]
+    assert handoffs.count("<li>") == 5
+    # wrong token, wrong method, HEAD
+    token = url.rsplit("/", 1)[1]
+    assert http_request("GET", url[:-1] + ("x" if url[-1] != "x" else "y"))[0] == 404
+    assert http_request("GET", f"{pager.base_url}/calendar/{token}.ics")[0] == 404
+    assert http_request("DELETE", url)[0] == 405
+    head, _, rest = head_bytes(pager.base_url, f"/status/{token}", {}).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"no-store" in head and rest == b""
+    # the terminal twin says the same
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"On call: {html.unescape(oncall)} until " in shown.stdout
+    assert HOSTILE_SUMMARY in shown.stdout
+    assert "not acknowledged" in shown.stdout and "Health: status=ok" in shown.stdout
