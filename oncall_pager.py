@@ -5899,6 +5899,8 @@ class StatusBoard:
     started) one listing of pages/ stands in for the book: the pages changed in the last two
     days (an open page changes at least daily), the newest OPEN_READ of them read."""
 
+    COLUMNS = {"number": "#", "kind": "kind", "summary": "what", "age": "age",
+               "paged": "paged", "ack": "acknowledged"}
     OPEN_SHOWN = 50  # open pages listed one a line; more are counted
     OPEN_READ = 200  # pages read at most to find the open ones (a storm: the newest)
     LAST = 20
@@ -6011,13 +6013,12 @@ class StatusBoard:
         def table(pages: list[dict], empty: str) -> str:
             if not pages:
                 return f"<p class=none>{e(empty)}</p>"
-            rows = "".join(
-                "<tr>" + "".join(f"<td class={name}>{e(value)}</td>"
-                                 for name, value in self.row(page, board).items()) + "</tr>"
-                for page in pages)
-            return ("<table><thead><tr><th>#</th><th>kind</th><th>what</th><th>age</th>"
-                    "<th>paged</th><th>acknowledged</th></tr></thead><tbody>" + rows
-                    + "</tbody></table>")
+            rows = "".join("<tr>" + "".join(
+                f'<td class={name} data-label="{self.COLUMNS[name]}">{e(value)}</td>'
+                for name, value in self.row(page, board).items()) + "</tr>" for page in pages)
+            return ("<table><thead><tr>" + "".join(f"<th>{title}</th>" for title in
+                                                   self.COLUMNS.values())
+                    + "</tr></thead><tbody>" + rows + "</tbody></table>")
 
         handoff_items = "".join(
             f"<li><time>{e(self.local(s.start, board))}</time> {e(m['name'])}</li>"
@@ -6033,7 +6034,8 @@ class StatusBoard:
             "body{font:16px/1.4 system-ui,sans-serif;margin:1em;max-width:60em}",
             "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;",
             "padding:.3em;text-align:left;vertical-align:top}.ok{color:#060}.bad{color:#b00}",
-            "@media (max-width:40em){thead{display:none}td{display:block;border:0}",
+            "@media (max-width:40em){thead{display:none}td{display:block;border:0;",
+            "padding:.1em}td::before{content:attr(data-label) ': ';color:#555}",
             "tr{display:block;border-bottom:1px solid #ccc;padding:.4em 0}}</style></head><body>",
             f"<h1>{e(board['team'])}</h1>",
             "".join(f"<p class=oncall>{e(line)}</p>" for line in self.headline(board)),

@@ -7925,10 +7925,15 @@ def hostile_pager(tmp_path: Path, twilio: TwilioFake, smtp: SMTPSink,
     put_team(store, team_doc(smtp.port, transcribe=True, live_answer={"enabled": True},
                              heartbeats={HEARTBEAT: {"interval": 3600}},
                              escalation={"ack_timeout": 3600, "call_attempts": 1}))
-    with_integration(store)
+    with_integration(store, feed_tokens={
+        feed: {"sha256": hashlib.sha256(FEED_TOKEN.encode()).hexdigest()}
+        for feed in ("calendar", "status")})
     config = with_metrics_token(write_config(tmp_path, "file:var",
                                              api_base_url=twilio.base_url))
     return start_pager(config)
+
+
+FEED_TOKEN = "feed-token-" + "6" * 21  # the calendar's and the status page's, in the fuzz
 
 
 def quiet_state(store: op.Store, timeout: float = 10.0) -> dict[str, bytes]:
@@ -8026,6 +8031,31 @@ def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
     assert statuses.count(202) >= 10 and len(store.list("pages/")) >= 5, statuses
 
 
+STATUS_PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "ol",
+                    "li", "time", "div", "table", "thead", "tbody", "tr", "th", "td", "small"}
+
+
+def feed_problems(pager: RunningPager) -> list[str]:
+    """The status page and the calendar feed over every page the fuzz left: the page holds
+    only the elements it is built of (no caller's text became markup), the feed parses."""
+    import html.parser
+
+    tags: set[str] = set()
+
+    class Tags(html.parser.HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            tags.add(tag)
+
+    status, page, _ = http_request("GET", f"{pager.base_url}/status/{FEED_TOKEN}")
+    Tags().feed(page)
+    status_ics, feed, _ = http_request("GET", f"{pager.base_url}/calendar/{FEED_TOKEN}.ics")
+    problems = [] if status == 200 and tags <= STATUS_PAGE_TAGS else [
+        f"status page: {status} {sorted(tags - STATUS_PAGE_TAGS)}"]
+    if status_ics != 200 or len(ical_events(feed)) != 1:
+        problems.append(f"calendar: {status_ics} {feed[:300]!r}")
+    return problems
+
+
 def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refusals_change_nothing(
         hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     """SPEC 19, the abuse fuzz covers every route: each route of the module's table (a new
@@ -8093,7 +8123,8 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
     def other_request(data: Any, path: str, method: str) -> tuple[str, bytes, dict[str, str]]:
         """A monitoring tool's request: a hostile name in the path, a key or token that
         may be right, a hostile event as the body."""
-        name = data.draw(st.one_of(st.just(HEARTBEAT), text))
+        name = data.draw(st.one_of(st.sampled_from([HEARTBEAT, FEED_TOKEN, FEED_TOKEN + ".ics"]),
+                                   text))
         path = path.replace("*", urllib.parse.quote(name, safe="") or "x")
         key = data.draw(st.one_of(st.sampled_from([ALERTMANAGER_KEY, METRICS_TOKEN]), key_text))
         headers = {"Content-Type": "application/json"}
@@ -8125,6 +8156,7 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
     for pattern, route in op.ROUTES.items():
         probe_route(pattern, route)
     quiet_state(store)  # every delivery done
+    problems += feed_problems(pager)
     problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
     assert problems == [], "\n".join(problems)
     assert set(statuses) == set(op.ROUTES)
