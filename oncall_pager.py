@@ -5851,13 +5851,16 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
 # ==============================================================================================
 
 
-def health_words(pager: Pager, worker: Worker | None) -> tuple[bool, dict]:
+def health_words(pager: Pager, worker: Worker | None, max_age: float = 0.0
+                 ) -> tuple[bool, dict]:
     """The pager's status words (GET /healthz, the status page): whether it is healthy, and
-    words only: the reason, which can quote the config, goes to the log and to `check`."""
+    words only: the reason, which can quote the config, goes to the log and to `check`.
+    /healthz asks the store (max_age 0); the status page, which has just read the config,
+    does not ask twice."""
     try:
         # a copy from memory because the store's config is invalid is `invalid` (it
         # must not depend on whether this instance had read a good one before)
-        config = ("loaded" if not pager.team.read().stale else
+        config = ("loaded" if not pager.team.read(max_age).stale else
                   "stale" if not pager.team.reachable else "invalid")
     except NoConfig:
         config = "missing"
@@ -5919,7 +5922,7 @@ class StatusBoard:
         covering = (users.get(current.covering, {}).get("name", current.covering)
                     if current and current.covering and current.member == oncall["id"] else "")
         open_pages, more, last = self.pages(now)
-        healthy, health = health_words(self.pager, self.worker)
+        healthy, health = health_words(self.pager, self.worker, PAGE_CONFIG_MAX_AGE)
         return {"team": team_name(doc) or "on-call", "now": now, "zone": team_zone(doc),
                 "oncall": oncall, "until": until, "covering": covering,
                 "quiet": quiet_window(doc, now),

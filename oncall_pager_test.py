@@ -8810,3 +8810,64 @@ def test_status_page_in_a_headless_browser_escapes_every_value_and_is_locked_dow
     assert f"On call: {html.unescape(oncall)} until " in shown.stdout
     assert HOSTILE_SUMMARY in shown.stdout
     assert "not acknowledged" in shown.stdout and "Health: status=ok" in shown.stdout
+
+
+def store_requests() -> dict[str, float]:
+    """This process's store requests so far, by operation (the /metrics counter)."""
+    counted: dict[str, float] = {}
+    for (name, labels), value in list(op.METRICS._counters.items()):
+        if name == "oncall_store_requests_total":
+            operation = dict(labels)["operation"]
+            counted[operation] = counted.get(operation, 0) + value
+    return counted
+
+
+def test_status_costs_one_listing_and_a_few_reads_with_10000_pages_in_the_store(
+        tmp_path: Path) -> None:
+    """10,000 pages, 9,990 of them old and done with, 10 open: the board (what GET
+    /status/TOKEN and `oncall-pager status` show) lists pages/ once where no worker has
+    listed it, reads the counter, the open pages and the last 20; with the book listed
+    (a running pager) it lists nothing and reads what the book holds no copy of."""
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    store = op.DirectoryStore(tmp_path / "var")
+    doc = team_doc()
+    put_team(store, doc)
+    folder = tmp_path / "var" / "pages"
+    folder.mkdir(parents=True)
+    old = time.time() - 40 * op.DAY
+    recent = []
+    done = op.to_json(op.new_page("RE" + "0" * 32, "voicemail", doc, state="resolved"))
+    for n in range(10_000):
+        page_id = f"RE{n:032d}"
+        path = folder / f"{page_id}.json"
+        if n < 9_980:  # never read: the same bytes will do
+            path.write_bytes(done)
+            os.utime(path, (old + n, old + n))
+            continue
+        page = op.new_page(page_id, "voicemail", doc, state="open" if n >= 9_990
+                           else "resolved", number=n + 1,
+                           caller={"number": CALLER, "name": f"Caller {n}"})
+        page["opened"] = old + n if n < 9_990 else time.time() - (10_000 - n) * 60
+        path.write_bytes(op.to_json(page))
+        if n < 9_990:
+            os.utime(path, (old + n, old + n))
+        recent.append({"number": n + 1, "id": page_id, "opened": page["opened"]})
+    store.put("counters/pages.json", op.to_json({"next": 10_001, "recent": recent}))
+    pager = op.build_pager(op.load_app_config(config))
+    board = op.StatusBoard(pager)
+    before = store_requests()
+    shown = board.gather(pager.team.read().doc, time.time())
+    spent = {k: v - before.get(k, 0) for k, v in store_requests().items()}
+    assert [p["number"] for p in shown["open"]] == list(range(10_000, 9_990, -1))
+    assert [p["number"] for p in shown["last"]] == list(range(10_000, 9_980, -1))
+    assert spent.get("list", 0) == 1, spent
+    assert spent.get("get", 0) <= 1 + 1 + 20, spent  # the config, the counter, the pages
+    assert {p["number"] for p in shown["last"]} == {p["number"] for p in shown["open"]} | set(
+        range(9_981, 9_991))
+    # a running pager's book knows pages/: no listing, and its copies cost nothing
+    pager.book.keep_only({f"RE{n:032d}" for n in range(9_980, 10_000)}, time.time() - 60)
+    before = store_requests()
+    again = board.gather(pager.team.read(max_age=60).doc, time.time())
+    spent = {k: v - before.get(k, 0) for k, v in store_requests().items()}
+    assert spent.get("list", 0) == 0 and spent.get("get", 0) <= 1, spent
+    assert [p["number"] for p in again["last"]] == [p["number"] for p in shown["last"]]
