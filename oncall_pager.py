@@ -55,6 +55,12 @@ How data flows
             the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
+    views -> GET /calendar/<token>.ics, GET /status/<token> (tokens made by `calendar-token`,
+            `status-token`; the config keeps their SHA-256, feed_token): read-only.
+            oncall_shifts lays the rotation's shifts (Rotation) and the overrides out as
+            stretches of time, for calendar_feed (RFC 5545) and the StatusBoard (who is on
+            call, the next handoffs, open and last pages from the PageBook, health_words),
+            which `oncall-pager status` prints too
 
     Over a real network the round trip to S3 is the cost that matters: the page path makes at
     most two requests one after the other (the config, unless checked in the last 10 s, and
@@ -106,7 +112,8 @@ Watch it
     WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
 
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
-helpers, metrics, configuration, store, domain, channels, worker, web, command line (serve's
+helpers, metrics, configuration (with the schedule as stretches and the calendar feed),
+store, domain, channels, worker, views (the status page), web, command line (serve's
 systemd notifier with it). Each section uses only what stands above it.
 """
 
@@ -155,7 +162,7 @@ from concurrent.futures import wait as wait_for_any
 from configparser import ConfigParser
 from configparser import Error as ConfigParserError
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 VERSION = "0.1.0"
 log = logging.getLogger("oncall_pager")
@@ -1169,20 +1176,27 @@ def oncall_change(doc: dict) -> tuple[float, str] | None:
 
 
 # --- the schedule as stretches of time: the calendar feed, the status page --------------------
+# Shift, team_zone and oncall_shifts are written to the signatures of branch s22-overrides
+# (which lays the overrides over the rotation, SPEC 21): at the merge, theirs replace these.
 
-@dataclasses.dataclass(frozen=True)
-class Shift:
-    """One stretch of on-call, [start, end) in epoch seconds: `member` (an id) is on call;
-    `covering` names whose rotation shift an override takes over ('' for a shift of the
-    rotation itself, or the engineer on call before, with no rotation)."""
 
+class Shift(NamedTuple):
+    """Who is on call from `start` to `end` (epoch seconds; math.inf: until somebody TAKEs).
+    `covering`: the member whose time an override takes ('' for a rotation's own shift).
+    `override`: its index in current_config.overrides, or None."""
+
+    member: str
     start: float
     end: float
-    member: str
     covering: str = ""
+    override: int | None = None
 
 
-MAX_SHIFTS = 2000  # stretches one look at the schedule lists at most (seconds-long test shifts)
+def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
+    """The team's time zone: `rotation.timezone`, else `current_config.timezone`, else UTC."""
+    current = doc["current_config"]
+    name = (current.get("rotation") or {}).get("timezone") or current.get("timezone") or "UTC"
+    return zoneinfo.ZoneInfo(name)
 
 
 def override_time(value: object, zone: dt.tzinfo) -> float | None:
@@ -1196,79 +1210,59 @@ def override_time(value: object, zone: dt.tzinfo) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).timestamp()
 
 
-def team_zone(doc: dict) -> dt.tzinfo:
-    """The team's time zone: `rotation.timezone`, else `current_config.timezone`, else UTC."""
-    current = doc["current_config"]
-    for name in (current.get("rotation", {}).get("timezone"), current.get("timezone")):
-        if isinstance(name, str):
-            with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
-                return zoneinfo.ZoneInfo(name)
-    return dt.UTC
-
-
-def overrides(doc: dict) -> list[Shift]:
-    """`current_config.overrides` ([{member, start, end, by}]) as stretches, by start; one
-    that names no member or no time span is left out (check reports it)."""
-    zone, users = team_zone(doc), members(doc)
-    found = []
-    for item in doc["current_config"].get("overrides") or []:
-        if not isinstance(item, dict) or item.get("member") not in users:
-            continue
-        start, end = override_time(item.get("start"), zone), override_time(item.get("end"), zone)
-        if start is not None and end is not None and start < end:
-            found.append(Shift(start, end, item["member"]))
-    return sorted(found, key=lambda shift: shift.start)
-
-
-def shifts(doc: dict, since: float, until: float, now: float | None = None) -> list[Shift]:
-    """Who is on call from `since` to `until`, as stretches in time order (at most
-    MAX_SHIFTS): the rotation's shifts (Rotation), each override cut into them (the part of a
-    shift it covers belongs to the override's member, `covering` the shift's). With no
-    rotation, one stretch for whoever is on call now, from when on-call last changed (or
-    `since`) on, with the overrides cut in: who is on call later is not known."""
-    now = time.time() if now is None else now
+def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> list[Shift]:
+    """Who is on call from `start` to `end`, in time order: the rotation's shifts (Rotation,
+    at most `limit`) with the overrides (`current_config.overrides`: [{member, start, end,
+    by}]) laid over them, a later one over an earlier one; a shift an override cuts goes on
+    from the override's end. Without a rotation only the overrides and their hand-backs (to
+    whoever is on call now, until somebody TAKEs) are known."""
     rotation = Rotation.of(doc)
-    base: list[Shift] = []
-    if rotation is None:
-        changed = oncall_change(doc)
-        start = min(changed[0], now) if changed else since
-        base.append(Shift(start, until, oncall_member(doc)["id"]))
-    else:
-        k = max(rotation.shift_at(since), 0)
-        while rotation.starts(k) < until and len(base) < MAX_SHIFTS:
-            base.append(Shift(rotation.starts(k), rotation.starts(k + 1), rotation.member(k)))
-            k += 1
-    for cover in overrides(doc):
-        if cover.end <= since or cover.start >= until:
+    zone, users = team_zone(doc), members(doc)
+    laid = []
+    for i, item in enumerate(doc["current_config"].get("overrides") or []):
+        o_start = override_time(item.get("start"), zone) if isinstance(item, dict) else None
+        o_end = override_time(item.get("end"), zone) if isinstance(item, dict) else None
+        if o_start is not None and o_end is not None and item.get("member") in users:
+            laid.append((i, item["member"], o_start, o_end))
+    shifts: list[Shift] = []
+    if rotation is not None:
+        first = max(rotation.shift_at(start), 0)
+        last = min(rotation.shift_at(end), first + limit - 1)
+        shifts = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
+                  for k in range(first, last + 1)]
+    elif laid:
+        back = min(o_start for _, _, o_start, _ in laid)
+        shifts = [Shift(oncall_member(doc)["id"], back, math.inf)]
+    for i, member, o_start, o_end in laid:
+        if o_start > end or o_end <= o_start:
             continue
-        cut, covering = [], ""
-        for shift in base:
-            if shift.end <= cover.start or shift.start >= cover.end:
-                cut.append(shift)
+        under = next((s.member for s in shifts if s.start <= o_start < s.end), "")
+        kept: list[Shift] = []
+        for shift in shifts:
+            if shift.end <= o_start or shift.start >= o_end:
+                kept.append(shift)
                 continue
-            if shift.start < cover.start:
-                cut.append(dataclasses.replace(shift, end=cover.start))
-            if cover.end < shift.end:
-                cut.append(dataclasses.replace(shift, start=cover.end))
-            covering = covering or shift.covering or shift.member
-        cut.append(Shift(cover.start, cover.end, cover.member,
-                         covering if covering != cover.member else ""))
-        base = sorted(cut, key=lambda shift: shift.start)
-    joined: list[Shift] = []
-    for shift in base:  # an override of one's own shift leaves it one stretch
-        if joined and joined[-1].end == shift.start and (joined[-1].member, joined[-1].covering
-                                                         ) == (shift.member, shift.covering):
-            joined[-1] = dataclasses.replace(joined[-1], end=shift.end)
-        else:
-            joined.append(shift)
-    return [s for s in joined if s.end > since and s.start < until][:MAX_SHIFTS]
+            if shift.start < o_start:
+                kept.append(shift._replace(end=o_start))
+            if shift.end > o_end:
+                kept.append(shift._replace(start=o_end))
+        kept.append(Shift(member, o_start, o_end, under if under != member else "", i))
+        shifts = sorted(kept, key=lambda s: s.start)
+    return [s for s in shifts if s.end > start and s.start <= end and s.start < s.end]
 
 
-def handoffs(doc: dict, now: float, count: int) -> list[Shift]:
-    """The next `count` stretches after `now` with somebody else on call (within a year)."""
+def next_handoffs(doc: dict, now: float, count: int) -> list[Shift]:
+    """The next `count` stretches that hand on-call to somebody else after `now`."""
+    rotation = Rotation.of(doc)
+    zone = team_zone(doc)
+    ends = [t for item in doc["current_config"].get("overrides") or [] if isinstance(item, dict)
+            for t in [override_time(item.get("end"), zone)] if t is not None]
+    horizon = max([now + 1, *ends])
+    if rotation is not None:
+        horizon = max(horizon, rotation.starts(max(rotation.shift_at(now), 0) + count + 1))
     found: list[Shift] = []
     current = None
-    for shift in shifts(doc, now, now + 366 * DAY, now):
+    for shift in oncall_shifts(doc, now, horizon, limit=count + 2):
         if shift.start > now and shift.member != current:
             found.append(shift)
         current = shift.member
@@ -1314,15 +1308,17 @@ def ical_time(ts: float) -> str:
 
 
 CALENDAR_PAST, CALENDAR_AHEAD = 30 * DAY, 180 * DAY
+CALENDAR_SHIFTS = 2000  # rotation shifts a feed holds at most (tests use seconds-long shifts)
 
 
 def calendar_feed(doc: dict, now: float, domain: str) -> str:
     """The iCalendar feed (RFC 5545) of `GET /calendar/TOKEN.ics`: one VEVENT per stretch of
-    on-call from 30 days ago to 180 days ahead (shifts), in UTC, transparent (a shift does not
+    on-call from 30 days ago to 180 days ahead (oncall_shifts), in UTC, transparent (a shift does not
     make the day busy). A UID is the stretch's start and the team's domain, so a calendar
     app that fetches the feed again updates an event rather than adding a second; when the
     stretch's end or member changes, its SEQUENCE (the stored config's last change) goes up.
-    With no rotation, one event for whoever is on call, to the end of the feed's span."""
+    With no rotation, one event for whoever is on call, from when on-call last changed to the
+    first override, else to the end of the feed's span (an empty feed would read "nobody")."""
     users = members(doc)
     team = team_name(doc) or "on-call"
     sequence = int(doc["current_config"].get("last_modified_time") or 0) % 2 ** 31
@@ -1330,14 +1326,23 @@ def calendar_feed(doc: dict, now: float, domain: str) -> str:
              + "//EN", "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
              "X-WR-CALNAME:" + ical_text(f"On call: {team}"),
              "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
-    for shift in shifts(doc, now - CALENDAR_PAST, now + CALENDAR_AHEAD, now):
+    since, until = now - CALENDAR_PAST, now + CALENDAR_AHEAD
+    stretches = oncall_shifts(doc, since, until, limit=CALENDAR_SHIFTS)
+    if Rotation.of(doc) is None:  # before the overrides: whoever is on call, since when
+        changed = oncall_change(doc)
+        first = stretches[0].start if stretches else until
+        begin = min(changed[0], now) if changed else since
+        if begin < first:
+            stretches.insert(0, Shift(oncall_member(doc)["id"], begin, first))
+    for shift in stretches:
         member = users[shift.member]
         summary = f"On call: {member['name']}"
         if shift.covering:
             summary += f" (covering {users.get(shift.covering, {}).get('name', shift.covering)})"
         lines += ["BEGIN:VEVENT", f"UID:{ical_time(shift.start)}-oncall@{domain}",
                   f"DTSTAMP:{ical_time(now)}", f"DTSTART:{ical_time(shift.start)}",
-                  f"DTEND:{ical_time(shift.end)}", f"SEQUENCE:{sequence}",
+                  f"DTEND:{ical_time(shift.end if shift.end < math.inf else until)}",
+                  f"SEQUENCE:{sequence}",
                   "SUMMARY:" + ical_text(summary),
                   "DESCRIPTION:" + ical_text(f"{member['name']} ({member['id']}) is on call "
                                              f"for {team}."),
@@ -5915,10 +5920,11 @@ class StatusBoard:
     def gather(self, doc: dict, now: float) -> dict:
         users = members(doc)
         oncall = oncall_member(doc)
-        current = next((s for s in shifts(doc, now, now + 1, now) if s.start <= now), None)
+        current = next((s for s in oncall_shifts(doc, now, now, limit=2)
+                        if s.start <= now < s.end), None)
         # a TAKE holds until the stretch running ends, as the rotation's shift does; with no
         # rotation and no override, on-call changes only by TAKE: no end
-        until = current.end if current and (Rotation.of(doc) or current.covering) else None
+        until = current.end if current and current.end != math.inf else None
         covering = (users.get(current.covering, {}).get("name", current.covering)
                     if current and current.covering and current.member == oncall["id"] else "")
         open_pages, more, last = self.pages(now)
@@ -5926,7 +5932,7 @@ class StatusBoard:
         return {"team": team_name(doc) or "on-call", "now": now, "zone": team_zone(doc),
                 "oncall": oncall, "until": until, "covering": covering,
                 "quiet": quiet_window(doc, now),
-                "handoffs": [(s, users[s.member]) for s in handoffs(doc, now, 5)],
+                "handoffs": [(s, users[s.member]) for s in next_handoffs(doc, now, 5)],
                 "open": open_pages, "open_more": more, "last": last, "doc": doc,
                 "healthy": healthy, "health": health}
 
