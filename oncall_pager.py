@@ -1313,8 +1313,8 @@ CALENDAR_SHIFTS = 2000  # rotation shifts a feed holds at most (tests use second
 
 def calendar_feed(doc: dict, now: float, domain: str) -> str:
     """The iCalendar feed (RFC 5545) of `GET /calendar/TOKEN.ics`: one VEVENT per stretch of
-    on-call from 30 days ago to 180 days ahead (oncall_shifts), in UTC, transparent (a shift does not
-    make the day busy). A UID is the stretch's start and the team's domain, so a calendar
+    on-call from 30 days ago to 180 days ahead (oncall_shifts), in UTC, transparent (a shift
+    does not make the day busy). A UID is the stretch's start and the team's domain, so a calendar
     app that fetches the feed again updates an event rather than adding a second; when the
     stretch's end or member changes, its SEQUENCE (the stored config's last change) goes up.
     With no rotation, one event for whoever is on call, from when on-call last changed to the
