@@ -1314,8 +1314,8 @@ CALENDAR_SHIFTS = 2000  # rotation shifts a feed holds at most (tests use second
 def calendar_feed(doc: dict, now: float, domain: str) -> str:
     """The iCalendar feed (RFC 5545) of `GET /calendar/TOKEN.ics`: one VEVENT per stretch of
     on-call from 30 days ago to 180 days ahead (oncall_shifts), in UTC, transparent (a shift
-    does not make the day busy). A UID is the stretch's start and the team's domain, so a calendar
-    app that fetches the feed again updates an event rather than adding a second; when the
+    does not make the day busy). A UID is the stretch's start and the pager's host, so a
+    calendar app that fetches the feed again updates an event rather than adding a second; when the
     stretch's end or member changes, its SEQUENCE (the stored config's last change) goes up.
     With no rotation, one event for whoever is on call, from when on-call last changed to the
     first override, else to the end of the feed's span (an empty feed would read "nobody")."""
@@ -1327,19 +1327,24 @@ def calendar_feed(doc: dict, now: float, domain: str) -> str:
              "X-WR-CALNAME:" + ical_text(f"On call: {team}"),
              "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
     since, until = now - CALENDAR_PAST, now + CALENDAR_AHEAD
-    stretches = oncall_shifts(doc, since, until, limit=CALENDAR_SHIFTS)
+    stretches = [(shift, ical_time(shift.start)) for shift in
+                 oncall_shifts(doc, since, until, limit=CALENDAR_SHIFTS)]
     if Rotation.of(doc) is None:  # before the overrides: whoever is on call, since when
-        changed = oncall_change(doc)
-        first = stretches[0].start if stretches else until
-        begin = min(changed[0], now) if changed else since
+        oncall = oncall_member(doc)["id"]
+        # the pager's record of the change (not last_modified_time, which every write moves:
+        # the UID would change with it); a config without one: since the feed's start
+        changed = doc["current_config"].get("oncall_change", {}).get("time")
+        begin = min(changed, now) if changed else since
+        first = stretches[0][0].start if stretches else until
         if begin < first:
-            stretches.insert(0, Shift(oncall_member(doc)["id"], begin, first))
-    for shift in stretches:
+            stretches.insert(0, (Shift(oncall, begin, first),
+                                 ical_time(begin) if changed else f"{oncall}-on-call"))
+    for shift, uid in stretches:
         member = users[shift.member]
         summary = f"On call: {member['name']}"
         if shift.covering:
             summary += f" (covering {users.get(shift.covering, {}).get('name', shift.covering)})"
-        lines += ["BEGIN:VEVENT", f"UID:{ical_time(shift.start)}-oncall@{domain}",
+        lines += ["BEGIN:VEVENT", f"UID:{uid}-oncall@{domain}",
                   f"DTSTAMP:{ical_time(now)}", f"DTSTART:{ical_time(shift.start)}",
                   f"DTEND:{ical_time(shift.end if shift.end < math.inf else until)}",
                   f"SEQUENCE:{sequence}",
@@ -5883,12 +5888,13 @@ def health_words(pager: Pager, worker: Worker | None, max_age: float = 0.0
                      "version": VERSION}
 
 
-def quiet_window(doc: dict, now: float) -> tuple[float, str] | None:
-    """The quiet window running (`current_config.quiet`: until when, and why), or None."""
+def quiet_in_force(doc: dict, now: float) -> tuple[float, str] | None:
+    """The quiet hours running at `now` (`current_config.quiet`: {until (ISO 8601 with its
+    offset), reason, by}, as branch s22-quiet writes them): until when, and why; or None."""
     quiet = doc["current_config"].get("quiet")
     if not isinstance(quiet, dict):
         return None
-    until = quiet.get("until", quiet.get("end"))
+    until = quiet.get("until")
     if isinstance(until, str):
         until = override_time(until, dt.UTC)
     if not isinstance(until, (int, float)) or until <= now:
@@ -5931,7 +5937,7 @@ class StatusBoard:
         healthy, health = health_words(self.pager, self.worker, PAGE_CONFIG_MAX_AGE)
         return {"team": team_name(doc) or "on-call", "now": now, "zone": team_zone(doc),
                 "oncall": oncall, "until": until, "covering": covering,
-                "quiet": quiet_window(doc, now),
+                "quiet": quiet_in_force(doc, now),
                 "handoffs": [(s, users[s.member]) for s in next_handoffs(doc, now, 5)],
                 "open": open_pages, "open_more": more, "last": last, "doc": doc,
                 "healthy": healthy, "health": health}

@@ -8655,7 +8655,14 @@ def test_calendar_token_is_shown_once_stored_hashed_and_a_wrong_token_is_404(
     base = pager.base_url
     status, body, headers = http_request("GET", f"{base}/calendar/{token}.ics")
     assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
-    assert len(ical_events(body)) == 1  # no rotation: one event for whoever is on call
+    (event,) = ical_events(body)  # no rotation: one event for whoever is on call, to the end
+    assert str(event["summary"]) == "On call: Alice McAlister"
+    assert event.decoded("dtend").timestamp() == pytest.approx(time.time() + 180 * op.DAY, abs=60)
+    # a config without the pager's record of the last on-call change: from the feed's start,
+    # and a UID that the next write to the config does not change
+    assert event.decoded("dtstart").timestamp() == pytest.approx(time.time() - 30 * op.DAY,
+                                                                 abs=60)
+    assert str(event["uid"]) == "alice-on-call-oncall@127.0.0.1"
     for wrong in (f"/calendar/{token[:-1]}x.ics", f"/calendar/{token}", "/calendar/.ics",
                   f"/calendar/{token}.ics/x", f"/status/{token}", "/calendar/"):
         assert http_request("GET", base + wrong)[0] == 404, wrong
@@ -8663,6 +8670,16 @@ def test_calendar_token_is_shown_once_stored_hashed_and_a_wrong_token_is_404(
     assert (status, headers["Allow"]) == (405, "GET, HEAD")
     head, _, rest = head_bytes(base, f"/calendar/{token}.ics", {}).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"text/calendar" in head and rest == b""
+    # on-call changes: the event is Bob's, from the change (the pager's record) on
+    assert file_cli.run("config", "set", "oncall", "bob").returncode == 0
+    changed = file_cli.doc()["current_config"]["oncall_change"]["time"]
+
+    def bobs() -> Any:
+        events = ical_events(http_request("GET", f"{base}/calendar/{token}.ics")[1])
+        return events if str(events[0]["summary"]) == "On call: Bob Roberts" else None
+
+    (event,) = wait_until(bobs, timeout=op.PAGE_CONFIG_MAX_AGE + 5, every=0.5)
+    assert event.decoded("dtstart").timestamp() == int(changed)
     # a new token replaces the old one: the old URL is a 404 (within the config's max age)
     feed_url(file_cli, "calendar")
     assert changes(file_cli)[-1][2]["change"] == ("made a new calendar token; the previous "
@@ -8871,3 +8888,41 @@ def test_status_costs_one_listing_and_a_few_reads_with_10000_pages_in_the_store(
     spent = {k: v - before.get(k, 0) for k, v in store_requests().items()}
     assert spent.get("list", 0) == 0 and spent.get("get", 0) <= 1, spent
     assert [p["number"] for p in again["last"]] == [p["number"] for p in shown["last"]]
+
+
+def test_status_in_the_terminal_shows_an_override_and_quiet_hours_and_no_rotation(
+        file_cli: Cli) -> None:
+    """`oncall-pager status`: Carol on call by an override covering Bob's shift, until its
+    end; quiet hours with their reason; the next handoffs are the hand-back and the shifts
+    after. Without a rotation: on call until somebody TAKEs, no handoffs."""
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "On call: Alice McAlister (no rotation: until somebody TAKEs on-call)." in \
+        shown.stdout
+    assert "Next handoffs:\n  none (no rotation)\n" in shown.stdout
+    assert "Open pages:\n  none\n" in shown.stdout and "Last pages:\n  none\n" in shown.stdout
+    now = time.time()
+    block, start = rotation(["alice", "bob"], -3600, 7 * op.DAY)  # Alice's week began
+    cover_end = now + 2 * 3600
+    quiet_end = datetime.fromtimestamp(now + 3600, UTC)
+    set_team(file_cli.store, rotation=block, oncall_user={
+        "id": "carol", "name": "Carol Cruz", "phone": CAROL},
+        overrides=[{"member": "carol", "start": op.iso_time(now - 60),
+                    "end": op.iso_time(cover_end), "by": "alice"}],
+        quiet={"since": op.iso_time(now), "until": quiet_end.isoformat(),
+               "reason": "db <migration>", "by": "bob"})
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+
+    def local(ts: float) -> str:
+        return datetime.fromtimestamp(ts, BERLIN).strftime("%a %Y-%m-%d %H:%M %Z")
+
+    assert f"On call: Carol Cruz until {local(cover_end)}, covering Alice McAlister." \
+        in shown.stdout, shown.stdout
+    assert f"Quiet until {local(quiet_end.timestamp())} (db <migration>): alerts ring " \
+           "nobody." in shown.stdout
+    handoffs = shown.stdout.split("Next handoffs:\n")[1].split("\n\n")[0].splitlines()
+    assert handoffs[:3] == [f"  {local(cover_end)}  Alice McAlister",
+                            f"  {local(start + 7 * op.DAY)}  Bob Roberts",
+                            f"  {local(start + 14 * op.DAY)}  Alice McAlister"], handoffs
+    assert len(handoffs) == 5
