@@ -8925,3 +8925,13 @@ def test_status_in_the_terminal_shows_an_override_and_quiet_hours_and_no_rotatio
                             f"  {local(start + 7 * op.DAY)}  Bob Roberts",
                             f"  {local(start + 14 * op.DAY)}  Alice McAlister"], handoffs
     assert len(handoffs) == 5
+
+
+def test_check_names_what_is_wrong_with_a_feed_token() -> None:
+    errors, _ = op.check_oncall_config(team_doc(feed_tokens={
+        "calendar": {"sha256": "abc"}, "status": "x", "nope": {}}))
+    assert errors == ["current_config.feed_tokens.calendar.sha256 is not a SHA-256 in hex",
+                      "current_config.feed_tokens.status.sha256 is not a SHA-256 in hex",
+                      "current_config.feed_tokens.nope is not one of calendar, status"]
+    assert op.check_oncall_config(team_doc(feed_tokens=[]))[0] == [
+        "current_config.feed_tokens is not an object"]
