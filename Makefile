@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 BIN    := $(VENV)/bin
 
 .PHONY: all venv run test lint bench lock clean
@@ -12,9 +13,14 @@ all: test
 
 venv: $(STAMP)
 
-# The stamp is written only after a successful install, so a failed one is retried next time.
-$(STAMP): pyproject.toml
+# The stamps are written only after a successful install, so a failed one is retried next
+# time. `make run` needs only what serve needs; the test extras come with `make test`.
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e .
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
@@ -23,7 +29,7 @@ var:
 
 # The embedded default: file:var store, dry-run telephony, 127.0.0.1:8080. `serve` puts
 # oncall_config.example.json into the store when it holds no operational config yet.
-run: $(STAMP) | var
+run: $(RUN_STAMP) | var
 	$(BIN)/oncall-pager serve -c config.ini.example
 
 # ruff runs quietly here (it prints only problems), so on success pytest's summary line

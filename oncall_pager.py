@@ -7040,17 +7040,19 @@ def build_pager(cfg: AppConfig) -> Pager:
 
 
 def initialise_if_empty(cfg: AppConfig, pager: Pager) -> None:
-    """serve's embedded default: an empty store gets `init_from` (the example config)."""
+    """serve's embedded default: an empty store gets `init_from` (the example config). It
+    looks for the config with a plain read first, so that a first start, which is expected
+    to find none, logs no config problem."""
     if not cfg.init_from:
         return
     try:
-        pager.team.read()
-    except NoConfig:
+        if pager.store.get(cfg.config_key) is not None:
+            return
         doc = load_json_file(resolve_path(cfg, cfg.init_from))
         with contextlib.suppress(StoreConflict):
             pager.team.initialise(doc, actor="serve")
             log.info("event=config.initialised from=%s", cfg.init_from)
-    except (StoreUnavailable, ConfigError):  # serve runs on, and says so (see cmd_serve)
+    except StoreUnavailable:  # serve runs on, and says so (see cmd_serve)
         pass
 
 
@@ -7262,9 +7264,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     mode = os.stat(args.config).st_mode
     own = ConfigParser(interpolation=None)
     own.read(args.config, encoding="utf-8")
+    # In dry-run mode the Twilio tokens reach nobody (the example file's is a placeholder).
+    secrets_held = ([] if cfg.dry_run else [("twilio", "auth_token"),
+                                            ("twilio", "auth_token_secondary")])
     if mode & 0o044 and any(own.get(section, key, fallback="").strip() for section, key in (
-            ("twilio", "auth_token"), ("twilio", "auth_token_secondary"),
-            ("server", "metrics_token"))):
+            *secrets_held, ("server", "metrics_token"))):
         warnings.append(f"{args.config} holds secrets and is readable by others "
                         f"(mode {mode & 0o777:o}; chmod 600 it)")
     local = local_file_problems(cfg)
@@ -7350,6 +7354,9 @@ def twiml_messages(body: str) -> list[str]:
 
 def cmd_sms(args: argparse.Namespace) -> int:
     cfg = load_app_config(args.config)
+    if not is_e164(args.sender):
+        raise UsageError(f"FROM {args.sender!r} is not an E.164 number (+ and the country "
+                         "code, like +19195551002)")
     params = {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": cfg.account_sid,
               "From": args.sender, "Body": args.body, "NumMedia": "0"}
     status, body = post_webhook(cfg, server_url(cfg, args.url), "/msgcontrol/entry", params)
@@ -7371,6 +7378,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     (--no-answer), or answered without a key (neither: a personal voicemail)."""
     import xml.etree.ElementTree as ElementTree
 
+    if (args.accept or args.no_answer) and args.digits != "2":
+        raise UsageError(f"{'--accept' if args.accept else '--no-answer'} is the engineer's "
+                         "side of a live call: it needs --digits 2")
     cfg = load_app_config(args.config)
     base = server_url(cfg, args.url)
     call = {"CallSid": "CA" + uuid.uuid4().hex, "AccountSid": cfg.account_sid,
@@ -7554,6 +7564,10 @@ def cmd_config(args: argparse.Namespace) -> int:
                 value = parse(args.value)
             except ValueError:
                 raise UsageError(f"{args.key}: {args.value!r} is not a valid value") from None
+            if path[0] == "rotation" and not doc["current_config"].get("rotation"):
+                raise UsageError("there is no rotation block to change; add one with "
+                                 "`oncall-pager config edit` (members, start, timezone, "
+                                 "shift_hours: see docs/features.md)")
             target = doc["current_config"]
             for name in path[:-1]:
                 target = target.setdefault(name, {})

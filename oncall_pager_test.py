@@ -2560,6 +2560,9 @@ def test_sms_command_line_drives_a_running_pager(
                                                  "init_from = team.json"))
     server = serve_process(config)
     server.wait_healthy()
+    # a first start finds the store empty, as expected: that is not an error (SPEC 23)
+    assert "event=config.initialised" in server.log.read_text()
+    assert "level=ERROR" not in server.log.read_text()
     take = run_cli("sms", BOB, "TAKE", "-c", str(config))
     assert take.returncode == 0 and "reply C to confirm" in take.stdout
     confirm = run_cli("sms", BOB, "C", "-c", str(config))
@@ -2568,6 +2571,10 @@ def test_sms_command_line_drives_a_running_pager(
     assert who.stdout.startswith("Current on-call engineer: Bob Roberts <+19195551002>.")
     stranger = run_cli("sms", STRANGER, "WHO", "-c", str(config))
     assert stranger.stdout.strip() == "(no reply)"
+    unplussed = run_cli("sms", BOB.removeprefix("+"), "WHO", "-c", str(config))
+    assert (unplussed.returncode, unplussed.stdout) == (2, "")
+    assert unplussed.stderr == (f"error: FROM {BOB.removeprefix('+')!r} is not an E.164 number "
+                                "(+ and the country code, like +19195551002)\n")
     outbox = wait_until(lambda: op.DirectoryStore(tmp_path / "var").list("outbox/"), 5)
     sent = json.loads(op.DirectoryStore(tmp_path / "var").get(outbox[0]).data)
     assert (sent["to"], sent["body"]) == (ALICE, "Bob Roberts has taken on-call from you.")
@@ -8617,6 +8624,40 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
     assert called == set(open_ids)
     for page_id in open_ids:
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
+
+
+# ====== s21-newuser: what a new user met (SPEC 23) ======
+
+
+def test_config_set_of_a_rotation_field_without_a_rotation_says_to_add_one(file_cli: Cli) -> None:
+    before = file_cli.doc()
+    assert "rotation" not in before["current_config"]
+    result = file_cli.run("config", "set", "rotation.members", "alice,bob")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("error: there is no rotation block to change; add one with "
+                             "`oncall-pager config edit` (members, start, timezone, "
+                             "shift_hours: see docs/features.md)\n")
+    assert file_cli.doc() == before
+
+
+def test_call_accept_or_no_answer_without_digits_2_is_a_usage_error(file_cli: Cli) -> None:
+    for flag in ("--accept", "--no-answer"):
+        result = file_cli.run("call", STRANGER, flag)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (f"error: {flag} is the engineer's side of a live call: it "
+                                 "needs --digits 2\n")
+
+
+def test_check_of_the_shipped_example_config_warns_about_nothing(tmp_path: Path) -> None:
+    """config.ini.example (mode 644, as git checks it out) holds only dry-run placeholders."""
+    for name in ("config.ini.example", "oncall_config.example.json"):
+        shutil.copy(HERE / name, tmp_path / name)
+    (tmp_path / "config.ini.example").chmod(0o644)
+    (tmp_path / "var").mkdir()
+    assert run_cli("init", "-c", "config.ini.example", cwd=tmp_path).returncode == 0
+    result = run_cli("check", "-c", "config.ini.example", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("ok: config.ini.example and file:")
 
 
 # ====== s22-calendar: the calendar feed and the status page (SPEC 21) ======
