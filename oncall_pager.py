@@ -68,6 +68,12 @@ How data flows
             the page of a miss);
             Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
             Pager.heartbeat_missed opens a page of kind heartbeat
+    views -> GET /calendar/<token>.ics, GET /status/<token> (tokens made by `calendar-token`,
+            `status-token`; the config keeps their SHA-256, feed_token): read-only.
+            oncall_shifts lays the rotation's shifts (Rotation) and the overrides out as
+            stretches of time, for calendar_feed (RFC 5545) and the StatusBoard (who is on
+            call, the next handoffs, open and last pages from the PageBook, health_words),
+            which `oncall-pager status` prints too
 
     Over a real network the round trip to S3 is the cost that matters: the page path makes at
     most two requests one after the other (the config, unless checked in the last 10 s, and
@@ -122,7 +128,8 @@ Watch it
     WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
 
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
-helpers, metrics, configuration, store, domain, channels, worker, web, command line (serve's
+helpers, metrics, configuration (with the schedule as stretches and the calendar feed),
+store, domain, channels, worker, views (the status page), web, command line (serve's
 systemd notifier with it). Each section uses only what stands above it.
 """
 
@@ -143,6 +150,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import html
 import json
 import logging
 import math
@@ -172,7 +180,7 @@ from concurrent.futures import wait as wait_for_any
 from configparser import ConfigParser
 from configparser import Error as ConfigParserError
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 VERSION = "0.1.0"
 log = logging.getLogger("oncall_pager")
@@ -790,6 +798,7 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     errors += check_heartbeats(current.get("heartbeats", {}))
     if "quiet" in current:
         errors += check_quiet(current["quiet"])
+    errors += check_feed_tokens(current.get("feed_tokens", {}))
     return errors, warnings
 
 
@@ -969,6 +978,25 @@ def check_integrations(integrations: object) -> list[str]:
         elif not isinstance(integration.get("heartbeats_only", False), bool):
             errors.append(f"{where}.{name}.heartbeats_only is not true or false")
     return errors
+
+
+def check_feed_tokens(tokens: object) -> list[str]:
+    """`current_config.feed_tokens`: calendar / status -> {sha256, created}: the hash of the
+    token in the URL of the calendar feed and of the status page, never the token."""
+    where = "current_config.feed_tokens"
+    if not isinstance(tokens, dict):
+        return [f"{where} is not an object"]
+    errors = []
+    for name, token in tokens.items():
+        if name not in FEEDS:
+            errors.append(f"{where}.{name} is not one of {', '.join(FEEDS)}")
+        elif not isinstance(token, dict) or not isinstance(token.get("sha256"), str) or \
+                not SHA256_HEX.fullmatch(token["sha256"]):
+            errors.append(f"{where}.{name}.sha256 is not a SHA-256 in hex")
+    return errors
+
+
+FEEDS = ("calendar", "status")  # the read-only views a token in their URL opens
 
 
 def check_heartbeats(heartbeats: object) -> list[str]:
@@ -1222,6 +1250,187 @@ def oncall_change(doc: dict) -> tuple[float, str] | None:
     if current.get("last_modified_time"):
         return current["last_modified_time"], str(current.get("last_modified_user_id"))
     return None
+
+
+# --- the schedule as stretches of time: the calendar feed, the status page --------------------
+# Shift, team_zone and oncall_shifts are written to the signatures of branch s22-overrides
+# (which lays the overrides over the rotation, SPEC 21): at the merge, theirs replace these.
+
+
+class Shift(NamedTuple):
+    """Who is on call from `start` to `end` (epoch seconds; math.inf: until somebody TAKEs).
+    `covering`: the member whose time an override takes ('' for a rotation's own shift).
+    `override`: its index in current_config.overrides, or None."""
+
+    member: str
+    start: float
+    end: float
+    covering: str = ""
+    override: int | None = None
+
+
+def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
+    """The team's time zone: `rotation.timezone`, else `current_config.timezone`, else UTC."""
+    current = doc["current_config"]
+    name = (current.get("rotation") or {}).get("timezone") or current.get("timezone") or "UTC"
+    return zoneinfo.ZoneInfo(name)
+
+
+def override_time(value: object, zone: dt.tzinfo) -> float | None:
+    """An override's `start` / `end`: ISO 8601, with an offset, or local to the team's zone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).timestamp()
+
+
+def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> list[Shift]:
+    """Who is on call from `start` to `end`, in time order: the rotation's shifts (Rotation,
+    at most `limit`) with the overrides (`current_config.overrides`: [{member, start, end,
+    by}]) laid over them, a later one over an earlier one; a shift an override cuts goes on
+    from the override's end. Without a rotation only the overrides and their hand-backs (to
+    whoever is on call now, until somebody TAKEs) are known."""
+    rotation = Rotation.of(doc)
+    zone, users = team_zone(doc), members(doc)
+    laid = []
+    for i, item in enumerate(doc["current_config"].get("overrides") or []):
+        o_start = override_time(item.get("start"), zone) if isinstance(item, dict) else None
+        o_end = override_time(item.get("end"), zone) if isinstance(item, dict) else None
+        if o_start is not None and o_end is not None and item.get("member") in users:
+            laid.append((i, item["member"], o_start, o_end))
+    shifts: list[Shift] = []
+    if rotation is not None:
+        first = max(rotation.shift_at(start), 0)
+        last = min(rotation.shift_at(end), first + limit - 1)
+        shifts = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
+                  for k in range(first, last + 1)]
+    elif laid:
+        back = min(o_start for _, _, o_start, _ in laid)
+        shifts = [Shift(oncall_member(doc)["id"], back, math.inf)]
+    for i, member, o_start, o_end in laid:
+        if o_start > end or o_end <= o_start:
+            continue
+        under = next((s.member for s in shifts if s.start <= o_start < s.end), "")
+        kept: list[Shift] = []
+        for shift in shifts:
+            if shift.end <= o_start or shift.start >= o_end:
+                kept.append(shift)
+                continue
+            if shift.start < o_start:
+                kept.append(shift._replace(end=o_start))
+            if shift.end > o_end:
+                kept.append(shift._replace(start=o_end))
+        kept.append(Shift(member, o_start, o_end, under if under != member else "", i))
+        shifts = sorted(kept, key=lambda s: s.start)
+    return [s for s in shifts if s.end > start and s.start <= end and s.start < s.end]
+
+
+def next_handoffs(doc: dict, now: float, count: int) -> list[Shift]:
+    """The next `count` stretches that hand on-call to somebody else after `now`."""
+    rotation = Rotation.of(doc)
+    zone = team_zone(doc)
+    ends = [t for item in doc["current_config"].get("overrides") or [] if isinstance(item, dict)
+            for t in [override_time(item.get("end"), zone)] if t is not None]
+    horizon = max([now + 1, *ends])
+    if rotation is not None:
+        horizon = max(horizon, rotation.starts(max(rotation.shift_at(now), 0) + count + 1))
+    found: list[Shift] = []
+    current = None
+    for shift in oncall_shifts(doc, now, horizon, limit=count + 2):
+        if shift.start > now and shift.member != current:
+            found.append(shift)
+        current = shift.member
+    return found[:count]
+
+
+def feed_token(doc: dict, name: str, token: str) -> bool:
+    """Whether `token` is the one `oncall-pager calendar-token` / `status-token` made: its
+    SHA-256 is compared with the stored one in constant time (the store keeps only the hash,
+    as for routing keys). Always compared, even without a stored one."""
+    stored = doc["current_config"].get("feed_tokens", {}).get(name, {}).get("sha256")
+    digest = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+    known = isinstance(stored, str)
+    return hmac.compare_digest(digest, stored if known else "-" * 64) and known
+
+
+def ical_text(value: str) -> str:
+    """An iCalendar TEXT value (RFC 5545 3.3.11): backslash, semicolon and comma escaped, a
+    line break as \\n, other control characters as spaces, so that a name cannot add a line
+    or a property to the feed."""
+    value = value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+    value = re.sub(r"\r\n|\r|\n", r"\\n", value)
+    return CONTROL_CHARACTERS.sub(" ", value)
+
+
+def ical_fold(line: str) -> str:
+    """A content line folded at 75 octets (RFC 5545 3.1): CRLF and a space before each
+    further piece, never inside a UTF-8 sequence."""
+    pieces, piece, size = [], "", 0
+    for char in line:
+        octets = len(char.encode("utf-8"))
+        if size + octets > 75:
+            pieces.append(piece)
+            piece, size = " ", 1
+        piece += char
+        size += octets
+    pieces.append(piece)
+    return "\r\n".join(pieces)
+
+
+def ical_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+CALENDAR_PAST, CALENDAR_AHEAD = 30 * DAY, 180 * DAY
+CALENDAR_SHIFTS = 2000  # rotation shifts a feed holds at most (tests use seconds-long shifts)
+
+
+def calendar_feed(doc: dict, now: float, domain: str) -> str:
+    """The iCalendar feed (RFC 5545) of `GET /calendar/TOKEN.ics`: one VEVENT per stretch of
+    on-call from 30 days ago to 180 days ahead (oncall_shifts), in UTC, transparent (a shift
+    does not make the day busy). A UID is the stretch's start and the pager's host, so a
+    calendar app that fetches the feed again updates an event rather than adding a second; when the
+    stretch's end or member changes, its SEQUENCE (the stored config's last change) goes up.
+    With no rotation, one event for whoever is on call, from when on-call last changed to the
+    first override, else to the end of the feed's span (an empty feed would read "nobody")."""
+    users = members(doc)
+    team = team_name(doc) or "on-call"
+    sequence = int(doc["current_config"].get("last_modified_time") or 0) % 2 ** 31
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//oncall-pager//calendar " + VERSION
+             + "//EN", "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
+             "X-WR-CALNAME:" + ical_text(f"On call: {team}"),
+             "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
+    since, until = now - CALENDAR_PAST, now + CALENDAR_AHEAD
+    stretches = [(shift, ical_time(shift.start)) for shift in
+                 oncall_shifts(doc, since, until, limit=CALENDAR_SHIFTS)]
+    if Rotation.of(doc) is None:  # before the overrides: whoever is on call, since when
+        oncall = oncall_member(doc)["id"]
+        # the pager's record of the change (not last_modified_time, which every write moves:
+        # the UID would change with it); a config without one: since the feed's start
+        changed = doc["current_config"].get("oncall_change", {}).get("time")
+        begin = min(changed, now) if changed else since
+        first = stretches[0][0].start if stretches else until
+        if begin < first:
+            stretches.insert(0, (Shift(oncall, begin, first),
+                                 ical_time(begin) if changed else f"{oncall}-on-call"))
+    for shift, uid in stretches:
+        member = users[shift.member]
+        summary = f"On call: {member['name']}"
+        if shift.covering:
+            summary += f" (covering {users.get(shift.covering, {}).get('name', shift.covering)})"
+        lines += ["BEGIN:VEVENT", f"UID:{uid}-oncall@{domain}",
+                  f"DTSTAMP:{ical_time(now)}", f"DTSTART:{ical_time(shift.start)}",
+                  f"DTEND:{ical_time(shift.end if shift.end < math.inf else until)}",
+                  f"SEQUENCE:{sequence}",
+                  "SUMMARY:" + ical_text(summary),
+                  "DESCRIPTION:" + ical_text(f"{member['name']} ({member['id']}) is on call "
+                                             f"for {team}."),
+                  "TRANSP:TRANSPARENT", "END:VEVENT"]
+    lines.append("END:VCALENDAR")
+    return "".join(ical_fold(line) + "\r\n" for line in lines)
 
 
 # ==============================================================================================
@@ -6183,6 +6392,209 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
 
 
 # ==============================================================================================
+# Views: the status page and its command-line twin (read-only; the calendar feed is pure,
+# calendar_feed, above)
+# ==============================================================================================
+
+
+def health_words(pager: Pager, worker: Worker | None, max_age: float = 0.0
+                 ) -> tuple[bool, dict]:
+    """The pager's status words (GET /healthz, the status page): whether it is healthy, and
+    words only: the reason, which can quote the config, goes to the log and to `check`.
+    /healthz asks the store (max_age 0); the status page, which has just read the config,
+    does not ask twice."""
+    try:
+        # a copy from memory because the store's config is invalid is `invalid` (it
+        # must not depend on whether this instance had read a good one before)
+        config = ("loaded" if not pager.team.read(max_age).stale else
+                  "stale" if not pager.team.reachable else "invalid")
+    except NoConfig:
+        config = "missing"
+    except ConfigError:
+        config = "invalid"
+    except StoreUnavailable:
+        config = "unavailable"
+    healthy = pager.team.reachable and config == "loaded"
+    known = pager.team.last_known()
+    quiet = known is not None and quiet_until(known.doc, time.time()) is not None
+    # `config-invalid`: the pager runs but pages nobody (calls are answered and their
+    # pages wait for a valid config): what the operator must fix first
+    return healthy, {"status": "ok" if healthy else "config-invalid" if config == "invalid"
+                     else "unhealthy",
+                     "store": "reachable" if pager.team.reachable else "unreachable",
+                     "config": config, "queue_depth": worker.queue_depth if worker else 0,
+                     "quiet": "on" if quiet else "off",  # quiet hours: alerts listed, not rung
+                     "version": VERSION}
+
+
+def quiet_in_force(doc: dict, now: float) -> tuple[float, str] | None:
+    """The quiet hours running at `now`: until when, and why; or None."""
+    until = quiet_until(doc, now)
+    return None if until is None else (until, str((quiet_window(doc) or {}).get("reason") or ""))
+
+
+class StatusBoard:
+    """What the status page (`GET /status/TOKEN`) and `oncall-pager status` show: who is on
+    call and until when, the next handoffs, the open pages, the last pages, the health words.
+
+    The cost is bounded whatever the number of pages: the open pages come from the page book
+    (the worker's copies of every page in pages/ that rings, waits or is listed), the last
+    ones from the counter's recent list (one conditional read), each page from the book's
+    copy where it has one. Where no worker has listed pages/ (the command line, a pager just
+    started) one listing of pages/ stands in for the book: the pages changed in the last two
+    days (an open page changes at least daily), the newest OPEN_READ of them read."""
+
+    COLUMNS = {"number": "#", "kind": "kind", "summary": "what", "age": "age",
+               "paged": "paged", "ack": "acknowledged"}
+    OPEN_SHOWN = 50  # open pages listed one a line; more are counted
+    OPEN_READ = 200  # pages read at most to find the open ones (a storm: the newest)
+    LAST = 20
+
+    def __init__(self, pager: Pager, worker: Worker | None = None):
+        self.pager = pager
+        self.worker = worker
+
+    def gather(self, doc: dict, now: float) -> dict:
+        users = members(doc)
+        oncall = oncall_member(doc)
+        current = next((s for s in oncall_shifts(doc, now, now, limit=2)
+                        if s.start <= now < s.end), None)
+        # a TAKE holds until the stretch running ends, as the rotation's shift does; with no
+        # rotation and no override, on-call changes only by TAKE: no end
+        until = current.end if current and current.end != math.inf else None
+        covering = (users.get(current.covering, {}).get("name", current.covering)
+                    if current and current.covering and current.member == oncall["id"] else "")
+        open_pages, more, last = self.pages(now)
+        healthy, health = health_words(self.pager, self.worker, PAGE_CONFIG_MAX_AGE)
+        return {"team": team_name(doc) or "on-call", "now": now, "zone": team_zone(doc),
+                "oncall": oncall, "until": until, "covering": covering,
+                "quiet": quiet_in_force(doc, now),
+                "handoffs": [(s, users[s.member]) for s in next_handoffs(doc, now, 5)],
+                "open": open_pages, "open_more": more, "last": last, "doc": doc,
+                "healthy": healthy, "health": health}
+
+    def pages(self, now: float) -> tuple[list[dict], int, list[dict]]:
+        """(open pages newest first, up to OPEN_SHOWN; how many more; the last LAST pages)."""
+        book = self.pager.book
+        opened = {page_id: when for page_id, (_, when) in book.active().items()}
+        if not book.listed:  # the one listing
+            since = now - QUIET_AFTER
+            opened.update((key.removeprefix("pages/").removesuffix(".json"), modified)
+                          for key, (_, modified) in self.pager.store.versions("pages/").items()
+                          if modified >= since)
+        candidates = sorted(opened, key=lambda page_id: opened[page_id],
+                            reverse=True)[:self.OPEN_READ]
+        recent = [item["id"] for item in self.pager.recent_items()[:self.LAST]]
+        wanted = list(dict.fromkeys(candidates + recent))
+
+        def read(page_id: str) -> Callable[[], tuple[dict, str] | None]:
+            return lambda: self.pager.book.get(page_id) or self.pager.find_page(page_id)
+
+        found = in_parallel(IO_POOL, *map(read, wanted)) if wanted else []
+        pages = {page_id: page[0] for page_id, page in zip(wanted, found, strict=True)
+                 if page is not None}
+        open_pages = sorted((p for p in pages.values() if p.get("state") in SHOWN_FIRST or (
+            p.get("state") == "acknowledged" and p.get("kind") in ("alert", "heartbeat"))),
+            key=lambda page: float(page.get("opened") or 0), reverse=True)
+        return (open_pages[:self.OPEN_SHOWN], max(0, len(open_pages) - self.OPEN_SHOWN),
+                [pages[p] for p in recent if p in pages])
+
+    def row(self, page: dict, board: dict) -> dict[str, str]:
+        """One page as the page and the terminal show it (text from outside, not escaped)."""
+        users = members(board["doc"])
+        paged = [users.get(m, {}).get("name", str(m)) for m in page.get("paged") or []]
+        state = page_state(page, board["doc"])
+        return {"number": str(self.pager.number_of(page)), "kind": str(page.get("kind")),
+                "summary": page_summary(page),
+                "age": elapsed(max(0.0, board["now"] - float(page.get("opened") or 0))),
+                "paged": ", ".join(paged) or "nobody (listed)",
+                "ack": state if state.startswith("acknowledged") else f"not acknowledged "
+                f"({state})" if state in ("open", "waiting") else state}
+
+    def local(self, ts: float, board: dict) -> str:
+        return dt.datetime.fromtimestamp(ts, board["zone"]).strftime("%a %Y-%m-%d %H:%M %Z")
+
+    def headline(self, board: dict) -> list[str]:
+        """Who is on call, until when, covering whom; the quiet window."""
+        line = f"On call: {board['oncall']['name']}"
+        if board["until"] is not None:
+            line += f" until {self.local(board['until'], board)}"
+        else:
+            line += " (no rotation: until somebody TAKEs on-call)"
+        if board["covering"]:
+            line += f", covering {board['covering']}"
+        lines = [line + "."]
+        if board["quiet"]:
+            until, reason = board["quiet"]
+            lines.append(f"Quiet until {self.local(until, board)}"
+                         + (f" ({reason})" if reason else "") + ": alerts ring nobody.")
+        return lines
+
+    def text(self, board: dict) -> str:
+        """The terminal's version (`oncall-pager status`)."""
+        lines = [f"{board['team']}: status at {self.local(board['now'], board)}",
+                 *self.headline(board), "", "Next handoffs:"]
+        lines += [f"  {self.local(s.start, board)}  {m['name']}" for s, m in board["handoffs"]
+                  ] or ["  none (no rotation)"]
+        for title, pages in (("Open pages:", board["open"]), ("Last pages:", board["last"])):
+            lines += ["", title]
+            for page in pages:
+                r = self.row(page, board)
+                lines.append(f"  #{r['number']}  {r['kind']:<9} {r['age']:>7} ago  "
+                             f"{r['summary']}  paged: {r['paged']}  {r['ack']}")
+            if not pages:
+                lines.append("  none")
+            if title == "Open pages:" and board["open_more"]:
+                lines.append(f"  +{board['open_more']} more open")
+        health = board["health"]
+        lines += ["", "Health: " + " ".join(f"{k}={v}" for k, v in health.items())]
+        return "\n".join(CONTROL_CHARACTERS.sub(" ", line) for line in lines) + "\n"
+
+    def html(self, board: dict) -> str:
+        """The page: server-rendered, no script, readable on a phone (the viewport), fetched
+        again every 60 s (meta refresh). Every value is HTML-escaped here, once."""
+        def e(value: object) -> str:
+            return html.escape(str(value), quote=True)
+
+        def table(pages: list[dict], empty: str) -> str:
+            if not pages:
+                return f"<p class=none>{e(empty)}</p>"
+            rows = "".join("<tr>" + "".join(
+                f'<td class={name} data-label="{self.COLUMNS[name]}">{e(value)}</td>'
+                for name, value in self.row(page, board).items()) + "</tr>" for page in pages)
+            return ("<table><thead><tr>" + "".join(f"<th>{title}</th>" for title in
+                                                   self.COLUMNS.values())
+                    + "</tr></thead><tbody>" + rows + "</tbody></table>")
+
+        handoff_items = "".join(
+            f"<li><time>{e(self.local(s.start, board))}</time> {e(m['name'])}</li>"
+            for s, m in board["handoffs"]) or "<li>none (no rotation)</li>"
+        more = (f"<p class=more>+{board['open_more']} more open</p>" if board["open_more"]
+                else "")
+        health = " ".join(f"{k}={v}" for k, v in board["health"].items())
+        return "".join([
+            "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+            '<meta name=viewport content="width=device-width, initial-scale=1">',
+            '<meta http-equiv=refresh content="60">',
+            f"<title>{e(board['team'])}: on call</title><style>",
+            "body{font:16px/1.4 system-ui,sans-serif;margin:1em;max-width:60em}",
+            "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;",
+            "padding:.3em;text-align:left;vertical-align:top}.ok{color:#060}.bad{color:#b00}",
+            "@media (max-width:40em){thead{display:none}td{display:block;border:0;",
+            "padding:.1em}td::before{content:attr(data-label) ': ';color:#555}",
+            "tr{display:block;border-bottom:1px solid #ccc;padding:.4em 0}}</style></head><body>",
+            f"<h1>{e(board['team'])}</h1>",
+            "".join(f"<p class=oncall>{e(line)}</p>" for line in self.headline(board)),
+            f"<h2>Next handoffs</h2><ol class=handoffs>{handoff_items}</ol>",
+            f"<h2>Open pages</h2><div id=open>{table(board['open'], 'No open pages.')}{more}",
+            f"</div><h2>Last {self.LAST} pages</h2><div id=last>",
+            f"{table(board['last'], 'No pages yet.')}</div>",
+            f"<p id=health class={'ok' if board['healthy'] else 'bad'}>Health: {e(health)}</p>",
+            f"<p><small>As of {e(self.local(board['now'], board))}; this page refreshes every",
+            " 60 s.</small></p></body></html>\n"])
+
+
+# ==============================================================================================
 # Web: request parsing, the signature gate, the router, one short handler per webhook
 # ==============================================================================================
 
@@ -6408,6 +6820,12 @@ def config_stale(team: TeamConfig) -> bool:
     """Whether the last read of the operational config failed (store unreachable, config
     missing or invalid), so that the last good copy answers: from memory, no request."""
     return not team.reachable or bool(team.problem)
+
+
+STATUS_PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+    ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"))
 
 
 class WebApp:
@@ -7054,32 +7472,39 @@ class WebApp:
     # --- monitoring ----------------------------------------------------------------------------
 
     def healthz(self, request: Request) -> Response:
-        try:
-            # a copy from memory because the store's config is invalid is `invalid` (it
-            # must not depend on whether this instance had read a good one before)
-            config = ("loaded" if not self.pager.team.read().stale else
-                      "stale" if not self.pager.team.reachable else "invalid")
-        except NoConfig:
-            config = "missing"
-        except ConfigError:
-            config = "invalid"
-        except StoreUnavailable:
-            config = "unavailable"
-        healthy = self.pager.team.reachable and config == "loaded"
-        known = self.pager.team.last_known()
-        quiet = known is not None and quiet_until(known.doc, time.time()) is not None
-        # Status words only: the reason (which can quote the config) goes to the log, once
-        # per change, and to `oncall-pager check`; this endpoint is public.
-        # `config-invalid`: the pager runs but pages nobody (calls are answered and their
-        # pages wait for a valid config): what the operator must fix first
-        body = {"status": "ok" if healthy else "config-invalid" if config == "invalid"
-                else "unhealthy",
-                "store": "reachable" if self.pager.team.reachable else "unreachable",
-                "config": config,
-                "queue_depth": self.worker.queue_depth if self.worker else 0,
-                "quiet": "on" if quiet else "off",  # quiet hours: alerts listed, not rung
-                "version": VERSION}
+        healthy, body = health_words(self.pager, self.worker)
         return Response(200 if healthy else 503, json.dumps(body) + "\n", "application/json")
+
+    # --- read-only views behind a token in the URL (SPEC 21) ----------------------------------
+
+    def feed_config(self, feed: str, token: str) -> dict:
+        """The config, when `token` opens `feed` (from memory, at most PAGE_CONFIG_MAX_AGE
+        old: a new token works within seconds); else 404, as for a page that is not there,
+        and never a store request a stranger can cause."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        if not feed_token(doc, feed, token):
+            log.warning("event=%s.unknown_token", feed)
+            raise HTTPError(404, "not found")
+        return doc
+
+    def calendar(self, request: Request) -> Response:
+        """`GET /calendar/TOKEN.ics`: the on-call shifts as an iCalendar feed."""
+        name = request.path.removeprefix("/calendar/")
+        doc = self.feed_config("calendar", name.removesuffix(".ics") if name.endswith(".ics")
+                               else "")
+        domain = urllib.parse.urlsplit(self.cfg.public_url).hostname or "oncall-pager"
+        return Response(200, calendar_feed(doc, time.time(), domain),
+                        "text/calendar; charset=utf-8",
+                        (("Cache-Control", "private, max-age=300"),
+                         ("Content-Disposition", 'inline; filename="oncall.ics"')))
+
+    def status_page(self, request: Request) -> Response:
+        """`GET /status/TOKEN`: the status page (StatusBoard), locked down: no script may
+        run, no frame may hold it, no referrer leaks the token, no cache keeps it."""
+        doc = self.feed_config("status", request.path.removeprefix("/status/"))
+        board = StatusBoard(self.pager, self.worker)
+        return Response(200, board.html(board.gather(doc, time.time())),
+                        "text/html; charset=utf-8", STATUS_PAGE_HEADERS)
 
     def metrics(self, request: Request) -> Response:
         """Prometheus's text format, for a scraper holding `[server] metrics_token` as a
@@ -7137,6 +7562,8 @@ ROUTES: dict[str, Route] = {
     "/v2/change/enqueue": Route(("POST",), WebApp.change_enqueue, signed=False,
                                 max_body=MAX_EVENT_BODY),
     "/heartbeat/*": Route(("GET", "HEAD", "POST"), WebApp.heartbeat, signed=False),
+    "/calendar/*": Route(("GET", "HEAD"), WebApp.calendar, signed=False),
+    "/status/*": Route(("GET", "HEAD"), WebApp.status_page, signed=False),
 }
 
 
@@ -7764,6 +8191,44 @@ def cmd_integration(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feed_token(args: argparse.Namespace) -> int:
+    """`calendar-token` / `status-token`: a new random token for the calendar feed or the
+    status page, printed once in its URL; the config keeps only its SHA-256 (one conditional
+    write and its audit entry), and the previous token stops working."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    token = secrets.token_urlsafe(24)
+
+    def make(doc: dict) -> str:
+        tokens = doc["current_config"].setdefault("feed_tokens", {})
+        replaced = args.feed in tokens
+        tokens[args.feed] = {"sha256": hashlib.sha256(token.encode()).hexdigest(),
+                             "created": int(time.time())}
+        return f"made a new {args.feed} token" + ("; the previous one no longer works"
+                                                   if replaced else "")
+
+    change_config(pager, args, make)
+    path = f"/calendar/{token}.ics" if args.feed == "calendar" else f"/status/{token}"
+    print(f"{args.feed} URL: {cfg.url(path)}")
+    print("It is shown only this once: whoever has the URL can read "
+          + ("the on-call schedule." if args.feed == "calendar" else
+             "the status page (who is on call, the pages and their callers)."))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The status page in the terminal (StatusBoard, as GET /status/TOKEN shows it)."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    snap = pager.team.read()
+    board = StatusBoard(pager)
+    sys.stdout.write(board.text(board.gather(snap.doc, time.time())))
+    if snap.stale:
+        print(f"warning: the store's config could not be read ({pager.team.problem}); "
+              "this is the last copy known here", file=sys.stderr)
+    return 0
+
+
 def config_edit(pager: Pager, args: argparse.Namespace) -> int:
     """$EDITOR on the JSON as stored (so an invalid config can be repaired here too);
     validated and written conditionally over what was read, or nothing is written."""
@@ -7858,12 +8323,6 @@ REPORT_MAX_DAYS = 366  # the longest range one report reads
 REPORT_EVENTS = ("page.opened", "page.acknowledged", "page.escalated", "page.resolved",
                  "page.closed", "oncall.changed")
 NIGHT = (22, 7)        # pages opened from 22:00 to 07:00 local time count as at night
-
-
-def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
-    """The team's time zone: the rotation's, else UTC."""
-    name = (doc.get("current_config", {}).get("rotation") or {}).get("timezone") or "UTC"
-    return zoneinfo.ZoneInfo(name)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -8331,6 +8790,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="2h, 30m or 1h30m from now (at most 8h), or off; none: show them")
     quiet.add_argument("--reason", help="why (shown by STATUS, kept in the audit log)")
     quiet.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    for feed, what in (("calendar", "the calendar feed (iCalendar, GET /calendar/TOKEN.ics)"),
+                       ("status", "the status page (GET /status/TOKEN)")):
+        token = command(f"{feed}-token", cmd_feed_token, f"make a new token for {what}, print "
+                        "its URL once (the previous token stops working)")
+        token.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+        token.set_defaults(feed=feed)
+    command("status", cmd_status, "who is on call, the next handoffs, the open and the last "
+            "pages, health: the status page in the terminal")
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")

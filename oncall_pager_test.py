@@ -19,6 +19,7 @@ import email.policy
 import email.utils
 import getpass
 import hashlib
+import html
 import http
 import http.client
 import http.server
@@ -47,7 +48,7 @@ import zoneinfo
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -7935,10 +7936,15 @@ def hostile_pager(tmp_path: Path, twilio: TwilioFake, smtp: SMTPSink,
     put_team(store, team_doc(smtp.port, transcribe=True, live_answer={"enabled": True},
                              heartbeats={HEARTBEAT: {"interval": 3600}},
                              escalation={"ack_timeout": 3600, "call_attempts": 1}))
-    with_integration(store)
+    with_integration(store, feed_tokens={
+        feed: {"sha256": hashlib.sha256(FEED_TOKEN.encode()).hexdigest()}
+        for feed in ("calendar", "status")})
     config = with_metrics_token(write_config(tmp_path, "file:var",
                                              api_base_url=twilio.base_url))
     return start_pager(config)
+
+
+FEED_TOKEN = "feed-token-" + "6" * 21  # the calendar's and the status page's, in the fuzz
 
 
 def quiet_state(store: op.Store, timeout: float = 10.0) -> dict[str, bytes]:
@@ -8036,6 +8042,31 @@ def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
     assert statuses.count(202) >= 10 and len(store.list("pages/")) >= 5, statuses
 
 
+STATUS_PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "ol",
+                    "li", "time", "div", "table", "thead", "tbody", "tr", "th", "td", "small"}
+
+
+def feed_problems(pager: RunningPager) -> list[str]:
+    """The status page and the calendar feed over every page the fuzz left: the page holds
+    only the elements it is built of (no caller's text became markup), the feed parses."""
+    import html.parser
+
+    tags: set[str] = set()
+
+    class Tags(html.parser.HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            tags.add(tag)
+
+    status, page, _ = http_request("GET", f"{pager.base_url}/status/{FEED_TOKEN}")
+    Tags().feed(page)
+    status_ics, feed, _ = http_request("GET", f"{pager.base_url}/calendar/{FEED_TOKEN}.ics")
+    problems = [] if status == 200 and tags <= STATUS_PAGE_TAGS else [
+        f"status page: {status} {sorted(tags - STATUS_PAGE_TAGS)}"]
+    if status_ics != 200 or len(ical_events(feed)) != 1:
+        problems.append(f"calendar: {status_ics} {feed[:300]!r}")
+    return problems
+
+
 def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refusals_change_nothing(
         hostile_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
     """SPEC 19, the abuse fuzz covers every route: each route of the module's table (a new
@@ -8104,7 +8135,8 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
     def other_request(data: Any, path: str, method: str) -> tuple[str, bytes, dict[str, str]]:
         """A monitoring tool's request: a hostile name in the path, a key or token that
         may be right, a hostile event as the body."""
-        name = data.draw(st.one_of(st.just(HEARTBEAT), text))
+        name = data.draw(st.one_of(st.sampled_from([HEARTBEAT, FEED_TOKEN, FEED_TOKEN + ".ics"]),
+                                   text))
         path = path.replace("*", urllib.parse.quote(name, safe="") or "x")
         key = data.draw(st.one_of(st.sampled_from([ALERTMANAGER_KEY, METRICS_TOKEN]), key_text))
         headers = {"Content-Type": "application/json"}
@@ -8136,6 +8168,7 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
     for pattern, route in op.ROUTES.items():
         probe_route(pattern, route)
     quiet_state(store)  # every delivery done
+    problems += feed_problems(pager)
     problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
     assert problems == [], "\n".join(problems)
     assert set(statuses) == set(op.ROUTES)
@@ -9166,3 +9199,336 @@ def test_a_stop_before_or_after_any_store_write_of_quiet_hours_loses_nothing_dou
     end by itself, also when the stop came at its end: it ends once after the restart)."""
     test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path, monkeypatch, QUIET_FLOW, check_quiet_flow)
+
+# ====== s22-calendar: the calendar feed and the status page (SPEC 21) ======
+
+
+def feed_url(cli: Cli, feed: str) -> str:
+    """Make a token with `oncall-pager FEED-token` (as alice); the URL it printed once."""
+    made = cli.run(f"{feed}-token", "--as", "alice")
+    assert made.returncode == 0, made.stderr
+    return re.search(rf"{feed} URL: (http://\S+)\n", made.stdout).group(1)
+
+
+def ical_events(body: str) -> list[Any]:
+    """The feed parsed by a real iCalendar parser (the `icalendar` package), its events."""
+    import icalendar
+
+    calendar = icalendar.Calendar.from_ical(body)
+    return [c for c in calendar.walk() if c.name == "VEVENT"]
+
+
+def berlin_start(day: str) -> float:
+    return datetime.fromisoformat(day + "T09:00").replace(tzinfo=BERLIN).timestamp()
+
+
+def test_calendar_token_is_shown_once_stored_hashed_and_a_wrong_token_is_404(
+        file_cli: Cli, start_pager: Callable[[Path], RunningPager]) -> None:
+    url = feed_url(file_cli, "calendar")
+    token = url.rsplit("/", 1)[1].removesuffix(".ics")
+    stored = file_cli.doc()["current_config"]["feed_tokens"]["calendar"]
+    assert stored["sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in file_cli.raw().decode()
+    assert changes(file_cli) == [("config.changed", "alice",
+                                  {"via": "cli", "change": "made a new calendar token",
+                                   "oncall": "alice"})]
+    pager = start_pager(file_cli.config)
+    base = pager.base_url
+    status, body, headers = http_request("GET", f"{base}/calendar/{token}.ics")
+    assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
+    (event,) = ical_events(body)  # no rotation: one event for whoever is on call, to the end
+    assert str(event["summary"]) == "On call: Alice McAlister"
+    assert event.decoded("dtend").timestamp() == pytest.approx(time.time() + 180 * op.DAY, abs=60)
+    # a config without the pager's record of the last on-call change: from the feed's start,
+    # and a UID that the next write to the config does not change
+    assert event.decoded("dtstart").timestamp() == pytest.approx(time.time() - 30 * op.DAY,
+                                                                 abs=60)
+    assert str(event["uid"]) == "alice-on-call-oncall@127.0.0.1"
+    for wrong in (f"/calendar/{token[:-1]}x.ics", f"/calendar/{token}", "/calendar/.ics",
+                  f"/calendar/{token}.ics/x", f"/status/{token}", "/calendar/"):
+        assert http_request("GET", base + wrong)[0] == 404, wrong
+    status, _, headers = http_request("POST", f"{base}/calendar/{token}.ics", b"x=1")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    head, _, rest = head_bytes(base, f"/calendar/{token}.ics", {}).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/calendar" in head and rest == b""
+    # on-call changes: the event is Bob's, from the change (the pager's record) on
+    assert file_cli.run("config", "set", "oncall", "bob").returncode == 0
+    changed = file_cli.doc()["current_config"]["oncall_change"]["time"]
+
+    def bobs() -> Any:
+        events = ical_events(http_request("GET", f"{base}/calendar/{token}.ics")[1])
+        return events if str(events[0]["summary"]) == "On call: Bob Roberts" else None
+
+    (event,) = wait_until(bobs, timeout=op.PAGE_CONFIG_MAX_AGE + 5, every=0.5)
+    assert event.decoded("dtstart").timestamp() == int(changed)
+    # a new token replaces the old one: the old URL is a 404 (within the config's max age)
+    feed_url(file_cli, "calendar")
+    assert changes(file_cli)[-1][2]["change"] == ("made a new calendar token; the previous "
+                                                  "one no longer works")
+    wait_until(lambda: http_request("GET", f"{base}/calendar/{token}.ics")[0] == 404,
+               timeout=op.PAGE_CONFIG_MAX_AGE + 5, every=0.5)
+
+
+def test_calendar_feed_has_a_transparent_utc_event_per_shift_overrides_and_dst(
+        file_cli: Cli, start_pager: Callable[[Path], RunningPager]) -> None:
+    """A weekly rotation in Europe/Berlin at 09:00 local: across the change to summer time
+    (2027-03-28) the shifts start at 08:00 UTC, then 07:00 UTC; an override cuts Bob's shift
+    (Carol, covering); names that would break a line or a property are escaped and folded."""
+    url = feed_url(file_cli, "calendar")
+    long_name = "Carol Überlänge-Lindqvist 🚨 " * 4 + "; SUMMARY:x, \\ END:VEVENT"
+    doc = file_cli.doc()
+    doc["available_users"]["users"]["carol"]["name"] = long_name
+    doc["current_config"].update(
+        team_name="Ops, Nord;\nEND:VCALENDAR",
+        rotation={"members": ["alice", "bob", "carol"], "start": "2026-11-02T09:00",
+                  "timezone": "Europe/Berlin", "shift_hours": 168},
+        overrides=[{"member": "carol", "start": "2027-01-13T12:00:00+01:00",
+                    "end": "2027-01-15T09:00:00+01:00", "by": "bob"}])
+    file_cli.store.put(CONFIG_KEY, op.to_json(doc))
+    assert file_cli.run("check").returncode == 0
+    start_pager(file_cli.config)
+    status, body, headers = http_request("GET", url)
+    assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
+    lines = body.split("\r\n")
+    assert lines[-1] == "" and all(len(line.encode()) <= 75 for line in lines), lines
+    assert body.count("\r\nEND:VCALENDAR\r\n") == 1 and "\r\nSUMMARY:x" not in body
+    events = ical_events(body)
+    now = time.time()
+    starts = [e.decoded("dtstart").timestamp() for e in events]
+    assert starts == sorted(starts)
+    assert starts[0] <= now - 30 * op.DAY < starts[1] and \
+        starts[-1] < now + 180 * op.DAY <= events[-1].decoded("dtend").timestamp()
+    assert all(str(e["transp"]) == "TRANSPARENT" for e in events)
+    assert all(e.decoded("dtstart").utcoffset() == timedelta(0) for e in events)
+    assert len({str(e["uid"]) for e in events}) == len(events)
+    names = {"alice": "Alice McAlister", "bob": "Bob Roberts", "carol": long_name}
+    by_start = {e.decoded("dtstart").timestamp(): str(e["summary"]) for e in events}
+    # DST: 09:00 CET is 08:00 UTC, 09:00 CEST is 07:00 UTC
+    winter, summer = berlin_start("2027-03-22"), berlin_start("2027-03-29")
+    assert datetime.fromtimestamp(winter, UTC).hour == 8
+    assert datetime.fromtimestamp(summer, UTC).hour == 7
+    assert summer - winter == 7 * op.DAY - 3600
+    k_winter = round((winter - berlin_start("2026-11-02")) / (7 * op.DAY))
+    assert by_start[winter] == f"On call: {names[['alice', 'bob', 'carol'][k_winter % 3]]}"
+    assert by_start[summer] == f"On call: {names[['alice', 'bob', 'carol'][(k_winter + 1) % 3]]}"
+    # the override: Bob's week of 2027-01-11 in three stretches, Carol's in the middle
+    bob = berlin_start("2027-01-11")
+    cover = datetime.fromisoformat("2027-01-13T12:00:00+01:00").timestamp()
+    back = datetime.fromisoformat("2027-01-15T09:00:00+01:00").timestamp()
+    assert [(s, by_start[s]) for s in sorted(by_start) if bob <= s < bob + 7 * op.DAY] == [
+        (bob, "On call: Bob Roberts"), (cover, f"On call: {long_name} (covering Bob Roberts)"),
+        (back, "On call: Bob Roberts")]
+    assert str(events[0]["description"]).endswith(" is on call for Ops, Nord;\nEND:VCALENDAR.")
+    # fetched again (another DTSTAMP): the same UIDs for the same shifts
+    time.sleep(1.1)
+    again = ical_events(http_request("GET", url)[1])
+    assert [str(e["uid"]) for e in again] == [str(e["uid"]) for e in events]
+    assert again[0].decoded("dtstamp") > events[0].decoded("dtstamp")
+
+
+def status_token(cli: Cli) -> str:
+    return feed_url(cli, "status")
+
+
+HOSTILE_SUMMARY = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>&amp;"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    return found
+
+
+def browse(browser: str, url: str, tmp_path: Path, *extra: str) -> str:
+    """Chromium headless, as its own command line drives it (no Python dependency)."""
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+         "--window-size=412,1400", *extra, url],
+        capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_status_page_in_a_headless_browser_escapes_every_value_and_is_locked_down(
+        file_cli: Cli, tmp_path: Path, start_pager: Callable[[Path], RunningPager]) -> None:
+    browser = chromium()
+    url = status_token(file_cli)
+    with_integration(file_cli.store, rotation={
+        "members": ["alice", "bob", "carol"], "start": "2026-11-02T09:00",
+        "timezone": "Europe/Berlin", "shift_hours": 168})
+    doc = file_cli.doc()
+    doc["available_users"]["users"]["bob"]["name"] = "Bob <b>Roberts</b>"
+    file_cli.store.put(CONFIG_KEY, op.to_json(doc))
+    pager = start_pager(file_cli.config)
+    event = alertmanager_event()
+    event["payload"]["summary"] = HOSTILE_SUMMARY
+    assert post_event(pager, event)[0] == 202
+    assert post_event(pager, alertmanager_event(severity="warning", dedup_key="w1"))[0] == 202
+    wait_until(lambda: len(pager.store.list("pages/")) == 2)
+    status, body, headers = http_request("GET", url)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Content-Security-Policy"] == "default-src 'none'; style-src 'unsafe-inline'"
+    assert (headers["X-Frame-Options"], headers["Referrer-Policy"], headers["Cache-Control"]) \
+        == ("DENY", "no-referrer", "no-store")
+    assert "<script" not in body and "&lt;script&gt;" in body
+    assert '<meta http-equiv=refresh content="60">' in body and "width=device-width" in body
+    shot = tmp_path / "status.png"
+    browse(browser, url, tmp_path, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    dom = browse(browser, url, tmp_path, "--dump-dom")
+    assert "<title>" in dom and "pwned" not in dom.split("</title>")[0]
+    assert "<script" not in dom.lower() and "<img" not in dom.lower()
+    assert "<b>" not in dom and "Bob &lt;b&gt;Roberts&lt;/b&gt;" in dom
+    opened = dom.split('<div id="open">')[1].split("</div>")[0]
+    assert html.escape(HOSTILE_SUMMARY, quote=False) in opened
+    assert "not acknowledged" in opened
+    assert opened.index("[FIRING:1] DiskFull (db1 warning)") < opened.index("&lt;script&gt;")
+    # the rotation's shift of this week is Bob's (weekly from 2026-11-02: alice, bob, carol)
+    k = math.floor((time.time() - berlin_start("2026-11-02")) / (7 * op.DAY))
+    oncall = ["Alice McAlister", "Bob &lt;b&gt;Roberts&lt;/b&gt;", "Carol Cruz"][k % 3]
+    wait_until(lambda: op.oncall_id_of(file_cli.doc()) == ["alice", "bob", "carol"][k % 3])
+    dom = browse(browser, url, tmp_path, "--dump-dom")
+    assert "Next handoffs" in dom and f"On call: {oncall} until " in dom
+    assert "status=ok" in dom.split('id="health"')[1]
+    handoffs = dom.split('class="handoffs">')[1].split("</ol>")[0]
+    assert handoffs.count("<li>") == 5
+    # wrong token, wrong method, HEAD
+    token = url.rsplit("/", 1)[1]
+    assert http_request("GET", url[:-1] + ("x" if url[-1] != "x" else "y"))[0] == 404
+    assert http_request("GET", f"{pager.base_url}/calendar/{token}.ics")[0] == 404
+    assert http_request("DELETE", url)[0] == 405
+    head, _, rest = head_bytes(pager.base_url, f"/status/{token}", {}).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"no-store" in head and rest == b""
+    # the terminal twin says the same
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"On call: {html.unescape(oncall)} until " in shown.stdout
+    assert HOSTILE_SUMMARY in shown.stdout
+    assert "not acknowledged" in shown.stdout and "Health: status=ok" in shown.stdout
+
+
+class CountingStore(op.DirectoryStore):
+    """A directory store that counts its own requests by operation (the process's /metrics
+    counters also count whatever other pagers of the test run do meanwhile)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.counted: dict[str, int] = {}
+
+    def _count(self, operation: str) -> None:
+        self.counted[operation] = self.counted.get(operation, 0) + 1
+
+    def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
+        self._count("get")
+        return super().get(key, unless_etag=unless_etag)
+
+    def list(self, prefix: str) -> list[str]:
+        self._count("list")
+        return super().list(prefix)
+
+    def versions(self, prefix: str) -> dict[str, tuple[str, float]]:
+        self._count("list")
+        return super().versions(prefix)
+
+
+def test_status_costs_one_listing_and_a_few_reads_with_10000_pages_in_the_store(
+        tmp_path: Path) -> None:
+    """10,000 pages, 9,990 of them old and done with, 10 open: the board (what GET
+    /status/TOKEN and `oncall-pager status` show) lists pages/ once where no worker has
+    listed it, reads the counter, the open pages and the last 20; with the book listed
+    (a running pager) it lists nothing and reads what the book holds no copy of."""
+    config = write_config(tmp_path, "file:var", mode="dry-run")
+    store = op.DirectoryStore(tmp_path / "var")
+    doc = team_doc()
+    put_team(store, doc)
+    folder = tmp_path / "var" / "pages"
+    folder.mkdir(parents=True)
+    old = time.time() - 40 * op.DAY
+    recent = []
+    done = op.to_json(op.new_page("RE" + "0" * 32, "voicemail", doc, state="resolved"))
+    for n in range(10_000):
+        page_id = f"RE{n:032d}"
+        path = folder / f"{page_id}.json"
+        if n < 9_980:  # never read: the same bytes will do
+            path.write_bytes(done)
+            os.utime(path, (old + n, old + n))
+            continue
+        page = op.new_page(page_id, "voicemail", doc, state="open" if n >= 9_990
+                           else "resolved", number=n + 1,
+                           caller={"number": CALLER, "name": f"Caller {n}"})
+        page["opened"] = old + n if n < 9_990 else time.time() - (10_000 - n) * 60
+        path.write_bytes(op.to_json(page))
+        if n < 9_990:
+            os.utime(path, (old + n, old + n))
+        recent.append({"number": n + 1, "id": page_id, "opened": page["opened"]})
+    store.put("counters/pages.json", op.to_json({"next": 10_001, "recent": recent}))
+    counting = CountingStore(tmp_path / "var")
+    pager = op.Pager(op.load_app_config(config), counting)
+    board = op.StatusBoard(pager)
+    doc = pager.team.read().doc
+    counting.counted.clear()
+    shown = board.gather(doc, time.time())
+    spent = dict(counting.counted)
+    assert [p["number"] for p in shown["open"]] == list(range(10_000, 9_990, -1))
+    assert [p["number"] for p in shown["last"]] == list(range(10_000, 9_980, -1))
+    assert spent.get("list", 0) == 1, spent
+    assert spent.get("get", 0) == 1 + 20, spent  # the counter, the pages
+    assert {p["number"] for p in shown["last"]} == {p["number"] for p in shown["open"]} | set(
+        range(9_981, 9_991))
+    # a running pager's book knows pages/: no listing, and its copies cost nothing
+    pager.book.keep_only({f"RE{n:032d}" for n in range(9_980, 10_000)}, time.time() - 60)
+    counting.counted.clear()
+    again = board.gather(pager.team.read(max_age=60).doc, time.time())
+    spent = dict(counting.counted)
+    assert spent.get("list", 0) == 0 and spent.get("get", 0) <= 1, spent
+    assert [p["number"] for p in again["last"]] == [p["number"] for p in shown["last"]]
+
+
+def test_status_in_the_terminal_shows_an_override_and_quiet_hours_and_no_rotation(
+        file_cli: Cli) -> None:
+    """`oncall-pager status`: Carol on call by an override covering Bob's shift, until its
+    end; quiet hours with their reason; the next handoffs are the hand-back and the shifts
+    after. Without a rotation: on call until somebody TAKEs, no handoffs."""
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "On call: Alice McAlister (no rotation: until somebody TAKEs on-call)." in \
+        shown.stdout
+    assert "Next handoffs:\n  none (no rotation)\n" in shown.stdout
+    assert "Open pages:\n  none\n" in shown.stdout and "Last pages:\n  none\n" in shown.stdout
+    now = time.time()
+    block, start = rotation(["alice", "bob"], -3600, 7 * op.DAY)  # Alice's week began
+    cover_end = now + 2 * 3600
+    quiet_end = datetime.fromtimestamp(now + 3600, UTC)
+    set_team(file_cli.store, rotation=block, oncall_user={
+        "id": "carol", "name": "Carol Cruz", "phone": CAROL},
+        overrides=[{"member": "carol", "start": op.iso_time(now - 60),
+                    "end": op.iso_time(cover_end), "by": "alice"}],
+        quiet={"since": op.iso_time(now), "until": quiet_end.isoformat(),
+               "reason": "db <migration>", "by": "bob"})
+    shown = file_cli.run("status")
+    assert shown.returncode == 0, shown.stderr
+
+    def local(ts: float) -> str:
+        return datetime.fromtimestamp(ts, BERLIN).strftime("%a %Y-%m-%d %H:%M %Z")
+
+    assert f"On call: Carol Cruz until {local(cover_end)}, covering Alice McAlister." \
+        in shown.stdout, shown.stdout
+    assert f"Quiet until {local(quiet_end.timestamp())} (db <migration>): alerts ring " \
+           "nobody." in shown.stdout
+    handoffs = shown.stdout.split("Next handoffs:\n")[1].split("\n\n")[0].splitlines()
+    assert handoffs[:3] == [f"  {local(cover_end)}  Alice McAlister",
+                            f"  {local(start + 7 * op.DAY)}  Bob Roberts",
+                            f"  {local(start + 14 * op.DAY)}  Alice McAlister"], handoffs
+    assert len(handoffs) == 5
+
+
+def test_check_names_what_is_wrong_with_a_feed_token() -> None:
+    errors, _ = op.check_oncall_config(team_doc(feed_tokens={
+        "calendar": {"sha256": "abc"}, "status": "x", "nope": {}}))
+    assert errors == ["current_config.feed_tokens.calendar.sha256 is not a SHA-256 in hex",
+                      "current_config.feed_tokens.status.sha256 is not a SHA-256 in hex",
+                      "current_config.feed_tokens.nope is not one of calendar, status"]
+    assert op.check_oncall_config(team_doc(feed_tokens=[]))[0] == [
+        "current_config.feed_tokens is not an object"]
