@@ -8593,3 +8593,118 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
     assert called == set(open_ids)
     for page_id in open_ids:
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
+
+
+# ====== s20-repeat: a repeat voicemail is as fast as a page ======
+
+
+class StoreTimeline:
+    """Every S3 request a store's boto3 client sends, from any thread, with the moment it was
+    sent (time.monotonic()); and the moment each message POST arrived at the Twilio fake,
+    before the fake did anything with it (as the benchmark stamps it)."""
+
+    def __init__(self, store: op.S3Store, twilio: TwilioFake):
+        self.requests: list[tuple[float, str, str]] = []
+        self.arrivals: list[tuple[float, dict[str, list[str]]]] = []
+        self._lock = threading.Lock()
+        store.client.meta.events.register("before-send.s3", self._sent)
+        answer, log, current = twilio.answer, twilio._log, threading.local()
+
+        def stamped(handler: Any) -> None:
+            current.arrived = time.monotonic()
+            answer(handler)
+
+        def logged(method: str, path: str, params: dict[str, list[str]], *more: Any) -> None:
+            if path.endswith("/Messages.json"):
+                with self._lock:
+                    self.arrivals.append((current.arrived, params))
+            log(method, path, params, *more)
+
+        twilio.answer, twilio._log = stamped, logged  # type: ignore[method-assign]
+
+    def _sent(self, request: Any, **kwargs: Any) -> None:
+        parts = urllib.parse.urlsplit(request.url).path.split("/", 2)  # /bucket/key
+        path = parts[2] if len(parts) > 2 else ""  # (a LIST names no key)
+        with self._lock:
+            self.requests.append((time.monotonic(), request.method, path))
+
+    def mms_of(self, recording_url: str) -> float | None:
+        with self._lock:
+            return next((t for t, params in self.arrivals
+                         if params.get("MediaUrl") == [recording_url + ".mp3"]), None)
+
+    def before(self, moment: float, since: float) -> list[str]:
+        with self._lock:
+            return [f"{method} {path}" for t, method, path in self.requests
+                    if since <= t < moment]
+
+
+REPEAT_RTT = 0.15  # s each store request waits before it is sent: a bucket far away
+
+
+def test_a_repeat_voicemail_makes_one_store_write_before_its_mms(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 20: a caller whose page is open leaves another voicemail. Before: its MMS waited
+    for four S3 requests one after another (a read of its own id, the open page's write, the
+    budget counter's read and write). Now one conditional create of its own record comes
+    before the MMS; the open page lists it and the budget counts it after. Each store request
+    waits REPEAT_RTT before it is sent, so a request sent before the MMS arrived at Twilio
+    is one the MMS waited for (the work that runs beside the MMS is sent after it).
+    Twilio's retry of the callback sends nothing again."""
+    timeline = StoreTimeline(s3_pager.store, twilio)
+    first, path = leave_voicemail(s3_pager, twilio, seconds=12)
+    wait_until(lambda: len(smtp.messages) == 1
+               and len(s3_pager.store.list("recordings/")) == 2, 5)
+    wait_until(lambda: all(d["state"] == "sent" for d in page_of(
+        s3_pager.store, first["RecordingSid"])["deliveries"].values()), 5)
+    time.sleep(0.3)  # the first page's bookkeeping done
+    request = op.store_request
+
+    def far_away(store_name: str, operation: str, send: Callable[[], Any]) -> Any:
+        time.sleep(REPEAT_RTT)
+        return request(store_name, operation, send)
+
+    monkeypatch.setattr(op, "store_request", far_away)
+    since = time.monotonic()
+    second, _ = leave_voicemail(s3_pager, twilio, seconds=7)
+    arrived = wait_until(lambda: timeline.mms_of(second["RecordingUrl"]), 5)
+    before = [r for r in timeline.before(arrived, since)  # not the worker's polls
+              if r not in ("GET oncall_config.json", "GET ")]
+    assert before == [f"PUT pages/{second['RecordingSid']}.json"], before
+    monkeypatch.setattr(op, "store_request", request)
+    # afterwards, off the caller's path: the page lists it, the budget counts it
+    wait_until(lambda: page_of(s3_pager.store, first["RecordingSid"]).get("repeats"), 5)
+    wait_until(lambda: s3_pager.store.get("counters/outbound.json"), 5)
+    assert len(json.loads(s3_pager.store.get("counters/outbound.json").data)["sent"]) == 1
+    wait_until(lambda: len(smtp.messages) == 2, 5)
+    wait_until(lambda: all(d["state"] == "sent" for d in page_of(
+        s3_pager.store, second["RecordingSid"])["deliveries"].values()), 5)
+    # Twilio retries the callback: nothing is sent again, nothing changes
+    assert s3_pager.post(path, second)[0] == 200
+    time.sleep(0.5)
+    assert len(twilio.messages()) == 2 and len(smtp.messages) == 2
+    assert len(audit_events(s3_pager.store, "page.repeated")) == 1
+    assert [r["id"] for r in page_of(s3_pager.store, first["RecordingSid"])["repeats"]] == [
+        second["RecordingSid"]]
+
+
+def test_a_repeat_over_the_budget_as_last_seen_is_counted_first_and_capped(
+        s3_pager: RunningPager, twilio: TwilioFake, smtp: SMTPSink) -> None:
+    """The budget still holds for repeats: once this instance has seen it spent, a repeat's
+    MMS is counted before it is sent, and capped (its e-mail still goes)."""
+    escalation(s3_pager.store, max_outbound_per_hour=1)
+    first, _ = leave_voicemail(s3_pager, twilio)  # a page's first MMS: never capped
+    leave_voicemail(s3_pager, twilio)  # a repeat: sent, counted after (1 of 1)
+    wait_until(lambda: s3_pager.store.get("counters/outbound.json"), 5)
+    assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
+    wait_until(lambda: s3_pager.worker._outbound is not None, 5)
+    leave_voicemail(s3_pager, twilio)  # a second repeat: over the budget
+    wait_until(lambda: audit_events(s3_pager.store, "outbound.capped"), 5)
+    wait_until(lambda: len(smtp.messages) == 3, 5)
+    time.sleep(0.3)
+    assert len(twilio.messages()) == 2, "a repeat over the budget was texted"
+    page = page_of(s3_pager.store, first["RecordingSid"])
+    wait_until(lambda: len(page_of(s3_pager.store, first["RecordingSid"]).get(
+        "repeats", [])) == 2, 5)
+    assert page["state"] == "open"
