@@ -8708,3 +8708,65 @@ def test_a_repeat_over_the_budget_as_last_seen_is_counted_first_and_capped(
     wait_until(lambda: len(page_of(s3_pager.store, first["RecordingSid"]).get(
         "repeats", [])) == 2, 5)
     assert page["state"] == "open"
+
+
+REPEAT_SID = "RE" + "f" * 32
+
+# A voicemail, then a second one from the same caller (it joins the open page: its own
+# record, its MMS reported undelivered so an SMS with its link follows, transcribed), then
+# Alice acknowledges the page.
+REPEAT_FLOW: list[Callable[[Process], None]] = [
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: p.pager.open_page(REPEAT_SID, "voicemail", {"number": CALLER}, "CA" + "f" * 32,
+                                CRASH_RECORDING_URL + REPEAT_SID, 7),
+    lambda p: p.settle(),
+    lambda p: p.pager.text_failed(REPEAT_SID, "mms", "undelivered", 30007),
+    lambda p: p.settle(),
+    lambda p: p.pager.transcribed(REPEAT_SID, "completed", "Please call me back."),
+    lambda p: p.settle(),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+]
+
+
+def check_repeat_flow(store: op.Store, outside: Outside) -> None:
+    pages = {p["id"]: p for p in (json.loads(store.get(k).data) for k in store.list("pages/"))}
+    assert sorted(pages) == sorted([CRASH_SID, REPEAT_SID]), "a page lost, or a third one"
+    page, repeat = pages[CRASH_SID], pages[REPEAT_SID]
+    assert (page["state"], page["acked_by"]) == ("acknowledged", "alice")
+    assert (repeat["state"], repeat["joins"]) == ("joined", CRASH_SID)
+    assert [(r["id"], r.get("transcript")) for r in page["repeats"]] == [
+        (REPEAT_SID, "Please call me back.")], "the repeat not listed on its page, or twice"
+    texts = [s for s in outside.sent if s["to"] == ALICE]
+    for seconds in (12, 7):
+        assert any(s["kind"] == "mms" and f"({seconds} sec)" in s["body"] for s in texts), \
+            f"the MMS of the {seconds} s voicemail never went"
+    assert any(s["kind"] == "sms" and REPEAT_SID in s["body"] for s in texts), \
+        "the SMS that replaces the repeat's undelivered MMS never went"
+    assert any(s["kind"] == "sms" and s["body"].startswith(
+        "Page 1 transcript: Please call me back.") for s in texts)
+    mails = [store.get(k).data for k in store.list("outbox/")]
+    assert any(b"(7 sec)" in m for m in mails), "the repeat's e-mail never went"
+    archived = {k.rsplit("_", 1)[1] for k in store.list("recordings/")}
+    assert archived == {f"{sid}.{ext}" for sid in (CRASH_SID, REPEAT_SID)
+                        for ext in ("mp3", "json")}, "a recording was not archived"
+    events = audit_events(store)
+    assert [e["details"]["page"] for e in events if e["event"] == "page.opened"] == [CRASH_SID]
+    assert [(e["details"]["page"], e["details"]["repeat"]) for e in events
+            if e["event"] == "page.repeated"] == [(CRASH_SID, REPEAT_SID)]
+    assert channels([e for e in events if e["event"] == "page.delivered"
+                     and e["details"].get("page") == REPEAT_SID]) >= {
+        "mms", "email", "archive", "join", "sms_fallback"}
+    assert len([e for e in events if e["event"] == "page.acknowledged"]) == 1
+    assert len([e for e in events if e["event"] == "page.transcribed"]) == 1
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+
+
+def test_a_stop_before_or_after_any_store_write_of_a_repeat_loses_and_doubles_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 13's crash points for the repeat flow (see the test it runs)."""
+    test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
+        tmp_path, monkeypatch, REPEAT_FLOW, check_repeat_flow)
