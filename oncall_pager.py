@@ -2429,6 +2429,11 @@ def elapsed(seconds: float) -> str:
 # TAKE on another instance still goes to the previous engineer; every write to the config is
 # conditional, so nothing is written over a stale copy.
 PAGE_CONFIG_MAX_AGE = 10.0
+# The same for TAKE and C (SPEC 20: TAKE + C at most 10 requests): a TAKE binds its session
+# to the config version it was shown, and C writes over that version with If-Match, so a copy
+# checked this recently errs safely ("changed since your TAKE", send TAKE again); a C whose
+# session names a newer version than the copy reads the config afresh.
+TEAM_CONFIG_MAX_AGE = PAGE_CONFIG_MAX_AGE
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
 DONE_PAGES = "pages-done/"  # pages with nothing left to do, moved out of pages/ (archive)
 # What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
@@ -4130,7 +4135,8 @@ class Pager:
         def session_of(member: dict) -> Callable[[], Any]:
             return lambda: read_json(self.store, f"sessions/{member['id']}.json")
 
-        calls: list[Callable[[], Any]] = [self.team.read]
+        max_age = TEAM_CONFIG_MAX_AGE if command in ("take", "confirm") else 0.0
+        calls: list[Callable[[], Any]] = [lambda: self.team.read(max_age=max_age)]
         if expected is not None:
             calls.append(claim(expected))
             if command == "confirm":
@@ -4166,6 +4172,11 @@ class Pager:
                 return STORE_DOWN_TEXT
             if command == "confirm" and not session_read:
                 session = done[-1]
+            if max_age and session and session[0].get("config_etag") != snap.etag:
+                try:  # the TAKE was shown a newer config than the copy here
+                    snap = self.team.read()
+                except StoreUnavailable:
+                    return STORE_DOWN_TEXT
             reply = self.run_command(command, args, snap, member, session)
         if marker is not None:  # after the answer: a replay in between gets no reply
             IO_POOL.submit(self._keep_reply, marker, {**record, "member": member["id"],
