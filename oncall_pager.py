@@ -17,6 +17,8 @@ How data flows
          -> Pager.open_page: one conditional create of pages/<id>.json, which is the page, its
             queue entry and this instance's claim on its first deliveries
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
+         (a caller whose page is open: Pager._join_open_page, one conditional create of the
+            repeat's own record, then its MMS; the open page lists it after, the join channel)
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read;
             after a start the recent pages first, then the changed ones, in parallel)
@@ -66,7 +68,9 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     oncall_config.json                      the operational config (the predecessor's schema)
     sessions/<member id>.json               pending TAKE confirmations
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
-                                            paged, ack, channels, escalation, claims
+                                            paged, ack, channels, escalation, claims; or, in
+                                            state `joined`, a later call of the caller of the
+                                            open page it `joins` (Pager._join_open_page)
     pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
                                             generation) and missed heartbeats (name, the ping
                                             it missed)
