@@ -43,6 +43,10 @@ Section 13, S3 at a simulated round-trip time (at each of --rtts, default 0, 30 
       instance that took the callback is killed with SIGKILL once it has answered and its
       MMS POST hangs at Twilio, Twilio recovers, and the other instance must send the MMS.
     The report puts the SPEC's figures for the predecessor and the first release beside them.
+    Section 20's figures of the same kind join this table: at each non-zero RTT, a repeat
+    voicemail (a caller whose page is open calls again: callback -> MMS POST, p50, and its
+    chain of S3 requests); once, on loopback, 50 recording callbacks from the first after
+    start (p99, the first one on its own) and the S3 requests before the answers of TAKE + C.
 
 Section 20, a start over a long history (--scale-pages at each of --scale-rtts)
  6. A bucket of 100, 1,000 and 10,000 pages (3 open with their first call overdue, the rest
@@ -1710,12 +1714,18 @@ def measure_section_13(lab: Lab, report: Report, settings: argparse.Namespace) -
                     lambda r=rtt_ms: measure_page_life(lab, report, r))
             attempt(report, f"WHO / TAKE / C, RTT {rtt_ms:g} ms",
                     lambda r=rtt_ms: measure_commands(lab, report, settings, r))
+            if rtt_ms > 0:
+                attempt(report, f"Repeat voicemail, RTT {rtt_ms:g} ms",
+                        lambda r=rtt_ms: measure_repeat_path(lab, report, settings, r))
             service = [(r.end - r.start) * 1000 - rtt_ms for r in proxy.since(mark) if r.end]
             report.notes.append(
                 f"At RTT {rtt_ms:g} ms, moto took {percentile(service, 50):.1f} ms (p50; p90 "
                 f"{percentile(service, 90):.1f} ms) on top of the RTT to answer each of the "
                 f"{len(service)} S3 requests: part of every S3 time above, as a real bucket's "
                 "own service time would be.")
+        note("section 20 on loopback: the recording callback from the start, TAKE + C")
+        attempt(report, "Loopback recording callback and TAKE + C",
+                lambda: measure_loopback_20(lab, report, settings))
         once = next((r for r in settings.rtts if r > 0), settings.rtts[0])
         proxy.rtt = once / 1000
         note(f"section 13 at RTT {once:g} ms: idle for {settings.idle_seconds:g} s")
@@ -1740,6 +1750,137 @@ def measure_section_13(lab: Lab, report: Report, settings: argparse.Namespace) -
         "app queues work) except the idle and the failover runs, which have no [worker] "
         "section: the program's defaults. Each part runs on a fresh bucket with Alice on call.",
     ]
+
+
+# ==============================================================================================
+# 5b. Section 20: a repeat voicemail at each RTT; on loopback, the recording callback from the
+#     first after start, and the S3 requests of TAKE + C
+# ==============================================================================================
+
+# SPEC 20's figures before this release (p50 callback -> MMS of a repeat: the predecessor, and
+# the release that read and wrote four times first)
+REPEAT_BEFORE = {30: ("136 ms", "185 ms"), 80: ("229 ms", "301 ms")}
+LOOPBACK_CALLBACKS = 50    # recording callbacks from the start on (the first included)
+TAKE_C_LIMIT = 10          # S3 requests before the answers of TAKE and C together
+
+
+def measure_repeat_path(lab: Lab, report: Report, settings: argparse.Namespace,
+                        rtt_ms: float) -> None:
+    """One caller's voicemail opens a page; then --rtt-callbacks more voicemails from the same
+    caller, one at a time, each sent when the endpoint is quiet: each joins the open page
+    (SPEC 14) and is timed from sending its callback to its MMS POST at the Twilio fake, with
+    the S3 requests that ran one after another in between (as for a page)."""
+    kit, fake, proxy, arrivals = lab.kit, lab.fake, lab.proxy, lab.arrivals
+    quiet = settle(rtt_ms)
+    server = rtt_pager(lab, f"repeat-{rtt_ms:g}")
+    caller = f"+1555{secrets.randbelow(10**7):07d}"
+    path = "/public/recordingcb?caller=" + urllib.parse.quote(caller, safe="")
+    to_mms: list[float] = []
+    chains: list[float] = []
+    try:
+        server.wait_healthy()
+        proxy.wait_quiet(quiet)
+        for i in range(settings.rtt_callbacks + 1):
+            sid = "RE" + secrets.token_hex(16)
+            fake.add_recording(sid, op.SAMPLE_MP3)
+            mark = proxy.mark()
+            sent = time.monotonic()
+            status, body, _ = signed_post(kit, server.port, path,
+                                          recording_fields(kit, fake, sid))
+            if status != 200:
+                raise BenchError(f"repeat callback {i}: {status} {body[:300]!r}\n"
+                                 f"{server.log_tail()}")
+            mms = wait_until(f"the MMS of repeat {i}", lambda s=sid: arrivals.mms_of(s),
+                             MMS_WAIT, every=0.005)
+            proxy.wait_quiet(quiet, timeout=60)
+            if i == 0:
+                continue  # the page the others join
+            to_mms.append((mms.time - sent) * 1000)
+            window = [r for r in proxy.since(mark) if r.start >= sent and 0 < r.end <= mms.time]
+            chain = longest_chain(window)
+            chains.append(len(chain))
+            if i == 1:
+                report.s3_operations[
+                    f"repeat callback → MMS POST ({(mms.time - sent) * 1000:.0f} ms), RTT "
+                    f"{rtt_ms:g} ms, first repeat; * = the {len(chain)} one after another"] = [
+                    timeline(window, sent, marked=chain)]
+    finally:
+        lab.stop(server)
+    report.runs[f"repeat path RTT {rtt_ms:g}"] = [{"to_mms_ms": to_mms, "chain": chains}]
+    limit = 2 * rtt_ms + 60
+    value = percentile(to_mms, 50)
+    predecessor, first_release = REPEAT_BEFORE.get(rtt_ms, ("", ""))
+    note(f"RTT {rtt_ms:g} ms: {len(to_mms)} repeats, to MMS p50 {value:.0f} ms, chain median "
+         f"{median(chains):g}")
+    report.add(Figure(
+        f"Repeat voicemail (joins the open page): callback → MMS POST p50, RTT {rtt_ms:g} ms "
+        f"(SPEC 20)", value, "ms", samples=to_mms, section="13",
+        target=f"≤ 2×RTT + 60 = {limit:g} ms", ok=value <= limit,
+        detail=f"(p90 {percentile(to_mms, 90):.0f} ms, max {max(to_mms):.0f} ms; S3 requests "
+               f"one after another: median {median(chains):g}, max {max(chains):g})",
+        predecessor=predecessor, first_release=first_release))
+
+
+def measure_loopback_20(lab: Lab, report: Report, settings: argparse.Namespace) -> None:
+    """On loopback (the proxy adds no RTT), on a fresh pager: LOOPBACK_CALLBACKS recording
+    callbacks from the moment /healthz first answers (the first after start included, sent at
+    once; each of the others when the server is idle), then --commands rounds of TAKE and C,
+    counting the S3 requests that reached the endpoint before each answer (as part 2 does)."""
+    kit, fake, proxy = lab.kit, lab.fake, lab.proxy
+    rtt = proxy.rtt
+    proxy.rtt = 0.0
+    server = rtt_pager(lab, "loopback-20")
+    latencies: list[float] = []
+    both: list[float] = []
+    try:
+        server.wait_healthy()
+        for i in range(LOOPBACK_CALLBACKS):
+            if i:
+                wait_idle(server.pid)
+            sid = "RE" + secrets.token_hex(16)
+            fake.add_recording(sid, op.SAMPLE_MP3)
+            status, body, seconds = signed_post(kit, server.port, recordingcb_path(),
+                                                recording_fields(kit, fake, sid))
+            if status != 200:
+                raise BenchError(f"recording callback {i + 1}: {status} {body[:300]!r}\n"
+                                 f"{server.log_tail()}")
+            latencies.append(seconds * 1000)
+        for i in range(settings.commands):
+            taker = (kit.bob, kit.carol)[i % 2]
+            counted = 0
+            for name in ("TAKE", "C"):
+                proxy.wait_quiet()
+                mark = proxy.mark()
+                status, reply, _ = signed_post(kit, server.port, "/msgcontrol/entry",
+                                               sms_fields(taker, kit.from_phone, name,
+                                                          kit.account_sid))
+                if status != 200 or COMMANDS[name] not in reply:
+                    raise BenchError(f"{name} (round {i + 1}): {status} {reply[:300]!r}")
+                counted += len(proxy.since(mark))
+            both.append(counted)
+        proxy.wait_quiet()
+    finally:
+        proxy.rtt = rtt
+        lab.stop(server)
+    report.runs["loopback section 20"] = [{"recordingcb_ms": latencies, "take_c": both}]
+    p99 = percentile(latencies, 99)
+    limit = TARGETS["recordingcb_p99_ms"]
+    report.add(Figure(
+        f"/public/recordingcb p99 on loopback, {LOOPBACK_CALLBACKS} callbacks from the start "
+        "(SPEC 20)", p99, "ms", samples=latencies, section="13", target=f"< {limit:g} ms",
+        ok=p99 < limit and latencies[0] < limit,
+        detail=f"(first after start {latencies[0]:.1f} ms, p50 "
+               f"{percentile(latencies, 50):.1f} ms, max {max(latencies):.1f} ms)",
+        predecessor="", first_release="p50 30 ms, p99 160–180 ms"))
+    value = median(both)
+    report.add(Figure(
+        "S3 requests before the answers of TAKE + C, loopback (SPEC 20)", value, "requests",
+        samples=both, section="13", target=f"≤ {TAKE_C_LIMIT}",
+        ok=max(both) <= TAKE_C_LIMIT,
+        detail=f"(median of {len(both)} rounds, max {max(both):g})",
+        predecessor="5", first_release="11–12"))
+    note(f"loopback: recordingcb first {latencies[0]:.1f} ms, p99 {p99:.1f} ms; TAKE + C "
+         f"{value:g} (max {max(both):g})")
 
 
 # ==============================================================================================

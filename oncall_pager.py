@@ -19,6 +19,8 @@ How data flows
          -> Pager.open_page: one conditional create of pages/<id>.json, which is the page, its
             queue entry and this instance's claim on its first deliveries
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
+         (a caller whose page is open: Pager._join_open_page, one conditional create of the
+            repeat's own record, then its MMS; the open page lists it after, the join channel)
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read;
             after a start the recent pages first, then the changed ones, in parallel)
@@ -85,7 +87,9 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     oncall_config.json                      the operational config (the predecessor's schema)
     sessions/<member id>.json               pending TAKE confirmations
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
-                                            paged, ack, channels, escalation, claims
+                                            paged, ack, channels, escalation, claims; or, in
+                                            state `joined`, a later call of the caller of the
+                                            open page it `joins` (Pager._join_open_page)
     pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
                                             generation) and missed heartbeats (name, the ping
                                             it missed)
@@ -147,6 +151,7 @@ import email.utils
 import faulthandler
 import fcntl
 import functools
+import gc
 import getpass
 import hashlib
 import hmac
@@ -2475,6 +2480,36 @@ def hushed(page: dict) -> bool:
     (e-mailed, nobody rung), and it rings once they end (see ring_after_quiet)."""
     return page.get("state") == "listed" and bool(page.get("alert", {}).get("quiet_hours"))
 
+def joined_page_id(message: dict) -> str:
+    """The page a message is part of: the page a repeat joined (its number, its archive
+    entry), else the page whose channel it is."""
+    return message.get("joins") or page_id_of(message)
+
+
+def new_repeat(page: dict, repeat_id: str, kind: str, caller: dict, call_sid: str,
+               recording_url: str, duration: int) -> dict:
+    """The record of a later call from a caller whose page is open (pages/<repeat id>.json):
+    state `joined`, `joins` the page. It carries what its own deliveries need (the caller,
+    the recording, whom the page was sent to, the page's number when known) and rings
+    nobody: no escalation, nobody paged, nothing to acknowledge."""
+    now = time.time()
+    return {"id": repeat_id, "number": page.get("number"), "kind": kind, "opened": now,
+            "oncall": dict(page["oncall"]), "paged": [], "state": "joined",
+            "joins": page["id"], "acked_by": None, "acked_at": None, "deliveries": {},
+            "escalation": {"next_due": now, "step": 0, "claimed_until": 0},
+            "caller": caller, "call_sid": call_sid, "recording_url": recording_url,
+            "duration": duration}
+
+
+def fold_in(page: dict | None, repeat: dict) -> dict | None:
+    """The change that lists a repeat in its page's `repeats` (once; None: nothing to do)."""
+    if page is None or any(r["id"] == repeat["id"] for r in page.get("repeats", [])):
+        return None
+    page.setdefault("repeats", []).append(
+        {name: repeat[name] for name in ("id", "kind", "call_sid", "opened", "recording_url",
+                                         "duration")})
+    return page
+
 
 def has_work(page: dict) -> bool:
     """Open (escalation may be due), waiting for a valid config to open (see
@@ -2800,6 +2835,11 @@ def elapsed(seconds: float) -> str:
 # TAKE on another instance still goes to the previous engineer; every write to the config is
 # conditional, so nothing is written over a stale copy.
 PAGE_CONFIG_MAX_AGE = 10.0
+# The same for TAKE and C (SPEC 20: TAKE + C at most 10 requests): a TAKE binds its session
+# to the config version it was shown, and C writes over that version with If-Match, so a copy
+# checked this recently errs safely ("changed since your TAKE", send TAKE again); a C whose
+# session names a newer version than the copy reads the config afresh.
+TEAM_CONFIG_MAX_AGE = PAGE_CONFIG_MAX_AGE
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
 DONE_PAGES = "pages-done/"  # pages with nothing left to do, moved out of pages/ (archive)
 # What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
@@ -3630,12 +3670,7 @@ class Pager:
         try:
             etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
-            try:
-                existing = read_json(store, f"pages/{page_id}.json")
-            except StoreUnavailable as e:
-                raise StoreUncertain(str(e)) from None
-            if existing is None:
-                raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
+            existing = self._stored_after_conflict(store, page_id)
             if store is self.store:
                 self.book.put(*existing)
             return existing[0], False
@@ -3652,44 +3687,64 @@ class Pager:
         an open page joins that page (`page.repeated`, no new escalation). A missed call adds
         nothing to send; a voicemail is still delivered (MMS, e-mail, archive) as part of the
         open page. The open pages are the book's: this instance knows every page opened in
-        the store up to `poll_interval` ago. Returns the page joined (or joined before, for
-        Twilio's retry), or None to open a page of its own."""
+        the store up to `poll_interval` ago.
+
+        A repeat is as fast as a page: one conditional create of its own record,
+        pages/<RecordingSid or CallSid>.json in state `joined` (new_repeat), is all that
+        comes before its MMS. The create makes it durable, claims its deliveries for this
+        instance, carries its `page.repeated` entry, and meets Twilio's retry (or another
+        instance that opened a page under the same id) with If-None-Match, so its MMS goes
+        once. The open page learns of it after the MMS (the `join` channel, fold_repeat),
+        retried like any delivery. Returns the page joined (or what Twilio's retry meets
+        stored), or None to open a page of its own."""
         number = caller.get("number")
         if not is_e164(number) or number in WITHHELD_NUMBERS:
             return None  # different callers who withhold their number are not one caller
         candidates = sorted((p for p, _ in self.book.working() if p.get("state") == "open"
                              and number and p.get("caller", {}).get("number") == number
                              and p["id"] != page_id), key=lambda p: p["opened"])
-        if not candidates or self.read_page(page_id) is not None:
-            return None  # (or Twilio's retry of a callback whose page is stored: that page)
+        if not candidates:
+            return None
+        page = candidates[0]
+        oncall = members(snap.doc).get(page["oncall"]["id"], {})
+        texts = ["email", "archive"] if oncall.get("opted_out") else ["mms", "email", "archive"]
+        channels = [*(texts if kind == "voicemail" else []), "join"]
+        repeat = new_repeat(page, page_id, kind, caller, call_sid, recording_url, duration)
         claimed_until = self.claim_until()
-        oncall = members(snap.doc).get(candidates[0]["oncall"]["id"], {})
-        texts = ("email", "archive") if oncall.get("opted_out") else ("mms", "email", "archive")
-        channels = [f"{c}:{page_id}" for c in texts] if kind == "voicemail" else []
-        seen: list[bool] = []
-
-        def join(page: dict | None) -> dict | None:
-            seen[:] = [any(r["id"] == page_id for r in (page or {}).get("repeats", []))]
-            if page is None or page.get("state") != "open" or seen[0]:
-                return None
-            page.setdefault("repeats", []).append({
-                "id": page_id, "kind": kind, "call_sid": call_sid, "opened": time.time(),
-                "recording_url": recording_url, "duration": duration})
-            for channel in channels:
-                add_delivery(page, channel, claimed_until)
-            key, entry = self.audit.entry("page.repeated", "twilio", {
-                "page": page["id"], "number": page.get("number"), "repeat": page_id,
-                "kind": kind, "caller": caller, "duration": duration})
-            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
-            return page
-
-        written = self.write_page(self.store, candidates[0]["id"], join)
-        if written is None:
-            return candidates[0] if seen and seen[0] else None
-        page, etag = written
-        self.hand_over(self.store, page, etag, channels, snap.doc)
+        for channel in channels:
+            add_delivery(repeat, channel, claimed_until)
+        key, entry = self.audit.entry("page.repeated", "twilio", {
+            "page": page["id"], "number": page.get("number"), "repeat": page_id,
+            "kind": kind, "caller": caller, "duration": duration})
+        repeat["audit_due"] = [{"key": key, "entry": entry}]
+        try:
+            etag = self.store.put(f"pages/{page_id}.json", to_json(repeat), if_absent=True)
+        except StoreConflict:  # Twilio's retry: joined (or opened) already
+            existing = self._stored_after_conflict(self.store, page_id)
+            self.book.put(*existing)
+            return existing[0]
+        self.book.put(repeat, etag)
+        self.hand_over(self.store, repeat, etag, channels, snap.doc)
         self.wake()
         return page
+
+    def _stored_after_conflict(self, store: Store, page_id: str) -> tuple[dict, str]:
+        """What a create of pages/<id>.json that lost met there (a retried write that had
+        landed, or a concurrent duplicate); StoreUncertain when it cannot be read."""
+        try:
+            existing = read_json(store, f"pages/{page_id}.json")
+        except StoreUnavailable as e:
+            raise StoreUncertain(str(e)) from None
+        if existing is None:
+            raise StoreUncertain(f"pages/{page_id}.json exists but cannot be read") from None
+        return existing
+
+    def fold_repeat(self, repeat: dict) -> None:
+        """The open page learns of a repeat that joined it (its `repeats`, see fold_in): off
+        the caller's path, the `join` channel of the repeat's record, so a stop before it is
+        made good by whichever instance takes the channel over. A page moved out of pages/
+        meanwhile is left alone (the repeat's record tells)."""
+        self.write_page(self.store, repeat["joins"], lambda page: fold_in(page, repeat))
 
     def write_page(self, store: Store, page_id: str, change: Callable[[dict | None], dict | None],
                    tries: int = 8, from_copy: bool = True) -> tuple[dict, str] | None:
@@ -4149,10 +4204,14 @@ class Pager:
         the page, texted to everyone paged so far ("Page N transcript: TEXT", at most 320
         characters in all), e-mailed in the voicemail's thread and put into the archive, all
         in the write that records it. A failed one is audited and nothing else happens.
-        Twilio's retry finds the transcript there and changes nothing."""
+        Twilio's retry finds the transcript there and changes nothing. A repeat's transcript
+        goes on its page (listing the repeat there first, should its `join` not have run)."""
         page = self.page(recording_sid) or next(
             (p for p, _ in self.book.working()
              if any(r["id"] == recording_sid for r in p.get("repeats", []))), None)
+        repeat = None
+        if page is not None and page.get("joins"):  # a repeat's own record: its page
+            repeat, page = page, self.page(page["joins"])
         if page is None:
             return False
         page_id = page["id"]
@@ -4170,6 +4229,8 @@ class Pager:
             channels.clear()
             if current is None:
                 return None
+            if repeat is not None:
+                current = fold_in(current, repeat) or current
             target = current if not suffix else next(
                 (r for r in current.get("repeats", []) if r["id"] == recording_sid), None)
             if target is None or target.get("transcript"):
@@ -4735,7 +4796,8 @@ class Pager:
         def session_of(member: dict) -> Callable[[], Any]:
             return lambda: read_json(self.store, f"sessions/{member['id']}.json")
 
-        calls: list[Callable[[], Any]] = [self.team.read]
+        max_age = TEAM_CONFIG_MAX_AGE if command in ("take", "confirm") else 0.0
+        calls: list[Callable[[], Any]] = [lambda: self.team.read(max_age=max_age)]
         if expected is not None:
             calls.append(claim(expected))
             if command == "confirm":
@@ -4771,6 +4833,11 @@ class Pager:
                 return STORE_DOWN_TEXT
             if command == "confirm" and not session_read:
                 session = done[-1]
+            if max_age and session and session[0].get("config_etag") != snap.etag:
+                try:  # the TAKE was shown a newer config than the copy here
+                    snap = self.team.read()
+                except StoreUnavailable:
+                    return STORE_DOWN_TEXT
             reply = self.run_command(command, args, snap, member, session, body=body)
         if marker is not None:  # after the answer: a replay in between gets no reply
             IO_POOL.submit(self._keep_reply, marker, {**record, "member": member["id"],
@@ -6019,7 +6086,7 @@ class Worker:
             return page["number"]
         if store is not self.store:
             return "?"
-        page_id = page_id_of(page)
+        page_id = joined_page_id(page)
         with self._lock:
             lock = self._page_locks.setdefault(page_id, threading.Lock())
         with lock:
@@ -6117,6 +6184,21 @@ class Worker:
             self._refund_outbound(stamp)
             raise
 
+    def _send_counted_after(self, doc: dict, details: dict, send: Callable[[], str]) -> str:
+        """A repeat's MMS, within the budget but not behind it: while the budget as last
+        seen here (or none seen yet) has room, it is sent at once and counted after, off the
+        caller's path (so one conditional create is all that comes before it); once the copy
+        says spent, it is counted first (_send_within_budget). The budget is a cost control:
+        instances that count at once may pass it by a text each, and a stop between the send
+        and the count leaves one uncounted, never a page unsent."""
+        known = self._outbound
+        limit = escalation_settings(doc)["max_outbound_per_hour"]
+        if known is not None and len(spent_this_hour(known[0], time.time())) >= limit:
+            return self._send_within_budget(doc, details, send)
+        sid = send()
+        IO_POOL.submit(self._spend_outbound, doc, details, False)
+        return sid
+
     def _recording(self, page: dict) -> bytes:
         """The recording's bytes, fetched from Twilio once and shared by e-mail and archive."""
         page_id = page.get("recording_sid", page["id"])
@@ -6139,8 +6221,8 @@ class Worker:
     # not be able to silence a real page. Notices and escalation are within the budget.
 
     def _deliver_mms(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        if channel != "mms":  # a later voicemail that joined the page: a repeat, budgeted
-            sid = self._send_within_budget(doc, {"page": page_id_of(page), "channel": channel},
+        if channel != "mms" or page.get("joins"):  # a later voicemail: a repeat, budgeted
+            sid = self._send_counted_after(doc, {"page": page_id_of(page), "channel": channel},
                                            lambda: self._send_mms(page, channel, doc))
         else:
             sid = self._send_mms(page, channel, doc)
@@ -6287,7 +6369,7 @@ class Worker:
         """The mp3 and its metadata, written at once (independent writes)."""
         data = self._recording(page)
         metadata = to_json({
-            "page": page_id_of(page), "number": self._number(store, page),
+            "page": joined_page_id(page), "number": self._number(store, page),
             "recording_sid": page.get("recording_sid", page["id"]),
             "recording_url": page["recording_url"],
             "duration": page["duration"], "caller": page["caller"],
@@ -6296,6 +6378,13 @@ class Worker:
         in_parallel(IO_POOL, lambda: self.store.put(recording_key(page, ".mp3"), data),
                     lambda: self.store.put(recording_key(page, ".json"), metadata))
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
+
+    def _deliver_join(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        """A repeat's record (see Pager._join_open_page) listed on the page it joined."""
+        if store is not self.store:
+            raise DeliveryError("the page is in the store, not the spool")
+        self.pager.fold_repeat(page)
+        return {"joins": page["joins"]}
 
     def _escalate(self, page: dict, step: int, kind: str, targets: list[str],
                   audit_key: str, entry: dict) -> None:
@@ -6388,6 +6477,7 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "email": Worker._deliver_email,
     "archive": Worker._deliver_archive,
     "closing_email": Worker._deliver_closing_email,
+    "join": Worker._deliver_join,
 }
 
 
@@ -7697,6 +7787,30 @@ class ServiceNotifier:
         self.send("STOPPING=1")
 
 
+def ready_for_requests() -> None:
+    """At start, what would otherwise make one webhook in fifty slow (SPEC 20: the
+    recording callback's p99): the imports the handlers make on first use, and the garbage
+    collector's full passes. Some 85,000 objects live after start-up (boto3's and twilio's
+    models, mostly) and as long as the process; a full collection walks them all (40 to 130
+    ms here) about once per hundred young ones, inside whichever request happens to
+    allocate then. Frozen (gc.freeze), they are out of the collector's sight, and a full
+    pass walks only what came after. The first page's deliveries, which run beside its
+    callback's answer, would do some first-time work too (the e-mail package's policy
+    modules, 15 ms; the platform facts twilio puts in its User-Agent, 10 ms and more): done
+    here instead."""
+    import platform
+
+    from twilio.request_validator import RequestValidator  # noqa: F401
+    from twilio.twiml.messaging_response import MessagingResponse  # noqa: F401
+    from twilio.twiml.voice_response import VoiceResponse  # noqa: F401
+
+    platform.system(), platform.machine(), platform.python_version()
+    bytes(build_email({"from_email": "pager@localhost", "to_email": "team@localhost"},
+                      "start", "start", ("start.mp3", b""), "<start@oncall-pager>"))
+    gc.collect()
+    gc.freeze()
+
+
 def probe_at_start(probing: Future, reachable: bool) -> bool:
     """serve's probe of the store (probe_store, started with the first reads so that it
     costs no round trip of its own): a store that ignores conditional writes is refused
@@ -7787,6 +7901,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the journal first, to show where it was stuck.
     faulthandler.enable()
     notifier = ServiceNotifier(pager, worker)
+    ready_for_requests()
     worker.start()
     log.info("event=serve.started host=%s port=%s store=%s mode=%s version=%s", cfg.host,
              server.effective_port, pager.store.describe(), cfg.mode, VERSION)
