@@ -154,7 +154,7 @@ from concurrent.futures import wait as wait_for_any
 from configparser import ConfigParser
 from configparser import Error as ConfigParserError
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 VERSION = "0.1.0"
 log = logging.getLogger("oncall_pager")
@@ -756,6 +756,10 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     errors += check_escalation(current.get("escalation", {}), users)
     if "rotation" in current:
         errors += check_rotation(current["rotation"], users)
+    if "timezone" in current and zone_problem(current["timezone"]):
+        errors.append(f"current_config.timezone {current['timezone']!r} "
+                      f"{zone_problem(current['timezone'])}")
+    errors += check_overrides(current.get("overrides", []), users)
     handoff = current.get("rotation_handoff", {})
     if not isinstance(handoff, dict) or not hours_value(handoff.get("shift_start", 0), zero=True):
         errors.append("current_config.rotation_handoff is not the pager's record of a handoff")
@@ -821,6 +825,43 @@ def check_rotation(rotation: object, users: dict) -> list[str]:
 
 
 MAX_SHIFT_HOURS = 366 * 24
+
+
+def check_overrides(block: object, users: dict) -> list[str]:
+    """`current_config.overrides`: [{"member", "start", "end", "by"}, ...], times ISO 8601
+    with an offset (the pager writes UTC), at most 14 days each; `covering` (who was on
+    call when it began, for the hand-back when there is no rotation) is the pager's."""
+    where = "current_config.overrides"
+    if not isinstance(block, list) or len(block) > MAX_OVERRIDES:
+        return [f"{where} is not a list of at most {MAX_OVERRIDES} overrides"]
+    errors = []
+    for i, override in enumerate(block):
+        at = f"{where}[{i}]"
+        if not isinstance(override, dict):
+            errors.append(f"{at} is not an object")
+            continue
+        for field in ("member", "covering"):
+            value = override.get(field, "" if field == "covering" else None)
+            if value != "" or field == "member":
+                if not isinstance(value, str) or value not in users:
+                    errors.append(f"{at}.{field} {value!r} is not an available user")
+        if not isinstance(override.get("by", ""), str):
+            errors.append(f"{at}.by is not a string")
+        times = []
+        for field in ("start", "end"):
+            value = override.get(field)
+            try:
+                moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+            except ValueError:
+                moment = None
+            if moment is None or moment.tzinfo is None or not 1970 <= moment.year < 2200:
+                errors.append(f"{at}.{field} {value!r} is not a time with its offset "
+                              "(2026-12-11T08:00:00Z)")
+            else:
+                times.append(moment.timestamp())
+        if len(times) == 2 and not 0 < times[1] - times[0] <= MAX_OVERRIDE:
+            errors.append(f"{at}.end is not after its start, within 14 days")
+    return errors
 
 
 def hours_value(value: object, zero: bool = False) -> bool:
@@ -1113,23 +1154,22 @@ def handed_over(doc: dict) -> float:
     return doc["current_config"].get("rotation_handoff", {}).get("shift_start", -math.inf)
 
 
-def handoff_due(doc: dict, now: float) -> tuple[Rotation, int] | None:
-    """The shift whose handoff `doc` makes due at `now`, with its rotation: a shift has
-    started and its handoff is not made, or was made to somebody else (the rotation was
-    changed since, so the shift running is now another member's). None when none is due.
+def handoff_due(doc: dict, now: float) -> Shift | None:
+    """The shift whose handoff `doc` makes due at `now`: a shift (the rotation's, an
+    override, or the hand-back after one: see oncall_shifts) has started and its handoff is
+    not made, or was made to somebody else (the rotation or the overrides were changed
+    since, so the shift running is now another member's). None when none is due.
     The one rule for everyone who acts on a handoff (the worker, a config change by the
     command line, WHO), so that WHO never contradicts `schedule`."""
-    rotation = Rotation.of(doc)
-    if rotation is None:
+    if not doc["current_config"].get("rotation") and not overrides(doc):
         return None
-    k = rotation.shift_at(now)
-    if k < 0:
+    shift = shift_at(doc, now)
+    if shift is None:
         return None
     made = doc["current_config"].get("rotation_handoff", {})
     made_to = made.get("member")
-    if handed_over(doc) < rotation.starts(k) or (
-            isinstance(made_to, str) and made_to != rotation.member(k)):
-        return rotation, k
+    if handed_over(doc) < shift.start or (isinstance(made_to, str) and made_to != shift.member):
+        return shift
     return None
 
 
@@ -1145,6 +1185,132 @@ def oncall_change(doc: dict) -> tuple[float, str] | None:
     if current.get("last_modified_time"):
         return current["last_modified_time"], str(current.get("last_modified_user_id"))
     return None
+
+# Overrides (SPEC 21): somebody on call instead for a while, by `TAKE 4h` or planned ahead.
+MAX_OVERRIDE = 14 * DAY
+MAX_OVERRIDES = 100
+OVERRIDES_KEPT = 35 * DAY  # an override ended longer ago is dropped at the next change
+
+
+class Shift(NamedTuple):
+    """Who is on call from `start` to `end` (epoch seconds; `end` is math.inf for the
+    hand-back after an override when there is no rotation: until somebody TAKEs).
+    `covering`: the member whose time an override takes ("" for a rotation's own shift, or
+    an override planned without a rotation that has not started: covering whoever is on
+    call then). `override`: its index in current_config.overrides, or None."""
+
+    member: str
+    start: float
+    end: float
+    covering: str = ""
+    override: int | None = None
+
+
+def override_stamp(ts: float) -> str:
+    """`2026-12-11T08:00:00Z`: an override's times, whole seconds, UTC."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def override_times(override: dict) -> tuple[float, float]:
+    return (dt.datetime.fromisoformat(override["start"]).timestamp(),
+            dt.datetime.fromisoformat(override["end"]).timestamp())
+
+
+def overrides(doc: dict) -> list[dict]:
+    return doc["current_config"].get("overrides", [])
+
+
+def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
+    """The team's time zone: `rotation.timezone`, else `current_config.timezone`, else UTC."""
+    current = doc["current_config"]
+    name = (current.get("rotation") or {}).get("timezone") or current.get("timezone") or "UTC"
+    return zoneinfo.ZoneInfo(name)
+
+
+def local_text(zone: zoneinfo.ZoneInfo, ts: float) -> str:
+    """`Mon 2026-12-07 09:00 CET` (seconds only where they are not 0), as Rotation's."""
+    moment = dt.datetime.fromtimestamp(ts, zone)
+    return moment.strftime("%a %Y-%m-%d %H:%M" + (":%S" if moment.second else "") + " %Z")
+
+
+def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> list[Shift]:
+    """Who is on call from `start` to `end`, in time order: the rotation's shifts with the
+    overrides laid over them (a later one in the list over an earlier one), each with its
+    whole extent (the first may start before `start`). A shift an override cuts goes on
+    from the override's end (that is the hand-back). Without a rotation only overrides and
+    their hand-backs (to whom each covered) are known; before either, nobody is scheduled
+    (on-call is whatever TAKE made it). At most `limit` rotation shifts are looked at.
+    This is the one function that says who the schedule names: handoffs (handoff_due),
+    NEXT, WHO, `schedule` and the calendar feed all read it."""
+    rotation = Rotation.of(doc)
+    laid = [(i, o, *override_times(o)) for i, o in enumerate(overrides(doc))]
+    base: list[Shift] = []
+    if rotation is not None:
+        first = max(rotation.shift_at(start), 0)
+        last = min(rotation.shift_at(end), first + limit - 1)
+        base = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
+                for k in range(first, last + 1)]
+    else:
+        oncall = oncall_member(doc)["id"]
+        ends = sorted((o_end, o.get("covering") or oncall) for _, o, _, o_end in laid)
+        base = [Shift(member, at, ends[n + 1][0] if n + 1 < len(ends) else math.inf)
+                for n, (at, member) in enumerate(ends)]
+    lowest = base[0].start if base else start
+    shifts = base
+    for i, override, o_start, o_end in laid:
+        if o_end <= lowest or o_start > end or o_end <= o_start:
+            continue
+        under = next((s.member for s in shifts if s.start <= o_start < s.end), "")
+        kept: list[Shift] = []
+        for shift in shifts:
+            if shift.end <= o_start or shift.start >= o_end:
+                kept.append(shift)
+                continue
+            if shift.start < o_start:
+                kept.append(shift._replace(end=o_start))
+            if shift.end > o_end:
+                kept.append(shift._replace(start=o_end))
+        kept.append(Shift(override["member"], o_start, o_end,
+                          override.get("covering") or under, i))
+        shifts = sorted(kept, key=lambda s: s.start)
+    return [s for s in shifts if s.end > start and s.start <= end and s.start < s.end]
+
+
+def shift_at(doc: dict, ts: float) -> Shift | None:
+    """The shift running at `ts` (rotation or override), or None when nobody is scheduled."""
+    return next((s for s in oncall_shifts(doc, ts, ts) if s.start <= ts < s.end), None)
+
+
+def next_shifts(doc: dict, now: float, n: int) -> list[Shift]:
+    """The shift running now (if any) and the next ones, `n` in all."""
+    rotation = Rotation.of(doc)
+    ends = [override_times(o)[1] for o in overrides(doc)]
+    horizon = max([now + 1, *ends])
+    if rotation is not None:
+        horizon = max(horizon, rotation.starts(max(rotation.shift_at(now), 0) + n))
+    return oncall_shifts(doc, now, horizon, limit=n + 1)[:n]
+
+
+def override_text(doc: dict, shift: Shift, zone: zoneinfo.ZoneInfo, named: bool = True
+                  ) -> str:
+    """`Carol until Fri 09:00 CET, covering Bob` (the date too when it is a week or more
+    away); `named=False`: `override until ...`."""
+    names = members(doc)
+    until = dt.datetime.fromtimestamp(shift.end, zone)
+    soon = shift.end - time.time() < 6 * DAY
+    text = (f"{first_name(names[shift.member])} until " if named else "override until ") + \
+        until.strftime("%a %H:%M %Z" if soon else "%a %Y-%m-%d %H:%M %Z")
+    if shift.covering and shift.covering != shift.member:
+        text += f", covering {first_name(names[shift.covering])}"
+    return text
+
+
+def next_change(doc: dict, now: float) -> float | None:
+    """When the schedule next names somebody new (a shift starts or an override begins or
+    ends), or None."""
+    later = [s.start for s in next_shifts(doc, now, 2 + len(overrides(doc))) if s.start > now]
+    return min(later) if later else None
+
 
 
 # ==============================================================================================
@@ -2680,104 +2846,134 @@ class Pager:
     # --- rotation: the handoff at each shift start, the reminder before it, NEXT -------------
 
     def next_handoff(self, doc: dict) -> str | None:
-        """NEXT's answer (and WHO's last sentence); None without a rotation."""
-        rotation = Rotation.of(doc)
-        if rotation is None:
+        """NEXT's answer (and WHO's last sentence): an override running ("Carol until Fri
+        09:00 CET, covering Bob."), then the next handoff by the schedule (oncall_shifts);
+        None when nothing is scheduled (no rotation, no override to come)."""
+        if Rotation.of(doc) is None and not overrides(doc):
             return None
         now = time.time()
-        k = max(rotation.shift_at(now) + 1, 0)
-        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
-        return (f"Next handoff: {member['name']} on {rotation.local_text(start)} "
-                f"(in {duration_text(start - now)}).")
+        zone, names = team_zone(doc), members(doc)
+        text = []
+        current = shift_at(doc, now)
+        if current is not None and current.override is not None:
+            text.append(override_text(doc, current, zone) + ".")
+        after = next((s for s in next_shifts(doc, now, 3) if s.start > now), None)
+        if after is None and not text:
+            return None
+        if after is not None:
+            line = (f"Next handoff: {names[after.member]['name']} on "
+                    f"{local_text(zone, after.start)} (in {duration_text(after.start - now)})")
+            if after.override is not None:
+                line += f", {override_text(doc, after, zone, named=False)}"
+            text.append(line + ".")
+        return " ".join(text)
 
     def rotation_due(self, doc: dict, now: float) -> float | None:
         """When `rotate` has something to do by `doc` (the config in memory: planning costs no
-        request): `now`, if a shift started without its handoff or a reminder is due."""
+        request): `now`, if a shift (or an override, or its end) started without its
+        handoff or a reminder is due; else when the next one is."""
         rotation = Rotation.of(doc)
-        if rotation is None:
+        if rotation is None and not overrides(doc):
             return None
         if handoff_due(doc, now):
             return now
+        change = next_change(doc, now)
+        following = change if change is not None else math.inf
+        if rotation is None:
+            return None if change is None else following
         k = rotation.shift_at(now)
-        following = rotation.starts(max(k + 1, 0))
-        remind_at = following - rotation.remind.total_seconds()
+        upcoming = rotation.starts(max(k + 1, 0))
+        remind_at = upcoming - rotation.remind.total_seconds()
         if rotation.remind and remind_at > now:
-            return remind_at
-        if rotation.remind and reminder_name(following) not in self._reminded:
+            return min(remind_at, following)
+        if rotation.remind and reminder_name(upcoming) not in self._reminded:
             return now
-        return following
+        return min(upcoming, following)
 
     def rotate(self, snap: Snapshot | None = None) -> Snapshot:
-        """The rotation's due work, by the config as stored (or `snap`, just read): the
-        handoff of the shift that has started, then the reminder of the next one. Returns
-        the config as it is after."""
+        """The schedule's due work, by the config as stored (or `snap`, just read): the
+        handoff of the shift (or override, or hand-back) that has started, then the reminder
+        of the rotation's next shift. Returns the config as it is after."""
         snap = snap or self.team.read()
         if snap.stale:
             raise StoreUnavailable(self.team.problem or "store unreachable")
         rotation = Rotation.of(snap.doc)
-        if rotation is None:
+        if rotation is None and not overrides(snap.doc):
             return snap
-        k = rotation.shift_at(time.time())
-        if handoff_due(snap.doc, time.time()):
-            snap = self.hand_off(snap, rotation, k)
-        elif k >= 0 and rotation.starts(k) not in self._settled:
-            # made by another instance, which may have stopped before its texts were queued
-            self.settle_handoff(snap.doc, rotation.starts(k))
-        self.remind(snap.doc, rotation, max(k + 1, 0))
+        due = handoff_due(snap.doc, time.time())
+        if due is not None:
+            snap = self.hand_off(snap, due)
+        else:
+            current = shift_at(snap.doc, time.time())
+            if current is not None and current.start not in self._settled:
+                # made by another instance, which may have stopped before its texts were queued
+                self.settle_handoff(snap.doc, current.start)
+        if rotation is not None:
+            self.remind(snap.doc, rotation, max(rotation.shift_at(time.time()) + 1, 0))
         return snap
 
-    def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
-        """Shift k's member becomes on call, unless already: one conditional write of the
+    def hand_off(self, snap: Snapshot, shift: Shift) -> Snapshot:
+        """The shift's member becomes on call, unless already: one conditional write of the
         config that also records the handoff as made (`rotation_handoff`), so across
         instances and restarts it is made once, and a TAKE after it holds until the next
         shift. Both people are told (message jobs travel with the write, as C's do)."""
-        start = rotation.starts(k)
         for _ in range(CONFIG_CHANGE_TRIES):
-            due = handoff_due(snap.doc, start)
-            if due is None or due[0].starts(due[1]) != start:  # made elsewhere meanwhile
-                self.settle_handoff(snap.doc, start)
+            due = handoff_due(snap.doc, shift.start)
+            if due is None or due.start != shift.start:  # made elsewhere meanwhile
+                self.settle_handoff(snap.doc, shift.start)
                 return snap
             doc = copy.deepcopy(snap.doc)
-            told = self.handoff_in(doc, rotation, k)
+            told, details, actor = self.handoff_in(doc, due)
             try:
-                snap = self.team.write(doc, base=snap, actor="rotation", messages=told,
-                                       details={"via": "rotation", "shift": iso_time(start)})
+                snap = self.team.write(doc, base=snap, actor=actor, messages=told,
+                                       details=details)
             except StoreConflict:
                 snap = self.team.read()
                 continue
-            log.info("event=rotation.handoff member=%s", rotation.member(k))
-            self._settled.add(start)
+            log.info("event=rotation.handoff member=%s", due.member)
+            self._settled.add(shift.start)
             if self.start_message is not None:
                 for message in snap.queued:
                     self.start_message(*message)
             return snap
         raise StoreUnavailable("the config kept changing")
 
-    def handoff_in(self, doc: dict, rotation: Rotation, k: int) -> list[tuple[str, dict]]:
-        """Make shift k's handoff in `doc` (a copy about to be written): its member on call,
-        the handoff recorded; returns the texts to both people, as message jobs. The new
-        engineer hears of the pages still ringing (they keep calling whom they were sent
-        to, then the team: see Worker._claim)."""
-        start = rotation.starts(k)
-        member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
-        doc["current_config"]["rotation_handoff"] = {"shift_start": start,
-                                                     "member": member["id"]}
+    def handoff_in(self, doc: dict, shift: Shift) -> tuple[list[tuple[str, dict]], dict, str]:
+        """Make the shift's handoff in `doc` (a copy about to be written): its member on
+        call, the handoff recorded; returns the texts to both people (message jobs), the
+        audit details and the actor (`rotation`, or `override` for an override's start and,
+        without a rotation, its hand-back). The new engineer hears of the pages still
+        ringing (they keep calling whom they were sent to, then the team: see
+        Worker._claim)."""
+        member, previous = members(doc)[shift.member], oncall_member(doc)
+        current = doc["current_config"]
+        current["rotation_handoff"] = {"shift_start": shift.start, "member": member["id"]}
+        rotation = Rotation.of(doc)
+        via = "override" if shift.override is not None or rotation is None else "rotation"
+        details = {"via": via, "shift": iso_time(shift.start)}
+        if shift.override is not None:
+            details["override"] = shift.override + 1
+            if rotation is None and not overrides(doc)[shift.override].get("covering"):
+                overrides(doc)[shift.override]["covering"] = previous["id"]
         told: list[tuple[str, dict]] = []
         if member["id"] == previous["id"]:
-            return told
-        doc["current_config"]["oncall_user"] = dict(member)
-        team, until = team_name(doc) or "the team", rotation.starts(k + 1)
+            return told, details, via
+        current["oncall_user"] = dict(member)
+        team, zone = team_name(doc) or "the team", team_zone(doc)
+        until = f" until {local_text(zone, shift.end)}" if math.isfinite(shift.end) else ""
         if not member.get("opted_out"):
             ringing = self.open_page_count()
             pages = (f" {ringing} page{'s' if ringing != 1 else ''} open: STATUS lists "
                      f"{'them' if ringing != 1 else 'it'}." if ringing else "")
-            told.append(self.message_job(member["phone"], f"You are now on call for {team} "
-                                         f"until {rotation.local_text(until)}.{pages}",
-                                         "rotation"))
+            told.append(self.message_job(member["phone"], f"You are now on call for {team}"
+                                         f"{until}.{pages}", via))
         if not previous.get("opted_out"):
+            ended = any(override_times(o)[1] == shift.start for o in overrides(doc))
+            why = ("override" + until if shift.override is not None
+                   else "override ended" if ended else "rotation")
             told.append(self.message_job(previous["phone"], f"{member['name']} has taken "
-                                         "on-call from you (rotation).", "rotation"))
-        return told
+                                         f"on-call from you ({why}).", via))
+        return told, details, via
 
     def open_page_count(self) -> int:
         """Pages still ringing (open, not acknowledged): the book's, once the worker here has
@@ -2803,10 +2999,8 @@ class Pager:
         due = handoff_due(doc, time.time())
         if due is None:
             return [], details, ""
-        rotation, k = due
-        told = self.handoff_in(doc, rotation, k)
-        return told, {**details, "via": "rotation", "shift": iso_time(rotation.starts(k)),
-                      "with": details.get("via", "")}, "rotation"
+        told, made, actor = self.handoff_in(doc, due)
+        return told, {**details, **made, "with": details.get("via", "")}, actor
 
     def settle_handoff(self, doc: dict, start: float) -> None:
         """A handoff another instance made: its audit entry and texts, in case it stopped
@@ -2827,6 +3021,9 @@ class Pager:
                 not start - rotation.remind.total_seconds() <= now < start:
             return
         member = members(doc)[rotation.member(k)]
+        running = shift_at(doc, start)  # an override then: its member is not reminded
+        if running is not None and running.member != member["id"]:
+            member = oncall_member(doc)
         if member["id"] != oncall_member(doc)["id"] and not member.get("opted_out"):
             key, job = self.message_job(
                 member["phone"], f"Reminder: you go on call for {team_name(doc) or 'the team'} "
@@ -7299,28 +7496,32 @@ def cmd_pages(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    """The current shift and the next ones: local start, UTC start, member."""
+    """The current shift and the next ones (overrides included): local start, UTC start,
+    member."""
     if not 1 <= args.n <= 1000:
         raise UsageError(f"-n {args.n}: give a number of shifts from 1 to 1000")
     cfg = load_app_config(args.config)
     doc = build_pager(cfg).team.read().doc
-    rotation = Rotation.of(doc)
-    if rotation is None:
+    now = time.time()
+    shifts = next_shifts(doc, now, args.n)
+    if not shifts:
         print(NO_ROTATION_TEXT)
         return 0
-    current = rotation.shift_at(time.time())
-    oncall = oncall_member(doc)
+    oncall, zone = oncall_member(doc), team_zone(doc)
     # a TAKE (or `config set oncall`) after this shift's handoff holds until the next one:
     # said here too, so that `schedule` and WHO tell the same (a handoff due is made at once)
-    instead = (oncall if handoff_due(doc, time.time()) is None and current >= 0
-               and oncall["id"] != rotation.member(current) else None)
-    for k in range(max(current, 0), max(current, 0) + args.n):
-        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
-        utc = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        now = "  now" if k == current else ""
-        if now and instead:
-            now += f" (on call instead until the next shift: {instead['id']} {instead['name']})"
-        print(f"{rotation.local_text(start)}  {utc}  {member['id']}  {member['name']}{now}")
+    for shift in shifts:
+        member = members(doc)[shift.member]
+        utc = dt.datetime.fromtimestamp(shift.start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        line = f"{local_text(zone, shift.start)}  {utc}  {member['id']}  {member['name']}"
+        if shift.override is not None:
+            line += f"  ({override_text(doc, shift, zone, named=False)})"
+        if shift.start <= now < shift.end:
+            line += "  now"
+            if handoff_due(doc, now) is None and oncall["id"] != shift.member:
+                line += (f" (on call instead until the next shift: {oncall['id']} "
+                         f"{oncall['name']})")
+        print(line)
     return 0
 
 
