@@ -1251,14 +1251,13 @@ def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> l
         base = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
                 for k in range(first, last + 1)]
     else:
-        oncall = oncall_member(doc)["id"]
-        ends = sorted((o_end, o.get("covering") or oncall) for _, o, _, o_end in laid)
+        covering = coverings(laid, oncall_member(doc)["id"])
+        ends = sorted((o_end, covering[i]) for i, _, _, o_end in laid)
         base = [Shift(member, at, ends[n + 1][0] if n + 1 < len(ends) else math.inf)
                 for n, (at, member) in enumerate(ends)]
-    lowest = base[0].start if base else start
     shifts = base
     for i, override, o_start, o_end in laid:
-        if o_end <= lowest or o_start > end or o_end <= o_start:
+        if o_start > end or o_end <= o_start:
             continue
         under = next((s.member for s in shifts if s.start <= o_start < s.end), "")
         kept: list[Shift] = []
@@ -1274,6 +1273,22 @@ def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> l
                           override.get("covering") or under, i))
         shifts = sorted(kept, key=lambda s: s.start)
     return [s for s in shifts if s.end > start and s.start <= end and s.start < s.end]
+
+
+def coverings(laid: list[tuple[int, dict, float, float]], oncall: str) -> dict[int, str]:
+    """Without a rotation: whom each override covers (and hands back to). Recorded when it
+    starts; for one still planned, whoever will be on call just before it by the others
+    (an override running then, else the hand-back of the last one ended), else `oncall`."""
+    covering: dict[int, str] = {}
+    for i, override, start, _ in sorted(laid, key=lambda item: item[2]):
+        if override.get("covering"):
+            covering[i] = override["covering"]
+            continue
+        running = [j for j, _, s, e in laid if j in covering and s <= start < e]
+        ended = sorted((e, j) for j, _, _, e in laid if j in covering and e <= start)
+        covering[i] = (laid[max(running)][1]["member"] if running else
+                       covering[ended[-1][1]] if ended else oncall)
+    return covering
 
 
 def shift_at(doc: dict, ts: float) -> Shift | None:
@@ -1303,6 +1318,50 @@ def override_text(doc: dict, shift: Shift, zone: zoneinfo.ZoneInfo, named: bool 
     if shift.covering and shift.covering != shift.member:
         text += f", covering {first_name(names[shift.covering])}"
     return text
+
+
+TAKE_USAGE = ("send TAKE 4h, TAKE 30m, TAKE UNTIL 18:00 or TAKE UNTIL FRI 09:00 (the team's "
+              "time, at most 14 days)")
+DAY_NAMES = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
+SPAN_UNITS = {"M": 60, "MIN": 60, "H": 3600, "D": DAY}
+
+
+def take_until(args: list[str], now: float, zone: zoneinfo.ZoneInfo) -> float:
+    """When a `TAKE 4h` / `TAKE 30m` / `TAKE UNTIL 18:00` / `TAKE UNTIL FRI 09:00` ends
+    (epoch seconds, whole): a time of day is the next such time on the team's wall clock
+    (an hour a change to summer time skips counts as an hour later, as for shifts).
+    ValueError with the reply when the words are no such time, or more than 14 days away."""
+    words = [w.upper() for w in args]
+    bad = ValueError(f"Cannot read TAKE {' '.join(args)[:40]}: {TAKE_USAGE}.")
+    start = math.floor(now)
+    span = re.fullmatch(r"(\d{1,5})(M|MIN|H|D)", words[0]) if len(words) == 1 else None
+    if span and int(span[1]) > 0:
+        end = start + int(span[1]) * SPAN_UNITS[span[2]]
+    elif words[0] == "UNTIL" and len(words) in (2, 3):
+        clock = re.fullmatch(r"(\d{1,2})[:.]?(\d{2})", words[-1])
+        day = words[1] if len(words) == 3 else ""
+        weekday = next((i for i, name in enumerate(DAY_NAMES)
+                        if len(day) >= 3 and name.startswith(day)), None)
+        if clock is None or int(clock[1]) > 23 or int(clock[2]) > 59 or (
+                day and weekday is None):
+            raise bad
+        today = dt.datetime.fromtimestamp(now, zone).date()
+        end = math.inf
+        for ahead in range(8):
+            date = today + dt.timedelta(days=ahead)
+            if weekday is not None and date.weekday() != weekday:
+                continue
+            moment = dt.datetime.combine(date, dt.time(int(clock[1]), int(clock[2])))
+            at = moment.replace(tzinfo=zone).timestamp()
+            if at > now:
+                end = at
+                break
+    else:
+        raise bad
+    if end - start > MAX_OVERRIDE:
+        raise ValueError(f"TAKE for at most 14 days: {' '.join(args)[:40]} is "
+                         f"{duration_text(end - start)}. Nothing changes.")
+    return end
 
 
 def next_change(doc: dict, now: float) -> float | None:
@@ -1816,6 +1875,8 @@ AUDIT_EVENTS = (
     "oncall.changed",        # exactly one per write that changes who is on call
     "session.started",       # TAKE: a pending confirmation was stored
     "session.cancelled",     # X
+    "override.added",        # TAKE 4h + C, or override add, that changed nobody on call now
+    "override.removed",      # override remove (a running one ends now and hands back)
     "page.opened",           # a voicemail or a missed call opened a page
     "page.delivered",        # one channel of a page (or a message job) succeeded
     "page.delivery_failed",  # one attempt of a channel failed (it is retried) or gave up
@@ -2703,6 +2764,7 @@ class Pager:
         self.start_work: Callable[..., None] | None = None
         self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
+        self.overrides = Overrides(self)
 
     def hand_over(self, store: Store, page: dict, etag: str, channels: list[str],
                   doc: dict | None = None) -> None:
@@ -2741,20 +2803,31 @@ class Pager:
         handoff = self.next_handoff(doc)
         return f"{text} {handoff}" if handoff else text
 
-    def take(self, snap: Snapshot, member: dict) -> str:
+    def take(self, snap: Snapshot, member: dict, args: list[str] | None = None) -> str:
+        """TAKE, or with a time (`TAKE 4h`, `TAKE UNTIL FRI 09:00`: an override, see
+        Overrides), which the session keeps for C."""
         doc = snap.doc
-        if oncall_member(doc)["id"] == member["id"]:
+        now = time.time()
+        until = None
+        if args:
+            try:
+                until = take_until(args, now, team_zone(doc))
+            except ValueError as e:
+                return str(e)
+        elif oncall_member(doc)["id"] == member["id"]:
             return f"You are already on call, {first_name(member)}. Nothing changes."
         lifetime = session_lifetime(doc)
-        now = time.time()
         session = {"member": member["id"], "created": now, "expires": now + lifetime,
                    "config_etag": snap.etag}
+        if until is not None:
+            session["until"] = until
         in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
                                                     to_json(session)),
                     lambda: self.audit.record("session.started", member["id"],
                                               {"expires": iso_time(now + lifetime)}))
-        return (f"{member['name']} to be made on-call engineer, reply C to confirm or X to "
-                f"cancel (within {lifetime} seconds).")
+        span = "" if until is None else f" until {local_text(team_zone(doc), until)}"
+        return (f"{member['name']} to be made on-call engineer{span}, reply C to confirm or X "
+                f"to cancel (within {lifetime} seconds).")
 
     def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str] | None) -> str:
         """C: make the member on call if the config is still the one his TAKE was shown.
@@ -2772,6 +2845,8 @@ class Pager:
         if session_doc.get("config_etag") != snap.etag:
             self.store.delete(key)
             return self._changed_under(snap.doc, member)
+        if "until" in session_doc:  # TAKE 4h, TAKE UNTIL ...: an override
+            return self.overrides.confirm(snap, member, float(session_doc["until"]))
         previous = oncall_member(snap.doc)
         doc = copy.deepcopy(snap.doc)
         doc["current_config"]["oncall_user"] = dict(member)
@@ -4334,7 +4409,7 @@ class Pager:
             if command == "who":
                 return self.who(snap)
             if command == "take":
-                return self.take(snap, member)
+                return self.take(snap, member, args)
             if command == "confirm":
                 return self.confirm(snap, member, session)
             if command == "cancel":
@@ -4353,6 +4428,123 @@ class Pager:
             return HELP_TEXT
         except StoreUnavailable:
             return STORE_DOWN_TEXT
+
+
+class Overrides:
+    """Somebody on call instead for a while (SPEC 21): `TAKE 4h` / `TAKE UNTIL FRI 09:00`
+    by SMS (confirmed with C), or planned ahead by the command line (`override add`).
+    Each is `current_config.overrides[i]`; oncall_shifts lays them over the rotation, so
+    the handoff at an override's start and its hand-back at the end are the rotation's own
+    (Pager.hand_off: one conditional write each, exactly once across instances and
+    restarts). Each change here is one conditional write with its audit entry
+    (`override.added` / `override.removed`, or `oncall.changed` when it changes who is on
+    call now, the handoff made in the same write)."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+
+    def change(self, change: Callable[[dict], str], actor: str, event: str, via: str,
+               snap: Snapshot | None = None, tries: int = CONFIG_CHANGE_TRIES
+               ) -> tuple[Snapshot, str]:
+        """Read (or take `snap`), change a copy (`change` returns what it did; UsageError
+        refuses), drop overrides ended long ago, make a handoff it makes due, write
+        conditionally. A race lost is made again over the new version, `tries` times."""
+        team = self.pager.team
+        for attempt in range(tries):
+            if snap is None or attempt:
+                snap = team.read()
+            if snap.stale:
+                raise StoreUnavailable(team.problem or "store unreachable")
+            doc = copy.deepcopy(snap.doc)
+            what = change(doc)
+            kept = [o for o in overrides(doc)
+                    if override_times(o)[1] > time.time() - OVERRIDES_KEPT]
+            if kept:
+                doc["current_config"]["overrides"] = kept
+            else:
+                doc["current_config"].pop("overrides", None)
+            told, details, handed = self.pager.handoff_with_change(
+                doc, {"via": via, "change": what})
+            phone = members(doc).get(actor, {}).get("phone")
+            told = [job for job in told if job[1]["to"] != phone]  # C's reply tells them
+            try:
+                written = team.write(doc, base=snap, actor=actor, details=details,
+                                     messages=told, event=event,
+                                     oncall_by=actor if handed else "")
+            except StoreConflict:
+                if attempt + 1 == tries:
+                    raise
+                continue
+            if self.pager.start_message is not None:
+                for message in written.queued:
+                    self.pager.start_message(*message)
+            return written, what
+        raise StoreConflict("the config kept changing")
+
+    def confirm(self, snap: Snapshot, member: dict, until: float) -> str:
+        """C after `TAKE 4h` / `TAKE UNTIL ...`: an override from now until then, and the
+        member on call (unless already) in the same write; the previous engineer told."""
+        doc, zone = snap.doc, team_zone(snap.doc)
+        previous = oncall_member(doc)
+        if until <= time.time():
+            return "The time of your TAKE has passed. Nothing changed; send TAKE again."
+
+        def add(doc: dict) -> str:
+            return add_override(doc, member["id"], time.time(), until, member["id"])
+        try:
+            new, _ = self.change(add, member["id"], "override.added", "sms", snap=snap,
+                                 tries=1)
+        except (StoreConflict, ConfigError):
+            self.pager.store.delete(f"sessions/{member['id']}.json")
+            return self.pager._changed_under(self.pager.team.read().doc, member)
+        pager_phone = new.doc["current_config"]["pager_phone"]
+        if previous["id"] == member["id"]:
+            return (f"Okay, {first_name(member)}, you stay on call until "
+                    f"{local_text(zone, until)}.")
+        told = ("was not told (opted out of texts)" if previous.get("opted_out")
+                else "has been told")
+        return (f"Okay, {first_name(member)}, you are on call until {local_text(zone, until)}"
+                f". {previous['name']} {told}. Leave a message at {pager_phone} to test "
+                "delivery.")
+
+
+def add_override(doc: dict, member: str, start: float, end: float, by: str) -> str:
+    """Add an override to `doc` (a copy about to be written); what was done, in a line.
+    UsageError for one that is not a member, ends before it starts or now, or is longer
+    than 14 days."""
+    if member not in members(doc):
+        raise UsageError(f"there is no member {member!r}")
+    start, end = math.floor(start), math.ceil(end)
+    if end <= start:
+        raise UsageError("an override must end after it starts")
+    if end <= time.time():
+        raise UsageError("that override would have ended already")
+    if end - start > MAX_OVERRIDE:
+        raise UsageError(f"an override lasts at most 14 days (this one "
+                         f"{duration_text(end - start)})")
+    doc["current_config"].setdefault("overrides", []).append(
+        {"member": member, "start": override_stamp(start), "end": override_stamp(end),
+         "by": by})
+    zone = team_zone(doc)
+    return (f"override: {member} on call from {local_text(zone, start)} until "
+            f"{local_text(zone, end)}")
+
+
+def remove_override(doc: dict, number: int) -> str:
+    """Remove override `number` (1-based, as `override list` shows): one running now ends
+    now (so on-call is handed back at once); one planned or ended is deleted."""
+    listed = overrides(doc)
+    if not 1 <= number <= len(listed):
+        raise UsageError(f"there is no override {number} (see: oncall-pager override list)")
+    override = listed[number - 1]
+    start, end = override_times(override)
+    now = math.floor(time.time())
+    if start < now < end:
+        override["end"] = override_stamp(now)
+        return f"override {number} ({override['member']}) ended now"
+    del listed[number - 1]
+    return f"override {number} ({override['member']}) removed"
+
 
 
 # ==============================================================================================
@@ -7525,6 +7717,68 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_time(text: str, zone: zoneinfo.ZoneInfo, what: str) -> float:
+    """`now`, a local time in the team's zone (`2026-12-24T09:00`), or one with an offset."""
+    if text.strip().lower() == "now":
+        return time.time()
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a time: now, or 2026-12-24T09:00 (in "
+                         f"{zone.key}), or one with an offset") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.timestamp()
+
+
+def cmd_override(args: argparse.Namespace) -> int:
+    """Plan overrides ahead (a holiday swap): add, list, remove. Each change is one
+    conditional write with its audit entry; one that starts (or, removed, ends) now hands
+    over in the same write."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    if args.action == "list":
+        doc = pager.team.read().doc
+        zone, now = team_zone(doc), time.time()
+        listed = overrides(doc)
+        if not listed:
+            print("No overrides.")
+        covering = {s.override: s.covering for s in oncall_shifts(
+            doc, min([now, *(override_times(o)[0] for o in listed)]), now)
+            if s.override is not None}
+        for number, override in enumerate(listed, 1):
+            start, end = override_times(override)
+            state = "now" if start <= now < end else "ended" if end <= now else "planned"
+            whose = covering.get(number - 1) or override.get("covering") or "-"
+            print(f"{number}  {override['member']}  {local_text(zone, start)} -> "
+                  f"{local_text(zone, end)}  covering {whose}  by {override.get('by') or '-'}"
+                  f"  {state}")
+        return 0
+    if args.action == "add":
+        zone = team_zone(pager.team.read().doc)
+        start = cli_time(args.start, zone, "FROM")
+        end = cli_time(args.end, zone, "TO")
+
+        def change(doc: dict) -> str:
+            return add_override(doc, args.member, start, end, operator(args))
+        event = "override.added"
+    else:
+        def change(doc: dict) -> str:
+            return remove_override(doc, args.number)
+        event = "override.removed"
+    try:
+        written, what = pager.overrides.change(change, operator(args), event, "cli")
+    except StoreConflict:
+        raise UsageError(f"the config kept changing in the store ({CONFIG_CHANGE_TRIES} "
+                         "tries); nothing was written, run the command again") from None
+    print(what)
+    oncall = oncall_member(written.doc)
+    if written.doc["current_config"]["last_change"]["entry"]["event"] == "oncall.changed":
+        print(f"handed over to {oncall['id']} ({oncall['name']}) now; a running pager sends "
+              "the handoff texts")
+    return 0
+
+
 def vcard_text(value: str) -> str:
     """A vCard 3.0 text value: backslash, comma and semicolon escaped, a line break written
     as \\n (RFC 2426 5.8.4, RFC 6350 3.4), so a team name cannot add a line or a field to
@@ -7640,6 +7894,18 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = command("schedule", cmd_schedule, "the rotation: the current shift and the "
                        "next ones")
     schedule.add_argument("-n", type=int, default=8, help="how many shifts (default 8)")
+    override = command("override", cmd_override, "somebody on call instead for a while "
+                       "(a holiday swap): planned overrides")
+    override.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    plans = override.add_subparsers(dest="action", required=True, metavar="ACTION")
+    planned = action("add", "MEMBER is on call from FROM to TO (now, or 2026-12-24T09:00 in "
+                     "the team's time zone, or with an offset; at most 14 days)", plans)
+    planned.add_argument("member", metavar="MEMBER")
+    planned.add_argument("start", metavar="FROM")
+    planned.add_argument("end", metavar="TO")
+    action("list", "list the overrides, numbered", plans)
+    action("remove", "remove override N (one running now ends now: on-call is handed back)",
+           plans).add_argument("number", metavar="N", type=int)
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")
