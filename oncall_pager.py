@@ -7743,9 +7743,9 @@ def cmd_override(args: argparse.Namespace) -> int:
         listed = overrides(doc)
         if not listed:
             print("No overrides.")
-        covering = {s.override: s.covering for s in oncall_shifts(
-            doc, min([now, *(override_times(o)[0] for o in listed)]), now)
-            if s.override is not None}
+        times = [now, *(t for o in listed for t in override_times(o))]
+        covering = {s.override: s.covering for s in oncall_shifts(doc, min(times), max(times))
+                    if s.override is not None}
         for number, override in enumerate(listed, 1):
             start, end = override_times(override)
             state = "now" if start <= now < end else "ended" if end <= now else "planned"
