@@ -8610,6 +8610,7 @@ def test_take_4h_and_c_make_bob_oncall_until_then_and_the_end_hands_back_with_te
     """No rotation: Bob covers Alice for 4 hours; then on-call returns to Alice (whoever was
     on call before), both told, exactly once. The module's clock is moved, not waited for."""
     clock = FakeTime()
+    clock.now = math.floor(clock.now)  # "(in 4 h)", not "(in 3 h 59 min)"
     monkeypatch.setattr(op, "time", clock)
     config = s3_setup()
     store = op.open_store(op.load_app_config(config))
