@@ -8,9 +8,10 @@ What it does
     and then the rest of the team. Team members run it by SMS to the *control number*
     (WHO, TAKE + C/X, ACK, STATUS, NEXT, HALP, LOOK; STOP/START as the carriers define them).
     Messages from anybody else are ignored. An optional rotation hands on-call over at each
-    shift start by itself, and reminds the next engineer before. Monitoring pages through
-    PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
-    stops pinging pages too.
+    shift start by itself, and reminds the next engineer before; overrides (TAKE 4h, TAKE
+    UNTIL FRI 09:00, `override add`) put somebody on call for a while and then hand back.
+    Monitoring pages through PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...),
+    and a heartbeat that stops pinging pages too.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -38,6 +39,10 @@ How data flows
             write (the command line: Pager.handoff_with_change; its texts are sent by the
             worker that next sees the config, checked with every listing); WHO makes a due
             one first. A page keeps calling whom it was sent to (page.oncall), then the team.
+            Who the schedule names when is oncall_shifts: the rotation's shifts with the
+            overrides (current_config.overrides) laid over them; an override's start and its
+            end (the hand-back) are handoffs like a shift's. Overrides (the room) writes them:
+            C after TAKE 4h / TAKE UNTIL (Pager.confirm hands over to it), `override add`.
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
@@ -2238,9 +2243,9 @@ def parse_command(body: str) -> tuple[str | None, list[str]]:
     return COMMAND_WORDS.get(words[0].upper()), words[1:]
 
 
-HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
-             "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
-             "NEXT (the next handoff), HALP (this list).")
+HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; TAKE 4h or TAKE UNTIL FRI "
+             "09:00 for a while; then C to confirm or X to cancel), ACK [n] (acknowledge your "
+             "pages), STATUS (recent pages), NEXT (the next handoff), HALP (this list).")
 NO_ROTATION_TEXT = "No rotation is set: on-call changes only by TAKE."
 LOOK_TEXT = ("You are in a maze of twisty little passages, all alike. "
              "There is a pager here. It is ringing.")
