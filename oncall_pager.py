@@ -7399,6 +7399,7 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "pager_phone": (("pager_phone",), str),
     "session_lifetime": (("session_lifetime",), int),
     "team_name": (("team_name",), str),
+    "timezone": (("timezone",), str),
     "transcribe": (("transcribe",), parse_bool_value),
     "live_answer.enabled": (("live_answer", "enabled"), parse_bool_value),
     "live_answer.ring_seconds": (("live_answer", "ring_seconds"), int),

@@ -8932,3 +8932,15 @@ def test_a_stop_before_or_after_any_store_write_of_an_override_loses_and_doubles
     """The crash-point test (SPEC 13) over the override flow."""
     test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path, monkeypatch, OVERRIDE_FLOW, check_override_flow)
+
+
+def test_the_teams_time_zone_without_a_rotation_is_config_set_timezone(file_cli: Cli) -> None:
+    result = file_cli.run("config", "set", "timezone", "America/New_York")
+    assert result.returncode == 0, result.stderr
+    result = file_cli.run("override", "add", "bob", "2030-07-01T09:00", "2030-07-02T09:00")
+    assert result.stdout == ("override: bob on call from Mon 2030-07-01 09:00 EDT until Tue "
+                             "2030-07-02 09:00 EDT\n"), result.stderr
+    assert file_cli.doc()["current_config"]["overrides"][0]["start"] == "2030-07-01T13:00:00Z"
+    result = file_cli.run("config", "set", "timezone", "Mars/Olympus")
+    assert result.returncode == 1 and "current_config.timezone 'Mars/Olympus' is not an IANA" \
+        in result.stderr
