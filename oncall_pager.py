@@ -9,10 +9,11 @@ What it does
     (WHO, TAKE + C/X, ACK, STATUS, NEXT, QUIET + C/X, HALP, LOOK; STOP/START as the carriers
     define them).
     Messages from anybody else are ignored. An optional rotation hands on-call over at each
-    shift start by itself, and reminds the next engineer before. Monitoring pages through
-    PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...), and a heartbeat that
-    stops pinging pages too; quiet hours (QUIET 2h) list those instead of ringing, for a
-    maintenance window, and never silence callers.
+    shift start by itself, and reminds the next engineer before; overrides (TAKE 4h, TAKE
+    UNTIL FRI 09:00, `override add`) put somebody on call for a while and then hand back.
+    Monitoring pages through PagerDuty's Events API (Alertmanager, Grafana, Uptime Kuma ...),
+    and a heartbeat that stops pinging pages too; quiet hours (QUIET 2h) list those instead of
+    ringing, for a maintenance window, and never silence callers.
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
@@ -42,6 +43,10 @@ How data flows
             write (the command line: Pager.handoff_with_change; its texts are sent by the
             worker that next sees the config, checked with every listing); WHO makes a due
             one first. A page keeps calling whom it was sent to (page.oncall), then the team.
+            Who the schedule names when is oncall_shifts: the rotation's shifts with the
+            overrides (current_config.overrides) laid over them; an override's start and its
+            end (the hand-back) are handoffs like a shift's. Overrides (the room) writes them:
+            C after TAKE 4h / TAKE UNTIL (Pager.confirm hands over to it), `override add`.
     SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
             a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
@@ -791,6 +796,10 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     errors += check_escalation(current.get("escalation", {}), users)
     if "rotation" in current:
         errors += check_rotation(current["rotation"], users)
+    if "timezone" in current and zone_problem(current["timezone"]):
+        errors.append(f"current_config.timezone {current['timezone']!r} "
+                      f"{zone_problem(current['timezone'])}")
+    errors += check_overrides(current.get("overrides", []), users)
     handoff = current.get("rotation_handoff", {})
     if not isinstance(handoff, dict) or not hours_value(handoff.get("shift_start", 0), zero=True):
         errors.append("current_config.rotation_handoff is not the pager's record of a handoff")
@@ -859,6 +868,43 @@ def check_rotation(rotation: object, users: dict) -> list[str]:
 
 
 MAX_SHIFT_HOURS = 366 * 24
+
+
+def check_overrides(block: object, users: dict) -> list[str]:
+    """`current_config.overrides`: [{"member", "start", "end", "by"}, ...], times ISO 8601
+    with an offset (the pager writes UTC), at most 14 days each; `covering` (who was on
+    call when it began, for the hand-back when there is no rotation) is the pager's."""
+    where = "current_config.overrides"
+    if not isinstance(block, list) or len(block) > MAX_OVERRIDES:
+        return [f"{where} is not a list of at most {MAX_OVERRIDES} overrides"]
+    errors = []
+    for i, override in enumerate(block):
+        at = f"{where}[{i}]"
+        if not isinstance(override, dict):
+            errors.append(f"{at} is not an object")
+            continue
+        for field in ("member", "covering"):
+            value = override.get(field, "" if field == "covering" else None)
+            if value != "" or field == "member":
+                if not isinstance(value, str) or value not in users:
+                    errors.append(f"{at}.{field} {value!r} is not an available user")
+        if not isinstance(override.get("by", ""), str):
+            errors.append(f"{at}.by is not a string")
+        times = []
+        for field in ("start", "end"):
+            value = override.get(field)
+            try:
+                moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+            except ValueError:
+                moment = None
+            if moment is None or moment.tzinfo is None or not 1970 <= moment.year < 2200:
+                errors.append(f"{at}.{field} {value!r} is not a time with its offset "
+                              "(2026-12-11T08:00:00Z)")
+            else:
+                times.append(moment.timestamp())
+        if len(times) == 2 and not 0 < times[1] - times[0] <= MAX_OVERRIDE:
+            errors.append(f"{at}.end is not after its start, within 14 days")
+    return errors
 
 
 def hours_value(value: object, zero: bool = False) -> bool:
@@ -1223,23 +1269,22 @@ def handed_over(doc: dict) -> float:
     return doc["current_config"].get("rotation_handoff", {}).get("shift_start", -math.inf)
 
 
-def handoff_due(doc: dict, now: float) -> tuple[Rotation, int] | None:
-    """The shift whose handoff `doc` makes due at `now`, with its rotation: a shift has
-    started and its handoff is not made, or was made to somebody else (the rotation was
-    changed since, so the shift running is now another member's). None when none is due.
+def handoff_due(doc: dict, now: float) -> Shift | None:
+    """The shift whose handoff `doc` makes due at `now`: a shift (the rotation's, an
+    override, or the hand-back after one: see oncall_shifts) has started and its handoff is
+    not made, or was made to somebody else (the rotation or the overrides were changed
+    since, so the shift running is now another member's). None when none is due.
     The one rule for everyone who acts on a handoff (the worker, a config change by the
     command line, WHO), so that WHO never contradicts `schedule`."""
-    rotation = Rotation.of(doc)
-    if rotation is None:
+    if not doc["current_config"].get("rotation") and not overrides(doc):
         return None
-    k = rotation.shift_at(now)
-    if k < 0:
+    shift = shift_at(doc, now)
+    if shift is None:
         return None
     made = doc["current_config"].get("rotation_handoff", {})
     made_to = made.get("member")
-    if handed_over(doc) < rotation.starts(k) or (
-            isinstance(made_to, str) and made_to != rotation.member(k)):
-        return rotation, k
+    if handed_over(doc) < shift.start or (isinstance(made_to, str) and made_to != shift.member):
+        return shift
     return None
 
 
@@ -1256,22 +1301,38 @@ def oncall_change(doc: dict) -> tuple[float, str] | None:
         return current["last_modified_time"], str(current.get("last_modified_user_id"))
     return None
 
-
-# --- the schedule as stretches of time: the calendar feed, the status page --------------------
-# Shift, team_zone and oncall_shifts are written to the signatures of branch s22-overrides
-# (which lays the overrides over the rotation, SPEC 21): at the merge, theirs replace these.
+# Overrides (SPEC 21): somebody on call instead for a while, by `TAKE 4h` or planned ahead.
+MAX_OVERRIDE = 14 * DAY
+MAX_OVERRIDES = 100
+OVERRIDES_KEPT = 35 * DAY  # an override ended longer ago is dropped at the next change
 
 
 class Shift(NamedTuple):
-    """Who is on call from `start` to `end` (epoch seconds; math.inf: until somebody TAKEs).
-    `covering`: the member whose time an override takes ('' for a rotation's own shift).
-    `override`: its index in current_config.overrides, or None."""
+    """Who is on call from `start` to `end` (epoch seconds; `end` is math.inf for the
+    hand-back after an override when there is no rotation: until somebody TAKEs).
+    `covering`: the member whose time an override takes ("" for a rotation's own shift, or
+    an override planned without a rotation that has not started: covering whoever is on
+    call then). `override`: its index in current_config.overrides, or None."""
 
     member: str
     start: float
     end: float
     covering: str = ""
     override: int | None = None
+
+
+def override_stamp(ts: float) -> str:
+    """`2026-12-11T08:00:00Z`: an override's times, whole seconds, UTC."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def override_times(override: dict) -> tuple[float, float]:
+    return (dt.datetime.fromisoformat(override["start"]).timestamp(),
+            dt.datetime.fromisoformat(override["end"]).timestamp())
+
+
+def overrides(doc: dict) -> list[dict]:
+    return doc["current_config"].get("overrides", [])
 
 
 def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
@@ -1281,41 +1342,36 @@ def team_zone(doc: dict) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(name)
 
 
-def override_time(value: object, zone: dt.tzinfo) -> float | None:
-    """An override's `start` / `end`: ISO 8601, with an offset, or local to the team's zone."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).timestamp()
+def local_text(zone: zoneinfo.ZoneInfo, ts: float) -> str:
+    """`Mon 2026-12-07 09:00 CET` (seconds only where they are not 0), as Rotation's."""
+    moment = dt.datetime.fromtimestamp(ts, zone)
+    return moment.strftime("%a %Y-%m-%d %H:%M" + (":%S" if moment.second else "") + " %Z")
 
 
 def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> list[Shift]:
-    """Who is on call from `start` to `end`, in time order: the rotation's shifts (Rotation,
-    at most `limit`) with the overrides (`current_config.overrides`: [{member, start, end,
-    by}]) laid over them, a later one over an earlier one; a shift an override cuts goes on
-    from the override's end. Without a rotation only the overrides and their hand-backs (to
-    whoever is on call now, until somebody TAKEs) are known."""
+    """Who is on call from `start` to `end`, in time order: the rotation's shifts with the
+    overrides laid over them (a later one in the list over an earlier one), each with its
+    whole extent (the first may start before `start`). A shift an override cuts goes on
+    from the override's end (that is the hand-back). Without a rotation only overrides and
+    their hand-backs (to whom each covered) are known; before either, nobody is scheduled
+    (on-call is whatever TAKE made it). At most `limit` rotation shifts are looked at.
+    This is the one function that says who the schedule names: handoffs (handoff_due),
+    NEXT, WHO, `schedule` and the calendar feed all read it."""
     rotation = Rotation.of(doc)
-    zone, users = team_zone(doc), members(doc)
-    laid = []
-    for i, item in enumerate(doc["current_config"].get("overrides") or []):
-        o_start = override_time(item.get("start"), zone) if isinstance(item, dict) else None
-        o_end = override_time(item.get("end"), zone) if isinstance(item, dict) else None
-        if o_start is not None and o_end is not None and item.get("member") in users:
-            laid.append((i, item["member"], o_start, o_end))
-    shifts: list[Shift] = []
+    laid = [(i, o, *override_times(o)) for i, o in enumerate(overrides(doc))]
+    base: list[Shift] = []
     if rotation is not None:
         first = max(rotation.shift_at(start), 0)
         last = min(rotation.shift_at(end), first + limit - 1)
-        shifts = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
-                  for k in range(first, last + 1)]
-    elif laid:
-        back = min(o_start for _, _, o_start, _ in laid)
-        shifts = [Shift(oncall_member(doc)["id"], back, math.inf)]
-    for i, member, o_start, o_end in laid:
+        base = [Shift(rotation.member(k), rotation.starts(k), rotation.starts(k + 1))
+                for k in range(first, last + 1)]
+    else:
+        covering = coverings(laid, oncall_member(doc)["id"])
+        ends = sorted((o_end, covering[i]) for i, _, _, o_end in laid)
+        base = [Shift(member, at, ends[n + 1][0] if n + 1 < len(ends) else math.inf)
+                for n, (at, member) in enumerate(ends)]
+    shifts = base
+    for i, override, o_start, o_end in laid:
         if o_start > end or o_end <= o_start:
             continue
         under = next((s.member for s in shifts if s.start <= o_start < s.end), "")
@@ -1328,17 +1384,116 @@ def oncall_shifts(doc: dict, start: float, end: float, limit: int = 10_000) -> l
                 kept.append(shift._replace(end=o_start))
             if shift.end > o_end:
                 kept.append(shift._replace(start=o_end))
-        kept.append(Shift(member, o_start, o_end, under if under != member else "", i))
+        kept.append(Shift(override["member"], o_start, o_end,
+                          override.get("covering") or under, i))
         shifts = sorted(kept, key=lambda s: s.start)
     return [s for s in shifts if s.end > start and s.start <= end and s.start < s.end]
+
+
+def coverings(laid: list[tuple[int, dict, float, float]], oncall: str) -> dict[int, str]:
+    """Without a rotation: whom each override covers (and hands back to). Recorded when it
+    starts; for one still planned, whoever will be on call just before it by the others
+    (an override running then, else the hand-back of the last one ended), else `oncall`."""
+    covering: dict[int, str] = {}
+    for i, override, start, _ in sorted(laid, key=lambda item: item[2]):
+        if override.get("covering"):
+            covering[i] = override["covering"]
+            continue
+        running = [j for j, _, s, e in laid if j in covering and s <= start < e]
+        ended = sorted((e, j) for j, _, _, e in laid if j in covering and e <= start)
+        covering[i] = (laid[max(running)][1]["member"] if running else
+                       covering[ended[-1][1]] if ended else oncall)
+    return covering
+
+
+def shift_at(doc: dict, ts: float) -> Shift | None:
+    """The shift running at `ts` (rotation or override), or None when nobody is scheduled."""
+    return next((s for s in oncall_shifts(doc, ts, ts) if s.start <= ts < s.end), None)
+
+
+def next_shifts(doc: dict, now: float, n: int) -> list[Shift]:
+    """The shift running now (if any) and the next ones, `n` in all."""
+    rotation = Rotation.of(doc)
+    ends = [override_times(o)[1] for o in overrides(doc)]
+    horizon = max([now + 1, *ends])
+    if rotation is not None:
+        horizon = max(horizon, rotation.starts(max(rotation.shift_at(now), 0) + n))
+    return oncall_shifts(doc, now, horizon, limit=n + 1)[:n]
+
+
+def override_text(doc: dict, shift: Shift, zone: zoneinfo.ZoneInfo, named: bool = True
+                  ) -> str:
+    """`Carol until Fri 09:00 CET, covering Bob` (the date too when it is a week or more
+    away); `named=False`: `override until ...`."""
+    names = members(doc)
+    until = dt.datetime.fromtimestamp(shift.end, zone)
+    soon = shift.end - time.time() < 6 * DAY
+    text = (f"{first_name(names[shift.member])} until " if named else "override until ") + \
+        until.strftime("%a %H:%M %Z" if soon else "%a %Y-%m-%d %H:%M %Z")
+    if shift.covering and shift.covering != shift.member:
+        text += f", covering {first_name(names[shift.covering])}"
+    return text
+
+
+TAKE_USAGE = ("send TAKE 4h, TAKE 30m, TAKE UNTIL 18:00 or TAKE UNTIL FRI 09:00 (the team's "
+              "time, at most 14 days)")
+DAY_NAMES = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
+SPAN_UNITS = {"M": 60, "MIN": 60, "H": 3600, "D": DAY}
+
+
+def take_until(args: list[str], now: float, zone: zoneinfo.ZoneInfo) -> float:
+    """When a `TAKE 4h` / `TAKE 30m` / `TAKE UNTIL 18:00` / `TAKE UNTIL FRI 09:00` ends
+    (epoch seconds, whole): a time of day is the next such time on the team's wall clock
+    (an hour a change to summer time skips counts as an hour later, as for shifts).
+    ValueError with the reply when the words are no such time, or more than 14 days away."""
+    words = [w.upper() for w in args]
+    bad = ValueError(f"Cannot read TAKE {' '.join(args)[:40]}: {TAKE_USAGE}.")
+    start = math.floor(now)
+    span = re.fullmatch(r"(\d{1,5})(M|MIN|H|D)", words[0]) if len(words) == 1 else None
+    if span and int(span[1]) > 0:
+        end = start + int(span[1]) * SPAN_UNITS[span[2]]
+    elif words[0] == "UNTIL" and len(words) in (2, 3):
+        clock = re.fullmatch(r"(\d{1,2})[:.]?(\d{2})", words[-1])
+        day = words[1] if len(words) == 3 else ""
+        weekday = next((i for i, name in enumerate(DAY_NAMES)
+                        if len(day) >= 3 and name.startswith(day)), None)
+        if clock is None or int(clock[1]) > 23 or int(clock[2]) > 59 or (
+                day and weekday is None):
+            raise bad
+        today = dt.datetime.fromtimestamp(now, zone).date()
+        end = math.inf
+        for ahead in range(8):
+            date = today + dt.timedelta(days=ahead)
+            if weekday is not None and date.weekday() != weekday:
+                continue
+            moment = dt.datetime.combine(date, dt.time(int(clock[1]), int(clock[2])))
+            at = moment.replace(tzinfo=zone).timestamp()
+            if at > now:
+                end = at
+                break
+    else:
+        raise bad
+    if end - start > MAX_OVERRIDE:
+        raise ValueError(f"TAKE for at most 14 days: {' '.join(args)[:40]} is "
+                         f"{duration_text(end - start)}. Nothing changes.")
+    return end
+
+
+def next_change(doc: dict, now: float) -> float | None:
+    """When the schedule next names somebody new (a shift starts or an override begins or
+    ends), or None."""
+    later = [s.start for s in next_shifts(doc, now, 2 + len(overrides(doc))) if s.start > now]
+    return min(later) if later else None
+
+
+
+# --- the schedule as stretches of time: the calendar feed, the status page --------------------
 
 
 def next_handoffs(doc: dict, now: float, count: int) -> list[Shift]:
     """The next `count` stretches that hand on-call to somebody else after `now`."""
     rotation = Rotation.of(doc)
-    zone = team_zone(doc)
-    ends = [t for item in doc["current_config"].get("overrides") or [] if isinstance(item, dict)
-            for t in [override_time(item.get("end"), zone)] if t is not None]
+    ends = [override_times(o)[1] for o in overrides(doc)]
     horizon = max([now + 1, *ends])
     if rotation is not None:
         horizon = max(horizon, rotation.starts(max(rotation.shift_at(now), 0) + count + 1))
@@ -1942,6 +2097,8 @@ AUDIT_EVENTS = (
     "oncall.changed",        # exactly one per write that changes who is on call
     "session.started",       # TAKE: a pending confirmation was stored
     "session.cancelled",     # X
+    "override.added",        # TAKE 4h + C, or override add, that changed nobody on call now
+    "override.removed",      # override remove (a running one ends now and hands back)
     "page.opened",           # a voicemail or a missed call opened a page
     "page.delivered",        # one channel of a page (or a message job) succeeded
     "page.delivery_failed",  # one attempt of a channel failed (it is retried) or gave up
@@ -2349,9 +2506,9 @@ def parse_command(body: str) -> tuple[str | None, list[str]]:
     return COMMAND_WORDS.get(words[0].upper()), words[1:]
 
 
-HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; then C to confirm or X to "
-             "cancel), ACK [n] (acknowledge your pages), STATUS (recent pages), "
-             "NEXT (the next handoff), "
+HELP_TEXT = ("Commands: WHO (who is on call), TAKE (become on call; TAKE 4h or TAKE UNTIL FRI "
+             "09:00 for a while; then C to confirm or X to cancel), ACK [n] (acknowledge your "
+             "pages), STATUS (recent pages), NEXT (the next handoff), "
              "QUIET 2h [reason] / QUIET OFF (alerts listed, not rung; C to confirm), "
              "TEST (a test text), HALP (this list).")
 NO_ROTATION_TEXT = "No rotation is set: on-call changes only by TAKE."
@@ -3216,6 +3373,8 @@ class Pager:
             self.team, store, self.book, self.audit, self.message_job,
             lambda key, job: self.start_message(key, job) if self.start_message else None)
 
+        self.overrides = Overrides(self)
+
     def hand_over(self, store: Store, page: dict, etag: str, channels: list[str],
                   doc: dict | None = None) -> None:
         """After a write that queued `channels` (claimed for this instance, see claim_until):
@@ -3253,20 +3412,31 @@ class Pager:
         handoff = self.next_handoff(doc)
         return f"{text} {handoff}" if handoff else text
 
-    def take(self, snap: Snapshot, member: dict) -> str:
+    def take(self, snap: Snapshot, member: dict, args: list[str] | None = None) -> str:
+        """TAKE, or with a time (`TAKE 4h`, `TAKE UNTIL FRI 09:00`: an override, see
+        Overrides), which the session keeps for C."""
         doc = snap.doc
-        if oncall_member(doc)["id"] == member["id"]:
+        now = time.time()
+        until = None
+        if args:
+            try:
+                until = take_until(args, now, team_zone(doc))
+            except ValueError as e:
+                return str(e)
+        elif oncall_member(doc)["id"] == member["id"]:
             return f"You are already on call, {first_name(member)}. Nothing changes."
         lifetime = session_lifetime(doc)
-        now = time.time()
         session = {"member": member["id"], "created": now, "expires": now + lifetime,
                    "config_etag": snap.etag}
+        if until is not None:
+            session["until"] = until
         in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
                                                     to_json(session)),
                     lambda: self.audit.record("session.started", member["id"],
                                               {"expires": iso_time(now + lifetime)}))
-        return (f"{member['name']} to be made on-call engineer, reply C to confirm or X to "
-                f"cancel (within {lifetime} seconds).")
+        span = "" if until is None else f" until {local_text(team_zone(doc), until)}"
+        return (f"{member['name']} to be made on-call engineer{span}, reply C to confirm or X "
+                f"to cancel (within {lifetime} seconds).")
 
     def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str] | None) -> str:
         """C: make the member on call if the config is still the one his TAKE was shown.
@@ -3284,6 +3454,8 @@ class Pager:
         if session_doc.get("config_etag") != snap.etag:
             self.store.delete(key)
             return self._changed_under(snap.doc, member)
+        if "until" in session_doc:  # TAKE 4h, TAKE UNTIL ...: an override
+            return self.overrides.confirm(snap, member, float(session_doc["until"]))
         previous = oncall_member(snap.doc)
         doc = copy.deepcopy(snap.doc)
         doc["current_config"]["oncall_user"] = dict(member)
@@ -3364,104 +3536,134 @@ class Pager:
     # --- rotation: the handoff at each shift start, the reminder before it, NEXT -------------
 
     def next_handoff(self, doc: dict) -> str | None:
-        """NEXT's answer (and WHO's last sentence); None without a rotation."""
-        rotation = Rotation.of(doc)
-        if rotation is None:
+        """NEXT's answer (and WHO's last sentence): an override running ("Carol until Fri
+        09:00 CET, covering Bob."), then the next handoff by the schedule (oncall_shifts);
+        None when nothing is scheduled (no rotation, no override to come)."""
+        if Rotation.of(doc) is None and not overrides(doc):
             return None
         now = time.time()
-        k = max(rotation.shift_at(now) + 1, 0)
-        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
-        return (f"Next handoff: {member['name']} on {rotation.local_text(start)} "
-                f"(in {duration_text(start - now)}).")
+        zone, names = team_zone(doc), members(doc)
+        text = []
+        current = shift_at(doc, now)
+        if current is not None and current.override is not None:
+            text.append(override_text(doc, current, zone) + ".")
+        after = next((s for s in next_shifts(doc, now, 3) if s.start > now), None)
+        if after is None and not text:
+            return None
+        if after is not None:
+            line = (f"Next handoff: {names[after.member]['name']} on "
+                    f"{local_text(zone, after.start)} (in {duration_text(after.start - now)})")
+            if after.override is not None:
+                line += f", {override_text(doc, after, zone, named=False)}"
+            text.append(line + ".")
+        return " ".join(text)
 
     def rotation_due(self, doc: dict, now: float) -> float | None:
         """When `rotate` has something to do by `doc` (the config in memory: planning costs no
-        request): `now`, if a shift started without its handoff or a reminder is due."""
+        request): `now`, if a shift (or an override, or its end) started without its
+        handoff or a reminder is due; else when the next one is."""
         rotation = Rotation.of(doc)
-        if rotation is None:
+        if rotation is None and not overrides(doc):
             return None
         if handoff_due(doc, now):
             return now
+        change = next_change(doc, now)
+        following = change if change is not None else math.inf
+        if rotation is None:
+            return None if change is None else following
         k = rotation.shift_at(now)
-        following = rotation.starts(max(k + 1, 0))
-        remind_at = following - rotation.remind.total_seconds()
+        upcoming = rotation.starts(max(k + 1, 0))
+        remind_at = upcoming - rotation.remind.total_seconds()
         if rotation.remind and remind_at > now:
-            return remind_at
-        if rotation.remind and reminder_name(following) not in self._reminded:
+            return min(remind_at, following)
+        if rotation.remind and reminder_name(upcoming) not in self._reminded:
             return now
-        return following
+        return min(upcoming, following)
 
     def rotate(self, snap: Snapshot | None = None) -> Snapshot:
-        """The rotation's due work, by the config as stored (or `snap`, just read): the
-        handoff of the shift that has started, then the reminder of the next one. Returns
-        the config as it is after."""
+        """The schedule's due work, by the config as stored (or `snap`, just read): the
+        handoff of the shift (or override, or hand-back) that has started, then the reminder
+        of the rotation's next shift. Returns the config as it is after."""
         snap = snap or self.team.read()
         if snap.stale:
             raise StoreUnavailable(self.team.problem or "store unreachable")
         rotation = Rotation.of(snap.doc)
-        if rotation is None:
+        if rotation is None and not overrides(snap.doc):
             return snap
-        k = rotation.shift_at(time.time())
-        if handoff_due(snap.doc, time.time()):
-            snap = self.hand_off(snap, rotation, k)
-        elif k >= 0 and rotation.starts(k) not in self._settled:
-            # made by another instance, which may have stopped before its texts were queued
-            self.settle_handoff(snap.doc, rotation.starts(k))
-        self.remind(snap.doc, rotation, max(k + 1, 0))
+        due = handoff_due(snap.doc, time.time())
+        if due is not None:
+            snap = self.hand_off(snap, due)
+        else:
+            current = shift_at(snap.doc, time.time())
+            if current is not None and current.start not in self._settled:
+                # made by another instance, which may have stopped before its texts were queued
+                self.settle_handoff(snap.doc, current.start)
+        if rotation is not None:
+            self.remind(snap.doc, rotation, max(rotation.shift_at(time.time()) + 1, 0))
         return snap
 
-    def hand_off(self, snap: Snapshot, rotation: Rotation, k: int) -> Snapshot:
-        """Shift k's member becomes on call, unless already: one conditional write of the
+    def hand_off(self, snap: Snapshot, shift: Shift) -> Snapshot:
+        """The shift's member becomes on call, unless already: one conditional write of the
         config that also records the handoff as made (`rotation_handoff`), so across
         instances and restarts it is made once, and a TAKE after it holds until the next
         shift. Both people are told (message jobs travel with the write, as C's do)."""
-        start = rotation.starts(k)
         for _ in range(CONFIG_CHANGE_TRIES):
-            due = handoff_due(snap.doc, start)
-            if due is None or due[0].starts(due[1]) != start:  # made elsewhere meanwhile
-                self.settle_handoff(snap.doc, start)
+            due = handoff_due(snap.doc, shift.start)
+            if due is None or due.start != shift.start:  # made elsewhere meanwhile
+                self.settle_handoff(snap.doc, shift.start)
                 return snap
             doc = copy.deepcopy(snap.doc)
-            told = self.handoff_in(doc, rotation, k)
+            told, details, actor = self.handoff_in(doc, due)
             try:
-                snap = self.team.write(doc, base=snap, actor="rotation", messages=told,
-                                       details={"via": "rotation", "shift": iso_time(start)})
+                snap = self.team.write(doc, base=snap, actor=actor, messages=told,
+                                       details=details)
             except StoreConflict:
                 snap = self.team.read()
                 continue
-            log.info("event=rotation.handoff member=%s", rotation.member(k))
-            self._settled.add(start)
+            log.info("event=rotation.handoff member=%s", due.member)
+            self._settled.add(shift.start)
             if self.start_message is not None:
                 for message in snap.queued:
                     self.start_message(*message)
             return snap
         raise StoreUnavailable("the config kept changing")
 
-    def handoff_in(self, doc: dict, rotation: Rotation, k: int) -> list[tuple[str, dict]]:
-        """Make shift k's handoff in `doc` (a copy about to be written): its member on call,
-        the handoff recorded; returns the texts to both people, as message jobs. The new
-        engineer hears of the pages still ringing (they keep calling whom they were sent
-        to, then the team: see Worker._claim)."""
-        start = rotation.starts(k)
-        member, previous = members(doc)[rotation.member(k)], oncall_member(doc)
-        doc["current_config"]["rotation_handoff"] = {"shift_start": start,
-                                                     "member": member["id"]}
+    def handoff_in(self, doc: dict, shift: Shift) -> tuple[list[tuple[str, dict]], dict, str]:
+        """Make the shift's handoff in `doc` (a copy about to be written): its member on
+        call, the handoff recorded; returns the texts to both people (message jobs), the
+        audit details and the actor (`rotation`, or `override` for an override's start and,
+        without a rotation, its hand-back). The new engineer hears of the pages still
+        ringing (they keep calling whom they were sent to, then the team: see
+        Worker._claim)."""
+        member, previous = members(doc)[shift.member], oncall_member(doc)
+        current = doc["current_config"]
+        current["rotation_handoff"] = {"shift_start": shift.start, "member": member["id"]}
+        rotation = Rotation.of(doc)
+        via = "override" if shift.override is not None or rotation is None else "rotation"
+        details = {"via": via, "shift": iso_time(shift.start)}
+        if shift.override is not None:
+            details["override"] = shift.override + 1
+            if rotation is None and not overrides(doc)[shift.override].get("covering"):
+                overrides(doc)[shift.override]["covering"] = previous["id"]
         told: list[tuple[str, dict]] = []
         if member["id"] == previous["id"]:
-            return told
-        doc["current_config"]["oncall_user"] = dict(member)
-        team, until = team_name(doc) or "the team", rotation.starts(k + 1)
+            return told, details, via
+        current["oncall_user"] = dict(member)
+        team, zone = team_name(doc) or "the team", team_zone(doc)
+        until = f" until {local_text(zone, shift.end)}" if math.isfinite(shift.end) else ""
         if not member.get("opted_out"):
             ringing = self.open_page_count()
             pages = (f" {ringing} page{'s' if ringing != 1 else ''} open: STATUS lists "
                      f"{'them' if ringing != 1 else 'it'}." if ringing else "")
-            told.append(self.message_job(member["phone"], f"You are now on call for {team} "
-                                         f"until {rotation.local_text(until)}.{pages}",
-                                         "rotation"))
+            told.append(self.message_job(member["phone"], f"You are now on call for {team}"
+                                         f"{until}.{pages}", via))
         if not previous.get("opted_out"):
+            ended = any(override_times(o)[1] == shift.start for o in overrides(doc))
+            why = ("override" + until if shift.override is not None
+                   else "override ended" if ended else "rotation")
             told.append(self.message_job(previous["phone"], f"{member['name']} has taken "
-                                         "on-call from you (rotation).", "rotation"))
-        return told
+                                         f"on-call from you ({why}).", via))
+        return told, details, via
 
     def open_page_count(self) -> int:
         """Pages still ringing (open, not acknowledged): the book's, once the worker here has
@@ -3487,10 +3689,8 @@ class Pager:
         due = handoff_due(doc, time.time())
         if due is None:
             return [], details, ""
-        rotation, k = due
-        told = self.handoff_in(doc, rotation, k)
-        return told, {**details, "via": "rotation", "shift": iso_time(rotation.starts(k)),
-                      "with": details.get("via", "")}, "rotation"
+        told, made, actor = self.handoff_in(doc, due)
+        return told, {**details, **made, "with": details.get("via", "")}, actor
 
     def settle_handoff(self, doc: dict, start: float) -> None:
         """A handoff another instance made: its audit entry and texts, in case it stopped
@@ -3511,6 +3711,9 @@ class Pager:
                 not start - rotation.remind.total_seconds() <= now < start:
             return
         member = members(doc)[rotation.member(k)]
+        running = shift_at(doc, start)  # an override then: its member is not reminded
+        if running is not None and running.member != member["id"]:
+            member = oncall_member(doc)
         if member["id"] != oncall_member(doc)["id"] and not member.get("opted_out"):
             key, job = self.message_job(
                 member["phone"], f"Reminder: you go on call for {team_name(doc) or 'the team'} "
@@ -4866,7 +5069,7 @@ class Pager:
             if command == "who":
                 return self.who(snap)
             if command == "take":
-                return self.take(snap, member)
+                return self.take(snap, member, args)
             if command == "confirm":
                 return self.confirm(snap, member, session)
             if command == "cancel":
@@ -4895,6 +5098,123 @@ class Pager:
             return HELP_TEXT
         except StoreUnavailable:
             return STORE_DOWN_TEXT
+
+
+class Overrides:
+    """Somebody on call instead for a while (SPEC 21): `TAKE 4h` / `TAKE UNTIL FRI 09:00`
+    by SMS (confirmed with C), or planned ahead by the command line (`override add`).
+    Each is `current_config.overrides[i]`; oncall_shifts lays them over the rotation, so
+    the handoff at an override's start and its hand-back at the end are the rotation's own
+    (Pager.hand_off: one conditional write each, exactly once across instances and
+    restarts). Each change here is one conditional write with its audit entry
+    (`override.added` / `override.removed`, or `oncall.changed` when it changes who is on
+    call now, the handoff made in the same write)."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+
+    def change(self, change: Callable[[dict], str], actor: str, event: str, via: str,
+               snap: Snapshot | None = None, tries: int = CONFIG_CHANGE_TRIES
+               ) -> tuple[Snapshot, str]:
+        """Read (or take `snap`), change a copy (`change` returns what it did; UsageError
+        refuses), drop overrides ended long ago, make a handoff it makes due, write
+        conditionally. A race lost is made again over the new version, `tries` times."""
+        team = self.pager.team
+        for attempt in range(tries):
+            if snap is None or attempt:
+                snap = team.read()
+            if snap.stale:
+                raise StoreUnavailable(team.problem or "store unreachable")
+            doc = copy.deepcopy(snap.doc)
+            what = change(doc)
+            kept = [o for o in overrides(doc)
+                    if override_times(o)[1] > time.time() - OVERRIDES_KEPT]
+            if kept:
+                doc["current_config"]["overrides"] = kept
+            else:
+                doc["current_config"].pop("overrides", None)
+            told, details, handed = self.pager.handoff_with_change(
+                doc, {"via": via, "change": what})
+            phone = members(doc).get(actor, {}).get("phone")
+            told = [job for job in told if job[1]["to"] != phone]  # C's reply tells them
+            try:
+                written = team.write(doc, base=snap, actor=actor, details=details,
+                                     messages=told, event=event,
+                                     oncall_by=actor if handed else "")
+            except StoreConflict:
+                if attempt + 1 == tries:
+                    raise
+                continue
+            if self.pager.start_message is not None:
+                for message in written.queued:
+                    self.pager.start_message(*message)
+            return written, what
+        raise StoreConflict("the config kept changing")
+
+    def confirm(self, snap: Snapshot, member: dict, until: float) -> str:
+        """C after `TAKE 4h` / `TAKE UNTIL ...`: an override from now until then, and the
+        member on call (unless already) in the same write; the previous engineer told."""
+        doc, zone = snap.doc, team_zone(snap.doc)
+        previous = oncall_member(doc)
+        if until <= time.time():
+            return "The time of your TAKE has passed. Nothing changed; send TAKE again."
+
+        def add(doc: dict) -> str:
+            return add_override(doc, member["id"], time.time(), until, member["id"])
+        try:
+            new, _ = self.change(add, member["id"], "override.added", "sms", snap=snap,
+                                 tries=1)
+        except (StoreConflict, ConfigError):
+            self.pager.store.delete(f"sessions/{member['id']}.json")
+            return self.pager._changed_under(self.pager.team.read().doc, member)
+        pager_phone = new.doc["current_config"]["pager_phone"]
+        if previous["id"] == member["id"]:
+            return (f"Okay, {first_name(member)}, you stay on call until "
+                    f"{local_text(zone, until)}.")
+        told = ("was not told (opted out of texts)" if previous.get("opted_out")
+                else "has been told")
+        return (f"Okay, {first_name(member)}, you are on call until {local_text(zone, until)}"
+                f". {previous['name']} {told}. Leave a message at {pager_phone} to test "
+                "delivery.")
+
+
+def add_override(doc: dict, member: str, start: float, end: float, by: str) -> str:
+    """Add an override to `doc` (a copy about to be written); what was done, in a line.
+    UsageError for one that is not a member, ends before it starts or now, or is longer
+    than 14 days."""
+    if member not in members(doc):
+        raise UsageError(f"there is no member {member!r}")
+    start, end = math.floor(start), math.ceil(end)
+    if end <= start:
+        raise UsageError("an override must end after it starts")
+    if end <= time.time():
+        raise UsageError("that override would have ended already")
+    if end - start > MAX_OVERRIDE:
+        raise UsageError(f"an override lasts at most 14 days (this one "
+                         f"{duration_text(end - start)})")
+    doc["current_config"].setdefault("overrides", []).append(
+        {"member": member, "start": override_stamp(start), "end": override_stamp(end),
+         "by": by})
+    zone = team_zone(doc)
+    return (f"override: {member} on call from {local_text(zone, start)} until "
+            f"{local_text(zone, end)}")
+
+
+def remove_override(doc: dict, number: int) -> str:
+    """Remove override `number` (1-based, as `override list` shows): one running now ends
+    now (so on-call is handed back at once); one planned or ended is deleted."""
+    listed = overrides(doc)
+    if not 1 <= number <= len(listed):
+        raise UsageError(f"there is no override {number} (see: oncall-pager override list)")
+    override = listed[number - 1]
+    start, end = override_times(override)
+    now = math.floor(time.time())
+    if start < now < end:
+        override["end"] = override_stamp(now)
+        return f"override {number} ({override['member']}) ended now"
+    del listed[number - 1]
+    return f"override {number} ({override['member']}) removed"
+
 
 
 # ==============================================================================================
@@ -8123,6 +8443,7 @@ SETTABLE: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "pager_phone": (("pager_phone",), str),
     "session_lifetime": (("session_lifetime",), int),
     "team_name": (("team_name",), str),
+    "timezone": (("timezone",), str),
     "transcribe": (("transcribe",), parse_bool_value),
     "live_answer.enabled": (("live_answer", "enabled"), parse_bool_value),
     "live_answer.ring_seconds": (("live_answer", "ring_seconds"), int),
@@ -8710,28 +9031,94 @@ def cmd_pages(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    """The current shift and the next ones: local start, UTC start, member."""
+    """The current shift and the next ones (overrides included): local start, UTC start,
+    member."""
     if not 1 <= args.n <= 1000:
         raise UsageError(f"-n {args.n}: give a number of shifts from 1 to 1000")
     cfg = load_app_config(args.config)
     doc = build_pager(cfg).team.read().doc
-    rotation = Rotation.of(doc)
-    if rotation is None:
+    now = time.time()
+    shifts = next_shifts(doc, now, args.n)
+    if not shifts:
         print(NO_ROTATION_TEXT)
         return 0
-    current = rotation.shift_at(time.time())
-    oncall = oncall_member(doc)
+    oncall, zone = oncall_member(doc), team_zone(doc)
     # a TAKE (or `config set oncall`) after this shift's handoff holds until the next one:
     # said here too, so that `schedule` and WHO tell the same (a handoff due is made at once)
-    instead = (oncall if handoff_due(doc, time.time()) is None and current >= 0
-               and oncall["id"] != rotation.member(current) else None)
-    for k in range(max(current, 0), max(current, 0) + args.n):
-        start, member = rotation.starts(k), members(doc)[rotation.member(k)]
-        utc = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        now = "  now" if k == current else ""
-        if now and instead:
-            now += f" (on call instead until the next shift: {instead['id']} {instead['name']})"
-        print(f"{rotation.local_text(start)}  {utc}  {member['id']}  {member['name']}{now}")
+    for shift in shifts:
+        member = members(doc)[shift.member]
+        utc = dt.datetime.fromtimestamp(shift.start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        line = f"{local_text(zone, shift.start)}  {utc}  {member['id']}  {member['name']}"
+        if shift.override is not None:
+            line += f"  ({override_text(doc, shift, zone, named=False)})"
+        if shift.start <= now < shift.end:
+            line += "  now"
+            if handoff_due(doc, now) is None and oncall["id"] != shift.member:
+                line += (f" (on call instead until the next shift: {oncall['id']} "
+                         f"{oncall['name']})")
+        print(line)
+    return 0
+
+
+def cli_time(text: str, zone: zoneinfo.ZoneInfo, what: str) -> float:
+    """`now`, a local time in the team's zone (`2026-12-24T09:00`), or one with an offset."""
+    if text.strip().lower() == "now":
+        return time.time()
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a time: now, or 2026-12-24T09:00 (in "
+                         f"{zone.key}), or one with an offset") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.timestamp()
+
+
+def cmd_override(args: argparse.Namespace) -> int:
+    """Plan overrides ahead (a holiday swap): add, list, remove. Each change is one
+    conditional write with its audit entry; one that starts (or, removed, ends) now hands
+    over in the same write."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    if args.action == "list":
+        doc = pager.team.read().doc
+        zone, now = team_zone(doc), time.time()
+        listed = overrides(doc)
+        if not listed:
+            print("No overrides.")
+        times = [now, *(t for o in listed for t in override_times(o))]
+        covering = {s.override: s.covering for s in oncall_shifts(doc, min(times), max(times))
+                    if s.override is not None}
+        for number, override in enumerate(listed, 1):
+            start, end = override_times(override)
+            state = "now" if start <= now < end else "ended" if end <= now else "planned"
+            whose = covering.get(number - 1) or override.get("covering") or "-"
+            print(f"{number}  {override['member']}  {local_text(zone, start)} -> "
+                  f"{local_text(zone, end)}  covering {whose}  by {override.get('by') or '-'}"
+                  f"  {state}")
+        return 0
+    if args.action == "add":
+        zone = team_zone(pager.team.read().doc)
+        start = cli_time(args.start, zone, "FROM")
+        end = cli_time(args.end, zone, "TO")
+
+        def change(doc: dict) -> str:
+            return add_override(doc, args.member, start, end, operator(args))
+        event = "override.added"
+    else:
+        def change(doc: dict) -> str:
+            return remove_override(doc, args.number)
+        event = "override.removed"
+    try:
+        written, what = pager.overrides.change(change, operator(args), event, "cli")
+    except StoreConflict:
+        raise UsageError(f"the config kept changing in the store ({CONFIG_CHANGE_TRIES} "
+                         "tries); nothing was written, run the command again") from None
+    print(what)
+    oncall = oncall_member(written.doc)
+    if written.doc["current_config"]["last_change"]["entry"]["event"] == "oncall.changed":
+        print(f"handed over to {oncall['id']} ({oncall['name']}) now; a running pager sends "
+              "the handoff texts")
     return 0
 
 
@@ -8913,6 +9300,19 @@ def build_parser() -> argparse.ArgumentParser:
         token.set_defaults(feed=feed)
     command("status", cmd_status, "who is on call, the next handoffs, the open and the last "
             "pages, health: the status page in the terminal")
+
+    override = command("override", cmd_override, "somebody on call instead for a while "
+                       "(a holiday swap): planned overrides")
+    override.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    plans = override.add_subparsers(dest="action", required=True, metavar="ACTION")
+    planned = action("add", "MEMBER is on call from FROM to TO (now, or 2026-12-24T09:00 in "
+                     "the team's time zone, or with an offset; at most 14 days)", plans)
+    planned.add_argument("member", metavar="MEMBER")
+    planned.add_argument("start", metavar="FROM")
+    planned.add_argument("end", metavar="TO")
+    action("list", "list the overrides, numbered", plans)
+    action("remove", "remove override N (one running now ends now: on-call is handed back)",
+           plans).add_argument("number", metavar="N", type=int)
     vcard = command("vcard", cmd_vcard, "write a contact card (vCard 3.0) with the pager's "
                     "numbers, to let them through Do Not Disturb")
     vcard.add_argument("-o", "--output", help="the file to write (default: standard output)")

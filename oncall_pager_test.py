@@ -6920,7 +6920,11 @@ def test_a_live_caller_whose_page_is_open_leaves_a_message_that_joins_it(
     (repeated,) = wait_until(lambda: audit_events(s3_pager.store, "page.repeated"), 5)
     assert (repeated["details"]["page"], repeated["details"]["repeat"]) == (
         form["RecordingSid"], sid)
-    assert s3_pager.store.list("pages/") == [f"pages/{form['RecordingSid']}.json"]
+    # one page, and the repeat's own record that joined it (SPEC 20)
+    assert sorted(s3_pager.store.list("pages/")) == sorted(
+        [f"pages/{form['RecordingSid']}.json", f"pages/{sid}.json"])
+    joined = json.loads(s3_pager.store.get(f"pages/{sid}.json").data)
+    assert (joined["state"], joined["joins"]) == ("joined", form["RecordingSid"])
     (held,) = wait_until(lambda: audit_events(s3_pager.store, "live.held"), 5)
     assert held["details"]["reason"] == "page open"
 
@@ -9734,3 +9738,348 @@ def test_serve_freezes_what_start_up_made_so_a_full_collection_skips_it() -> Non
         assert len(gc.get_objects()) < frozen / 10, "a full pass still walks start-up"
     finally:
         gc.unfreeze()
+
+# ==============================================================================================
+# ====== s22-overrides: TAKE 4h / TAKE UNTIL, planned overrides, the hand-back (SPEC 21) ======
+# ==============================================================================================
+
+
+def utc_text(ts: float, with_date: bool = True) -> str:
+    """A time as the pager writes it for a team without a time zone (UTC)."""
+    moment = datetime.fromtimestamp(ts, UTC)
+    if not with_date:
+        return moment.strftime("%a %H:%M UTC")
+    return moment.strftime("%a %Y-%m-%d %H:%M" + (":%S" if moment.second else "") + " UTC")
+
+
+def oncall_changes(store: op.Store) -> list[tuple[str, str, str]]:
+    return [(e["details"]["from"], e["details"]["to"], e["details"]["via"])
+            for e in audit_events(store, "oncall.changed")]
+
+
+def test_take_4h_and_c_make_bob_oncall_until_then_and_the_end_hands_back_with_texts(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No rotation: Bob covers Alice for 4 hours; then on-call returns to Alice (whoever was
+    on call before), both told, exactly once. The module's clock is moved, not waited for."""
+    clock = FakeTime()
+    clock.now = math.floor(clock.now)  # "(in 4 h)", not "(in 3 h 59 min)"
+    monkeypatch.setattr(op, "time", clock)
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    pager = start_pager(config)
+    end = math.floor(clock.now) + 4 * 3600
+    assert pager.sms(BOB, "take 4h") == (
+        f"Bob Roberts to be made on-call engineer until {utc_text(end)}, reply C to confirm "
+        "or X to cancel (within 300 seconds).")
+    assert pager.sms(BOB, "C") == (
+        f"Okay, Bob, you are on call until {utc_text(end)}. Alice McAlister has been told. "
+        f"Leave a message at {PAGER_PHONE} to test delivery.")
+    assert oncall_id(store) == "bob"
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    assert messages_to(twilio, ALICE) == [
+        f"Bob Roberts has taken on-call from you (override until {utc_text(end)})."]
+    assert messages_to(twilio, BOB) == [], "the C reply told Bob"
+    (override,) = json.loads(store.get("oncall_config.json").data)["current_config"]["overrides"]
+    assert override == {"member": "bob", "by": "bob", "covering": "alice",
+                        "start": datetime.fromtimestamp(end - 4 * 3600, UTC).strftime(
+                            "%Y-%m-%dT%H:%M:%SZ"),
+                        "end": datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    who = pager.sms(CAROL, "WHO")
+    assert who.startswith("Current on-call engineer: Bob Roberts <+19195551002>. Changed ")
+    assert who.endswith(f"by Bob Roberts. Bob until {utc_text(end, False)}, covering Alice. "
+                        f"Next handoff: Alice McAlister on {utc_text(end)} (in 4 h).")
+    assert pager.sms(CAROL, "NEXT") == (f"Bob until {utc_text(end, False)}, covering Alice. "
+                                        f"Next handoff: Alice McAlister on {utc_text(end)} "
+                                        "(in 4 h).")
+    clock.now = end - 1
+    time.sleep(0.5)  # the worker looks again (poll_interval 0.2 s): nothing is due yet
+    assert oncall_id(store) == "bob"
+    clock.now = end
+    wait_until(lambda: oncall_id(store) == "alice", 5)
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2
+                           and messages_to(twilio, BOB), 5)
+    assert messages_to(twilio, ALICE)[1] == "You are now on call for the team."
+    assert messages_to(twilio, BOB) == [
+        "Alice McAlister has taken on-call from you (override ended)."]
+    clock.now = end + 600
+    time.sleep(0.6)
+    assert oncall_changes(store) == [("alice", "bob", "override"), ("bob", "alice", "override")]
+    assert pager.sms(CAROL, "NEXT") == "No rotation is set: on-call changes only by TAKE."
+    assert len(messages_to(twilio, ALICE)) == 2 and len(messages_to(twilio, BOB)) == 1
+
+
+def test_take_until_with_x_cancels_and_bad_or_too_long_times_change_nothing(
+        file_pager: RunningPager) -> None:
+    store = file_pager.store
+    assert file_pager.sms(BOB, "TAKE UNTIL 18:00").startswith(
+        "Bob Roberts to be made on-call engineer until ")
+    assert file_pager.sms(BOB, "X") == "Okay, Bob, nothing changes: Alice remains on call."
+    assert file_pager.sms(BOB, "C").startswith("No pending TAKE.")
+    before = store_state(store)
+    usage = ("send TAKE 4h, TAKE 30m, TAKE UNTIL 18:00 or TAKE UNTIL FRI 09:00 (the team's "
+             "time, at most 14 days).")
+    for body in ("TAKE 4x", "TAKE UNTIL 25:00", "TAKE UNTIL FUNDAY 09:00", "TAKE 0h",
+                 "TAKE 4h now", "TAKE UNTIL"):
+        assert file_pager.sms(BOB, body) == f"Cannot read {body}: {usage}", body
+    assert file_pager.sms(BOB, "TAKE 15d") == ("TAKE for at most 14 days: 15d is 15 d. "
+                                               "Nothing changes.")
+    assert file_pager.sms(BOB, "TAKE 337h") == ("TAKE for at most 14 days: 337h is 14 d 1 h. "
+                                                "Nothing changes.")
+    assert {k for k in store_state(store) if not k.startswith(("audit/", "replies/"))} == \
+        {k for k in before if not k.startswith(("audit/", "replies/"))}
+    assert file_pager.sms(BOB, "TAKE 14d").startswith("Bob Roberts to be made on-call engineer")
+    assert file_pager.sms(BOB, "C").startswith("Okay, Bob, you are on call until ")
+    assert oncall_id(store) == "bob"
+
+
+def sms_reply(pager: op.Pager, sender: str, body: str) -> str | None:
+    return pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
+
+
+def jobs(store: op.Store) -> list[tuple[str, str]]:
+    found = [json.loads(store.get(key).data) for key in store.list("jobs/")]
+    return sorted((job["to"], job["body"]) for job in found)
+
+
+def test_take_until_0900_across_the_change_to_summer_time_in_berlin_ends_at_0900_cest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saturday 2027-03-27 20:00 CET, `TAKE UNTIL 09:00`: the next 09:00 is Sunday's, after
+    the clocks went forward, 07:00 UTC (11 hours later, not 12); the hand-back comes then."""
+    clock = FakeTime()
+    monkeypatch.setattr(op, "time", clock)
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(timezone="Europe/Berlin"))
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    clock.now = datetime(2027, 3, 27, 19, 0, tzinfo=UTC).timestamp()
+    end = datetime(2027, 3, 28, 7, 0, tzinfo=UTC).timestamp()
+    assert sms_reply(pager, CAROL, "TAKE UNTIL 09:00") == (
+        "Carol Cruz to be made on-call engineer until Sun 2027-03-28 09:00 CEST, reply C to "
+        "confirm or X to cancel (within 300 seconds).")
+    assert sms_reply(pager, CAROL, "C").startswith(
+        "Okay, Carol, you are on call until Sun 2027-03-28 09:00 CEST. ")
+    assert oncall_id(store) == "carol"
+    assert jobs(store) == [(ALICE, "Carol Cruz has taken on-call from you (override until "
+                                   "Sun 2027-03-28 09:00 CEST).")]
+    doc = pager.team.read().doc
+    assert op.oncall_shifts(doc, clock.now, end + 3600)[0][:3] == ("carol", clock.now, end)
+    assert pager.rotation_due(doc, clock.now) == end
+    clock.now = end - 1
+    pager.rotate()
+    assert oncall_id(store) == "carol"
+    clock.now = end
+    pager.rotate()
+    pager.rotate()
+    assert oncall_id(store) == "alice"
+    assert oncall_changes(store) == [("alice", "carol", "override"),
+                                     ("carol", "alice", "override")]
+    assert (ALICE, "You are now on call for the team.") in jobs(store)
+    assert (CAROL, "Alice McAlister has taken on-call from you (override ended).") in jobs(store)
+    # New York, 2027-11-06 12:00 EDT: the next Sunday 09:00 is after the change back to EST
+    set_team(store, timezone="America/New_York")
+    pager.team.read()  # commands use a copy of the config checked within 10 s
+    clock.now = datetime(2027, 11, 6, 16, 0, tzinfo=UTC).timestamp()
+    assert sms_reply(pager, BOB, "TAKE UNTIL sun 0900") == (
+        "Bob Roberts to be made on-call engineer until Sun 2027-11-07 09:00 EST, reply C to "
+        "confirm or X to cancel (within 300 seconds).")
+    session = json.loads(store.get("sessions/bob.json").data)
+    assert session["until"] == datetime(2027, 11, 7, 14, 0, tzinfo=UTC).timestamp()
+
+
+def test_an_override_holds_the_rotation_back_and_its_end_hands_back_to_the_rotation_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weekly shifts from Monday 09:00 Berlin (Bob, then Alice). Carol covers from Saturday
+    12:00 to Tuesday 09:00 across the Monday handoff (and the change to summer time): no
+    handoff during the override; at its end on-call returns to Alice, whose shift it is."""
+    clock = FakeTime()
+    monkeypatch.setattr(op, "time", clock)
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(rotation={"members": ["bob", "alice"], "start": "2027-03-22T09:00",
+                                       "timezone": "Europe/Berlin", "shift_hours": 168}))
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    at = {name: datetime(2027, 3, day, hour, tzinfo=UTC).timestamp() for name, day, hour in (
+        ("fri", 26, 10), ("sat", 27, 11), ("mon", 29, 7), ("tue", 30, 7))}
+    clock.now = at["fri"]
+    pager.rotate()
+    assert oncall_id(store) == "bob"
+    pager.overrides.change(lambda doc: op.add_override(doc, "carol", at["sat"], at["tue"],
+                                                       "alice"),
+                           "alice", "override.added", "cli")
+    assert oncall_id(store) == "bob", "planned, not yet"
+    doc = pager.team.read().doc
+    assert pager.next_handoff(doc) == ("Next handoff: Carol Cruz on Sat 2027-03-27 12:00 CET "
+                                       "(in 1 d 1 h), override until Tue 09:00 CEST, covering "
+                                       "Bob.")
+    assert [s[:4] for s in op.next_shifts(doc, clock.now, 3)] == [
+        ("bob", datetime(2027, 3, 22, 8, tzinfo=UTC).timestamp(), at["sat"], ""),
+        ("carol", at["sat"], at["tue"], "bob"),
+        ("alice", at["tue"], datetime(2027, 4, 5, 7, tzinfo=UTC).timestamp(), "")]
+    clock.now = at["sat"]
+    pager.rotate()
+    assert oncall_id(store) == "carol"
+    assert {(BOB, "Carol Cruz has taken on-call from you (override until Tue 2027-03-30 "
+                  "09:00 CEST)."),
+            (CAROL, "You are now on call for the team until Tue 2027-03-30 09:00 CEST.")} <= \
+        set(jobs(store))
+    doc = pager.team.read().doc
+    assert pager.next_handoff(doc) == ("Carol until Tue 09:00 CEST, covering Bob. Next "
+                                       "handoff: Alice McAlister on Tue 2027-03-30 09:00 CEST "
+                                       "(in 2 d 20 h).")
+    clock.now = at["mon"]  # the rotation's handoff to Alice: held back by the override
+    pager.rotate()
+    assert oncall_id(store) == "carol"
+    clock.now = at["tue"] + 5
+    pager.rotate()
+    pager.rotate()
+    assert oncall_id(store) == "alice"
+    assert oncall_changes(store) == [("alice", "bob", "rotation"),
+                                     ("bob", "carol", "override"),
+                                     ("carol", "alice", "rotation")]
+    assert (CAROL, "Alice McAlister has taken on-call from you (override ended).") in \
+        jobs(store)
+    assert (ALICE, "You are now on call for the team until Mon 2027-04-05 09:00 CEST.") in \
+        jobs(store)
+
+
+def test_an_override_that_ended_while_the_pager_was_down_hands_back_once_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeTime()
+    monkeypatch.setattr(op, "time", clock)
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store)
+    cfg = op.load_app_config(write_config(tmp_path, "file:var"))
+    first = op.Pager(cfg, store)
+    assert sms_reply(first, CAROL, "TAKE 30m").startswith("Carol Cruz to be made")
+    assert sms_reply(first, CAROL, "C").startswith("Okay, Carol, you are on call until ")
+    clock.now += 3 * 3600  # the pager was down meanwhile: two instances start
+    second, third = op.Pager(cfg, store), op.Pager(cfg, store)
+    second.rotate()
+    third.rotate()
+    second.rotate()
+    assert oncall_changes(store) == [("alice", "carol", "override"),
+                                     ("carol", "alice", "override")]
+    assert [body for to, body in jobs(store) if to == CAROL] == [
+        "Alice McAlister has taken on-call from you (override ended)."]
+
+
+def test_override_add_list_remove_and_schedule_show_the_holiday_swap(file_cli: Cli) -> None:
+    block, start = rotation(["bob", "carol"], first_in=-3600, shift=3600 * 24)
+    set_team(file_cli.store, rotation=block, oncall_user={"id": "bob", "name": "Bob Roberts",
+                                                          "phone": BOB},
+             rotation_handoff={"shift_start": float(start), "member": "bob"})
+    local = [datetime.fromtimestamp(start + day * 86400, BERLIN) for day in range(4)]
+    swap_from, swap_to = (local[1] + (local[2] - local[1]) / 2), local[2]
+    iso = [moment.strftime("%Y-%m-%dT%H:%M:%S") for moment in (swap_from, swap_to)]
+    result = file_cli.run("override", "add", "alice", *iso, "--as", "carol")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"override: alice on call from {berlin(swap_from.timestamp())} "
+                             f"until {berlin(swap_to.timestamp())}\n")
+    (added,) = audit_events(file_cli.store, "override.added")
+    assert added["actor"] == "carol" and added["details"]["via"] == "cli"
+    result = file_cli.run("override", "list")
+    assert result.stdout == (f"1  alice  {berlin(swap_from.timestamp())} -> "
+                             f"{berlin(swap_to.timestamp())}  covering carol  by carol  "
+                             "planned\n")
+    lines = file_cli.run("schedule", "-n", "4").stdout.splitlines()
+    until = swap_to.strftime("%a %H:%M %Z")
+    assert lines[0].endswith("bob  Bob Roberts  now")
+    assert lines[1].startswith(berlin(start + 86400)) and lines[1].endswith("carol  Carol Cruz")
+    assert lines[2].startswith(berlin(swap_from.timestamp()))
+    assert lines[2].endswith(f"alice  Alice McAlister  (override until {until}, covering "
+                             "Carol)")
+    assert lines[3].startswith(berlin(start + 2 * 86400)) and lines[3].endswith("bob  Bob Roberts")
+    before = file_cli.raw()
+    for args, error in (
+            (("add", "zed", *iso), "error: there is no member 'zed'\n"),
+            (("add", "bob", "friday", iso[1]), "error: FROM 'friday' is not a time: now, or "
+             "2026-12-24T09:00 (in Europe/Berlin), or one with an offset\n"),
+            (("add", "bob", iso[1], iso[0]), "error: an override must end after it starts\n"),
+            (("add", "bob", iso[0], (swap_from.astimezone(UTC) + (local[1] - local[0]) * 15
+                                     ).isoformat()),
+             "error: an override lasts at most 14 days (this one 15 d)\n"),
+            (("remove", "2"), "error: there is no override 2 (see: oncall-pager override "
+             "list)\n")):
+        result = file_cli.run("override", *args)
+        assert result.returncode == 2 and result.stderr.startswith(error), result.stderr
+    assert file_cli.raw() == before
+    # Bob covers from now for an hour: on call in the same write, Bob's covering shown
+    result = file_cli.run("override", "add", "bob", "now",
+                          (datetime.now(BERLIN) + (local[1] - local[0]) / 24).strftime(
+                              "%Y-%m-%dT%H:%M:%S"))
+    assert result.returncode == 0 and "handed over to bob" not in result.stdout, \
+        "Bob was on call already"
+    set_team(file_cli.store, oncall_user={"id": "carol", "name": "Carol Cruz", "phone": CAROL})
+    result = file_cli.run("override", "remove", "2")
+    assert result.stdout.startswith("override 2 (bob) ended now\nhanded over to bob"), \
+        result.stdout
+    assert oncall_id(file_cli.store) == "bob", "the rotation's member, Bob, has it back"
+    result = file_cli.run("override", "remove", "1")
+    assert result.stdout == "override 1 (alice) removed\n"
+    assert [o["member"] for o in file_cli.doc()["current_config"]["overrides"]] == ["bob"]
+    assert [e["event"] for e in audit_events(file_cli.store)][-1] == "override.removed"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"member": "zed"}, "current_config.overrides[0].member 'zed' is not an available user"),
+    ({"start": "2026-12-11T09:00"}, "current_config.overrides[0].start '2026-12-11T09:00' "
+                                    "is not a time with its offset"),
+    ({"end": "2026-12-26T09:00:01Z"}, "current_config.overrides[0].end is not after its "
+                                      "start, within 14 days"),
+    ({"end": "2026-12-11T08:00:00Z"}, "current_config.overrides[0].end is not after"),
+    ({"covering": "zed"}, "current_config.overrides[0].covering 'zed' is not an available"),
+])
+def test_check_names_what_is_wrong_with_an_override(override: dict, expected: str) -> None:
+    good = {"member": "bob", "start": "2026-12-12T09:00:00Z", "end": "2026-12-26T09:00:00Z",
+            "by": "alice"}
+    assert op.check_oncall_config(team_doc(overrides=[good])) == ([], [])
+    errors, _ = op.check_oncall_config(team_doc(overrides=[{**good, **override,
+                                                            "start": override.get(
+                                                                "start", "2026-12-12T09:00:00Z"
+                                                            )}]))
+    assert any(e.startswith(expected) for e in errors), errors
+    errors, _ = op.check_oncall_config(team_doc(timezone="Mars/Olympus"))
+    assert errors and errors[0].startswith("current_config.timezone 'Mars/Olympus' is not")
+
+
+# Carol covers for an hour (TAKE 1h, C: Alice told); the hour ends (handed back to Alice,
+# both told; a stop there means it ended while the pager was down, and the restart hands
+# back). A planned override's start and end are the same handoffs (Pager.hand_off).
+OVERRIDE_FLOW: list[Callable[[Process], None]] = [
+    begin,
+    lambda p: sms(p, CAROL, "TAKE 1h"),
+    lambda p: sms(p, CAROL, "C"),
+    lambda p: p.advance_to(3700),
+]
+
+
+def check_override_flow(store: op.Store, outside: Outside) -> None:
+    assert oncall_id(store) == "alice"
+    assert oncall_changes(store) == [("alice", "carol", "override"),
+                                     ("carol", "alice", "override")]
+    texts = [(s["to"], s["body"]) for s in outside.sent if s["kind"] == "sms"]
+    assert any(to == ALICE and body.startswith("Carol Cruz has taken on-call from you "
+                                               "(override until ") for to, body in texts)
+    assert (CAROL, "Alice McAlister has taken on-call from you (override ended).") in texts
+    assert (ALICE, "You are now on call for the team.") in texts
+    doc = json.loads(store.get("oncall_config.json").data)
+    (override,) = doc["current_config"]["overrides"]
+    assert (override["member"], override["covering"]) == ("carol", "alice")
+
+
+def test_a_stop_before_or_after_any_store_write_of_an_override_loses_and_doubles_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash-point test (SPEC 13) over the override flow."""
+    test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
+        tmp_path, monkeypatch, OVERRIDE_FLOW, check_override_flow)
+
+
+def test_the_teams_time_zone_without_a_rotation_is_config_set_timezone(file_cli: Cli) -> None:
+    result = file_cli.run("config", "set", "timezone", "America/New_York")
+    assert result.returncode == 0, result.stderr
+    result = file_cli.run("override", "add", "bob", "2030-07-01T09:00", "2030-07-02T09:00")
+    assert result.stdout == ("override: bob on call from Mon 2030-07-01 09:00 EDT until Tue "
+                             "2030-07-02 09:00 EDT\n"), result.stderr
+    assert file_cli.doc()["current_config"]["overrides"][0]["start"] == "2030-07-01T13:00:00Z"
+    result = file_cli.run("config", "set", "timezone", "Mars/Olympus")
+    assert result.returncode == 1 and "current_config.timezone 'Mars/Olympus' is not an IANA" \
+        in result.stderr
