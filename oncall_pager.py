@@ -3292,8 +3292,8 @@ class Pager:
             current = self.find_page(page_id)
             return False, current[0] if current else {}
         page, etag = written
-        due = page["audit_due"][-1]  # off the answer's path: the page carries it meanwhile
-        IO_POOL.submit(self.audit.write, due["key"], due["entry"])
+        due = page["audit_due"][-1]
+        self.audit.write(due["key"], due["entry"])
         if notices and self.start_work is not None and claimed_until:
             self.start_work(self.store, page, etag, notices, doc)
         self.wake()

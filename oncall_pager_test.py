@@ -4859,6 +4859,58 @@ ARCHIVE_FLOW: list[Callable[[Process], None]] = [
 ]
 
 
+INDEX_SID = "RE" + "e" * 32
+
+
+def listing_and_index(process: Process) -> None:
+    """The next listing of pages/ now, and the done index written after it (see DoneIndex)."""
+    process.worker._next_listing = 0.0
+    process.worker.done_index._next_write = 0.0
+    process.settle()
+
+
+# The done index (SPEC 20): a voicemail acknowledged, a listing that writes the index naming
+# it, a second voicemail from another caller (the restart after a stop reads the index),
+# escalated (a call to Alice), acknowledged by Alice; then another listing and index write.
+INDEX_FLOW: list[Callable[[Process], None]] = [
+    begin,
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+    listing_and_index,
+    lambda p: p.pager.open_page(INDEX_SID, "voicemail", {"number": "+15557654321"},
+                                "CA" + "e" * 32, CRASH_RECORDING_URL + INDEX_SID, 7),
+    lambda p: p.settle(),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+    listing_and_index,
+]
+
+
+def check_index_flow(store: op.Store, outside: Outside) -> None:
+    pages = {p: json.loads(store.get(f"pages/{p}.json").data) for p in (CRASH_SID, INDEX_SID)}
+    assert [pages[p]["acked_by"] for p in (CRASH_SID, INDEX_SID)] == ["alice", "alice"]
+    texted = {s["body"] for s in outside.sent if s["kind"] == "mms" and s["to"] == ALICE}
+    assert any("(12 sec)" in body for body in texted) and any(
+        "(7 sec)" in body for body in texted), f"a voicemail was never texted: {texted}"
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+    # the index's one rule: an entry that names a page's current ETag names a page done with
+    versions = store.versions("pages/")
+    index = store.get(op.DONE_INDEX)
+    for page_id, etag in op.DoneIndex.entries(json.loads(index.data) if index else {}).items():
+        if versions.get(f"pages/{page_id}.json", ("", 0.0))[0] == etag:
+            assert not op.has_work(pages[page_id]), f"the index names {page_id}, which has work"
+    events = audit_events(store)
+    assert sorted(e["details"]["page"] for e in events if e["event"] == "page.opened") == \
+        sorted([CRASH_SID, INDEX_SID]), "a page opened twice, or never"
+    assert [e["actor"] for e in events if e["event"] == "page.acknowledged"] == [
+        "alice", "alice"]
+
+
 def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
               ) -> int | None:
     """Run the steps from `start`; the step the process stopped in, or None."""
@@ -5088,9 +5140,10 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow),
-                                         (HELD_FLOW, check_held_flow)],
+                                         (HELD_FLOW, check_held_flow),
+                                         (INDEX_FLOW, check_index_flow)],
                          ids=["page", "team", "live", "live-outage", "rotation", "alert",
-                              "heartbeat", "archive", "held"])
+                              "heartbeat", "archive", "held", "done-index"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
