@@ -19,7 +19,8 @@ How data flows
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read;
-            after a start the recent pages first, then the changed ones, in parallel)
+            after a start the recent pages first, then the changed ones, in parallel, but for
+            those the done index names with the ETag listed: DoneIndex, no read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
          (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
             nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
@@ -72,6 +73,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
                                             it missed)
     pages-done/<id>.json                    pages with nothing left to do, moved out of pages/
                                             after two quiet days (so its listing stays short)
+    index/done-pages.json                   the pages of pages/ known done with, by ETag: a
+                                            cache that spares a start reading them (DoneIndex)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
                                             its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
@@ -4825,11 +4828,15 @@ class Worker:
         the first time (another instance's, or any page after a restart) gets its due audit
         entries written again, in case its writer stopped before writing them.
 
-        After a start that is every page changed within QUIET_AFTER, thousands after a busy
-        day, so the reads are bounded and in parallel (LISTING_READERS at once), newest first
-        (an open page is written at every escalation step; a done one is not written again),
-        and a page with work is looked at as soon as it is read: an open page rings before
-        the old ones are read. Each page read counts as progress for the watchdog."""
+        After a start that would be every page changed within QUIET_AFTER, thousands after
+        a busy day; the done index (DoneIndex, read at start) names those done with by their
+        ETags, and a page listed with the ETag it names is not read. The rest (the open ones,
+        those changed since the index was written, all of them when there is none) are read
+        bounded and in parallel (LISTING_READERS at once), newest first (an open page is
+        written at every escalation step; a done one is not written again), and a page with
+        work is looked at as soon as it is read: an open page rings before the old ones are
+        read. Each page read counts as progress for the watchdog. Then the index is written
+        if what this instance knows changed it (in the background)."""
         listed_at = time.monotonic()
         now = time.time()
         seen = set()
@@ -4869,7 +4876,7 @@ class Worker:
         request per 1,000 pages and then thousands of reads: the pages of counters/pages.json's
         recent list (one read, then RECENT_PAGES at once), where an open page is, so that it
         rings within a few round trips of the start. The listing finds them known, unchanged,
-        and does not read them again."""
+        and does not read them again. The done index is read with the counter."""
         items, self._indexed = in_parallel(IO_POOL, self.pager.recent_items,
                                            self.done_index.read)
         keys = [f"pages/{item['id']}.json" for item in items
