@@ -46,9 +46,13 @@ Section 13, S3 at a simulated round-trip time (at each of --rtts, default 0, 30 
 
 Section 20, a start over a long history (--scale-pages at each of --scale-rtts)
  6. A bucket of 100, 1,000 and 10,000 pages (3 open with their first call overdue, the rest
-    done and changed within two days), then `serve` on it behind the delaying proxy, under a
+    done and changed within two days, and the done index the pager leaves behind), then
+    `serve` on it with the default worker settings behind the delaying proxy, under a
     notify socket with a 2 s watchdog: start -> /healthz, start -> the open pages' first
-    calls at the Twilio fake, start -> the first scan done, RSS, the longest unfed gap.
+    calls at the Twilio fake, start -> the first scan done, RSS, the longest unfed gap,
+    STATUS and plain ACK latency, the idle S3 requests an hour (--scale-idle-seconds of
+    rest, scaled); one line each in the scale table, with PASS/MISS per target.
+    --scale-unindexed adds a start over the most pages without the index.
 
 Method, so the figures can be trusted
  - Load generator: --clients processes (multiprocessing, spawn), each with one keep-alive

@@ -4562,10 +4562,12 @@ class DoneIndex:
             stored = self.entries(doc)
             pages = {page_id: etag for page_id, etag in stored.items()
                      if self.book.etag(page_id) == etag} | mine
-            if doc is not None and pages == stored:
-                return None
+            if pages == stored and (doc is not None or not pages):
+                return None  # as stored (or nothing to say, and no index yet)
             return {"written": iso_time(time.time()), "pages": dict(sorted(pages.items()))}
 
+        if self._known is None and not mine:
+            return  # nothing to say (and no read to find that out, at rest)
         if self._known is not None and merge(self._known[0]) is None:
             return  # as stored (as far as this instance knows: a write would find out)
         self._next_write = time.monotonic() + DONE_INDEX_EVERY
