@@ -4534,14 +4534,17 @@ class DoneIndex:
     def read(self) -> dict[str, str]:
         """{page id: ETag} as stored ({} when there is none, or it cannot be read)."""
         try:
-            found = read_json(self.store, DONE_INDEX)
+            blob = self.store.get(DONE_INDEX)
         except StoreUnavailable as e:
             log.warning("event=pages.done_index_unread error=%r", str(e)[:200])
             return {}
-        if found is None:
+        if blob is None:
             return {}
-        self._known = found
-        return self.entries(found[0])
+        doc = json_object(blob.data)
+        if doc is None:  # not JSON: written over (If-Match its ETag) at the next write
+            log.error("event=store.bad_json key=%s", DONE_INDEX)
+        self._known = (doc or {}, blob.etag)
+        return self.entries(doc)
 
     @staticmethod
     def entries(doc: dict | None) -> dict[str, str]:
