@@ -2422,7 +2422,8 @@ class PageBook:
     written with. A page write starts from the copy (If-Match its ETag), so it costs one
     request unless another instance changed the page meanwhile; the worker plans from the
     copies, so a scan reads only pages whose ETag in the listing changed. Pages with nothing
-    left to do keep only their ETag (and the last few their copy)."""
+    left to do keep only their ETag (and the last few their copy); those done with (neither
+    ringing nor listed) are what the done index names (DoneIndex)."""
 
     def __init__(self) -> None:
         self._working: dict[str, tuple[dict, str]] = {}
