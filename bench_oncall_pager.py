@@ -50,9 +50,13 @@ Section 13, S3 at a simulated round-trip time (at each of --rtts, default 0, 30 
 
 Section 20, a start over a long history (--scale-pages at each of --scale-rtts)
  6. A bucket of 100, 1,000 and 10,000 pages (3 open with their first call overdue, the rest
-    done and changed within two days), then `serve` on it behind the delaying proxy, under a
+    done and changed within two days, and the done index the pager leaves behind), then
+    `serve` on it with the default worker settings behind the delaying proxy, under a
     notify socket with a 2 s watchdog: start -> /healthz, start -> the open pages' first
-    calls at the Twilio fake, start -> the first scan done, RSS, the longest unfed gap.
+    calls at the Twilio fake, start -> the first scan done, RSS, the longest unfed gap,
+    STATUS and plain ACK latency, the idle S3 requests an hour (--scale-idle-seconds of
+    rest, scaled); one line each in the scale table, with PASS/MISS per target.
+    --scale-unindexed adds a start over the most pages without the index.
 
 Method, so the figures can be trusted
  - Load generator: --clients processes (multiprocessing, spawn), each with one keep-alive
@@ -1026,6 +1030,12 @@ class Report:
                       "3 open pages, the rest done and changed within two days):", "",
                       "| figure | value | target | verdict |", "|---|---|---|---|"]
             lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} |" for f in twenty]
+        if self.runs.get("scale"):
+            lines += ["", "Scale table (SPEC 20; targets at 10,000 pages, RTT 30 ms):", "",
+                      "| pages | RTT | → /healthz | → first call | → first scan | RSS | "
+                      "idle LIST/PUT/DELETE per h | STATUS p50 | ACK p50 |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [scale_row(row) for row in self.runs["scale"]]
         m = self.machine
         lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']} on "
                       f"{m['platform']}; {m['pinning']}."]
@@ -1049,6 +1059,30 @@ class Report:
             row["verdict"] = figure.verdict
             row["shown"] = figure.shown()
         return finite(doc)
+
+
+def scale_row(row: dict) -> str:
+    """One line of the scale table, each figure with PASS/MISS against SPEC 20's target
+    (the start-up ones judged at 10,000 pages and RTT 30 only, where the SPEC sets them)."""
+    at_target = row["pages"] >= 10_000 and row["rtt_ms"] >= 30
+    limit = 3 * row["rtt_ms"] + 40
+
+    def judged(text: str, ok: bool, always: bool = False) -> str:
+        return f"{text} {'PASS' if ok else 'MISS'}" if at_target or always else text
+
+    call = row["call_s"]
+    return "| " + " | ".join([
+        f"{row['pages']:,}" + ("" if row.get("indexed", True) else " (no index)"),
+        f"{row['rtt_ms']:g} ms",
+        judged(f"{row['healthz_s']:.2f} s", row["healthz_s"] < SCALE_TARGETS["healthz"]),
+        judged("none" if call is None else f"{call:.1f} s",
+               call is not None and call < SCALE_TARGETS["call"]),
+        judged(f"{row['scan_s']:.1f} s", row["scan_s"] < SCALE_TARGETS["scan"]),
+        judged(f"{row['rss_mb']:.0f} MB", row["rss_mb"] < SCALE_TARGETS["rss"]),
+        judged(f"{row['idle_per_hour']:.0f} (+{row['idle_gets_per_hour']:.0f} GET)",
+               row["idle_per_hour"] <= 72 + row["pages"] / 1000, always=True),
+        judged(f"{row['status_p50_ms']:.0f} ms", row["status_p50_ms"] <= limit, always=True),
+        judged(f"{row['ack_p50_ms']:.0f} ms", row["ack_p50_ms"] <= limit, always=True)]) + " |"
 
 
 def grouped(ops: Sequence[str]) -> str:
@@ -1890,14 +1924,17 @@ def measure_loopback_20(lab: Lab, report: Report, settings: argparse.Namespace) 
 SCALE_OPEN = 3             # open pages among them, their first escalation step overdue
 SCALE_WAIT = 900.0         # s a start gets to finish its first scan before the part fails
 SCALE_TARGETS = {"healthz": 2.0, "call": 30.0, "scan": 60.0, "rss": 100.0}  # at 10,000, RTT 30
+SCALE_COMMANDS = 7         # STATUS and plain ACKs timed after the first scan, one at a time
 
 
-def fill_history(lab: Lab, bucket: str, pages: int) -> None:
+def fill_history(lab: Lab, bucket: str, pages: int, indexed: bool = True) -> None:
     """`pages` pages in the bucket, put straight into moto's backend (through HTTP, 10,000
     would take minutes here): SCALE_OPEN open ones last written ten minutes ago with their
     first call overdue, the rest acknowledged and changed at times spread over the last two
     days (a few dozen after the open ones), as a busy pager leaves pages/ behind, with
-    counters/pages.json listing the last RECENT_PAGES opened."""
+    counters/pages.json listing the last RECENT_PAGES opened and (`indexed`) the done index
+    naming the done ones by their ETags, as the pager that wrote them leaves it."""
+    index: dict[str, str] = {}
     from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
 
@@ -1923,11 +1960,16 @@ def fill_history(lab: Lab, bucket: str, pages: int) -> None:
         key = backend.put_object(bucket, f"pages/{page['id']}.json", op.to_json(page))
         key.last_modified = datetime.datetime.fromtimestamp(changed, datetime.UTC).replace(
             tzinfo=None)
+        if n < done and indexed:
+            index[page["id"]] = str(key.etag).strip('"')
     opened.sort(key=lambda item: item["opened"])
     for number, item in enumerate(opened, 1):
         item["number"] = number
     backend.put_object(bucket, "counters/pages.json", op.to_json(
         {"next": pages + 1, "recent": opened[-op.RECENT_PAGES:]}))
+    if indexed:  # as the pager that left these pages behind wrote it (DoneIndex)
+        backend.put_object(bucket, op.DONE_INDEX, op.to_json(
+            {"written": op.iso_time(now), "pages": dict(sorted(index.items()))}))
 
 
 class NotifySocket:
@@ -1960,17 +2002,32 @@ class NotifySocket:
         self.sock.close()
 
 
-def measure_start_over(lab: Lab, report: Report, pages: int, rtt_ms: float) -> None:
-    """One start of `serve` (under a notify socket with a 2 s watchdog, fed every 0.5 s
-    while the worker is alive) on a bucket of `pages` pages: start -> /healthz, start -> the
-    first escalation call at the Twilio fake, start -> the first scan done (its log line),
-    RSS then, and the longest time the watchdog went unfed in between."""
+def timed_sms(lab: Lab, server: Server, sender: str, body: str, expect: str,
+              quiet: float) -> float:
+    """One signed SMS to the control number once the S3 endpoint is quiet: ms to its reply."""
+    lab.proxy.wait_quiet(quiet, timeout=60)
+    status, reply, seconds = signed_post(lab.kit, server.port, "/msgcontrol/entry", sms_fields(
+        sender, lab.kit.from_phone, body, lab.kit.account_sid))
+    if status != 200 or expect not in reply:
+        raise BenchError(f"{body}: {status} {reply[:300]!r}\n{server.log_tail()}")
+    return seconds * 1000
+
+
+def measure_start_over(lab: Lab, report: Report, pages: int, rtt_ms: float,
+                       idle_seconds: float, indexed: bool = True) -> None:
+    """One start of `serve` with the program's default worker settings (under a notify
+    socket with a 2 s watchdog, fed every 0.5 s while the worker is alive) on a bucket of
+    `pages` pages: start -> /healthz, start -> the first escalation call at the Twilio fake,
+    start -> the first scan done (its log line), RSS then, and the longest time the watchdog
+    went unfed in between; then STATUS from Alice and a plain ACK from Bob (whom no open page
+    reached: the ACK reads the pages that may concern him) SCALE_COMMANDS times each, and the
+    S3 requests over `idle_seconds` of rest, scaled to an hour."""
     bucket = lab.s3_store()[len("s3://"):]
     note(f"section 20: {pages:,} pages at RTT {rtt_ms:g} ms (filling the bucket)")
-    fill_history(lab, bucket, pages)
+    fill_history(lab, bucket, pages, indexed)
     lab.proxy.rtt = rtt_ms / 1000
     config = lab.config(f"scale-{pages}-{rtt_ms:g}", f"s3://{bucket}", log_level="INFO",
-                        s3_endpoint_url=lab.proxy.url)
+                        s3_endpoint_url=lab.proxy.url, default_worker=True)
     notify = NotifySocket(config.parent / "notify.sock")
     mark = lab.proxy.mark()
     try:
@@ -1992,12 +2049,24 @@ def measure_start_over(lab: Lab, report: Report, pages: int, rtt_ms: float) -> N
         rss = rss_mb(server.pid)
         cpu = cpu_seconds(server.pid)
         gap = notify.longest_gap(server.started + healthz, time.monotonic())
+        requests = [r for r in lab.proxy.since(mark) if r.end]
+        quiet = settle(rtt_ms)
+        status_ms = [timed_sms(lab, server, lab.kit.alice, "STATUS", "open", quiet)
+                     for _ in range(SCALE_COMMANDS)]
+        ack_ms = [timed_sms(lab, server, lab.kit.bob, "ACK", "", quiet)
+                  for _ in range(SCALE_COMMANDS)]
+        lab.proxy.wait_quiet(quiet, timeout=60)
+        resting = lab.proxy.mark()
+        time.sleep(idle_seconds)
+        idle = [r.describe() for r in lab.proxy.since(resting)]
+        if server.proc.poll() is not None:
+            raise BenchError(f"serve exited:\n{server.log_tail()}")
         lab.stop(server)
     finally:
         notify.close()
         lab.proxy.rtt = 0.0
     at_target = pages >= 10_000 and rtt_ms >= 30
-    where = f"{pages:,} pages, RTT {rtt_ms:g} ms"
+    where = f"{pages:,} pages, RTT {rtt_ms:g} ms" + ("" if indexed else ", no done index")
 
     def figure(name: str, value: float, unit: str, target: str, limit: float) -> None:
         report.add(Figure(f"{name}, {where}", value, unit, section="20",
@@ -2014,7 +2083,26 @@ def measure_start_over(lab: Lab, report: Report, pages: int, rtt_ms: float) -> N
     figure("RSS after the first scan", rss, "MB", f"< {SCALE_TARGETS['rss']:g} MiB",
            SCALE_TARGETS["rss"])
     figure("longest time the watchdog went unfed (fed every 0.5 s)", gap, "s", "< 2 s", 2.0)
-    requests = [r for r in lab.proxy.since(mark) if r.end]
+    limit = 3 * rtt_ms + 40
+    for name, times in (("STATUS", status_ms), ("plain ACK", ack_ms)):
+        value = percentile(times, 50)
+        report.add(Figure(f"{name} answered p50, {where}", value, "ms", samples=times,
+                          section="20", target=f"≤ 3×RTT + 40 = {limit:g} ms",
+                          ok=value <= limit, detail=f"(p90 {percentile(times, 90):.0f} ms)"))
+    writes = sum(not r.startswith("GET ") for r in idle) * 3600 / idle_seconds
+    gets = sum(r.startswith("GET ") for r in idle) * 3600 / idle_seconds
+    allowed = 72 + pages / 1000
+    report.add(Figure(
+        f"idle S3 LIST/PUT/DELETE per hour, default settings, {where}", writes, "requests",
+        samples=[len(idle)], section="20", target=f"≤ 72 + 1 per 1,000 pages = {allowed:g}",
+        ok=writes <= allowed, detail=(
+            f"({len(idle)} requests in {idle_seconds:g} s, scaled; {gets:g}/h GET; "
+            f"{sum(r.startswith('LIST') for r in idle)} LIST)")))
+    report.runs.setdefault("scale", []).append({
+        "pages": pages, "rtt_ms": rtt_ms, "indexed": indexed, "healthz_s": healthz,
+        "call_s": called, "scan_s": scanned, "rss_mb": rss, "watchdog_gap_s": gap,
+        "idle_per_hour": writes, "idle_gets_per_hour": gets,
+        "status_p50_ms": percentile(status_ms, 50), "ack_p50_ms": percentile(ack_ms, 50)})
     service = [(r.end - r.start) * 1000 - rtt_ms for r in requests]
     report.add(Figure(f"for reference: the pager's CPU until then, {where}", cpu, "s",
                       section="20", detail=(
@@ -2026,7 +2114,13 @@ def measure_startup_scale(lab: Lab, report: Report, settings: argparse.Namespace
     for pages in settings.scale_pages:
         for rtt_ms in settings.scale_rtts:
             attempt(report, f"Start over {pages:,} pages, RTT {rtt_ms:g} ms",
-                    lambda p=pages, r=rtt_ms: measure_start_over(lab, report, p, r), "20")
+                    lambda p=pages, r=rtt_ms: measure_start_over(
+                        lab, report, p, r, settings.scale_idle_seconds), "20")
+    if settings.scale_unindexed:  # the first start after an upgrade: no done index yet
+        pages, rtt_ms = max(settings.scale_pages), max(settings.scale_rtts)
+        attempt(report, f"Start over {pages:,} pages, RTT {rtt_ms:g} ms, no done index",
+                lambda: measure_start_over(lab, report, pages, rtt_ms,
+                                           settings.scale_idle_seconds, indexed=False), "20")
     report.notes.append(
         "Section 20: the pages are put straight into moto's backend, then `serve` starts on "
         "the bucket behind the delaying proxy (moto's own time per request, several ms here, "
@@ -2165,6 +2259,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pages in the store for section 20's start-up figures")
     parser.add_argument("--scale-rtts", type=parse_rtts, default=parse_rtts("0,30"),
                         metavar="MS,MS,...", help="RTTs of section 20's start-up figures")
+    parser.add_argument("--scale-idle-seconds", type=float, default=120.0, metavar="S",
+                        help="seconds of rest counted after each section-20 start")
+    parser.add_argument("--scale-unindexed", action="store_true",
+                        help="also start once over the most pages at the longest RTT without "
+                             "a done index (the first start after an upgrade)")
     parser.add_argument("--only", choices=("10", "13", "20", "22"),
                         help="measure only the figures of this SPEC section")
     parser.add_argument("--json", type=Path, default=Path("bench_results.json"),

@@ -24,7 +24,8 @@ How data flows
             repeat's own record, then its MMS; the open page lists it after, the join channel)
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read;
-            after a start the recent pages first, then the changed ones, in parallel)
+            after a start the recent pages first, then the changed ones, in parallel, but for
+            those the done index names with the ETag listed: DoneIndex, no read)
          -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
          (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
             nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
@@ -100,6 +101,8 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
                                             it missed)
     pages-done/<id>.json                    pages with nothing left to do, moved out of pages/
                                             after two quiet days (so its listing stays short)
+    index/done-pages.json                   the pages of pages/ known done with, by ETag: a
+                                            cache that spares a start reading them (DoneIndex)
     alerts/<hash>.json                      the generation of a dedup_key that came back after
                                             its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
@@ -2999,6 +3002,9 @@ PAGE_CONFIG_MAX_AGE = 10.0
 TEAM_CONFIG_MAX_AGE = PAGE_CONFIG_MAX_AGE
 PAGE_ID = re.compile(r"[A-Z]{2}[0-9a-zA-Z]{32}")
 DONE_PAGES = "pages-done/"  # pages with nothing left to do, moved out of pages/ (archive)
+# The pages of pages/ known done with, each by the ETag it was read with (see DoneIndex): a
+# start reads this one object instead of thousands of pages.
+DONE_INDEX = "index/done-pages.json"
 # What Twilio puts in `From` when the caller withholds the number: anonymous, unknown,
 # restricted, blocked.
 WITHHELD_NUMBERS = {"+266696687", "+86282452253", "+7378742833", "+2562533"}
@@ -3016,7 +3022,8 @@ class PageBook:
     written with. A page write starts from the copy (If-Match its ETag), so it costs one
     request unless another instance changed the page meanwhile; the worker plans from the
     copies, so a scan reads only pages whose ETag in the listing changed. Pages with nothing
-    left to do keep only their ETag (and the last few their copy)."""
+    left to do keep only their ETag (and the last few their copy); those done with (neither
+    ringing nor listed) are what the done index names (DoneIndex)."""
 
     def __init__(self) -> None:
         self._working: dict[str, tuple[dict, str]] = {}
@@ -3027,6 +3034,9 @@ class PageBook:
         # every page in pages/ that rings, waits or is listed, as last put here: its opening
         # time, whether or not its copy is kept (STATUS counts them without a request)
         self._active: dict[str, tuple[str, float]] = {}
+        # pages put here done with (no work, not shown first by STATUS), by the ETag read or
+        # written, with the keys of their audit entries not known written yet (DoneIndex)
+        self._done: dict[str, tuple[str, tuple[str, ...]]] = {}
         # once pages/ has been listed, every page in it is known here (a copy or an ETag)
         self.listed = False
         self._lock = threading.Lock()
@@ -3053,6 +3063,11 @@ class PageBook:
                 self._active[page_id] = (page["state"], float(page.get("opened") or 0))
             else:
                 self._active.pop(page_id, None)
+            if has_work(page) or page.get("state") in SHOWN_FIRST:
+                self._done.pop(page_id, None)
+            else:
+                self._done[page_id] = (etag, tuple(
+                    due["key"] for due in page.get("audit_due", [])))
             if has_work(page):
                 self._working[page_id] = (page, etag)
                 self._quiet.pop(page_id, None)
@@ -3072,6 +3087,19 @@ class PageBook:
                 self._quiet_etags[page_id] = etag
                 self._since[page_id] = time.monotonic()
 
+    def note_done(self, page_id: str, etag: str) -> None:
+        """A page the done index names with the ETag the listing shows: done with, unread."""
+        with self._lock:
+            if page_id not in self._working:
+                self._quiet_etags[page_id] = etag
+                self._since[page_id] = time.monotonic()
+                self._done[page_id] = (etag, ())
+
+    def done(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """{id: (ETag, audit keys to check)} of the pages known done with (DoneIndex)."""
+        with self._lock:
+            return dict(self._done)
+
     def keep_only(self, page_ids: set[str], listed_at: float) -> None:
         """Forget pages that are no longer in pages/: those missing from a listing that began
         after they were last put here (and remember the last RECENT_PAGES such ids)."""
@@ -3080,7 +3108,7 @@ class PageBook:
                     if p not in page_ids and since < listed_at]
             for page_id in gone:
                 for known in (self._working, self._quiet, self._quiet_etags, self._since,
-                              self._active):
+                              self._active, self._done):
                     known.pop(page_id, None)
                 self._gone[page_id] = None
             while len(self._gone) > RECENT_PAGES:
@@ -4855,28 +4883,14 @@ class Pager:
                 return f"There is no recent page {args[0][:12]}."
             targets = [page]
         else:
-            recent = self.recent_pages(fresh=False, skip_quiet=True)
-            known = {page["id"] for page in recent}
-            # and those open here that have no number yet (it comes with the e-mail)
-            recent += [page for page, _ in self.book.working() if page["id"] not in known]
-            behind = [page["id"] for page in recent if page.get("state") in ("open", "listed")
-                      and member["id"] not in page.get("paged", [])]
-            if behind:
-                # the book's copies may predate an escalation that reached this member, or a
-                # warning that turned critical on another instance: one listing says which
-                # changed, and only those are read
-                versions = self.store.versions("pages/")
-                changed = {page_id for page_id in behind if self.book.etag(page_id) !=
-                           versions.get(f"pages/{page_id}.json", (None, 0.0))[0]}
-                recent = [(self.read_page(page["id"]) or ({}, ""))[0]
-                          if page["id"] in changed else page for page in recent]
-            targets = [page for page in recent if page.get("state") == "open"
-                       and member["id"] in page.get("paged", [])]
+            targets = [page for page in self.ack_candidates(member)
+                       if page.get("state") == "open" and member["id"] in page.get("paged", [])]
             if not targets:
                 return "No open pages for you. Nothing to acknowledge."
         lines = []
-        for page in targets:
-            done, current = self.acknowledge(page["id"], member, via="sms")
+        acked = in_parallel(IO_POOL, *(functools.partial(self.acknowledge, page["id"], member,
+                                                         "sms") for page in targets))
+        for page, (done, current) in zip(targets, acked, strict=True):
             if done:
                 lines.append(f"Page {current['number']} acknowledged: "
                              f"{page_summary(current)}.")
@@ -4884,6 +4898,40 @@ class Pager:
                 lines.append(f"Page {self.number_of(page)} was already "
                              f"{page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
+
+    def ack_candidates(self, member: dict) -> list[dict]:
+        """The pages a plain ACK looks at: those with work in the book and the recent ones
+        (counters/pages.json) it holds copies of. A copy may predate an escalation that
+        reached this member, or a warning that turned critical on another instance: the
+        open and listed ones that do not name the member are read again (conditional reads,
+        at once, with the counter's), and a recent page the book does not know (opened
+        elsewhere since the last listing) after that. Two round trips at most, at 10,000
+        pages as at 10 (a listing of pages/ would cost one request per 1,000)."""
+        with self._counter_lock:
+            cached = self._counter
+        found: dict[str, dict] = {page["id"]: page for page, _ in self.book.working()}
+        for item in (cached[0] if cached else {}).get("recent", []):
+            known = self.book.get(str(item.get("id")))
+            if known is not None:
+                found.setdefault(known[0]["id"], known[0])
+        behind = [page_id for page_id, page in found.items()
+                  if page.get("state") in ("open", "listed")
+                  and member["id"] not in page.get("paged", [])]
+        answers = in_parallel(IO_POOL, self.recent_items,
+                              *(functools.partial(self.read_page, p) for p in behind))
+        for page_id, page in zip(behind, answers[1:], strict=True):
+            if page is None:
+                found.pop(page_id, None)
+            else:
+                found[page_id] = page[0]
+        unknown = [item["id"] for item in answers[0] if item["id"] not in found and (
+            self.book.get(item["id"]) is None and not self.book.etag(item["id"])
+            and not self.book.gone(item["id"]) and not (
+                self.book.listed and item["opened"] < time.time() - QUIET_AFTER))]
+        if unknown:
+            read = in_parallel(IO_POOL, *(functools.partial(self.read_page, p) for p in unknown))
+            found.update((page[0]["id"], page[0]) for page in read if page is not None)
+        return list(found.values())
 
     def status_pages(self) -> tuple[list[dict], list[dict], list[dict], int]:
         """What STATUS shows: (ringing, listed, recent others, listed ones not read), each
@@ -4920,9 +4968,9 @@ class Pager:
         opened = {page_id: when for page_id, (_, when) in active.items()}
         opened.update((item["id"], item["opened"]) for item in items)
         newest = sorted(opened, key=lambda page_id: opened[page_id], reverse=True)
-        pages.update(fetch([p for p in newest if p not in active and self.book.get(p) is None
-                            and not self.book.etag(p) and not self.book.gone(p)
-                            ][:STATUS_LINES], fresh=True))
+        # the recent ones the book holds no copy of, whatever their state (one round)
+        pages.update(fetch([p for p in newest if p not in active and p not in pages
+                            and self.book.get(p) is None][:STATUS_LINES], fresh=True))
         ringing = [pages[p] for p in newest if state(p) in ("open", "waiting")]
         listed = [pages[p] for p in newest if state(p) == "listed"]
         room = max(0, STATUS_LINES - len(ringing) - len(listed))
@@ -5518,6 +5566,86 @@ class Batch:
             return ready
 
 
+# Seconds between two writes of the done index at most (DoneIndex): a busy hour costs six.
+DONE_INDEX_EVERY = 600.0
+
+
+class DoneIndex:
+    """index/done-pages.json: the pages of pages/ known done with (nothing to send, neither
+    ringing nor listed, their audit entries written), each with the ETag it had when it was
+    read. A start reads this one object, and its first listing reads only the pages whose
+    ETag the index does not name: the open ones and those changed since, not the thousands
+    done with over the last two days (QUIET_AFTER) that a busy pager leaves in pages/.
+
+    It is a cache, never the truth: an entry counts only while the listing shows that very
+    ETag (a page written since has another one, and is read), so an index that is old, lost,
+    half a day behind, or written by an instance that stopped costs reads, never a page. It is
+    written with If-Match (If-None-Match when new) over the version last read or written, and
+    a writer that loses reads the other's and merges (the entries whose ETag it knows too,
+    and its own), so two instances agree after one round and then write nothing. Written by
+    the worker after a listing when it changed, at most every DONE_INDEX_EVERY (and at once
+    after the first listing): nothing at rest."""
+
+    def __init__(self, store: Store, book: PageBook, audit: AuditLog):
+        self.store = store
+        self.book = book
+        self.audit = audit
+        self._known: tuple[dict, str] | None = None  # the index as last read or written
+        self._next_write = 0.0  # time.monotonic()
+
+    def read(self) -> dict[str, str]:
+        """{page id: ETag} as stored ({} when there is none, or it cannot be read)."""
+        try:
+            blob = self.store.get(DONE_INDEX)
+        except StoreUnavailable as e:
+            log.warning("event=pages.done_index_unread error=%r", str(e)[:200])
+            return {}
+        if blob is None:
+            return {}
+        doc = json_object(blob.data)
+        if doc is None:  # not JSON: written over (If-Match its ETag) at the next write
+            log.error("event=store.bad_json key=%s", DONE_INDEX)
+        self._known = (doc or {}, blob.etag)
+        return self.entries(doc)
+
+    @staticmethod
+    def entries(doc: dict | None) -> dict[str, str]:
+        pages = (doc or {}).get("pages")
+        return {page_id: etag for page_id, etag in pages.items()
+                if isinstance(etag, str) and PAGE_ID.fullmatch(str(page_id))
+                } if isinstance(pages, dict) else {}
+
+    def write_if_changed(self, now: bool = False) -> None:
+        """Write the index when what this instance knows differs from it (not before
+        DONE_INDEX_EVERY since the last write unless `now`)."""
+        if not now and time.monotonic() < self._next_write:
+            return
+        mine = {page_id: etag for page_id, (etag, due) in self.book.done().items()
+                if all(self.audit.written(key) for key in due)}
+
+        def merge(doc: dict | None) -> dict | None:
+            stored = self.entries(doc)
+            pages = {page_id: etag for page_id, etag in stored.items()
+                     if self.book.etag(page_id) == etag} | mine
+            if pages == stored and (doc is not None or not pages):
+                return None  # as stored (or nothing to say, and no index yet)
+            return {"written": iso_time(time.time()), "pages": dict(sorted(pages.items()))}
+
+        if self._known is None and not mine:
+            return  # nothing to say (and no read to find that out, at rest)
+        if self._known is not None and merge(self._known[0]) is None:
+            return  # as stored (as far as this instance knows: a write would find out)
+        self._next_write = time.monotonic() + DONE_INDEX_EVERY
+        written = update_json(self.store, DONE_INDEX, merge, tries=3, known=self._known,
+                              seen=self._seen)
+        if written is not None:
+            self._known = written
+            log.info("event=pages.done_index_written pages=%d", len(written[0]["pages"]))
+
+    def _seen(self, found: tuple[dict, str]) -> None:
+        self._known = found
+
+
 class Worker:
     """Carries out what the Pager queued in the store, so nothing slow runs inside a webhook.
 
@@ -5569,6 +5697,8 @@ class Worker:
         self._messages: dict[str, tuple[dict, str | None, float]] = {}  # key: job, ETag, since
         self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
+        self.done_index = DoneIndex(self.store, pager.book, pager.audit)
+        self._indexed: dict[str, str] = {}  # the done index as read at start (first listing)
         self._listings = 0
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_rotation = 0.0  # time.time() before which rotate is not tried again
@@ -5827,11 +5957,15 @@ class Worker:
         the first time (another instance's, or any page after a restart) gets its due audit
         entries written again, in case its writer stopped before writing them.
 
-        After a start that is every page changed within QUIET_AFTER, thousands after a busy
-        day, so the reads are bounded and in parallel (LISTING_READERS at once), newest first
-        (an open page is written at every escalation step; a done one is not written again),
-        and a page with work is looked at as soon as it is read: an open page rings before
-        the old ones are read. Each page read counts as progress for the watchdog."""
+        After a start that would be every page changed within QUIET_AFTER, thousands after
+        a busy day; the done index (DoneIndex, read at start) names those done with by their
+        ETags, and a page listed with the ETag it names is not read. The rest (the open ones,
+        those changed since the index was written, all of them when there is none) are read
+        bounded and in parallel (LISTING_READERS at once), newest first (an open page is
+        written at every escalation step; a done one is not written again), and a page with
+        work is looked at as soon as it is read: an open page rings before the old ones are
+        read. Each page read counts as progress for the watchdog. Then the index is written
+        if what this instance knows changed it (in the background)."""
         listed_at = time.monotonic()
         now = time.time()
         seen = set()
@@ -5846,6 +5980,9 @@ class Worker:
             if known is None and modified < now - QUIET_AFTER:
                 self.pager.book.note_quiet(page_id, etag)
                 continue
+            if known is None and self._indexed.get(page_id) == etag:
+                self.pager.book.note_done(page_id, etag)  # as the index says: not read
+                continue
             changed.append((modified, key))
             if known is None:
                 first_seen.add(key)
@@ -5854,18 +5991,24 @@ class Worker:
         spooled = self._spooled()
         for key, found in self._read_pages([key for _, key in changed]):
             self._take_in(key, found, key in first_seen, spooled)
-        if not self.pager.book.listed:  # how long a start took to know the store, for the log
-            log.info("event=worker.first_listing pages=%d read=%d seconds=%.1f", len(seen),
-                     len(changed), time.monotonic() - listed_at)
+        first = not self.pager.book.listed
+        if first:  # how long a start took to know the store, for the log
+            log.info("event=worker.first_listing pages=%d read=%d indexed=%d seconds=%.1f",
+                     len(seen), len(changed), len(self._indexed), time.monotonic() - listed_at)
+            self._indexed = {}
         self.pager.book.keep_only(seen, listed_at)
+        if not self._busy("done-index"):
+            self._submit("done-index", lambda: self.done_index.write_if_changed(now=first))
 
     def _read_recent_pages(self) -> None:
         """At a start, before the first listing, which over a long history costs a LIST
         request per 1,000 pages and then thousands of reads: the pages of counters/pages.json's
         recent list (one read, then RECENT_PAGES at once), where an open page is, so that it
         rings within a few round trips of the start. The listing finds them known, unchanged,
-        and does not read them again."""
-        keys = [f"pages/{item['id']}.json" for item in self.pager.recent_items()
+        and does not read them again. The done index is read with the counter."""
+        items, self._indexed = in_parallel(IO_POOL, self.pager.recent_items,
+                                           self.done_index.read)
+        keys = [f"pages/{item['id']}.json" for item in items
                 if PAGE_ID.fullmatch(str(item.get("id", "")))]
         spooled = self._spooled()
         for key, found in self._read_pages(keys):

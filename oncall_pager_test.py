@@ -4871,6 +4871,58 @@ ARCHIVE_FLOW: list[Callable[[Process], None]] = [
 ]
 
 
+INDEX_SID = "RE" + "e" * 32
+
+
+def listing_and_index(process: Process) -> None:
+    """The next listing of pages/ now, and the done index written after it (see DoneIndex)."""
+    process.worker._next_listing = 0.0
+    process.worker.done_index._next_write = 0.0
+    process.settle()
+
+
+# The done index (SPEC 20): a voicemail acknowledged, a listing that writes the index naming
+# it, a second voicemail from another caller (the restart after a stop reads the index),
+# escalated (a call to Alice), acknowledged by Alice; then another listing and index write.
+INDEX_FLOW: list[Callable[[Process], None]] = [
+    begin,
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+    listing_and_index,
+    lambda p: p.pager.open_page(INDEX_SID, "voicemail", {"number": "+15557654321"},
+                                "CA" + "e" * 32, CRASH_RECORDING_URL + INDEX_SID, 7),
+    lambda p: p.settle(),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+    listing_and_index,
+]
+
+
+def check_index_flow(store: op.Store, outside: Outside) -> None:
+    pages = {p: json.loads(store.get(f"pages/{p}.json").data) for p in (CRASH_SID, INDEX_SID)}
+    assert [pages[p]["acked_by"] for p in (CRASH_SID, INDEX_SID)] == ["alice", "alice"]
+    texted = {s["body"] for s in outside.sent if s["kind"] == "mms" and s["to"] == ALICE}
+    assert any("(12 sec)" in body for body in texted) and any(
+        "(7 sec)" in body for body in texted), f"a voicemail was never texted: {texted}"
+    calls = [(s["step"], s["to"]) for s in outside.sent if s["kind"] == "call"]
+    assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
+    # the index's one rule: an entry that names a page's current ETag names a page done with
+    versions = store.versions("pages/")
+    index = store.get(op.DONE_INDEX)
+    for page_id, etag in op.DoneIndex.entries(json.loads(index.data) if index else {}).items():
+        if versions.get(f"pages/{page_id}.json", ("", 0.0))[0] == etag:
+            assert not op.has_work(pages[page_id]), f"the index names {page_id}, which has work"
+    events = audit_events(store)
+    assert sorted(e["details"]["page"] for e in events if e["event"] == "page.opened") == \
+        sorted([CRASH_SID, INDEX_SID]), "a page opened twice, or never"
+    assert [e["actor"] for e in events if e["event"] == "page.acknowledged"] == [
+        "alice", "alice"]
+
+
 def run_steps(steps: list[Callable[[Process], None]], process: Process, start: int = 0
               ) -> int | None:
     """Run the steps from `start`; the step the process stopped in, or None."""
@@ -5103,9 +5155,10 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow),
-                                         (HELD_FLOW, check_held_flow)],
+                                         (HELD_FLOW, check_held_flow),
+                                         (INDEX_FLOW, check_index_flow)],
                          ids=["page", "team", "live", "live-outage", "rotation", "alert",
-                              "heartbeat", "archive", "held"])
+                              "heartbeat", "archive", "held", "done-index"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -5570,7 +5623,9 @@ def test_what_moves_out_of_pages_and_what_stays(tmp_path: Path) -> None:
 
 def test_a_plain_ack_reads_no_page_that_cannot_concern_it(tmp_path: Path) -> None:
     """After a restart, a plain ACK costs no read for each recent page moved out of pages/,
-    and one listing (not a read each) for the listed warnings among the recent pages."""
+    and for the listed warnings among the recent pages a conditional read each, all at once
+    (SPEC 20: no listing of pages/, which costs a request per 1,000 pages, one after
+    another)."""
     class Counting(op.DirectoryStore):
         def get(self, key: str, *, unless_etag: str | None = None) -> op.Blob | None:
             reads.append(key)
@@ -5607,7 +5662,9 @@ def test_a_plain_ack_reads_no_page_that_cannot_concern_it(tmp_path: Path) -> Non
     reply = restarted.handle_sms(ALICE, "ACK", "SM" + uuid.uuid4().hex)
     worker.stop()
     assert reply == "No open pages for you. Nothing to acknowledge."
-    assert [r for r in reads if r.startswith(("pages", "LIST"))] == ["LIST pages/"], reads
+    warnings = {f"pages/{op.alert_page_id('alertmanager', f'warning-{n}', 0)}.json"
+                for n in range(4)}
+    assert sorted(r for r in reads if r.startswith(("pages", "LIST"))) == sorted(warnings), reads
 
 
 def test_a_handoff_text_queued_first_by_the_other_instance_is_sent_by_it_alone(
@@ -10083,3 +10140,159 @@ def test_the_teams_time_zone_without_a_rotation_is_config_set_timezone(file_cli:
     result = file_cli.run("config", "set", "timezone", "Mars/Olympus")
     assert result.returncode == 1 and "current_config.timezone 'Mars/Olympus' is not an IANA" \
         in result.stderr
+
+
+# ====== s20-scale: a start over a long history, STATUS and ACK at scale ======
+
+
+def indexed_history(tmp_path: Path, done: int) -> tuple[op.DirectoryStore, list[str]]:
+    """A store as a pager leaves it after a busy two days: `done` pages done with, changed
+    within QUIET_AFTER, and the done index that pager wrote (its worker read them all once,
+    as it did after its own start; nothing is written here that the pager does not write)."""
+    store = op.DirectoryStore(tmp_path / "var")
+    put_team(store, team_doc(escalation={"ack_timeout": 60, "call_attempts": 2,
+                                         "escalate_to": ["alice", "bob"]}))
+    a_long_history(tmp_path / "var", done, 0, time.time(), counter=False)
+    before = op.Pager(op.load_app_config(write_config(tmp_path / "before", "file:var")),
+                      store, instance="test:before")
+    worker = op.Worker(before, op.Telephony())
+    worker._read_recent_pages()
+    worker._list_pages()
+    deadline = time.monotonic() + 20
+    while store.get(op.DONE_INDEX) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.stop()
+    index = json.loads(store.get(op.DONE_INDEX).data)
+    done_ids = [key[len("pages/"):-len(".json")] for key in store.list("pages/")]
+    assert sorted(index["pages"]) == sorted(done_ids)
+    return store, done_ids
+
+
+def test_a_restart_over_a_long_history_calls_the_open_pages_and_reads_no_done_page(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager], twilio: TwilioFake,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 20: 1,500 pages done with and changed within two days (not yet moved to
+    pages-done/), then 3 open pages opened by another instance (not in the counter's recent
+    list), every store request 20 ms away, the watchdog's bound shortened to 1 s. The start
+    reads the done index instead of the 1,500 pages (which cost 35 s at 10,000 pages on the
+    local fake alone before): the open pages ring at once, no done page is read at all, the
+    first listing ends within seconds, and the worker stays alive throughout."""
+    store, done_ids = indexed_history(tmp_path, 1500)
+    open_ids = a_long_history(tmp_path / "var", 0, 3, time.time(), counter=False)
+    reads: list[str] = []
+    get = op.DirectoryStore.get
+
+    def counted(self: op.DirectoryStore, key: str, *, unless_etag: str | None = None
+                ) -> op.Blob | None:
+        time.sleep(0.02)
+        reads.append(key)
+        return get(self, key, unless_etag=unless_etag)
+
+    monkeypatch.setattr(op.DirectoryStore, "get", counted)
+    started = time.monotonic()
+    pager = start_pager(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    pager.worker.stuck_after = 1.0
+    alive: list[bool] = []
+    while time.monotonic() - started < 20 and not (
+            pager.pager.book.listed and len(calls_to(twilio, ALICE)) >= 3):
+        alive.append(pager.worker.alive())
+        time.sleep(0.05)
+    listed_after = time.monotonic() - started
+    assert pager.pager.book.listed and listed_after < 10, "the first listing took too long"
+    assert all(alive), f"the watchdog went unfed {alive.count(False)} times of {len(alive)}"
+    called = {urllib.parse.parse_qs(urllib.parse.urlsplit(c.params["Url"][0]).query).get(
+        "page", [""])[0] for c in calls_to(twilio, ALICE)}
+    assert called == set(open_ids)
+    read_done = [key for key in reads if key.startswith("pages/")
+                 and key[len("pages/"):-len(".json")] in set(done_ids)]
+    assert read_done == [], f"{len(read_done)} done pages read at start"
+    assert f"pages/{open_ids[0]}.json" in reads
+
+
+def test_a_done_index_entry_counts_only_for_the_very_etag_it_names(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """The index is a cache, never the truth: a page it names as done that was written since
+    (here: opened again by a hand that bypassed the pager, as a stale index after a crash
+    would look) is read by the listing and rings; an index that cannot be parsed costs reads,
+    never a page, and is written over by the next write."""
+    store, done_ids = indexed_history(tmp_path, 300)
+    again = done_ids[7]
+    op.update_json(store, f"pages/{again}.json", lambda p: {  # opened within the day
+        **p, "state": "open", "acked_by": None, "acked_at": None, "opened": time.time() - 60,
+        "escalation": {"next_due": time.time() - 1, "step": 0, "claimed_until": 0}})
+    pager = start_pager(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    assert wait_until(lambda: len(calls_to(twilio, ALICE)) >= 1, timeout=20)
+    assert again in calls_to(twilio, ALICE)[0].params["Url"][0]
+    pager.stop()
+    store.put(op.DONE_INDEX, b"{not json")
+    second = op.Pager(pager.cfg, store, instance="test:second")
+    worker = op.Worker(second, op.Telephony())
+    worker._read_recent_pages()
+    worker._list_pages()
+    assert wait_until(lambda: json_object_or_none(store.get(op.DONE_INDEX).data), timeout=20)
+    worker.stop()
+    assert second.book.listed and len(second.book.done()) == 299
+    assert len(json.loads(store.get(op.DONE_INDEX).data)["pages"]) == 299, "not repaired"
+
+
+def json_object_or_none(data: bytes) -> dict | None:
+    with contextlib.suppress(ValueError):
+        return json.loads(data)
+    return None
+
+
+def longest_chain(spans: list[tuple[float, float]]) -> int:
+    """Store requests that ran one after another: the longest chain of spans that do not
+    overlap (each starts after the one before ended)."""
+    chain, end = 0, -math.inf
+    for start, finish in sorted(spans, key=lambda span: span[1]):
+        if start >= end:
+            chain, end = chain + 1, finish
+    return chain
+
+
+@pytest.mark.parametrize("done", [300, 2000])
+def test_status_and_a_plain_ack_cost_a_few_store_requests_in_a_row_however_many_pages(
+        tmp_path: Path, twilio: TwilioFake, monkeypatch: pytest.MonkeyPatch,
+        done: int) -> None:
+    """SPEC 20: STATUS and a plain ACK answered within 3 x RTT + 40 ms at 10,000 pages as at
+    10. After a restart over `done` pages and 3 open ones (that rang Alice, not Bob), STATUS
+    and Bob's plain ACK (which must check that no open page reached him meanwhile) cost at
+    most three store requests one after another and list nothing (a listing of pages/
+    costs one request per 1,000 pages, one after another: 9 s at 10,000 pages, RTT 30)."""
+    store, _ = indexed_history(tmp_path, done)
+    a_long_history(tmp_path / "var", 0, 3, time.time(), counter=False)
+    cfg = op.load_app_config(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    pager = op.Pager(cfg, store, instance="test:restarted")
+    worker = op.Worker(pager, op.LiveTelephony(cfg))
+    worker._read_recent_pages()
+    worker._list_pages()
+    assert wait_until(lambda: len(calls_to(twilio, ALICE)) >= 3, timeout=10)
+    assert wait_until(lambda: not worker._tasks(), timeout=10)
+    spans: list[tuple[float, float]] = []
+    operations: list[str] = []
+    request = op.store_request
+
+    def timed(store_name: str, operation: str, send: Callable[[], Any]) -> Any:
+        began = time.monotonic()
+        time.sleep(0.01)
+        try:
+            return request(store_name, operation, send)
+        finally:
+            spans.append((began, time.monotonic()))
+            operations.append(operation)
+
+    monkeypatch.setattr(op, "store_request", timed)
+    pager.team.read()
+    for sender, body, expect in ((ALICE, "STATUS", "3 open."),
+                                 (BOB, "ACK", "No open pages for you")):
+        spans.clear()
+        operations.clear()
+        reply = pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
+        answered = time.monotonic()
+        assert expect in (reply or ""), reply
+        before_reply = [span for span in spans if span[0] < answered]
+        assert "list" not in operations, f"{body} listed a folder"
+        assert longest_chain(before_reply) <= 3, f"{body}: {longest_chain(before_reply)} in a row"
+    worker.stop()
