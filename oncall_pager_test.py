@@ -8168,8 +8168,9 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
         # drawn alike whatever the store holds (hypothesis replays the draws)
         voicemails, pages, pick = page_ids("RE"), page_ids() or ["x"], data.draw(
             st.integers(0, 999))
-        recording = voicemails[pick % len(voicemails)] if voicemails and data.draw(
-            st.booleans()) else new_sid("RE")
+        again = data.draw(st.booleans())  # drawn whether or not there are voicemails yet
+        recording = voicemails[pick % len(voicemails)] if voicemails and again \
+            else new_sid("RE")
         twilio.add_recording(recording, RECORDING)
         call_sid = new_sid("CA")
         caller = data.draw(st.one_of(st.sampled_from([CALLER, ALICE, BOB]), text))
