@@ -18,6 +18,7 @@ import email.policy
 import email.utils
 import getpass
 import hashlib
+import hmac
 import http
 import http.client
 import http.server
@@ -4603,6 +4604,7 @@ class Outside:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, str]] = []
+        self.posts: list[dict[str, Any]] = []  # push and webhook POSTs (WorldPost)
         self.lock = threading.Lock()
         self.origin: float | None = None  # the clock when the flow began (a rotation's times)
 
@@ -4626,6 +4628,20 @@ class WorldTelephony(op.Telephony):
                            "url": url})
 
 
+class WorldPost:
+    """The push server and the webhook receivers, as the world sees them: a stopped process
+    posts nothing."""
+
+    def __init__(self, store: CrashingStore, outside: Outside):
+        self.store, self.outside = store, outside
+
+    def __call__(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        self.store._alive()
+        with self.outside.lock:
+            self.outside.posts.append({"url": url, "body": body, "headers": headers})
+        return 200
+
+
 CRASH_SID = "RE" + "c" * 32
 CRASH_ACK_TIMEOUT = 100.0
 
@@ -4642,6 +4658,7 @@ class Process:
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
         self.pager.spool = CrashingSpool(folder / "spool", self.store)
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
+        self.worker.push.post = self.worker.hooks.post = WorldPost(self.store, outside)
         with contextlib.suppress(Crash):  # as `serve` does at start
             self.pager.team.reconcile()
             self.worker.scan()
@@ -4673,6 +4690,8 @@ class Process:
         self.worker._stop.set()
         self.worker._urgent.shutdown(wait=False, cancel_futures=True)
         self.worker._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.worker._outside.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def sms(process: Process, sender: str, body: str) -> None:
@@ -5080,6 +5099,65 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
     assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
 
 
+PUSH_URL = "https://ntfy.example.com/alice-pages"
+HOOK_URL = "https://hooks.example.com/pager"
+HOOK_SECRET = "5e" * 32
+
+
+def set_up_push(process: Process) -> None:
+    """The operator gives Alice a push topic and adds a webhook (a config write, once)."""
+    snap = process.pager.team.read()
+    if "webhooks" not in snap.doc["current_config"]:
+        doc = copy.deepcopy(snap.doc)
+        doc["available_users"]["users"]["alice"]["push"] = PUSH_URL
+        doc["current_config"]["webhooks"] = [{
+            "name": "ops", "url": HOOK_URL, "format": "json", "secret": HOOK_SECRET,
+            "events": ["page.opened", "page.acknowledged", "page.escalated"]}]
+        process.pager.team.write(doc, base=snap, actor="alice")
+    process.settle()
+
+
+# Push and webhooks (s23-push): a voicemail (MMS, push to Alice's topic, page.opened to the
+# webhook), an escalation call (page.escalated), Alice's ACK (page.acknowledged).
+PUSH_FLOW: list[Callable[[Process], None]] = [
+    set_up_push,
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: p.advance(CRASH_ACK_TIMEOUT),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+]
+
+
+def check_push_flow(store: op.Store, outside: Outside) -> None:
+    assert any(s["kind"] == "mms" and s["to"] == ALICE for s in outside.sent), "no MMS"
+    pushes = [p for p in outside.posts if p["url"] == PUSH_URL]
+    assert pushes, "the push never went"
+    assert all(p["headers"]["Priority"] == "max" and b"on-call voicemail" in p["body"]
+               for p in pushes)
+    hooks = [json.loads(p["body"]) for p in outside.posts if p["url"] == HOOK_URL]
+    for p in outside.posts:
+        if p["url"] == HOOK_URL:
+            assert p["headers"]["X-Oncall-Signature"] == "sha256=" + hmac.new(
+                HOOK_SECRET.encode(), p["body"], hashlib.sha256).hexdigest()
+            assert HOOK_SECRET.encode() not in p["body"]
+    heard = {(h["event"], h["details"].get("page")) for h in hooks}
+    assert heard >= {("page.opened", CRASH_SID), ("page.acknowledged", CRASH_SID),
+                     ("page.escalated", CRASH_SID)}, f"an event never reached the webhook: {heard}"
+    # at least once; the same event twice only as the same delivery (one id), after a stop
+    ids: dict[tuple, set[str]] = {}
+    for h in hooks:  # (a restart may add an escalation step: another event)
+        ids.setdefault((h["event"], h["details"].get("step")), set()).add(h["id"])
+    assert all(len(v) == 1 for v in ids.values()), f"one event, two deliveries: {ids}"
+    events = audit_events(store)
+    delivered = channels([e for e in events if e["event"] == "page.delivered"])
+    assert {"push", "webhook:ops"} <= delivered
+    page = json.loads(store.get(f"pages/{CRASH_SID}.json").data)
+    assert page["deliveries"]["push"]["state"] == "sent"
+    assert PUSH_URL not in json.dumps(page), "the topic stays in the config"
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
@@ -5088,9 +5166,10 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
                                          (ALERT_FLOW, check_alert_flow),
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow),
-                                         (HELD_FLOW, check_held_flow)],
+                                         (HELD_FLOW, check_held_flow),
+                                         (PUSH_FLOW, check_push_flow)],
                          ids=["page", "team", "live", "live-outage", "rotation", "alert",
-                              "heartbeat", "archive", "held"])
+                              "heartbeat", "archive", "held", "push"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
