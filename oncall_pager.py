@@ -4587,7 +4587,7 @@ def hook_text(entry: dict, page: dict | None, doc: dict | None) -> str:
     about = f": {page_summary(page)}" if page else ""
     team = f"[{team_name(doc)}] " if doc and team_name(doc) else ""
     if event == "page.opened":
-        text = f"{what} opened{about}. Paging {name(details.get('oncall'))}."
+        text = f"{what if number else 'New page'}{about}. Paging {name(details.get('oncall'))}."
     elif event == "page.acknowledged":
         text = f"{what} acknowledged by {name(entry.get('actor'))}{about}."
     elif event == "page.resolved":

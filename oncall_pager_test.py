@@ -8663,3 +8663,325 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
     assert called == set(open_ids)
     for page_id in open_ids:
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
+
+
+# ====== s23-push: push (ntfy) and webhooks (SPEC 22) ======
+
+
+class Receiver:
+    """A push server or webhook receiver on loopback: keeps every POST (path, headers, body,
+    when) and answers with `answer(n)` for the n-th request (0-based): a status, ("hang", s)
+    (no answer for s seconds, or until `recovered`), or ("redirect", url)."""
+
+    def __init__(self, answer: Callable[[int], Any] = lambda n: 200):
+        self.requests: list[dict[str, Any]] = []
+        self.answers: list[Any] = []
+        self.answer = answer
+        self.recovered = threading.Event()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 -- http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    n = len(receiver.requests)
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers),
+                                              "body": body, "time": time.monotonic()})
+                todo = receiver.answer(n)
+                if isinstance(todo, tuple) and todo[0] == "hang":
+                    receiver.recovered.wait(todo[1])
+                    todo = 200
+                with receiver.lock:
+                    receiver.answers.append(todo)
+                with contextlib.suppress(OSError):
+                    if isinstance(todo, tuple):  # a redirect
+                        self.send_response(302)
+                        self.send_header("Location", todo[1])
+                    else:
+                        self.send_response(todo)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def bodies(self) -> list[dict]:
+        """The JSON bodies of the requests answered 200 (a webhook's deliveries)."""
+        with self.lock:
+            return [json.loads(r["body"]) for r, a in zip(self.requests, self.answers,
+                                                         strict=False) if a == 200]
+
+    def stop(self) -> None:
+        self.recovered.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(answer: Callable[[int], Any] = lambda n: 200) -> Receiver:
+        made.append(Receiver(answer))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.stop()
+
+
+def started_with(s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+                 change: Callable[[dict], None]) -> RunningPager:
+    """A pager (live mode, the fake Twilio, S3) whose team config `change` edited first."""
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    doc = json.loads(store.get("oncall_config.json").data)
+    change(doc)
+    store.put("oncall_config.json", op.to_json(doc))
+    return start_pager(config)
+
+
+def hook(name: str, url: str, secret: str = HOOK_SECRET, fmt: str = "json",
+         events: tuple[str, ...] = op.WEBHOOK_EVENTS) -> dict:
+    return {"name": name, "url": url, "events": list(events), "format": fmt, "secret": secret}
+
+
+def test_a_voicemail_reaches_the_members_ntfy_topic_with_title_priority_and_tags(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    ntfy = receivers()
+
+    def push_for_alice(doc: dict) -> None:
+        doc["available_users"]["users"]["alice"]["push"] = ntfy.url("/alice-pages")
+        doc["current_config"]["team_name"] = "Example SRE"
+    pager = started_with(s3_setup, start_pager, push_for_alice)
+    form, _ = leave_voicemail(pager, twilio)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 2), "the MMS went too"
+    wait_until(lambda: ntfy.requests, 5)
+    (push,) = ntfy.requests
+    assert push["path"] == "/alice-pages"
+    assert (push["headers"]["Title"], push["headers"]["Priority"], push["headers"]["Tags"]) == (
+        "Example SRE page 1", "max", "rotating_light,voicemail")
+    assert push["body"].decode() == ("Page 1: on-call voicemail (12 sec) from ACME CORP "
+                                     "<+15551230000>. Text ACK 1 to +19195559876 to "
+                                     "acknowledge.")
+    page_id = form["RecordingSid"]
+    wait_until(lambda: page_of(pager.store, page_id)["deliveries"]["push"]["state"] == "sent", 5)
+    assert "push" in channels(audit_events(pager.store, "page.delivered"))
+    assert ntfy.url() not in json.dumps(page_of(pager.store, page_id))
+    shown = run_cli("pages", "-c", str(pager.config_path))
+    assert shown.returncode == 0 and "push:sent" in shown.stdout, shown.stdout
+
+
+def test_push_priority_is_max_for_voicemails_and_critical_alerts_else_urgent() -> None:
+    doc = team_doc()
+    alert = {"kind": "alert", "alert": {"severity": "critical", "summary": "Disk full",
+                                        "source": "db1"}}
+    assert op.Push.message(alert, 4, doc)[1:] == (
+        "Page 4 [critical] Disk full (db1). Text ACK 4 to +19195559876 to acknowledge.",
+        "max", "rotating_light,alert")
+    alert["alert"]["severity"] = "error"
+    assert op.Push.message(alert, 4, doc)[2:] == ("urgent", "warning,alert")
+    missed = {"kind": "missed", "caller": {"number": CALLER}}
+    assert op.Push.message(missed, 5, doc)[2] == "urgent"
+    assert op.header_text("Équipe\nSRE") == "=?UTF-8?B?" + base64.b64encode(
+        "Équipe SRE".encode()).decode() + "?="
+
+
+def test_webhooks_get_signed_json_and_chat_rooms_a_text_line_for_each_event(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    """A JSON receiver checks the signature as a user would (HMAC-SHA256 of the raw body with
+    the secret); a Mattermost-style room gets {"text": ...}; neither body carries a secret."""
+    receiver, room = receivers(), receivers()
+    secret = secrets.token_hex(32)
+
+    def add_hooks(doc: dict) -> None:
+        doc["current_config"]["webhooks"] = [
+            hook("ops", receiver.url("/ops"), secret),
+            hook("chat", room.url("/hooks/abc"), fmt="slack",
+                 events=("page.opened", "page.acknowledged"))]
+    pager = started_with(s3_setup, start_pager, add_hooks)
+    form, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: len(room.requests) == 1, 5)
+    assert "acknowledged" in pager.sms(ALICE, "ACK")
+    assert pager.sms(BOB, "TAKE").startswith("Bob Roberts to be made")
+    pager.sms(BOB, "C")
+    wait_until(lambda: len(receiver.requests) == 3 and len(room.requests) == 2, 5)
+    for request in receiver.requests:
+        expected = hmac.new(secret.encode(), request["body"], hashlib.sha256).hexdigest()
+        assert request["headers"]["X-Oncall-Signature"] == f"sha256={expected}"
+        assert request["headers"]["Content-Type"] == "application/json"
+    for request in receiver.requests + room.requests:
+        assert secret.encode() not in request["body"] and HOOK_SECRET.encode() not in \
+            request["body"] and AUTH_TOKEN.encode() not in request["body"]
+    opened, acked, changed = receiver.bodies()
+    assert (opened["event"], opened["details"]["page"], opened["page"]["kind"]) == (
+        "page.opened", form["RecordingSid"], "voicemail")
+    assert opened["text"] == ("New page: voicemail (12 sec) from ACME CORP <+15551230000>. "
+                              "Paging Alice McAlister.")
+    assert (acked["event"], acked["actor"], acked["page"]["state"]) == (
+        "page.acknowledged", "alice", "acknowledged")
+    assert (changed["event"], changed["details"]["from"], changed["details"]["to"]) == (
+        "oncall.changed", "alice", "bob")
+    assert changed["text"] == "Bob Roberts is now on call (was Alice McAlister)."
+    texts = [json.loads(r["body"]) for r in room.requests]
+    assert [list(t) for t in texts] == [["text"], ["text"]]
+    assert "voicemail (12 sec) from ACME CORP &lt;+15551230000&gt;" in texts[0]["text"]
+    assert texts[1]["text"].startswith("Page 1 acknowledged by Alice McAlister")
+    delivered = [e["details"] for e in audit_events(pager.store, "page.delivered")
+                 if e["details"].get("purpose") == "webhook"]
+    assert sorted(d["deliveries"].popitem()[0] for d in delivered) == [
+        "webhook:chat", "webhook:chat", "webhook:ops", "webhook:ops", "webhook:ops"]
+
+
+def test_a_failing_webhook_is_retried_with_backoff_and_never_delays_an_mms(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver answers 500, then hangs past the timeout (shortened from 5 s to 1 s to
+    fit a test) until it recovers: meanwhile a second voicemail's MMS leaves at once; once
+    it recovers, both events are delivered."""
+    monkeypatch.setattr(op, "OUTSIDE_TIMEOUT", 1.0)
+    receiver = receivers(lambda n: 500 if n == 0 else 200 if receiver.recovered.is_set()
+                         else ("hang", 30))
+    pager = started_with(s3_setup, start_pager, lambda doc: doc["current_config"].update(
+        webhooks=[hook("ops", receiver.url(), events=("page.opened",))]))
+    first, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: len(receiver.requests) >= 3, 5)  # 500, a hang, another hang
+    started = time.monotonic()
+    second, _ = leave_voicemail(pager, twilio, call=call_params(From=CAROL))
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 1.0), \
+        "the MMS waited for the webhook"
+    assert time.monotonic() - started < 1.0
+    assert pager.worker.alive()
+    receiver.recovered.set()
+    wait_until(lambda: {b["details"]["page"] for b in receiver.bodies()} == {
+        first["RecordingSid"], second["RecordingSid"]}, 8)
+    failed = [d for e in audit_events(pager.store, "page.delivery_failed")
+              for d in e["details"]["deliveries"].values()]
+    errors = {d["error"] for d in failed}
+    assert "HTTP 500" in errors and "POST failed: TimeoutError" in errors, errors
+    assert not any(d["final"] for d in failed)
+    jobs = [json.loads(pager.store.get(k).data) for k in pager.store.list(op.HOOK_JOBS)]
+    wait_until(lambda: all(json.loads(pager.store.get(k).data)["state"] == "sent"
+                           for k in pager.store.list(op.HOOK_JOBS)), 3)
+    assert len(jobs) == 2 and max(j["attempts"] for j in jobs) >= 3
+    retried = [r["time"] for r in receiver.requests if r["body"] and json.loads(
+        r["body"])["details"]["page"] == first["RecordingSid"]]
+    assert retried[1] - retried[0] >= 0.15, "retried at once, not after a backoff"
+
+
+def test_a_redirect_is_not_followed_by_a_push_or_a_webhook(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    elsewhere = receivers()
+    moved = receivers(lambda n: ("redirect", elsewhere.url("/stolen")))
+
+    def redirected(doc: dict) -> None:
+        doc["available_users"]["users"]["alice"]["push"] = moved.url("/topic")
+        doc["current_config"]["webhooks"] = [hook("ops", moved.url("/ops"),
+                                                  events=("page.opened",))]
+    pager = started_with(s3_setup, start_pager, redirected)
+    form, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: page_of(pager.store, form["RecordingSid"])["deliveries"]["push"][
+        "state"] == "failed", 5)
+    (key,) = pager.store.list(op.HOOK_JOBS)
+    wait_until(lambda: json.loads(pager.store.get(key).data)["state"] == "failed", 5)
+    assert len(moved.requests) == 2 and elsewhere.requests == []
+    errors = [d["error"] for e in audit_events(pager.store, "page.delivery_failed")
+              for d in e["details"]["deliveries"].values()]
+    assert errors.count("HTTP 302: redirect not followed") == 2, errors
+
+
+def test_webhook_add_prints_its_secret_once_and_list_remove_and_push_set_by_the_cli(
+        file_cli: Cli) -> None:
+    added = file_cli.run("webhook", "add", "chat", "https://chat.example.com/hooks/x1y2z3",
+                         "--format", "slack", "--events", "page.opened,oncall.changed")
+    assert added.returncode == 0, added.stderr
+    lines = added.stdout.splitlines()
+    assert lines[0] == "added webhook chat (slack: page.opened,oncall.changed)"
+    secret = lines[1].removeprefix("secret: ")
+    assert re.fullmatch(r"[0-9a-f]{64}", secret)
+    (stored,) = file_cli.doc()["current_config"]["webhooks"]
+    assert stored == {"name": "chat", "url": "https://chat.example.com/hooks/x1y2z3",
+                      "events": ["page.opened", "oncall.changed"], "format": "slack",
+                      "secret": secret}
+    shown, listed = file_cli.run_all(["config", "show"], ["webhook", "list"])
+    assert secret not in shown.stdout and "x1y2z3" not in shown.stdout
+    assert listed.stdout.split() == ["chat", "slack", "https://chat.example.com/...",
+                                     "page.opened,oncall.changed"]
+    assert secret not in json.dumps(audit_events(file_cli.store))
+    before = file_cli.raw()
+    for args, error in [
+            (["webhook", "add", "plain", "http://chat.example.com/hook"],
+             "error: webhook URL 'http://chat.example.com/hook' must be https:// (or http:// "
+             "to a loopback address, for a local receiver)\n"),
+            (["config", "set", "members.alice.push", "http://10.0.0.7/topic"],
+             "error: members.alice.push 'http://10.0.0.7/topic' must be https:// (or http:// "
+             "to a loopback address, for a local receiver)\n"),
+            (["webhook", "add", "x", "https://a.example.com/", "--events", "page.closed"],
+             "error: --events page.closed: choose from page.opened,page.acknowledged,"
+             "page.resolved,page.escalated,oncall.changed\n"),
+            (["webhook", "add", "chat", "https://b.example.com/"],
+             "error: webhook 'chat' exists already (remove it first)\n")]:
+        result = file_cli.run(*args)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", error), args
+    assert file_cli.raw() == before
+    result = file_cli.run("config", "set", "members.alice.push", "https://ntfy.sh/sre-x1y2")
+    assert (result.returncode, result.stdout) == (0, "set members.alice.push = "
+                                                     "https://ntfy.sh/...\n")
+    assert file_cli.doc()["available_users"]["users"]["alice"]["push"] == \
+        "https://ntfy.sh/sre-x1y2"
+    assert file_cli.run("config", "set", "members.alice.push", "off").returncode == 0
+    assert "push" not in file_cli.doc()["available_users"]["users"]["alice"]
+    assert file_cli.run("webhook", "remove", "chat").stdout == "removed webhook chat\n"
+    assert file_cli.doc()["current_config"]["webhooks"] == []
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("https://ntfy.sh/topic", ""),
+    ("http://127.0.0.1:8080/t", ""),
+    ("http://[::1]/t", ""),
+    ("http://localhost/t", ""),
+    ("http://ntfy.sh/topic", "must be https://"),
+    ("ftp://example.com/x", "must be https://"),
+    ("https://user:pw@example.com/x", "carries credentials"),
+    ("https://exa mple.com/", "is not a URL"),
+    ("https://example.com:99999/", "is not a URL"),
+    ("https://ex\u00e4mple.com/", "is not a URL"),
+    ("", "is not a URL"),
+    (7, "is not a URL")])
+def test_push_and_webhook_urls_are_https_or_loopback_http_only(url: Any, problem: str) -> None:
+    assert op.outbound_url_problem(url).startswith(problem) and (
+        op.outbound_url_problem(url) == "") == (problem == "")
+
+
+def test_a_bad_push_or_webhook_block_is_named_by_its_field_path() -> None:
+    doc = team_doc(webhooks=[{"name": "a b", "url": "http://x.example/", "events": ["nope"],
+                              "format": "xml", "secret": "short"}])
+    doc["available_users"]["users"]["bob"]["push"] = "http://ntfy.example/bob"
+    errors, _ = op.check_oncall_config(doc)
+    assert errors == [
+        "available_users.users.bob.push 'http://ntfy.example/bob' must be https:// (or "
+        "http:// to a loopback address, for a local receiver)",
+        "current_config.webhooks[0].name 'a b' is not a name (letters, digits, . _ -; at "
+        "most 64)",
+        "current_config.webhooks[0].url 'http://x.example/' must be https:// (or http:// to "
+        "a loopback address, for a local receiver)",
+        "current_config.webhooks[0].events ['nope'] is not a list of events from: "
+        "page.opened, page.acknowledged, page.resolved, page.escalated, oncall.changed",
+        "current_config.webhooks[0].format 'xml' is not json or slack",
+        "current_config.webhooks[0].secret is not 64 hex digits (oncall-pager webhook add "
+        "makes one)"]
+    assert op.check_oncall_config(team_doc(webhooks={"a": 1}))[0] == [
+        "current_config.webhooks is not a list"]
