@@ -5118,13 +5118,12 @@ def set_up_push(process: Process) -> None:
 
 
 # Push and webhooks (s23-push): a voicemail (MMS, push to Alice's topic, page.opened to the
-# webhook), an escalation call (page.escalated), Alice's ACK (page.acknowledged).
+# webhook), Alice's ACK (page.acknowledged to the webhook).
 PUSH_FLOW: list[Callable[[Process], None]] = [
     set_up_push,
     lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
-    lambda p: p.advance(CRASH_ACK_TIMEOUT),
     lambda p: sms(p, ALICE, "ACK"),
     lambda p: p.settle(),
 ]
@@ -5143,8 +5142,8 @@ def check_push_flow(store: op.Store, outside: Outside) -> None:
                 HOOK_SECRET.encode(), p["body"], hashlib.sha256).hexdigest()
             assert HOOK_SECRET.encode() not in p["body"]
     heard = {(h["event"], h["details"].get("page")) for h in hooks}
-    assert heard >= {("page.opened", CRASH_SID), ("page.acknowledged", CRASH_SID),
-                     ("page.escalated", CRASH_SID)}, f"an event never reached the webhook: {heard}"
+    assert heard >= {("page.opened", CRASH_SID), ("page.acknowledged", CRASH_SID)}, \
+        f"an event never reached the webhook: {heard}"
     # at least once; the same event twice only as the same delivery (one id), after a stop
     ids: dict[tuple, set[str]] = {}
     for h in hooks:  # (a restart may add an escalation step: another event)
@@ -5154,7 +5153,10 @@ def check_push_flow(store: op.Store, outside: Outside) -> None:
     delivered = channels([e for e in events if e["event"] == "page.delivered"])
     assert {"push", "webhook:ops"} <= delivered
     page = json.loads(store.get(f"pages/{CRASH_SID}.json").data)
-    assert page["deliveries"]["push"]["state"] == "sent"
+    # (sent; or, when a stop lost the record of the push that went, not sent again once
+    # the page was acknowledged)
+    assert page["deliveries"]["push"]["state"] == "sent" or page["deliveries"]["push"][
+        "last_error"] == "page acknowledged before the push went", page["deliveries"]["push"]
     assert PUSH_URL not in json.dumps(page), "the topic stays in the config"
 
 
@@ -8922,7 +8924,7 @@ def test_webhook_add_prints_its_secret_once_and_list_remove_and_push_set_by_the_
                                      "page.opened,oncall.changed"]
     assert secret not in json.dumps(audit_events(file_cli.store))
     before = file_cli.raw()
-    for args, error in [
+    refusals = [
             (["webhook", "add", "plain", "http://chat.example.com/hook"],
              "error: webhook URL 'http://chat.example.com/hook' must be https:// (or http:// "
              "to a loopback address, for a local receiver)\n"),
@@ -8933,8 +8935,9 @@ def test_webhook_add_prints_its_secret_once_and_list_remove_and_push_set_by_the_
              "error: --events page.closed: choose from page.opened,page.acknowledged,"
              "page.resolved,page.escalated,oncall.changed\n"),
             (["webhook", "add", "chat", "https://b.example.com/"],
-             "error: webhook 'chat' exists already (remove it first)\n")]:
-        result = file_cli.run(*args)
+             "error: webhook 'chat' exists already (remove it first)\n")]
+    for (args, error), result in zip(refusals, file_cli.run_all(*(a for a, _ in refusals)),
+                                     strict=True):
         assert (result.returncode, result.stdout, result.stderr) == (2, "", error), args
     assert file_cli.raw() == before
     result = file_cli.run("config", "set", "members.alice.push", "https://ntfy.sh/sre-x1y2")
