@@ -48,6 +48,12 @@ How data flows
             the event's custom_details (kept_details), not the event. Per integration,
             alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
             rest are held: listed and e-mailed, and the first held one texts once
+    push -> a page's first notification also goes to the push topic (ntfy) of whom it was
+            sent to: the channel `push` of the page (Push), on threads of its own
+    webhooks -> page.opened/acknowledged/resolved/escalated and oncall.changed: when such an
+            audit entry is written, AuditLog.follow (Worker.follow) first creates one job per
+            webhook that follows it (jobs/hook-*, Webhooks.queue), sent on threads of its own
+            as signed JSON or a chat line, retried with backoff; never on a page's path
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -76,6 +82,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
                                             its page was done with, or whose page moved out
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (handoffs, reminders), kept a day once sent
+    jobs/hook-<audit entry>-<webhook>.json  one event for one webhook, kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     live/<caller number>.json               when that caller last reached the live hunt (a
                                             repeat within 10 minutes goes to voicemail)
@@ -106,8 +113,9 @@ Watch it
     WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
 
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
-helpers, metrics, configuration, store, domain, channels, worker, web, command line (serve's
-systemd notifier with it). Each section uses only what stands above it.
+helpers, metrics, configuration, store, domain, channels (Twilio, e-mail, the recording;
+Push and Webhooks: POSTs to the operational config's URLs), worker, web, command line
+(serve's systemd notifier with it). Each section uses only what stands above it.
 """
 
 from __future__ import annotations
@@ -4491,6 +4499,7 @@ def fetch_recording(cfg: AppConfig, url: str) -> bytes:
 OUTSIDE_TIMEOUT = 5.0    # seconds, each POST to a push or webhook URL (and its answer)
 OUTSIDE_ATTEMPTS = 12    # a push or webhook that keeps failing is given up after as many
 HOOK_JOBS = "jobs/hook-"  # jobs/hook-<audit entry>-<webhook name>.json: one event, one webhook
+HOOK_JOBS_KEPT = DAY - 3600  # an event older than this gets no job (a sent one is kept a day)
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -4632,7 +4641,13 @@ class Webhooks:
         """The jobs of one audit entry (its key names them), created once; returns those
         this call created. No request when no webhook follows the event."""
         event_id = key.rsplit("/", 1)[-1].removesuffix(".json")
-        made = []
+        made: list[tuple[str, dict]] = []
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            happened = dt.datetime.fromisoformat(str(entry.get("time"))).timestamp()
+            if happened < time.time() - HOOK_JOBS_KEPT:
+                # its job (sent, then kept a day) may be gone: an old entry written again
+                # (a quiet page's, after a restart) must not post an old event again
+                return made
         for hook in webhooks(doc):
             if entry.get("event") not in hook.get("events", ()):
                 continue

@@ -8988,3 +8988,54 @@ def test_a_bad_push_or_webhook_block_is_named_by_its_field_path() -> None:
         "makes one)"]
     assert op.check_oncall_config(team_doc(webhooks={"a": 1}))[0] == [
         "current_config.webhooks is not a list"]
+
+
+def test_any_value_in_push_or_webhooks_is_a_named_error_never_a_crash() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=30, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(json_values(), st.one_of(json_values(), st.lists(st.dictionaries(
+        st.sampled_from(["name", "url", "events", "format", "secret"]), json_values()),
+        max_size=2)))
+    def checked(push: Any, hooks: Any) -> None:
+        doc = team_doc(webhooks=hooks)
+        doc["available_users"]["users"]["bob"]["push"] = push
+        errors, _ = op.check_oncall_config(doc)
+        assert all(isinstance(e, str) and "\n" not in e for e in errors)
+        assert any(e.startswith("available_users.users.bob.push") for e in errors) == (
+            op.outbound_url_problem(push) != "")
+        assert any(e.startswith("current_config.webhooks") for e in errors) or hooks == []
+
+    checked()
+
+
+def test_an_event_older_than_its_job_is_kept_gets_no_job_when_written_again(
+        tmp_path: Path) -> None:
+    """After a restart the entries of a quiet page's audit_due are written again: a day-old
+    event must not reach the webhook a second time (its sent job was deleted)."""
+    store = op.DirectoryStore(tmp_path)
+    doc = team_doc(webhooks=[hook("ops", "https://hooks.example.com/x")])
+    key, entry = op.AuditLog(store, "test").entry("page.opened", "twilio", {"page": "RE1"})
+    hooks = op.Webhooks(store)
+    old = {**entry, "time": op.iso_time(time.time() - op.DAY)}
+    assert hooks.queue(doc, key, old, 0) == [] and store.list(op.HOOK_JOBS) == []
+    (made,) = hooks.queue(doc, key, entry, 0)
+    assert store.list(op.HOOK_JOBS) == [made[0]]
+    assert hooks.queue(doc, key, entry, 0) == [], "one job per event and webhook"
+
+
+def test_an_oncall_change_made_by_the_cli_reaches_the_webhook_through_the_running_pager(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        receivers: Callable[..., Receiver]) -> None:
+    receiver = receivers()
+    pager = started_with(s3_setup, start_pager, lambda doc: doc["current_config"].update(
+        webhooks=[hook("ops", receiver.url(), events=("oncall.changed",))]))
+    result = run_cli("config", "set", "oncall", "carol", "-c", str(pager.config_path))
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: receiver.bodies(), 5)
+    time.sleep(0.5)  # (and only once)
+    (changed,) = receiver.bodies()
+    assert (changed["event"], changed["details"]["to"], changed["actor"]) == (
+        "oncall.changed", "carol", getpass.getuser())
