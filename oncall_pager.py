@@ -1815,7 +1815,10 @@ class AuditLog:
             with self._lock:
                 self._pending.append((key, entry))
 
-    def _put(self, key: str, entry: dict) -> None:
+    def _put(self, key: str, entry: dict, remember: bool = True) -> None:
+        """`remember`: note the key as written (see `written`). flush does not: the objects
+        its entries travel in keep them due, so that whoever looks at them next writes them
+        again (a refused create when they are there)."""
         if self.follow is not None and entry.get("event") in WEBHOOK_EVENTS:
             try:
                 self.follow(key, entry)
@@ -1827,6 +1830,8 @@ class AuditLog:
             self.store.put(key, to_json(entry), if_absent=True)
         except StoreConflict:
             pass  # written before: by this write's first try, or by an instance that stopped
+        if not remember:
+            return
         with self._lock:
             self._written[key] = None
             while len(self._written) > 10000:
@@ -1842,7 +1847,7 @@ class AuditLog:
             pending, self._pending = self._pending, []
         for i, (key, entry) in enumerate(pending):
             try:
-                self._put(key, entry)
+                self._put(key, entry, remember=False)
             except StoreUnavailable:
                 with self._lock:
                     self._pending[:0] = pending[i:]
