@@ -8673,11 +8673,10 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
 class Receiver:
     """A push server or webhook receiver on loopback: keeps every POST (path, headers, body,
     when) and answers with `answer(n)` for the n-th request (0-based): a status, ("hang", s)
-    (no answer for s seconds, or until `recovered`), or ("redirect", url)."""
+    (no answer for s seconds), or ("redirect", url). `recovered` is for `answer` to read."""
 
     def __init__(self, answer: Callable[[int], Any] = lambda n: 200):
-        self.requests: list[dict[str, Any]] = []
-        self.answers: list[Any] = []
+        self.requests: list[dict[str, Any]] = []  # each with the "answer" it got
         self.answer = answer
         self.recovered = threading.Event()
         self.lock = threading.Lock()
@@ -8688,14 +8687,13 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.lock:
                     n = len(receiver.requests)
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers),
-                                              "body": body, "time": time.monotonic()})
-                todo = receiver.answer(n)
-                if isinstance(todo, tuple) and todo[0] == "hang":
-                    receiver.recovered.wait(todo[1])
+                    todo = receiver.answer(n)
+                    receiver.requests.append({
+                        "path": self.path, "headers": dict(self.headers), "body": body,
+                        "time": time.monotonic(), "answer": todo})
+                if isinstance(todo, tuple) and todo[0] == "hang":  # past the client's timeout
+                    time.sleep(todo[1])
                     todo = 200
-                with receiver.lock:
-                    receiver.answers.append(todo)
                 with contextlib.suppress(OSError):
                     if isinstance(todo, tuple):  # a redirect
                         self.send_response(302)
@@ -8717,10 +8715,9 @@ class Receiver:
         return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
 
     def bodies(self) -> list[dict]:
-        """The JSON bodies of the requests answered 200 (a webhook's deliveries)."""
+        """The JSON bodies of the requests answered 200 at once (a webhook's deliveries)."""
         with self.lock:
-            return [json.loads(r["body"]) for r, a in zip(self.requests, self.answers,
-                                                         strict=False) if a == 200]
+            return [json.loads(r["body"]) for r in self.requests if r["answer"] == 200]
 
     def stop(self) -> None:
         self.recovered.set()
@@ -8855,7 +8852,7 @@ def test_a_failing_webhook_is_retried_with_backoff_and_never_delays_an_mms(
     it recovers, both events are delivered."""
     monkeypatch.setattr(op, "OUTSIDE_TIMEOUT", 1.0)
     receiver = receivers(lambda n: 500 if n == 0 else 200 if receiver.recovered.is_set()
-                         else ("hang", 30))
+                         else ("hang", 1.5))
     pager = started_with(s3_setup, start_pager, lambda doc: doc["current_config"].update(
         webhooks=[hook("ops", receiver.url(), events=("page.opened",))]))
     first, _ = leave_voicemail(pager, twilio)
