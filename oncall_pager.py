@@ -69,6 +69,14 @@ How data flows
             At `until` (or QUIET OFF) QuietHours.end removes it in one write that carries the
             one "Quiet ended: N alerts still open." text (a job keyed by the window); then
             every hushed page rings (Worker._ring_after_quiet: ring_after_quiet, page.ringing)
+
+
+    push -> a page's first notification also goes to the push topic (ntfy) of whom it was
+            sent to: the channel `push` of the page (Push), on threads of its own
+    webhooks -> page.opened/acknowledged/resolved/escalated and oncall.changed: when such an
+            audit entry is written, AuditLog.follow (Worker.follow) first creates one job per
+            webhook that follows it (jobs/hook-*, Webhooks.queue), sent on threads of its own
+            as signed JSON or a chat line, retried with backoff; never on a page's path
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -108,6 +116,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     heartbeats/<name>.json                  when a heartbeat was first seen and last pinged
     jobs/msg-*.json                         single SMS (handoffs, reminders, the end of quiet
                                             hours), kept a day once sent
+    jobs/hook-<audit entry>-<webhook>.json  one event for one webhook, kept a day once sent
     replies/<MessageSid>.json               replay markers of state-changing SMS (7 days)
     live/<caller number>.json               when that caller last reached the live hunt (a
                                             repeat within 10 minutes goes to voicemail)
@@ -141,7 +150,8 @@ Watch it
 
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
 helpers, metrics, configuration (with the schedule as stretches and the calendar feed),
-store, domain, channels, worker, views (the status page), web, command line (serve's
+store, domain, channels (Twilio, e-mail, the recording; Push and Webhooks: POSTs to the
+operational config's URLs), worker, views (the status page), web, command line (serve's
 systemd notifier with it). Each section uses only what stands above it.
 """
 
@@ -164,6 +174,8 @@ import getpass
 import hashlib
 import hmac
 import html
+import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -816,6 +828,8 @@ def check_document(doc: object) -> tuple[list[str], list[str]]:
     if "quiet" in current:
         errors += check_quiet(current["quiet"])
     errors += check_feed_tokens(current.get("feed_tokens", {}))
+    errors += check_push(users)
+    errors += check_webhooks(current.get("webhooks", []))
     return errors, warnings
 
 
@@ -1106,6 +1120,93 @@ def check_quiet(quiet: object) -> list[str]:
             errors.append(f"{where}.{field} is not one line of at most {QUIET_REASON_MAX} "
                           "characters")
     return errors
+
+
+# Push (ntfy) and chat webhooks (SPEC 22): where the pager POSTs to, from the operational config
+# only. The events a webhook may follow, and the formats it may speak.
+WEBHOOK_EVENTS = ("page.opened", "page.acknowledged", "page.resolved", "page.escalated",
+                  "oncall.changed")
+WEBHOOK_FORMATS = ("json", "slack")
+WEBHOOK_SECRET = re.compile(r"[0-9a-f]{64}")
+
+
+def outbound_url_problem(url: object) -> str:
+    """Why the pager must not POST to `url` (a member's push URL, a webhook's), or "":
+    https:// to a named host, or http:// to a loopback address only (tests, a local ntfy); no
+    credentials in it (they would travel in logs and listings), nothing that is not text."""
+    if not isinstance(url, str) or not url:
+        return "is not a URL"
+    if len(url) > 2048 or not url.isascii() or not url.isprintable() or " " in url:
+        return "is not a URL (at most 2,048 printable ASCII characters, no spaces)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 -- a bad port raises here
+    except ValueError:
+        return "is not a URL"
+    if parts.username is not None or parts.password is not None:
+        return "carries credentials (user:password@); put a token in the path instead"
+    if parts.scheme == "https" and host:
+        return ""
+    if parts.scheme == "http" and host:
+        with contextlib.suppress(ValueError):
+            if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+                return ""
+    return "must be https:// (or http:// to a loopback address, for a local receiver)"
+
+
+def check_push(users: dict) -> list[str]:
+    """`available_users.users.<id>.push`: an ntfy-style topic URL (optional)."""
+    errors = []
+    for key, member in users.items():
+        if isinstance(member, dict) and "push" in member:
+            problem = outbound_url_problem(member["push"])
+            if problem:
+                errors.append(f"available_users.users.{key}.push {member['push']!r} {problem}")
+    return errors
+
+
+def check_webhooks(hooks: object) -> list[str]:
+    """`current_config.webhooks`: a list of {name, url, events, format, secret}; the secret
+    (64 hex digits, made by `oncall-pager webhook add`) signs every body it sends."""
+    where = "current_config.webhooks"
+    if not isinstance(hooks, list):
+        return [f"{where} is not a list"]
+    errors: list[str] = []
+    names: set[str] = set()
+    for i, hook in enumerate(hooks):
+        at = f"{where}[{i}]"
+        if not isinstance(hook, dict):
+            errors.append(f"{at} is not an object")
+            continue
+        name = hook.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            errors.append(f"{at}.name {name!r} is not a name (letters, digits, . _ -; at "
+                          "most 64)")
+        elif name in names:
+            errors.append(f"{at}.name {name!r} is used twice")
+        else:
+            names.add(name)
+        problem = outbound_url_problem(hook.get("url"))
+        if problem:
+            errors.append(f"{at}.url {hook.get('url')!r} {problem}")
+        events = hook.get("events")
+        if not isinstance(events, list) or not events or any(
+                e not in WEBHOOK_EVENTS for e in events):
+            errors.append(f"{at}.events {events!r} is not a list of events from: "
+                          f"{', '.join(WEBHOOK_EVENTS)}")
+        if hook.get("format", "json") not in WEBHOOK_FORMATS:
+            errors.append(f"{at}.format {hook.get('format')!r} is not json or slack")
+        if not isinstance(hook.get("secret"), str) or \
+                not WEBHOOK_SECRET.fullmatch(hook["secret"]):
+            errors.append(f"{at}.secret is not 64 hex digits (oncall-pager webhook add makes "
+                          "one)")
+    return errors
+
+
+def webhooks(doc: dict | None) -> list[dict]:
+    hooks = (doc or {}).get("current_config", {}).get("webhooks", [])
+    return hooks if isinstance(hooks, list) else []
 
 
 def parse_oncall_config(data: bytes) -> dict:
@@ -2182,9 +2283,13 @@ class AuditLog:
     def __init__(self, store: Store, instance: str):
         self.store = store
         self.instance = instance
-        self._pending: list[tuple[str, bytes]] = []
+        self._pending: list[tuple[str, dict]] = []
         self._written: OrderedDict[str, None] = OrderedDict()  # keys this process wrote
         self._lock = threading.Lock()
+        # Called with each entry before it is written (the worker queues the webhooks that
+        # follow its event: Worker.follow). An entry counts as written only once both are
+        # done, so whoever writes it again after a stop queues them again (at the same keys).
+        self.follow: Callable[[str, dict], None] | None = None
 
     def entry(self, event: str, actor: str, details: dict | None = None) -> tuple[str, dict]:
         """A new entry and the key it is to be written at."""
@@ -2203,13 +2308,28 @@ class AuditLog:
     def write(self, key: str, entry: dict) -> None:
         log.info("event=audit audit_event=%s actor=%s", entry["event"], entry["actor"])
         try:
-            self.store.put(key, to_json(entry), if_absent=True)
-        except StoreConflict:
-            pass  # written before: by this write's first try, or by an instance that stopped
+            self._put(key, entry)
         except StoreUnavailable:
             log.warning("event=audit.deferred audit_event=%s", entry["event"])
             with self._lock:
-                self._pending.append((key, to_json(entry)))
+                self._pending.append((key, entry))
+
+    def _put(self, key: str, entry: dict, remember: bool = True) -> None:
+        """`remember`: note the key as written (see `written`). flush does not: the objects
+        its entries travel in keep them due, so that whoever looks at them next writes them
+        again (a refused create when they are there)."""
+        if self.follow is not None and entry.get("event") in WEBHOOK_EVENTS:
+            try:
+                self.follow(key, entry)
+            except StoreUnavailable:
+                raise
+            except Exception:  # a bug there must not cost the audit entry
+                log.exception("event=audit.follow_error audit_event=%s", entry["event"])
+        try:
+            self.store.put(key, to_json(entry), if_absent=True)
+        except StoreConflict:
+            pass  # written before: by this write's first try, or by an instance that stopped
+        if not remember:
             return
         with self._lock:
             self._written[key] = None
@@ -2224,11 +2344,9 @@ class AuditLog:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for i, (key, data) in enumerate(pending):
+        for i, (key, entry) in enumerate(pending):
             try:
-                self.store.put(key, data, if_absent=True)
-            except StoreConflict:
-                pass
+                self._put(key, entry, remember=False)
             except StoreUnavailable:
                 with self._lock:
                     self._pending[:0] = pending[i:]
@@ -2604,7 +2722,8 @@ def new_page(page_id: str, kind: str, doc: dict, state: str = "open", **fields: 
     now = time.time()
     return {
         "id": page_id, "number": None, "kind": kind, "opened": now,
-        "oncall": dict(oncall), "paged": [oncall["id"]] if state == "open" else [],
+        "oncall": {k: v for k, v in oncall.items() if k != "push"},
+        "paged": [oncall["id"]] if state == "open" else [],
         "state": state, "acked_by": None, "acked_at": None, "deliveries": {},
         "escalation": {"next_due": now + escalation_settings(doc)["ack_timeout"],
                        "step": 0, "claimed_until": 0},
@@ -2618,6 +2737,13 @@ def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: 
     page["deliveries"].setdefault(channel, {
         "state": "pending", "attempts": 1 if claimed_until else 0, "next_try": time.time(),
         "claimed_until": claimed_until, "last_error": "", **extra})
+
+
+def pushed(page: dict, doc: dict) -> list[str]:
+    """The channel `push` when the page rings and whom it is sent to has a push topic (see
+    Push): the first notification goes there too, opted out of texts or not."""
+    oncall = members(doc).get(page.get("oncall", {}).get("id"), {})
+    return ["push"] if page.get("state") == "open" and oncall.get("push") else []
 
 
 def message_of(page: dict, channel: str) -> dict:
@@ -3849,6 +3975,7 @@ class Pager:
             if page["oncall"].get("opted_out"):  # texts are blocked: the first call at once
                 channels[:] = [c for c in channels if c not in ("mms", "sms")]
                 page["escalation"]["next_due"] = page["ringing_since"]
+            channels.extend(pushed(page, snap.doc))
             for channel in channels:
                 add_delivery(page, channel, claimed_until)
             key, entry = self.audit.entry("page.opened", "twilio", {
@@ -3893,6 +4020,7 @@ class Pager:
             # texts are blocked: the first call goes at once instead
             channels = [c for c in channels if c not in ("mms", "sms")]
             page["escalation"]["next_due"] = page["opened"]
+        channels += pushed(page, doc)
         for channel in channels:
             add_delivery(page, channel, claimed_until)
         key, entry = self.audit.entry("page.opened", actor, {
@@ -5482,6 +5610,196 @@ def fetch_recording(cfg: AppConfig, url: str) -> bytes:
     return data
 
 
+# --- push (ntfy) and chat webhooks: POSTs to the URLs of the operational config -----------
+
+OUTSIDE_TIMEOUT = 5.0    # seconds, each POST to a push or webhook URL (and its answer)
+OUTSIDE_ATTEMPTS = 12    # a push or webhook that keeps failing is given up after as many
+HOOK_JOBS = "jobs/hook-"  # jobs/hook-<audit entry>-<webhook name>.json: one event, one webhook
+HOOK_JOBS_KEPT = DAY - 3600  # an event older than this gets no job (a sent one is kept a day)
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A push or webhook URL that redirects is not followed (the answer is an HTTP 3xx error):
+    the body goes to the URL the operator wrote, nowhere else."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
+
+
+def post_outside(url: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST `body` to a push or webhook URL (checked again here: only https://, or http://
+    to a loopback address), OUTSIDE_TIMEOUT for each step, no redirect followed. Returns the
+    HTTP status; DeliveryError otherwise, permanent for an answer that a retry cannot change
+    (a redirect, a 4xx other than 408 and 429)."""
+    problem = outbound_url_problem(url)
+    if problem:
+        raise DeliveryError(f"URL {problem}", permanent=True)
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "User-Agent": f"oncall-pager/{VERSION}", **headers})
+    try:
+        with urllib.request.build_opener(NoRedirects).open(
+                request, timeout=OUTSIDE_TIMEOUT) as answer:
+            answer.read(64 * 1024)
+            return int(answer.status)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if 300 <= e.code < 400:
+            raise DeliveryError(f"HTTP {e.code}: redirect not followed", permanent=True
+                                ) from None
+        raise DeliveryError(f"HTTP {e.code}", permanent=400 <= e.code < 500
+                            and e.code not in (408, 429)) from None
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise DeliveryError(f"POST failed: {type(reason).__name__}") from None
+
+
+def header_text(text: str) -> str:
+    """A header value http.client can send: ASCII as it is, anything else as RFC 2047
+    (ntfy reads both), controls gone."""
+    text = CONTROL_CHARACTERS.sub(" ", text).strip()
+    if text.isascii():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8", "replace")).decode() + "?="
+
+
+class Push:
+    """A member's push topic (`available_users.users.<id>.push`, an ntfy URL): the first
+    notification of a page goes there too, as a channel `push` of the page (durable, retried,
+    audited like the MMS, run on threads of its own so a slow push server delays no text).
+    ntfy's headers: Title, Priority (max for a voicemail and a critical alert, else urgent),
+    Tags. The body is the text, never a link to the recording (it carries the account)."""
+
+    def __init__(self, post: Callable[[str, bytes, dict[str, str]], int] = post_outside):
+        self.post = post
+
+    @staticmethod
+    def message(page: dict, number: int | str, doc: dict) -> tuple[str, str, str, str]:
+        """(title, text, priority, tags) of a page's push."""
+        kind = page.get("kind", "voicemail")
+        if kind in ("alert", "heartbeat"):
+            text = f"Page {number}{':' if kind == 'heartbeat' else ''} {alert_text(page)}."
+            loud = kind == "alert" and page.get("alert", {}).get("severity") == "critical"
+        elif kind == "voicemail":
+            text = (f"Page {number}: on-call voicemail ({page.get('duration', 0)} sec) from "
+                    f"{caller_text(page)}.")
+            loud = True
+        else:
+            text = f"Page {number}: {page_summary(page)}."
+            loud = False
+        text += f" Text ACK {number} to {doc['current_config']['from_phone']} to acknowledge."
+        title = " ".join(x for x in (team_name(doc), f"page {number}") if x)
+        return (title, text, "max" if loud else "urgent",
+                f"{'rotating_light' if loud else 'warning'},{kind}")
+
+    def send(self, url: str, page: dict, number: int | str, doc: dict) -> int:
+        title, text, priority, tags = self.message(page, number, doc)
+        return self.post(url, text.encode(), {
+            "Content-Type": "text/plain; charset=utf-8", "Title": header_text(title),
+            "Priority": priority, "Tags": tags})
+
+
+def hook_text(entry: dict, page: dict | None, doc: dict | None) -> str:
+    """One line for a chat room: what happened, in the words of the texts."""
+    details, event = entry.get("details", {}), entry.get("event")
+    users = members(doc) if doc else {}
+
+    def name(member_id: object) -> str:
+        return str(users.get(member_id, {}).get("name") or member_id)
+
+    number = (page or {}).get("number") or details.get("number")
+    what = f"Page {number}" if number else "A page"
+    about = f": {page_summary(page)}" if page else ""
+    team = f"[{team_name(doc)}] " if doc and team_name(doc) else ""
+    if event == "page.opened":
+        text = f"{what if number else 'New page'}{about}. Paging {name(details.get('oncall'))}."
+    elif event == "page.acknowledged":
+        text = f"{what} acknowledged by {name(entry.get('actor'))}{about}."
+    elif event == "page.resolved":
+        text = f"{what} resolved{about}."
+    elif event == "page.escalated":
+        reached = ", ".join(name(t) for t in details.get("targets", []))
+        text = (f"{what} escalated (step {int(details.get('step', 0)) + 1}): calling "
+                f"{reached}{about}.")
+    elif event == "oncall.changed":
+        text = f"{name(details.get('to'))} is now on call (was {name(details.get('from'))})."
+    else:
+        text = f"{event}{about}."
+    return team + text
+
+
+def slack_escaped(text: str) -> str:
+    """Slack's three control characters in message text (Mattermost and the rest agree)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class Webhooks:
+    """The team's webhooks (`current_config.webhooks`): page.opened, page.acknowledged,
+    page.resolved, page.escalated and oncall.changed, as signed JSON or as a chat line
+    (`{"text": ...}`: Slack, Mattermost, Rocket.Chat, Matrix hookshot, Teams workflows).
+
+    Each event a webhook follows is a job, jobs/hook-<audit entry>-<name>.json, created
+    (a conditional create, so once) before the audit entry of the event is written: whoever
+    writes that entry again after a stop creates the job again or finds it there, so a
+    webhook hears of every event at least once (receivers dedupe on `id`). The worker sends
+    the jobs like the single messages (claims, retries with backoff, audited), on threads of
+    their own: a dead webhook never delays a page. The secret of a webhook lives in the
+    operational config next to it (like mail_password; `config show` masks it) and signs
+    each body: X-Oncall-Signature: sha256=HMAC-SHA256(body, secret as printed)."""
+
+    def __init__(self, store: Store,
+                 post: Callable[[str, bytes, dict[str, str]], int] = post_outside):
+        self.store = store
+        self.post = post
+
+    def queue(self, doc: dict | None, key: str, entry: dict, claimed_until: float
+              ) -> list[tuple[str, dict]]:
+        """The jobs of one audit entry (its key names them), created once; returns those
+        this call created. No request when no webhook follows the event."""
+        event_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+        made: list[tuple[str, dict]] = []
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            happened = dt.datetime.fromisoformat(str(entry.get("time"))).timestamp()
+            if happened < time.time() - HOOK_JOBS_KEPT:
+                # its job (sent, then kept a day) may be gone: an old entry written again
+                # (a quiet page's, after a restart) must not post an old event again
+                return made
+        for hook in webhooks(doc):
+            if entry.get("event") not in hook.get("events", ()):
+                continue
+            job_key = f"{HOOK_JOBS}{event_id}-{hook['name']}.json"
+            job = {"kind": "webhook", "webhook": hook["name"], "id": event_id,
+                   "entry": {k: entry.get(k) for k in ("time", "event", "actor", "details")},
+                   "state": "pending", "attempts": 1 if claimed_until else 0,
+                   "next_try": time.time(), "claimed_until": claimed_until}
+            if put_once(self.store, job_key, job):
+                made.append((job_key, job))
+        return made
+
+    def body(self, hook: dict, job: dict, page: dict | None, doc: dict | None) -> bytes:
+        entry = job["entry"]
+        text = hook_text(entry, page, doc)
+        if hook.get("format") == "slack":
+            return json.dumps({"text": slack_escaped(text)}).encode()
+        shown = None if page is None else {
+            "id": page.get("id"), "number": page.get("number"), "kind": page.get("kind"),
+            "state": page.get("state"), "summary": page_summary(page)}
+        return json.dumps({"id": job["id"], "event": entry["event"], "time": entry["time"],
+                           "actor": entry["actor"], "team": team_name(doc) if doc else "",
+                           "text": text, "details": entry["details"], "page": shown},
+                          sort_keys=True).encode()
+
+    def send(self, job: dict, page: dict | None, doc: dict | None) -> int:
+        hook = next((h for h in webhooks(doc) if h.get("name") == job["webhook"]), None)
+        if hook is None:
+            raise DeliveryError(f"webhook {job['webhook']} was removed", permanent=True)
+        body = self.body(hook, job, page, doc)
+        signature = hmac.new(hook["secret"].encode(), body, hashlib.sha256).hexdigest()
+        return self.post(hook["url"], body, {
+            "Content-Type": "application/json", "X-Oncall-Event": job["entry"]["event"],
+            "X-Oncall-Delivery": job["id"], "X-Oncall-Signature": f"sha256={signature}"})
+
+
 # ==============================================================================================
 # Worker: the durable delivery and escalation queue
 # ==============================================================================================
@@ -5689,6 +6007,12 @@ class Worker:
         # Reads of a listing's changed pages, apart from both, so that thousands of them after
         # a start queue behind neither a delivery nor a webhook's writes (IO_POOL).
         self._readers = ThreadPoolExecutor(LISTING_READERS, thread_name_prefix="read")
+        # POSTs to URLs outside (push, webhooks): threads of their own, two each, so a push
+        # server or a webhook that hangs for its OUTSIDE_TIMEOUT holds back nothing else.
+        self.push = Push()
+        self.hooks = Webhooks(self.store)
+        self._outside = {"push": ThreadPoolExecutor(2, thread_name_prefix="push"),
+                         "hook": ThreadPoolExecutor(2, thread_name_prefix="hook")}
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._recordings: OrderedDict[str, bytes] = OrderedDict()
@@ -5710,6 +6034,7 @@ class Worker:
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
+        pager.audit.follow = self.follow
 
     def start(self) -> None:
         self.started = time.time()
@@ -5724,6 +6049,8 @@ class Worker:
         self._urgent.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._readers.shutdown(wait=True, cancel_futures=True)
+        for pool in self._outside.values():
+            pool.shutdown(wait=False, cancel_futures=True)  # a hanging POST ends by itself
 
     def wake(self) -> None:
         self._wake.set()
@@ -5841,6 +6168,13 @@ class Worker:
         if not isinstance(last, dict) or not isinstance(last.get("time"), (int, float)) \
                 or time.time() - last["time"] >= DAY:
             return
+        entry = last.get("entry")
+        if isinstance(entry, dict) and any(entry.get("event") in h.get("events", ())
+                                           for h in webhooks(snap.doc)):
+            # an on-call change the command line made: its webhooks (queued once; a change
+            # made here finds its jobs there already)
+            self._submit(f"adopt-hooks-{snap.etag}", lambda: self.follow(
+                check_key(str(last.get("key"))), entry), outside="hook")
         for message in last.get("messages") or []:
             key, job = message.get("key"), message.get("job")
             if not isinstance(key, str) or not key.startswith("jobs/msg-") or \
@@ -6195,10 +6529,11 @@ class Worker:
         with self._lock:
             return list(self._inflight)
 
-    def _submit(self, task: str, work: Callable[[], None], urgent: bool = False) -> None:
+    def _submit(self, task: str, work: Callable[[], None], urgent: bool = False,
+                outside: str = "") -> None:
         """Run `work` in the background as `task` (so a scan does not start it twice), on the
-        threads for texts and calls when `urgent`, else on those for e-mail, archive and
-        bookkeeping."""
+        threads for texts and calls when `urgent`, on those for push or webhooks (`outside`),
+        else on those for e-mail, archive and bookkeeping."""
         with self._lock:
             self._inflight.add(task)
 
@@ -6213,7 +6548,8 @@ class Worker:
                 self.wake()
 
         try:
-            (self._urgent if urgent else self._pool).submit(run)
+            (self._outside[outside] if outside else self._urgent if urgent
+             else self._pool).submit(run)
         except RuntimeError:  # the pool is shutting down; the claim expires and is retried
             with self._lock:
                 self._inflight.discard(task)
@@ -6229,7 +6565,8 @@ class Worker:
         with self._lock:
             self._messages[key] = (job, None, time.monotonic())
         if job.get("claimed_until", 0) > time.time():
-            self._submit(key, lambda: self._send_message(key, job), urgent=True)
+            self._submit(key, lambda: self._send_message(key, job), urgent=True,
+                         outside="hook" if key.startswith(HOOK_JOBS) else "")
 
     def _list_messages(self) -> None:
         """Message jobs queued by instances that stopped before sending them. Jobs unchanged
@@ -6239,8 +6576,8 @@ class Worker:
         listed_at = time.monotonic()
         versions = self.store.versions("jobs/")
         for key, (etag, modified) in versions.items():
-            if not key.startswith("jobs/msg-") or (modified < time.time() - DAY
-                                                   and not reminder_ahead(key)):
+            if not key.startswith(("jobs/msg-", HOOK_JOBS)) or (
+                    modified < time.time() - DAY and not reminder_ahead(key)):
                 self.store.delete(key)
                 continue
             with self._lock:
@@ -6276,13 +6613,17 @@ class Worker:
             return now
         with self._lock:
             self._messages[key] = (job, etag, time.monotonic())
-        self._submit(key, lambda: self._send_message(key, job), urgent=True)
+        self._submit(key, lambda: self._send_message(key, job), urgent=True,
+                     outside="hook" if key.startswith(HOOK_JOBS) else "")
         return later
 
     def _send_message(self, key: str, job: dict) -> None:
         """Send one message job and write what happened to it: sent (kept a day), failed for
         good, or due again after a backoff. These writes need no If-Match: only the claim
         decides who sends."""
+        if key.startswith(HOOK_JOBS):
+            self._send_hook(key, job)
+            return
         sms = {"to": job["to"], "attempt": job["attempts"]}
         details = {"purpose": job.get("purpose"), "deliveries": {"sms": sms}}
         try:
@@ -6315,6 +6656,72 @@ class Worker:
         except StoreUnavailable:  # kept in memory: this instance does not send it again
             log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
 
+    # --- push and webhooks (the rooms Push and Webhooks; here their queue) ------------------
+
+    def follow(self, key: str, entry: dict) -> None:
+        """AuditLog.follow: the webhooks that follow `entry`'s event get a job each, claimed
+        here and sent at once (see Webhooks). Raises StoreUnavailable: the entry waits."""
+        known = self.pager.team.last_known()
+        for job_key, job in self.hooks.queue(known.doc if known else None, key, entry,
+                                             time.time() + self.cfg.claim_timeout):
+            self.start_message(job_key, job)
+
+    def _send_hook(self, key: str, job: dict) -> None:
+        """One attempt of a webhook job, audited (page.delivered / page.delivery_failed, the
+        channel `webhook:<name>`), then its state written: sent, failed for good (an answer a
+        retry cannot change, or OUTSIDE_ATTEMPTS tries), or due again after a backoff."""
+        entry = job["entry"]
+        page_id = entry.get("details", {}).get("page")
+        known = self.pager.book.get(page_id) if isinstance(page_id, str) else None
+        attempt = {"attempt": job["attempts"], "event": entry["event"]}
+        details = {"purpose": "webhook", "page": page_id,
+                   "deliveries": {f"webhook:{job['webhook']}": attempt}}
+        try:
+            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+            attempt["status"] = self.hooks.send(job, known[0] if known else None, doc)
+        except (DeliveryError, StoreUnavailable, NoConfig, ConfigError) as e:
+            final = (isinstance(e, DeliveryError) and e.permanent) or \
+                job["attempts"] >= OUTSIDE_ATTEMPTS
+            attempt.update(error=str(e)[:200], final=final)
+            self.pager.audit.record("page.delivery_failed", "worker", details)
+            job = {**job, "state": "failed"} if final else {
+                **job, "claimed_until": 0, "next_try": time.time() + backoff(
+                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
+        else:
+            self.pager.audit.record("page.delivered", "worker", details)
+            job = {**job, "state": "sent"}
+        log.info("event=webhook.%s webhook=%s hook_event=%s attempt=%s",
+                 job["state"] if job["state"] != "pending" else "retry", job["webhook"],
+                 entry["event"], job["attempts"])
+        METRICS.count("oncall_deliveries_total", channel="webhook",
+                      result="retry" if job["state"] == "pending" else job["state"])
+        with self._lock:
+            self._messages[key] = (job, None, time.monotonic())
+        try:
+            self.store.put(key, to_json(job))
+        except StoreUnavailable:  # kept in memory: this instance does not send it again
+            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
+
+    def _deliver_push(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        """The page's first notification on the push topic of whom it was sent to (read from
+        the config now: a topic changed since is the one used). A retry after the page was
+        acknowledged or closed is not sent: it would ring for nothing."""
+        member_id = page.get("oncall", {}).get("id")
+        url = members(doc).get(member_id, {}).get("push")
+        delivery = page["deliveries"][channel]
+        if not url:
+            raise DeliveryError(f"{member_id} has no push URL any more", permanent=True)
+        if delivery["attempts"] > 1 and page.get("state") != "open":
+            raise DeliveryError(f"page {page.get('state')} before the push went",
+                                permanent=True)
+        try:
+            status = self.push.send(url, page, self._number(store, page), doc)
+        except DeliveryError as e:
+            if delivery["attempts"] >= OUTSIDE_ATTEMPTS:
+                raise DeliveryError(str(e), permanent=True) from None
+            raise
+        return {"to": member_id, "status": status}
+
     # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
     def start_work(self, store: Store, page: dict, etag: str, channels: list[str],
@@ -6327,7 +6734,8 @@ class Worker:
                 "mms", "sms"))):
             self._submit(f"{page['id']}/{channel}",
                          lambda c=channel: self._deliver(store, page, c, batch),
-                         urgent=channel.split(":")[0] in URGENT_CHANNELS)
+                         urgent=channel.split(":")[0] in URGENT_CHANNELS,
+                         outside="push" if channel == "push" else "")
             if i == 0 and any(not self.pager.audit.written(d["key"])
                               for d in page.get("audit_due", [])):
                 self._submit(f"{page['id']}/audit", lambda: self._write_due(page))
@@ -6941,6 +7349,7 @@ DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
     "archive": Worker._deliver_archive,
     "closing_email": Worker._deliver_closing_email,
     "join": Worker._deliver_join,
+    "push": Worker._deliver_push,
 }
 
 
@@ -8623,7 +9032,39 @@ def masked(doc: dict) -> dict:
     mail = shown.get("current_config", {}).get("mail_settings", {})
     if mail.get("mail_password"):
         mail["mail_password"] = "********"
+    for hook in webhooks(shown):
+        if isinstance(hook, dict):  # the secret signs; a chat URL is a credential itself
+            hook.update(secret="********", url=url_shown(hook.get("url")))
     return shown
+
+
+def url_shown(url: object) -> str:
+    """A push or webhook URL as listings show it: where it goes, not its token."""
+    parts = urllib.parse.urlsplit(str(url))
+    return f"{parts.scheme}://{parts.netloc}/..." if parts.path.strip("/") else str(url)
+
+
+PUSH_KEY = re.compile(r"members\.([A-Za-z0-9_.-]+)\.push")
+NO_PUSH = ("", "off", "none", "-")
+
+
+def set_push(pager: Pager, args: argparse.Namespace, member_id: str) -> int:
+    """`config set members.ID.push URL` (or `off`): a member's push topic (see Push)."""
+    url = args.value.strip()
+    problem = outbound_url_problem(url) if url.lower() not in NO_PUSH else ""
+    if problem:
+        raise UsageError(f"members.{member_id}.push {url!r} {problem}")
+
+    def set_value(doc: dict) -> str:
+        member = members(doc).get(member_id)
+        if member is None:
+            raise UsageError(f"there is no member {member_id!r}")
+        if url.lower() in NO_PUSH:
+            member.pop("push", None)
+            return f"removed {member_id}'s push topic"
+        member["push"] = url
+        return f"set members.{member_id}.push = {url_shown(url)}"
+    return change_config(pager, args, set_value)
 
 
 
@@ -8695,6 +9136,8 @@ def cmd_config(args: argparse.Namespace) -> int:
             return f"removed member {args.id}"
         return change_config(pager, args, remove)
     if args.action == "set":
+        if PUSH_KEY.fullmatch(args.key):
+            return set_push(pager, args, PUSH_KEY.fullmatch(args.key).group(1))
         if args.key not in SETTABLE:
             raise UsageError(f"unknown key {args.key!r}; settable: {', '.join(SETTABLE)}")
         path, parse = SETTABLE[args.key]
@@ -8805,6 +9248,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     if snap.stale:
         print(f"warning: the store's config could not be read ({pager.team.problem}); "
               "this is the last copy known here", file=sys.stderr)
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    """The team's webhooks (see Webhooks): `add` prints the new signing secret once; the
+    config keeps it (it must sign), masked wherever the config is shown."""
+    cfg = load_app_config(args.config)
+    pager = build_pager(cfg)
+    if args.action == "list":
+        found = webhooks(pager.team.read().doc)
+        if not found:
+            print("no webhooks (add one with: oncall-pager webhook add NAME URL)")
+        for hook in found:
+            print(f"{hook.get('name'):<24} {hook.get('format', 'json'):<6} "
+                  f"{url_shown(hook.get('url'))}  {','.join(hook.get('events', []))}")
+        return 0
+    if not NAME.fullmatch(args.name):
+        raise UsageError(f"{args.name!r} is not a name (letters, digits, . _ -; at most 64)")
+    if args.action == "remove":
+        def remove(doc: dict) -> str:
+            kept = [h for h in webhooks(doc) if h.get("name") != args.name]
+            if len(kept) == len(webhooks(doc)):
+                raise UsageError(f"there is no webhook {args.name!r}")
+            doc["current_config"]["webhooks"] = kept
+            return f"removed webhook {args.name}"
+        return change_config(pager, args, remove)
+    problem = outbound_url_problem(args.url)
+    if problem:
+        raise UsageError(f"webhook URL {args.url!r} {problem}")
+    events = [e.strip() for e in (args.events or ",".join(WEBHOOK_EVENTS)).split(",")
+              if e.strip()]
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        raise UsageError(f"--events {','.join(unknown) or '(none)'}: choose from "
+                         f"{','.join(WEBHOOK_EVENTS)}")
+    secret = secrets.token_hex(32)
+
+    def add(doc: dict) -> str:
+        if any(h.get("name") == args.name for h in webhooks(doc)):
+            raise UsageError(f"webhook {args.name!r} exists already (remove it first)")
+        doc["current_config"]["webhooks"] = [*webhooks(doc), {
+            "name": args.name, "url": args.url, "events": events, "format": args.format,
+            "secret": secret}]
+        return f"added webhook {args.name} ({args.format}: {','.join(events)})"
+
+    change_config(pager, args, add)
+    print(f"secret: {secret}")
+    print("It is shown only this once. Each POST carries X-Oncall-Signature: sha256=HEX, "
+          "the HMAC-SHA256 of the body keyed with this secret.")
     return 0
 
 
@@ -9390,7 +9882,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("phone")
     remove = action("user-remove", "remove a member (not the one on call)")
     remove.add_argument("id")
-    setter = action("set", "set one setting: " + ", ".join(SETTABLE))
+    setter = action("set", "set one setting: " + ", ".join(SETTABLE)
+                    + ", members.ID.push (an ntfy topic URL, or off)")
     setter.add_argument("key")
     setter.add_argument("value")
     action("edit", "edit the JSON in $EDITOR")
@@ -9407,6 +9900,21 @@ def build_parser() -> argparse.ArgumentParser:
     action("list", "list the integrations (names and when added; never keys)", kinds)
     action("remove", "remove an integration: its routing key stops working",
            kinds).add_argument("name")
+    webhook = command("webhook", cmd_webhook, "webhooks: page and on-call events POSTed as "
+                      "signed JSON or to a chat room (Slack, Mattermost ...)")
+    webhook.add_argument("--as", dest="as_member", help="operator recorded in the audit log")
+    hook_actions = webhook.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hook_add = action("add", "add a webhook and print its signing secret (once)", hook_actions)
+    hook_add.add_argument("name")
+    hook_add.add_argument("url", help="https:// (or http:// to a loopback address)")
+    hook_add.add_argument("--events", help="comma-separated, from: " + ",".join(
+        WEBHOOK_EVENTS) + " (default: all)")
+    hook_add.add_argument("--format", choices=WEBHOOK_FORMATS, default="json",
+                          help="json (signed) or slack ({\"text\": ...}: Slack, Mattermost, "
+                          "Rocket.Chat, Matrix hookshot, Teams workflows)")
+    action("list", "list the webhooks (names, formats, hosts, events; never secrets)",
+           hook_actions)
+    action("remove", "remove a webhook", hook_actions).add_argument("name")
     audit = command("audit", cmd_audit, "read the audit log")
     audit.add_argument("-n", type=int, default=None, help="only the last N entries")
     audit.add_argument("--since", help="entries from this date (YYYY-MM-DD, UTC) on")

@@ -19,6 +19,7 @@ import email.policy
 import email.utils
 import getpass
 import hashlib
+import hmac
 import html
 import http
 import http.client
@@ -4615,6 +4616,7 @@ class Outside:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, str]] = []
+        self.posts: list[dict[str, Any]] = []  # push and webhook POSTs (WorldPost)
         self.lock = threading.Lock()
         self.origin: float | None = None  # the clock when the flow began (a rotation's times)
 
@@ -4638,6 +4640,20 @@ class WorldTelephony(op.Telephony):
                            "url": url})
 
 
+class WorldPost:
+    """The push server and the webhook receivers, as the world sees them: a stopped process
+    posts nothing."""
+
+    def __init__(self, store: CrashingStore, outside: Outside):
+        self.store, self.outside = store, outside
+
+    def __call__(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        self.store._alive()
+        with self.outside.lock:
+            self.outside.posts.append({"url": url, "body": body, "headers": headers})
+        return 200
+
+
 CRASH_SID = "RE" + "c" * 32
 CRASH_ACK_TIMEOUT = 100.0
 
@@ -4654,6 +4670,7 @@ class Process:
         self.pager = op.Pager(self.cfg, self.store, instance=f"test:{uuid.uuid4().hex[:6]}")
         self.pager.spool = CrashingSpool(folder / "spool", self.store)
         self.worker = op.Worker(self.pager, WorldTelephony(self.store, outside))
+        self.worker.push.post = self.worker.hooks.post = WorldPost(self.store, outside)
         with contextlib.suppress(Crash):  # as `serve` does at start
             self.pager.team.reconcile()
             self.worker.scan()
@@ -4685,6 +4702,8 @@ class Process:
         self.worker._stop.set()
         self.worker._urgent.shutdown(wait=False, cancel_futures=True)
         self.worker._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.worker._outside.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def sms(process: Process, sender: str, body: str) -> None:
@@ -5147,6 +5166,67 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
     assert len(calls) == len(set(calls)), f"an escalation call was placed twice: {calls}"
 
 
+PUSH_URL = "https://ntfy.example.com/alice-pages"
+HOOK_URL = "https://hooks.example.com/pager"
+HOOK_SECRET = "5e" * 32
+
+
+def set_up_push(process: Process) -> None:
+    """The operator gives Alice a push topic and adds a webhook (a config write, once)."""
+    snap = process.pager.team.read()
+    if "webhooks" not in snap.doc["current_config"]:
+        doc = copy.deepcopy(snap.doc)
+        doc["available_users"]["users"]["alice"]["push"] = PUSH_URL
+        doc["current_config"]["webhooks"] = [{
+            "name": "ops", "url": HOOK_URL, "format": "json", "secret": HOOK_SECRET,
+            "events": ["page.opened", "page.acknowledged", "page.escalated"]}]
+        process.pager.team.write(doc, base=snap, actor="alice")
+    process.settle()
+
+
+# Push and webhooks (s23-push): a voicemail (MMS, push to Alice's topic, page.opened to the
+# webhook), Alice's ACK (page.acknowledged to the webhook).
+PUSH_FLOW: list[Callable[[Process], None]] = [
+    set_up_push,
+    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+                                CRASH_RECORDING_URL + CRASH_SID, 12),
+    lambda p: p.settle(),
+    lambda p: sms(p, ALICE, "ACK"),
+    lambda p: p.settle(),
+]
+
+
+def check_push_flow(store: op.Store, outside: Outside) -> None:
+    assert any(s["kind"] == "mms" and s["to"] == ALICE for s in outside.sent), "no MMS"
+    pushes = [p for p in outside.posts if p["url"] == PUSH_URL]
+    assert pushes, "the push never went"
+    assert all(p["headers"]["Priority"] == "max" and b"on-call voicemail" in p["body"]
+               for p in pushes)
+    hooks = [json.loads(p["body"]) for p in outside.posts if p["url"] == HOOK_URL]
+    for p in outside.posts:
+        if p["url"] == HOOK_URL:
+            assert p["headers"]["X-Oncall-Signature"] == "sha256=" + hmac.new(
+                HOOK_SECRET.encode(), p["body"], hashlib.sha256).hexdigest()
+            assert HOOK_SECRET.encode() not in p["body"]
+    heard = {(h["event"], h["details"].get("page")) for h in hooks}
+    assert heard >= {("page.opened", CRASH_SID), ("page.acknowledged", CRASH_SID)}, \
+        f"an event never reached the webhook: {heard}"
+    # at least once; the same event twice only as the same delivery (one id), after a stop
+    ids: dict[tuple, set[str]] = {}
+    for h in hooks:  # (a restart may add an escalation step: another event)
+        ids.setdefault((h["event"], h["details"].get("step")), set()).add(h["id"])
+    assert all(len(v) == 1 for v in ids.values()), f"one event, two deliveries: {ids}"
+    events = audit_events(store)
+    delivered = channels([e for e in events if e["event"] == "page.delivered"])
+    assert {"push", "webhook:ops"} <= delivered
+    page = json.loads(store.get(f"pages/{CRASH_SID}.json").data)
+    # (sent; or, when a stop lost the record of the push that went, not sent again once
+    # the page was acknowledged)
+    assert page["deliveries"]["push"]["state"] == "sent" or page["deliveries"]["push"][
+        "last_error"] == "page acknowledged before the push went", page["deliveries"]["push"]
+    assert PUSH_URL not in json.dumps(page), "the topic stays in the config"
+
+
 @pytest.mark.parametrize("flow, check", [(PAGE_FLOW, check_page_flow),
                                          (TEAM_FLOW, check_team_flow),
                                          (LIVE_FLOW, check_live_flow),
@@ -5156,9 +5236,10 @@ def check_archive_flow(store: op.Store, outside: Outside) -> None:
                                          (HEARTBEAT_FLOW, check_heartbeat_flow),
                                          (ARCHIVE_FLOW, check_archive_flow),
                                          (HELD_FLOW, check_held_flow),
-                                         (INDEX_FLOW, check_index_flow)],
+                                         (INDEX_FLOW, check_index_flow),
+                                         (PUSH_FLOW, check_push_flow)],
                          ids=["page", "team", "live", "live-outage", "rotation", "alert",
-                              "heartbeat", "archive", "held", "done-index"])
+                              "heartbeat", "archive", "held", "done-index", "push"])
 def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flow: list[Callable[[Process], None]],
         check: Callable[[op.Store, Outside], None]) -> None:
@@ -10297,3 +10378,374 @@ def test_status_and_a_plain_ack_cost_a_few_store_requests_in_a_row_however_many_
         assert "list" not in operations, f"{body} listed a folder"
         assert longest_chain(before_reply) <= 3, f"{body}: {longest_chain(before_reply)} in a row"
     worker.stop()
+
+
+# ====== s23-push: push (ntfy) and webhooks (SPEC 22) ======
+
+
+class Receiver:
+    """A push server or webhook receiver on loopback: keeps every POST (path, headers, body,
+    when) and answers with `answer(n)` for the n-th request (0-based): a status, ("hang", s)
+    (no answer for s seconds), or ("redirect", url). `recovered` is for `answer` to read."""
+
+    def __init__(self, answer: Callable[[int], Any] = lambda n: 200):
+        self.requests: list[dict[str, Any]] = []  # each with the "answer" it got
+        self.answer = answer
+        self.recovered = threading.Event()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 -- http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    n = len(receiver.requests)
+                    todo = receiver.answer(n)
+                    receiver.requests.append({
+                        "path": self.path, "headers": dict(self.headers), "body": body,
+                        "time": time.monotonic(), "answer": todo})
+                if isinstance(todo, tuple) and todo[0] == "hang":  # past the client's timeout
+                    time.sleep(todo[1])
+                    todo = 200
+                with contextlib.suppress(OSError):
+                    if isinstance(todo, tuple):  # a redirect
+                        self.send_response(302)
+                        self.send_header("Location", todo[1])
+                    else:
+                        self.send_response(todo)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def bodies(self) -> list[dict]:
+        """The JSON bodies of the requests answered 200 at once (a webhook's deliveries)."""
+        with self.lock:
+            return [json.loads(r["body"]) for r in self.requests if r["answer"] == 200]
+
+    def stop(self) -> None:
+        self.recovered.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(answer: Callable[[int], Any] = lambda n: 200) -> Receiver:
+        made.append(Receiver(answer))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.stop()
+
+
+def started_with(s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+                 change: Callable[[dict], None]) -> RunningPager:
+    """A pager (live mode, the fake Twilio, S3) whose team config `change` edited first."""
+    config = s3_setup()
+    store = op.open_store(op.load_app_config(config))
+    doc = json.loads(store.get("oncall_config.json").data)
+    change(doc)
+    store.put("oncall_config.json", op.to_json(doc))
+    return start_pager(config)
+
+
+def hook(name: str, url: str, secret: str = HOOK_SECRET, fmt: str = "json",
+         events: tuple[str, ...] = op.WEBHOOK_EVENTS) -> dict:
+    return {"name": name, "url": url, "events": list(events), "format": fmt, "secret": secret}
+
+
+def test_a_voicemail_reaches_the_members_ntfy_topic_with_title_priority_and_tags(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    ntfy = receivers()
+
+    def push_for_alice(doc: dict) -> None:
+        doc["available_users"]["users"]["alice"]["push"] = ntfy.url("/alice-pages")
+        doc["current_config"]["team_name"] = "Example SRE"
+    pager = started_with(s3_setup, start_pager, push_for_alice)
+    form, _ = leave_voicemail(pager, twilio)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 2), "the MMS went too"
+    wait_until(lambda: ntfy.requests, 5)
+    (push,) = ntfy.requests
+    assert push["path"] == "/alice-pages"
+    assert (push["headers"]["Title"], push["headers"]["Priority"], push["headers"]["Tags"]) == (
+        "Example SRE page 1", "max", "rotating_light,voicemail")
+    assert push["body"].decode() == ("Page 1: on-call voicemail (12 sec) from ACME CORP "
+                                     "<+15551230000>. Text ACK 1 to +19195559876 to "
+                                     "acknowledge.")
+    page_id = form["RecordingSid"]
+    wait_until(lambda: page_of(pager.store, page_id)["deliveries"]["push"]["state"] == "sent", 5)
+    assert "push" in channels(audit_events(pager.store, "page.delivered"))
+    assert ntfy.url() not in json.dumps(page_of(pager.store, page_id))
+    shown = run_cli("pages", "-c", str(pager.config_path))
+    assert shown.returncode == 0 and "push:sent" in shown.stdout, shown.stdout
+
+
+def test_push_priority_is_max_for_voicemails_and_critical_alerts_else_urgent() -> None:
+    doc = team_doc()
+    alert = {"kind": "alert", "alert": {"severity": "critical", "summary": "Disk full",
+                                        "source": "db1"}}
+    assert op.Push.message(alert, 4, doc)[1:] == (
+        "Page 4 [critical] Disk full (db1). Text ACK 4 to +19195559876 to acknowledge.",
+        "max", "rotating_light,alert")
+    alert["alert"]["severity"] = "error"
+    assert op.Push.message(alert, 4, doc)[2:] == ("urgent", "warning,alert")
+    missed = {"kind": "missed", "caller": {"number": CALLER}}
+    assert op.Push.message(missed, 5, doc)[2] == "urgent"
+    assert op.header_text("Équipe\nSRE") == "=?UTF-8?B?" + base64.b64encode(
+        "Équipe SRE".encode()).decode() + "?="
+
+
+def test_webhooks_get_signed_json_and_chat_rooms_a_text_line_for_each_event(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    """A JSON receiver checks the signature as a user would (HMAC-SHA256 of the raw body with
+    the secret); a Mattermost-style room gets {"text": ...}; neither body carries a secret."""
+    receiver, room = receivers(), receivers()
+    secret = secrets.token_hex(32)
+
+    def add_hooks(doc: dict) -> None:
+        doc["current_config"]["webhooks"] = [
+            hook("ops", receiver.url("/ops"), secret),
+            hook("chat", room.url("/hooks/abc"), fmt="slack",
+                 events=("page.opened", "page.acknowledged"))]
+    pager = started_with(s3_setup, start_pager, add_hooks)
+    form, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: len(room.requests) == 1, 5)
+    assert "acknowledged" in pager.sms(ALICE, "ACK")
+    assert pager.sms(BOB, "TAKE").startswith("Bob Roberts to be made")
+    pager.sms(BOB, "C")
+    wait_until(lambda: len(receiver.requests) == 3 and len(room.requests) == 2, 5)
+    for request in receiver.requests:
+        expected = hmac.new(secret.encode(), request["body"], hashlib.sha256).hexdigest()
+        assert request["headers"]["X-Oncall-Signature"] == f"sha256={expected}"
+        assert request["headers"]["Content-Type"] == "application/json"
+    for request in receiver.requests + room.requests:
+        assert secret.encode() not in request["body"] and HOOK_SECRET.encode() not in \
+            request["body"] and AUTH_TOKEN.encode() not in request["body"]
+    opened, acked, changed = receiver.bodies()
+    assert (opened["event"], opened["details"]["page"], opened["page"]["kind"]) == (
+        "page.opened", form["RecordingSid"], "voicemail")
+    assert opened["text"] == ("New page: voicemail (12 sec) from ACME CORP <+15551230000>. "
+                              "Paging Alice McAlister.")
+    assert (acked["event"], acked["actor"], acked["page"]["state"]) == (
+        "page.acknowledged", "alice", "acknowledged")
+    assert (changed["event"], changed["details"]["from"], changed["details"]["to"]) == (
+        "oncall.changed", "alice", "bob")
+    assert changed["text"] == "Bob Roberts is now on call (was Alice McAlister)."
+    texts = [json.loads(r["body"]) for r in room.requests]
+    assert [list(t) for t in texts] == [["text"], ["text"]]
+    assert "voicemail (12 sec) from ACME CORP &lt;+15551230000&gt;" in texts[0]["text"]
+    assert texts[1]["text"].startswith("Page 1 acknowledged by Alice McAlister")
+    delivered = [e["details"] for e in audit_events(pager.store, "page.delivered")
+                 if e["details"].get("purpose") == "webhook"]
+    assert sorted(d["deliveries"].popitem()[0] for d in delivered) == [
+        "webhook:chat", "webhook:chat", "webhook:ops", "webhook:ops", "webhook:ops"]
+
+
+def test_a_failing_webhook_is_retried_with_backoff_and_never_delays_an_mms(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver answers 500, then hangs past the timeout (shortened from 5 s to 1 s to
+    fit a test) until it recovers: meanwhile a second voicemail's MMS leaves at once; once
+    it recovers, both events are delivered."""
+    monkeypatch.setattr(op, "OUTSIDE_TIMEOUT", 1.0)
+    receiver = receivers(lambda n: 500 if n == 0 else 200 if receiver.recovered.is_set()
+                         else ("hang", 1.5))
+    pager = started_with(s3_setup, start_pager, lambda doc: doc["current_config"].update(
+        webhooks=[hook("ops", receiver.url(), events=("page.opened",))]))
+    first, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: len(receiver.requests) >= 3, 5)  # 500, a hang, another hang
+    started = time.monotonic()
+    second, _ = leave_voicemail(pager, twilio, call=call_params(From=CAROL))
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 1.0), \
+        "the MMS waited for the webhook"
+    assert time.monotonic() - started < 1.0
+    assert pager.worker.alive()
+    receiver.recovered.set()
+    wait_until(lambda: {b["details"]["page"] for b in receiver.bodies()} == {
+        first["RecordingSid"], second["RecordingSid"]}, 8)
+    failed = [d for e in audit_events(pager.store, "page.delivery_failed")
+              for d in e["details"]["deliveries"].values()]
+    errors = {d["error"] for d in failed}
+    assert "HTTP 500" in errors and "POST failed: TimeoutError" in errors, errors
+    assert not any(d["final"] for d in failed)
+    jobs = [json.loads(pager.store.get(k).data) for k in pager.store.list(op.HOOK_JOBS)]
+    wait_until(lambda: all(json.loads(pager.store.get(k).data)["state"] == "sent"
+                           for k in pager.store.list(op.HOOK_JOBS)), 3)
+    assert len(jobs) == 2 and max(j["attempts"] for j in jobs) >= 3
+    retried = [r["time"] for r in receiver.requests if r["body"] and json.loads(
+        r["body"])["details"]["page"] == first["RecordingSid"]]
+    assert retried[1] - retried[0] >= 0.15, "retried at once, not after a backoff"
+
+
+def test_a_redirect_is_not_followed_by_a_push_or_a_webhook(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake, receivers: Callable[..., Receiver]) -> None:
+    elsewhere = receivers()
+    moved = receivers(lambda n: ("redirect", elsewhere.url("/stolen")))
+
+    def redirected(doc: dict) -> None:
+        doc["available_users"]["users"]["alice"]["push"] = moved.url("/topic")
+        doc["current_config"]["webhooks"] = [hook("ops", moved.url("/ops"),
+                                                  events=("page.opened",))]
+    pager = started_with(s3_setup, start_pager, redirected)
+    form, _ = leave_voicemail(pager, twilio)
+    wait_until(lambda: page_of(pager.store, form["RecordingSid"])["deliveries"]["push"][
+        "state"] == "failed", 5)
+    (key,) = pager.store.list(op.HOOK_JOBS)
+    wait_until(lambda: json.loads(pager.store.get(key).data)["state"] == "failed", 5)
+    assert len(moved.requests) == 2 and elsewhere.requests == []
+    errors = [d["error"] for e in audit_events(pager.store, "page.delivery_failed")
+              for d in e["details"]["deliveries"].values()]
+    assert errors.count("HTTP 302: redirect not followed") == 2, errors
+
+
+def test_webhook_add_prints_its_secret_once_and_list_remove_and_push_set_by_the_cli(
+        file_cli: Cli) -> None:
+    added = file_cli.run("webhook", "add", "chat", "https://chat.example.com/hooks/x1y2z3",
+                         "--format", "slack", "--events", "page.opened,oncall.changed")
+    assert added.returncode == 0, added.stderr
+    lines = added.stdout.splitlines()
+    assert lines[0] == "added webhook chat (slack: page.opened,oncall.changed)"
+    secret = lines[1].removeprefix("secret: ")
+    assert re.fullmatch(r"[0-9a-f]{64}", secret)
+    (stored,) = file_cli.doc()["current_config"]["webhooks"]
+    assert stored == {"name": "chat", "url": "https://chat.example.com/hooks/x1y2z3",
+                      "events": ["page.opened", "oncall.changed"], "format": "slack",
+                      "secret": secret}
+    shown, listed = file_cli.run_all(["config", "show"], ["webhook", "list"])
+    assert secret not in shown.stdout and "x1y2z3" not in shown.stdout
+    assert listed.stdout.split() == ["chat", "slack", "https://chat.example.com/...",
+                                     "page.opened,oncall.changed"]
+    assert secret not in json.dumps(audit_events(file_cli.store))
+    before = file_cli.raw()
+    refusals = [
+            (["webhook", "add", "plain", "http://chat.example.com/hook"],
+             "error: webhook URL 'http://chat.example.com/hook' must be https:// (or http:// "
+             "to a loopback address, for a local receiver)\n"),
+            (["config", "set", "members.alice.push", "http://10.0.0.7/topic"],
+             "error: members.alice.push 'http://10.0.0.7/topic' must be https:// (or http:// "
+             "to a loopback address, for a local receiver)\n"),
+            (["webhook", "add", "x", "https://a.example.com/", "--events", "page.closed"],
+             "error: --events page.closed: choose from page.opened,page.acknowledged,"
+             "page.resolved,page.escalated,oncall.changed\n"),
+            (["webhook", "add", "chat", "https://b.example.com/"],
+             "error: webhook 'chat' exists already (remove it first)\n")]
+    for (args, error), result in zip(refusals, file_cli.run_all(*(a for a, _ in refusals)),
+                                     strict=True):
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", error), args
+    assert file_cli.raw() == before
+    result = file_cli.run("config", "set", "members.alice.push", "https://ntfy.sh/sre-x1y2")
+    assert (result.returncode, result.stdout) == (0, "set members.alice.push = "
+                                                     "https://ntfy.sh/...\n")
+    assert file_cli.doc()["available_users"]["users"]["alice"]["push"] == \
+        "https://ntfy.sh/sre-x1y2"
+    assert file_cli.run("config", "set", "members.alice.push", "off").returncode == 0
+    assert "push" not in file_cli.doc()["available_users"]["users"]["alice"]
+    assert file_cli.run("webhook", "remove", "chat").stdout == "removed webhook chat\n"
+    assert file_cli.doc()["current_config"]["webhooks"] == []
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("https://ntfy.sh/topic", ""),
+    ("http://127.0.0.1:8080/t", ""),
+    ("http://[::1]/t", ""),
+    ("http://localhost/t", ""),
+    ("http://ntfy.sh/topic", "must be https://"),
+    ("ftp://example.com/x", "must be https://"),
+    ("https://user:pw@example.com/x", "carries credentials"),
+    ("https://exa mple.com/", "is not a URL"),
+    ("https://example.com:99999/", "is not a URL"),
+    ("https://ex\u00e4mple.com/", "is not a URL"),
+    ("", "is not a URL"),
+    (7, "is not a URL")])
+def test_push_and_webhook_urls_are_https_or_loopback_http_only(url: Any, problem: str) -> None:
+    assert op.outbound_url_problem(url).startswith(problem) and (
+        op.outbound_url_problem(url) == "") == (problem == "")
+
+
+def test_a_bad_push_or_webhook_block_is_named_by_its_field_path() -> None:
+    doc = team_doc(webhooks=[{"name": "a b", "url": "http://x.example/", "events": ["nope"],
+                              "format": "xml", "secret": "short"}])
+    doc["available_users"]["users"]["bob"]["push"] = "http://ntfy.example/bob"
+    errors, _ = op.check_oncall_config(doc)
+    assert errors == [
+        "available_users.users.bob.push 'http://ntfy.example/bob' must be https:// (or "
+        "http:// to a loopback address, for a local receiver)",
+        "current_config.webhooks[0].name 'a b' is not a name (letters, digits, . _ -; at "
+        "most 64)",
+        "current_config.webhooks[0].url 'http://x.example/' must be https:// (or http:// to "
+        "a loopback address, for a local receiver)",
+        "current_config.webhooks[0].events ['nope'] is not a list of events from: "
+        "page.opened, page.acknowledged, page.resolved, page.escalated, oncall.changed",
+        "current_config.webhooks[0].format 'xml' is not json or slack",
+        "current_config.webhooks[0].secret is not 64 hex digits (oncall-pager webhook add "
+        "makes one)"]
+    assert op.check_oncall_config(team_doc(webhooks={"a": 1}))[0] == [
+        "current_config.webhooks is not a list"]
+
+
+def test_any_value_in_push_or_webhooks_is_a_named_error_never_a_crash() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=30, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(json_values(), st.one_of(json_values(), st.lists(st.dictionaries(
+        st.sampled_from(["name", "url", "events", "format", "secret"]), json_values()),
+        max_size=2)))
+    def checked(push: Any, hooks: Any) -> None:
+        doc = team_doc(webhooks=hooks)
+        doc["available_users"]["users"]["bob"]["push"] = push
+        errors, _ = op.check_oncall_config(doc)
+        assert all(isinstance(e, str) and "\n" not in e for e in errors)
+        assert any(e.startswith("available_users.users.bob.push") for e in errors) == (
+            op.outbound_url_problem(push) != "")
+        assert any(e.startswith("current_config.webhooks") for e in errors) or hooks == []
+
+    checked()
+
+
+def test_an_event_older_than_its_job_is_kept_gets_no_job_when_written_again(
+        tmp_path: Path) -> None:
+    """After a restart the entries of a quiet page's audit_due are written again: a day-old
+    event must not reach the webhook a second time (its sent job was deleted)."""
+    store = op.DirectoryStore(tmp_path)
+    doc = team_doc(webhooks=[hook("ops", "https://hooks.example.com/x")])
+    key, entry = op.AuditLog(store, "test").entry("page.opened", "twilio", {"page": "RE1"})
+    hooks = op.Webhooks(store)
+    old = {**entry, "time": op.iso_time(time.time() - op.DAY)}
+    assert hooks.queue(doc, key, old, 0) == [] and store.list(op.HOOK_JOBS) == []
+    (made,) = hooks.queue(doc, key, entry, 0)
+    assert store.list(op.HOOK_JOBS) == [made[0]]
+    assert hooks.queue(doc, key, entry, 0) == [], "one job per event and webhook"
+
+
+def test_an_oncall_change_made_by_the_cli_reaches_the_webhook_through_the_running_pager(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        receivers: Callable[..., Receiver]) -> None:
+    receiver = receivers()
+    pager = started_with(s3_setup, start_pager, lambda doc: doc["current_config"].update(
+        webhooks=[hook("ops", receiver.url(), events=("oncall.changed",))]))
+    result = run_cli("config", "set", "oncall", "carol", "-c", str(pager.config_path))
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: receiver.bodies(), 5)
+    time.sleep(0.5)  # (and only once)
+    (changed,) = receiver.bodies()
+    assert (changed["event"], changed["details"]["to"], changed["actor"]) == (
+        "oncall.changed", "carol", getpass.getuser())
