@@ -2645,7 +2645,7 @@ class Pager:
         self._generations: OrderedDict[str, int] = OrderedDict()
         # alert pages created here whose checks this instance made (or is making): their
         # `unchecked` mark is this instance's to clear (write_page), nobody's to check again
-        self._checked: OrderedDict[str, None] = OrderedDict()
+        self._checked: OrderedDict[str, bool | None] = OrderedDict()
         self._alerts_lock = threading.Lock()
         self.repeats = AlertRepeats(self._write_repeats, lambda: self.wake())
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
@@ -3839,7 +3839,7 @@ class Pager:
             found = read_json(self.store, index_key)
             return int(found[0].get("generation", 0)) if found else 0
 
-        self._note_checked(page_id)  # this instance checks it: its worker need not
+        self._note_checked(page_id, None)  # this instance checks it: its worker waits
         try:
             etag, noted, verdict = in_parallel(
                 INTAKE_POOL, create, index,
@@ -3861,7 +3861,9 @@ class Pager:
         self.book.put(page, etag)
         if verdict[0]:
             written = self._hold_unchecked(page_id, verdict[0], snap.doc)
+            self._note_checked(page_id, True if written else False)  # (else: check_alert)
             return written[0] if written else page
+        self._note_checked(page_id)
         self.hand_over(self.store, page, etag, channels, snap.doc)
         self.wake()
         return page
@@ -3885,12 +3887,17 @@ class Pager:
             return
         held = (self.count_alert(doc, alert["integration"], alert["dedup_key"])[0]
                 if page.get("state") == "open" else 0)
-        self._note_checked(page_id)
         if held:
             self._hold_unchecked(page_id, held, doc)
-        else:  # write_page takes the mark off
-            self.write_page(self.store, page_id, lambda current: current if current and current[
-                "alert"].get("unchecked") else None)
+        else:
+            def checked(current: dict | None) -> dict | None:
+                if current is None or not current.get("alert", {}).pop("unchecked", None):
+                    return None
+                return current
+
+            self.write_page(self.store, page_id, checked)
+        # only now: until the verdict is written, this instance's worker must not claim it
+        self._note_checked(page_id)
         log.info("event=alert.checked page=%s held=%d", page_id, held)
 
     def _hold_unchecked(self, page_id: str, held: int, doc: dict) -> tuple[dict, str] | None:
@@ -3903,6 +3910,7 @@ class Pager:
                     page.get("state") != "open":
                 return None
             page.update(state="listed", paged=[])
+            del page["alert"]["unchecked"]
             page["deliveries"].pop("sms", None)
             channels[:] = [c for c in page["deliveries"] if c == "email"]
             channels.extend(self._hold(page, held, doc))
@@ -3917,17 +3925,18 @@ class Pager:
         self.store.delete(f"pages/{page_id}.json")
         self._note_checked(page_id, False)
 
-    def checked(self, page_id: str) -> bool:
-        """Whether this instance made (or is making) the checks of an unchecked alert page."""
+    def checked(self, page_id: str) -> bool | None:
+        """Whether this instance made the checks of an unchecked alert page (True), is making
+        them (None: its worker leaves the page alone meanwhile), or neither (False)."""
         with self._alerts_lock:
-            return page_id in self._checked
+            return self._checked.get(page_id, False)
 
-    def _note_checked(self, page_id: str, checked: bool = True) -> None:
+    def _note_checked(self, page_id: str, checked: bool | None = True) -> None:
         with self._alerts_lock:
-            if not checked:
+            if checked is False:
                 self._checked.pop(page_id, None)
                 return
-            self._checked[page_id] = None
+            self._checked[page_id] = checked
             while len(self._checked) > RECENT_PAGES:
                 self._checked.popitem(last=False)
 
@@ -5424,11 +5433,13 @@ class Worker:
                 escalate = True
             else:
                 next_due = min(next_due or due, due)
-        if (channels or escalate) and page.get("alert", {}).get("unchecked") and \
-                store is self.store and not self.pager.checked(page_id):
-            # created at once by an instance that did not see its checks through: they come
-            # first (Pager.check_alert), then the next scan claims what is due
-            if not self._busy(f"{page_id}/check"):
+        checked = (self.pager.checked(page_id) if page.get("alert", {}).get("unchecked")
+                   and store is self.store else True)
+        if (channels or escalate) and checked is not True:
+            # created at once, its checks not seen through (None: the webhook here is at them;
+            # False: by an instance that stopped): they come first (Pager.check_alert), then
+            # the next scan claims what is due
+            if checked is False and not self._busy(f"{page_id}/check"):
                 self._submit(f"{page_id}/check", lambda: self.pager.check_alert(page_id),
                              urgent=True)
             return next_due

@@ -4605,6 +4605,7 @@ class Outside:
         self.sent: list[dict[str, str]] = []
         self.lock = threading.Lock()
         self.origin: float | None = None  # the clock when the flow began (a rotation's times)
+        self.stopped = False  # the flow was stopped once and restarted
 
 
 class WorldTelephony(op.Telephony):
@@ -4648,6 +4649,7 @@ class Process:
 
     def settle(self) -> None:
         for _ in range(20):
+            self.pager.repeats.flush_due(math.inf)  # (else written REPEAT_FLUSH_SECONDS later)
             self.worker.scan()
             deadline = time.monotonic() + 5
             while self.worker._tasks() and time.monotonic() < deadline:
@@ -4905,7 +4907,8 @@ def check_held_flow(store: op.Store, outside: Outside) -> None:
     assert sorted(pages) == ["disk-a", "disk-b", "disk-c"], "an alert was lost or doubled"
     assert [(pages[k]["state"], pages[k]["alert"].get("held")) for k in sorted(pages)] == [
         ("open", None), ("listed", 1), ("listed", 2)]
-    assert pages["disk-b"]["alert"]["repeated"] >= 1  # (a retried trigger is a repeat too)
+    # (a retried trigger is a repeat too; a stop may lose a count, SPEC 20)
+    assert outside.stopped or pages["disk-b"]["alert"]["repeated"] >= 1
     texts = [s["body"] for s in outside.sent if s["kind"] == "sms" and s["to"] == ALICE]
     rung = {int(m) for t in texts for m in re.findall(r"^Page (\d+) \[critical\]", t)}
     assert rung == {pages["disk-a"]["number"]}, f"a held alert rang: {texts}"
@@ -5039,7 +5042,10 @@ def check_alert_flow(store: op.Store, outside: Outside) -> None:
         "events"]
     assert [e["details"]["page"] for e in events if e["event"] == "page.resolved"] == [
         pages[0]["id"]]
-    assert [e for e in events if e["event"] == "page.repeated"], "the repeat is not audited"
+    # a repeat is counted from memory and written later (SPEC 20): a stop may lose its count
+    assert outside.stopped or [e for e in events if e["event"] == "page.repeated"], \
+        "the repeat is not audited"
+    assert all(e["details"]["repeats"] >= 1 for e in events if e["event"] == "page.repeated")
 
 
 def check_heartbeat_flow(store: op.Store, outside: Outside) -> None:
@@ -5122,6 +5128,7 @@ def test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothin
         for after in (False, True):
             name = f"crash-{crash_at}-{'after' if after else 'before'}"
             folder, outside = fresh(name), Outside()
+            outside.stopped = True
             clock.now = time.time()  # near the files' own times (a job unchanged a day goes)
             first = Process(folder, clock, outside, crash_at, after)
             stopped_in = run_steps(flow, first)
@@ -6246,7 +6253,9 @@ def test_a_repeated_trigger_joins_its_page_and_sends_nothing_new(
     assert post_event(s3_pager, alertmanager_event())[0] == 202  # a retry, or a re-notification
     time.sleep(0.5)
     assert len(twilio.messages()) == 1 and len(smtp.messages) == 1
-    (page,) = alert_pages(s3_pager.store)
+    # counted from memory, written on the page within REPEAT_FLUSH_SECONDS (SPEC 20)
+    (page,) = wait_until(lambda: [p for p in alert_pages(s3_pager.store)
+                                  if p["alert"].get("repeated")], 5)
     assert page["alert"]["repeated"] == 1
     (repeated,) = audit_events(s3_pager.store, "page.repeated")
     assert repeated["details"]["page"] == page["id"]
@@ -6305,7 +6314,7 @@ def test_a_trigger_a_day_after_the_ack_pages_afresh(s3_pager: RunningPager,
     assert s3_pager.sms(ALICE, "ACK 1").startswith("Page 1 acknowledged")
     assert post_event(s3_pager, alertmanager_event())[0] == 202
     first = op.alert_page_id("alertmanager", AM_DEDUP_KEY, 0)
-    assert page_of(s3_pager.store, first)["alert"]["repeated"] == 1
+    assert wait_until(lambda: page_of(s3_pager.store, first)["alert"].get("repeated") == 1, 5)
     op.update_json(s3_pager.store, f"pages/{first}.json",
                    lambda p: {**p, "acked_at": p["acked_at"] - op.ACKED_ALERT_HOLDS - 5})
     assert post_event(s3_pager, alertmanager_event())[0] == 202
@@ -6315,7 +6324,8 @@ def test_a_trigger_a_day_after_the_ack_pages_afresh(s3_pager: RunningPager,
     assert (second["state"], second["alert"]["generation"]) == ("open", 1)
     assert page_of(s3_pager.store, first)["alert"]["repeated"] == 1
     assert post_event(s3_pager, alertmanager_event())[0] == 202  # joins the new page
-    assert page_of(s3_pager.store, second["id"])["alert"]["repeated"] == 1
+    assert wait_until(lambda: page_of(s3_pager.store, second["id"])["alert"].get("repeated")
+                      == 1, 5)
     assert len(audit_events(s3_pager.store, "page.opened")) == 2
 
 
@@ -6385,7 +6395,10 @@ def test_the_same_trigger_at_two_instances_at_once_opens_one_page(
     assert messages_to(twilio, ALICE) == [ALERT_SMS]
     assert len(alert_pages(first.store)) == 1
     assert len(audit_events(first.store, "page.opened")) == 1
-    assert len(audit_events(first.store, "page.repeated")) == 3
+    # the repeats (each instance counts its own in memory, SPEC 20) all reach the page
+    assert wait_until(lambda: alert_pages(first.store)[0]["alert"].get("repeated") == 3, 5)
+    assert sum(e["details"].get("repeats", 1)
+               for e in audit_events(first.store, "page.repeated")) == 3
 
 
 def test_a_trigger_without_a_dedup_key_gets_one(file_pager: RunningPager) -> None:
@@ -7408,7 +7421,9 @@ def test_the_alert_budget_holds_across_a_restart_and_repeats_cost_nothing(
     assert post_event(second, alertmanager_event(dedup_key="disk-12"))[0] == 202
     pages = alert_pages(second.store)
     assert sorted(p["state"] for p in pages) == ["listed"] * 3 + ["open"] * 10
-    assert all(p["alert"]["repeated"] == 1 for p in pages if p["alert"]["dedup_key"] != "disk-12")
+    # repeats are counted from memory and written within REPEAT_FLUSH_SECONDS (SPEC 20)
+    assert wait_until(lambda: all(p["alert"].get("repeated") == 1 for p in alert_pages(
+        second.store) if p["alert"]["dedup_key"] != "disk-12"), 5)
     assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) >= 11, 5)
     time.sleep(0.5)
     assert len(held_texts(twilio)) == 1
