@@ -2647,6 +2647,10 @@ class Pager:
         # `unchecked` mark is this instance's to clear (write_page), nobody's to check again
         self._checked: OrderedDict[str, bool | None] = OrderedDict()
         self._alerts_lock = threading.Lock()
+        # count_alert's group commit: per budget key, the triggers waiting, and whether one
+        # of them is writing
+        self._budget_queues: dict[str, list[dict]] = {}
+        self._budget_leaders: set[str] = set()
         self.repeats = AlertRepeats(self._write_repeats, lambda: self.wake())
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
@@ -3994,39 +3998,80 @@ class Pager:
         dedup_key counted and its retried trigger gets the same verdict. Starts from this
         instance's copy: one request while nobody else counts. Returns (0, added) to ring or
         (N, added): the Nth alert held this hour; `added`: this call counted it."""
-        limit = escalation_settings(doc)["alert_pages_per_hour"]
-        hour = int(time.time() // 3600 * 3600)
         digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()[:32]
         key = alert_budget_key(integration)
-        verdict: list[tuple[int, bool]] = []
+        # Group commit: the triggers of one integration that arrive while its budget is being
+        # written wait, and the next write counts them all (one request for a burst, where
+        # each writing alone lost the race to the others and read and wrote again).
+        mine: dict[str, Any] = {"digest": digest, "done": threading.Event()}
+        with self._alerts_lock:
+            queue = self._budget_queues.setdefault(key, [])
+            queue.append(mine)
+            lead = key not in self._budget_leaders
+            self._budget_leaders.add(key)
+        if not lead:
+            mine["done"].wait()
+            if "error" in mine:
+                raise mine["error"]
+            return mine["verdict"]
+        while True:
+            with self._alerts_lock:
+                batch = self._budget_queues.pop(key, [])
+                if not batch:
+                    self._budget_leaders.discard(key)
+                    break
+            try:
+                verdicts = self._count_alerts(doc, integration, [e["digest"] for e in batch])
+                for entry, verdict in zip(batch, verdicts, strict=True):
+                    entry["verdict"] = verdict
+            except (StoreUnavailable, StoreConflict) as e:
+                for entry in batch:
+                    entry["error"] = e
+            finally:
+                for entry in batch:
+                    entry["done"].set()
+        if "error" in mine:
+            raise mine["error"]
+        return mine["verdict"]
+
+    def _count_alerts(self, doc: dict, integration: str, digests: list[str]
+                      ) -> list[tuple[int, bool]]:
+        """count_alert for several dedup_keys (their digests) in one conditional write."""
+        limit = escalation_settings(doc)["alert_pages_per_hour"]
+        hour = int(time.time() // 3600 * 3600)
+        key = alert_budget_key(integration)
+        verdicts: list[tuple[int, bool]] = []
 
         def count(budget: dict | None) -> dict | None:
+            verdicts.clear()
             if budget is None or budget.get("hour") != hour:
                 budget = {"integration": integration, "hour": hour, "rung": [], "held": [],
                           "held_count": 0}
-            if digest in budget["rung"]:
-                verdict[:] = [(0, False)]
-                return None
-            if digest in budget["held"]:
-                verdict[:] = [(budget["held"].index(digest) + 1, False)]
-                return None
-            if len(budget["rung"]) < limit:
-                budget["rung"].append(digest)
-                verdict[:] = [(0, True)]
-            else:
-                budget["held_count"] += 1
-                if len(budget["held"]) < HELD_KEPT:
-                    budget["held"].append(digest)
-                verdict[:] = [(budget["held_count"], True)]
-            return budget
+            changed = False
+            for digest in digests:
+                if digest in budget["rung"]:
+                    verdicts.append((0, False))
+                elif digest in budget["held"]:
+                    verdicts.append((budget["held"].index(digest) + 1, False))
+                elif len(budget["rung"]) < limit:
+                    budget["rung"].append(digest)
+                    verdicts.append((0, True))
+                    changed = True
+                else:
+                    budget["held_count"] += 1
+                    if len(budget["held"]) < HELD_KEPT:
+                        budget["held"].append(digest)
+                    verdicts.append((budget["held_count"], True))
+                    changed = True
+            return budget if changed else None
 
         # every new dedup_key of the integration writes here: under a burst of them from
-        # several clients the writers take turns, hence more tries than update_json's 8
+        # several instances the writers take turns, hence more tries than update_json's 8
         written = update_json(self.store, key, count, BUDGET_TRIES, self._budgets.get(key),
                               seen=lambda found: self._budgets.__setitem__(key, found))
         if written is not None:
             self._budgets[key] = written
-        return verdict[0]
+        return verdicts
 
     def uncount_alert(self, integration: str, dedup_key: str) -> None:
         """Take back a count_alert made beside a look-up that then found a page to join."""
