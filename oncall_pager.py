@@ -1860,7 +1860,7 @@ class TeamConfig:
             finally:
                 self._checking = False
 
-        INTAKE_POOL.submit(check)
+        IO_POOL.submit(check)
 
     def _note(self, reachable: bool, problem: str) -> None:
         """Remember how the last read went (for /healthz) and log a change once, and a

@@ -8599,3 +8599,159 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
     assert called == set(open_ids)
     for page_id in open_ids:
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
+
+
+# ==============================================================================================
+# ====== s20-alerts: an alert pages as fast as a voicemail; a storm of repeats from memory ======
+# ==============================================================================================
+
+
+class StoreTimeline:
+    """Every request a pager's S3 store sends, with when it started and ended (time.time(),
+    the clock of the Twilio fake's arrivals) and the thread that sent it."""
+
+    def __init__(self, store: op.S3Store):
+        self.requests: list[tuple[float, float, str, str, str]] = []
+        call = store._call
+
+        def timed(operation: str, **params: Any) -> Any:
+            started = time.time()
+            try:
+                return call(operation, **params)
+            finally:
+                self.requests.append((started, time.time(), operation,
+                                      str(params.get("Key", params.get("Prefix", ""))),
+                                      threading.current_thread().name))
+        store._call = timed  # type: ignore[method-assign]
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, str, str, str]]:
+        return sorted(r for r in self.requests if r[0] >= start and r[1] <= end)
+
+    def answering(self) -> list[str]:
+        """Requests sent by the threads that answer webhooks (and their parallel requests)."""
+        return [f"{r[2]} {r[3]}" for r in self.requests
+                if r[4].startswith(("waitress", "intake"))]
+
+
+def one_after_another(requests: list[tuple[float, float, str, str, str]]) -> int:
+    """The longest chain of requests that did not overlap (greedy by end: interval scheduling,
+    as bench_oncall_pager.longest_chain)."""
+    chain, last_end = 0, -math.inf
+    for started, ended, *_ in sorted(requests, key=lambda r: r[1]):
+        if started >= last_end:
+            chain, last_end = chain + 1, ended
+    return chain
+
+
+def test_a_new_alert_makes_one_create_before_its_text_as_a_voicemail_does(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    """SPEC 20: a trigger with a new dedup_key reached the SMS after about 7 round trips one
+    after another (the index, the page, pages-done/, the budget, the create, the number). Now
+    the create is the one write the text waits for, with the index and the budget beside it,
+    then the page's number: at most two round trips one after another, no read first."""
+    with_integration(s3_pager.store)
+    assert post_event(s3_pager, alertmanager_event(dedup_key="warm-up"))[0] == 202
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 1, 5)
+    time.sleep(0.3)
+    timeline = StoreTimeline(s3_pager.pager.store)
+    posted = time.time()
+    assert post_event(s3_pager, alertmanager_event(dedup_key="disk-full"))[0] == 202
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 2, 5)
+    (text,) = [m for m in twilio.messages() if m.param("Body").startswith("Page 2 ")]
+    before = timeline.between(posted, text.time)
+    page = op.alert_page_id("alertmanager", "disk-full", 0)
+    # (the page's audit entry goes beside the text, on a thread of its own)
+    writes = [(r[2], r[3]) for r in before if r[2] == "put_object"
+              and not r[3].startswith("audit/")]
+    assert [w for w in writes if w[1].startswith("pages/")] == [
+        ("put_object", f"pages/{page}.json")], before
+    assert {w[1] for w in writes} <= {f"pages/{page}.json", "counters/pages.json",
+                                      op.alert_budget_key("alertmanager")}, before
+    first_write = min(r[0] for r in before if r[3] == f"pages/{page}.json")
+    assert not [r for r in before if r[0] < first_write and r[2] == "get_object"
+                and r[3].startswith(("pages/", "pages-done/"))], "a read before the create"
+    assert one_after_another(before) <= 2, before
+
+
+def test_a_storm_of_repeats_is_answered_from_memory_and_its_count_reaches_the_page(
+        s3_pager: RunningPager, twilio: TwilioFake) -> None:
+    """SPEC 20: repeats of an open page's dedup_key (what a storm is made of) are answered
+    from the page book with no store request on the answer path; their count reaches the
+    page in one write per page per REPEAT_FLUSH_SECONDS at most, and nothing new is sent."""
+    with_integration(s3_pager.store)
+    assert post_event(s3_pager, alertmanager_event())[0] == 202
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) == 1, 5)
+    time.sleep(0.3)
+    timeline = StoreTimeline(s3_pager.pager.store)
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as clients:
+        answers = list(clients.map(lambda _: post_event(s3_pager, alertmanager_event()),
+                                   range(60)))
+    took = time.monotonic() - started
+    assert [status for status, _ in answers] == [202] * 60
+    assert {answer["dedup_key"] for _, answer in answers} == {AM_DEDUP_KEY}
+    assert timeline.answering() == [], "a store request on the answer path"
+    (page,) = wait_until(lambda: [p for p in alert_pages(s3_pager.store)
+                                  if p["alert"].get("repeated") == 60], 10)
+    entries = audit_events(s3_pager.store, "page.repeated")
+    assert sum(e["details"]["repeats"] for e in entries) == 60
+    assert len(entries) <= took / op.REPEAT_FLUSH_SECONDS + 2, "a write per repeat"
+    time.sleep(0.3)
+    assert len(twilio.messages()) == 1, "a repeat sent something"
+
+
+def test_two_instances_given_the_same_new_dedup_keys_at_once_open_one_page_each(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """Each new dedup_key is created at once on both instances: the create's If-None-Match
+    lets one through, the other joins the page it finds; one page, one text per key."""
+    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    with_integration(one.store, escalation={"ack_timeout": 60})
+    keys = [f"cpu-{i}" for i in range(4)]
+    with ThreadPoolExecutor(8) as clients:
+        answers = list(clients.map(
+            lambda job: post_event(job[0], alertmanager_event(dedup_key=job[1])),
+            [(pager, key) for key in keys for pager in (one, two)]))
+    assert [status for status, _ in answers] == [202] * 8
+    assert twilio.wait_for(lambda: len(messages_to(twilio, ALICE)) >= 4, 5)
+    time.sleep(0.5)
+    pages = alert_pages(one.store)
+    assert sorted(p["alert"]["dedup_key"] for p in pages) == keys
+    assert len(messages_to(twilio, ALICE)) == 4, messages_to(twilio, ALICE)
+    assert len(audit_events(one.store, "page.opened")) == 4
+    assert all("unchecked" not in p["alert"] for p in pages)
+
+
+def test_a_page_created_at_once_by_an_instance_that_stopped_is_checked_before_its_text(
+        s3_setup: Callable[..., Path], start_pager: Callable[[Path], RunningPager],
+        twilio: TwilioFake) -> None:
+    """A stop between the create and its checks leaves an unchecked page, claimed by nobody
+    once the claim runs out. The worker that finds it makes the checks first: a page under
+    the id of a generation done with (the index moved past it before it was opened) is taken
+    back, one within the budget rings once."""
+    config = s3_setup()
+    first = start_pager(config)
+    with_integration(first.store)
+    doc = json.loads(first.store.get("oncall_config.json").data)
+    first.stop()
+    store = first.store
+    for dedup_key, done in (("superseded", True), ("fresh", False)):
+        page = op.new_page(op.alert_page_id("alertmanager", dedup_key, 0), "alert", doc,
+                           alert={"severity": "critical", "summary": f"{dedup_key} fires",
+                                  "source": "db1", "integration": "alertmanager",
+                                  "dedup_key": dedup_key, "generation": 0,
+                                  "unchecked": True})
+        op.add_delivery(page, "sms")
+        op.add_delivery(page, "email")
+        if done:  # its generation 0 was archived a while ago: the index says 1
+            store.put(op.alert_index_key("alertmanager", dedup_key), op.to_json(
+                {"integration": "alertmanager", "dedup_key": dedup_key, "generation": 1,
+                 "at": time.time() - 60}))
+        store.put(f"pages/{page['id']}.json", op.to_json(page), if_absent=True)
+    start_pager(config)
+    assert twilio.wait_for(lambda: messages_to(twilio, ALICE), 5)
+    time.sleep(0.5)
+    texts = messages_to(twilio, ALICE)
+    assert len(texts) == 1 and "fresh fires" in texts[0], texts
+    (kept,) = alert_pages(store)
+    assert kept["alert"]["dedup_key"] == "fresh" and "unchecked" not in kept["alert"]
