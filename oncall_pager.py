@@ -46,8 +46,12 @@ How data flows
             dedup_key (open, listed, or acknowledged within a day); acknowledge ->
             Pager.acknowledge; resolve -> Pager.resolve (notices). A page keeps 8 KiB of
             the event's custom_details (kept_details), not the event. Per integration,
-            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
-            rest are held: listed and e-mailed, and the first held one texts once
+            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert, group
+            committed); the rest are held: listed and e-mailed, and the first held one
+            texts once. A new dedup_key's page is created at once, the index and the budget
+            checked beside the create (Pager.open_alert_at_once; a worker checks a page left
+            `unchecked`, Pager.check_alert); a repeat of a page the book knows is answered
+            from memory and its count written by the worker (AlertRepeats)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
