@@ -2033,6 +2033,9 @@ def measure_alert_storm(lab: Lab, report: Report, rtt_ms: float) -> None:
     proxy, arrivals = lab.proxy, lab.arrivals
     store_url = alert_store(lab)
     config = lab.config("storm", store_url, s3_endpoint_url=proxy.url)
+    # serve's own default of [server] threads (8), not the 4 of the section-10 comparison
+    config.write_text(config.read_text().replace(f"threads = {SERVER_THREADS}\n",
+                                                 f"threads = {op.AppConfig.threads}\n", 1))
     server = lab.pager("storm", config)
     try:
         server.wait_healthy()

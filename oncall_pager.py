@@ -2547,6 +2547,7 @@ class PageBook:
 # A repeat of an open alert page's dedup_key is answered from memory (AlertRepeats) and its
 # count written on the page at most once per page in this many seconds.
 REPEAT_FLUSH_SECONDS = 2.0
+OPENING_WAIT = 5.0  # s a trigger waits for the create of its dedup_key's page by another request
 # dedup_key -> the generation of its page last seen here (alerts/ as last read or written):
 # the first guess of a new trigger's page id, checked beside its create (see Pager.trigger)
 GENERATIONS_KEPT = 10_000
@@ -2655,6 +2656,9 @@ class Pager:
         # of them is writing
         self._budget_queues: dict[str, list[dict]] = {}
         self._budget_leaders: set[str] = set()
+        # alerts/ keys whose page a request here is creating at once: a trigger of the same
+        # dedup_key meanwhile waits for it and joins from memory (not a 412, then reads)
+        self._opening: dict[str, threading.Event] = {}
         self.repeats = AlertRepeats(self._write_repeats, lambda: self.wake())
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
@@ -3757,6 +3761,12 @@ class Pager:
         up, then joined or the next generation created."""
         rings = alert["severity"] in RINGING
         known = self._book_alert(integration, dedup_key)
+        if known is None:
+            with self._alerts_lock:
+                opening = self._opening.get(alert_index_key(integration, dedup_key))
+            if opening is not None:  # another request here is creating its page: that first
+                opening.wait(OPENING_WAIT)
+                known = self._book_alert(integration, dedup_key)
         if known is not None and not (rings and known.get("state") == "listed"
                                       and not known["alert"].get("held")):
             self.repeats.add(known["id"], integration, dedup_key, alert)
@@ -3829,6 +3839,20 @@ class Pager:
         index_key = alert_index_key(integration, dedup_key)
         with self._alerts_lock:
             generation = self._generations.get(index_key, 0)
+            opening = self._opening.setdefault(index_key, threading.Event())
+        try:
+            return self._open_alert_at_once(snap, integration, dedup_key, alert, counted,
+                                            generation)
+        finally:
+            with self._alerts_lock:
+                if self._opening.get(index_key) is opening:
+                    del self._opening[index_key]
+            opening.set()
+
+    def _open_alert_at_once(self, snap: Snapshot, integration: str, dedup_key: str,
+                            alert: dict, counted: list[tuple[int, bool]], generation: int
+                            ) -> dict | None:
+        index_key = alert_index_key(integration, dedup_key)
         page = new_page(alert_page_id(integration, dedup_key, generation), "alert", snap.doc,
                         alert={**alert, "integration": integration, "dedup_key": dedup_key,
                                "generation": generation, "unchecked": True})
