@@ -3767,8 +3767,9 @@ class Pager:
             if opening is not None:  # another request here is creating its page: that first
                 opening.wait(OPENING_WAIT)
                 known = self._book_alert(integration, dedup_key)
-        if known is not None and not (rings and known.get("state") == "listed"
-                                      and not known["alert"].get("held")):
+        if known is not None and self.start_work is not None and not (
+                rings and known.get("state") == "listed" and not known["alert"].get("held")):
+            # (only with a worker here: it writes the count)
             self.repeats.add(known["id"], integration, dedup_key, alert)
             return known, False
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
