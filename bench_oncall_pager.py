@@ -6,6 +6,7 @@ Reproduce
     python bench_oncall_pager.py --quick        # smoke check: short runs, no failover
     python bench_oncall_pager.py --repeat 5 --duration 5 --json /tmp/bench.json
     python bench_oncall_pager.py --only 13 --s3-rtt-ms 30   # section 13 at one RTT
+    python bench_oncall_pager.py --only alerts --rtts 30,80  # section 20: alerts
 
 It needs the test extras (`pip install -e '.[test]'`): moto's ThreadedMotoServer plays S3,
 aiosmtpd takes the e-mail, and `TwilioFake` from oncall_pager_test.py plays Twilio's REST API.
@@ -90,6 +91,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import http.client
 import itertools
 import json
@@ -1013,6 +1015,7 @@ class Report:
         ten = [f for f in self.figures if f.section == "10"]
         thirteen = [f for f in self.figures if f.section == "13"]
         twenty = [f for f in self.figures if f.section == "20"]
+        alerts = [f for f in self.figures if f.section == "20a"]
         if ten:
             lines += ["Section 10 (loopback, no simulated RTT):", "",
                       "| figure | value | target | verdict |", "|---|---|---|---|"]
@@ -1036,6 +1039,13 @@ class Report:
                       "idle LIST/PUT/DELETE per h | STATUS p50 | ACK p50 |",
                       "|---|---|---|---|---|---|---|---|---|"]
             lines += [scale_row(row) for row in self.runs["scale"]]
+
+
+        if alerts:
+            lines += [""] if lines else []
+            lines += ["Section 20, alerts (S3 behind the delaying proxy):", "",
+                      "| figure | value | target | verdict |", "|---|---|---|---|"]
+            lines += [f"| {f.name} | {f.shown()} | {f.target} | {f.verdict} |" for f in alerts]
         m = self.machine
         lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']} on "
                       f"{m['platform']}; {m['pinning']}."]
@@ -2207,6 +2217,220 @@ def measure_section_22(lab: Lab, report: Report, settings: argparse.Namespace) -
 
 
 # ==============================================================================================
+# 7. Section 20: alerts (trigger -> SMS at RTT 30 and 80; a storm of triggers at RTT 30)
+# ==============================================================================================
+
+ALERT_KEY = "5a" * 16            # the routing key of the benchmark's integration
+ALERT_TRIGGERS = 12              # new dedup_keys one at a time per RTT
+STORM_RATE = 200.0               # triggers a second, all clients together
+STORM_SECONDS = 10.0
+STORM_KEYS = 50
+STORM_CLIENTS = 4
+STORM_ANSWER_S = 1.0             # every event answered within
+
+
+def alert_store(lab: Lab, pages_per_hour: int | None = None) -> str:
+    """A fresh bucket with the team's config and one integration (key ALERT_KEY)."""
+    doc = lab.kit.team_doc(lab.smtp.port)
+    doc["current_config"]["integrations"] = {"bench": {
+        "key_sha256": hashlib.sha256(ALERT_KEY.encode()).hexdigest(), "created": 1764201600}}
+    if pages_per_hour is not None:
+        doc["current_config"].setdefault("escalation", {})["alert_pages_per_hour"] = \
+            pages_per_hour
+    bucket = BUCKET_PREFIX + uuid.uuid4().hex[:12]
+    lab.s3.create_bucket(Bucket=bucket)
+    lab.s3.put_object(Bucket=bucket, Key="oncall_config.json", Body=op.to_json(doc))
+    return f"s3://{bucket}"
+
+
+def alert_body(dedup_key: str, summary: str) -> bytes:
+    return json.dumps({"routing_key": ALERT_KEY, "event_action": "trigger",
+                       "dedup_key": dedup_key, "payload": {
+                           "summary": summary, "source": "bench", "severity": "critical"}}
+                      ).encode()
+
+
+def post_alert(port: int, body: bytes, timeout: float = 10.0) -> tuple[int, float]:
+    """POST one event to /v2/enqueue on a new connection: (status, seconds)."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/v2/enqueue", body, {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status, time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def measure_alert_path(lab: Lab, report: Report, rtt_ms: float) -> None:
+    """Triggers with new dedup_keys one at a time (after a warm-up one), each sent once the
+    previous one's work is done: trigger -> its SMS POST at the Twilio fake, and the S3
+    requests one after another in between (as for the voicemail's MMS in section 13)."""
+    proxy, arrivals = lab.proxy, lab.arrivals
+    quiet = settle(rtt_ms)
+    config = lab.config(f"alert-{rtt_ms:g}", alert_store(lab, 1000),
+                        s3_endpoint_url=proxy.url)
+    server = lab.pager(f"alert-{rtt_ms:g}", config)
+    to_sms: list[float] = []
+    chains: list[float] = []
+    try:
+        server.wait_healthy()
+        for i in range(ALERT_TRIGGERS + 1):
+            proxy.wait_quiet(quiet, timeout=60)
+            summary = f"bench alert {uuid.uuid4().hex[:8]}"
+            mark, sent = proxy.mark(), time.monotonic()
+            status, _ = post_alert(server.port, alert_body(f"path-{summary}", summary))
+            if status != 202:
+                raise BenchError(f"trigger {i}: {status}\n{server.log_tail()}")
+            sms = wait_until(f"the SMS of trigger {i}", lambda s=summary, t=sent: next(
+                (r for r in arrivals.since(t) if r.path.endswith("/Messages.json")
+                 and any(s in b for b in r.params.get("Body", []))), None), MMS_WAIT,
+                every=0.005)
+            if i == 0:
+                continue  # the first after start builds the S3 client's connections
+            to_sms.append((sms.time - sent) * 1000)
+            window = [r for r in proxy.since(mark) if r.start >= sent and 0 < r.end <= sms.time]
+            chain = longest_chain(window)
+            chains.append(len(chain))
+            if i == 1:
+                report.s3_operations[
+                    f"trigger → SMS POST ({(sms.time - sent) * 1000:.0f} ms), RTT {rtt_ms:g} "
+                    f"ms; * = the {len(chain)} one after another"] = [
+                    timeline(window, sent, marked=chain)]
+    finally:
+        lab.stop(server)
+    limit = 2 * rtt_ms + 60
+    value = percentile(to_sms, 50)
+    report.add(Figure(
+        f"Trigger (new dedup_key) → SMS POST p50, RTT {rtt_ms:g} ms", value, "ms",
+        samples=to_sms, section="20a", target=f"≤ 2×RTT + 60 = {limit:g} ms",
+        ok=value <= limit, detail=f"(p90 {percentile(to_sms, 90):.0f} ms; S3 requests one "
+                                  f"after another: median {median(chains):g}; before: 238 ms "
+                                  "at RTT 30)"))
+
+
+def storm_client(port: int, index: int, cpus: list[int] | None, barrier: Any,
+                 results: Any) -> None:
+    """One of STORM_CLIENTS processes: STORM_RATE / STORM_CLIENTS triggers a second for
+    STORM_SECONDS, open loop (each sent on schedule from a few threads, so a slow answer
+    does not slow the rate), dedup_keys taken in turn from STORM_KEYS. Reports (status,
+    seconds from its scheduled time to its answer) per event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pin(0, cpus)
+    rate = STORM_RATE / STORM_CLIENTS
+    count = int(rate * STORM_SECONDS)
+    bodies = [alert_body(f"storm-{(n * STORM_CLIENTS + index) % STORM_KEYS}",
+                         f"storm alert {(n * STORM_CLIENTS + index) % STORM_KEYS}")
+              for n in range(count)]
+    outcome: list[tuple[int, float]] = []
+    barrier.wait(60)
+    begin = time.monotonic()
+
+    def send(n: int) -> tuple[int, float]:
+        due = begin + n / rate
+        time.sleep(max(0.0, due - time.monotonic()))
+        try:
+            status, _ = post_alert(port, bodies[n], timeout=8)
+        except OSError:
+            status = 0
+        return status, time.monotonic() - due
+
+    with ThreadPoolExecutor(16) as pool:
+        outcome = list(pool.map(send, range(count)))
+    results.put(outcome)
+
+
+def measure_alert_storm(lab: Lab, report: Report, rtt_ms: float) -> None:
+    """SPEC 20's storm: STORM_RATE triggers a second for STORM_SECONDS from STORM_CLIENTS
+    processes, STORM_KEYS dedup_keys, at `rtt_ms`, on a pager with the default alert budget
+    (10 ringing pages an hour)."""
+    proxy, arrivals = lab.proxy, lab.arrivals
+    store_url = alert_store(lab)
+    config = lab.config("storm", store_url, s3_endpoint_url=proxy.url)
+    # serve's own default of [server] threads (8), not the 4 of the section-10 comparison
+    config.write_text(config.read_text().replace(f"threads = {SERVER_THREADS}\n",
+                                                 f"threads = {op.AppConfig.threads}\n", 1))
+    server = lab.pager("storm", config)
+    try:
+        server.wait_healthy()
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(STORM_CLIENTS + 1)
+        results = context.Queue()
+        clients = [context.Process(target=storm_client, args=(
+            server.port, i, lab.client_cpus, barrier, results)) for i in range(STORM_CLIENTS)]
+        for client in clients:
+            client.start()
+        barrier.wait(60)
+        began = time.monotonic()
+        outcomes = [item for _ in clients for item in results.get(timeout=120)]
+        for client in clients:
+            client.join(10)
+        time.sleep(1.0)
+        rss = rss_mb(server.pid)
+        proxy.wait_quiet(settle(rtt_ms), timeout=60)
+    finally:
+        lab.stop(server)
+    bucket = store_url.removeprefix("s3://")
+    pages = [item["Key"] for item in lab.s3.list_objects_v2(
+        Bucket=bucket, Prefix="pages/").get("Contents", [])]
+    texts = [r for r in arrivals.since(began) if r.path.endswith("/Messages.json")
+             and r.status == 201]
+    calls = [r for r in arrivals.since(began) if r.path.endswith("/Calls.json")]
+    rung = [t for t in texts if any(b.startswith("Page ") for b in t.params.get("Body", []))]
+    held = [t for t in texts if any(" held this hour " in b for b in t.params.get("Body", []))]
+    answered = [seconds for status, seconds in outcomes if status]
+    errors = [status for status, _ in outcomes if status >= 500 or status == 0]
+    late = [s for s in answered if s > STORM_ANSWER_S]
+    p99 = percentile(answered, 99) * 1000 if answered else math.nan
+    n = len(outcomes)
+    report.runs["alert storm"] = [{"seconds": answered, "statuses": sorted(
+        {status for status, _ in outcomes})}]
+    report.add(Figure(f"Storm at RTT {rtt_ms:g} ms: events with a 5xx or no answer", len(errors),
+                      "requests", section="20a", target="0", ok=not errors,
+                      detail=f"(of {n}: {STORM_RATE:g}/s for {STORM_SECONDS:g} s, "
+                             f"{STORM_KEYS} dedup_keys, {STORM_CLIENTS} processes)"))
+    report.add(Figure("Storm: event answered p99 (from its scheduled time)", p99, "ms",
+                      samples=[s * 1000 for s in answered], section="20a",
+                      target=f"every one ≤ {STORM_ANSWER_S * 1000:g} ms",
+                      ok=not late and len(answered) == n,
+                      detail=f"(p50 {percentile(answered, 50) * 1000:.0f} ms, max "
+                             f"{max(answered, default=0) * 1000:.0f} ms, {len(late)} later "
+                             "than 1 s; before: 1,471 of 2,000 unanswered within 8 s)"))
+    report.add(Figure("Storm: pages opened", len(pages), "requests", section="20a",
+                      target=f"= {STORM_KEYS}", ok=len(pages) == STORM_KEYS))
+    report.add(Figure("Storm: texts and calls at Twilio (budget: 10 rung pages an hour)",
+                      len(texts) + len(calls), "requests", section="20a",
+                      target="≤ 10 page texts + 1 held text, ≤ 10 calls",
+                      ok=len(rung) <= 10 and len(held) <= 1 and len(calls) <= 10,
+                      detail=f"({len(rung)} page texts, {len(held)} held text, "
+                             f"{len(calls)} calls)"))
+    report.add(Figure("Storm: RSS of serve after it", rss, "MB", section="20a",
+                      target="< 100 MiB", ok=rss < 100 * 1.048576))
+
+
+def measure_alerts(lab: Lab, report: Report, settings: argparse.Namespace) -> None:
+    proxy = lab.proxy
+    try:
+        for rtt_ms in [r for r in settings.rtts if r > 0] or [30.0, 80.0]:
+            proxy.rtt = rtt_ms / 1000
+            note(f"section 20: trigger -> SMS at RTT {rtt_ms:g} ms")
+            attempt(report, f"Trigger → SMS, RTT {rtt_ms:g} ms",
+                    lambda r=rtt_ms: measure_alert_path(lab, report, r), "20a")
+        proxy.rtt = 0.030
+        note("section 20: an alert storm at RTT 30 ms")
+        attempt(report, "Alert storm, RTT 30 ms",
+                lambda: measure_alert_storm(lab, report, 30.0), "20a")
+    finally:
+        proxy.rtt = 0.0
+    report.notes.append(
+        "Section 20 alerts: triggers go to /v2/enqueue of `serve` (S3 behind the delaying "
+        "proxy); 'trigger → SMS POST' ends when the text reaches the Twilio fake. The storm's "
+        "answer times count from each event's scheduled time (open loop), so queueing counts.")
+
+
+# ==============================================================================================
 # Command line
 # ==============================================================================================
 
@@ -2264,7 +2488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-unindexed", action="store_true",
                         help="also start once over the most pages at the longest RTT without "
                              "a done index (the first start after an upgrade)")
-    parser.add_argument("--only", choices=("10", "13", "20", "22"),
+    parser.add_argument("--only", choices=("10", "13", "20", "alerts", "22"),
+
+
                         help="measure only the figures of this SPEC section")
     parser.add_argument("--json", type=Path, default=Path("bench_results.json"),
                         help="where to write the results as JSON")
@@ -2338,6 +2564,11 @@ def run_benchmark(args: argparse.Namespace) -> Report:
         if args.only in (None, "22"):
             note("section 22: a report over a month of the audit log")
             measure_section_22(lab, report, args)
+
+
+        if args.only in (None, "alerts"):
+            note("section 20: alerts, trigger -> SMS and a storm")
+            measure_alerts(lab, report, args)
     report.elapsed_s = time.monotonic() - began
     return report
 

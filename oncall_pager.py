@@ -77,6 +77,14 @@ How data flows
             audit entry is written, AuditLog.follow (Worker.follow) first creates one job per
             webhook that follows it (jobs/hook-*, Webhooks.queue), sent on threads of its own
             as signed JSON or a chat line, retried with backoff; never on a page's path
+
+
+            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert, group
+            committed); the rest are held: listed and e-mailed, and the first held one
+            texts once. A new dedup_key's page is created at once, the index and the budget
+            checked beside the create (Pager.open_alert_at_once; a worker checks a page left
+            `unchecked`, Pager.check_alert); a repeat of a page the book knows is answered
+            from memory and its count written by the worker (AlertRepeats)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Pager.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
@@ -411,6 +419,16 @@ METRIC_FAMILIES = {
         "gauge", "1 while quiet hours are on (alerts listed and e-mailed, not rung; "
         "voicemails and calls page as always), else 0; by the config as this process last "
         "read it."),
+
+
+    "oncall_alert_repeats_total": (
+        "counter", "Triggers that joined an open alert page, by path: memory (answered from "
+        "the page book, counted on the page later) or store (written before the answer)."),
+    "oncall_alert_repeats_pending": (
+        "gauge", "Repeats answered from memory whose count is not yet written on its page."),
+    "oncall_alert_checks_total": (
+        "counter", "New alert pages created at once and checked beside the create, by "
+        "outcome (rings, held, superseded: the id of a page done with, created again)."),
     "oncall_worker_busy_seconds": (
         "gauge", "Seconds the worker loop has been busy without coming round or making "
         "progress (0 while it waits for work); from 180 s (or 12 x http_timeout) on it counts "
@@ -2099,6 +2117,9 @@ def update_json(store: Store, key: str, change: Callable[[dict | None], dict | N
 
 # Threads for independent store requests sent at once (see in_parallel); made on first use.
 IO_POOL = ThreadPoolExecutor(16, thread_name_prefix="io")
+# Threads for the requests a webhook sends at once beside its own (see in_parallel): apart
+# from IO_POOL, which the worker uses too, so an answer never queues behind its work.
+INTAKE_POOL = ThreadPoolExecutor(8, thread_name_prefix="intake")
 
 
 def put_once(store: Store, key: str, doc: dict) -> bool:
@@ -2408,6 +2429,7 @@ class TeamConfig:
         # instance): the Pager wakes its worker, which acts on it (a handoff made due) at once.
         self.changed: Callable[[], None] = lambda: None
         self._told = -math.inf  # time.monotonic() the problem was last logged
+        self._checking = False  # a check_soon runs
 
     def read(self, max_age: float = 0.0, *, background: bool = False) -> Snapshot:
         """The config, checked with the store unless it was checked less than `max_age`
@@ -2446,6 +2468,24 @@ class TeamConfig:
     def last_known(self) -> Snapshot | None:
         """The copy in memory, without asking the store: to plan requests, never to decide."""
         return self._current
+
+    def check_soon(self, max_age: float) -> None:
+        """Check the config in the background (one check at a time) if it was last checked
+        `max_age` seconds ago or more; the caller goes on with the copy it has."""
+        with self._lock:
+            if self._checking or time.monotonic() - self._checked < max_age:
+                return
+            self._checking = True
+
+        def check() -> None:
+            try:
+                self.read(max_age)
+            except (NoConfig, StoreUnavailable):
+                pass  # noted by read; the next caller asks again
+            finally:
+                self._checking = False
+
+        IO_POOL.submit(check)
 
     def _note(self, reachable: bool, problem: str) -> None:
         """Remember how the last read went (for /healthz) and log a change once, and a
@@ -2870,6 +2910,17 @@ def joins(page: dict, now: float) -> bool:
     state = page.get("state")
     return state in ("open", "listed") or (
         state == "acknowledged" and page.get("acked_at", 0) > now - ACKED_ALERT_HOLDS)
+
+
+def stopped_joining(page: dict) -> float:
+    """When a trigger stopped joining this alert page (see joins): resolved, closed, or
+    acknowledged ACKED_ALERT_HOLDS ago; infinity while it joins, 0 when unknown."""
+    state = page.get("state")
+    if state in ("open", "listed"):
+        return math.inf
+    if state == "acknowledged":
+        return float(page.get("acked_at") or 0) + ACKED_ALERT_HOLDS
+    return float(page.get("resolved_at") or page.get("closed_at") or 0)
 
 
 def parse_event(event: object) -> tuple[dict, list[str]]:
@@ -3484,6 +3535,81 @@ class QuietHours:
         return sum(1 for item in found if item and rings_after_quiet(item[0]))
 
 
+# A repeat of an open alert page's dedup_key is answered from memory (AlertRepeats) and its
+# count written on the page at most once per page in this many seconds.
+REPEAT_FLUSH_SECONDS = 2.0
+OPENING_WAIT = 5.0  # s a trigger waits for the create of its dedup_key's page by another request
+# dedup_key -> the generation of its page last seen here (alerts/ as last read or written):
+# the first guess of a new trigger's page id, checked beside its create (see Pager.trigger)
+GENERATIONS_KEPT = 10_000
+
+
+class AlertRepeats:
+    """Repeats of open alert pages, counted in memory and written later: what a storm of
+    events is made of (a monitor re-sending what still fires, several monitors sending the same
+    dedup_key). A repeat of a page the book knows, that the trigger joins and does not change
+    (see Pager.trigger) is answered at once, with no store request; the worker writes its
+    count on the page in one conditional write per page at most every REPEAT_FLUSH_SECONDS
+    (`flush`, given by the Pager: Pager._write_repeats, which also opens a new page for
+    repeats that came after the page stopped joining, say resolved on the other instance
+    since the book's copy). A stop may lose a count, never a page: a page is only ever opened
+    by a create before its trigger is answered."""
+
+    def __init__(self, flush: Callable[[str, dict], None], wake: Callable[[], None],
+                 every: float = REPEAT_FLUSH_SECONDS):
+        self._flush = flush
+        self._wake = wake  # the worker: it plans the write of a page's first count waiting
+        self.every = every
+        # page id -> {"count", "integration", "dedup_key", "alert" (the latest), "since" (the
+        # first, time.time()), "last" (the latest)}
+        self._pending: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def add(self, page_id: str, integration: str, dedup_key: str, alert: dict) -> None:
+        now = time.time()
+        with self._lock:
+            first = page_id not in self._pending
+            pending = self._pending.setdefault(page_id, {
+                "count": 0, "integration": integration, "dedup_key": dedup_key, "since": now})
+            pending.update(count=pending["count"] + 1, alert=alert, last=now)
+        METRICS.count("oncall_alert_repeats_total", path="memory")
+        if first:
+            self._wake()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(p["count"] for p in self._pending.values())
+
+    def due_at(self) -> float | None:
+        """When the oldest count waiting is to be written (time.time()), or None."""
+        with self._lock:
+            first = min((p["since"] for p in self._pending.values()), default=None)
+        return None if first is None else first + self.every
+
+    def flush_due(self, now: float | None = None) -> None:
+        """Write the counts that waited REPEAT_FLUSH_SECONDS (all of them with now=inf); a
+        count the store did not take waits for the next round."""
+        before = (time.time() if now is None else now) - self.every
+        with self._lock:
+            due = {page_id: pending for page_id, pending in self._pending.items()
+                   if pending["since"] <= before}
+            for page_id in due:
+                del self._pending[page_id]
+        for page_id, pending in due.items():
+            try:
+                self._flush(page_id, pending)
+            except (StoreUnavailable, StoreConflict, NoConfig, ConfigError) as e:
+                log.warning("event=alert.repeats_unwritten page=%s repeats=%d error=%r",
+                            page_id, pending["count"], str(e)[:200])
+                with self._lock:
+                    later = self._pending.get(page_id)
+                    if later is None:
+                        self._pending[page_id] = {**pending, "since": time.time()}
+                    else:
+                        later.update(count=later["count"] + pending["count"],
+                                     since=min(later["since"], pending["since"]))
+
+
 class Pager:
     """The domain: every state change of the pager goes through one method here. It knows the
     store only through the Store interface, and sends nothing itself: outbound messages are
@@ -3512,6 +3638,20 @@ class Pager:
         self._settled: set[float] = set()  # shift starts whose handoff this process made whole
         self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
         self._budgets: dict[str, tuple[dict, str]] = {}  # counters/alerts-*.json, last seen
+        # alerts/<hash>.json -> the generation last seen there (the first guess of a page id)
+        self._generations: OrderedDict[str, int] = OrderedDict()
+        # alert pages created here whose checks this instance made (or is making): their
+        # `unchecked` mark is this instance's to clear (write_page), nobody's to check again
+        self._checked: OrderedDict[str, bool | None] = OrderedDict()
+        self._alerts_lock = threading.Lock()
+        # count_alert's group commit: per budget key, the triggers waiting, and whether one
+        # of them is writing
+        self._budget_queues: dict[str, list[dict]] = {}
+        self._budget_leaders: set[str] = set()
+        # alerts/ keys whose page a request here is creating at once: a trigger of the same
+        # dedup_key meanwhile waits for it and joins from memory (not a 412, then reads)
+        self._opening: dict[str, threading.Event] = {}
+        self.repeats = AlertRepeats(self._write_repeats, lambda: self.wake())
         # heartbeats/<name>.json as last seen here: the worker plans its checks from these
         self.heartbeats: dict[str, tuple[dict, str]] = {}
         self._counter_lock = threading.Lock()
@@ -4015,17 +4155,7 @@ class Pager:
         No read first: the create's If-None-Match detects a retry (Twilio's, or a monitor's)
         and a second instance opening the same page. Returns (page, created)."""
         page_id = page["id"]
-        claimed_until = self.claim_until()
-        if page["state"] == "open" and page["oncall"].get("opted_out"):
-            # texts are blocked: the first call goes at once instead
-            channels = [c for c in channels if c not in ("mms", "sms")]
-            page["escalation"]["next_due"] = page["opened"]
-        channels += pushed(page, doc)
-        for channel in channels:
-            add_delivery(page, channel, claimed_until)
-        key, entry = self.audit.entry("page.opened", actor, {
-            "page": page_id, "kind": page["kind"], **details, "oncall": page["oncall"]["id"]})
-        page["audit_due"] = [{"key": key, "entry": entry}, *page.get("audit_due", [])]
+        channels = self._prepare_page(page, channels, doc, actor, details)
         try:
             etag = store.put(f"pages/{page_id}.json", to_json(page), if_absent=True)
         except StoreConflict:  # a retried write that had landed, or a concurrent duplicate
@@ -4039,6 +4169,26 @@ class Pager:
         self.hand_over(store, page, etag, channels, doc)
         self.wake()
         return page, True
+
+    def _prepare_page(self, page: dict, channels: list[str], doc: dict, actor: str,
+                      details: dict) -> list[str]:
+        """A new page made ready for its create: its first deliveries claimed by this
+        instance (no text for an engineer who opted out: the first call at once instead; the
+        push topic too, see pushed) and its `page.opened` entry inside. Returns the channels
+        queued."""
+        claimed_until = self.claim_until()
+        if page["state"] == "open" and page["oncall"].get("opted_out"):
+            # texts are blocked: the first call goes at once instead
+            channels = [c for c in channels if c not in ("mms", "sms")]
+            page["escalation"]["next_due"] = page["opened"]
+        channels += pushed(page, doc)
+        for channel in channels:
+            add_delivery(page, channel, claimed_until)
+        key, entry = self.audit.entry("page.opened", actor, {
+            "page": page["id"], "kind": page["kind"], **details,
+            "oncall": page["oncall"]["id"]})
+        page["audit_due"] = [{"key": key, "entry": entry}, *page.get("audit_due", [])]
+        return channels
 
     def _join_open_page(self, snap: Snapshot, page_id: str, kind: str, caller: dict,
                         call_sid: str, recording_url: str, duration: int) -> dict | None:
@@ -4114,6 +4264,8 @@ class Pager:
             new = change(page)
             if new is not None:
                 settle_audit(new, self.audit)
+                if new.get("alert", {}).get("unchecked") and self.checked(page_id):
+                    del new["alert"]["unchecked"]  # (see Pager.open_alert_at_once)
             return new
 
         in_book = store is self.store
@@ -4671,23 +4823,36 @@ class Pager:
         (a text, then calls) within the integration's alert budget (count_alert; beyond it
         they are held), warning and info are e-mailed and listed. Returns (page, opened).
 
-        The budget is counted beside the look-up of the dedup_key's page, not after it, when
-        this instance knows no page the trigger could join (a new dedup_key, as a rule): a
-        page within budget then costs no round trip more before its text. A guess proved
-        wrong (the trigger joins a page after all) is taken back off the answer's path."""
-        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
+        Two shortcuts keep the answer off the store's path under a storm. A repeat of a page
+        the book knows, that it joins and does not change (all but a listed page that now
+        rings), is answered from memory (AlertRepeats: its count reaches the page later). A
+        ringing trigger of a dedup_key the book knows no page of (a new one, as a rule) is
+        created at once, its checks beside the create (open_alert_at_once). The rest, and
+        whatever those two cannot settle, take the path below: the dedup_key's page looked
+        up, then joined or the next generation created."""
         rings = alert["severity"] in RINGING
+        known = self._book_alert(integration, dedup_key)
+        if known is None:
+            with self._alerts_lock:
+                opening = self._opening.get(alert_index_key(integration, dedup_key))
+            if opening is not None:  # another request here is creating its page: that first
+                opening.wait(OPENING_WAIT)
+                known = self._book_alert(integration, dedup_key)
+        if known is not None and self.start_work is not None and not (
+                rings and known.get("state") == "listed" and not known["alert"].get("held")):
+            # (only with a worker here: it writes the count)
+            self.repeats.add(known["id"], integration, dedup_key, alert)
+            return known, False
+        snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
         # quiet hours: what would ring is listed (hushed) and rings when they end
         quiet = rings and quiet_until(snap.doc, time.time()) is not None
         counted: list[tuple[int, bool]] = []  # count_alert's answer, once asked
+        if rings and known is None and not quiet:
+            opened = self.open_alert_at_once(snap, integration, dedup_key, alert, counted)
+            if opened is not None:
+                return opened, True
         for _ in range(4):
-            if rings and not counted and not self._knows_alert(integration, dedup_key):
-                looked_up, count = in_parallel(
-                    IO_POOL, lambda: self._current_alert(integration, dedup_key),
-                    lambda: self.count_alert(snap.doc, integration, dedup_key))
-                (generation, found), counted = looked_up, [count]
-            else:
-                generation, found = self._current_alert(integration, dedup_key)
+            generation, found = self._current_alert(integration, dedup_key)
             if found is not None and joins(found[0], time.time()):
                 # a warning's page that this trigger makes ring is counted; nothing else is
                 starts = (rings and found[0].get("state") == "listed"
@@ -4696,11 +4861,12 @@ class Pager:
                     counted = [self.count_alert(snap.doc, integration, dedup_key)]
                 elif counted and not starts:
                     if counted[0][1]:
-                        IO_POOL.submit(self.uncount_alert, integration, dedup_key)
+                        INTAKE_POOL.submit(self.uncount_alert, integration, dedup_key)
                     counted = []
                 joined = self._repeat_alert(snap.doc, found[0]["id"], integration, alert,
                                             counted[0][0] if counted else 0)
                 if joined is not None:
+                    METRICS.count("oncall_alert_repeats_total", path="store")
                     return joined, False
                 continue  # resolved meanwhile: a new generation
             if found is not None:
@@ -4728,16 +4894,205 @@ class Pager:
                 return page, True
         raise StoreConflict(f"alert {dedup_key}: too many concurrent changes")
 
-    def _knows_alert(self, integration: str, dedup_key: str) -> bool:
-        """Whether this instance's book has a page that a trigger of this dedup_key joins
+    def open_alert_at_once(self, snap: Snapshot, integration: str, dedup_key: str,
+                           alert: dict, counted: list[tuple[int, bool]]) -> dict | None:
+        """A ringing trigger of a dedup_key this instance knows no page of: its page is
+        created at once, at the generation last seen here (0 for a new dedup_key), by one
+        conditional create as a voicemail's is; beside it, in parallel, the two checks that
+        used to come first: the dedup_key's index (alerts/: has it moved on past this
+        generation, that is, is this the id of a page done with?) and the alert budget
+        (count_alert). The text then waits for one round trip, not four.
+
+        The page is written `unchecked`, and claimed by this instance, which clears the mark
+        with its next write of the page (write_page): another instance that finds it unchecked
+        once the claim ran out (this one stopped meanwhile) makes the checks again before it
+        sends anything (check_alert). The create's If-None-Match still settles a retry and a
+        second instance (one page); the budget is enforced before the text: a page beyond it
+        is turned into a held one (one more write) before anything is sent. Returns the page
+        (it rings, or is held); None when the path of `trigger` must decide: the create found
+        a page (a retry, the other instance, a page that no longer joins), or the index says
+        this id was done with (the page is taken back). `counted`: the budget's answer."""
+        index_key = alert_index_key(integration, dedup_key)
+        with self._alerts_lock:
+            generation = self._generations.get(index_key, 0)
+            opening = self._opening.setdefault(index_key, threading.Event())
+        try:
+            return self._open_alert_at_once(snap, integration, dedup_key, alert, counted,
+                                            generation)
+        finally:
+            with self._alerts_lock:
+                if self._opening.get(index_key) is opening:
+                    del self._opening[index_key]
+            opening.set()
+
+    def _open_alert_at_once(self, snap: Snapshot, integration: str, dedup_key: str,
+                            alert: dict, counted: list[tuple[int, bool]], generation: int
+                            ) -> dict | None:
+        index_key = alert_index_key(integration, dedup_key)
+        page = new_page(alert_page_id(integration, dedup_key, generation), "alert", snap.doc,
+                        alert={**alert, "integration": integration, "dedup_key": dedup_key,
+                               "generation": generation, "unchecked": True})
+        page_id, key = page["id"], f"pages/{page['id']}.json"
+        channels = self._prepare_page(page, ["sms", "email"], snap.doc,
+                                      f"events:{integration}", {
+                                          "dedup_key": dedup_key, "severity": alert["severity"],
+                                          "summary": alert["summary"]})
+        body = to_json(page)
+
+        def create() -> str | None:
+            try:
+                return self.store.put(key, body, if_absent=True)
+            except StoreConflict:
+                return None
+
+        def index() -> int:
+            found = read_json(self.store, index_key)
+            return int(found[0].get("generation", 0)) if found else 0
+
+        self._note_checked(page_id, None)  # this instance checks it: its worker waits
+        try:
+            etag, noted, verdict = in_parallel(
+                INTAKE_POOL, create, index,
+                lambda: self.count_alert(snap.doc, integration, dedup_key))
+        except (StoreUnavailable, StoreConflict):
+            self._note_checked(page_id, False)  # if it was created, a worker checks it
+            raise
+        self._note_seen_generation(index_key, noted)
+        counted[:] = [verdict]
+        if etag is None:
+            self._note_checked(page_id, False)
+            return None
+        if noted > generation:  # the id of a page done with: the index names a later one
+            METRICS.count("oncall_alert_checks_total", outcome="superseded")
+            self._withdraw(page_id)
+            return None
+        METRICS.count("oncall_pages_opened_total", kind="alert")
+        METRICS.count("oncall_alert_checks_total", outcome="held" if verdict[0] else "rings")
+        self.book.put(page, etag)
+        if verdict[0]:
+            written = self._hold_unchecked(page_id, verdict[0], snap.doc)
+            self._note_checked(page_id, True if written else False)  # (else: check_alert)
+            return written[0] if written else page
+        self._note_checked(page_id)
+        self.hand_over(self.store, page, etag, channels, snap.doc)
+        self.wake()
+        return page
+
+    def check_alert(self, page_id: str) -> None:
+        """The checks of a page created at once (open_alert_at_once) by an instance that did
+        not see them through (it stopped, or the store failed it): made now, before anything
+        of the page is sent. A page whose index had moved past its generation before it was
+        opened has the id of a page done with, and is taken back (its trigger was never
+        answered 202: the monitor sends it again); a page beyond the alert budget is held."""
+        found = self.read_page(page_id)
+        if found is None or not found[0].get("alert", {}).get("unchecked"):
+            return
+        page, alert = found[0], found[0]["alert"]
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        index_key = alert_index_key(alert["integration"], alert["dedup_key"])
+        index = read_json(self.store, index_key)
+        if index is not None and int(index[0].get("generation", 0)) > alert["generation"] \
+                and float(index[0].get("at", 0)) <= page["opened"]:
+            self._withdraw(page_id)
+            return
+        held = (self.count_alert(doc, alert["integration"], alert["dedup_key"])[0]
+                if page.get("state") == "open" else 0)
+        if held:
+            self._hold_unchecked(page_id, held, doc)
+        else:
+            def checked(current: dict | None) -> dict | None:
+                if current is None or not current.get("alert", {}).pop("unchecked", None):
+                    return None
+                return current
+
+            self.write_page(self.store, page_id, checked)
+        # only now: until the verdict is written, this instance's worker must not claim it
+        self._note_checked(page_id)
+        log.info("event=alert.checked page=%s held=%d", page_id, held)
+
+    def _hold_unchecked(self, page_id: str, held: int, doc: dict) -> tuple[dict, str] | None:
+        """An unchecked page beyond the alert budget becomes a held one before anything of it
+        is sent: listed, its text dropped, the e-mail kept (see _hold)."""
+        channels: list[str] = []
+
+        def hold(page: dict | None) -> dict | None:
+            if page is None or not page.get("alert", {}).get("unchecked") or \
+                    page.get("state") != "open":
+                return None
+            page.update(state="listed", paged=[])
+            del page["alert"]["unchecked"]
+            page["deliveries"].pop("sms", None)
+            channels[:] = [c for c in page["deliveries"] if c == "email"]
+            channels.extend(self._hold(page, held, doc))
+            return page
+
+        return self._change_and_hand_over(page_id, hold, channels, doc)
+
+    def _withdraw(self, page_id: str) -> None:
+        """Take back a page created at once under the id of a page done with (see
+        open_alert_at_once): nothing of it was sent, and its trigger was not answered."""
+        log.warning("event=alert.withdrawn page=%s reason=generation_moved_on", page_id)
+        self.store.delete(f"pages/{page_id}.json")
+        self._note_checked(page_id, False)
+
+    def checked(self, page_id: str) -> bool | None:
+        """Whether this instance made the checks of an unchecked alert page (True), is making
+        them (None: its worker leaves the page alone meanwhile), or neither (False)."""
+        with self._alerts_lock:
+            return self._checked.get(page_id, False)
+
+    def _note_checked(self, page_id: str, checked: bool | None = True) -> None:
+        with self._alerts_lock:
+            if checked is False:
+                self._checked.pop(page_id, None)
+                return
+            self._checked[page_id] = checked
+            while len(self._checked) > RECENT_PAGES:
+                self._checked.popitem(last=False)
+
+    def _note_seen_generation(self, index_key: str, generation: int) -> None:
+        with self._alerts_lock:
+            if generation >= self._generations.get(index_key, 0):
+                self._generations[index_key] = generation
+                self._generations.move_to_end(index_key)
+            while len(self._generations) > GENERATIONS_KEPT:
+                self._generations.popitem(last=False)
+
+    def _write_repeats(self, page_id: str, pending: dict) -> None:
+        """AlertRepeats' write: the repeats answered from memory counted on their page, with
+        one `page.repeated` entry. The book's copy said the page joins; if it stopped
+        joining before the last of them came (resolved, or acknowledged a day ago, on the
+        other instance since the book's copy), they are a trigger again (the latest of
+        them), which opens the dedup_key's next page; repeats from before are counted."""
+        integration, alert, count = pending["integration"], pending["alert"], pending["count"]
+
+        def repeat(page: dict | None) -> dict | None:
+            if page is None or not (joins(page, time.time())
+                                    or pending["last"] <= stopped_joining(page)):
+                return None
+            page["alert"]["repeated"] = page["alert"].get("repeated", 0) + count
+            key, entry = self.audit.entry("page.repeated", f"events:{integration}", {
+                "page": page_id, "number": page.get("number"),
+                "dedup_key": page["alert"]["dedup_key"], "severity": alert["severity"],
+                "summary": alert["summary"], "repeats": count})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        if self._change_and_hand_over(page_id, repeat, [], None) is None:
+            log.info("event=alert.repeats_reopen page=%s repeats=%d", page_id, count)
+            self.trigger(integration, pending["dedup_key"], alert)
+
+    def _book_alert(self, integration: str, dedup_key: str) -> dict | None:
+        """The page in this instance's book that a trigger of this dedup_key joins, if any
         (from memory: the first generation's id, or an open page of any generation)."""
         now = time.time()
         first = self.book.get(alert_page_id(integration, dedup_key, 0))
         if first is not None and joins(first[0], now):
-            return True
-        return any(page.get("kind") == "alert" and page["alert"].get("dedup_key") == dedup_key
-                   and page["alert"].get("integration") == integration and joins(page, now)
-                   for page, _ in self.book.working())
+            return first[0]
+        return next((page for page, _ in self.book.working()
+                     if page.get("kind") == "alert" and page["alert"].get("dedup_key") ==
+                     dedup_key and page["alert"].get("integration") == integration
+                     and joins(page, now)), None)
 
     def count_alert(self, doc: dict, integration: str, dedup_key: str) -> tuple[int, bool]:
         """The alert budget: per integration, `escalation.alert_pages_per_hour` dedup_keys
@@ -4749,39 +5104,80 @@ class Pager:
         dedup_key counted and its retried trigger gets the same verdict. Starts from this
         instance's copy: one request while nobody else counts. Returns (0, added) to ring or
         (N, added): the Nth alert held this hour; `added`: this call counted it."""
-        limit = escalation_settings(doc)["alert_pages_per_hour"]
-        hour = int(time.time() // 3600 * 3600)
         digest = hashlib.sha256(f"{integration}\n{dedup_key}".encode()).hexdigest()[:32]
         key = alert_budget_key(integration)
-        verdict: list[tuple[int, bool]] = []
+        # Group commit: the triggers of one integration that arrive while its budget is being
+        # written wait, and the next write counts them all (one request for a burst, where
+        # each writing alone lost the race to the others and read and wrote again).
+        mine: dict[str, Any] = {"digest": digest, "done": threading.Event()}
+        with self._alerts_lock:
+            queue = self._budget_queues.setdefault(key, [])
+            queue.append(mine)
+            lead = key not in self._budget_leaders
+            self._budget_leaders.add(key)
+        if not lead:
+            mine["done"].wait()
+            if "error" in mine:
+                raise mine["error"]
+            return mine["verdict"]
+        while True:
+            with self._alerts_lock:
+                batch = self._budget_queues.pop(key, [])
+                if not batch:
+                    self._budget_leaders.discard(key)
+                    break
+            try:
+                verdicts = self._count_alerts(doc, integration, [e["digest"] for e in batch])
+                for entry, verdict in zip(batch, verdicts, strict=True):
+                    entry["verdict"] = verdict
+            except (StoreUnavailable, StoreConflict) as e:
+                for entry in batch:
+                    entry["error"] = e
+            finally:
+                for entry in batch:
+                    entry["done"].set()
+        if "error" in mine:
+            raise mine["error"]
+        return mine["verdict"]
+
+    def _count_alerts(self, doc: dict, integration: str, digests: list[str]
+                      ) -> list[tuple[int, bool]]:
+        """count_alert for several dedup_keys (their digests) in one conditional write."""
+        limit = escalation_settings(doc)["alert_pages_per_hour"]
+        hour = int(time.time() // 3600 * 3600)
+        key = alert_budget_key(integration)
+        verdicts: list[tuple[int, bool]] = []
 
         def count(budget: dict | None) -> dict | None:
+            verdicts.clear()
             if budget is None or budget.get("hour") != hour:
                 budget = {"integration": integration, "hour": hour, "rung": [], "held": [],
                           "held_count": 0}
-            if digest in budget["rung"]:
-                verdict[:] = [(0, False)]
-                return None
-            if digest in budget["held"]:
-                verdict[:] = [(budget["held"].index(digest) + 1, False)]
-                return None
-            if len(budget["rung"]) < limit:
-                budget["rung"].append(digest)
-                verdict[:] = [(0, True)]
-            else:
-                budget["held_count"] += 1
-                if len(budget["held"]) < HELD_KEPT:
-                    budget["held"].append(digest)
-                verdict[:] = [(budget["held_count"], True)]
-            return budget
+            changed = False
+            for digest in digests:
+                if digest in budget["rung"]:
+                    verdicts.append((0, False))
+                elif digest in budget["held"]:
+                    verdicts.append((budget["held"].index(digest) + 1, False))
+                elif len(budget["rung"]) < limit:
+                    budget["rung"].append(digest)
+                    verdicts.append((0, True))
+                    changed = True
+                else:
+                    budget["held_count"] += 1
+                    if len(budget["held"]) < HELD_KEPT:
+                        budget["held"].append(digest)
+                    verdicts.append((budget["held_count"], True))
+                    changed = True
+            return budget if changed else None
 
         # every new dedup_key of the integration writes here: under a burst of them from
-        # several clients the writers take turns, hence more tries than update_json's 8
+        # several instances the writers take turns, hence more tries than update_json's 8
         written = update_json(self.store, key, count, BUDGET_TRIES, self._budgets.get(key),
                               seen=lambda found: self._budgets.__setitem__(key, found))
         if written is not None:
             self._budgets[key] = written
-        return verdict[0]
+        return verdicts
 
     def uncount_alert(self, integration: str, dedup_key: str) -> None:
         """Take back a count_alert made beside a look-up that then found a page to join."""
@@ -4851,13 +5247,18 @@ class Pager:
             generation, found = generation + 1, later
         if generation > noted:
             self._note_generation(integration, dedup_key, generation)
+        self._note_seen_generation(alert_index_key(integration, dedup_key), generation)
         return generation, found
 
     def _note_generation(self, integration: str, dedup_key: str, generation: int) -> None:
-        update_json(self.store, alert_index_key(integration, dedup_key), lambda index: None
+        """The index moves on (never back); `at` says when, so that check_alert can tell a
+        page opened under a generation already done with from one opened before it moved."""
+        key = alert_index_key(integration, dedup_key)
+        update_json(self.store, key, lambda index: None
                     if index and index.get("generation", 0) >= generation else
                     {"integration": integration, "dedup_key": dedup_key,
-                     "generation": generation})
+                     "generation": generation, "at": time.time()})
+        self._note_seen_generation(key, generation)
 
     def _repeat_alert(self, doc: dict, page_id: str, integration: str, alert: dict,
                       held: int = 0) -> dict | None:
@@ -6145,6 +6546,11 @@ class Worker:
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
         next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
                                              now))
+        repeats = self.pager.repeats.due_at()  # counts of repeats answered from memory
+        if repeats is not None and repeats <= now and not self._busy("repeats"):
+            self._submit("repeats", lambda: self.pager.repeats.flush_due(now))
+        elif repeats is not None:
+            next_due = min(next_due, max(repeats, now + 0.05))
         known = self.pager.team.last_known()
         if known is not None:  # read by the listing, or by a webhook (which woke the worker)
             self._adopt_messages(known)
@@ -6792,6 +7198,16 @@ class Worker:
                 escalate = True
             else:
                 next_due = min(next_due or due, due)
+        checked = (self.pager.checked(page_id) if page.get("alert", {}).get("unchecked")
+                   and store is self.store else True)
+        if (channels or escalate) and checked is not True:
+            # created at once, its checks not seen through (None: the webhook here is at them;
+            # False: by an instance that stopped): they come first (Pager.check_alert), then
+            # the next scan claims what is due
+            if checked is False and not self._busy(f"{page_id}/check"):
+                self._submit(f"{page_id}/check", lambda: self.pager.check_alert(page_id),
+                             urgent=True)
+            return next_due
         if channels or escalate:
             self._claim(store, page_id, channels, escalate, now)
         return next_due
@@ -8319,7 +8735,16 @@ class WebApp:
         that could not be looked up for that limit is refused for rate: HTTPError 429 with
         Retry-After, which monitors retry (a 400 would lose the alert of a key just added;
         a 5xx would read as the pager being broken)."""
-        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        team = self.pager.team
+        known = team.last_known()
+        if known is not None and not known.stale and integration_of(known.doc, routing_key):
+            # a key the copy in memory knows: no request on the answer's path (a storm of
+            # repeats is answered from memory); a copy older than PAGE_CONFIG_MAX_AGE is
+            # checked beside it, so a removed key stops working a round trip later
+            team.check_soon(PAGE_CONFIG_MAX_AGE)
+            doc = known.doc
+        else:
+            doc = team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
         integration = integration_of(doc, routing_key)
         if integration is None:
             doc = self.fresh_config("unknown routing key")
@@ -8492,6 +8917,7 @@ class WebApp:
             "oncall_quiet": [((), float(known is not None and
                                        quiet_until(known.doc, time.time()) is not None))],
             "oncall_worker_busy_seconds": [((), self.worker.busy_for())] if self.worker else [],
+            "oncall_alert_repeats_pending": [((), float(self.pager.repeats.pending()))],
         }
         return Response(200, METRICS.render(gauges), "text/plain; version=0.0.4; charset=utf-8")
 
