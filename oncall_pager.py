@@ -5786,7 +5786,10 @@ def remove_override(doc: dict, number: int) -> str:
     override = listed[number - 1]
     start, end = override_times(override)
     now = math.floor(time.time())
-    if start < now < end:
+    if start <= now < end:  # running
+        if now == start:  # it started this very second: it ends with the next (times are
+            time.sleep(max(0.0, start + 1 - time.time()))  # whole seconds, end after start)
+            now = start + 1
         override["end"] = override_stamp(now)
         return f"override {number} ({override['member']}) ended now"
     del listed[number - 1]

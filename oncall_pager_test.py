@@ -5,6 +5,28 @@ the app runs under waitress on a loopback port (in this process, or as an `oncal
 subprocess where a restart or a kill -9 is the point), and Twilio's REST API is `TwilioFake`
 below, held to Twilio's own OpenAPI description. Every webhook is signed with
 twilio.request_validator.RequestValidator. Nothing leaves the loopback interface.
+
+Map: where the tests of each section of the module are (banners below, in file order: the
+shared fixtures and the Twilio fake first, then the behaviours as the releases added them).
+    helpers, metrics   Metrics and the systemd watchdog; Section 19: text that cannot travel
+    configuration      Foundation (config.ini, the operational config); Rotation; Overrides;
+                       The calendar feed and the status page (the schedule as stretches)
+    store              Foundation (stores); Faults; Scale (the done index)
+    domain: Pages      The customer voicemail line and durable delivery; Acknowledge and
+                       escalate; Hardening of the page path; A repeat voicemail
+            Team       Team control by SMS; Rotation; Section 19: Handoffs; Overrides
+            Alerts     Alerts from monitoring; Section 19: alert memory and the alert budget;
+                       An alert pages as fast as a voicemail; Quiet hours
+            LiveCalls  Live answer; Section 19: live calls
+            Commands   Team control by SMS; Section 19: STATUS and ACK n; A contact test
+    channels           Reach a human whatever the carrier does; Push and chat webhooks; The
+                       Twilio fake itself
+    worker             Crash points (every flow); Faults; Scale: a start over a long history
+    views, web         Foundation (the web surface); Abuse (the fuzz over every route);
+                       Hardening (the security review); Regressions found in review; The
+                       calendar feed and the status page
+    command line       Foundation (serve, check, init, config, audit, pages); What a new user
+                       met; Reports from the audit log
 """
 
 from __future__ import annotations
@@ -7525,7 +7547,15 @@ def test_forty_new_alerts_ring_ten_pages_and_hold_thirty_with_one_text_on_two_in
     6 s. Now 10 pages of an integration ring in an hour (counted in the store, so two
     instances taking the events in turn hold to it), the other 30 are listed and e-mailed,
     and one text tells the on-call engineer; another integration has its own 10."""
-    one, two = start_pager(s3_setup("one")), start_pager(s3_setup("two"))
+    def config(name: str) -> Path:
+        # claims outlive a loaded machine's slowest trigger: a second text would be the other
+        # instance taking over a claim that ran out (at least once, as after a crash), which
+        # is not what this test is about
+        path = s3_setup(name)
+        path.write_text(path.read_text().replace("claim_timeout = 3\n", "claim_timeout = 30\n"))
+        return path
+
+    one, two = start_pager(config("one")), start_pager(config("two"))
     two_integrations(one.store, ack_timeout=1, call_attempts=1, escalate_to=[])
 
     def post(i: int) -> None:
@@ -7770,8 +7800,9 @@ def test_serve_with_an_invalid_stored_config_stays_up_keeps_a_voicemail_and_page
     (page,) = alert_pages(store)
     assert (page["state"], page["oncall"]["id"], page["opened"]) == (
         "open", "alice", waiting["opened"])
-    assert [e["event"] for e in audit_events(store) if e["event"].startswith("page.")][:2] == [
-        "page.waiting", "page.opened"]
+    assert wait_until(lambda: [e["event"] for e in audit_events(store)  # written after the MMS
+                               if e["event"].startswith("page.")][:2] == [
+        "page.waiting", "page.opened"], 5)
     assert server.terminate() == 0
 
 
@@ -8809,7 +8840,9 @@ def test_a_restart_over_thousands_of_recent_pages_calls_the_open_ones_at_once_an
         assert page_of(pager.store, page_id)["escalation"]["step"] == 1
 
 
-# ====== s21-newuser: what a new user met (SPEC 23) ======
+# ==============================================================================================
+# What a new user met (SPEC 23): the command line's small errors
+# ==============================================================================================
 
 
 def test_config_set_of_a_rotation_field_without_a_rotation_says_to_add_one(file_cli: Cli) -> None:
@@ -8843,7 +8876,9 @@ def test_check_of_the_shipped_example_config_warns_about_nothing(tmp_path: Path)
     assert result.stdout.startswith("ok: config.ini.example and file:")
 
 
-# ====== s23-reports: `oncall-pager report` from the audit log (SPEC 22) ======
+# ==============================================================================================
+# Reports from the audit log (SPEC 22)
+# ==============================================================================================
 
 
 def put_audit(store: op.Store, when: str, event: str, actor: str, old: bool = False,
@@ -8941,7 +8976,9 @@ def test_report_of_a_running_pager_shows_its_voicemail_and_who_was_on_call(
     assert [r["member"] for r in csv.DictReader(io.StringIO(hours))] == ["alice", "bob"]
 
 
-# ====== s23-reports: a contact test (SPEC 22) ======
+# ==============================================================================================
+# A contact test (SPEC 22)
+# ==============================================================================================
 
 
 def test_a_contact_test_by_the_command_line_is_confirmed_by_ok_or_by_1_on_its_call(
@@ -8997,7 +9034,9 @@ def test_contact_test_of_an_unknown_member_is_a_usage_error(file_cli: Cli) -> No
         2, "", "error: there is no member 'zoe'\n")
     assert file_cli.store.list("contacts/") == []
 
-# ====== s22-quiet: quiet hours for monitoring (SPEC 21) ======
+# ==============================================================================================
+# Quiet hours for monitoring (SPEC 21)
+# ==============================================================================================
 
 
 QUIET_ENDED_1 = "Quiet ended: 1 alert still open. STATUS lists them; ACK acknowledges them."
@@ -9215,8 +9254,8 @@ def test_quiet_command_line_starts_shows_and_ends_them_with_a_cleaned_reason(
     assert window["reason"] == "db [31m upgrade " + "x" * 81 + "..." and window["by"] == "carol"
     assert op.utc_seconds(window["until"]) - op.utc_seconds(window["since"]) == 5400
     shown = file_cli.run("quiet")
-    assert shown.stdout.startswith("Quiet hours until ") and "(in 1 h 29 min; Carol Cruz: db" \
-        in shown.stdout
+    assert shown.stdout.startswith("Quiet hours until ") and re.search(
+        r"\(in 1 h (29|30) min; Carol Cruz: db", shown.stdout)
     done = file_cli.run("quiet", "off", "--as", "carol")
     assert (done.returncode, done.stdout) == (
         0, "quiet hours ended: 0 alerts still open, ringing now; a running pager texts the "
@@ -9378,7 +9417,9 @@ def test_a_stop_before_or_after_any_store_write_of_quiet_hours_loses_nothing_dou
     test_a_stop_before_or_after_any_store_write_loses_nothing_and_doubles_nothing(
         tmp_path, monkeypatch, QUIET_FLOW, check_quiet_flow)
 
-# ====== s22-calendar: the calendar feed and the status page (SPEC 21) ======
+# ==============================================================================================
+# The calendar feed and the status page (SPEC 21)
+# ==============================================================================================
 
 
 def feed_url(cli: Cli, feed: str) -> str:
@@ -9711,7 +9752,9 @@ def test_check_names_what_is_wrong_with_a_feed_token() -> None:
     assert op.check_oncall_config(team_doc(feed_tokens=[]))[0] == [
         "current_config.feed_tokens is not an object"]
 
-# ====== s20-repeat: a repeat voicemail is as fast as a page ======
+# ==============================================================================================
+# A repeat voicemail is as fast as a page (SPEC 20)
+# ==============================================================================================
 
 
 class StoreTimeline:
@@ -9904,7 +9947,9 @@ def test_serve_freezes_what_start_up_made_so_a_full_collection_skips_it() -> Non
         gc.unfreeze()
 
 # ==============================================================================================
-# ====== s22-overrides: TAKE 4h / TAKE UNTIL, planned overrides, the hand-back (SPEC 21) ======
+# ==============================================================================================
+# Overrides: TAKE 4h / TAKE UNTIL, planned overrides, the hand-back (SPEC 21)
+# ==============================================================================================
 # ==============================================================================================
 
 
@@ -10249,7 +10294,9 @@ def test_the_teams_time_zone_without_a_rotation_is_config_set_timezone(file_cli:
         in result.stderr
 
 
-# ====== s20-scale: a start over a long history, STATUS and ACK at scale ======
+# ==============================================================================================
+# Scale: a start over a long history, STATUS and ACK at scale (SPEC 20)
+# ==============================================================================================
 
 
 def indexed_history(tmp_path: Path, done: int) -> tuple[op.DirectoryStore, list[str]]:
@@ -10405,7 +10452,9 @@ def test_status_and_a_plain_ack_cost_a_few_store_requests_in_a_row_however_many_
     worker.stop()
 
 
-# ====== s23-push: push (ntfy) and webhooks (SPEC 22) ======
+# ==============================================================================================
+# Push (ntfy) and chat webhooks (SPEC 22)
+# ==============================================================================================
 
 
 class Receiver:
@@ -10777,7 +10826,9 @@ def test_an_oncall_change_made_by_the_cli_reaches_the_webhook_through_the_runnin
 
 
 # ==============================================================================================
-# ====== s20-alerts: an alert pages as fast as a voicemail; a storm of repeats from memory ======
+# ==============================================================================================
+# An alert pages as fast as a voicemail; a storm of repeats from memory (SPEC 20)
+# ==============================================================================================
 # ==============================================================================================
 
 
