@@ -17,46 +17,46 @@ What it does
 
 How data flows
     call -> /public/answer -> /public/keypress -> <Record> -> /public/recordingcb
-         -> Pager.open_page: one conditional create of pages/<id>.json, which is the page, its
+         -> Pages.open_page: one conditional create of pages/<id>.json, which is the page, its
             queue entry and this instance's claim on its first deliveries
          -> Worker.start_work, at once: MMS; e-mail and archive; the page number; audit entries
-         (a caller whose page is open: Pager._join_open_page, one conditional create of the
+         (a caller whose page is open: Pages._join_open_page, one conditional create of the
             repeat's own record, then its MMS; the open page lists it after, the join channel)
          -> Worker.scan: escalation (calls, then the team) until ACK, retries, other instances'
             work (found by listing pages/ every poll_interval; only changed pages are read;
             after a start the recent pages first, then the changed ones, in parallel, but for
             those the done index names with the ETag listed: DoneIndex, no read)
-         -> daily: a page done with and quiet for two days moves to pages-done/ (Pager.archive)
-         (no valid config at all: the page is created `waiting` (Pager.wait_for_config), rings
-            nobody, and the worker opens it (Pager.open_waiting) once it reads a valid one;
+         -> daily: a page done with and quiet for two days moves to pages-done/ (Pages.archive)
+         (no valid config at all: the page is created `waiting` (Pages.wait_for_config), rings
+            nobody, and the worker opens it (Pages.open_waiting) once it reads a valid one;
             serve stays up meanwhile, /healthz says config-invalid)
-    live -> /public/keypress 2 -> Pager.live_hunt: a caller reaches the hunt once in 10
+    live -> /public/keypress 2 -> LiveCalls.live_hunt: a caller reaches the hunt once in 10
             minutes (live/<number>.json) and not while their page is open, else voicemail
          -> screened <Dial>, each leg counted against the hourly budget (/public/screen,
-            /public/screenkey: only the engineer's 1 connects; Pager.live_accepted opens a
+            /public/screenkey: only the engineer's 1 connects; LiveCalls.live_accepted opens a
             page of kind call, acknowledged; spooled like a voicemail while S3 is down)
          -> /public/dialdone: the next person, or the voicemail flow above (also when the
             store cannot say whether the call was taken)
-    transcript -> /public/transcriptioncb -> Pager.transcribed: texted, e-mailed, archived
-    rotation -> Worker: at a shift start Pager.hand_off (one conditional write of the config,
-            the handoff texts travel with it); before it Pager.remind (a job keyed by the shift).
+    transcript -> /public/transcriptioncb -> LiveCalls.transcribed: texted, e-mailed, archived
+    rotation -> Worker: at a shift start Team.hand_off (one conditional write of the config,
+            the handoff texts travel with it); before it Team.remind (a job keyed by the shift).
             A config change that makes a handoff due (handoff_due) carries it out in the same
-            write (the command line: Pager.handoff_with_change; its texts are sent by the
+            write (the command line: Team.handoff_with_change; its texts are sent by the
             worker that next sees the config, checked with every listing); WHO makes a due
             one first. A page keeps calling whom it was sent to (page.oncall), then the team.
             Who the schedule names when is oncall_shifts: the rotation's shifts with the
             overrides (current_config.overrides) laid over them; an override's start and its
             end (the hand-back) are handoffs like a shift's. Overrides (the room) writes them:
-            C after TAKE 4h / TAKE UNTIL (Pager.confirm hands over to it), `override add`.
-    SMS  -> /msgcontrol/entry -> Pager.handle_sms (once per MessageSid) -> TwiML reply;
-            a text's fate -> /public/mmsstatuscb -> Pager.text_failed (codes, call at once)
+            C after TAKE 4h / TAKE UNTIL (Team.confirm hands over to it), `override add`.
+    SMS  -> /msgcontrol/entry -> Commands.handle_sms (once per MessageSid) -> TwiML reply;
+            a text's fate -> /public/mmsstatuscb -> Pages.text_failed (codes, call at once)
     alert -> /v2/enqueue (PagerDuty's Events API v2; the routing key names the integration)
-         -> Pager.alert_event: trigger opens a page of kind alert (critical/error ring like a
+         -> Alerts.alert_event: trigger opens a page of kind alert (critical/error ring like a
             voicemail; warning/info are e-mailed and listed) or joins the one of its
             dedup_key (open, listed, or acknowledged within a day); acknowledge ->
-            Pager.acknowledge; resolve -> Pager.resolve (notices). A page keeps 8 KiB of
+            Pages.acknowledge; resolve -> Pages.resolve (notices). A page keeps 8 KiB of
             the event's custom_details (kept_details), not the event. Per integration,
-            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert); the
+            alert_pages_per_hour new dedup_keys ring in an hour (Alerts.count_alert); the
             rest are held: listed and e-mailed, and the first held one texts once
     test -> `oncall-pager test MEMBER [--call]` or TEST by SMS: ContactTests.tested; the
             member's OK (or 1 on /oncall/test) -> ContactTests.confirmed
@@ -64,11 +64,11 @@ How data flows
 
     quiet -> QUIET 2h [reason] + C (or `oncall-pager quiet 2h`) -> QuietHours.start: one
             conditional write of current_config.quiet {since, until, reason, by}. While it
-            lasts (quiet_until), Pager.trigger and heartbeat_missed open their pages listed
+            lasts (quiet_until), Alerts.trigger and heartbeat_missed open their pages listed
             and *hushed* (e-mail only), and the worker holds the escalation of alert pages.
             At `until` (or QUIET OFF) QuietHours.end removes it in one write that carries the
             one "Quiet ended: N alerts still open." text (a job keyed by the window); then
-            every hushed page rings (Worker._ring_after_quiet: ring_after_quiet, page.ringing)
+            every hushed page rings (Upkeep._ring_after_quiet: ring_after_quiet, page.ringing)
 
 
     push -> a page's first notification also goes to the push topic (ntfy) of whom it was
@@ -79,19 +79,19 @@ How data flows
             as signed JSON or a chat line, retried with backoff; never on a page's path
 
 
-            alert_pages_per_hour new dedup_keys ring in an hour (Pager.count_alert, group
+            alert_pages_per_hour new dedup_keys ring in an hour (Alerts.count_alert, group
             committed); the rest are held: listed and e-mailed, and the first held one
             texts once. A new dedup_key's page is created at once, the index and the budget
-            checked beside the create (Pager.open_alert_at_once; a worker checks a page left
-            `unchecked`, Pager.check_alert); a repeat of a page the book knows is answered
+            checked beside the create (Alerts.open_alert_at_once; a worker checks a page left
+            `unchecked`, Alerts.check_alert); a repeat of a page the book knows is answered
             from memory and its count written by the worker (AlertRepeats)
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
-         -> Pager.change_received: audited (change.received), nothing rings
+         -> Alerts.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
-            with --heartbeats-only, which cannot trigger) -> Pager.heartbeat_ping (resolves
+            with --heartbeats-only, which cannot trigger) -> Alerts.heartbeat_ping (resolves
             the page of a miss);
-            Worker._check_heartbeats, planned from memory: no ping for interval + grace ->
-            Pager.heartbeat_missed opens a page of kind heartbeat
+            Upkeep._check_heartbeats, planned from memory: no ping for interval + grace ->
+            Alerts.heartbeat_missed opens a page of kind heartbeat
     views -> GET /calendar/<token>.ics, GET /status/<token> (tokens made by `calendar-token`,
             `status-token`; the config keeps their SHA-256, feed_token): read-only.
             oncall_shifts lays the rotation's shifts (Rotation) and the overrides out as
@@ -111,7 +111,7 @@ Store layout (a local directory, or an S3 bucket with an optional prefix)
     pages/<RecordingSid or CallSid>.json    one page and its queue entry: caller, who was
                                             paged, ack, channels, escalation, claims; or, in
                                             state `joined`, a later call of the caller of the
-                                            open page it `joins` (Pager._join_open_page)
+                                            open page it `joins` (Pages._join_open_page)
     pages/AL<hash>.json, pages/HB<hash>.json      alert pages (hash of integration, dedup_key,
                                             generation) and missed heartbeats (name, the ping
                                             it missed)
@@ -155,6 +155,24 @@ Watch it
     the domain, the worker and the web), gauges read from memory, never a store request.
     Under systemd (Type=notify) the ServiceNotifier sends READY=1 once serve listens,
     WATCHDOG=1 while the worker loop is alive (Worker.alive) and STATUS= a one-line summary.
+
+Rooms (classes named after the domain, none over about 600 lines; each owns its state changes)
+    domain  Pager      the shared parts: store, audit log, operational config, PageBook, spool,
+                       the worker's hooks; hand_over, claim_until
+            Pages      open/join a page, find, number, acknowledge, resolve, archive
+            Team       WHO, TAKE/C/X, opt-outs, rotation, handoffs, reminders (oncall_user)
+            Alerts     the Events API (a new alert in one create, a storm's repeats from
+                       memory), change events, alert budgets, heartbeats
+            LiveCalls  the screened hunt and its live pages, transcripts
+            Commands   an SMS in (once per MessageSid), the right room, the reply
+    worker  Worker     the loop, listings, claims, the pools: what schedules
+            Upkeep     rotation timing, heartbeat checks, housekeeping, the spool
+            Delivery   MMS, SMS, e-mail, archive, escalation calls, the outbound budget
+    web     WebApp     the gate (sizes, signature, router) and Twilio's webhooks
+            Monitors   /v2/enqueue, /v2/change/enqueue, /heartbeat/*, /healthz, /metrics
+    The rooms share the store, the audit log, the PageBook and the clock (the module's `time`),
+    taken from their hub in __init__; a room reaches another through an explicit reference
+    (`self.pages`, or `self.pager.alerts` for one built after it).
 
 Dependencies: twilio, boto3, waitress, and the standard library. Sections, top to bottom:
 helpers, metrics, configuration (with the schedule as stretches and the calendar feed),
@@ -2211,8 +2229,8 @@ def probe_store(store: Store) -> str | None:
 
 
 # ==============================================================================================
-# Domain: the audit log, the operational config, TAKE sessions, rotation, quiet hours, pages,
-# commands
+# Domain: the audit log, the operational config, quiet hours, contact tests, the page book;
+# Pager (the shared parts) and its rooms Pages, Team, Alerts, LiveCalls, Commands
 # ==============================================================================================
 
 
@@ -2680,7 +2698,7 @@ STORE_DOWN_TEXT = ("The pager's store is unreachable right now, so nothing chang
 HELP_REPEAT_SECONDS = 300
 RECENT_PAGES = 50
 STATUS_LINES = 5  # pages STATUS shows one a line; more are counted (an SMS stays readable)
-# Commands that change something are carried out once per MessageSid (see Pager.handle_sms);
+# Commands that change something are carried out once per MessageSid (see Commands.handle_sms);
 # their markers, replies/<MessageSid>.json, are kept at least REPLY_KEEP_DAYS days.
 STATE_CHANGING = ("take", "confirm", "cancel", "ack", "optout", "optin", "quiet", "test",
                   "ok")
@@ -2839,7 +2857,7 @@ def fold_in(page: dict | None, repeat: dict) -> dict | None:
 
 def has_work(page: dict) -> bool:
     """Open (escalation may be due), waiting for a valid config to open (see
-    Pager.open_waiting), hushed by quiet hours (it rings when they end), or a channel still
+    Pages.open_waiting), hushed by quiet hours (it rings when they end), or a channel still
     to send: the worker keeps an eye on it."""
     return page.get("state") in ("open", "waiting") or hushed(page) or any(
         d.get("state") == "pending" for d in page.get("deliveries", {}).values())
@@ -2848,7 +2866,7 @@ def has_work(page: dict) -> bool:
 def archivable(page: dict) -> bool:
     """Nothing left to do, and nothing can reach it again: not open, no channel to send, and
     an alert page no longer one that its dedup_key can acknowledge or resolve (a listed or an
-    acknowledged page stays until resolved). More checks with the store in Pager.archive."""
+    acknowledged page stays until resolved). More checks with the store in Pages.archive."""
     if has_work(page):
         return False
     return page.get("kind") not in ("alert", "heartbeat") or page.get("state") not in ACTIVE
@@ -3382,7 +3400,7 @@ class QuietHours:
     writes its end (after a stop too, at the next start), and the one text "Quiet ended: N
     alerts still open." travels with that write as a message job keyed by the window (as a
     handoff's texts do), so it is sent once however many instances look. The hushed pages
-    then ring, each by its own conditional write (Worker._ring_after_quiet), whoever sees
+    then ring, each by its own conditional write (Upkeep._ring_after_quiet), whoever sees
     the config without a window first: a stop in between loses none of them."""
 
     def __init__(self, team: TeamConfig, store: Store, book: PageBook, audit: AuditLog,
@@ -3395,7 +3413,7 @@ class QuietHours:
         self.message_job = message_job
         self.start_message = start_message
 
-    # --- by SMS: QUIET 2h [reason], C, QUIET OFF (X is Pager.cancel) -------------------------
+    # --- by SMS: QUIET 2h [reason], C, QUIET OFF (X is Team.cancel) -------------------------
 
     def command(self, snap: Snapshot, member: dict, args: list[str], body: str) -> str:
         """QUIET alone: whether quiet hours are on. QUIET OFF: they end now. QUIET 2h
@@ -3540,7 +3558,7 @@ class QuietHours:
 REPEAT_FLUSH_SECONDS = 2.0
 OPENING_WAIT = 5.0  # s a trigger waits for the create of its dedup_key's page by another request
 # dedup_key -> the generation of its page last seen here (alerts/ as last read or written):
-# the first guess of a new trigger's page id, checked beside its create (see Pager.trigger)
+# the first guess of a new trigger's page id, checked beside its create (see Alerts.trigger)
 GENERATIONS_KEPT = 10_000
 
 
@@ -3548,9 +3566,9 @@ class AlertRepeats:
     """Repeats of open alert pages, counted in memory and written later: what a storm of
     events is made of (a monitor re-sending what still fires, several monitors sending the same
     dedup_key). A repeat of a page the book knows, that the trigger joins and does not change
-    (see Pager.trigger) is answered at once, with no store request; the worker writes its
+    (see Alerts.trigger) is answered at once, with no store request; the worker writes its
     count on the page in one conditional write per page at most every REPEAT_FLUSH_SECONDS
-    (`flush`, given by the Pager: Pager._write_repeats, which also opens a new page for
+    (`flush`, given by the Pager: Alerts._write_repeats, which also opens a new page for
     repeats that came after the page stopped joining, say resolved on the other instance
     since the book's copy). A stop may lose a count, never a page: a page is only ever opened
     by a create before its trigger is answered."""
@@ -3611,11 +3629,15 @@ class AlertRepeats:
 
 
 class Pager:
-    """The domain: every state change of the pager goes through one method here. It knows the
-    store only through the Store interface, and sends nothing itself: outbound messages are
-    durable (a page's deliveries, or a message job), and the Worker sends them. A change that
-    queues something marks it claimed by this instance and hands it to the worker at once
-    (`start_work`, `start_message`), so nothing waits for a scan."""
+    """The domain's shared parts, and its rooms. It holds what every room uses (the
+    store, the audit log, the operational config (`team`), the PageBook, the spool, this
+    instance's name) and the hooks the Worker sets (`start_work`, `start_message`, `wake`);
+    each room (Pages, Team, Alerts, LiveCalls, Commands) owns its own state changes and is
+    reached as `pager.pages`, `pager.oncall`, `pager.alerts`, `pager.calls`,
+    `pager.commands`. It knows the store only through the Store interface, and sends nothing
+    itself: outbound messages are durable (a page's deliveries, or a message job), and the
+    Worker sends them. A change that queues something marks it claimed by this instance and
+    hands it to the worker at once (`hand_over`), so nothing waits for a scan."""
 
     def __init__(self, cfg: AppConfig, store: Store, instance: str | None = None):
         self.cfg = cfg
@@ -3633,41 +3655,22 @@ class Pager:
                       if isinstance(store, S3Store) and cfg.spool_dir else None)
         self.book = PageBook()
         self.contacts = ContactTests(store, self.audit)
-        self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
-        self._reminded: set[str] = set()  # reminders this process queued or found queued
-        self._settled: set[float] = set()  # shift starts whose handoff this process made whole
-        self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
-        self._budgets: dict[str, tuple[dict, str]] = {}  # counters/alerts-*.json, last seen
-        # alerts/<hash>.json -> the generation last seen there (the first guess of a page id)
-        self._generations: OrderedDict[str, int] = OrderedDict()
-        # alert pages created here whose checks this instance made (or is making): their
-        # `unchecked` mark is this instance's to clear (write_page), nobody's to check again
-        self._checked: OrderedDict[str, bool | None] = OrderedDict()
-        self._alerts_lock = threading.Lock()
-        # count_alert's group commit: per budget key, the triggers waiting, and whether one
-        # of them is writing
-        self._budget_queues: dict[str, list[dict]] = {}
-        self._budget_leaders: set[str] = set()
-        # alerts/ keys whose page a request here is creating at once: a trigger of the same
-        # dedup_key meanwhile waits for it and joins from memory (not a 412, then reads)
-        self._opening: dict[str, threading.Event] = {}
-        self.repeats = AlertRepeats(self._write_repeats, lambda: self.wake())
-        # heartbeats/<name>.json as last seen here: the worker plans its checks from these
-        self.heartbeats: dict[str, tuple[dict, str]] = {}
-        self._counter_lock = threading.Lock()
-        # live/<number>.json as this instance last wrote or read it (see live_hunt); a copy
-        # without an ETag was noted here while the store was unreachable
-        self._hunts: OrderedDict[str, tuple[dict, str | None]] = OrderedDict()
-        self._hunts_lock = threading.Lock()
         # Set by the Worker; without one, work is queued unclaimed for a worker elsewhere.
         self.start_work: Callable[..., None] | None = None
         self.start_message: Callable[[str, dict], None] | None = None
         self.wake: Callable[[], None] = lambda: None
         self.quiet_hours = QuietHours(
-            self.team, store, self.book, self.audit, self.message_job,
+            self.team, store, self.book, self.audit,
+            lambda *job, **named: self.oncall.message_job(*job, **named),
             lambda key, job: self.start_message(key, job) if self.start_message else None)
 
         self.overrides = Overrides(self)
+        # The rooms, each the owner of its own state changes
+        self.pages = Pages(self)
+        self.oncall = Team(self)
+        self.alerts = Alerts(self)
+        self.calls = LiveCalls(self)
+        self.commands = Commands(self)
 
     def hand_over(self, store: Store, page: dict, etag: str, channels: list[str],
                   doc: dict | None = None) -> None:
@@ -3685,279 +3688,23 @@ class Pager:
         """The claim a change takes on what it queues: only when a worker here will send it."""
         return time.time() + self.cfg.claim_timeout if self.start_work is not None else 0.0
 
-    # --- team: WHO, TAKE, C, X ----------------------------------------------------------------
 
-    def who(self, snap: Snapshot) -> str:
-        """WHO: who is on call, when and by whom that last changed, the next handoff. A
-        handoff that the config makes due (changed in the store by hand, say, and not seen
-        by the worker yet) is made first, so WHO never names anybody but the member of the
-        shift that `schedule` marks `now` (unless a TAKE since holds)."""
-        if not snap.stale and handoff_due(snap.doc, time.time()):
-            with contextlib.suppress(StoreUnavailable):
-                snap = self.rotate(snap)
-        doc = snap.doc
-        oncall = oncall_member(doc)
-        text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>"
-        text += " (opted out of texts: called instead)." if oncall.get("opted_out") else "."
-        changed = oncall_change(doc)
-        if changed:
-            by = members(doc).get(changed[1], {}).get("name", changed[1])
-            text += f" Changed {short_time(changed[0])} by {by}."
-        handoff = self.next_handoff(doc)
-        return f"{text} {handoff}" if handoff else text
+# --- Pages: open, join, number, acknowledge, resolve, archive ---------------------------------
 
-    def take(self, snap: Snapshot, member: dict, args: list[str] | None = None) -> str:
-        """TAKE, or with a time (`TAKE 4h`, `TAKE UNTIL FRI 09:00`: an override, see
-        Overrides), which the session keeps for C."""
-        doc = snap.doc
-        now = time.time()
-        until = None
-        if args:
-            try:
-                until = take_until(args, now, team_zone(doc))
-            except ValueError as e:
-                return str(e)
-        elif oncall_member(doc)["id"] == member["id"]:
-            return f"You are already on call, {first_name(member)}. Nothing changes."
-        lifetime = session_lifetime(doc)
-        session = {"member": member["id"], "created": now, "expires": now + lifetime,
-                   "config_etag": snap.etag}
-        if until is not None:
-            session["until"] = until
-        in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
-                                                    to_json(session)),
-                    lambda: self.audit.record("session.started", member["id"],
-                                              {"expires": iso_time(now + lifetime)}))
-        span = "" if until is None else f" until {local_text(team_zone(doc), until)}"
-        return (f"{member['name']} to be made on-call engineer{span}, reply C to confirm or X "
-                f"to cancel (within {lifetime} seconds).")
 
-    def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str] | None) -> str:
-        """C: make the member on call if the config is still the one his TAKE was shown.
-        A session is bound to that config version (its ETag): once the config changes, by this
-        confirmation or by anything else, the session is spent, so a confirmed session needs
-        no delete. Two members confirming at once: the conditional write lets one win. The
-        audit entry and the handoff SMS to the previous engineer are written together.
-        `session` is sessions/<member>.json as read just before (or None)."""
-        key = f"sessions/{member['id']}.json"
-        lifetime = session_lifetime(snap.doc)
-        no_take = f"No pending TAKE. Send TAKE again and reply C within {lifetime} seconds."
-        if session is None or session[0].get("expires", 0) < time.time():
-            return no_take
-        session_doc = session[0]
-        if session_doc.get("config_etag") != snap.etag:
-            self.store.delete(key)
-            return self._changed_under(snap.doc, member)
-        if "until" in session_doc:  # TAKE 4h, TAKE UNTIL ...: an override
-            return self.overrides.confirm(snap, member, float(session_doc["until"]))
-        previous = oncall_member(snap.doc)
-        doc = copy.deepcopy(snap.doc)
-        doc["current_config"]["oncall_user"] = dict(member)
-        handoff = None if previous.get("opted_out") else self.message_job(
-            previous["phone"], f"{member['name']} has taken on-call from you.", "handoff")
-        try:
-            new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
-                                  messages=[handoff] if handoff else [])
-        except StoreConflict:
-            self.store.delete(key)
-            return self._changed_under(self.team.read().doc, member)
-        if self.start_message is not None:
-            for message in new.queued:
-                self.start_message(*message)
-        pager_phone = new.doc["current_config"]["pager_phone"]
-        told = ("has been told" if handoff else "was not told (opted out of texts)")
-        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} {told}. "
-                f"Leave a message at {pager_phone} to test delivery.")
+class Pages:
+    """Pages: open (or join) a page, find it, number it, acknowledge it, resolve it, note a
+    text that failed or a call nobody took, and move it to pages-done/ once it is quiet. The
+    other rooms open and change pages through it (_create_page, write_page): one conditional
+    write over the PageBook's copy, handed to the worker (Pager.hand_over) with its audit
+    entries."""
 
-    def opt(self, snap: Snapshot, member: dict, out: bool) -> None:
-        """STOP (or another opt-out word) and START from a member: Twilio blocks texts to that
-        number meanwhile, so the pager records it on the member (`opted_out` in the config)
-        and reaches them by call instead. No reply: Twilio sends its own confirmation. A
-        race with another config change is made again over it."""
-        for _ in range(CONFIG_CHANGE_TRIES):
-            doc = copy.deepcopy(snap.doc)
-            record = members(doc)[member["id"]]
-            if bool(record.get("opted_out")) == out:
-                return
-            if out:
-                record["opted_out"] = True
-            else:
-                record.pop("opted_out", None)
-            try:
-                self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
-                                event="member.opted_out" if out else "member.opted_in")
-                return
-            except StoreConflict:
-                snap = self.team.read()
-        raise StoreUnavailable("the config kept changing")
-
-    def _changed_under(self, doc: dict, member: dict) -> str:
-        oncall = oncall_member(doc)
-        if oncall["id"] == member["id"]:
-            return f"You are already on call, {first_name(member)}. Nothing changes."
-        return (f"The on-call config changed since your TAKE (on call now: {oncall['name']}). "
-                "Nothing changed; send TAKE again to try again.")
-
-    def cancel(self, doc: dict, member: dict) -> str:
-        key = f"sessions/{member['id']}.json"
-        session = read_json(self.store, key)
-        if session is not None:
-            self.store.delete(key)
-            self.audit.record("session.cancelled", member["id"])
-        if session is not None and session[0].get("action") == "quiet":  # (QuietHours)
-            until = quiet_until(doc, time.time())
-            return f"Okay, {first_name(member)}, nothing changes: " + (
-                f"quiet hours stay until {short_time(until)}." if until else
-                "alerts ring as usual.")
-        oncall = oncall_member(doc)
-        return f"Okay, {first_name(member)}, nothing changes: {first_name(oncall)} remains on call."
-
-    # --- messages: durable jobs the worker sends (the handoff SMS) --------------------------
-
-    def message_job(self, to: str, body: str, purpose: str, name: str = ""
-                    ) -> tuple[str, dict]:
-        """One SMS as a durable job (jobs/msg-*.json) and its key, claimed by this instance's
-        worker, which sends it as soon as it is written and retries it; another instance's
-        worker takes it over if this one stops. A sent job is kept a day, marked sent.
-        `name`: a key that two instances queuing the same message agree on (a reminder)."""
-        now = time.time()
-        claimed_until = self.claim_until()
-        job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "state": "pending",
-               "attempts": 1 if claimed_until else 0, "next_try": now,
-               "claimed_until": claimed_until, "created": now}
-        return f"jobs/msg-{name or sortable_stamp(now) + '-' + uuid.uuid4().hex[:12]}.json", job
-
-    # --- rotation: the handoff at each shift start, the reminder before it, NEXT -------------
-
-    def next_handoff(self, doc: dict) -> str | None:
-        """NEXT's answer (and WHO's last sentence): an override running ("Carol until Fri
-        09:00 CET, covering Bob."), then the next handoff by the schedule (oncall_shifts);
-        None when nothing is scheduled (no rotation, no override to come)."""
-        if Rotation.of(doc) is None and not overrides(doc):
-            return None
-        now = time.time()
-        zone, names = team_zone(doc), members(doc)
-        text = []
-        current = shift_at(doc, now)
-        if current is not None and current.override is not None:
-            text.append(override_text(doc, current, zone) + ".")
-        after = next((s for s in next_shifts(doc, now, 3) if s.start > now), None)
-        if after is None and not text:
-            return None
-        if after is not None:
-            line = (f"Next handoff: {names[after.member]['name']} on "
-                    f"{local_text(zone, after.start)} (in {duration_text(after.start - now)})")
-            if after.override is not None:
-                line += f", {override_text(doc, after, zone, named=False)}"
-            text.append(line + ".")
-        return " ".join(text)
-
-    def rotation_due(self, doc: dict, now: float) -> float | None:
-        """When `rotate` has something to do by `doc` (the config in memory: planning costs no
-        request): `now`, if a shift (or an override, or its end) started without its
-        handoff or a reminder is due; else when the next one is."""
-        rotation = Rotation.of(doc)
-        if rotation is None and not overrides(doc):
-            return None
-        if handoff_due(doc, now):
-            return now
-        change = next_change(doc, now)
-        following = change if change is not None else math.inf
-        if rotation is None:
-            return None if change is None else following
-        k = rotation.shift_at(now)
-        upcoming = rotation.starts(max(k + 1, 0))
-        remind_at = upcoming - rotation.remind.total_seconds()
-        if rotation.remind and remind_at > now:
-            return min(remind_at, following)
-        if rotation.remind and reminder_name(upcoming) not in self._reminded:
-            return now
-        return min(upcoming, following)
-
-    def rotate(self, snap: Snapshot | None = None) -> Snapshot:
-        """The schedule's due work, by the config as stored (or `snap`, just read): the
-        handoff of the shift (or override, or hand-back) that has started, then the reminder
-        of the rotation's next shift. Returns the config as it is after."""
-        snap = snap or self.team.read()
-        if snap.stale:
-            raise StoreUnavailable(self.team.problem or "store unreachable")
-        rotation = Rotation.of(snap.doc)
-        if rotation is None and not overrides(snap.doc):
-            return snap
-        due = handoff_due(snap.doc, time.time())
-        if due is not None:
-            snap = self.hand_off(snap, due)
-        else:
-            current = shift_at(snap.doc, time.time())
-            if current is not None and current.start not in self._settled:
-                # made by another instance, which may have stopped before its texts were queued
-                self.settle_handoff(snap.doc, current.start)
-        if rotation is not None:
-            self.remind(snap.doc, rotation, max(rotation.shift_at(time.time()) + 1, 0))
-        return snap
-
-    def hand_off(self, snap: Snapshot, shift: Shift) -> Snapshot:
-        """The shift's member becomes on call, unless already: one conditional write of the
-        config that also records the handoff as made (`rotation_handoff`), so across
-        instances and restarts it is made once, and a TAKE after it holds until the next
-        shift. Both people are told (message jobs travel with the write, as C's do)."""
-        for _ in range(CONFIG_CHANGE_TRIES):
-            due = handoff_due(snap.doc, shift.start)
-            if due is None or due.start != shift.start:  # made elsewhere meanwhile
-                self.settle_handoff(snap.doc, shift.start)
-                return snap
-            doc = copy.deepcopy(snap.doc)
-            told, details, actor = self.handoff_in(doc, due)
-            try:
-                snap = self.team.write(doc, base=snap, actor=actor, messages=told,
-                                       details=details)
-            except StoreConflict:
-                snap = self.team.read()
-                continue
-            log.info("event=rotation.handoff member=%s", due.member)
-            self._settled.add(shift.start)
-            if self.start_message is not None:
-                for message in snap.queued:
-                    self.start_message(*message)
-            return snap
-        raise StoreUnavailable("the config kept changing")
-
-    def handoff_in(self, doc: dict, shift: Shift) -> tuple[list[tuple[str, dict]], dict, str]:
-        """Make the shift's handoff in `doc` (a copy about to be written): its member on
-        call, the handoff recorded; returns the texts to both people (message jobs), the
-        audit details and the actor (`rotation`, or `override` for an override's start and,
-        without a rotation, its hand-back). The new engineer hears of the pages still
-        ringing (they keep calling whom they were sent to, then the team: see
-        Worker._claim)."""
-        member, previous = members(doc)[shift.member], oncall_member(doc)
-        current = doc["current_config"]
-        current["rotation_handoff"] = {"shift_start": shift.start, "member": member["id"]}
-        rotation = Rotation.of(doc)
-        via = "override" if shift.override is not None or rotation is None else "rotation"
-        details = {"via": via, "shift": iso_time(shift.start)}
-        if shift.override is not None:
-            details["override"] = shift.override + 1
-            if rotation is None and not overrides(doc)[shift.override].get("covering"):
-                overrides(doc)[shift.override]["covering"] = previous["id"]
-        told: list[tuple[str, dict]] = []
-        if member["id"] == previous["id"]:
-            return told, details, via
-        current["oncall_user"] = dict(member)
-        team, zone = team_name(doc) or "the team", team_zone(doc)
-        until = f" until {local_text(zone, shift.end)}" if math.isfinite(shift.end) else ""
-        if not member.get("opted_out"):
-            ringing = self.open_page_count()
-            pages = (f" {ringing} page{'s' if ringing != 1 else ''} open: STATUS lists "
-                     f"{'them' if ringing != 1 else 'it'}." if ringing else "")
-            told.append(self.message_job(member["phone"], f"You are now on call for {team}"
-                                         f"{until}.{pages}", via))
-        if not previous.get("opted_out"):
-            ended = any(override_times(o)[1] == shift.start for o in overrides(doc))
-            why = ("override" + until if shift.override is not None
-                   else "override ended" if ended else "rotation")
-            told.append(self.message_job(previous["phone"], f"{member['name']} has taken "
-                                         f"on-call from you ({why}).", via))
-        return told, details, via
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.audit, self.team, self.book = (
+            pager.store, pager.audit, pager.team, pager.book)
+        self._counter: tuple[dict, str] | None = None  # counters/pages.json as last seen
+        self._counter_lock = threading.Lock()
 
     def open_page_count(self) -> int:
         """Pages still ringing (open, not acknowledged): the book's, once the worker here has
@@ -3970,57 +3717,6 @@ class Pager:
                 if modified >= since]
         found = IO_POOL.map(lambda key: read_json(self.store, key), keys)
         return sum(1 for item in found if item and item[0].get("state") == "open")
-
-    def handoff_with_change(self, doc: dict, details: dict
-                            ) -> tuple[list[tuple[str, dict]], dict, str]:
-        """A config change about to be written (by the command line) that makes a handoff
-        due carries it out in the same write, at once, rather than leaving it to the next
-        look of a running pager. Returns the texts to queue with the write, its audit
-        details and who changed on-call ("rotation"); nothing when no handoff is due or
-        `doc` is invalid (the write refuses it then)."""
-        if check_oncall_config(doc)[0]:
-            return [], details, ""
-        due = handoff_due(doc, time.time())
-        if due is None:
-            return [], details, ""
-        told, made, actor = self.handoff_in(doc, due)
-        return told, {**details, **made, "with": details.get("via", "")}, actor
-
-    def settle_handoff(self, doc: dict, start: float) -> None:
-        """A handoff another instance made: its audit entry and texts, in case it stopped
-        before them (the texts this queues are sent from here); once per shift."""
-        for message in self.team.settle(doc):
-            if self.start_message is not None:
-                self.start_message(*message)
-        self._settled.add(start)
-
-    def remind(self, doc: dict, rotation: Rotation, k: int) -> None:
-        """Shift k's member is reminded once, `remind_hours` before it starts (not when
-        already on call, or opted out of texts). The job's key is the shift's, so two
-        instances queue one reminder."""
-        start = rotation.starts(k)
-        name = reminder_name(start)
-        now = time.time()
-        if not rotation.remind or name in self._reminded or \
-                not start - rotation.remind.total_seconds() <= now < start:
-            return
-        member = members(doc)[rotation.member(k)]
-        running = shift_at(doc, start)  # an override then: its member is not reminded
-        if running is not None and running.member != member["id"]:
-            member = oncall_member(doc)
-        if member["id"] != oncall_member(doc)["id"] and not member.get("opted_out"):
-            key, job = self.message_job(
-                member["phone"], f"Reminder: you go on call for {team_name(doc) or 'the team'} "
-                f"at {rotation.local_text(start)}, in {duration_text(start - now)}.",
-                "reminder", name=name)
-            try:
-                self.store.put(key, to_json(job), if_absent=True)
-            except StoreConflict:
-                pass  # queued by another instance, or by this one before a restart
-            else:
-                if self.start_message is not None:
-                    self.start_message(key, job)
-        self._reminded.add(name)
 
     # --- pages ---------------------------------------------------------------------------------
 
@@ -4045,14 +3741,14 @@ class Pager:
             return self.wait_for_config(self.store, page_id, kind, caller, call_sid,
                                         recording_url, duration, live_tried)
         except StoreUnavailable as e:
-            if self.spool is None or isinstance(e, StoreUncertain):
+            if self.pager.spool is None or isinstance(e, StoreUncertain):
                 raise
             log.warning("event=page.spooled page=%s reason=store_unavailable", page_id)
             try:
-                return self._open_page(self.spool, page_id, kind, caller, call_sid,
+                return self._open_page(self.pager.spool, page_id, kind, caller, call_sid,
                                        recording_url, duration, live_tried)
             except StoreUnavailable:  # and no config was ever known here
-                return self.wait_for_config(self.spool, page_id, kind, caller, call_sid,
+                return self.wait_for_config(self.pager.spool, page_id, kind, caller, call_sid,
                                             recording_url, duration, live_tried)
 
     def wait_for_config(self, store: Store, page_id: str, kind: str, caller: dict,
@@ -4085,8 +3781,8 @@ class Pager:
             return existing[0], False
         if store is self.store:
             self.book.put(page, etag)
-            self.hand_over(store, page, etag, [])  # its entry, now
-        self.wake()
+            self.pager.hand_over(store, page, etag, [])  # its entry, now
+        self.pager.wake()
         return page, True
 
     def open_waiting(self, page_id: str) -> bool:
@@ -4096,7 +3792,7 @@ class Pager:
         escalation and the day it may ring counted from now; `opened` stays the time of the
         call. Returns whether this call opened it."""
         snap = self.team.read(max_age=PAGE_CONFIG_MAX_AGE)
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         channels: list[str] = []
 
         def open_(waiting: dict | None) -> dict | None:
@@ -4130,8 +3826,8 @@ class Pager:
             return False
         METRICS.count("oncall_pages_opened_total", kind=written[0]["kind"])
         log.info("event=page.opened_after_wait page=%s", page_id)
-        self.hand_over(self.store, *written, channels, snap.doc)
-        self.wake()
+        self.pager.hand_over(self.store, *written, channels, snap.doc)
+        self.pager.wake()
         return True
 
     def _open_page(self, store: Store, page_id: str, kind: str, caller: dict, call_sid: str,
@@ -4166,8 +3862,8 @@ class Pager:
         METRICS.count("oncall_pages_opened_total", kind=page["kind"])
         if store is self.store:
             self.book.put(page, etag)
-        self.hand_over(store, page, etag, channels, doc)
-        self.wake()
+        self.pager.hand_over(store, page, etag, channels, doc)
+        self.pager.wake()
         return page, True
 
     def _prepare_page(self, page: dict, channels: list[str], doc: dict, actor: str,
@@ -4176,7 +3872,7 @@ class Pager:
         instance (no text for an engineer who opted out: the first call at once instead; the
         push topic too, see pushed) and its `page.opened` entry inside. Returns the channels
         queued."""
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         if page["state"] == "open" and page["oncall"].get("opted_out"):
             # texts are blocked: the first call goes at once instead
             channels = [c for c in channels if c not in ("mms", "sms")]
@@ -4219,7 +3915,7 @@ class Pager:
         texts = ["email", "archive"] if oncall.get("opted_out") else ["mms", "email", "archive"]
         channels = [*(texts if kind == "voicemail" else []), "join"]
         repeat = new_repeat(page, page_id, kind, caller, call_sid, recording_url, duration)
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         for channel in channels:
             add_delivery(repeat, channel, claimed_until)
         key, entry = self.audit.entry("page.repeated", "twilio", {
@@ -4233,8 +3929,8 @@ class Pager:
             self.book.put(*existing)
             return existing[0]
         self.book.put(repeat, etag)
-        self.hand_over(self.store, repeat, etag, channels, snap.doc)
-        self.wake()
+        self.pager.hand_over(self.store, repeat, etag, channels, snap.doc)
+        self.pager.wake()
         return page
 
     def _stored_after_conflict(self, store: Store, page_id: str) -> tuple[dict, str]:
@@ -4264,8 +3960,8 @@ class Pager:
             new = change(page)
             if new is not None:
                 settle_audit(new, self.audit)
-                if new.get("alert", {}).get("unchecked") and self.checked(page_id):
-                    del new["alert"]["unchecked"]  # (see Pager.open_alert_at_once)
+                if new.get("alert", {}).get("unchecked") and self.pager.alerts.checked(page_id):
+                    del new["alert"]["unchecked"]  # (see Alerts.open_alert_at_once)
             return new
 
         in_book = store is self.store
@@ -4321,7 +4017,7 @@ class Pager:
         elif not archivable(page):
             return False
         if page.get("kind") == "heartbeat" and (doc is None or heartbeat_basis(
-                self.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]):
+                self.pager.alerts.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]):
             return False
         if page.get("kind") == "alert":
             self._note_generation(alert["integration"], alert["dedup_key"],
@@ -4340,7 +4036,8 @@ class Pager:
         try:
             found = self.read_page(page_id)
         except StoreUnavailable:  # an outage: a page the spool holds still answers its call
-            found = read_json(self.spool, f"pages/{page_id}.json") if self.spool else None
+            found = read_json(self.pager.spool,
+                              f"pages/{page_id}.json") if self.pager.spool else None
             if found is None:
                 raise
         return found[0] if found else None
@@ -4455,7 +4152,7 @@ class Pager:
             return False, {}
         # A page acknowledged in the moment before its number was written gets it here.
         number = known[0].get("number") or self.page_number(page_id, known[0]["opened"])
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         notices: list[str] = []
 
         def ack(page: dict | None) -> dict | None:
@@ -4480,9 +4177,9 @@ class Pager:
         page, etag = written
         due = page["audit_due"][-1]
         self.audit.write(due["key"], due["entry"])
-        if notices and self.start_work is not None and claimed_until:
-            self.start_work(self.store, page, etag, notices, doc)
-        self.wake()
+        if notices and self.pager.start_work is not None and claimed_until:
+            self.pager.start_work(self.store, page, etag, notices, doc)
+        self.pager.wake()
         return True, page
 
     def text_failed(self, page_id: str, channel: str, status: str,
@@ -4495,7 +4192,7 @@ class Pager:
         kind = channel.split(":")[0]
         fallback = (channel.replace("mms", "sms_fallback", 1)
                     if kind == "mms" and code not in NO_TEXT_CODES else None)
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         failure = {"status": status, "code": code, "reason": carrier_reason(code),
                    "final": True, **({"fallback": fallback} if fallback else {})}
 
@@ -4521,272 +4218,440 @@ class Pager:
         try:
             written = self.write_page(store, page_id, failed, from_copy=False)
         except StoreUnavailable:
-            if self.spool is None:
+            if self.pager.spool is None:
                 raise
             written = None
-        if written is None and self.spool is not None:  # sent from the spool during an outage
-            store = self.spool
+        if written is None and self.pager.spool is not None:  # sent from the spool during an outage
+            store = self.pager.spool
             written = self.write_page(store, page_id, failed)
         if written is None:
             return False
         page, etag = written
         due = page["audit_due"][-1]
         self.audit.write(due["key"], due["entry"])
-        if fallback is not None and self.start_work is not None and claimed_until:
-            self.start_work(store, page, etag, [fallback])
-        self.wake()
+        if fallback is not None and self.pager.start_work is not None and claimed_until:
+            self.pager.start_work(store, page, etag, [fallback])
+        self.pager.wake()
         return True
 
-    def live_targets(self, doc: dict) -> list[dict]:
-        """Who a live call rings, in order: the on-call engineer, then `escalate_to`, up to
-        `live_answer.max_targets` people in all."""
-        oncall = oncall_member(doc)
-        team = [members(doc)[m] for m in escalation_settings(doc)["escalate_to"]
-                if m != oncall["id"] and m in members(doc)]
-        return [oncall, *team][:live_settings(doc)["max_targets"]]
+    def _note_generation(self, integration: str, dedup_key: str, generation: int) -> None:
+        """The index moves on (never back); `at` says when, so that check_alert can tell a
+        page opened under a generation already done with from one opened before it moved."""
+        key = alert_index_key(integration, dedup_key)
+        update_json(self.store, key, lambda index: None
+                    if index and index.get("generation", 0) >= generation else
+                    {"integration": integration, "dedup_key": dedup_key,
+                     "generation": generation, "at": time.time()})
+        self.pager.alerts._note_seen_generation(key, generation)
 
-    def live_hunt(self, caller: dict) -> tuple[str | None, bool]:
-        """A caller pressed 2: may they be put through? Every leg of a hunt counts against
-        the hourly outbound budget, but a caller's first hunt is never capped; a caller who
-        reached the hunt within LIVE_REPEAT_SECONDS, or whose page is open, goes straight to
-        voicemail (which joins the open page), so ten calls from one number ring the team
-        once. "Reached the hunt" is live/<number>.json, written conditionally (a create, or
-        If-Match over the copy this instance holds), so two instances agree and the caller,
-        who is waiting, costs one request; a repeat this instance saw costs none. Callers
-        who withhold their number cannot be told apart: their legs are within the budget.
-        While the store is unreachable the caller is put through (a person must be
-        reachable; the budget is a cost control) and noted in memory here.
-        Returns (why the caller goes to voicemail, or None; whether the legs are capped)."""
-        number = caller.get("number", "")
-        if not is_e164(number) or number in WITHHELD_NUMBERS:
-            return None, True
-        if any(p.get("state") == "open" and p.get("caller", {}).get("number") == number
-               for p, _ in self.book.working()):
-            return self.live_held(caller, "page open"), False
-        now = time.time()
-        with self._hunts_lock:
-            known = self._hunts.get(number)
-        if known is not None and now - known[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
-            return self.live_held(caller, "hunted within 10 minutes"), False
-
-        key = f"live/{number.lstrip('+')}.json"
-        marker = {"number": number, "hunted": now, "instance": self.instance}
-        etag = known[1] if known is not None else None
-        try:
-            # Written blind first (a create, or If-Match over this instance's copy): a first
-            # hunt costs one request; only a conflict costs a read.
-            for _ in range(3):
-                try:
-                    written = self.store.put(key, to_json(marker), if_match=etag,
-                                             if_absent=etag is None)
-                    break
-                except StoreConflict:
-                    found = read_json(self.store, key)
-                    if found is not None:
-                        self._note_hunt(number, *found)
-                        if now - found[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
-                            return self.live_held(caller, "hunted within 10 minutes"), False
-                    etag = found[1] if found is not None else None
-            else:  # others write it at this moment: they hunt, this one waits
-                return self.live_held(caller, "hunted within 10 minutes"), False
-        except StoreUnavailable:
-            log.warning("event=live.unmarked reason=store_unavailable")
-            self._note_hunt(number, marker, None)
-            return None, False
-        self._note_hunt(number, marker, written)
-        IO_POOL.submit(self.audit.write, *self.audit.entry("live.hunted", "twilio", {
-            "caller": number}))
-        return None, False
-
-    def _note_hunt(self, number: str, marker: dict, etag: str | None) -> None:
-        with self._hunts_lock:
-            self._hunts[number] = (marker, etag)
-            self._hunts.move_to_end(number)
-            while len(self._hunts) > 1000:
-                self._hunts.popitem(last=False)
-
-    def live_held(self, caller: dict, reason: str) -> str:
-        """Audited off the caller's path (the entry waits in memory if the store is down)."""
-        log.info("event=live.held reason=%s", log_value(reason))
-        IO_POOL.submit(self.audit.write, *self.audit.entry("live.held", "twilio", {
-            "caller": caller.get("number", ""), "reason": reason}))
-        return reason
-
-    def live_taken(self, call_sid: str) -> bool | None:
-        """Whether a live call was taken: its page of kind call is in the store or, during
-        an outage (or before the worker moved it), in the spool. None when the store could
-        not answer and the spool does not have it: the caller is offered voicemail."""
-        key = f"pages/{call_sid}.json"
-        in_spool = read_json(self.spool, key) if self.spool is not None else None
-        if in_spool is not None:
-            return in_spool[0].get("kind") == "call"
-        try:
-            found = self.read_page(call_sid)
-        except StoreUnavailable:
-            return None
-        return found is not None and found[0].get("kind") == "call"
-
-    def live_accepted(self, call_sid: str, caller: dict, member: dict, tried: list[str]
-                      ) -> tuple[dict, bool]:
-        """The engineer pressed 1 on a live call: a page of kind `call`, opened and
-        acknowledged by them in one conditional create (its `page.opened` and
-        `page.acknowledged` entries with it), so nothing escalates; the team gets an e-mail
-        of the call (with the recording, when there is one, after it: see live_recorded).
-        A second 1 (Twilio's retry) finds the page. While the store is unreachable the page
-        goes to the spool, as a voicemail's does (see open_page): the call is connected
-        whatever the store does. Returns (page, created)."""
+    def resolve(self, page_id: str, actor: str, via: str) -> bool:
+        """Its cause went away: the page is resolved (the escalation stops) and everyone it
+        reached is told "Page N resolved: SUMMARY.", queued in the same conditional write.
+        Returns whether this call resolved it."""
         doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-        now = time.time()
-        record = live_settings(doc)["record"]
-        page = {
-            "id": call_sid, "number": None, "kind": "call", "opened": now, "caller": caller,
-            "call_sid": call_sid, "recording_url": "", "duration": 0,
-            "oncall": dict(oncall_member(doc)), "paged": list(tried), "live_tried": list(tried),
-            "state": "acknowledged", "acked_by": member["id"], "acked_at": now,
-            "deliveries": {}, "escalation": {"next_due": now, "step": 0, "claimed_until": 0},
-            "audit_due": []}
-        claimed_until = self.claim_until()
-        channels = [] if record else ["email"]  # with a recording, the e-mail waits for it
-        for channel in channels:
-            add_delivery(page, channel, claimed_until)
-        for event, actor, details in (
-                ("page.opened", "twilio", {"page": call_sid, "kind": "call", "caller": caller,
-                                           "tried": tried}),
-                ("page.acknowledged", member["id"], {"page": call_sid, "via": "live"})):
-            key, entry = self.audit.entry(event, actor, details)
-            page["audit_due"].append({"key": key, "entry": entry})
-        key = f"pages/{call_sid}.json"
-        spooled = read_json(self.spool, key) if self.spool is not None else None
-        if spooled is not None:  # taken during the outage; the worker moves it to the store
-            return spooled[0], False
+        known = self.book.get(page_id) or self.read_page(page_id)
+        if known is None or known[0].get("state") not in ACTIVE:
+            return False
+        number = known[0].get("number") or self.page_number(page_id, known[0]["opened"])
+        claimed_until = self.pager.claim_until()
+        notices: list[str] = []
 
-        def create(store: Store) -> tuple[dict, bool]:
-            try:
-                etag = store.put(key, to_json(page), if_absent=True)
-            except StoreConflict:
-                try:
-                    found = read_json(store, key)
-                except StoreUnavailable as e:
-                    raise StoreUncertain(str(e)) from None
-                return (found[0] if found else page), False
-            METRICS.count("oncall_pages_opened_total", kind="call")
-            if store is self.store:
-                self.book.put(page, etag)
-            self.hand_over(store, page, etag, channels, doc)
-            self.wake()
-            return page, True
-
-        try:
-            return create(self.store)
-        except StoreUnavailable as e:
-            if self.spool is None or isinstance(e, StoreUncertain):
-                raise
-            log.warning("event=page.spooled page=%s reason=store_unavailable", call_sid)
-            return create(self.spool)
-
-    def live_recorded(self, call_sid: str, recording_sid: str, recording_url: str,
-                      duration: int) -> bool:
-        """The recording of an accepted live call: archived and e-mailed like a voicemail
-        (`page.recorded`)."""
-        claimed_until = self.claim_until()
-
-        def keep(page: dict | None) -> dict | None:
-            if page is None or page.get("kind") != "call" or page.get("recording_url"):
+        def close(page: dict | None) -> dict | None:
+            if page is None or page.get("state") not in ACTIVE:
                 return None
-            page.update(recording_url=recording_url, duration=duration,
-                        recording_sid=recording_sid)
-            for channel in ("email", "archive"):
-                add_delivery(page, channel, claimed_until)
-            key, entry = self.audit.entry("page.recorded", "twilio", {
-                "page": call_sid, "number": page.get("number"), "recording": recording_sid,
-                "duration": duration})
+            page.update(state="resolved", resolved_at=time.time(),
+                        number=page.get("number") or number)
+            notices[:] = tell_paged(page, doc, "resolved", f"Page {page['number']} resolved: "
+                                    f"{alert_summary(page)}.", claimed_until)
+            key, entry = self.audit.entry("page.resolved", actor, {
+                "page": page_id, "number": page["number"], "via": via})
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        written = self.write_page(self.store, call_sid, keep, from_copy=False)
-        if written is None:
-            return False
-        page, etag = written
-        self.hand_over(self.store, page, etag, ["email", "archive"])
-        return True
+        return self._change_and_hand_over(page_id, close, notices, doc) is not None
 
-    def transcribed(self, recording_sid: str, status: str, text: str) -> bool:
-        """Twilio's transcript of a voicemail (the page's own, or one that joined it): kept on
-        the page, texted to everyone paged so far ("Page N transcript: TEXT", at most 320
-        characters in all), e-mailed in the voicemail's thread and put into the archive, all
-        in the write that records it. A failed one is audited and nothing else happens.
-        Twilio's retry finds the transcript there and changes nothing. A repeat's transcript
-        goes on its page (listing the repeat there first, should its `join` not have run)."""
-        page = self.page(recording_sid) or next(
-            (p for p, _ in self.book.working()
-             if any(r["id"] == recording_sid for r in p.get("repeats", []))), None)
-        repeat = None
-        if page is not None and page.get("joins"):  # a repeat's own record: its page
-            repeat, page = page, self.page(page["joins"])
-        if page is None:
-            return False
-        page_id = page["id"]
-        if status != "completed":
-            self.audit.record("page.transcript_failed", "twilio", {
-                "page": page_id, "number": page.get("number"), "recording": recording_sid,
-                "status": status})
-            return True
-        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-        claimed_until = self.claim_until()
-        suffix = "" if recording_sid == page_id else f":{recording_sid}"
-        channels: list[str] = []
+    def _change_and_hand_over(self, page_id: str, change: Callable[[dict | None], dict | None],
+                              channels: list[str], doc: dict) -> tuple[dict, str] | None:
+        """A page change that may queue `channels` (`change` fills the list in): written,
+        then handed to the worker (or its audit entries written now)."""
+        written = self.write_page(self.store, page_id, change)
+        if written is not None:
+            self.pager.hand_over(self.store, *written, channels, doc)
+            self.pager.wake()
+        return written
 
-        def keep(current: dict | None) -> dict | None:
-            channels.clear()
-            if current is None:
-                return None
-            if repeat is not None:
-                current = fold_in(current, repeat) or current
-            target = current if not suffix else next(
-                (r for r in current.get("repeats", []) if r["id"] == recording_sid), None)
-            if target is None or target.get("transcript"):
-                return None
-            target["transcript"] = text
-            number = current.get("number") or self.number_of(current)
-            prefix = f"Page {number} transcript: "
-            body = prefix + (text if len(prefix + text) <= 320
-                             else text[:320 - len(prefix) - 3] + "...")
-            for member_id in current.get("paged", []):
-                member = members(doc).get(member_id)
-                if member and not member.get("opted_out"):
-                    channels.append(f"transcript_sms:{member_id}{suffix}")
-                    add_delivery(current, channels[-1], claimed_until, to=member["phone"],
-                                 body=body)
-            for channel in (f"transcript_email{suffix}", f"transcript_archive{suffix}"):
-                channels.append(channel)
-                add_delivery(current, channel, claimed_until)
-            key, entry = self.audit.entry("page.transcribed", "twilio", {
-                "page": page_id, "number": current.get("number"), "recording": recording_sid,
-                "characters": len(text)})
-            current.setdefault("audit_due", []).append({"key": key, "entry": entry})
-            return current
 
-        written = self.write_page(self.store, page_id, keep)
-        if written is None:
-            return True
-        current, etag = written
-        self.hand_over(self.store, current, etag, channels, doc)
-        return True
+# --- Team: WHO, TAKE/C/X, opt-outs, rotation and handoffs -------------------------------------
 
-    def call_unanswered(self, page_id: str, step: int) -> None:
-        """A page call to the on-call engineer ended busy / no-answer / failed: it counts as
-        an attempt at once, so the next step is due now instead of after ack_timeout."""
-        def hurry(page: dict | None) -> dict | None:
-            escalation = (page or {}).get("escalation", {})
-            if (not page or page.get("state") != "open" or escalation.get("step") != step + 1
-                    or escalation.get("last_kind") != "oncall"
-                    or escalation["next_due"] <= time.time()):
-                return None
-            escalation["next_due"] = time.time()
-            return page
 
-        if self.write_page(self.store, page_id, hurry, from_copy=False) is not None:
-            self.wake()
+class Team:
+    """The team and who is on call: WHO, TAKE sessions and their C/X, STOP/START opt-outs,
+    the rotation's handoffs and reminders: the changes of `oncall_user` and of sessions/.
+    The texts it sends are message jobs (message_job) the worker delivers."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.audit, self.team = pager.store, pager.audit, pager.team
+        self.pages = pager.pages
+        self._reminded: set[str] = set()  # reminders this process queued or found queued
+        self._settled: set[float] = set()  # shift starts whose handoff this process made whole
+
+    # --- team: WHO, TAKE, C, X ----------------------------------------------------------------
+
+    def who(self, snap: Snapshot) -> str:
+        """WHO: who is on call, when and by whom that last changed, the next handoff. A
+        handoff that the config makes due (changed in the store by hand, say, and not seen
+        by the worker yet) is made first, so WHO never names anybody but the member of the
+        shift that `schedule` marks `now` (unless a TAKE since holds)."""
+        if not snap.stale and handoff_due(snap.doc, time.time()):
+            with contextlib.suppress(StoreUnavailable):
+                snap = self.rotate(snap)
+        doc = snap.doc
+        oncall = oncall_member(doc)
+        text = f"Current on-call engineer: {oncall['name']} <{oncall['phone']}>"
+        text += " (opted out of texts: called instead)." if oncall.get("opted_out") else "."
+        changed = oncall_change(doc)
+        if changed:
+            by = members(doc).get(changed[1], {}).get("name", changed[1])
+            text += f" Changed {short_time(changed[0])} by {by}."
+        handoff = self.next_handoff(doc)
+        return f"{text} {handoff}" if handoff else text
+
+    def take(self, snap: Snapshot, member: dict, args: list[str] | None = None) -> str:
+        """TAKE, or with a time (`TAKE 4h`, `TAKE UNTIL FRI 09:00`: an override, see
+        Overrides), which the session keeps for C."""
+        doc = snap.doc
+        now = time.time()
+        until = None
+        if args:
+            try:
+                until = take_until(args, now, team_zone(doc))
+            except ValueError as e:
+                return str(e)
+        elif oncall_member(doc)["id"] == member["id"]:
+            return f"You are already on call, {first_name(member)}. Nothing changes."
+        lifetime = session_lifetime(doc)
+        session = {"member": member["id"], "created": now, "expires": now + lifetime,
+                   "config_etag": snap.etag}
+        if until is not None:
+            session["until"] = until
+        in_parallel(IO_POOL, lambda: self.store.put(f"sessions/{member['id']}.json",
+                                                    to_json(session)),
+                    lambda: self.audit.record("session.started", member["id"],
+                                              {"expires": iso_time(now + lifetime)}))
+        span = "" if until is None else f" until {local_text(team_zone(doc), until)}"
+        return (f"{member['name']} to be made on-call engineer{span}, reply C to confirm or X "
+                f"to cancel (within {lifetime} seconds).")
+
+    def confirm(self, snap: Snapshot, member: dict, session: tuple[dict, str] | None) -> str:
+        """C: make the member on call if the config is still the one his TAKE was shown.
+        A session is bound to that config version (its ETag): once the config changes, by this
+        confirmation or by anything else, the session is spent, so a confirmed session needs
+        no delete. Two members confirming at once: the conditional write lets one win. The
+        audit entry and the handoff SMS to the previous engineer are written together.
+        `session` is sessions/<member>.json as read just before (or None)."""
+        key = f"sessions/{member['id']}.json"
+        lifetime = session_lifetime(snap.doc)
+        no_take = f"No pending TAKE. Send TAKE again and reply C within {lifetime} seconds."
+        if session is None or session[0].get("expires", 0) < time.time():
+            return no_take
+        session_doc = session[0]
+        if session_doc.get("config_etag") != snap.etag:
+            self.store.delete(key)
+            return self._changed_under(snap.doc, member)
+        if "until" in session_doc:  # TAKE 4h, TAKE UNTIL ...: an override
+            return self.pager.overrides.confirm(snap, member, float(session_doc["until"]))
+        previous = oncall_member(snap.doc)
+        doc = copy.deepcopy(snap.doc)
+        doc["current_config"]["oncall_user"] = dict(member)
+        handoff = None if previous.get("opted_out") else self.message_job(
+            previous["phone"], f"{member['name']} has taken on-call from you.", "handoff")
+        try:
+            new = self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
+                                  messages=[handoff] if handoff else [])
+        except StoreConflict:
+            self.store.delete(key)
+            return self._changed_under(self.team.read().doc, member)
+        if self.pager.start_message is not None:
+            for message in new.queued:
+                self.pager.start_message(*message)
+        pager_phone = new.doc["current_config"]["pager_phone"]
+        told = ("has been told" if handoff else "was not told (opted out of texts)")
+        return (f"Okay, {first_name(member)}, you are now on call. {previous['name']} {told}. "
+                f"Leave a message at {pager_phone} to test delivery.")
+
+    def opt(self, snap: Snapshot, member: dict, out: bool) -> None:
+        """STOP (or another opt-out word) and START from a member: Twilio blocks texts to that
+        number meanwhile, so the pager records it on the member (`opted_out` in the config)
+        and reaches them by call instead. No reply: Twilio sends its own confirmation. A
+        race with another config change is made again over it."""
+        for _ in range(CONFIG_CHANGE_TRIES):
+            doc = copy.deepcopy(snap.doc)
+            record = members(doc)[member["id"]]
+            if bool(record.get("opted_out")) == out:
+                return
+            if out:
+                record["opted_out"] = True
+            else:
+                record.pop("opted_out", None)
+            try:
+                self.team.write(doc, base=snap, actor=member["id"], details={"via": "sms"},
+                                event="member.opted_out" if out else "member.opted_in")
+                return
+            except StoreConflict:
+                snap = self.team.read()
+        raise StoreUnavailable("the config kept changing")
+
+    def _changed_under(self, doc: dict, member: dict) -> str:
+        oncall = oncall_member(doc)
+        if oncall["id"] == member["id"]:
+            return f"You are already on call, {first_name(member)}. Nothing changes."
+        return (f"The on-call config changed since your TAKE (on call now: {oncall['name']}). "
+                "Nothing changed; send TAKE again to try again.")
+
+    def cancel(self, doc: dict, member: dict) -> str:
+        key = f"sessions/{member['id']}.json"
+        session = read_json(self.store, key)
+        if session is not None:
+            self.store.delete(key)
+            self.audit.record("session.cancelled", member["id"])
+        if session is not None and session[0].get("action") == "quiet":  # (QuietHours)
+            until = quiet_until(doc, time.time())
+            return f"Okay, {first_name(member)}, nothing changes: " + (
+                f"quiet hours stay until {short_time(until)}." if until else
+                "alerts ring as usual.")
+        oncall = oncall_member(doc)
+        return f"Okay, {first_name(member)}, nothing changes: {first_name(oncall)} remains on call."
+
+    # --- messages: durable jobs the worker sends (the handoff SMS) --------------------------
+
+    def message_job(self, to: str, body: str, purpose: str, name: str = ""
+                    ) -> tuple[str, dict]:
+        """One SMS as a durable job (jobs/msg-*.json) and its key, claimed by this instance's
+        worker, which sends it as soon as it is written and retries it; another instance's
+        worker takes it over if this one stops. A sent job is kept a day, marked sent.
+        `name`: a key that two instances queuing the same message agree on (a reminder)."""
+        now = time.time()
+        claimed_until = self.pager.claim_until()
+        job = {"kind": "sms", "to": to, "body": body, "purpose": purpose, "state": "pending",
+               "attempts": 1 if claimed_until else 0, "next_try": now,
+               "claimed_until": claimed_until, "created": now}
+        return f"jobs/msg-{name or sortable_stamp(now) + '-' + uuid.uuid4().hex[:12]}.json", job
+
+    # --- rotation: the handoff at each shift start, the reminder before it, NEXT -------------
+
+    def next_handoff(self, doc: dict) -> str | None:
+        """NEXT's answer (and WHO's last sentence): an override running ("Carol until Fri
+        09:00 CET, covering Bob."), then the next handoff by the schedule (oncall_shifts);
+        None when nothing is scheduled (no rotation, no override to come)."""
+        if Rotation.of(doc) is None and not overrides(doc):
+            return None
+        now = time.time()
+        zone, names = team_zone(doc), members(doc)
+        text = []
+        current = shift_at(doc, now)
+        if current is not None and current.override is not None:
+            text.append(override_text(doc, current, zone) + ".")
+        after = next((s for s in next_shifts(doc, now, 3) if s.start > now), None)
+        if after is None and not text:
+            return None
+        if after is not None:
+            line = (f"Next handoff: {names[after.member]['name']} on "
+                    f"{local_text(zone, after.start)} (in {duration_text(after.start - now)})")
+            if after.override is not None:
+                line += f", {override_text(doc, after, zone, named=False)}"
+            text.append(line + ".")
+        return " ".join(text)
+
+    def rotation_due(self, doc: dict, now: float) -> float | None:
+        """When `rotate` has something to do by `doc` (the config in memory: planning costs no
+        request): `now`, if a shift (or an override, or its end) started without its
+        handoff or a reminder is due; else when the next one is."""
+        rotation = Rotation.of(doc)
+        if rotation is None and not overrides(doc):
+            return None
+        if handoff_due(doc, now):
+            return now
+        change = next_change(doc, now)
+        following = change if change is not None else math.inf
+        if rotation is None:
+            return None if change is None else following
+        k = rotation.shift_at(now)
+        upcoming = rotation.starts(max(k + 1, 0))
+        remind_at = upcoming - rotation.remind.total_seconds()
+        if rotation.remind and remind_at > now:
+            return min(remind_at, following)
+        if rotation.remind and reminder_name(upcoming) not in self._reminded:
+            return now
+        return min(upcoming, following)
+
+    def rotate(self, snap: Snapshot | None = None) -> Snapshot:
+        """The schedule's due work, by the config as stored (or `snap`, just read): the
+        handoff of the shift (or override, or hand-back) that has started, then the reminder
+        of the rotation's next shift. Returns the config as it is after."""
+        snap = snap or self.team.read()
+        if snap.stale:
+            raise StoreUnavailable(self.team.problem or "store unreachable")
+        rotation = Rotation.of(snap.doc)
+        if rotation is None and not overrides(snap.doc):
+            return snap
+        due = handoff_due(snap.doc, time.time())
+        if due is not None:
+            snap = self.hand_off(snap, due)
+        else:
+            current = shift_at(snap.doc, time.time())
+            if current is not None and current.start not in self._settled:
+                # made by another instance, which may have stopped before its texts were queued
+                self.settle_handoff(snap.doc, current.start)
+        if rotation is not None:
+            self.remind(snap.doc, rotation, max(rotation.shift_at(time.time()) + 1, 0))
+        return snap
+
+    def hand_off(self, snap: Snapshot, shift: Shift) -> Snapshot:
+        """The shift's member becomes on call, unless already: one conditional write of the
+        config that also records the handoff as made (`rotation_handoff`), so across
+        instances and restarts it is made once, and a TAKE after it holds until the next
+        shift. Both people are told (message jobs travel with the write, as C's do)."""
+        for _ in range(CONFIG_CHANGE_TRIES):
+            due = handoff_due(snap.doc, shift.start)
+            if due is None or due.start != shift.start:  # made elsewhere meanwhile
+                self.settle_handoff(snap.doc, shift.start)
+                return snap
+            doc = copy.deepcopy(snap.doc)
+            told, details, actor = self.handoff_in(doc, due)
+            try:
+                snap = self.team.write(doc, base=snap, actor=actor, messages=told,
+                                       details=details)
+            except StoreConflict:
+                snap = self.team.read()
+                continue
+            log.info("event=rotation.handoff member=%s", due.member)
+            self._settled.add(shift.start)
+            if self.pager.start_message is not None:
+                for message in snap.queued:
+                    self.pager.start_message(*message)
+            return snap
+        raise StoreUnavailable("the config kept changing")
+
+    def handoff_in(self, doc: dict, shift: Shift) -> tuple[list[tuple[str, dict]], dict, str]:
+        """Make the shift's handoff in `doc` (a copy about to be written): its member on
+        call, the handoff recorded; returns the texts to both people (message jobs), the
+        audit details and the actor (`rotation`, or `override` for an override's start and,
+        without a rotation, its hand-back). The new engineer hears of the pages still
+        ringing (they keep calling whom they were sent to, then the team: see
+        Worker._claim)."""
+        member, previous = members(doc)[shift.member], oncall_member(doc)
+        current = doc["current_config"]
+        current["rotation_handoff"] = {"shift_start": shift.start, "member": member["id"]}
+        rotation = Rotation.of(doc)
+        via = "override" if shift.override is not None or rotation is None else "rotation"
+        details = {"via": via, "shift": iso_time(shift.start)}
+        if shift.override is not None:
+            details["override"] = shift.override + 1
+            if rotation is None and not overrides(doc)[shift.override].get("covering"):
+                overrides(doc)[shift.override]["covering"] = previous["id"]
+        told: list[tuple[str, dict]] = []
+        if member["id"] == previous["id"]:
+            return told, details, via
+        current["oncall_user"] = dict(member)
+        team, zone = team_name(doc) or "the team", team_zone(doc)
+        until = f" until {local_text(zone, shift.end)}" if math.isfinite(shift.end) else ""
+        if not member.get("opted_out"):
+            ringing = self.pages.open_page_count()
+            pages = (f" {ringing} page{'s' if ringing != 1 else ''} open: STATUS lists "
+                     f"{'them' if ringing != 1 else 'it'}." if ringing else "")
+            told.append(self.message_job(member["phone"], f"You are now on call for {team}"
+                                         f"{until}.{pages}", via))
+        if not previous.get("opted_out"):
+            ended = any(override_times(o)[1] == shift.start for o in overrides(doc))
+            why = ("override" + until if shift.override is not None
+                   else "override ended" if ended else "rotation")
+            told.append(self.message_job(previous["phone"], f"{member['name']} has taken "
+                                         f"on-call from you ({why}).", via))
+        return told, details, via
+
+    def handoff_with_change(self, doc: dict, details: dict
+                            ) -> tuple[list[tuple[str, dict]], dict, str]:
+        """A config change about to be written (by the command line) that makes a handoff
+        due carries it out in the same write, at once, rather than leaving it to the next
+        look of a running pager. Returns the texts to queue with the write, its audit
+        details and who changed on-call ("rotation"); nothing when no handoff is due or
+        `doc` is invalid (the write refuses it then)."""
+        if check_oncall_config(doc)[0]:
+            return [], details, ""
+        due = handoff_due(doc, time.time())
+        if due is None:
+            return [], details, ""
+        told, made, actor = self.handoff_in(doc, due)
+        return told, {**details, **made, "with": details.get("via", "")}, actor
+
+    def settle_handoff(self, doc: dict, start: float) -> None:
+        """A handoff another instance made: its audit entry and texts, in case it stopped
+        before them (the texts this queues are sent from here); once per shift."""
+        for message in self.team.settle(doc):
+            if self.pager.start_message is not None:
+                self.pager.start_message(*message)
+        self._settled.add(start)
+
+    def remind(self, doc: dict, rotation: Rotation, k: int) -> None:
+        """Shift k's member is reminded once, `remind_hours` before it starts (not when
+        already on call, or opted out of texts). The job's key is the shift's, so two
+        instances queue one reminder."""
+        start = rotation.starts(k)
+        name = reminder_name(start)
+        now = time.time()
+        if not rotation.remind or name in self._reminded or \
+                not start - rotation.remind.total_seconds() <= now < start:
+            return
+        member = members(doc)[rotation.member(k)]
+        running = shift_at(doc, start)  # an override then: its member is not reminded
+        if running is not None and running.member != member["id"]:
+            member = oncall_member(doc)
+        if member["id"] != oncall_member(doc)["id"] and not member.get("opted_out"):
+            key, job = self.message_job(
+                member["phone"], f"Reminder: you go on call for {team_name(doc) or 'the team'} "
+                f"at {rotation.local_text(start)}, in {duration_text(start - now)}.",
+                "reminder", name=name)
+            try:
+                self.store.put(key, to_json(job), if_absent=True)
+            except StoreConflict:
+                pass  # queued by another instance, or by this one before a restart
+            else:
+                if self.pager.start_message is not None:
+                    self.pager.start_message(key, job)
+        self._reminded.add(name)
+
+
+# --- Alerts: the Events API, change events, heartbeats ----------------------------------------
+
+
+class Alerts:
+    """Alerts from monitors: PagerDuty Events API events (trigger, acknowledge, resolve,
+    the hourly budget per integration and its held pages), change events, and heartbeats
+    (ping, miss), turned into calls on Pages."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.audit, self.team, self.book = (
+            pager.store, pager.audit, pager.team, pager.book)
+        self.pages = pager.pages
+        self._budgets: dict[str, tuple[dict, str]] = {}  # counters/alerts-*.json, last seen
+        # alerts/<hash>.json -> the generation last seen there (the first guess of a page id)
+        self._generations: OrderedDict[str, int] = OrderedDict()
+        # alert pages created here whose checks this instance made (or is making): their
+        # `unchecked` mark is this instance's to clear (write_page), nobody's to check again
+        self._checked: OrderedDict[str, bool | None] = OrderedDict()
+        self._alerts_lock = threading.Lock()
+        # count_alert's group commit: per budget key, the triggers waiting, and whether one
+        # of them is writing
+        self._budget_queues: dict[str, list[dict]] = {}
+        self._budget_leaders: set[str] = set()
+        # alerts/ keys whose page a request here is creating at once: a trigger of the same
+        # dedup_key meanwhile waits for it and joins from memory (not a 412, then reads)
+        self._opening: dict[str, threading.Event] = {}
+        self.repeats = AlertRepeats(self._write_repeats, lambda: self.pager.wake())
+        # heartbeats/<name>.json as last seen here: the worker plans its checks from these
+        self.heartbeats: dict[str, tuple[dict, str]] = {}
 
     # --- alerts from monitoring: the Events API and heartbeats ---------------------------------
 
@@ -4802,10 +4667,10 @@ class Pager:
             log.info("event=alert.nothing_to_do integration=%s action=%s", integration,
                      event["event_action"])
         elif event["event_action"] == "acknowledge":
-            self.acknowledge(found[0]["id"], {"id": f"events:{integration}",
+            self.pages.acknowledge(found[0]["id"], {"id": f"events:{integration}",
                                               "name": integration}, via="events")
         else:
-            self.resolve(found[0]["id"], f"events:{integration}", via="events")
+            self.pages.resolve(found[0]["id"], f"events:{integration}", via="events")
         return dedup_key
 
     def change_received(self, integration: str, change: dict) -> None:
@@ -4838,7 +4703,7 @@ class Pager:
             if opening is not None:  # another request here is creating its page: that first
                 opening.wait(OPENING_WAIT)
                 known = self._book_alert(integration, dedup_key)
-        if known is not None and self.start_work is not None and not (
+        if known is not None and self.pager.start_work is not None and not (
                 rings and known.get("state") == "listed" and not known["alert"].get("held")):
             # (only with a worker here: it writes the count)
             self.repeats.add(known["id"], integration, dedup_key, alert)
@@ -4883,14 +4748,14 @@ class Pager:
             channels = ["sms", "email"] if ring_now else ["email"]
             if held:
                 channels += self._hold(page, held, snap.doc, quiet)
-            page, created = self._create_page(
+            page, created = self.pages._create_page(
                 self.store, page, channels, snap.doc,
                 f"events:{integration}", {"dedup_key": dedup_key,
                                           "severity": alert["severity"],
                                           "summary": alert["summary"]})
             if created:
                 if generation:
-                    self._note_generation(integration, dedup_key, generation)
+                    self.pages._note_generation(integration, dedup_key, generation)
                 return page, True
         raise StoreConflict(f"alert {dedup_key}: too many concurrent changes")
 
@@ -4933,7 +4798,7 @@ class Pager:
                         alert={**alert, "integration": integration, "dedup_key": dedup_key,
                                "generation": generation, "unchecked": True})
         page_id, key = page["id"], f"pages/{page['id']}.json"
-        channels = self._prepare_page(page, ["sms", "email"], snap.doc,
+        channels = self.pages._prepare_page(page, ["sms", "email"], snap.doc,
                                       f"events:{integration}", {
                                           "dedup_key": dedup_key, "severity": alert["severity"],
                                           "summary": alert["summary"]})
@@ -4974,8 +4839,8 @@ class Pager:
             self._note_checked(page_id, True if written else False)  # (else: check_alert)
             return written[0] if written else page
         self._note_checked(page_id)
-        self.hand_over(self.store, page, etag, channels, snap.doc)
-        self.wake()
+        self.pager.hand_over(self.store, page, etag, channels, snap.doc)
+        self.pager.wake()
         return page
 
     def check_alert(self, page_id: str) -> None:
@@ -4984,7 +4849,7 @@ class Pager:
         of the page is sent. A page whose index had moved past its generation before it was
         opened has the id of a page done with, and is taken back (its trigger was never
         answered 202: the monitor sends it again); a page beyond the alert budget is held."""
-        found = self.read_page(page_id)
+        found = self.pages.read_page(page_id)
         if found is None or not found[0].get("alert", {}).get("unchecked"):
             return
         page, alert = found[0], found[0]["alert"]
@@ -5005,7 +4870,7 @@ class Pager:
                     return None
                 return current
 
-            self.write_page(self.store, page_id, checked)
+            self.pages.write_page(self.store, page_id, checked)
         # only now: until the verdict is written, this instance's worker must not claim it
         self._note_checked(page_id)
         log.info("event=alert.checked page=%s held=%d", page_id, held)
@@ -5026,7 +4891,7 @@ class Pager:
             channels.extend(self._hold(page, held, doc))
             return page
 
-        return self._change_and_hand_over(page_id, hold, channels, doc)
+        return self.pages._change_and_hand_over(page_id, hold, channels, doc)
 
     def _withdraw(self, page_id: str) -> None:
         """Take back a page created at once under the id of a page done with (see
@@ -5078,7 +4943,7 @@ class Pager:
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        if self._change_and_hand_over(page_id, repeat, [], None) is None:
+        if self.pages._change_and_hand_over(page_id, repeat, [], None) is None:
             log.info("event=alert.repeats_reopen page=%s repeats=%d", page_id, count)
             self.trigger(integration, pending["dedup_key"], alert)
 
@@ -5224,7 +5089,7 @@ class Pager:
         if held != 1 or oncall.get("opted_out") or quiet:
             return []
         channel = f"held:{oncall['id']}"
-        add_delivery(page, channel, self.claim_until(), to=oncall["phone"])
+        add_delivery(page, channel, self.pager.claim_until(), to=oncall["phone"])
         return [channel]
 
     def _current_alert(self, integration: str, dedup_key: str
@@ -5234,38 +5099,28 @@ class Pager:
         comes back to a page it no longer joins (resolved, closed, acknowledged a day ago),
         after the new page, so after a stop it may lag one behind; a page no longer joined is
         therefore followed by a look at the next generation (which repairs the index). It is
-        also moved on before a page moves to pages-done/ (Pager.archive)."""
+        also moved on before a page moves to pages-done/ (Pages.archive)."""
         index = read_json(self.store, alert_index_key(integration, dedup_key))
         noted = generation = int(index[0].get("generation", 0)) if index else 0
         # find_page: the page may have moved to pages-done/ since the index was read (the
         # index moves on before the page moves), and its id must not be opened again
-        found = self.find_page(alert_page_id(integration, dedup_key, generation))
+        found = self.pages.find_page(alert_page_id(integration, dedup_key, generation))
         while found is not None and not joins(found[0], time.time()):
-            later = self.read_page(alert_page_id(integration, dedup_key, generation + 1))
+            later = self.pages.read_page(alert_page_id(integration, dedup_key, generation + 1))
             if later is None:
                 break
             generation, found = generation + 1, later
         if generation > noted:
-            self._note_generation(integration, dedup_key, generation)
+            self.pages._note_generation(integration, dedup_key, generation)
         self._note_seen_generation(alert_index_key(integration, dedup_key), generation)
         return generation, found
-
-    def _note_generation(self, integration: str, dedup_key: str, generation: int) -> None:
-        """The index moves on (never back); `at` says when, so that check_alert can tell a
-        page opened under a generation already done with from one opened before it moved."""
-        key = alert_index_key(integration, dedup_key)
-        update_json(self.store, key, lambda index: None
-                    if index and index.get("generation", 0) >= generation else
-                    {"integration": integration, "dedup_key": dedup_key,
-                     "generation": generation, "at": time.time()})
-        self._note_seen_generation(key, generation)
 
     def _repeat_alert(self, doc: dict, page_id: str, integration: str, alert: dict,
                       held: int = 0) -> dict | None:
         """A trigger for an open page: counted and audited, nothing sent; except that a
         listed page (a warning) whose alert turns critical or error starts to ring now,
         within the alert budget (`held`: count_alert's verdict; a held page stays listed)."""
-        claimed_until = self.claim_until()
+        claimed_until = self.pager.claim_until()
         channels: list[str] = []
 
         def repeat(page: dict | None) -> dict | None:
@@ -5300,44 +5155,8 @@ class Pager:
             page.setdefault("audit_due", []).append({"key": key, "entry": entry})
             return page
 
-        written = self._change_and_hand_over(page_id, repeat, channels, doc)
+        written = self.pages._change_and_hand_over(page_id, repeat, channels, doc)
         return written[0] if written else None
-
-    def resolve(self, page_id: str, actor: str, via: str) -> bool:
-        """Its cause went away: the page is resolved (the escalation stops) and everyone it
-        reached is told "Page N resolved: SUMMARY.", queued in the same conditional write.
-        Returns whether this call resolved it."""
-        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-        known = self.book.get(page_id) or self.read_page(page_id)
-        if known is None or known[0].get("state") not in ACTIVE:
-            return False
-        number = known[0].get("number") or self.page_number(page_id, known[0]["opened"])
-        claimed_until = self.claim_until()
-        notices: list[str] = []
-
-        def close(page: dict | None) -> dict | None:
-            if page is None or page.get("state") not in ACTIVE:
-                return None
-            page.update(state="resolved", resolved_at=time.time(),
-                        number=page.get("number") or number)
-            notices[:] = tell_paged(page, doc, "resolved", f"Page {page['number']} resolved: "
-                                    f"{alert_summary(page)}.", claimed_until)
-            key, entry = self.audit.entry("page.resolved", actor, {
-                "page": page_id, "number": page["number"], "via": via})
-            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
-            return page
-
-        return self._change_and_hand_over(page_id, close, notices, doc) is not None
-
-    def _change_and_hand_over(self, page_id: str, change: Callable[[dict | None], dict | None],
-                              channels: list[str], doc: dict) -> tuple[dict, str] | None:
-        """A page change that may queue `channels` (`change` fills the list in): written,
-        then handed to the worker (or its audit entries written now)."""
-        written = self.write_page(self.store, page_id, change)
-        if written is not None:
-            self.hand_over(self.store, *written, channels, doc)
-            self.wake()
-        return written
 
     def heartbeat_state(self, name: str, fresh: bool = True) -> tuple[dict, str]:
         """heartbeats/<name>.json ({since, last_ping}) and its ETag: read (with fresh=False,
@@ -5375,7 +5194,7 @@ class Pager:
             except StoreConflict:
                 continue
             if now >= heartbeat_basis(state) + window - min(HEARTBEAT_SLACK, window / 4):
-                self.resolve(heartbeat_page_id(name, heartbeat_basis(state)), "heartbeat",
+                self.pages.resolve(heartbeat_page_id(name, heartbeat_basis(state)), "heartbeat",
                              via="ping")
             return new
         raise StoreConflict(f"heartbeats/{name}.json: too many concurrent pings")
@@ -5396,18 +5215,303 @@ class Pager:
                             "summary": summary, "source": "heartbeat", "severity": "critical",
                             "heartbeat": name, "basis": basis,
                             **({"quiet_hours": True} if quiet else {})})
-        page, created = self._create_page(self.store, page,
+        page, created = self.pages._create_page(self.store, page,
                                           ["email"] if quiet else ["sms", "email"], snap.doc,
                                           "heartbeat", {"heartbeat": name,
                                                         "summary": summary})
         if created and heartbeat_basis(self.heartbeat_state(name)[0]) != basis:
-            self.resolve(page["id"], "heartbeat", via="ping")
+            self.pages.resolve(page["id"], "heartbeat", via="ping")
         return page, created
+
+
+# --- LiveCalls: the screened hunt and its live pages ------------------------------------------
+
+
+class LiveCalls:
+    """Live answer: who may reach the screened hunt (once in 10 minutes, not while their
+    page is open), and the page a live call becomes: taken, accepted, recorded, transcribed,
+    unanswered."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.instance, self.audit, self.team, self.book = (
+            pager.store, pager.instance, pager.audit, pager.team, pager.book)
+        self.pages = pager.pages
+        # live/<number>.json as this instance last wrote or read it (see live_hunt); a copy
+        # without an ETag was noted here while the store was unreachable
+        self._hunts: OrderedDict[str, tuple[dict, str | None]] = OrderedDict()
+        self._hunts_lock = threading.Lock()
+
+    def live_targets(self, doc: dict) -> list[dict]:
+        """Who a live call rings, in order: the on-call engineer, then `escalate_to`, up to
+        `live_answer.max_targets` people in all."""
+        oncall = oncall_member(doc)
+        team = [members(doc)[m] for m in escalation_settings(doc)["escalate_to"]
+                if m != oncall["id"] and m in members(doc)]
+        return [oncall, *team][:live_settings(doc)["max_targets"]]
+
+    def live_hunt(self, caller: dict) -> tuple[str | None, bool]:
+        """A caller pressed 2: may they be put through? Every leg of a hunt counts against
+        the hourly outbound budget, but a caller's first hunt is never capped; a caller who
+        reached the hunt within LIVE_REPEAT_SECONDS, or whose page is open, goes straight to
+        voicemail (which joins the open page), so ten calls from one number ring the team
+        once. "Reached the hunt" is live/<number>.json, written conditionally (a create, or
+        If-Match over the copy this instance holds), so two instances agree and the caller,
+        who is waiting, costs one request; a repeat this instance saw costs none. Callers
+        who withhold their number cannot be told apart: their legs are within the budget.
+        While the store is unreachable the caller is put through (a person must be
+        reachable; the budget is a cost control) and noted in memory here.
+        Returns (why the caller goes to voicemail, or None; whether the legs are capped)."""
+        number = caller.get("number", "")
+        if not is_e164(number) or number in WITHHELD_NUMBERS:
+            return None, True
+        if any(p.get("state") == "open" and p.get("caller", {}).get("number") == number
+               for p, _ in self.book.working()):
+            return self.live_held(caller, "page open"), False
+        now = time.time()
+        with self._hunts_lock:
+            known = self._hunts.get(number)
+        if known is not None and now - known[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
+            return self.live_held(caller, "hunted within 10 minutes"), False
+
+        key = f"live/{number.lstrip('+')}.json"
+        marker = {"number": number, "hunted": now, "instance": self.instance}
+        etag = known[1] if known is not None else None
+        try:
+            # Written blind first (a create, or If-Match over this instance's copy): a first
+            # hunt costs one request; only a conflict costs a read.
+            for _ in range(3):
+                try:
+                    written = self.store.put(key, to_json(marker), if_match=etag,
+                                             if_absent=etag is None)
+                    break
+                except StoreConflict:
+                    found = read_json(self.store, key)
+                    if found is not None:
+                        self._note_hunt(number, *found)
+                        if now - found[0].get("hunted", 0) < LIVE_REPEAT_SECONDS:
+                            return self.live_held(caller, "hunted within 10 minutes"), False
+                    etag = found[1] if found is not None else None
+            else:  # others write it at this moment: they hunt, this one waits
+                return self.live_held(caller, "hunted within 10 minutes"), False
+        except StoreUnavailable:
+            log.warning("event=live.unmarked reason=store_unavailable")
+            self._note_hunt(number, marker, None)
+            return None, False
+        self._note_hunt(number, marker, written)
+        IO_POOL.submit(self.audit.write, *self.audit.entry("live.hunted", "twilio", {
+            "caller": number}))
+        return None, False
+
+    def _note_hunt(self, number: str, marker: dict, etag: str | None) -> None:
+        with self._hunts_lock:
+            self._hunts[number] = (marker, etag)
+            self._hunts.move_to_end(number)
+            while len(self._hunts) > 1000:
+                self._hunts.popitem(last=False)
+
+    def live_held(self, caller: dict, reason: str) -> str:
+        """Audited off the caller's path (the entry waits in memory if the store is down)."""
+        log.info("event=live.held reason=%s", log_value(reason))
+        IO_POOL.submit(self.audit.write, *self.audit.entry("live.held", "twilio", {
+            "caller": caller.get("number", ""), "reason": reason}))
+        return reason
+
+    def live_taken(self, call_sid: str) -> bool | None:
+        """Whether a live call was taken: its page of kind call is in the store or, during
+        an outage (or before the worker moved it), in the spool. None when the store could
+        not answer and the spool does not have it: the caller is offered voicemail."""
+        key = f"pages/{call_sid}.json"
+        in_spool = read_json(self.pager.spool, key) if self.pager.spool is not None else None
+        if in_spool is not None:
+            return in_spool[0].get("kind") == "call"
+        try:
+            found = self.pages.read_page(call_sid)
+        except StoreUnavailable:
+            return None
+        return found is not None and found[0].get("kind") == "call"
+
+    def live_accepted(self, call_sid: str, caller: dict, member: dict, tried: list[str]
+                      ) -> tuple[dict, bool]:
+        """The engineer pressed 1 on a live call: a page of kind `call`, opened and
+        acknowledged by them in one conditional create (its `page.opened` and
+        `page.acknowledged` entries with it), so nothing escalates; the team gets an e-mail
+        of the call (with the recording, when there is one, after it: see live_recorded).
+        A second 1 (Twilio's retry) finds the page. While the store is unreachable the page
+        goes to the spool, as a voicemail's does (see open_page): the call is connected
+        whatever the store does. Returns (page, created)."""
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        now = time.time()
+        record = live_settings(doc)["record"]
+        page = {
+            "id": call_sid, "number": None, "kind": "call", "opened": now, "caller": caller,
+            "call_sid": call_sid, "recording_url": "", "duration": 0,
+            "oncall": dict(oncall_member(doc)), "paged": list(tried), "live_tried": list(tried),
+            "state": "acknowledged", "acked_by": member["id"], "acked_at": now,
+            "deliveries": {}, "escalation": {"next_due": now, "step": 0, "claimed_until": 0},
+            "audit_due": []}
+        claimed_until = self.pager.claim_until()
+        channels = [] if record else ["email"]  # with a recording, the e-mail waits for it
+        for channel in channels:
+            add_delivery(page, channel, claimed_until)
+        for event, actor, details in (
+                ("page.opened", "twilio", {"page": call_sid, "kind": "call", "caller": caller,
+                                           "tried": tried}),
+                ("page.acknowledged", member["id"], {"page": call_sid, "via": "live"})):
+            key, entry = self.audit.entry(event, actor, details)
+            page["audit_due"].append({"key": key, "entry": entry})
+        key = f"pages/{call_sid}.json"
+        spooled = read_json(self.pager.spool, key) if self.pager.spool is not None else None
+        if spooled is not None:  # taken during the outage; the worker moves it to the store
+            return spooled[0], False
+
+        def create(store: Store) -> tuple[dict, bool]:
+            try:
+                etag = store.put(key, to_json(page), if_absent=True)
+            except StoreConflict:
+                try:
+                    found = read_json(store, key)
+                except StoreUnavailable as e:
+                    raise StoreUncertain(str(e)) from None
+                return (found[0] if found else page), False
+            METRICS.count("oncall_pages_opened_total", kind="call")
+            if store is self.store:
+                self.book.put(page, etag)
+            self.pager.hand_over(store, page, etag, channels, doc)
+            self.pager.wake()
+            return page, True
+
+        try:
+            return create(self.store)
+        except StoreUnavailable as e:
+            if self.pager.spool is None or isinstance(e, StoreUncertain):
+                raise
+            log.warning("event=page.spooled page=%s reason=store_unavailable", call_sid)
+            return create(self.pager.spool)
+
+    def live_recorded(self, call_sid: str, recording_sid: str, recording_url: str,
+                      duration: int) -> bool:
+        """The recording of an accepted live call: archived and e-mailed like a voicemail
+        (`page.recorded`)."""
+        claimed_until = self.pager.claim_until()
+
+        def keep(page: dict | None) -> dict | None:
+            if page is None or page.get("kind") != "call" or page.get("recording_url"):
+                return None
+            page.update(recording_url=recording_url, duration=duration,
+                        recording_sid=recording_sid)
+            for channel in ("email", "archive"):
+                add_delivery(page, channel, claimed_until)
+            key, entry = self.audit.entry("page.recorded", "twilio", {
+                "page": call_sid, "number": page.get("number"), "recording": recording_sid,
+                "duration": duration})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        written = self.pages.write_page(self.store, call_sid, keep, from_copy=False)
+        if written is None:
+            return False
+        page, etag = written
+        self.pager.hand_over(self.store, page, etag, ["email", "archive"])
+        return True
+
+    def transcribed(self, recording_sid: str, status: str, text: str) -> bool:
+        """Twilio's transcript of a voicemail (the page's own, or one that joined it): kept on
+        the page, texted to everyone paged so far ("Page N transcript: TEXT", at most 320
+        characters in all), e-mailed in the voicemail's thread and put into the archive, all
+        in the write that records it. A failed one is audited and nothing else happens.
+        Twilio's retry finds the transcript there and changes nothing. A repeat's transcript
+        goes on its page (listing the repeat there first, should its `join` not have run)."""
+        page = self.pages.page(recording_sid) or next(
+            (p for p, _ in self.book.working()
+             if any(r["id"] == recording_sid for r in p.get("repeats", []))), None)
+        repeat = None
+        if page is not None and page.get("joins"):  # a repeat's own record: its page
+            repeat, page = page, self.pages.page(page["joins"])
+        if page is None:
+            return False
+        page_id = page["id"]
+        if status != "completed":
+            self.audit.record("page.transcript_failed", "twilio", {
+                "page": page_id, "number": page.get("number"), "recording": recording_sid,
+                "status": status})
+            return True
+        doc = self.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        claimed_until = self.pager.claim_until()
+        suffix = "" if recording_sid == page_id else f":{recording_sid}"
+        channels: list[str] = []
+
+        def keep(current: dict | None) -> dict | None:
+            channels.clear()
+            if current is None:
+                return None
+            if repeat is not None:
+                current = fold_in(current, repeat) or current
+            target = current if not suffix else next(
+                (r for r in current.get("repeats", []) if r["id"] == recording_sid), None)
+            if target is None or target.get("transcript"):
+                return None
+            target["transcript"] = text
+            number = current.get("number") or self.pages.number_of(current)
+            prefix = f"Page {number} transcript: "
+            body = prefix + (text if len(prefix + text) <= 320
+                             else text[:320 - len(prefix) - 3] + "...")
+            for member_id in current.get("paged", []):
+                member = members(doc).get(member_id)
+                if member and not member.get("opted_out"):
+                    channels.append(f"transcript_sms:{member_id}{suffix}")
+                    add_delivery(current, channels[-1], claimed_until, to=member["phone"],
+                                 body=body)
+            for channel in (f"transcript_email{suffix}", f"transcript_archive{suffix}"):
+                channels.append(channel)
+                add_delivery(current, channel, claimed_until)
+            key, entry = self.audit.entry("page.transcribed", "twilio", {
+                "page": page_id, "number": current.get("number"), "recording": recording_sid,
+                "characters": len(text)})
+            current.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return current
+
+        written = self.pages.write_page(self.store, page_id, keep)
+        if written is None:
+            return True
+        current, etag = written
+        self.pager.hand_over(self.store, current, etag, channels, doc)
+        return True
+
+    def call_unanswered(self, page_id: str, step: int) -> None:
+        """A page call to the on-call engineer ended busy / no-answer / failed: it counts as
+        an attempt at once, so the next step is due now instead of after ack_timeout."""
+        def hurry(page: dict | None) -> dict | None:
+            escalation = (page or {}).get("escalation", {})
+            if (not page or page.get("state") != "open" or escalation.get("step") != step + 1
+                    or escalation.get("last_kind") != "oncall"
+                    or escalation["next_due"] <= time.time()):
+                return None
+            escalation["next_due"] = time.time()
+            return page
+
+        if self.pages.write_page(self.store, page_id, hurry, from_copy=False) is not None:
+            self.pager.wake()
+
+
+# --- Commands: an SMS in, the right room called, the reply ------------------------------------
+
+
+class Commands:
+    """The team's SMS: handle_sms parses a text once per MessageSid (replay markers in
+    replies/), calls the right room (Team for WHO/TAKE/C/X/NEXT/STOP/START, Pages for ACK
+    and STATUS) and renders the reply."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.team, self.book = pager.store, pager.team, pager.book
+        self.pages, self.oncall = pager.pages, pager.oncall
+        self.help_limiter = ReplyLimiter(HELP_REPEAT_SECONDS)
 
     def ack_command(self, doc: dict, member: dict, args: list[str]) -> str:
         if args and args[0].isdecimal() and args[0].isascii():
             number = whole_number(args[0])
-            page = self.page_by_number(number) if number is not None else None
+            page = self.pages.page_by_number(number) if number is not None else None
             if page is None:
                 return f"There is no recent page {args[0][:12]}."
             targets = [page]
@@ -5417,14 +5521,14 @@ class Pager:
             if not targets:
                 return "No open pages for you. Nothing to acknowledge."
         lines = []
-        acked = in_parallel(IO_POOL, *(functools.partial(self.acknowledge, page["id"], member,
+        acked = in_parallel(IO_POOL, *(functools.partial(self.pages.acknowledge, page["id"], member,
                                                          "sms") for page in targets))
         for page, (done, current) in zip(targets, acked, strict=True):
             if done:
                 lines.append(f"Page {current['number']} acknowledged: "
                              f"{page_summary(current)}.")
             else:
-                lines.append(f"Page {self.number_of(page)} was already "
+                lines.append(f"Page {self.pages.number_of(page)} was already "
                              f"{page_state(current, doc)}.")
         return " ".join(lines) + f" Thanks, {first_name(member)}."
 
@@ -5436,8 +5540,8 @@ class Pager:
         at once, with the counter's), and a recent page the book does not know (opened
         elsewhere since the last listing) after that. Two round trips at most, at 10,000
         pages as at 10 (a listing of pages/ would cost one request per 1,000)."""
-        with self._counter_lock:
-            cached = self._counter
+        with self.pages._counter_lock:
+            cached = self.pages._counter
         found: dict[str, dict] = {page["id"]: page for page, _ in self.book.working()}
         for item in (cached[0] if cached else {}).get("recent", []):
             known = self.book.get(str(item.get("id")))
@@ -5446,8 +5550,8 @@ class Pager:
         behind = [page_id for page_id, page in found.items()
                   if page.get("state") in ("open", "listed")
                   and member["id"] not in page.get("paged", [])]
-        answers = in_parallel(IO_POOL, self.recent_items,
-                              *(functools.partial(self.read_page, p) for p in behind))
+        answers = in_parallel(IO_POOL, self.pages.recent_items,
+                              *(functools.partial(self.pages.read_page, p) for p in behind))
         for page_id, page in zip(behind, answers[1:], strict=True):
             if page is None:
                 found.pop(page_id, None)
@@ -5458,7 +5562,8 @@ class Pager:
             and not self.book.gone(item["id"]) and not (
                 self.book.listed and item["opened"] < time.time() - QUIET_AFTER))]
         if unknown:
-            read = in_parallel(IO_POOL, *(functools.partial(self.read_page, p) for p in unknown))
+            read = in_parallel(IO_POOL,
+                               *(functools.partial(self.pages.read_page, p) for p in unknown))
             found.update((page[0]["id"], page[0]) for page in read if page is not None)
         return list(found.values())
 
@@ -5477,7 +5582,7 @@ class Pager:
 
         def reader(page_id: str, fresh: bool) -> Callable[[], tuple[dict, str] | None]:
             known = None if fresh else self.book.get(page_id)
-            return lambda: known or self.find_page(page_id)
+            return lambda: known or self.pages.find_page(page_id)
 
         def fetch(page_ids: list[str], fresh: bool) -> dict[str, dict]:
             found = in_parallel(IO_POOL, *(reader(p, fresh) for p in page_ids)
@@ -5490,7 +5595,7 @@ class Pager:
 
         first = [p for p in by_age if active[p][0] in ("open", "waiting")] + \
             listed_ids[:STATUS_LINES]
-        found = in_parallel(IO_POOL, self.recent_items, *(reader(p, True) for p in first))
+        found = in_parallel(IO_POOL, self.pages.recent_items, *(reader(p, True) for p in first))
         items: list[dict] = found[0]
         pages = {page_id: page[0] for page_id, page in zip(first, found[1:], strict=True)
                  if page is not None}
@@ -5527,7 +5632,7 @@ class Pager:
             failures = list(dict.fromkeys(  # once each: an MMS and its SMS often share one
                 f"{d['reason'] or 'failed'} ({d['code']})" for d in
                 page.get("deliveries", {}).values() if d.get("code")))
-            return (f"#{self.number_of(page)} {short_time(page['opened'])} "
+            return (f"#{self.pages.number_of(page)} {short_time(page['opened'])} "
                     f"{page_summary(page)}: {page_state(page, doc)}."
                     + (f" Text failed: {', '.join(failures)}." if failures else ""))
 
@@ -5535,7 +5640,7 @@ class Pager:
         if len(ringing) > STATUS_LINES:
             more = ringing[STATUS_LINES:]
             lines.append(f"+{len(more)} more open: " + ", ".join(
-                f"#{self.number_of(p)}" for p in more[:10]) + (" ..." if len(more) > 10
+                f"#{self.pages.number_of(p)}" for p in more[:10]) + (" ..." if len(more) > 10
                                                                else "."))
         room = max(0, STATUS_LINES - len(ringing))
         lines += map(line, [*listed, *recent][:room])
@@ -5640,33 +5745,33 @@ class Pager:
                     session: tuple[dict, str] | None = None, body: str = "") -> str | None:
         try:
             if command == "quiet":
-                return self.quiet_hours.command(snap, member, args, body)
+                return self.pager.quiet_hours.command(snap, member, args, body)
             if command == "confirm" and session and session[0].get("action") == "quiet":
-                return self.quiet_hours.confirm(snap, member, session)
+                return self.pager.quiet_hours.confirm(snap, member, session)
             if command == "who":
-                return self.who(snap)
+                return self.oncall.who(snap)
             if command == "take":
-                return self.take(snap, member, args)
+                return self.oncall.take(snap, member, args)
             if command == "confirm":
-                return self.confirm(snap, member, session)
+                return self.oncall.confirm(snap, member, session)
             if command == "cancel":
-                return self.cancel(snap.doc, member)
+                return self.oncall.cancel(snap.doc, member)
             if command == "ack":
                 return self.ack_command(snap.doc, member, args)
             if command == "status":
                 return self.status(snap.doc)
             if command in ("optout", "optin"):
-                self.opt(snap, member, out=command == "optout")
+                self.oncall.opt(snap, member, out=command == "optout")
                 return None
             if command == "next":
-                return self.next_handoff(snap.doc) or NO_ROTATION_TEXT
+                return self.oncall.next_handoff(snap.doc) or NO_ROTATION_TEXT
             if command == "look":
                 return LOOK_TEXT
             if command == "test":  # the reply is the test text
-                self.contacts.tested(member["id"], "sms", member["id"])
+                self.pager.contacts.tested(member["id"], "sms", member["id"])
                 return CONTACT_TEST_TEXT
             if command == "ok":
-                if self.contacts.confirmed(member["id"], "sms"):
+                if self.pager.contacts.confirmed(member["id"], "sms"):
                     return (f"Thanks, {first_name(member)}: your phone gets the pager's texts "
                             "(recorded).")
                 # no test waits for an answer: an OK is then like any unknown word
@@ -5682,7 +5787,7 @@ class Overrides:
     by SMS (confirmed with C), or planned ahead by the command line (`override add`).
     Each is `current_config.overrides[i]`; oncall_shifts lays them over the rotation, so
     the handoff at an override's start and its hand-back at the end are the rotation's own
-    (Pager.hand_off: one conditional write each, exactly once across instances and
+    (Team.hand_off: one conditional write each, exactly once across instances and
     restarts). Each change here is one conditional write with its audit entry
     (`override.added` / `override.removed`, or `oncall.changed` when it changes who is on
     call now, the handoff made in the same write)."""
@@ -5710,7 +5815,7 @@ class Overrides:
                 doc["current_config"]["overrides"] = kept
             else:
                 doc["current_config"].pop("overrides", None)
-            told, details, handed = self.pager.handoff_with_change(
+            told, details, handed = self.pager.oncall.handoff_with_change(
                 doc, {"via": via, "change": what})
             phone = members(doc).get(actor, {}).get("phone")
             told = [job for job in told if job[1]["to"] != phone]  # C's reply tells them
@@ -5743,7 +5848,7 @@ class Overrides:
                                  tries=1)
         except (StoreConflict, ConfigError):
             self.pager.store.delete(f"sessions/{member['id']}.json")
-            return self.pager._changed_under(self.pager.team.read().doc, member)
+            return self.pager.oncall._changed_under(self.pager.team.read().doc, member)
         pager_phone = new.doc["current_config"]["pager_phone"]
         if previous["id"] == member["id"]:
             return (f"Okay, {first_name(member)}, you stay on call until "
@@ -6205,7 +6310,8 @@ class Webhooks:
 
 
 # ==============================================================================================
-# Worker: the durable delivery and escalation queue
+# Worker: the durable delivery and escalation queue; Worker (the loop, claims: what
+# schedules), Upkeep (rotation, heartbeats, housekeeping), Delivery (what delivers)
 # ==============================================================================================
 
 
@@ -6419,26 +6525,22 @@ class Worker:
                          "hook": ThreadPoolExecutor(2, thread_name_prefix="hook")}
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
-        self._recordings: OrderedDict[str, bytes] = OrderedDict()
-        self._numbers: OrderedDict[str, int] = OrderedDict()
-        self._page_locks: dict[str, threading.Lock] = {}
         self._messages: dict[str, tuple[dict, str | None, float]] = {}  # key: job, ETag, since
-        self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self.done_index = DoneIndex(self.store, pager.book, pager.audit)
         self._indexed: dict[str, str] = {}  # the done index as read at start (first listing)
         self._listings = 0
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
-        self._next_rotation = 0.0  # time.time() before which rotate is not tried again
         self._next_quiet_end = 0.0  # time.time() before which ending quiet hours is not retried
         self._adopted_from = ""  # the config version whose unclaimed texts were looked at
-        # each heartbeat missed here: (the ping it missed, when this instance last read it)
-        self._heartbeat_misses: dict[str, tuple[float, float]] = {}
         self.started = time.time()  # (again in start): heartbeats count their grace from it
         pager.start_work = self.start_work
         pager.start_message = self.start_message
         pager.wake = self.wake
         pager.audit.follow = self.follow
+        # The rooms, each the owner of its own state changes
+        self.upkeep = Upkeep(self)
+        self.delivery = Delivery(self)
 
     def start(self) -> None:
         self.started = time.time()
@@ -6469,15 +6571,6 @@ class Worker:
         fed only while this holds."""
         return (self._thread is not None and self._thread.is_alive()
                 and self.busy_for() < self.stuck_after)
-
-    def outbound_left(self, doc: dict | None) -> int | None:
-        """The hourly budget left as this instance last saw counters/outbound.json, without
-        a request (for /metrics); None until it has spent from it, or without a config."""
-        known = self._outbound
-        if known is None or doc is None:
-            return None
-        limit = escalation_settings(doc)["max_outbound_per_hour"]
-        return max(0, limit - len(spent_this_hour(known[0], time.time())))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -6522,12 +6615,12 @@ class Worker:
                 log.debug("event=worker.no_config error=%r", str(e))
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
-            self._submit("prune", self._prune_replies)
-            self._submit("prune-live", self._prune_hunts)
-            self._submit("archive", self._archive_pages)
+            self._submit("prune", self.upkeep._prune_replies)
+            self._submit("prune-live", self.upkeep._prune_hunts)
+            self._submit("archive", self.upkeep._archive_pages)
         next_due = min(now + max(0.0, self._next_listing - time.monotonic()),
-                       self._apart("rotation", lambda: self._plan_rotation(now), now),
-                       self._apart("quiet", lambda: self._plan_quiet_end(now), now))
+                       self._apart("rotation", lambda: self.upkeep._plan_rotation(now), now),
+                       self._apart("quiet", lambda: self.upkeep._plan_quiet_end(now), now))
         depth = 0
         spool = self.pager.spool
         spooled: list[str] = []
@@ -6539,7 +6632,7 @@ class Worker:
                     depth += 1
                     next_due = min(next_due, self._look_at(spool, *found, now))
             for key in spooled:
-                if not self._move_into_store(key[len("pages/"):].removesuffix(".json")):
+                if not self.upkeep._move_into_store(key[len("pages/"):].removesuffix(".json")):
                     break  # the store is still unreachable: try again next scan
         in_spool = {key[len("pages/"):].removesuffix(".json") for key in spooled}
         for page, etag in self.pager.book.working():
@@ -6547,11 +6640,12 @@ class Worker:
                 continue
             depth += 1
             next_due = min(next_due, self._look_at(self.store, page, etag, now))
-        next_due = min(next_due, self._apart("heartbeats", lambda: self._check_heartbeats(now),
+        next_due = min(next_due,
+                       self._apart("heartbeats", lambda: self.upkeep._check_heartbeats(now),
                                              now))
-        repeats = self.pager.repeats.due_at()  # counts of repeats answered from memory
+        repeats = self.pager.alerts.repeats.due_at()  # counts of repeats answered from memory
         if repeats is not None and repeats <= now and not self._busy("repeats"):
-            self._submit("repeats", lambda: self.pager.repeats.flush_due(now))
+            self._submit("repeats", lambda: self.pager.alerts.repeats.flush_due(now))
         elif repeats is not None:
             next_due = min(next_due, max(repeats, now + 0.05))
         known = self.pager.team.last_known()
@@ -6602,89 +6696,6 @@ class Worker:
         except Exception:
             log.exception("event=worker.%s_failed", what)
             return now + self.cfg.poll_interval
-
-    def _plan_rotation(self, now: float) -> float:
-        """Start the rotation's due work (a handoff, a reminder) when the config in memory
-        says it is due; returns when to look again. A try that changed nothing (the store
-        unreachable) is made again after retry_base seconds."""
-        known = self.pager.team.last_known()
-        due = self.pager.rotation_due(known.doc, now) if known is not None else None
-        if due is None:
-            return math.inf
-        if due > now:
-            return due
-        if self._busy("rotation"):
-            return math.inf  # the task's end wakes the worker
-        if now < self._next_rotation:
-            return self._next_rotation
-        self._next_rotation = now + self.cfg.retry_base
-        self._submit("rotation", self._rotate)
-        return math.inf
-
-    def _rotate(self) -> None:
-        try:
-            self.pager.rotate()
-        except (StoreUnavailable, NoConfig, ConfigError) as e:
-            log.warning("event=rotation.deferred error=%r", str(e))
-
-    def _plan_quiet_end(self, now: float) -> float:
-        """End the quiet hours once their `until` has passed, by the config in memory (it
-        is checked with every listing): planned like a handoff, and only once this instance
-        has listed pages/, so that it can count the alerts still open."""
-        known = self.pager.team.last_known()
-        window = quiet_window(known.doc) if known is not None else None
-        if window is None:
-            return math.inf
-        until = utc_seconds(window.get("until")) or now
-        if until > now:
-            return until
-        if not self.pager.book.listed or self._busy("quiet"):
-            return math.inf  # the listing, or the task's end, wakes the worker
-        if now < self._next_quiet_end:
-            return self._next_quiet_end
-        self._next_quiet_end = now + self.cfg.retry_base
-        self._submit("quiet", self._end_quiet, urgent=True)
-        return math.inf
-
-    def _end_quiet(self) -> None:
-        try:
-            self.pager.quiet_hours.end("worker", via="expired")
-        except (StoreUnavailable, NoConfig, ConfigError) as e:
-            log.warning("event=quiet.end_deferred error=%r", str(e))
-        known = self.pager.team.last_known()
-        if known is not None and quiet_window(known.doc) is None:
-            for page, _ in self.pager.book.working():  # at once, not at the next scan
-                if hushed(page) and not self._busy(f"{page['id']}/ring"):
-                    self._submit(f"{page['id']}/ring",
-                                 lambda page_id=page["id"]: self._ring_after_quiet(page_id),
-                                 urgent=True)
-
-    def _ring_after_quiet(self, page_id: str) -> None:
-        """A hushed page rings, once no quiet hours are in the config (ring_after_quiet):
-        one conditional write with its `page.ringing` entry; its calls follow from the
-        escalation as for any page."""
-        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-        if quiet_window(doc) is not None:
-            return
-
-        def ring(page: dict | None) -> dict | None:
-            if page is None or not hushed(page):
-                return None
-            ring_after_quiet(page, doc, time.time())
-            key, entry = self.pager.audit.entry("page.ringing", "worker", {
-                "page": page_id, "number": page.get("number"), "oncall": page["oncall"]["id"],
-                "reason": "quiet hours ended"})
-            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
-            return page
-
-        try:
-            written = self.pager.write_page(self.store, page_id, ring)
-        except (StoreUnavailable, StoreConflict) as e:
-            log.warning("event=page.ring_deferred page=%s error=%r", page_id, str(e)[:200])
-            return
-        if written is not None:
-            self._write_due(written[0])
-            self.wake()
 
     def _look_at(self, store: Store, page: dict, etag: str, now: float) -> float:
         self.progress = time.monotonic()  # progress: a long scan in an outage is not stuck
@@ -6749,7 +6760,7 @@ class Worker:
         recent list (one read, then RECENT_PAGES at once), where an open page is, so that it
         rings within a few round trips of the start. The listing finds them known, unchanged,
         and does not read them again. The done index is read with the counter."""
-        items, self._indexed = in_parallel(IO_POOL, self.pager.recent_items,
+        items, self._indexed = in_parallel(IO_POOL, self.pager.pages.recent_items,
                                            self.done_index.read)
         keys = [f"pages/{item['id']}.json" for item in items
                 if PAGE_ID.fullmatch(str(item.get("id", "")))]
@@ -6801,139 +6812,6 @@ class Worker:
             for future in running:
                 future.cancel()
 
-    def _check_heartbeats(self, now: float) -> float:
-        """Open a page for each heartbeat that missed its ping; returns when the next one is
-        due. Planned from memory (the config as last read, each heartbeat's state as last
-        seen here, read once when first seen), so a heartbeat costs a request only when it
-        looks due; then its state is read afresh first, since a ping may have reached another
-        instance. A missed heartbeat is read again every interval + grace, to learn of a ping
-        elsewhere. An open heartbeat page whose heartbeat pinged since is resolved here (the
-        instance that took the ping stopped before it could).
-
-        After a start every heartbeat gets one full interval + grace counted from the start
-        before a miss is paged: while no pager ran, its pings had nowhere to go (a cron
-        `curl` fails and is not retried), so a window that ran out then says nothing about
-        the job. A heartbeat already missed before the stop is known by its page: the page
-        of a miss is opened when the window runs out on a running pager (by any instance), it
-        is in the store, and it goes on ringing and escalating by itself after the restart;
-        the grace only holds back a page that does not exist yet, and when it ends the same
-        page id makes the look a no-op for a miss paged before (one refused create)."""
-        snap = self.pager.team.last_known()
-        next_due = math.inf
-        if snap is None:
-            return next_due
-        for name, settings in heartbeats(snap.doc).items():
-            self.progress = time.monotonic()  # each may cost a read: not stuck in an outage
-            window = settings["interval"] + settings.get("grace", 0)
-            try:
-                basis = heartbeat_basis(self.pager.heartbeat_state(name, fresh=False)[0])
-                missed = self._heartbeat_misses.get(name)
-                due = max(missed[1] if missed and missed[0] == basis else basis,
-                          self.started) + window
-                if due <= now:
-                    state = self.pager.heartbeat_state(name)[0]
-                    basis = heartbeat_basis(state)
-                    due = max(basis, self.started) + window
-                    if due <= now:
-                        if not missed or missed[0] != basis:  # its page opened already
-                            self.pager.heartbeat_missed(name, state)
-                        self._heartbeat_misses[name] = (basis, now)
-                        due = now + window
-            except (StoreUnavailable, StoreConflict) as e:
-                log.warning("event=heartbeat.check_failed heartbeat=%s error=%r", name,
-                            str(e)[:200])
-                due = now + self.cfg.poll_interval
-            except Exception:  # one broken heartbeat must not stop the others
-                log.exception("event=heartbeat.check_failed heartbeat=%s", name)
-                due = now + self.cfg.poll_interval
-            next_due = min(next_due, due)
-        for page, _ in self.pager.book.working():
-            alert = page.get("alert", {})
-            known = self.pager.heartbeats.get(alert.get("heartbeat", ""))
-            if page.get("kind") == "heartbeat" and (page.get("state") == "open" or hushed(page)) \
-                    and known and heartbeat_basis(known[0]) > alert["basis"]:
-                with contextlib.suppress(StoreUnavailable, StoreConflict):
-                    self.pager.resolve(page["id"], "heartbeat", via="ping")
-        return next_due
-
-    def _prune_replies(self) -> None:
-        """Replay markers older than REPLY_KEEP_DAYS (a day more, to be sure) go: one
-        listing a day."""
-        for key, (_, modified) in self.store.versions("replies/").items():
-            if modified < time.time() - (REPLY_KEEP_DAYS + 1) * DAY:
-                self.store.delete(key)
-
-    def _prune_hunts(self) -> None:
-        """Live-hunt markers (live/<number>.json) say something for LIVE_REPEAT_SECONDS only;
-        older ones go, so the folder holds about the callers of the last day: one listing a
-        day. (A marker rewritten between the listing and its delete is lost: that caller may
-        hunt once more within the 10 minutes, once a day at worst.)"""
-        try:
-            for key, (_, modified) in self.store.versions("live/").items():
-                if modified < time.time() - LIVE_REPEAT_SECONDS - 60:
-                    self.store.delete(key)
-        except StoreUnavailable as e:
-            log.warning("event=live.prune_failed error=%r", str(e)[:200])
-
-    def _archive_pages(self) -> None:
-        """Pages unchanged for QUIET_AFTER that can no longer need work move to pages-done/
-        (Pager.archive): one listing a day, and four to six requests a page, once. A page
-        being sent here, or any page after a failed request, is left for the next day."""
-        moved = 0
-        known = self.pager.team.last_known()
-        try:
-            for key, (etag, modified) in self.store.versions("pages/").items():
-                page_id = key[len("pages/"):].removesuffix(".json")
-                if modified >= time.time() - QUIET_AFTER or not PAGE_ID.fullmatch(page_id) or \
-                        any(task.startswith(page_id + "/") for task in self._tasks()):
-                    continue
-                found = read_json(self.store, key)
-                if found is not None and found[1] == etag and \
-                        self.pager.archive(*found, known.doc if known else None):
-                    moved += 1
-        except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
-            log.warning("event=pages.archive_failed error=%r", str(e)[:200])
-        if moved:
-            log.info("event=pages.archived count=%d", moved)
-
-    def _move_into_store(self, page_id: str) -> bool:
-        """A spooled page goes into the store (with its page number) once the store answers
-        and none of its channels is running here; from then on it is an ordinary page.
-        Returns False while the store is unreachable."""
-        spool = self.pager.spool
-        if spool is None or any(task.startswith(page_id + "/") for task in self._tasks()):
-            return True
-        found = read_json(spool, f"pages/{page_id}.json")
-        if found is None:
-            return True
-        page = found[0]
-
-        def merge(stored: dict | None) -> dict | None:
-            """The page reached the store too (before the outage began, or through another
-            instance): keep what the spool already delivered and the escalation steps it
-            already called, so none is sent or called again."""
-            if stored is None:
-                return page
-            for channel, delivery in page["deliveries"].items():
-                if delivery["state"] != "pending" or channel not in stored["deliveries"]:
-                    stored["deliveries"][channel] = delivery
-            if stored.get("state") == "open" and \
-                    page["escalation"]["step"] > stored["escalation"]["step"]:
-                stored["escalation"] = page["escalation"]
-                stored["paged"] = list(dict.fromkeys(stored["paged"] + page["paged"]))
-            return stored
-
-        try:
-            page["number"] = self.pager.page_number(page_id, page["opened"])
-            self.pager.write_page(self.store, page_id, merge, from_copy=False)
-        except StoreConflict:
-            return True
-        except StoreUnavailable:
-            return False
-        spool.delete(f"pages/{page_id}.json")
-        log.info("event=page.unspooled page=%s number=%s", page_id, page["number"])
-        return True
-
     def _tasks(self) -> list[str]:
         with self._lock:
             return list(self._inflight)
@@ -6974,7 +6852,7 @@ class Worker:
         with self._lock:
             self._messages[key] = (job, None, time.monotonic())
         if job.get("claimed_until", 0) > time.time():
-            self._submit(key, lambda: self._send_message(key, job), urgent=True,
+            self._submit(key, lambda: self.delivery._send_message(key, job), urgent=True,
                          outside="hook" if key.startswith(HOOK_JOBS) else "")
 
     def _list_messages(self) -> None:
@@ -7022,48 +6900,9 @@ class Worker:
             return now
         with self._lock:
             self._messages[key] = (job, etag, time.monotonic())
-        self._submit(key, lambda: self._send_message(key, job), urgent=True,
+        self._submit(key, lambda: self.delivery._send_message(key, job), urgent=True,
                      outside="hook" if key.startswith(HOOK_JOBS) else "")
         return later
-
-    def _send_message(self, key: str, job: dict) -> None:
-        """Send one message job and write what happened to it: sent (kept a day), failed for
-        good, or due again after a backoff. These writes need no If-Match: only the claim
-        decides who sends."""
-        if key.startswith(HOOK_JOBS):
-            self._send_hook(key, job)
-            return
-        sms = {"to": job["to"], "attempt": job["attempts"]}
-        details = {"purpose": job.get("purpose"), "deliveries": {"sms": sms}}
-        try:
-            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-            sms["sid"] = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
-                job["to"], doc["current_config"]["from_phone"], job["body"],
-                status_callback=self.cfg.url(
-                    f"/public/mmsstatuscb?job={key.removeprefix('jobs/').removesuffix('.json')}")))
-        except OutboundCapped:
-            job = {**job, "state": "capped"}
-        except (DeliveryError, StoreUnavailable) as e:
-            sms["error"] = str(e)
-            if isinstance(e, DeliveryError) and e.code:
-                sms.update(code=e.code, reason=carrier_reason(e.code))
-            self.pager.audit.record("page.delivery_failed", "worker", details)
-            if isinstance(e, DeliveryError) and e.permanent:
-                job = {**job, "state": "failed"}
-            else:
-                job = {**job, "claimed_until": 0, "next_try": time.time() + backoff(
-                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
-        else:
-            self.pager.audit.record("page.delivered", "worker", details)
-            job = {**job, "state": "sent", "sid": sms["sid"]}
-        METRICS.count("oncall_deliveries_total", channel="message",
-                      result="retry" if job["state"] == "pending" else job["state"])
-        with self._lock:
-            self._messages[key] = (job, None, time.monotonic())
-        try:
-            self.store.put(key, to_json(job))
-        except StoreUnavailable:  # kept in memory: this instance does not send it again
-            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
 
     # --- push and webhooks (the rooms Push and Webhooks; here their queue) ------------------
 
@@ -7074,62 +6913,6 @@ class Worker:
         for job_key, job in self.hooks.queue(known.doc if known else None, key, entry,
                                              time.time() + self.cfg.claim_timeout):
             self.start_message(job_key, job)
-
-    def _send_hook(self, key: str, job: dict) -> None:
-        """One attempt of a webhook job, audited (page.delivered / page.delivery_failed, the
-        channel `webhook:<name>`), then its state written: sent, failed for good (an answer a
-        retry cannot change, or OUTSIDE_ATTEMPTS tries), or due again after a backoff."""
-        entry = job["entry"]
-        page_id = entry.get("details", {}).get("page")
-        known = self.pager.book.get(page_id) if isinstance(page_id, str) else None
-        attempt = {"attempt": job["attempts"], "event": entry["event"]}
-        details = {"purpose": "webhook", "page": page_id,
-                   "deliveries": {f"webhook:{job['webhook']}": attempt}}
-        try:
-            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
-            attempt["status"] = self.hooks.send(job, known[0] if known else None, doc)
-        except (DeliveryError, StoreUnavailable, NoConfig, ConfigError) as e:
-            final = (isinstance(e, DeliveryError) and e.permanent) or \
-                job["attempts"] >= OUTSIDE_ATTEMPTS
-            attempt.update(error=str(e)[:200], final=final)
-            self.pager.audit.record("page.delivery_failed", "worker", details)
-            job = {**job, "state": "failed"} if final else {
-                **job, "claimed_until": 0, "next_try": time.time() + backoff(
-                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
-        else:
-            self.pager.audit.record("page.delivered", "worker", details)
-            job = {**job, "state": "sent"}
-        log.info("event=webhook.%s webhook=%s hook_event=%s attempt=%s",
-                 job["state"] if job["state"] != "pending" else "retry", job["webhook"],
-                 entry["event"], job["attempts"])
-        METRICS.count("oncall_deliveries_total", channel="webhook",
-                      result="retry" if job["state"] == "pending" else job["state"])
-        with self._lock:
-            self._messages[key] = (job, None, time.monotonic())
-        try:
-            self.store.put(key, to_json(job))
-        except StoreUnavailable:  # kept in memory: this instance does not send it again
-            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
-
-    def _deliver_push(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        """The page's first notification on the push topic of whom it was sent to (read from
-        the config now: a topic changed since is the one used). A retry after the page was
-        acknowledged or closed is not sent: it would ring for nothing."""
-        member_id = page.get("oncall", {}).get("id")
-        url = members(doc).get(member_id, {}).get("push")
-        delivery = page["deliveries"][channel]
-        if not url:
-            raise DeliveryError(f"{member_id} has no push URL any more", permanent=True)
-        if delivery["attempts"] > 1 and page.get("state") != "open":
-            raise DeliveryError(f"page {page.get('state')} before the push went",
-                                permanent=True)
-        try:
-            status = self.push.send(url, page, self._number(store, page), doc)
-        except DeliveryError as e:
-            if delivery["attempts"] >= OUTSIDE_ATTEMPTS:
-                raise DeliveryError(str(e), permanent=True) from None
-            raise
-        return {"to": member_id, "status": status}
 
     # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
@@ -7142,7 +6925,7 @@ class Worker:
         for i, channel in enumerate(sorted(channels, key=lambda c: c.split(":")[0] not in (
                 "mms", "sms"))):
             self._submit(f"{page['id']}/{channel}",
-                         lambda c=channel: self._deliver(store, page, c, batch),
+                         lambda c=channel: self.delivery._deliver(store, page, c, batch),
                          urgent=channel.split(":")[0] in URGENT_CHANNELS,
                          outside="push" if channel == "push" else "")
             if i == 0 and any(not self.pager.audit.written(d["key"])
@@ -7171,7 +6954,7 @@ class Worker:
             return None
         if page.get("state") == "open" and now - page.get("ringing_since",
                                                           page["opened"]) >= DAY:
-            self._close(store, page_id)
+            self.upkeep._close(store, page_id)
             return None
         channels: list[str] = []
         next_due: float | None = None
@@ -7188,7 +6971,7 @@ class Worker:
         quiet = quiet_until(known.doc, now) if known is not None else None
         if hushed(page) and known is not None and quiet_window(known.doc) is None and \
                 store is self.store and not self._busy(f"{page_id}/ring"):
-            self._submit(f"{page_id}/ring", lambda: self._ring_after_quiet(page_id),
+            self._submit(f"{page_id}/ring", lambda: self.upkeep._ring_after_quiet(page_id),
                          urgent=True)
         # A spooled page waits for the store to escalate, except for its first call: during
         # an outage that call may be all that reaches an opted-out engineer.
@@ -7201,14 +6984,14 @@ class Worker:
                 escalate = True
             else:
                 next_due = min(next_due or due, due)
-        checked = (self.pager.checked(page_id) if page.get("alert", {}).get("unchecked")
+        checked = (self.pager.alerts.checked(page_id) if page.get("alert", {}).get("unchecked")
                    and store is self.store else True)
         if (channels or escalate) and checked is not True:
             # created at once, its checks not seen through (None: the webhook here is at them;
-            # False: by an instance that stopped): they come first (Pager.check_alert), then
+            # False: by an instance that stopped): they come first (Alerts.check_alert), then
             # the next scan claims what is due
             if checked is False and not self._busy(f"{page_id}/check"):
-                self._submit(f"{page_id}/check", lambda: self.pager.check_alert(page_id),
+                self._submit(f"{page_id}/check", lambda: self.pager.alerts.check_alert(page_id),
                              urgent=True)
             return next_due
         if channels or escalate:
@@ -7217,7 +7000,7 @@ class Worker:
 
     def _open_waiting(self, page_id: str) -> None:
         try:
-            self.pager.open_waiting(page_id)
+            self.pager.pages.open_waiting(page_id)
         except (StoreUnavailable, StoreConflict, NoConfig, ConfigError) as e:
             log.warning("event=page.still_waiting page=%s error=%r", page_id, str(e)[:200])
 
@@ -7266,7 +7049,7 @@ class Worker:
             return page if claimed or plan else None
 
         try:
-            written = self.pager.write_page(store, page_id, claim, tries=2)
+            written = self.pager.pages.write_page(store, page_id, claim, tries=2)
         except StoreConflict:
             return
         if written is None:
@@ -7275,8 +7058,389 @@ class Worker:
         if claimed:
             self.start_work(store, page, etag, claimed, doc)
         if plan:
-            self._submit(f"{page_id}/escalate", lambda: self._escalate(page, *plan),
+            self._submit(f"{page_id}/escalate", lambda: self.delivery._escalate(page, *plan),
                          urgent=True)
+
+
+# --- Upkeep: the rotation's timing, heartbeat checks, housekeeping ----------------------------
+
+
+class Upkeep:
+    """What the worker does besides pages' own work, each on its own timer: the rotation
+    (hand off at a shift start, remind before it), heartbeats that missed their ping,
+    housekeeping (replay markers, live/ records, quiet pages moved to pages-done/), and
+    pages spooled on local disk while S3 was down, moved into the store."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.cfg, self.store, self.pager = worker.cfg, worker.store, worker.pager
+        self._next_rotation = 0.0  # time.time() before which rotate is not tried again
+        # each heartbeat missed here: (the ping it missed, when this instance last read it)
+        self._heartbeat_misses: dict[str, tuple[float, float]] = {}
+
+    def _plan_rotation(self, now: float) -> float:
+        """Start the rotation's due work (a handoff, a reminder) when the config in memory
+        says it is due; returns when to look again. A try that changed nothing (the store
+        unreachable) is made again after retry_base seconds."""
+        known = self.pager.team.last_known()
+        due = self.pager.oncall.rotation_due(known.doc, now) if known is not None else None
+        if due is None:
+            return math.inf
+        if due > now:
+            return due
+        if self.worker._busy("rotation"):
+            return math.inf  # the task's end wakes the worker
+        if now < self._next_rotation:
+            return self._next_rotation
+        self._next_rotation = now + self.cfg.retry_base
+        self.worker._submit("rotation", self._rotate)
+        return math.inf
+
+    def _rotate(self) -> None:
+        try:
+            self.pager.oncall.rotate()
+        except (StoreUnavailable, NoConfig, ConfigError) as e:
+            log.warning("event=rotation.deferred error=%r", str(e))
+
+    def _plan_quiet_end(self, now: float) -> float:
+        """End the quiet hours once their `until` has passed, by the config in memory (it
+        is checked with every listing): planned like a handoff, and only once this instance
+        has listed pages/, so that it can count the alerts still open."""
+        known = self.pager.team.last_known()
+        window = quiet_window(known.doc) if known is not None else None
+        if window is None:
+            return math.inf
+        until = utc_seconds(window.get("until")) or now
+        if until > now:
+            return until
+        if not self.pager.book.listed or self.worker._busy("quiet"):
+            return math.inf  # the listing, or the task's end, wakes the worker
+        if now < self.worker._next_quiet_end:
+            return self.worker._next_quiet_end
+        self.worker._next_quiet_end = now + self.cfg.retry_base
+        self.worker._submit("quiet", self._end_quiet, urgent=True)
+        return math.inf
+
+    def _end_quiet(self) -> None:
+        try:
+            self.pager.quiet_hours.end("worker", via="expired")
+        except (StoreUnavailable, NoConfig, ConfigError) as e:
+            log.warning("event=quiet.end_deferred error=%r", str(e))
+        known = self.pager.team.last_known()
+        if known is not None and quiet_window(known.doc) is None:
+            for page, _ in self.pager.book.working():  # at once, not at the next scan
+                if hushed(page) and not self.worker._busy(f"{page['id']}/ring"):
+                    self.worker._submit(f"{page['id']}/ring",
+                                 lambda page_id=page["id"]: self._ring_after_quiet(page_id),
+                                 urgent=True)
+
+    def _ring_after_quiet(self, page_id: str) -> None:
+        """A hushed page rings, once no quiet hours are in the config (ring_after_quiet):
+        one conditional write with its `page.ringing` entry; its calls follow from the
+        escalation as for any page."""
+        doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+        if quiet_window(doc) is not None:
+            return
+
+        def ring(page: dict | None) -> dict | None:
+            if page is None or not hushed(page):
+                return None
+            ring_after_quiet(page, doc, time.time())
+            key, entry = self.pager.audit.entry("page.ringing", "worker", {
+                "page": page_id, "number": page.get("number"), "oncall": page["oncall"]["id"],
+                "reason": "quiet hours ended"})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        try:
+            written = self.pager.pages.write_page(self.store, page_id, ring)
+        except (StoreUnavailable, StoreConflict) as e:
+            log.warning("event=page.ring_deferred page=%s error=%r", page_id, str(e)[:200])
+            return
+        if written is not None:
+            self.worker._write_due(written[0])
+            self.worker.wake()
+
+    def _check_heartbeats(self, now: float) -> float:
+        """Open a page for each heartbeat that missed its ping; returns when the next one is
+        due. Planned from memory (the config as last read, each heartbeat's state as last
+        seen here, read once when first seen), so a heartbeat costs a request only when it
+        looks due; then its state is read afresh first, since a ping may have reached another
+        instance. A missed heartbeat is read again every interval + grace, to learn of a ping
+        elsewhere. An open heartbeat page whose heartbeat pinged since is resolved here (the
+        instance that took the ping stopped before it could).
+
+        After a start every heartbeat gets one full interval + grace counted from the start
+        before a miss is paged: while no pager ran, its pings had nowhere to go (a cron
+        `curl` fails and is not retried), so a window that ran out then says nothing about
+        the job. A heartbeat already missed before the stop is known by its page: the page
+        of a miss is opened when the window runs out on a running pager (by any instance), it
+        is in the store, and it goes on ringing and escalating by itself after the restart;
+        the grace only holds back a page that does not exist yet, and when it ends the same
+        page id makes the look a no-op for a miss paged before (one refused create)."""
+        snap = self.pager.team.last_known()
+        next_due = math.inf
+        if snap is None:
+            return next_due
+        for name, settings in heartbeats(snap.doc).items():
+            self.worker.progress = time.monotonic()  # each may cost a read: not stuck in an outage
+            window = settings["interval"] + settings.get("grace", 0)
+            try:
+                basis = heartbeat_basis(self.pager.alerts.heartbeat_state(name, fresh=False)[0])
+                missed = self._heartbeat_misses.get(name)
+                due = max(missed[1] if missed and missed[0] == basis else basis,
+                          self.worker.started) + window
+                if due <= now:
+                    state = self.pager.alerts.heartbeat_state(name)[0]
+                    basis = heartbeat_basis(state)
+                    due = max(basis, self.worker.started) + window
+                    if due <= now:
+                        if not missed or missed[0] != basis:  # its page opened already
+                            self.pager.alerts.heartbeat_missed(name, state)
+                        self._heartbeat_misses[name] = (basis, now)
+                        due = now + window
+            except (StoreUnavailable, StoreConflict) as e:
+                log.warning("event=heartbeat.check_failed heartbeat=%s error=%r", name,
+                            str(e)[:200])
+                due = now + self.cfg.poll_interval
+            except Exception:  # one broken heartbeat must not stop the others
+                log.exception("event=heartbeat.check_failed heartbeat=%s", name)
+                due = now + self.cfg.poll_interval
+            next_due = min(next_due, due)
+        for page, _ in self.pager.book.working():
+            alert = page.get("alert", {})
+            known = self.pager.alerts.heartbeats.get(alert.get("heartbeat", ""))
+            if page.get("kind") == "heartbeat" and (page.get("state") == "open" or hushed(page)) \
+                    and known and heartbeat_basis(known[0]) > alert["basis"]:
+                with contextlib.suppress(StoreUnavailable, StoreConflict):
+                    self.pager.pages.resolve(page["id"], "heartbeat", via="ping")
+        return next_due
+
+    def _prune_replies(self) -> None:
+        """Replay markers older than REPLY_KEEP_DAYS (a day more, to be sure) go: one
+        listing a day."""
+        for key, (_, modified) in self.store.versions("replies/").items():
+            if modified < time.time() - (REPLY_KEEP_DAYS + 1) * DAY:
+                self.store.delete(key)
+
+    def _prune_hunts(self) -> None:
+        """Live-hunt markers (live/<number>.json) say something for LIVE_REPEAT_SECONDS only;
+        older ones go, so the folder holds about the callers of the last day: one listing a
+        day. (A marker rewritten between the listing and its delete is lost: that caller may
+        hunt once more within the 10 minutes, once a day at worst.)"""
+        try:
+            for key, (_, modified) in self.store.versions("live/").items():
+                if modified < time.time() - LIVE_REPEAT_SECONDS - 60:
+                    self.store.delete(key)
+        except StoreUnavailable as e:
+            log.warning("event=live.prune_failed error=%r", str(e)[:200])
+
+    def _archive_pages(self) -> None:
+        """Pages unchanged for QUIET_AFTER that can no longer need work move to pages-done/
+        (Pages.archive): one listing a day, and four to six requests a page, once. A page
+        being sent here, or any page after a failed request, is left for the next day."""
+        moved = 0
+        known = self.pager.team.last_known()
+        try:
+            for key, (etag, modified) in self.store.versions("pages/").items():
+                page_id = key[len("pages/"):].removesuffix(".json")
+                if modified >= time.time() - QUIET_AFTER or not PAGE_ID.fullmatch(page_id) or \
+                        any(task.startswith(page_id + "/") for task in self.worker._tasks()):
+                    continue
+                found = read_json(self.store, key)
+                if found is not None and found[1] == etag and \
+                        self.pager.pages.archive(*found, known.doc if known else None):
+                    moved += 1
+        except (StoreUnavailable, StoreConflict, KeyError, TypeError, ValueError) as e:
+            log.warning("event=pages.archive_failed error=%r", str(e)[:200])
+        if moved:
+            log.info("event=pages.archived count=%d", moved)
+
+    def _move_into_store(self, page_id: str) -> bool:
+        """A spooled page goes into the store (with its page number) once the store answers
+        and none of its channels is running here; from then on it is an ordinary page.
+        Returns False while the store is unreachable."""
+        spool = self.pager.spool
+        if spool is None or any(task.startswith(page_id + "/") for task in self.worker._tasks()):
+            return True
+        found = read_json(spool, f"pages/{page_id}.json")
+        if found is None:
+            return True
+        page = found[0]
+
+        def merge(stored: dict | None) -> dict | None:
+            """The page reached the store too (before the outage began, or through another
+            instance): keep what the spool already delivered and the escalation steps it
+            already called, so none is sent or called again."""
+            if stored is None:
+                return page
+            for channel, delivery in page["deliveries"].items():
+                if delivery["state"] != "pending" or channel not in stored["deliveries"]:
+                    stored["deliveries"][channel] = delivery
+            if stored.get("state") == "open" and \
+                    page["escalation"]["step"] > stored["escalation"]["step"]:
+                stored["escalation"] = page["escalation"]
+                stored["paged"] = list(dict.fromkeys(stored["paged"] + page["paged"]))
+            return stored
+
+        try:
+            page["number"] = self.pager.pages.page_number(page_id, page["opened"])
+            self.pager.pages.write_page(self.store, page_id, merge, from_copy=False)
+        except StoreConflict:
+            return True
+        except StoreUnavailable:
+            return False
+        spool.delete(f"pages/{page_id}.json")
+        log.info("event=page.unspooled page=%s number=%s", page_id, page["number"])
+        return True
+
+    def _close(self, store: Store, page_id: str) -> None:
+        """No acknowledgement within a day: stop escalating, abandon what is pending, and
+        e-mail the team once (claimed by this write, sent at once)."""
+        claimed_until = time.time() + self.cfg.claim_timeout
+
+        def close(page: dict | None) -> dict | None:
+            if not page or page.get("state") != "open":
+                return None
+            page.update(state="closed", closed_at=time.time())
+            for delivery in page["deliveries"].values():
+                if delivery["state"] == "pending":
+                    delivery["state"] = "abandoned"
+            add_delivery(page, "closing_email", claimed_until)
+            key, entry = self.pager.audit.entry("page.closed", "worker", {
+                "page": page_id, "number": page.get("number"),
+                "reason": "not acknowledged within a day"})
+            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
+            return page
+
+        with contextlib.suppress(StoreConflict):
+            written = self.pager.pages.write_page(store, page_id, close, tries=2)
+            if written is not None:
+                self.worker._write_due(written[0])
+                self.worker.start_work(store, *written, ["closing_email"])
+
+
+# --- Delivery: what the worker sends, and the outbound budget ---------------------------------
+
+
+class Delivery:
+    """What delivers: a page's channels (MMS, SMS, notices, e-mail, the archive, the
+    escalation's calls), single message jobs, the page number and recording a delivery
+    needs, and the hourly outbound budget every text and call is counted against. The
+    Worker decides when (claims, the pool); this room sends and records the outcome."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.cfg, self.store, self.pager, self.telephony, self._lock = (
+            worker.cfg, worker.store, worker.pager, worker.telephony, worker._lock)
+        self._recordings: OrderedDict[str, bytes] = OrderedDict()
+        self._numbers: OrderedDict[str, int] = OrderedDict()
+        self._page_locks: dict[str, threading.Lock] = {}
+        self._outbound: tuple[dict, str] | None = None  # counters/outbound.json as last seen
+
+    def outbound_left(self, doc: dict | None) -> int | None:
+        """The hourly budget left as this instance last saw counters/outbound.json, without
+        a request (for /metrics); None until it has spent from it, or without a config."""
+        known = self._outbound
+        if known is None or doc is None:
+            return None
+        limit = escalation_settings(doc)["max_outbound_per_hour"]
+        return max(0, limit - len(spent_this_hour(known[0], time.time())))
+
+    def _send_message(self, key: str, job: dict) -> None:
+        """Send one message job and write what happened to it: sent (kept a day), failed for
+        good, or due again after a backoff. These writes need no If-Match: only the claim
+        decides who sends."""
+        if key.startswith(HOOK_JOBS):
+            self._send_hook(key, job)
+            return
+        sms = {"to": job["to"], "attempt": job["attempts"]}
+        details = {"purpose": job.get("purpose"), "deliveries": {"sms": sms}}
+        try:
+            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+            sms["sid"] = self._send_within_budget(doc, details, lambda: self.telephony.send_sms(
+                job["to"], doc["current_config"]["from_phone"], job["body"],
+                status_callback=self.cfg.url(
+                    f"/public/mmsstatuscb?job={key.removeprefix('jobs/').removesuffix('.json')}")))
+        except OutboundCapped:
+            job = {**job, "state": "capped"}
+        except (DeliveryError, StoreUnavailable) as e:
+            sms["error"] = str(e)
+            if isinstance(e, DeliveryError) and e.code:
+                sms.update(code=e.code, reason=carrier_reason(e.code))
+            self.pager.audit.record("page.delivery_failed", "worker", details)
+            if isinstance(e, DeliveryError) and e.permanent:
+                job = {**job, "state": "failed"}
+            else:
+                job = {**job, "claimed_until": 0, "next_try": time.time() + backoff(
+                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
+        else:
+            self.pager.audit.record("page.delivered", "worker", details)
+            job = {**job, "state": "sent", "sid": sms["sid"]}
+        METRICS.count("oncall_deliveries_total", channel="message",
+                      result="retry" if job["state"] == "pending" else job["state"])
+        with self._lock:
+            self.worker._messages[key] = (job, None, time.monotonic())
+        try:
+            self.store.put(key, to_json(job))
+        except StoreUnavailable:  # kept in memory: this instance does not send it again
+            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
+
+    def _send_hook(self, key: str, job: dict) -> None:
+        """One attempt of a webhook job, audited (page.delivered / page.delivery_failed, the
+        channel `webhook:<name>`), then its state written: sent, failed for good (an answer a
+        retry cannot change, or OUTSIDE_ATTEMPTS tries), or due again after a backoff."""
+        entry = job["entry"]
+        page_id = entry.get("details", {}).get("page")
+        known = self.pager.book.get(page_id) if isinstance(page_id, str) else None
+        attempt = {"attempt": job["attempts"], "event": entry["event"]}
+        details = {"purpose": "webhook", "page": page_id,
+                   "deliveries": {f"webhook:{job['webhook']}": attempt}}
+        try:
+            doc = self.pager.team.read(max_age=PAGE_CONFIG_MAX_AGE).doc
+            attempt["status"] = self.worker.hooks.send(job, known[0] if known else None, doc)
+        except (DeliveryError, StoreUnavailable, NoConfig, ConfigError) as e:
+            final = (isinstance(e, DeliveryError) and e.permanent) or \
+                job["attempts"] >= OUTSIDE_ATTEMPTS
+            attempt.update(error=str(e)[:200], final=final)
+            self.pager.audit.record("page.delivery_failed", "worker", details)
+            job = {**job, "state": "failed"} if final else {
+                **job, "claimed_until": 0, "next_try": time.time() + backoff(
+                    job["attempts"], self.cfg.retry_base, self.cfg.retry_cap)}
+        else:
+            self.pager.audit.record("page.delivered", "worker", details)
+            job = {**job, "state": "sent"}
+        log.info("event=webhook.%s webhook=%s hook_event=%s attempt=%s",
+                 job["state"] if job["state"] != "pending" else "retry", job["webhook"],
+                 entry["event"], job["attempts"])
+        METRICS.count("oncall_deliveries_total", channel="webhook",
+                      result="retry" if job["state"] == "pending" else job["state"])
+        with self._lock:
+            self.worker._messages[key] = (job, None, time.monotonic())
+        try:
+            self.store.put(key, to_json(job))
+        except StoreUnavailable:  # kept in memory: this instance does not send it again
+            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
+
+    def _deliver_push(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
+        """The page's first notification on the push topic of whom it was sent to (read from
+        the config now: a topic changed since is the one used). A retry after the page was
+        acknowledged or closed is not sent: it would ring for nothing."""
+        member_id = page.get("oncall", {}).get("id")
+        url = members(doc).get(member_id, {}).get("push")
+        delivery = page["deliveries"][channel]
+        if not url:
+            raise DeliveryError(f"{member_id} has no push URL any more", permanent=True)
+        if delivery["attempts"] > 1 and page.get("state") != "open":
+            raise DeliveryError(f"page {page.get('state')} before the push went",
+                                permanent=True)
+        try:
+            status = self.worker.push.send(url, page, self._number(store, page), doc)
+        except DeliveryError as e:
+            if delivery["attempts"] >= OUTSIDE_ATTEMPTS:
+                raise DeliveryError(str(e), permanent=True) from None
+            raise
+        return {"to": member_id, "status": status}
 
     def _deliver(self, store: Store, page: dict, channel: str, batch: Batch) -> None:
         delivery = page["deliveries"][channel]
@@ -7313,7 +7477,7 @@ class Worker:
                       result=outcome or "expired")
         todo = batch.finish(channel, outcome, details)
         if todo == "wait":  # a text's thread does not wait for the e-mail: the slow pool does
-            self._submit(f"{page['id']}/record", lambda: self._record(
+            self.worker._submit(f"{page['id']}/record", lambda: self._record(
                 store, page["id"], batch.take(wait=True)), urgent=False)
         elif todo == "record":
             self._record(store, page["id"], batch.take(wait=False))
@@ -7364,7 +7528,7 @@ class Worker:
             return page
 
         try:
-            self.pager.write_page(store, page_id, record)
+            self.pager.pages.write_page(store, page_id, record)
         except (StoreUnavailable, StoreConflict):
             log.error("event=worker.finish_unrecorded page=%s channels=%s", page_id,
                       ",".join(outcomes))
@@ -7383,7 +7547,7 @@ class Worker:
             with self._lock:
                 number = self._numbers.get(page_id)
             if number is None:
-                number = self.pager.page_number(page_id, page["opened"])
+                number = self.pager.pages.page_number(page_id, page["opened"])
                 with self._lock:
                     self._numbers[page_id] = number
                     while len(self._numbers) > 100:
@@ -7556,11 +7720,12 @@ class Worker:
         return {"to": delivery["to"], "sid": sid}
 
     def _deliver_held(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        """The one text of an hour in which an integration's alerts are held (Pager._hold):
+        """The one text of an hour in which an integration's alerts are held (Alerts._hold):
         not capped by the outbound budget, as a page's first text is not (it stands for the
         texts that were held). N is as many as this instance knows held by now."""
         delivery, alert = page["deliveries"][channel], page["alert"]
-        held = max(int(alert.get("held", 1)), self.pager.held_this_hour(alert["integration"]))
+        held = max(int(alert.get("held", 1)),
+                   self.pager.alerts.held_this_hour(alert["integration"]))
         sid = self.telephony.send_sms(delivery["to"], doc["current_config"]["from_phone"],
                                       held_text(held, alert["integration"]))
         return {"to": delivery["to"], "sid": sid}
@@ -7670,10 +7835,10 @@ class Worker:
         return {"key": recording_key(page, ".mp3"), "bytes": len(data)}
 
     def _deliver_join(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
-        """A repeat's record (see Pager._join_open_page) listed on the page it joined."""
+        """A repeat's record (see Pages._join_open_page) listed on the page it joined."""
         if store is not self.store:
             raise DeliveryError("the page is in the store, not the spool")
-        self.pager.fold_repeat(page)
+        self.pager.pages.fold_repeat(page)
         return {"joins": page["joins"]}
 
     def _escalate(self, page: dict, step: int, kind: str, targets: list[str],
@@ -7695,7 +7860,7 @@ class Worker:
         for member_id in targets:
             member = members(doc).get(member_id)
             try:
-                current = self.pager.read_page(page["id"])
+                current = self.pager.pages.read_page(page["id"])
             except StoreUnavailable:
                 current = None  # call anyway: a page call says so if it was acknowledged
             if member is None or (current and current[0].get("state") != "open"):
@@ -7728,47 +7893,22 @@ class Worker:
         entry = {**entry, "details": {**entry["details"], "results": results}}
         self.pager.audit.write(audit_key, entry)
 
-    def _close(self, store: Store, page_id: str) -> None:
-        """No acknowledgement within a day: stop escalating, abandon what is pending, and
-        e-mail the team once (claimed by this write, sent at once)."""
-        claimed_until = time.time() + self.cfg.claim_timeout
 
-        def close(page: dict | None) -> dict | None:
-            if not page or page.get("state") != "open":
-                return None
-            page.update(state="closed", closed_at=time.time())
-            for delivery in page["deliveries"].values():
-                if delivery["state"] == "pending":
-                    delivery["state"] = "abandoned"
-            add_delivery(page, "closing_email", claimed_until)
-            key, entry = self.pager.audit.entry("page.closed", "worker", {
-                "page": page_id, "number": page.get("number"),
-                "reason": "not acknowledged within a day"})
-            page.setdefault("audit_due", []).append({"key": key, "entry": entry})
-            return page
-
-        with contextlib.suppress(StoreConflict):
-            written = self.pager.write_page(store, page_id, close, tries=2)
-            if written is not None:
-                self._write_due(written[0])
-                self.start_work(store, *written, ["closing_email"])
-
-
-DELIVER: dict[str, Callable[[Worker, Store, dict, str, dict], dict]] = {
-    "mms": Worker._deliver_mms,
-    "sms": Worker._deliver_sms,
-    "sms_fallback": Worker._deliver_sms,
-    "notice": Worker._deliver_notice,
-    "resolved": Worker._deliver_notice,
-    "transcript_sms": Worker._deliver_notice,
-    "held": Worker._deliver_held,
-    "transcript_email": Worker._deliver_transcript_email,
-    "transcript_archive": Worker._deliver_transcript_archive,
-    "email": Worker._deliver_email,
-    "archive": Worker._deliver_archive,
-    "closing_email": Worker._deliver_closing_email,
-    "join": Worker._deliver_join,
-    "push": Worker._deliver_push,
+DELIVER: dict[str, Callable[[Delivery, Store, dict, str, dict], dict]] = {
+    "mms": Delivery._deliver_mms,
+    "sms": Delivery._deliver_sms,
+    "sms_fallback": Delivery._deliver_sms,
+    "notice": Delivery._deliver_notice,
+    "resolved": Delivery._deliver_notice,
+    "transcript_sms": Delivery._deliver_notice,
+    "held": Delivery._deliver_held,
+    "transcript_email": Delivery._deliver_transcript_email,
+    "transcript_archive": Delivery._deliver_transcript_archive,
+    "email": Delivery._deliver_email,
+    "archive": Delivery._deliver_archive,
+    "closing_email": Delivery._deliver_closing_email,
+    "join": Delivery._deliver_join,
+    "push": Delivery._deliver_push,
 }
 
 
@@ -7865,11 +8005,11 @@ class StatusBoard:
                           if modified >= since)
         candidates = sorted(opened, key=lambda page_id: opened[page_id],
                             reverse=True)[:self.OPEN_READ]
-        recent = [item["id"] for item in self.pager.recent_items()[:self.LAST]]
+        recent = [item["id"] for item in self.pager.pages.recent_items()[:self.LAST]]
         wanted = list(dict.fromkeys(candidates + recent))
 
         def read(page_id: str) -> Callable[[], tuple[dict, str] | None]:
-            return lambda: self.pager.book.get(page_id) or self.pager.find_page(page_id)
+            return lambda: self.pager.book.get(page_id) or self.pager.pages.find_page(page_id)
 
         found = in_parallel(IO_POOL, *map(read, wanted)) if wanted else []
         pages = {page_id: page[0] for page_id, page in zip(wanted, found, strict=True)
@@ -7885,7 +8025,7 @@ class StatusBoard:
         users = members(board["doc"])
         paged = [users.get(m, {}).get("name", str(m)) for m in page.get("paged") or []]
         state = page_state(page, board["doc"])
-        return {"number": str(self.pager.number_of(page)), "kind": str(page.get("kind")),
+        return {"number": str(self.pager.pages.number_of(page)), "kind": str(page.get("kind")),
                 "summary": page_summary(page),
                 "age": elapsed(max(0.0, board["now"] - float(page.get("opened") or 0))),
                 "paged": ", ".join(paged) or "nobody (listed)",
@@ -7976,7 +8116,8 @@ class StatusBoard:
 
 
 # ==============================================================================================
-# Web: request parsing, the signature gate, the router, one short handler per webhook
+# Web: request parsing, the signature gate, the router, one short handler per webhook;
+# WebApp (the gate and Twilio's webhooks), Monitors (Events API, heartbeats, health)
 # ==============================================================================================
 
 
@@ -8103,7 +8244,7 @@ def greeting(doc: dict | None) -> str:
 
 
 # What a live caller hears before the voicemail flow: the hunt ended with nobody, or the
-# caller was not put through (a repeat, an open page, the budget: see Pager.live_hunt).
+# caller was not put through (a repeat, an open page, the budget: see LiveCalls.live_hunt).
 LIVE_NOBODY_TEXT = "Nobody could take your call. Please leave a message after the tone."
 LIVE_HELD_TEXT = ("The on-call engineer cannot take a call right now. Please leave a message "
                   "after the tone.")
@@ -8161,10 +8302,11 @@ def invalid_event(errors: list[str]) -> Response:
 @dataclasses.dataclass(frozen=True)
 class Route:
     methods: tuple[str, ...]
-    handler: Callable[[WebApp, Request], Response]
+    handler: Callable[[Any, Request], Response]  # a method of WebApp, or of its `room`
     required: tuple[str, ...] = ()
     signed: bool = True
     max_body: int = MAX_BODY
+    room: str = ""  # the WebApp's room that serves it (its attribute), or the WebApp itself
 
 
 JSON_PATHS = ("/v2/", "/heartbeat/")  # the monitors' routes: every answer there is JSON
@@ -8225,7 +8367,8 @@ class WebApp:
         # While Twilio's auth token is rotated, requests signed with the other one still pass.
         self.secondary = (RequestValidator(cfg.auth_token_secondary)
                           if cfg.auth_token_secondary else None)
-        self._key_lookup = -math.inf  # time.monotonic() of the last store read for a key
+        # The rooms, each the owner of its own state changes
+        self.monitors = Monitors(self)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -8292,7 +8435,8 @@ class WebApp:
         missing = [name for name in route.required if not form.get(name)]
         if missing:
             raise HTTPError(400, f"missing field: {', '.join(missing)}")
-        return route.handler(self, Request(method, path, query, form, body,
+        owner = self.monitors if route.room == "monitors" else self
+        return route.handler(owner, Request(method, path, query, form, body,
                                            environ.get("HTTP_AUTHORIZATION", "")))
 
     def check_signature(self, environ: dict, fields: FormFields) -> None:
@@ -8363,9 +8507,10 @@ class WebApp:
     # --- live answer: the caller put through to a person ---------------------------------------
 
     def live_start(self, request: Request, doc: dict) -> Response:
-        """The caller pressed 2: put through (Pager.live_hunt decides), or straight to the
+        """The caller pressed 2: put through (LiveCalls.live_hunt decides), or straight to the
         voicemail flow."""
-        held, capped = self.pager.live_hunt({"number": clean_text(request.form.get("From", ""))})
+        held, capped = self.pager.calls.live_hunt(
+            {"number": clean_text(request.form.get("From", ""))})
         if held is not None:
             return self.live_voicemail(request, doc, LIVE_HELD_TEXT, tried=[])
         return self.live_dial(request, doc, tried=[], capped=capped)
@@ -8386,13 +8531,13 @@ class WebApp:
         `escalate_to`, up to `max_targets`), from the pager number, with a screening whisper:
         only their 1 connects the caller, so a personal voicemail cannot take the call.
         Each leg counts against the hourly budget; only a caller who withholds the number is
-        `capped` by it (the others reach a hunt once in LIVE_REPEAT_SECONDS: Pager.live_hunt).
+        `capped` by it (the others reach a hunt once in LIVE_REPEAT_SECONDS: LiveCalls.live_hunt).
         Nobody left: the voicemail flow, with the ids tried on its page."""
         from twilio.twiml.voice_response import VoiceResponse
 
         said = speech(doc)
         voice = VoiceResponse()
-        targets = [m for m in self.pager.live_targets(doc) if m["id"] not in tried] \
+        targets = [m for m in self.pager.calls.live_targets(doc) if m["id"] not in tried] \
             if doc else []
         if not targets or len(tried) >= live_settings(doc)["max_targets"]:
             return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT, tried)
@@ -8400,10 +8545,10 @@ class WebApp:
         number = clean_text(request.form.get("From", "") or request.query.get("caller", ""))
         if capped is None:
             capped = not is_e164(number) or number in WITHHELD_NUMBERS
-        if self.worker is not None and doc is not None and not self.worker.spend_live_leg(
+        if self.worker is not None and doc is not None and not self.worker.delivery.spend_live_leg(
                 doc, {"channel": "live", "caller": number, "to": target["id"]}, capped):
             if not tried:
-                self.pager.live_held({"number": number}, "budget spent")
+                self.pager.calls.live_held({"number": number}, "budget spent")
             return self.live_voicemail(request, doc, LIVE_NOBODY_TEXT if tried
                                        else LIVE_HELD_TEXT, tried)
         settings = live_settings(doc)
@@ -8463,7 +8608,7 @@ class WebApp:
             ("number", "caller"), ("name", "name"), ("city", "city"), ("state", "state"))
             if q in query}
         try:
-            self.pager.live_accepted(call_sid, caller, member, self.live_tried(request))
+            self.pager.calls.live_accepted(call_sid, caller, member, self.live_tried(request))
         except (StoreUnavailable, NoConfig, ConfigError) as e:
             # (no spool, or the page's create landed and its answer was lost): the engineer
             # takes the call all the same; the page is missing, and the log says so
@@ -8477,7 +8622,7 @@ class WebApp:
         next person is rung, or the voicemail flow starts. A store that cannot say whether
         it was taken means not taken: the caller is offered voicemail, never an error."""
         call_sid = request.query.get("call", "")
-        taken = self.pager.live_taken(call_sid) if PAGE_ID.fullmatch(call_sid) else False
+        taken = self.pager.calls.live_taken(call_sid) if PAGE_ID.fullmatch(call_sid) else False
         if taken:
             return self.say_and_hang_up("Goodbye.")
         doc = self.voice_config()
@@ -8506,14 +8651,14 @@ class WebApp:
 
     def public_transcriptioncb(self, request: Request) -> Response:
         """Twilio's transcript of a voicemail (messages of 2 to 120 s): see
-        Pager.transcribed. The text comes from the caller's words: cleaned first."""
+        LiveCalls.transcribed. The text comes from the caller's words: cleaned first."""
         form = request.form
         sid = form["RecordingSid"]
         if not PAGE_ID.fullmatch(sid):
             raise HTTPError(400, "RecordingSid is not a recording sid")
         status = form["TranscriptionStatus"]
         log.info("event=transcript recording=%s status=%s", sid, log_value(status))
-        self.pager.transcribed(sid, status, clean_text(form.get("TranscriptionText", "")))
+        self.pager.calls.transcribed(sid, status, clean_text(form.get("TranscriptionText", "")))
         return empty_messaging()
 
     def public_keypress(self, request: Request) -> Response:
@@ -8565,25 +8710,25 @@ class WebApp:
                 self.pager.audit.record("recording.refused", "twilio", {
                     "recording_url": url[:200], "recording_sid": sid[:40], "call_sid": call_sid})
                 if re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
-                    self.pager.open_page(call_sid, "missed", caller, call_sid)
+                    self.pager.pages.open_page(call_sid, "missed", caller, call_sid)
                 raise HTTPError(400, "recording URL is not one of this account's recordings")
             duration = form.get("RecordingDuration", "0")
             seconds = whole_number(duration) or 0
             if query.get("live") == "1" and PAGE_ID.fullmatch(query.get("call", "")):
-                self.pager.live_recorded(query["call"], sid, url, seconds)
+                self.pager.calls.live_recorded(query["call"], sid, url, seconds)
                 return empty_messaging()
-            self.pager.open_page(sid, "voicemail", caller, call_sid, url, seconds,
+            self.pager.pages.open_page(sid, "voicemail", caller, call_sid, url, seconds,
                                  live_tried=self.live_tried(request) or None)
         elif status in ("absent", "failed"):
             if not re.fullmatch(r"CA[0-9a-zA-Z]{32}", call_sid):
                 raise HTTPError(400, "CallSid is not a call sid")
-            self.pager.open_page(call_sid, "missed", caller, call_sid)
+            self.pager.pages.open_page(call_sid, "missed", caller, call_sid)
         return empty_messaging()
 
     def public_textstatus(self, request: Request) -> Response:
         """Twilio's status callback of every text the pager sends (the path keeps its first
         name, /public/mmsstatuscb, so URLs already handed to Twilio still work). A failed or
-        undelivered text of a page goes to Pager.text_failed; one of a message job (the
+        undelivered text of a page goes to Pages.text_failed; one of a message job (the
         handoff) is audited with its code and reason."""
         form, query = request.form, request.query
         status = form["MessageStatus"]
@@ -8596,7 +8741,7 @@ class WebApp:
         if status not in ("failed", "undelivered"):
             return empty_messaging()
         if PAGE_ID.fullmatch(page_id) and TEXT_CHANNEL.fullmatch(channel):
-            self.pager.text_failed(page_id, channel, status, code)
+            self.pager.pages.text_failed(page_id, channel, status, code)
         elif re.fullmatch(r"msg-[0-9TZ.]+-[0-9a-f]{12}", query.get("job", "")):
             self.pager.audit.record("page.delivery_failed", "twilio", {
                 "job": query["job"], "deliveries": {"sms": {
@@ -8608,9 +8753,9 @@ class WebApp:
 
     def msgcontrol_entry(self, request: Request) -> Response:
         """A retry or replay of the same MessageSid gets the first answer again, not a second
-        execution (see Pager.handle_sms)."""
+        execution (see Commands.handle_sms)."""
         try:
-            reply = self.pager.handle_sms(clean_text(request.form["From"]),
+            reply = self.pager.commands.handle_sms(clean_text(request.form["From"]),
                                           clean_text(request.form.get("Body", "")),
                                           request.form.get("MessageSid", ""))
         except (NoConfig, ConfigError):
@@ -8638,7 +8783,7 @@ class WebApp:
     # --- page calls ----------------------------------------------------------------------------
 
     def page_for(self, request: Request) -> dict | None:
-        return self.pager.page(request.query.get("page", ""))
+        return self.pager.pages.page(request.query.get("page", ""))
 
     def oncall_answer(self, request: Request) -> Response:
         from twilio.twiml.voice_response import VoiceResponse
@@ -8646,7 +8791,7 @@ class WebApp:
         page = self.page_for(request)
         if page is None:
             return self.say_and_hang_up("This page no longer exists. Goodbye.")
-        number = self.pager.number_of(page)
+        number = self.pager.pages.number_of(page)
         if page["state"] != "open":
             return self.say_and_hang_up(f"Page {number} is {page['state']} already. Goodbye.")
         doc = self.voice_config()
@@ -8677,13 +8822,13 @@ class WebApp:
         page = self.page_for(request)
         if page is None:
             return self.say_and_hang_up("This page no longer exists. Goodbye.")
-        number = self.pager.number_of(page)
+        number = self.pager.pages.number_of(page)
         digits = request.form.get("Digits", "")
         if digits == "1":
             member = member_by_phone(self.pager.team.read().doc, request.form.get("To", ""))
             if member is None:
                 return twiml(VoiceResponse())
-            done, current = self.pager.acknowledge(page["id"], member, via="call")
+            done, current = self.pager.pages.acknowledge(page["id"], member, via="call")
             if done:
                 return self.say_and_hang_up(f"Page {number} acknowledged. Thank you, "
                                             f"{first_name(member)}. Goodbye.")
@@ -8725,8 +8870,23 @@ class WebApp:
         log.info("event=call.status page=%s status=%s", (page or {}).get("id"),
                  log_value(status))
         if page and status in ("busy", "no-answer", "failed", "canceled") and step is not None:
-            self.pager.call_unanswered(page["id"], step)
+            self.pager.calls.call_unanswered(page["id"], step)
         return empty_messaging()
+
+
+# --- Monitors: the Events API, heartbeats, /healthz and /metrics ------------------------------
+
+
+class Monitors:
+    """The unsigned routes, for monitors and for readers holding a token (no Twilio
+    signature; a routing key or a token instead): PagerDuty's Events API and Change Events,
+    heartbeat pings, /healthz, /metrics, and the feeds. Served through WebApp.dispatch like
+    Twilio's routes (Route.room names this room)."""
+
+    def __init__(self, app: WebApp):
+        self.app = app
+        self.cfg, self.pager, self.worker = app.cfg, app.pager, app.worker
+        self._key_lookup = -math.inf  # time.monotonic() of the last store read for a key
 
     # --- alerts from monitoring: not Twilio's routes, the routing key is the credential ------
 
@@ -8773,7 +8933,7 @@ class WebApp:
             return accepted
         parsed, integration = accepted
         try:
-            dedup_key = self.pager.alert_event(integration, parsed)
+            dedup_key = self.pager.alerts.alert_event(integration, parsed)
         except StoreConflict:
             return busy()
         log.info("event=events.processed integration=%s action=%s", integration,
@@ -8823,7 +8983,7 @@ class WebApp:
         if isinstance(accepted, Response):
             return accepted
         change, integration = accepted
-        self.pager.change_received(integration, change)
+        self.pager.alerts.change_received(integration, change)
         log.info("event=events.change integration=%s", integration)
         return json_response(202, {"status": "success", "message": "Change event processed"})
 
@@ -8852,7 +9012,7 @@ class WebApp:
             return json_response(404, {"status": "not found",
                                        "message": "no heartbeat of that name is configured"})
         try:
-            state = self.pager.heartbeat_ping(name, settings["interval"]
+            state = self.pager.alerts.heartbeat_ping(name, settings["interval"]
                                               + settings.get("grace", 0))
         except StoreConflict:
             return busy()
@@ -8910,7 +9070,8 @@ class WebApp:
                             (("WWW-Authenticate", 'Bearer realm="metrics"'),))
         team = self.pager.team
         known = team.last_known()
-        left = self.worker.outbound_left(known.doc if known else None) if self.worker else None
+        left = self.worker.delivery.outbound_left(
+            known.doc if known else None) if self.worker else None
         gauges: dict[str, list[tuple[Labels, float]]] = {
             "oncall_build_info": [((("version", VERSION),), 1.0)],
             "oncall_queue_depth": [((), float(self.worker.queue_depth if self.worker else 0))],
@@ -8920,7 +9081,7 @@ class WebApp:
             "oncall_quiet": [((), float(known is not None and
                                        quiet_until(known.doc, time.time()) is not None))],
             "oncall_worker_busy_seconds": [((), self.worker.busy_for())] if self.worker else [],
-            "oncall_alert_repeats_pending": [((), float(self.pager.repeats.pending()))],
+            "oncall_alert_repeats_pending": [((), float(self.pager.alerts.repeats.pending()))],
         }
         return Response(200, METRICS.render(gauges), "text/plain; version=0.0.4; charset=utf-8")
 
@@ -8946,15 +9107,16 @@ ROUTES: dict[str, Route] = {
     "/oncall/callstatus": Route(("POST",), WebApp.oncall_callstatus, ("CallSid", "CallStatus")),
     "/oncall/test": Route(("POST",), WebApp.oncall_test, ("CallSid",)),
     "/oncall/testkey": Route(("POST",), WebApp.oncall_testkey, ("CallSid",)),
-    "/healthz": Route(("GET",), WebApp.healthz, signed=False),
-    "/metrics": Route(("GET",), WebApp.metrics, signed=False),
-    "/v2/enqueue": Route(("POST",), WebApp.events_enqueue, signed=False,
-                         max_body=MAX_EVENT_BODY),
-    "/v2/change/enqueue": Route(("POST",), WebApp.change_enqueue, signed=False,
-                                max_body=MAX_EVENT_BODY),
-    "/heartbeat/*": Route(("GET", "HEAD", "POST"), WebApp.heartbeat, signed=False),
-    "/calendar/*": Route(("GET", "HEAD"), WebApp.calendar, signed=False),
-    "/status/*": Route(("GET", "HEAD"), WebApp.status_page, signed=False),
+    "/healthz": Route(("GET",), Monitors.healthz, signed=False, room="monitors"),
+    "/metrics": Route(("GET",), Monitors.metrics, signed=False, room="monitors"),
+    "/v2/enqueue": Route(("POST",), Monitors.events_enqueue, signed=False,
+                         max_body=MAX_EVENT_BODY, room="monitors"),
+    "/v2/change/enqueue": Route(("POST",), Monitors.change_enqueue, signed=False,
+                                max_body=MAX_EVENT_BODY, room="monitors"),
+    "/heartbeat/*": Route(("GET", "HEAD", "POST"), Monitors.heartbeat, signed=False,
+                          room="monitors"),
+    "/calendar/*": Route(("GET", "HEAD"), Monitors.calendar, signed=False, room="monitors"),
+    "/status/*": Route(("GET", "HEAD"), Monitors.status_page, signed=False, room="monitors"),
 }
 
 
@@ -9166,7 +9328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pager.team.read()
     except (NoConfig, StoreUnavailable, ConfigError) as e:
         # Never exit for a config: a restart loop answers nobody. Calls are answered and
-        # their pages wait (Pager.wait_for_config); the worker reads the config again every
+        # their pages wait (Pages.wait_for_config); the worker reads the config again every
         # poll_interval; /healthz says config-invalid meanwhile.
         log.error("event=serve.degraded problem=%s", log_value(str(e), 300))
     if cfg.dry_run:
@@ -9498,7 +9660,7 @@ def set_push(pager: Pager, args: argparse.Namespace, member_id: str) -> int:
 
 
 def handed_over_to(before: dict, after: dict) -> None:
-    """Say so when a change made a handoff (see Pager.handoff_with_change): the operator
+    """Say so when a change made a handoff (see Team.handoff_with_change): the operator
     learns that on-call moved, and that the texts wait for a running pager to send them."""
     oncall = oncall_member(after)
     if oncall["id"] != oncall_id_of(before):
@@ -9519,7 +9681,8 @@ def change_config(pager: Pager, args: argparse.Namespace,
             raise StoreUnavailable(pager.team.problem)
         doc = copy.deepcopy(snap.doc)
         what = change(doc)
-        told, details, oncall_by = pager.handoff_with_change(doc, {"via": "cli", "change": what})
+        told, details, oncall_by = pager.oncall.handoff_with_change(doc,
+                                                                    {"via": "cli", "change": what})
         try:
             written = pager.team.write(doc, base=snap, actor=operator(args), details=details,
                                        messages=told, oncall_by=oncall_by)
@@ -9757,7 +9920,7 @@ def config_edit(pager: Pager, args: argparse.Namespace) -> int:
         os.unlink(name)
         print("no change")
         return 0
-    told, details, oncall_by = pager.handoff_with_change(doc, {"via": "cli edit"})
+    told, details, oncall_by = pager.oncall.handoff_with_change(doc, {"via": "cli edit"})
     try:
         written = pager.team.write(doc, base=snap, actor=operator(args), details=details,
                                    messages=told, oncall_by=oncall_by)

@@ -2188,13 +2188,13 @@ def open_two_pages(cli: Cli) -> tuple[dict, dict]:
     """A voicemail (acknowledged by Bob) and a missed call (open), opened as the app does."""
     pager = op.Pager(op.load_app_config(cli.config), cli.store, instance="test:1")
     sid = "RE" + "1" * 32
-    voicemail, _ = pager.open_page(
+    voicemail, _ = pager.pages.open_page(
         sid, "voicemail", {"number": CALLER, "name": "ACME CORP"}, "CA" + "1" * 32,
         f"https://api.twilio.com/2010-04-01/Accounts/AC1/Recordings/{sid}", 12)
-    missed, _ = pager.open_page("CA" + "2" * 32, "missed",
+    missed, _ = pager.pages.open_page("CA" + "2" * 32, "missed",
                                 {"number": STRANGER, "city": "RALEIGH", "state": "NC"},
                                 "CA" + "2" * 32)
-    acked, voicemail = pager.acknowledge(sid, op.members(team_doc())["bob"], via="sms")
+    acked, voicemail = pager.pages.acknowledge(sid, op.members(team_doc())["bob"], via="sms")
     assert acked
     return voicemail, missed
 
@@ -2776,21 +2776,21 @@ def test_a_weekly_handoff_keeps_0900_in_berlin_across_the_2027_03_28_change(
     assert rot.starts(1) == handoff and rot.local_text(handoff) == "Mon 2027-03-29 09:00 CEST"
     assert rot.local_text(rot.starts(0)) == "Mon 2027-03-22 09:00 CET"
     clock.now = datetime(2027, 3, 22, 8, 0, tzinfo=UTC).timestamp()
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "bob"
     clock.now = handoff - 1
     doc = pager.team.read().doc
-    assert pager.next_handoff(doc) == (
+    assert pager.oncall.next_handoff(doc) == (
         "Next handoff: Carol Cruz on Mon 2027-03-29 09:00 CEST (in 1 s).")
-    assert pager.rotation_due(doc, clock.now) == clock.now, "Carol's reminder is due"
-    pager.rotate()
+    assert pager.oncall.rotation_due(doc, clock.now) == clock.now, "Carol's reminder is due"
+    pager.oncall.rotate()
     assert oncall_id(store) == "bob"
-    assert pager.rotation_due(doc, clock.now) == handoff
+    assert pager.oncall.rotation_due(doc, clock.now) == handoff
     (reminder,) = [json.loads(store.get(key).data) for key in store.list("jobs/msg-remind-")]
     assert (reminder["to"], reminder["body"]) == (CAROL, "Reminder: you go on call for the "
                                                   "team at Mon 2027-03-29 09:00 CEST, in 1 s.")
     clock.now = handoff
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "carol"
     assert rotation_changes(store) == [("alice", "bob"), ("bob", "carol")]
     assert audit_events(store, "oncall.changed")[-1]["details"]["shift"] == \
@@ -2859,11 +2859,11 @@ def test_a_handoff_made_by_an_instance_that_stopped_at_once_is_told_by_the_other
     cfg = op.load_app_config(write_config(tmp_path, "file:var", mode="dry-run"))
     first = op.Pager(cfg, CrashingStore(tmp_path / "var", crash_at=1, after=True))
     with pytest.raises(Crash):
-        first.rotate()
+        first.oncall.rotate()
     store = op.DirectoryStore(tmp_path / "var")
     assert oncall_id(store) == "bob" and store.list("jobs/") == []
     assert audit_events(store) == []
-    op.Pager(cfg, store).rotate()
+    op.Pager(cfg, store).oncall.rotate()
     jobs = [json.loads(store.get(key).data) for key in store.list("jobs/")]
     assert sorted((job["to"], job["purpose"]) for job in jobs) == [
         (ALICE, "rotation"), (BOB, "rotation")]
@@ -2874,7 +2874,7 @@ def test_a_failing_rotation_does_not_stop_the_worker_looking_at_pages(
         s3_pager: RunningPager, monkeypatch: pytest.MonkeyPatch, twilio: TwilioFake) -> None:
     def broken(doc: dict, now: float) -> float:
         raise OverflowError("date value out of range")
-    monkeypatch.setattr(s3_pager.pager, "rotation_due", broken)
+    monkeypatch.setattr(s3_pager.pager.oncall, "rotation_due", broken)
     escalation(s3_pager.store, ack_timeout=0.3, call_attempts=1)
     s3_pager.pager.team.read()
     leave_voicemail(s3_pager, twilio)
@@ -4700,7 +4700,8 @@ class Process:
 
     def settle(self) -> None:
         for _ in range(20):
-            self.pager.repeats.flush_due(math.inf)  # (else written REPEAT_FLUSH_SECONDS later)
+            self.pager.alerts.repeats.flush_due(
+                math.inf)  # (else written REPEAT_FLUSH_SECONDS later)
             self.worker.scan()
             deadline = time.monotonic() + 5
             while self.worker._tasks() and time.monotonic() < deadline:
@@ -4732,7 +4733,7 @@ class Process:
 
 def sms(process: Process, sender: str, body: str) -> None:
     """A member's SMS, each a new message (a member who got no answer sends it again)."""
-    process.pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
+    process.pager.commands.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
 
 
 CRASH_RECORDING_URL = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Recordings/"
@@ -4743,14 +4744,14 @@ MISSED_SID = "CA" + "d" * 32
 # joined by a missed call from the same caller, escalated twice (a call to Alice, then Bob
 # texted and phoned), acknowledged by Alice's SMS, Bob told.
 PAGE_FLOW: list[Callable[[Process], None]] = [
-    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+    lambda p: p.pager.pages.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
-    lambda p: p.pager.text_failed(CRASH_SID, "mms", "undelivered", 30007),
+    lambda p: p.pager.pages.text_failed(CRASH_SID, "mms", "undelivered", 30007),
     lambda p: p.settle(),
-    lambda p: p.pager.transcribed(CRASH_SID, "completed", "The checkout is down."),
+    lambda p: p.pager.calls.transcribed(CRASH_SID, "completed", "The checkout is down."),
     lambda p: p.settle(),
-    lambda p: p.pager.open_page(MISSED_SID, "missed", {"number": CALLER}, MISSED_SID),
+    lambda p: p.pager.pages.open_page(MISSED_SID, "missed", {"number": CALLER}, MISSED_SID),
     lambda p: p.advance(CRASH_ACK_TIMEOUT),
     lambda p: p.advance(CRASH_ACK_TIMEOUT),
     lambda p: sms(p, ALICE, "ACK"),
@@ -4776,7 +4777,7 @@ ALICE_MEMBER = {"id": "alice", "name": "Alice McAlister", "phone": ALICE}
 # A live call: Alice presses 1 (Twilio's retry of that key press comes again after a stop),
 # the call's e-mail goes out.
 LIVE_FLOW: list[Callable[[Process], None]] = [
-    lambda p: p.pager.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
+    lambda p: p.pager.calls.live_accepted(LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"]),
     lambda p: p.settle(),
 ]
 
@@ -4795,7 +4796,7 @@ def store_down(process: Process, step: Callable[[Process], Any]) -> None:
 # retry of the key press comes again after a stop), then the store is back: the call's e-mail
 # goes out (from the spool: a scan works on it first), and the page moves in at the next scan.
 LIVE_OUTAGE_FLOW: list[Callable[[Process], None]] = [
-    lambda p: store_down(p, lambda p: p.pager.live_accepted(
+    lambda p: store_down(p, lambda p: p.pager.calls.live_accepted(
         LIVE_SID, {"number": CALLER}, ALICE_MEMBER, ["alice"])),
     lambda p: p.advance(5),
     lambda p: p.settle(),
@@ -4832,7 +4833,7 @@ def alert(process: Process, action: str) -> None:
     """An Alertmanager event (retried after a stop, as Alertmanager retries a failed POST)."""
     event, errors = op.parse_event(alertmanager_event(action))
     assert errors == []
-    process.pager.alert_event("alertmanager", event)
+    process.pager.alerts.alert_event("alertmanager", event)
 
 
 # An alert: triggered (texted, e-mailed), notified again (joins), acknowledged, resolved
@@ -4880,7 +4881,7 @@ def miss_heartbeat(process: Process) -> None:
 HEARTBEAT_FLOW: list[Callable[[Process], None]] = [
     set_up_heartbeat,
     miss_heartbeat,
-    lambda p: p.pager.heartbeat_ping(BACKUP, BACKUP_WINDOW),
+    lambda p: p.pager.alerts.heartbeat_ping(BACKUP, BACKUP_WINDOW),
     lambda p: p.settle(),
 ]
 
@@ -4893,14 +4894,14 @@ def begin(process: Process) -> None:
 def two_quiet_days_later(process: Process) -> None:
     """The daily housekeeping once the pages have been quiet for QUIET_AFTER (and a day)."""
     process.advance_to(op.QUIET_AFTER + op.DAY)
-    process.worker._archive_pages()
+    process.worker.upkeep._archive_pages()
 
 
 # Pages done with move out of pages/: a voicemail acknowledged, an alert resolved; two quiet
 # days later both move to pages-done/; then the alert fires again (a new page).
 ARCHIVE_FLOW: list[Callable[[Process], None]] = [
     begin,
-    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+    lambda p: p.pager.pages.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
     lambda p: sms(p, ALICE, "ACK"),
@@ -4929,13 +4930,13 @@ def listing_and_index(process: Process) -> None:
 # escalated (a call to Alice), acknowledged by Alice; then another listing and index write.
 INDEX_FLOW: list[Callable[[Process], None]] = [
     begin,
-    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+    lambda p: p.pager.pages.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
     lambda p: sms(p, ALICE, "ACK"),
     lambda p: p.settle(),
     listing_and_index,
-    lambda p: p.pager.open_page(INDEX_SID, "voicemail", {"number": "+15557654321"},
+    lambda p: p.pager.pages.open_page(INDEX_SID, "voicemail", {"number": "+15557654321"},
                                 "CA" + "e" * 32, CRASH_RECORDING_URL + INDEX_SID, 7),
     lambda p: p.settle(),
     lambda p: p.advance(CRASH_ACK_TIMEOUT),
@@ -4989,7 +4990,7 @@ def alert_budget_of_one(process: Process) -> None:
 def alert_of(process: Process, dedup_key: str) -> None:
     event, errors = op.parse_event(alertmanager_event(dedup_key=dedup_key))
     assert errors == []
-    process.pager.alert_event("alertmanager", event)
+    process.pager.alerts.alert_event("alertmanager", event)
 
 
 # The alert budget (one page an hour rings): disk-a rings; disk-b is held (listed, e-mailed,
@@ -5216,7 +5217,7 @@ def set_up_push(process: Process) -> None:
 # webhook), Alice's ACK (page.acknowledged to the webhook).
 PUSH_FLOW: list[Callable[[Process], None]] = [
     set_up_push,
-    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+    lambda p: p.pager.pages.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
     lambda p: sms(p, ALICE, "ACK"),
@@ -5431,7 +5432,7 @@ def test_an_unexpected_delivery_exception_is_audited_retried_then_given_up(
     worker = op.Worker(pager, Broken())
     worker.start()
     try:
-        pager.open_page("CA" + "9" * 32, "missed", {"number": CALLER}, "CA" + "9" * 32)
+        pager.pages.open_page("CA" + "9" * 32, "missed", {"number": CALLER}, "CA" + "9" * 32)
         wait_until(lambda: [e for e in audit_events(store, "page.delivery_failed")
                             if e["details"]["deliveries"].get("sms", {}).get("final")], 20)
     finally:
@@ -5619,11 +5620,11 @@ def test_an_ack_reaches_a_warning_that_another_instance_made_ring(tmp_path: Path
     for pager, severity in ((a, "warning"), (b, "critical")):
         event, errors = op.parse_event(alertmanager_event(severity=severity))
         assert errors == []
-        pager.alert_event("alertmanager", event)
+        pager.alerts.alert_event("alertmanager", event)
     page_id = op.alert_page_id("alertmanager", AM_DEDUP_KEY, 0)
     assert a.book.get(page_id)[0]["state"] == "listed"
-    assert b.page_number(page_id, b.page(page_id)["opened"]) == 1
-    reply = a.handle_sms(ALICE, body, "SM" + uuid.uuid4().hex)
+    assert b.pages.page_number(page_id, b.pages.page(page_id)["opened"]) == 1
+    reply = a.commands.handle_sms(ALICE, body, "SM" + uuid.uuid4().hex)
     assert reply == f"Page 1 acknowledged: [critical] {SUMMARY} (Alertmanager). Thanks, Alice."
     assert page_of(store, page_id)["state"] == "acknowledged"
 
@@ -5639,7 +5640,7 @@ def alert_pager(tmp_path: Path, store: op.Store | None = None) -> tuple[op.Store
 def send_alert(pager: op.Pager, action: str = "trigger", **kwargs: str) -> None:
     event, errors = op.parse_event(alertmanager_event(action, **kwargs))
     assert errors == []
-    pager.alert_event("alertmanager", event)
+    pager.alerts.alert_event("alertmanager", event)
 
 
 def mark_delivered(store: op.Store) -> None:
@@ -5660,7 +5661,7 @@ def test_an_alert_page_moved_out_while_a_trigger_looks_for_it_is_not_opened_agai
             blob = super().get(key, unless_etag=unless_etag)
             if key.startswith("alerts/") and armed:
                 armed.clear()
-                assert other.archive(*op.read_json(self, f"pages/{first}.json"), None)
+                assert other.pages.archive(*op.read_json(self, f"pages/{first}.json"), None)
             return blob
 
     armed: list[bool] = []
@@ -5680,14 +5681,14 @@ def test_an_alert_page_moved_out_while_a_trigger_looks_for_it_is_not_opened_agai
 
 
 def test_what_moves_out_of_pages_and_what_stays(tmp_path: Path) -> None:
-    """Pager.archive, page by page: an acknowledged alert stays (its resolve must still reach
+    """Pages.archive, page by page: an acknowledged alert stays (its resolve must still reach
     it) until its dedup_key has a later page; listed and open pages stay; a resolved one and
     an acknowledged voicemail go; a missed heartbeat's page stays until the heartbeat pings."""
     store, pager = alert_pager(tmp_path)
     doc = pager.team.read().doc
 
     def moves(page_id: str) -> bool:
-        return pager.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
+        return pager.pages.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
 
     def alert_id(dedup_key: str, generation: int = 0) -> str:
         return op.alert_page_id("alertmanager", dedup_key, generation)
@@ -5711,20 +5712,20 @@ def test_what_moves_out_of_pages_and_what_stays(tmp_path: Path) -> None:
     assert [moves(p) for p in (alert_id("again"), alert_id("again", 1), alert_id("listed"),
                                alert_id("open"), alert_id("acked"))] == [
         True, False, False, False, True]
-    page, _ = pager.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
+    page, _ = pager.pages.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
                               PAGE_URL, 10)
     assert not moves(PAGE_ID)
-    pager.acknowledge(PAGE_ID, op.members(doc)["alice"], via="sms")
+    pager.pages.acknowledge(PAGE_ID, op.members(doc)["alice"], via="sms")
     op.update_json(store, f"pages/{PAGE_ID}.json", lambda p: {**p, "deliveries": {}})
     assert moves(PAGE_ID)
     state = {"name": "backup", "since": time.time() - 7200, "last_ping": None}
     store.put("heartbeats/backup.json", op.to_json(state))
-    missed, _ = pager.heartbeat_missed("backup", state)
+    missed, _ = pager.alerts.heartbeat_missed("backup", state)
     op.update_json(store, f"pages/{missed['id']}.json",
                    lambda p: {**p, "state": "closed", "deliveries": {}})
     assert not moves(missed["id"]), "a restart would open it again"
     store.put("heartbeats/backup.json", op.to_json({**state, "last_ping": time.time()}))
-    pager.heartbeats.clear()
+    pager.alerts.heartbeats.clear()
     assert moves(missed["id"])
     assert sorted(store.list("pages-done/")) == sorted(
         f"pages-done/{p}.json" for p in (alert_id("again"), alert_id("acked"), PAGE_ID,
@@ -5750,12 +5751,12 @@ def test_a_plain_ack_reads_no_page_that_cannot_concern_it(tmp_path: Path) -> Non
     doc = first.team.read().doc
     for n in range(6):
         page_id = f"RE{n:032d}"
-        first.open_page(page_id, "voicemail", {"number": CALLER}, f"CA{n:032d}", PAGE_URL, 10)
-        first.page_number(page_id, time.time())
-        first.acknowledge(page_id, op.members(doc)["alice"], via="sms")
+        first.pages.open_page(page_id, "voicemail", {"number": CALLER}, f"CA{n:032d}", PAGE_URL, 10)
+        first.pages.page_number(page_id, time.time())
+        first.pages.acknowledge(page_id, op.members(doc)["alice"], via="sms")
         op.update_json(store, f"pages/{page_id}.json", lambda p: {
             **p, "deliveries": {}, "opened": p["opened"] - op.QUIET_AFTER - 5})
-        assert first.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
+        assert first.pages.archive(*op.read_json(store, f"pages/{page_id}.json"), doc)
     counter = json.loads(store.get("counters/pages.json").data)
     for item in counter["recent"]:
         item["opened"] -= op.QUIET_AFTER + 5  # opened days ago
@@ -5763,13 +5764,13 @@ def test_a_plain_ack_reads_no_page_that_cannot_concern_it(tmp_path: Path) -> Non
     for n in range(4):
         send_alert(first, severity="warning", dedup_key=f"warning-{n}")
         page_id = op.alert_page_id("alertmanager", f"warning-{n}", 0)
-        first.page_number(page_id, time.time())
+        first.pages.page_number(page_id, time.time())
     restarted = op.Pager(first.cfg, store, instance="test:restarted")
     worker = op.Worker(restarted, op.Telephony())
     worker._list_pages()
     restarted.team.read()
     reads.clear()
-    reply = restarted.handle_sms(ALICE, "ACK", "SM" + uuid.uuid4().hex)
+    reply = restarted.commands.handle_sms(ALICE, "ACK", "SM" + uuid.uuid4().hex)
     worker.stop()
     assert reply == "No open pages for you. Nothing to acknowledge."
     warnings = {f"pages/{op.alert_page_id('alertmanager', f'warning-{n}', 0)}.json"
@@ -5796,8 +5797,9 @@ def test_a_handoff_text_queued_first_by_the_other_instance_is_sent_by_it_alone(
     started: list[str] = []
     a.start_work = lambda *args: None  # a worker here: texts are claimed and started
     a.start_message = lambda key, job: started.append(key)
-    assert a.handle_sms(BOB, "TAKE", "SM" + uuid.uuid4().hex).startswith("Bob Roberts to be")
-    assert "you are now on call" in a.handle_sms(BOB, "C", "SM" + uuid.uuid4().hex)
+    assert a.commands.handle_sms(BOB, "TAKE",
+                                 "SM" + uuid.uuid4().hex).startswith("Bob Roberts to be")
+    assert "you are now on call" in a.commands.handle_sms(BOB, "C", "SM" + uuid.uuid4().hex)
     (key, job), = settled
     assert job["to"] == ALICE and started == [], "the handoff text would go twice"
     assert json.loads(store.get(key).data)["body"] == job["body"]
@@ -5841,11 +5843,12 @@ def test_a_member_who_refuses_sms_is_still_phoned_when_the_page_escalates(
     store = op.DirectoryStore(tmp_path / "var")
     put_team(store)
     pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
-    page, _ = pager.open_page("RE" + "7" * 32, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
+    page, _ = pager.pages.open_page("RE" + "7" * 32, "voicemail", {"number": CALLER},
+                                    "CA" + "8" * 32,
                               "https://api.twilio.com/x", 10)
     telephony = RefusesSMS()
     worker = op.Worker(pager, telephony)
-    worker._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
+    worker.delivery._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
         "page.escalated", "worker", {"page": PAGE_ID, "step": 2}))
     assert telephony.calls == [BOB, CAROL]
     (escalated,) = audit_events(store, "page.escalated")
@@ -5989,7 +5992,8 @@ def flaky(tmp_path: Path) -> tuple[FlakyStore, op.Pager]:
 
 
 def open_test_page(pager: op.Pager) -> tuple[dict, bool]:
-    return pager.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32, PAGE_URL,
+    return pager.pages.open_page(PAGE_ID, "voicemail", {"number": CALLER}, "CA" + "8" * 32,
+                                 PAGE_URL,
                            10)
 
 
@@ -6015,7 +6019,7 @@ def test_moving_a_spooled_page_keeps_a_fallback_only_the_spool_has(
     op.add_delivery(spooled, "sms_fallback")
     pager.spool.put(f"pages/{PAGE_ID}.json", op.to_json(spooled))
     worker = op.Worker(pager, op.Telephony())
-    assert worker._move_into_store(PAGE_ID)
+    assert worker.upkeep._move_into_store(PAGE_ID)
     worker.stop()
     stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
     assert stored["deliveries"]["mms"]["state"] == "failed"
@@ -6036,7 +6040,7 @@ def test_moving_a_spooled_page_keeps_the_escalation_steps_it_called(
     spooled["paged"] = ["alice", "bob"]
     pager.spool.put(f"pages/{PAGE_ID}.json", op.to_json(spooled))
     worker = op.Worker(pager, op.Telephony())
-    assert worker._move_into_store(PAGE_ID)
+    assert worker.upkeep._move_into_store(PAGE_ID)
     worker.stop()
     stored, _ = op.read_json(store, f"pages/{PAGE_ID}.json")
     assert stored["escalation"]["step"] == 2 and stored["paged"] == ["alice", "bob"]
@@ -6087,7 +6091,7 @@ def test_an_undelivered_mms_of_a_spooled_page_still_falls_back(
     store.fail = lambda operation, key: True
     open_test_page(pager)
     store.fail = lambda operation, key: False  # back, but the page is not moved yet
-    assert pager.text_failed(PAGE_ID, "mms", "undelivered") is True
+    assert pager.pages.text_failed(PAGE_ID, "mms", "undelivered") is True
     spooled, _ = op.read_json(pager.spool, f"pages/{PAGE_ID}.json")
     assert "sms_fallback" in spooled["deliveries"]
 
@@ -6109,7 +6113,7 @@ def test_a_store_blip_mid_escalation_does_not_skip_the_rest_of_the_team(
             return "CA" + "0" * 32
 
     worker = op.Worker(pager, Telephony())
-    worker._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
+    worker.delivery._escalate(page, 2, "team", ["bob", "carol"], *pager.audit.entry(
         "page.escalated", "worker", {"page": PAGE_ID, "step": 2}))
     worker.stop()
     store.fail = lambda operation, key: False
@@ -7202,7 +7206,7 @@ def test_live_hunt_markers_older_than_10_minutes_are_pruned_daily(tmp_path: Path
         os.utime(store.root / f"live/{number}.json", (time.time() - age, time.time() - age))
     pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
     worker = op.Worker(pager, op.Telephony())
-    worker._prune_hunts()
+    worker.upkeep._prune_hunts()
     worker.stop()
     assert store.list("live/") == ["live/15551239999.json"]
 
@@ -7693,6 +7697,7 @@ def test_status_shows_the_ringing_page_first_and_ack_n_finds_it_after_55_warning
     assert s3_pager.sms(ALICE, "ACK 57") == "There is no recent page 57."
     # a second instance, started now, knows page 1 only from the store
     other = start_pager(s3_setup("b"))
+    wait_until(lambda: other.pager.book.listed, 10)  # its start-up's reads are not the ACK's
     counter = S3Counter(other.store)
     assert other.sms(ALICE, "ACK 1") == ("Page 1 was already acknowledged by Alice "
                                         "McAlister. Thanks, Alice.")
@@ -9857,7 +9862,7 @@ def test_a_repeat_over_the_budget_as_last_seen_is_counted_first_and_capped(
     leave_voicemail(s3_pager, twilio)  # a repeat: sent, counted after (1 of 1)
     wait_until(lambda: s3_pager.store.get("counters/outbound.json"), 5)
     assert twilio.wait_for(lambda: len(twilio.messages()) == 2, 5)
-    wait_until(lambda: s3_pager.worker._outbound is not None, 5)
+    wait_until(lambda: s3_pager.worker.delivery._outbound is not None, 5)
     leave_voicemail(s3_pager, twilio)  # a second repeat: over the budget
     wait_until(lambda: audit_events(s3_pager.store, "outbound.capped"), 5)
     wait_until(lambda: len(smtp.messages) == 3, 5)
@@ -9875,15 +9880,15 @@ REPEAT_SID = "RE" + "f" * 32
 # record, its MMS reported undelivered so an SMS with its link follows, transcribed), then
 # Alice acknowledges the page.
 REPEAT_FLOW: list[Callable[[Process], None]] = [
-    lambda p: p.pager.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
+    lambda p: p.pager.pages.open_page(CRASH_SID, "voicemail", {"number": CALLER}, "CA" + "c" * 32,
                                 CRASH_RECORDING_URL + CRASH_SID, 12),
     lambda p: p.settle(),
-    lambda p: p.pager.open_page(REPEAT_SID, "voicemail", {"number": CALLER}, "CA" + "f" * 32,
+    lambda p: p.pager.pages.open_page(REPEAT_SID, "voicemail", {"number": CALLER}, "CA" + "f" * 32,
                                 CRASH_RECORDING_URL + REPEAT_SID, 7),
     lambda p: p.settle(),
-    lambda p: p.pager.text_failed(REPEAT_SID, "mms", "undelivered", 30007),
+    lambda p: p.pager.pages.text_failed(REPEAT_SID, "mms", "undelivered", 30007),
     lambda p: p.settle(),
-    lambda p: p.pager.transcribed(REPEAT_SID, "completed", "Please call me back."),
+    lambda p: p.pager.calls.transcribed(REPEAT_SID, "completed", "Please call me back."),
     lambda p: p.settle(),
     lambda p: sms(p, ALICE, "ACK"),
     lambda p: p.settle(),
@@ -10043,7 +10048,7 @@ def test_take_until_with_x_cancels_and_bad_or_too_long_times_change_nothing(
 
 
 def sms_reply(pager: op.Pager, sender: str, body: str) -> str | None:
-    return pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
+    return pager.commands.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
 
 
 def jobs(store: op.Store) -> list[tuple[str, str]]:
@@ -10072,13 +10077,13 @@ def test_take_until_0900_across_the_change_to_summer_time_in_berlin_ends_at_0900
                                    "Sun 2027-03-28 09:00 CEST).")]
     doc = pager.team.read().doc
     assert op.oncall_shifts(doc, clock.now, end + 3600)[0][:3] == ("carol", clock.now, end)
-    assert pager.rotation_due(doc, clock.now) == end
+    assert pager.oncall.rotation_due(doc, clock.now) == end
     clock.now = end - 1
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "carol"
     clock.now = end
-    pager.rotate()
-    pager.rotate()
+    pager.oncall.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "alice"
     assert oncall_changes(store) == [("alice", "carol", "override"),
                                      ("carol", "alice", "override")]
@@ -10109,14 +10114,15 @@ def test_an_override_holds_the_rotation_back_and_its_end_hands_back_to_the_rotat
     at = {name: datetime(2027, 3, day, hour, tzinfo=UTC).timestamp() for name, day, hour in (
         ("fri", 26, 10), ("sat", 27, 11), ("mon", 29, 7), ("tue", 30, 7))}
     clock.now = at["fri"]
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "bob"
     pager.overrides.change(lambda doc: op.add_override(doc, "carol", at["sat"], at["tue"],
                                                        "alice"),
                            "alice", "override.added", "cli")
     assert oncall_id(store) == "bob", "planned, not yet"
     doc = pager.team.read().doc
-    assert pager.next_handoff(doc) == ("Next handoff: Carol Cruz on Sat 2027-03-27 12:00 CET "
+    assert pager.oncall.next_handoff(doc) == (
+        "Next handoff: Carol Cruz on Sat 2027-03-27 12:00 CET "
                                        "(in 1 d 1 h), override until Tue 09:00 CEST, covering "
                                        "Bob.")
     assert [s[:4] for s in op.next_shifts(doc, clock.now, 3)] == [
@@ -10124,22 +10130,22 @@ def test_an_override_holds_the_rotation_back_and_its_end_hands_back_to_the_rotat
         ("carol", at["sat"], at["tue"], "bob"),
         ("alice", at["tue"], datetime(2027, 4, 5, 7, tzinfo=UTC).timestamp(), "")]
     clock.now = at["sat"]
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "carol"
     assert {(BOB, "Carol Cruz has taken on-call from you (override until Tue 2027-03-30 "
                   "09:00 CEST)."),
             (CAROL, "You are now on call for the team until Tue 2027-03-30 09:00 CEST.")} <= \
         set(jobs(store))
     doc = pager.team.read().doc
-    assert pager.next_handoff(doc) == ("Carol until Tue 09:00 CEST, covering Bob. Next "
+    assert pager.oncall.next_handoff(doc) == ("Carol until Tue 09:00 CEST, covering Bob. Next "
                                        "handoff: Alice McAlister on Tue 2027-03-30 09:00 CEST "
                                        "(in 2 d 20 h).")
     clock.now = at["mon"]  # the rotation's handoff to Alice: held back by the override
-    pager.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "carol"
     clock.now = at["tue"] + 5
-    pager.rotate()
-    pager.rotate()
+    pager.oncall.rotate()
+    pager.oncall.rotate()
     assert oncall_id(store) == "alice"
     assert oncall_changes(store) == [("alice", "bob", "rotation"),
                                      ("bob", "carol", "override"),
@@ -10162,9 +10168,9 @@ def test_an_override_that_ended_while_the_pager_was_down_hands_back_once_at_star
     assert sms_reply(first, CAROL, "C").startswith("Okay, Carol, you are on call until ")
     clock.now += 3 * 3600  # the pager was down meanwhile: two instances start
     second, third = op.Pager(cfg, store), op.Pager(cfg, store)
-    second.rotate()
-    third.rotate()
-    second.rotate()
+    second.oncall.rotate()
+    third.oncall.rotate()
+    second.oncall.rotate()
     assert oncall_changes(store) == [("alice", "carol", "override"),
                                      ("carol", "alice", "override")]
     assert [body for to, body in jobs(store) if to == CAROL] == [
@@ -10252,7 +10258,7 @@ def test_check_names_what_is_wrong_with_an_override(override: dict, expected: st
 
 # Carol covers for an hour (TAKE 1h, C: Alice told); the hour ends (handed back to Alice,
 # both told; a stop there means it ended while the pager was down, and the restart hands
-# back). A planned override's start and end are the same handoffs (Pager.hand_off).
+# back). A planned override's start and end are the same handoffs (Team.hand_off).
 OVERRIDE_FLOW: list[Callable[[Process], None]] = [
     begin,
     lambda p: sms(p, CAROL, "TAKE 1h"),
@@ -10443,7 +10449,7 @@ def test_status_and_a_plain_ack_cost_a_few_store_requests_in_a_row_however_many_
                                  (BOB, "ACK", "No open pages for you")):
         spans.clear()
         operations.clear()
-        reply = pager.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
+        reply = pager.commands.handle_sms(sender, body, "SM" + uuid.uuid4().hex)
         answered = time.monotonic()
         assert expect in (reply or ""), reply
         before_reply = [span for span in spans if span[0] < answered]
