@@ -7377,13 +7377,18 @@ class Delivery:
         else:
             self.pager.audit.record("page.delivered", "worker", details)
             job = {**job, "state": "sent", "sid": sms["sid"]}
-        METRICS.count("oncall_deliveries_total", channel="message",
+        self._keep_job(key, job, "message")
+
+    def _keep_job(self, key: str, job: dict, channel: str) -> None:
+        """A single job's outcome (a message or a webhook): counted, kept in memory (this
+        instance does not send it again, even if the write below fails), and written."""
+        METRICS.count("oncall_deliveries_total", channel=channel,
                       result="retry" if job["state"] == "pending" else job["state"])
         with self._lock:
             self.worker._messages[key] = (job, None, time.monotonic())
         try:
             self.store.put(key, to_json(job))
-        except StoreUnavailable:  # kept in memory: this instance does not send it again
+        except StoreUnavailable:
             log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
 
     def _send_hook(self, key: str, job: dict) -> None:
@@ -7413,14 +7418,7 @@ class Delivery:
         log.info("event=webhook.%s webhook=%s hook_event=%s attempt=%s",
                  job["state"] if job["state"] != "pending" else "retry", job["webhook"],
                  entry["event"], job["attempts"])
-        METRICS.count("oncall_deliveries_total", channel="webhook",
-                      result="retry" if job["state"] == "pending" else job["state"])
-        with self._lock:
-            self.worker._messages[key] = (job, None, time.monotonic())
-        try:
-            self.store.put(key, to_json(job))
-        except StoreUnavailable:  # kept in memory: this instance does not send it again
-            log.error("event=message.unrecorded key=%s state=%s", key, job["state"])
+        self._keep_job(key, job, "webhook")
 
     def _deliver_push(self, store: Store, page: dict, channel: str, doc: dict) -> dict:
         """The page's first notification on the push topic of whom it was sent to (read from
