@@ -165,11 +165,17 @@ Rooms (classes named after the domain, none over about 600 lines; each owns its 
                        memory), change events, alert budgets, heartbeats
             LiveCalls  the screened hunt and its live pages, transcripts
             Commands   an SMS in (once per MessageSid), the right room, the reply
-    worker  Worker     the loop, listings, claims, the pools: what schedules
+            beside them, smaller: QuietHours (QUIET), Overrides (TAKE 4h, `override`),
+            ContactTests (TEST, OK), AlertRepeats (a storm's repeats, counted in memory)
+    channels Push, Webhooks   POSTs to the push topics and webhooks of the operational config
+    worker  Worker     the loop, listings, claims, the pools: what schedules; DoneIndex (the
+                       pages done with, so that a start need not read them)
             Upkeep     rotation timing, heartbeat checks, housekeeping, the spool
             Delivery   MMS, SMS, e-mail, archive, escalation calls, the outbound budget
     web     WebApp     the gate (sizes, signature, router) and Twilio's webhooks
-            Monitors   /v2/enqueue, /v2/change/enqueue, /heartbeat/*, /healthz, /metrics
+            Monitors   /v2/enqueue, /v2/change/enqueue, /heartbeat/*, /healthz, /metrics,
+                       /calendar/TOKEN.ics and /status/TOKEN (StatusBoard: the views section)
+    command line       cmd_* functions; Report (`oncall-pager report`, from the audit log)
     The rooms share the store, the audit log, the PageBook and the clock (the module's `time`),
     taken from their hub in __init__; a room reaches another through an explicit reference
     (`self.pages`, or `self.pager.alerts` for one built after it).
