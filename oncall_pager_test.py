@@ -5216,7 +5216,7 @@ def set_up_push(process: Process) -> None:
     process.settle()
 
 
-# Push and webhooks (s23-push): a voicemail (MMS, push to Alice's topic, page.opened to the
+# Push and webhooks (SPEC 22): a voicemail (MMS, push to Alice's topic, page.opened to the
 # webhook), Alice's ACK (page.acknowledged to the webhook).
 PUSH_FLOW: list[Callable[[Process], None]] = [
     set_up_push,
@@ -7572,7 +7572,7 @@ def test_forty_new_alerts_ring_ten_pages_and_hold_thirty_with_one_text_on_two_in
 
     with ThreadPoolExecutor(4) as clients:
         list(clients.map(post, range(40)))
-        # (Grafana's 12 as well through 4 clients, no longer one at a time: s20-alerts)
+        # (Grafana's 12 as well, through the same 4 clients)
         assert list(clients.map(lambda i: post_event(one, alertmanager_event(
             key=GRAFANA_KEY, dedup_key=f"cpu-{i}"))[0], range(12))) == [202] * 12
     pages = alert_pages(one.store)
@@ -7590,7 +7590,7 @@ def test_forty_new_alerts_ring_ten_pages_and_hold_thirty_with_one_text_on_two_in
                 for c in calls_to(twilio, ALICE)}
 
     # past ack_timeout: every ringing page is called; the held ones, opened at the same
-    # moments, would have been called by then too (no fixed sleep: s20-alerts)
+    # moments, would have been called by then too (waited for, not slept)
     ringing = {p["id"] for p in pages if p["state"] == "open"}
     assert wait_until(lambda: called_pages() >= ringing, 15)
     time.sleep(0.3)
