@@ -2794,6 +2794,14 @@ def new_page(page_id: str, kind: str, doc: dict, state: str = "open", **fields: 
         **fields}
 
 
+def page_rev(page: dict) -> int:
+    """How many times a page was changed after its create: `rev`, which every change adds
+    one to (Pages.write_page), so of two copies of a page the later one is known (PageBook:
+    threads put what they read or wrote in any order). A page without it counts as 0."""
+    rev = page.get("rev")
+    return rev if isinstance(rev, int) and not isinstance(rev, bool) else 0
+
+
 def add_delivery(page: dict, channel: str, claimed_until: float = 0.0, **extra: str) -> None:
     """Queue one more channel on a page (once: a channel that exists is left alone). With
     `claimed_until` the channel is claimed by the instance that adds it, which sends it at
@@ -3256,8 +3264,13 @@ class PageBook:
             return page_id in self._gone
 
     def put(self, page: dict, etag: str) -> None:
+        """Keep a page as read or written; a copy older than the one kept (by `rev`: a read
+        that began before a write here, or a write put after a later one) is left out."""
         page_id = page["id"]
         with self._lock:
+            kept = self._working.get(page_id) or self._quiet.get(page_id)
+            if kept is not None and page_rev(kept[0]) > page_rev(page):
+                return
             self._since[page_id] = time.monotonic()
             self._gone.pop(page_id, None)
             if page.get("state") in SHOWN_FIRST:
@@ -3963,8 +3976,10 @@ class Pages:
         book's copy (`from_copy`; see update_json for when a copy may be used), settles the
         page's audit entries known written, and keeps the book up to date."""
         def changed(page: dict | None) -> dict | None:
+            rev = page_rev(page) + 1 if page is not None else 0
             new = change(page)
             if new is not None:
+                new["rev"] = rev
                 settle_audit(new, self.audit)
                 if new.get("alert", {}).get("unchecked") and self.pager.alerts.checked(page_id):
                     del new["alert"]["unchecked"]  # (see Alerts.open_alert_at_once)
