@@ -3301,6 +3301,14 @@ class PageBook:
                 self._quiet_etags[page_id] = etag
                 self._since[page_id] = time.monotonic()
 
+    def note_gone(self, page_id: str) -> None:
+        """A page found missing from pages/ (moved to pages-done/) by a read, not a listing."""
+        with self._lock:
+            if page_id not in self._working and page_id not in self._quiet_etags:
+                self._gone[page_id] = None
+                while len(self._gone) > RECENT_PAGES:
+                    self._gone.popitem(last=False)
+
     def note_done(self, page_id: str, etag: str) -> None:
         """A page the done index names with the ETag the listing shows: done with, unread."""
         with self._lock:
@@ -6356,10 +6364,16 @@ def escalation_targets(step: int, call_attempts: int, oncall_id: str,
     return "team", team
 
 
-# jobs/ is listed on every 12th listing of pages/ (and at start); the config is checked with
-# every listing (a conditional GET, a 304 at rest), so a change by the command line or by the
-# other instance (a rotation, live_answer ...) is seen within poll_interval: 60 LIST + 60 GET
-# + 5 LIST requests an hour at rest (a GET costs a twelfth of a LIST on S3).
+# The worker looks at the store once a poll_interval: pages/ is listed in full (one LIST per
+# LIST_PAGE_KEYS keys) while it holds at most LIST_PAGE_KEYS pages, and one poll in
+# ceil(pages / LIST_PAGE_KEYS) beyond, so a listing costs 60 LIST an hour however many pages
+# are kept; the polls in between read the page counter conditionally instead (a 304 at rest),
+# whose recent list names the pages opened since (Worker._read_new_pages). jobs/ is listed on
+# every 12th poll (and at start); the config is checked with every poll (a conditional GET),
+# so a change by the command line or by the other instance (a rotation, live_answer ...) is
+# seen within poll_interval: 60 LIST + 5 LIST + 60 GET (+ 60 GET of the counter beyond
+# LIST_PAGE_KEYS pages) an hour at rest (a GET costs a twelfth of a LIST on S3).
+LIST_PAGE_KEYS = 1000
 JOBS_LISTING_EVERY = 12
 QUIET_AFTER = 2 * DAY     # a page unchanged for this long has nothing left to do: not read
 HOUSEKEEPING_EVERY = DAY  # replay markers pruned, done pages moved out of pages/
@@ -6500,12 +6514,14 @@ class Worker:
 
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
-    (`start_work`, `start_message`); the rest it finds by listing pages/ every
-    `poll_interval` seconds (jobs/, the single messages, on every twelfth listing; the config
-    with every listing, a conditional read, so a change made elsewhere acts here within
-    `poll_interval`, and the texts a command-line change queued are sent at once): the listing
-    carries each page's ETag, so only pages that changed are read, and due work is planned
-    from the PageBook's copies in between, with no request. A step is *claimed* with one
+    (`start_work`, `start_message`); the rest it finds by looking at the store every
+    `poll_interval` seconds: a listing of pages/ (over LIST_PAGE_KEYS pages, one poll in
+    ceil(pages / LIST_PAGE_KEYS) lists, the others read the page counter for the pages opened
+    since), jobs/ (the single messages) on every twelfth poll, the config with every poll (a
+    conditional read, so a change made elsewhere acts here within `poll_interval`, and the
+    texts a command-line change queued are sent at once): the listing carries each page's
+    ETag, so only pages that changed are read, and due work is planned from the PageBook's
+    copies in between, with no request. A step is *claimed* with one
     conditional write over the copy (a claim expires after `claim_timeout`, covering an
     instance killed mid-step), so two instances sharing a bucket never both run it.
     Deliveries are at least once: a claim that expires is retried. Escalation steps are at
@@ -6550,7 +6566,9 @@ class Worker:
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self.done_index = DoneIndex(self.store, pager.book, pager.audit)
         self._indexed: dict[str, str] = {}  # the done index as read at start (first listing)
-        self._listings = 0
+        self._listings = 0  # polls of the store so far
+        self._listed_at_poll = 0  # the poll of the last full listing of pages/
+        self._pages_kept = 0  # how many pages it found in pages/
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_quiet_end = 0.0  # time.time() before which ending quiet hours is not retried
         self._adopted_from = ""  # the config version whose unclaimed texts were looked at
@@ -6623,7 +6641,12 @@ class Worker:
             try:
                 if self._listings == 1:
                     self._read_recent_pages()
-                self._list_pages()
+                if self._listings - self._listed_at_poll >= math.ceil(
+                        max(1, self._pages_kept) / LIST_PAGE_KEYS):
+                    self._list_pages()
+                    self._listed_at_poll = self._listings
+                else:
+                    self._read_new_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
                     self._list_messages()
                 # every listing reads the config (a 304 at rest): a change made elsewhere
@@ -6772,6 +6795,7 @@ class Worker:
                      len(seen), len(changed), len(self._indexed), time.monotonic() - listed_at)
             self._indexed = {}
         self.pager.book.keep_only(seen, listed_at)
+        self._pages_kept = len(seen)
         if not self._busy("done-index"):
             self._submit("done-index", lambda: self.done_index.write_if_changed(now=first))
 
@@ -6783,12 +6807,33 @@ class Worker:
         and does not read them again. The done index is read with the counter."""
         items, self._indexed = in_parallel(IO_POOL, self.pager.pages.recent_items,
                                            self.done_index.read)
+        self._read_recent(items)
+
+    def _read_new_pages(self) -> None:
+        """A poll between two full listings of a large pages/ (see LIST_PAGE_KEYS): the page
+        counter, read conditionally (a 304 while no page was opened), names the pages opened
+        since, by any instance; those the book does not know are read, as a listing would.
+        That is what failover needs: an instance that stopped after numbering its page (just
+        before its first text) leaves it to the others within a poll. A page it stopped with
+        before that, and what the other instance changed in pages known here, wait for the
+        next full listing (or a conditional write here, which reads the page on a conflict);
+        its own restart lists pages/ at once."""
+        book = self.pager.book
+        self._read_recent([item for item in self.pager.pages.recent_items()
+                           if book.etag(str(item.get("id"))) is None
+                           and not book.gone(str(item.get("id")))])
+
+    def _read_recent(self, items: list[dict]) -> None:
+        """The pages of these items of the counter's recent list, read and taken in; one no
+        longer in pages/ is noted gone (not read again until a listing finds it)."""
         keys = [f"pages/{item['id']}.json" for item in items
                 if PAGE_ID.fullmatch(str(item.get("id", "")))]
         spooled = self._spooled()
         for key, found in self._read_pages(keys):
-            if found is not None:  # None: moved to pages-done/ (or never stored)
+            if found is not None:
                 self._take_in(key, found, True, spooled)
+            else:  # moved to pages-done/ (or never stored)
+                self.pager.book.note_gone(key[len("pages/"):].removesuffix(".json"))
 
     def _spooled(self) -> set[str]:
         """The keys of the pages in the local spool: the spool works on those (see scan)."""

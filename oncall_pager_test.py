@@ -8205,10 +8205,14 @@ def hostile_pager(tmp_path: Path, twilio: TwilioFake, smtp: SMTPSink,
 FEED_TOKEN = "feed-token-" + "6" * 21  # the calendar's and the status page's, in the fuzz
 
 
-def quiet_state(store: op.Store, timeout: float = 10.0) -> dict[str, bytes]:
-    """The store once the pager is done with what it was asked (no delivery pending, nothing
-    written for a moment): what a rejected request must leave as it is. Fails naming the
-    deliveries still pending, with their errors."""
+def quiet_state(pager: RunningPager, timeout: float = 10.0) -> dict[str, bytes]:
+    """The store once the pager is done with what it was asked (no delivery pending, the
+    repeats it counted in memory written, nothing written for a moment): what a rejected
+    request must leave as it is. Fails naming the deliveries still pending, with their
+    errors."""
+    store = pager.store
+    # (an earlier trigger's repeats are written up to REPEAT_FLUSH_SECONDS later: now)
+    pager.pager.alerts.repeats.flush_due(math.inf)
     deadline = time.monotonic() + timeout
     while True:
         state = store_state(store)
@@ -8283,16 +8287,16 @@ def test_fuzz_the_events_api_with_hostile_json_never_5xx_and_every_text_travels(
               phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
     @given(body=event_bodies(ALERTMANAGER_KEY))
     def probe(body: bytes) -> None:
-        before = quiet_state(store)
+        before = quiet_state(pager)
         status, text, content_type = send(pager, "POST", "/v2/enqueue", body,
                                           {"Content-Type": "application/json"})
         problems.extend(answer_problems("POST", repr(body[:200]), status, text, content_type))
         statuses.append(status)
         assert content_type == "application/json", text
         if 400 <= status < 500:
-            assert quiet_state(store) == before, body[:300]
+            assert quiet_state(pager) == before, body[:300]
         elif status == 202:
-            assert quiet_state(store) is not None  # every delivery done, none pending
+            assert quiet_state(pager) is not None  # every delivery done, none pending
 
     probe()
     problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
@@ -8413,20 +8417,20 @@ def test_fuzz_every_route_with_hostile_caller_fields_never_5xx_twiml_is_xml_refu
         @given(data=st.data())
         def probe(data: Any) -> None:
             method = data.draw(st.sampled_from(route.methods))
-            before = quiet_state(store)
+            before = quiet_state(pager)
             target, body, headers = (twilio_request(data, pattern) if route.signed
                                      else other_request(data, pattern, method))
             status, answer, content_type = send(pager, method, target, body, headers)
             statuses.setdefault(pattern, []).append(status)
             problems.extend(answer_problems(method, target, status, answer, content_type))
             if 400 <= status < 500:
-                assert quiet_state(store) == before, (method, target, body[:300], status)
+                assert quiet_state(pager) == before, (method, target, body[:300], status)
 
         probe()
 
     for pattern, route in op.ROUTES.items():
         probe_route(pattern, route)
-    quiet_state(store)  # every delivery done
+    quiet_state(pager)  # every delivery done
     problems += feed_problems(pager)
     problems += page_call_problems(pager, store) + sent_problems(twilio, smtp)
     assert problems == [], "\n".join(problems)
@@ -10501,6 +10505,75 @@ def test_status_and_a_plain_ack_cost_a_few_store_requests_in_a_row_however_many_
         assert "list" not in operations, f"{body} listed a folder"
         assert longest_chain(before_reply) <= 3, f"{body}: {longest_chain(before_reply)} in a row"
     worker.stop()
+
+
+def test_over_a_thousand_pages_a_poll_reads_the_counter_and_a_full_listing_comes_less_often(
+        tmp_path: Path, start_pager: Callable[[Path], RunningPager], twilio: TwilioFake,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 20's idle budget (72 LIST/PUT/DELETE an hour plus one per 1,000 pages kept): a
+    listing of pages/ costs one LIST per 1,000 keys, so beyond 1,000 pages only one poll in
+    ceil(pages / 1,000) lists; the others read the page counter (a conditional GET, a 304 at
+    rest). Here 1,000 is shortened to 10 and the store holds 60 pages: one poll in 6 lists.
+    A page that another instance opened and numbered, then stopped with, is found through
+    the counter at the next poll, not the next listing, and rings."""
+    monkeypatch.setattr(op, "LIST_PAGE_KEYS", 10)
+    indexed_history(tmp_path, 60)
+    looks: list[tuple[str, float]] = []  # the worker's polls (not the archive's listing)
+    versions, get = op.DirectoryStore.versions, op.DirectoryStore.get
+
+    def listed(self: op.DirectoryStore, prefix: str) -> dict[str, tuple[str, float]]:
+        if prefix == "pages/" and threading.current_thread().name == "worker":
+            looks.append(("list", time.monotonic()))
+        return versions(self, prefix)
+
+    def read(self: op.DirectoryStore, key: str, *, unless_etag: str | None = None
+             ) -> op.Blob | None:
+        if key == "counters/pages.json" and threading.current_thread().name == "worker":
+            looks.append(("counter", time.monotonic()))
+        return get(self, key, unless_etag=unless_etag)
+
+    monkeypatch.setattr(op.DirectoryStore, "versions", listed)
+    monkeypatch.setattr(op.DirectoryStore, "get", read)
+    pager = start_pager(write_config(tmp_path, "file:var", api_base_url=twilio.base_url))
+    assert wait_until(lambda: pager.pager.book.listed, 10)
+    assert wait_until(lambda: [what for what, _ in looks].count("list") >= 3, 10)
+    last_listing = max(i for i, (what, _) in enumerate(looks) if what == "list")
+    first_listing = min(i for i, (what, _) in enumerate(looks) if what == "list")
+    between = [what for what, _ in looks[first_listing:last_listing]]
+    polls = between.count("list") + between.count("counter")
+    assert between.count("list") * 6 == polls, between  # one poll in ceil(60 / 10)
+    # another instance opened a page, numbered it (the counter) and stopped before its text
+    assert wait_until(lambda: looks[-1][0] == "list", 10)
+    since = len(looks)
+    (open_id,) = a_long_history(tmp_path / "var", 0, 1, time.time(), counter=True)
+    assert wait_until(lambda: len(calls_to(twilio, ALICE)) >= 1, 5)
+    assert open_id in calls_to(twilio, ALICE)[0].params["Url"][0]
+    assert "list" not in [what for what, _ in looks[since:]], "it waited for the listing"
+
+
+def test_a_page_the_counter_names_that_moved_out_of_pages_is_read_once_between_listings(
+        tmp_path: Path) -> None:
+    """Between full listings the counter's recent list may name pages already moved to
+    pages-done/: each is read once (a 404), noted gone, and not read again at every poll."""
+    store = CountingStore(tmp_path / "var")
+    put_team(store, team_doc())
+    a_long_history(tmp_path / "var", 3, 0, time.time(), counter=True)
+    moved = store.list("pages/")[0]
+    store.delete(moved)  # (as the archive leaves it: the page is in pages-done/)
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    worker = op.Worker(pager, op.Telephony())
+    try:
+        reads: list[str] = []
+        get = store.get
+        store.get = lambda key, **kw: (reads.append(key), get(key, **kw))[1]  # type: ignore
+        worker._read_new_pages()
+        assert reads.count(moved) == 1 and len(reads) == 4  # the counter, 3 pages
+        assert pager.book.gone(moved[len("pages/"):-len(".json")])
+        reads.clear()
+        worker._read_new_pages()
+        assert reads == ["counters/pages.json"]
+    finally:
+        worker.stop()
 
 
 # ==============================================================================================
