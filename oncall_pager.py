@@ -5005,34 +5005,42 @@ class Alerts:
         # each writing alone lost the race to the others and read and wrote again).
         mine: dict[str, Any] = {"digest": digest, "done": threading.Event()}
         with self._alerts_lock:
-            queue = self._budget_queues.setdefault(key, [])
-            queue.append(mine)
-            lead = key not in self._budget_leaders
+            self._budget_queues.setdefault(key, []).append(mine)
+            mine["lead"] = key not in self._budget_leaders
             self._budget_leaders.add(key)
-        if not lead:
-            mine["done"].wait()
-            if "error" in mine:
-                raise mine["error"]
-            return mine["verdict"]
-        while True:
-            with self._alerts_lock:
-                batch = self._budget_queues.pop(key, [])
-                if not batch:
-                    self._budget_leaders.discard(key)
-                    break
-            try:
-                verdicts = self._count_alerts(doc, integration, [e["digest"] for e in batch])
-                for entry, verdict in zip(batch, verdicts, strict=True):
-                    entry["verdict"] = verdict
-            except (StoreUnavailable, StoreConflict) as e:
-                for entry in batch:
-                    entry["error"] = e
-            finally:
-                for entry in batch:
-                    entry["done"].set()
+        if not mine["lead"]:
+            mine["done"].wait()  # counted by the write before, or told to write the next
+        if mine["lead"]:
+            self._write_budget_batch(doc, integration, key)
         if "error" in mine:
             raise mine["error"]
         return mine["verdict"]
+
+    def _write_budget_batch(self, doc: dict, integration: str, key: str) -> None:
+        """count_alert's writer: one conditional write counts every trigger waiting (the
+        writer's own among them); then the first trigger that queued meanwhile writes the
+        next batch, so that no answer waits for more than the write in progress and its own
+        (a writer that went on writing for the others held its own answer for a second in a
+        storm's first new dedup_keys)."""
+        with self._alerts_lock:
+            batch = self._budget_queues.pop(key, [])
+        try:
+            verdicts = self._count_alerts(doc, integration, [e["digest"] for e in batch])
+            for entry, verdict in zip(batch, verdicts, strict=True):
+                entry["verdict"] = verdict
+        except (StoreUnavailable, StoreConflict) as e:
+            for entry in batch:
+                entry["error"] = e
+        finally:
+            with self._alerts_lock:
+                waiting = self._budget_queues.get(key)
+                if waiting:
+                    waiting[0]["lead"] = True
+                    waiting[0]["done"].set()
+                else:
+                    self._budget_leaders.discard(key)
+            for entry in batch:
+                entry["done"].set()
 
     def _count_alerts(self, doc: dict, integration: str, digests: list[str]
                       ) -> list[tuple[int, bool]]:

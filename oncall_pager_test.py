@@ -11114,3 +11114,43 @@ def test_a_page_created_at_once_by_an_instance_that_stopped_is_checked_before_it
     assert len(texts) == 1 and "fresh fires" in texts[0], texts
     (kept,) = alert_pages(store)
     assert kept["alert"]["dedup_key"] == "fresh" and "unchecked" not in kept["alert"]
+
+
+def test_the_budget_writer_answers_after_its_own_write_and_the_next_trigger_writes_the_rest(
+        tmp_path: Path) -> None:
+    """The alert budget's group commit: triggers that queue while the budget is being written
+    are counted by the next write, made by the first of them, and the writer answers as soon
+    as its own write is done (it used to write for the others too, holding its own answer for
+    a second of a storm's new dedup_keys). Each write here takes 0.3 s: the writer's answer
+    comes after one of them (it came after two)."""
+    class SlowBudget(op.DirectoryStore):
+        def put(self, key: str, data: bytes, **kw: Any) -> str:
+            if key.startswith("counters/alerts-"):
+                time.sleep(0.3)
+            return super().put(key, data, **kw)
+
+    store = SlowBudget(tmp_path / "var")
+    put_team(store, team_doc())
+    pager = op.Pager(op.load_app_config(write_config(tmp_path, "file:var")), store)
+    doc = pager.team.read().doc
+    took: dict[str, float] = {}
+    verdicts: dict[str, tuple[int, bool]] = {}
+
+    def trigger(dedup_key: str) -> None:
+        started = time.monotonic()
+        verdicts[dedup_key] = pager.alerts.count_alert(doc, "alertmanager", dedup_key)
+        took[dedup_key] = time.monotonic() - started
+
+    first = threading.Thread(target=trigger, args=("k0",))
+    first.start()
+    time.sleep(0.1)  # k0's write is under way: these two wait for the next one
+    later = [threading.Thread(target=trigger, args=(f"k{n}",)) for n in (1, 2)]
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(5)
+    assert verdicts == {"k0": (0, True), "k1": (0, True), "k2": (0, True)}
+    assert took["k0"] < 0.58, f"the writer waited for the others' write ({took['k0']:.2f} s)"
+    assert took["k1"] > 0.4 and took["k2"] > 0.4, took  # the rest of k0's write, and theirs
+    budget = json.loads(store.get(op.alert_budget_key("alertmanager")).data)
+    assert len(budget["rung"]) == 3
