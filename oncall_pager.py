@@ -170,6 +170,7 @@ Rooms (classes named after the domain, none over about 600 lines; each owns its 
     channels Push, Webhooks   POSTs to the push topics and webhooks of the operational config
     worker  Worker     the loop, listings, claims, the pools: what schedules; DoneIndex (the
                        pages done with, so that a start need not read them)
+            Messages   single texts and webhook jobs (jobs/): sent, found, adopted, claimed
             Upkeep     rotation timing, heartbeat checks, housekeeping, the spool
             Delivery   MMS, SMS, e-mail, archive, escalation calls, the outbound budget
     web     WebApp     the gate (sizes, signature, router) and Twilio's webhooks
@@ -6522,7 +6523,7 @@ class Worker:
 
     A page is its own queue entry: each delivery and the escalation carry their due time and
     their claim. What this instance queues it has claimed already and starts at once
-    (`start_work`, `start_message`); the rest it finds by looking at the store every
+    (`start_work`, `Messages.start`); the rest it finds by looking at the store every
     `poll_interval` seconds: a listing of pages/ (over LIST_PAGE_KEYS pages, one poll in
     ceil(pages / LIST_PAGE_KEYS) lists, the others read the page counter for the pages opened
     since), jobs/ (the single messages) on every twelfth poll, the config with every poll (a
@@ -6570,7 +6571,6 @@ class Worker:
                          "hook": ThreadPoolExecutor(2, thread_name_prefix="hook")}
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
-        self._messages: dict[str, tuple[dict, str | None, float]] = {}  # key: job, ETag, since
         self._next_listing = 0.0  # time.monotonic() of the next listing of pages/
         self.done_index = DoneIndex(self.store, pager.book, pager.audit)
         self._indexed: dict[str, str] = {}  # the done index as read at start (first listing)
@@ -6579,15 +6579,15 @@ class Worker:
         self._pages_kept = 0  # how many pages it found in pages/
         self._next_housekeeping = 0.0  # time.monotonic() of the next (replies/, done pages)
         self._next_quiet_end = 0.0  # time.time() before which ending quiet hours is not retried
-        self._adopted_from = ""  # the config version whose unclaimed texts were looked at
         self.started = time.time()  # (again in start): heartbeats count their grace from it
         pager.start_work = self.start_work
-        pager.start_message = self.start_message
         pager.wake = self.wake
         pager.audit.follow = self.follow
         # The rooms, each the owner of its own state changes
         self.upkeep = Upkeep(self)
         self.delivery = Delivery(self)
+        self.messages = Messages(self)
+        pager.start_message = self.messages.start
 
     def start(self) -> None:
         self.started = time.time()
@@ -6656,7 +6656,7 @@ class Worker:
                 else:
                     self._read_new_pages()
                 if self._listings % JOBS_LISTING_EVERY == 1:
-                    self._list_messages()
+                    self.messages.list_jobs()
                 # every listing reads the config (a 304 at rest): a change made elsewhere
                 # acts within poll_interval, and while it is missing or invalid a fix is
                 # seen as soon (pages wait for it)
@@ -6700,45 +6700,10 @@ class Worker:
             self._submit("repeats", lambda: self.pager.alerts.repeats.flush_due(now))
         elif repeats is not None:
             next_due = min(next_due, max(repeats, now + 0.05))
-        known = self.pager.team.last_known()
-        if known is not None:  # read by the listing, or by a webhook (which woke the worker)
-            self._adopt_messages(known)
-        with self._lock:
-            messages = list(self._messages.items())
-        for key, (job, etag, _) in messages:
-            depth += job.get("state", "pending") == "pending"
-            next_due = min(next_due, self._consider_message(key, job, etag, now))
-        self.queue_depth = depth
+        waiting, due = self.messages.scan(now)
+        self.queue_depth = depth + waiting
+        next_due = min(next_due, due)
         return next_due
-
-    def _adopt_messages(self, snap: Snapshot) -> None:
-        """The texts of a config change written where no worker runs (a handoff that a
-        command-line change made): queued unclaimed, so this worker looks at them now rather
-        than at the next listing of jobs/ (up to 12 polls away). Once per config version;
-        a job sent meanwhile is read, found sent and left alone."""
-        if snap.etag == self._adopted_from:
-            return
-        self._adopted_from = snap.etag
-        last = snap.doc["current_config"].get("last_change")
-        if not isinstance(last, dict) or not isinstance(last.get("time"), (int, float)) \
-                or time.time() - last["time"] >= DAY:
-            return
-        entry = last.get("entry")
-        if isinstance(entry, dict) and any(entry.get("event") in h.get("events", ())
-                                           for h in webhooks(snap.doc)):
-            # an on-call change the command line made: its webhooks (queued once; a change
-            # made here finds its jobs there already)
-            self._submit(f"adopt-hooks-{snap.etag}", lambda: self.follow(
-                check_key(str(last.get("key"))), entry), outside="hook")
-        for message in last.get("messages") or []:
-            key, job = message.get("key"), message.get("job")
-            if not isinstance(key, str) or not key.startswith("jobs/msg-") or \
-                    "/" in key[len("jobs/"):] or not isinstance(job, dict) or \
-                    job.get("claimed_until", 0):
-                continue  # (claimed by the instance that wrote it, which sends it)
-            with self._lock:
-                if key not in self._messages:  # the ETag unknown: read before it is claimed
-                    self._messages[key] = (job, None, time.monotonic())
 
     def _apart(self, what: str, look: Callable[[], float], now: float) -> float:
         """One part of the scan whose failure must not stop the others (pages, messages):
@@ -6919,65 +6884,6 @@ class Worker:
         with self._lock:
             return task in self._inflight
 
-    # --- single messages (the handoff SMS) ---------------------------------------------------
-
-    def start_message(self, key: str, job: dict) -> None:
-        """A message job this instance just queued (and claimed): send it now."""
-        with self._lock:
-            self._messages[key] = (job, None, time.monotonic())
-        if job.get("claimed_until", 0) > time.time():
-            self._submit(key, lambda: self.delivery._send_message(key, job), urgent=True,
-                         outside="hook" if key.startswith(HOOK_JOBS) else "")
-
-    def _list_messages(self) -> None:
-        """Message jobs queued by instances that stopped before sending them. Jobs unchanged
-        for a day are deleted (sent ones are kept that long, see TeamConfig.reconcile). A job
-        of the first release's kind (jobs/<page id>.json) is not needed: a page is its own
-        queue entry now."""
-        listed_at = time.monotonic()
-        versions = self.store.versions("jobs/")
-        for key, (etag, modified) in versions.items():
-            if not key.startswith(("jobs/msg-", HOOK_JOBS)) or (
-                    modified < time.time() - DAY and not reminder_ahead(key)):
-                self.store.delete(key)
-                continue
-            with self._lock:
-                known = self._messages.get(key)
-            if known is None or (known[1] is not None and known[1] != etag):
-                found = read_json(self.store, key)
-                if found is not None:
-                    with self._lock:
-                        self._messages[key] = (*found, time.monotonic())
-        with self._lock:
-            for key in [k for k, v in self._messages.items()
-                        if k not in versions and v[2] < listed_at and k not in self._inflight]:
-                del self._messages[key]
-
-    def _consider_message(self, key: str, job: dict, etag: str | None, now: float) -> float:
-        later = now + self.cfg.poll_interval
-        if job.get("state", "pending") != "pending" or self._busy(key):
-            return later
-        wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
-        if wait_until > now:
-            return wait_until
-        job = {**job, "claimed_until": now + self.cfg.claim_timeout,
-               "attempts": job.get("attempts", 0) + 1}
-        try:
-            if etag is None:
-                raise StoreConflict(key)  # written here, ETag unknown: read it first
-            etag = self.store.put(key, to_json(job), if_match=etag)
-        except (StoreConflict, StoreUnavailable):
-            found = read_json(self.store, key)  # changed elsewhere: look again at what it is
-            with self._lock:
-                self._messages[key] = ((*found, time.monotonic()) if found else
-                                       ({**job, "state": "gone"}, None, time.monotonic()))
-            return now
-        with self._lock:
-            self._messages[key] = (job, etag, time.monotonic())
-        self._submit(key, lambda: self.delivery._send_message(key, job), urgent=True,
-                     outside="hook" if key.startswith(HOOK_JOBS) else "")
-        return later
-
     # --- push and webhooks (the rooms Push and Webhooks; here their queue) ------------------
 
     def follow(self, key: str, entry: dict) -> None:
@@ -6986,7 +6892,7 @@ class Worker:
         known = self.pager.team.last_known()
         for job_key, job in self.hooks.queue(known.doc if known else None, key, entry,
                                              time.time() + self.cfg.claim_timeout):
-            self.start_message(job_key, job)
+            self.messages.start(job_key, job)
 
     # --- pages: claims, deliveries, escalation, closing --------------------------------------
 
@@ -7134,6 +7040,132 @@ class Worker:
         if plan:
             self._submit(f"{page_id}/escalate", lambda: self.delivery._escalate(page, *plan),
                          urgent=True)
+
+
+# --- Messages: single texts and webhook jobs, each a durable job --------------------------------
+
+
+class Messages:
+    """The worker's single messages: jobs/msg-* (texts not tied to a page: handoffs,
+    reminders, notices, a page's acknowledgement told to the others) and jobs/hook-* (a
+    webhook's POST), each a durable job with its own claim, attempts and backoff. The
+    instance that queues one has claimed it and sends it at once (`start`); the others are
+    found by the listing of jobs/ on every twelfth poll (`list_jobs`: an instance stopped
+    before sending), or in the config's last change (`adopt`: queued by the command line,
+    where no worker runs). `scan` claims and starts those that are due."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.cfg, self.store, self.pager = worker.cfg, worker.store, worker.pager
+        self._lock = threading.Lock()
+        self._messages: dict[str, tuple[dict, str | None, float]] = {}  # key: job, ETag, since
+        self._adopted_from = ""  # the config version whose unclaimed texts were looked at
+
+    def scan(self, now: float) -> tuple[int, float]:
+        """Claim and start the messages that are due: (how many wait, when to look again)."""
+        known = self.pager.team.last_known()
+        if known is not None:  # read by the listing, or by a webhook (which woke the worker)
+            self.adopt(known)
+        with self._lock:
+            messages = list(self._messages.items())
+        depth, next_due = 0, math.inf
+        for key, (job, etag, _) in messages:
+            depth += job.get("state", "pending") == "pending"
+            next_due = min(next_due, self._consider(key, job, etag, now))
+        return depth, next_due
+
+    def start(self, key: str, job: dict) -> None:
+        """A message job this instance just queued (and claimed): send it now."""
+        with self._lock:
+            self._messages[key] = (job, None, time.monotonic())
+        if job.get("claimed_until", 0) > time.time():
+            self._send(key, job)
+
+    def keep(self, key: str, job: dict) -> None:
+        """A job's outcome (Delivery._keep_job): this instance does not send it again."""
+        with self._lock:
+            self._messages[key] = (job, None, time.monotonic())
+
+    def _send(self, key: str, job: dict) -> None:
+        self.worker._submit(key, lambda: self.worker.delivery._send_message(key, job),
+                            urgent=True, outside="hook" if key.startswith(HOOK_JOBS) else "")
+
+    def adopt(self, snap: Snapshot) -> None:
+        """The texts of a config change written where no worker runs (a handoff that a
+        command-line change made): queued unclaimed, so this worker looks at them now rather
+        than at the next listing of jobs/ (up to 12 polls away). Once per config version;
+        a job sent meanwhile is read, found sent and left alone."""
+        if snap.etag == self._adopted_from:
+            return
+        self._adopted_from = snap.etag
+        last = snap.doc["current_config"].get("last_change")
+        if not isinstance(last, dict) or not isinstance(last.get("time"), (int, float)) \
+                or time.time() - last["time"] >= DAY:
+            return
+        entry = last.get("entry")
+        if isinstance(entry, dict) and any(entry.get("event") in h.get("events", ())
+                                           for h in webhooks(snap.doc)):
+            # an on-call change the command line made: its webhooks (queued once; a change
+            # made here finds its jobs there already)
+            self.worker._submit(f"adopt-hooks-{snap.etag}", lambda: self.worker.follow(
+                check_key(str(last.get("key"))), entry), outside="hook")
+        for message in last.get("messages") or []:
+            key, job = message.get("key"), message.get("job")
+            if not isinstance(key, str) or not key.startswith("jobs/msg-") or \
+                    "/" in key[len("jobs/"):] or not isinstance(job, dict) or \
+                    job.get("claimed_until", 0):
+                continue  # (claimed by the instance that wrote it, which sends it)
+            with self._lock:
+                if key not in self._messages:  # the ETag unknown: read before it is claimed
+                    self._messages[key] = (job, None, time.monotonic())
+
+    def list_jobs(self) -> None:
+        """Message jobs queued by instances that stopped before sending them. Jobs unchanged
+        for a day are deleted (sent ones are kept that long, see TeamConfig.reconcile). A job
+        of the first release's kind (jobs/<page id>.json) is not needed: a page is its own
+        queue entry now."""
+        listed_at = time.monotonic()
+        versions = self.store.versions("jobs/")
+        for key, (etag, modified) in versions.items():
+            if not key.startswith(("jobs/msg-", HOOK_JOBS)) or (
+                    modified < time.time() - DAY and not reminder_ahead(key)):
+                self.store.delete(key)
+                continue
+            with self._lock:
+                known = self._messages.get(key)
+            if known is None or (known[1] is not None and known[1] != etag):
+                found = read_json(self.store, key)
+                if found is not None:
+                    with self._lock:
+                        self._messages[key] = (*found, time.monotonic())
+        with self._lock:
+            for key in [k for k, v in self._messages.items()
+                        if k not in versions and v[2] < listed_at and not self.worker._busy(k)]:
+                del self._messages[key]
+
+    def _consider(self, key: str, job: dict, etag: str | None, now: float) -> float:
+        later = now + self.cfg.poll_interval
+        if job.get("state", "pending") != "pending" or self.worker._busy(key):
+            return later
+        wait_until = max(job.get("claimed_until", 0), job.get("next_try", 0))
+        if wait_until > now:
+            return wait_until
+        job = {**job, "claimed_until": now + self.cfg.claim_timeout,
+               "attempts": job.get("attempts", 0) + 1}
+        try:
+            if etag is None:
+                raise StoreConflict(key)  # written here, ETag unknown: read it first
+            etag = self.store.put(key, to_json(job), if_match=etag)
+        except (StoreConflict, StoreUnavailable):
+            found = read_json(self.store, key)  # changed elsewhere: look again at what it is
+            with self._lock:
+                self._messages[key] = ((*found, time.monotonic()) if found else
+                                       ({**job, "state": "gone"}, None, time.monotonic()))
+            return now
+        with self._lock:
+            self._messages[key] = (job, etag, time.monotonic())
+        self._send(key, job)
+        return later
 
 
 # --- Upkeep: the rotation's timing, heartbeat checks, housekeeping ----------------------------
@@ -7458,8 +7490,7 @@ class Delivery:
         instance does not send it again, even if the write below fails), and written."""
         METRICS.count("oncall_deliveries_total", channel=channel,
                       result="retry" if job["state"] == "pending" else job["state"])
-        with self._lock:
-            self.worker._messages[key] = (job, None, time.monotonic())
+        self.worker.messages.keep(key, job)
         try:
             self.store.put(key, to_json(job))
         except StoreUnavailable:
