@@ -64,7 +64,7 @@ How data flows
 
     quiet -> QUIET 2h [reason] + C (or `oncall-pager quiet 2h`) -> QuietHours.start: one
             conditional write of current_config.quiet {since, until, reason, by}. While it
-            lasts (quiet_until), Alerts.trigger and heartbeat_missed open their pages listed
+            lasts (quiet_until), Alerts.trigger and Heartbeats.missed open their pages listed
             and *hushed* (e-mail only), and the worker holds the escalation of alert pages.
             At `until` (or QUIET OFF) QuietHours.end removes it in one write that carries the
             one "Quiet ended: N alerts still open." text (a job keyed by the window); then
@@ -88,10 +88,10 @@ How data flows
     change -> /v2/change/enqueue (PagerDuty's Change Events: a deploy, a config push)
          -> Alerts.change_received: audited (change.received), nothing rings
     heartbeat -> GET, HEAD or POST /heartbeat/<name> (any integration's key, or one made
-            with --heartbeats-only, which cannot trigger) -> Alerts.heartbeat_ping (resolves
+            with --heartbeats-only, which cannot trigger) -> Heartbeats.ping (resolves
             the page of a miss);
             Upkeep._check_heartbeats, planned from memory: no ping for interval + grace ->
-            Alerts.heartbeat_missed opens a page of kind heartbeat
+            Heartbeats.missed opens a page of kind heartbeat
     views -> GET /calendar/<token>.ics, GET /status/<token> (tokens made by `calendar-token`,
             `status-token`; the config keeps their SHA-256, feed_token): read-only.
             oncall_shifts lays the rotation's shifts (Rotation) and the overrides out as
@@ -162,7 +162,8 @@ Rooms (classes named after the domain, none over about 600 lines; each owns its 
             Pages      open/join a page, find, number, acknowledge, resolve, archive
             Team       WHO, TAKE/C/X, opt-outs, rotation, handoffs, reminders (oncall_user)
             Alerts     the Events API (a new alert in one create, a storm's repeats from
-                       memory), change events, alert budgets, heartbeats
+                       memory), change events, alert budgets
+            Heartbeats pings, and the page of a miss
             LiveCalls  the screened hunt and its live pages, transcripts
             Commands   an SMS in (once per MessageSid), the right room, the reply
             beside them, smaller: QuietHours (QUIET), Overrides (TAKE 4h, `override`),
@@ -3697,6 +3698,7 @@ class Pager:
         self.pages = Pages(self)
         self.oncall = Team(self)
         self.alerts = Alerts(self)
+        self.heartbeats = Heartbeats(self)
         self.calls = LiveCalls(self)
         self.commands = Commands(self)
 
@@ -4047,7 +4049,7 @@ class Pages:
         elif not archivable(page):
             return False
         if page.get("kind") == "heartbeat" and (doc is None or heartbeat_basis(
-                self.pager.alerts.heartbeat_state(alert["heartbeat"])[0]) == alert["basis"]):
+                self.pager.heartbeats.state(alert["heartbeat"])[0]) == alert["basis"]):
             return False
         if page.get("kind") == "alert":
             self._note_generation(alert["integration"], alert["dedup_key"],
@@ -4657,8 +4659,8 @@ class Team:
 
 class Alerts:
     """Alerts from monitors: PagerDuty Events API events (trigger, acknowledge, resolve,
-    the hourly budget per integration and its held pages), change events, and heartbeats
-    (ping, miss), turned into calls on Pages."""
+    the hourly budget per integration and its held pages) and change events, turned into
+    calls on Pages (heartbeats: the room Heartbeats)."""
 
     def __init__(self, pager: Pager):
         self.pager = pager
@@ -4680,10 +4682,8 @@ class Alerts:
         # dedup_key meanwhile waits for it and joins from memory (not a 412, then reads)
         self._opening: dict[str, threading.Event] = {}
         self.repeats = AlertRepeats(self._write_repeats, lambda: self.pager.wake())
-        # heartbeats/<name>.json as last seen here: the worker plans its checks from these
-        self.heartbeats: dict[str, tuple[dict, str]] = {}
 
-    # --- alerts from monitoring: the Events API and heartbeats ---------------------------------
+    # --- alerts from monitoring: the Events API -----------------------------------------------
 
     def alert_event(self, integration: str, event: dict) -> str:
         """One event of `integration` (checked by parse_event); returns its dedup_key. An
@@ -5196,11 +5196,26 @@ class Alerts:
         written = self.pages._change_and_hand_over(page_id, repeat, channels, doc)
         return written[0] if written else None
 
-    def heartbeat_state(self, name: str, fresh: bool = True) -> tuple[dict, str]:
+
+# --- Heartbeats: a job that pings, and the page of its miss -----------------------------------
+
+
+class Heartbeats:
+    """Heartbeats (`current_config.heartbeats`): a ping is recorded in heartbeats/<name>.json
+    and resolves the page of a miss; no ping for interval + grace opens a page of kind
+    heartbeat (the worker notices it: Upkeep._check_heartbeats, planned from `known`)."""
+
+    def __init__(self, pager: Pager):
+        self.pager = pager
+        self.store, self.team, self.pages = pager.store, pager.team, pager.pages
+        # heartbeats/<name>.json as last seen here: the worker plans its checks from these
+        self.known: dict[str, tuple[dict, str]] = {}
+
+    def state(self, name: str, fresh: bool = True) -> tuple[dict, str]:
         """heartbeats/<name>.json ({since, last_ping}) and its ETag: read (with fresh=False,
         only when this instance has no copy), and created when missing, so a heartbeat that
         never pings is missed counting from when the pager first saw it configured."""
-        known = self.heartbeats.get(name)
+        known = self.known.get(name)
         if known is not None and not fresh:
             return known
         key = f"heartbeats/{name}.json"
@@ -5213,21 +5228,21 @@ class Alerts:
                 found = read_json(self.store, key)
                 if found is None:
                     raise
-        self.heartbeats[name] = found
+        self.known[name] = found
         return found
 
-    def heartbeat_ping(self, name: str, window: float) -> dict:
+    def ping(self, name: str, window: float) -> dict:
         """A ping: recorded with a conditional write; then, if the heartbeat had been missed
         (`window`: interval + grace), the page of that miss is resolved. In that order, so
         that a worker opening the page at the same moment finds the ping when it looks again
-        (see heartbeat_missed); a stop in between leaves the page to the worker, which
+        (see missed); a stop in between leaves the page to the worker, which
         resolves an open heartbeat page once it knows of a later ping."""
         for _ in range(5):
-            state, etag = self.heartbeat_state(name)
+            state, etag = self.state(name)
             now = time.time()
             new = {**state, "last_ping": now}
             try:
-                self.heartbeats[name] = new, self.store.put(
+                self.known[name] = new, self.store.put(
                     f"heartbeats/{name}.json", to_json(new), if_match=etag)
             except StoreConflict:
                 continue
@@ -5237,7 +5252,7 @@ class Alerts:
             return new
         raise StoreConflict(f"heartbeats/{name}.json: too many concurrent pings")
 
-    def heartbeat_missed(self, name: str, state: dict) -> tuple[dict, bool]:
+    def missed(self, name: str, state: dict) -> tuple[dict, bool]:
         """No ping for interval + grace: a page of kind heartbeat, which rings as a critical
         alert does. Its id comes from the ping it missed, so instances sharing the store
         open it once. The state is read once more after the create: a ping that came in
@@ -5257,7 +5272,7 @@ class Alerts:
                                           ["email"] if quiet else ["sms", "email"], snap.doc,
                                           "heartbeat", {"heartbeat": name,
                                                         "summary": summary})
-        if created and heartbeat_basis(self.heartbeat_state(name)[0]) != basis:
+        if created and heartbeat_basis(self.state(name)[0]) != basis:
             self.pages.resolve(page["id"], "heartbeat", via="ping")
         return page, created
 
@@ -7042,7 +7057,7 @@ class Worker:
                          urgent=True)
 
 
-# --- Messages: single texts and webhook jobs, each a durable job --------------------------------
+# --- Messages: single texts and webhook jobs, each a durable job ------------------------------
 
 
 class Messages:
@@ -7292,17 +7307,17 @@ class Upkeep:
             self.worker.progress = time.monotonic()  # each may cost a read: not stuck in an outage
             window = settings["interval"] + settings.get("grace", 0)
             try:
-                basis = heartbeat_basis(self.pager.alerts.heartbeat_state(name, fresh=False)[0])
+                basis = heartbeat_basis(self.pager.heartbeats.state(name, fresh=False)[0])
                 missed = self._heartbeat_misses.get(name)
                 due = max(missed[1] if missed and missed[0] == basis else basis,
                           self.worker.started) + window
                 if due <= now:
-                    state = self.pager.alerts.heartbeat_state(name)[0]
+                    state = self.pager.heartbeats.state(name)[0]
                     basis = heartbeat_basis(state)
                     due = max(basis, self.worker.started) + window
                     if due <= now:
                         if not missed or missed[0] != basis:  # its page opened already
-                            self.pager.alerts.heartbeat_missed(name, state)
+                            self.pager.heartbeats.missed(name, state)
                         self._heartbeat_misses[name] = (basis, now)
                         due = now + window
             except (StoreUnavailable, StoreConflict) as e:
@@ -7315,7 +7330,7 @@ class Upkeep:
             next_due = min(next_due, due)
         for page, _ in self.pager.book.working():
             alert = page.get("alert", {})
-            known = self.pager.alerts.heartbeats.get(alert.get("heartbeat", ""))
+            known = self.pager.heartbeats.known.get(alert.get("heartbeat", ""))
             if page.get("kind") == "heartbeat" and (page.get("state") == "open" or hushed(page)) \
                     and known and heartbeat_basis(known[0]) > alert["basis"]:
                 with contextlib.suppress(StoreUnavailable, StoreConflict):
@@ -9115,7 +9130,7 @@ class Monitors:
             return json_response(404, {"status": "not found",
                                        "message": "no heartbeat of that name is configured"})
         try:
-            state = self.pager.alerts.heartbeat_ping(name, settings["interval"]
+            state = self.pager.heartbeats.ping(name, settings["interval"]
                                               + settings.get("grace", 0))
         except StoreConflict:
             return busy()
