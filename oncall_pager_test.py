@@ -412,6 +412,24 @@ def audit_events(store: op.Store, event: str | None = None) -> list[dict]:
     return [e for e in entries if event is None or e["event"] == event]
 
 
+def audit_events_when(store: op.Store, event: str, enough: Callable[[list[dict]], bool],
+                      timeout: float = 5.0) -> list[dict]:
+    """The entries of `event` once `enough` holds for them (or as they are after `timeout`,
+    for the test's own assertion to say what is wrong): an entry that travels in a page's or
+    a job's write is written just after it, so a test that waited for that write must also
+    wait for its entry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = audit_events(store, event)
+        if enough(entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
+
+
+def failed_deliveries(entries: list[dict]) -> list[dict]:
+    return [d for e in entries for d in e["details"]["deliveries"].values()]
+
+
 def channels(entries: list[dict]) -> set[str]:
     """The channels that audit entries of deliveries speak of."""
     return {channel for e in entries for channel in e["details"]["deliveries"]}
@@ -5407,7 +5425,8 @@ def test_a_second_voicemail_from_the_same_caller_is_delivered_as_part_of_the_ope
     wait_until(lambda: page_of(s3_pager.store, first["RecordingSid"]).get("repeats"), 5)
     page = page_of(s3_pager.store, first["RecordingSid"])
     assert [r["id"] for r in page["repeats"]] == [second["RecordingSid"]]
-    (repeated,) = audit_events(s3_pager.store, "page.repeated")
+    # (the entry travels in the page's write and is written just after it)
+    (repeated,) = wait_until(lambda: audit_events(s3_pager.store, "page.repeated"), 5)
     assert repeated["details"]["repeat"] == second["RecordingSid"]
     assert page["escalation"]["step"] == 0, "no new escalation chain"
     # Twilio's retry of the second callback changes nothing
@@ -5510,8 +5529,8 @@ def test_a_text_reported_undelivered_later_falls_back_then_calls_at_once(
     assert "MediaUrl" not in fallback.params
     assert twilio.report_status(fallback, "undelivered", 30007)[0] == 200
     assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the call comes at once"
-    failures = [d for e in audit_events(s3_pager.store, "page.delivery_failed")
-                for d in e["details"]["deliveries"].values()]
+    failures = failed_deliveries(audit_events_when(
+        s3_pager.store, "page.delivery_failed", lambda es: len(failed_deliveries(es)) >= 2))
     assert [(f["code"], f["reason"]) for f in failures] == [(30007, "carrier filtering")] * 2
     page = page_of(s3_pager.store, form["RecordingSid"])
     assert page["deliveries"]["sms_fallback"]["reason"] == "carrier filtering"
@@ -5542,8 +5561,8 @@ def test_each_undelivered_report_is_explained_and_reaches_a_call_at_once(
         assert calls_to(twilio, ALICE) == []
         assert twilio.report_status(twilio.messages()[1], "undelivered", code)[0] == 200
     assert twilio.wait_for(lambda: calls_to(twilio, ALICE), 5), "the first call, at once"
-    reasons = {d["reason"] for e in audit_events(s3_pager.store, "page.delivery_failed")
-               for d in e["details"]["deliveries"].values()}
+    reasons = {d["reason"] for d in failed_deliveries(
+        audit_events_when(s3_pager.store, "page.delivery_failed", bool))}
     assert reasons == {op.CARRIER_ERRORS[code]}
     assert f"Text failed: {op.CARRIER_ERRORS[code]} ({code})." in s3_pager.sms(BOB, "STATUS")
 
@@ -6446,7 +6465,8 @@ def test_a_repeated_trigger_joins_its_page_and_sends_nothing_new(
     (page,) = wait_until(lambda: [p for p in alert_pages(s3_pager.store)
                                   if p["alert"].get("repeated")], 5)
     assert page["alert"]["repeated"] == 1
-    (repeated,) = audit_events(s3_pager.store, "page.repeated")
+    # (the entry travels in the page's write and is written just after it)
+    (repeated,) = wait_until(lambda: audit_events(s3_pager.store, "page.repeated"), 5)
     assert repeated["details"]["page"] == page["id"]
 
 
@@ -9263,7 +9283,7 @@ def test_x_cancels_a_pending_quiet_and_quiet_off_ends_it_at_once_telling_the_onc
     assert s3_pager.sms(BOB, "QUIET OFF") == f"Okay, Bob. {QUIET_ENDED_1} Alice has been told."
     assert twilio.wait_for(lambda: messages_to(twilio, ALICE) == [QUIET_ENDED_1], 5)
     wait_until(lambda: alert_pages(s3_pager.store)[0]["state"] == "open", 5)
-    (ended,) = audit_events(s3_pager.store, "quiet.ended")
+    (ended,) = audit_events_when(s3_pager.store, "quiet.ended", bool)
     assert (ended["actor"], ended["details"]["via"]) == ("bob", "sms")
     assert s3_pager.sms(BOB, "QUIET OFF") == ("Quiet hours are off already: alerts ring. "
                                               "Nothing changes.")
@@ -10698,7 +10718,8 @@ def test_a_voicemail_reaches_the_members_ntfy_topic_with_title_priority_and_tags
                                      "acknowledge.")
     page_id = form["RecordingSid"]
     wait_until(lambda: page_of(pager.store, page_id)["deliveries"]["push"]["state"] == "sent", 5)
-    assert "push" in channels(audit_events(pager.store, "page.delivered"))
+    assert "push" in channels(audit_events_when(pager.store, "page.delivered",
+                                                lambda es: "push" in channels(es)))
     assert ntfy.url() not in json.dumps(page_of(pager.store, page_id))
     shown = run_cli("pages", "-c", str(pager.config_path))
     assert shown.returncode == 0 and "push:sent" in shown.stdout, shown.stdout
@@ -10792,8 +10813,9 @@ def test_a_failing_webhook_is_retried_with_backoff_and_never_delays_an_mms(
     receiver.recovered.set()
     wait_until(lambda: {b["details"]["page"] for b in receiver.bodies()} == {
         first["RecordingSid"], second["RecordingSid"]}, 8)
-    failed = [d for e in audit_events(pager.store, "page.delivery_failed")
-              for d in e["details"]["deliveries"].values()]
+    failed = failed_deliveries(audit_events_when(
+        pager.store, "page.delivery_failed", lambda es: {"HTTP 500", "POST failed: TimeoutError"}
+        <= {d["error"] for d in failed_deliveries(es)}))
     errors = {d["error"] for d in failed}
     assert "HTTP 500" in errors and "POST failed: TimeoutError" in errors, errors
     assert not any(d["final"] for d in failed)
@@ -10823,8 +10845,10 @@ def test_a_redirect_is_not_followed_by_a_push_or_a_webhook(
     (key,) = pager.store.list(op.HOOK_JOBS)
     wait_until(lambda: json.loads(pager.store.get(key).data)["state"] == "failed", 5)
     assert len(moved.requests) == 2 and elsewhere.requests == []
-    errors = [d["error"] for e in audit_events(pager.store, "page.delivery_failed")
-              for d in e["details"]["deliveries"].values()]
+    errors = [d["error"] for d in failed_deliveries(audit_events_when(
+        pager.store, "page.delivery_failed", lambda es: [
+            d["error"] for d in failed_deliveries(es)].count(
+                "HTTP 302: redirect not followed") >= 2))]
     assert errors.count("HTTP 302: redirect not followed") == 2, errors
 
 
